@@ -1,0 +1,1507 @@
+#!/usr/bin/env python3
+"""smtpproxy: a strict, greylisting SMTP proxy that forwards faithfully.
+
+Usage: %(program)s [options]
+
+smtpproxy listens on the SMTP port in front of an organisation's real mail
+server (Postfix, Exim, ...), which is moved to another port (8025 by
+default).  It enforces the SMTP dialogue strictly, asks its policy about
+every recipient and every message, and forwards what it takes to the real
+server ("the upstream") while the client is still connected, so that the
+client always hears the upstream's own verdict: a client is told 2xx only
+after the upstream said 2xx.
+
+Options:
+
+    --config FILE, -c FILE
+        Read the configuration from FILE (Kamaelia Grey's greylist.conf
+        format).  Without it the first file found of CONFIG_SEARCH_PATH is
+        read, if any.
+    --listen [HOST:]PORT, -l [HOST:]PORT
+        Address to listen on (keys listen_ip and port).  IPv6 addresses go
+        in brackets: [::1]:25.
+    --upstream HOST[:PORT], -u HOST[:PORT]
+        The real mail server (keys smtp_ip and smtp_port).
+    --class DOTTED.NAME
+        The handler class to run, such as mymodule.MyPolicy (the module is
+        imported from PYTHONPATH).  Defaults to %(default_class)s, which
+        forwards no mail at all: it answers every DATA with 451, exactly as
+        Kamaelia Grey's ConcreteMailHandler did.  Subclass it and override
+        shouldWeAcceptRecipient() and shouldWeAcceptMail() to decide.
+    --debug, -d
+        Log the SMTP dialogue to greylist_debuglog (key debug).
+    --version, -V
+        Print the version and exit.
+    --help, -h
+        Print this message and exit.
+
+Configuration keys (class attributes of the handler, set in the file or by
+subclassing; command-line options override the file):
+
+%(config_keys)s
+
+Programmatic use, configured by subclassing::
+
+    import smtpproxy
+
+    class MyProxy(smtpproxy.ConcreteMailHandler):
+        smtp_port = 10025
+        def shouldWeAcceptMail(self):
+            return True
+
+    smtpproxy.SMTPProxyServer(('', 1025), MyProxy).serve_forever()
+
+Design.  SMTPProxyServer is a socketserver.ThreadingTCPServer: one thread
+per client.  Each thread runs a handler, a StreamRequestHandler subclass:
+
+    MailHandler          reads client lines with enforced limits and
+                         dispatches each command to handleHelo(),
+                         handleMail(), ...; writes replies with netPrint().
+    ConcreteMailHandler  the strict SMTP state machine, and the forwarding
+                         through an UpstreamSession (a plain socket).
+
+Nothing reaches the upstream until a RCPT passes the local checks and the
+policy: then the upstream session is opened, the client's HELO/EHLO name
+and MAIL FROM are replayed, and every further accepted RCPT is relayed
+live, the upstream's reply being the client's.  At DATA the message is
+streamed to the upstream line by line, in constant memory, and the
+upstream's reply to the final dot is the client's reply.  If the client
+goes away before the end of the data, the upstream session is closed
+without the final dot, so that the upstream discards what it got.
+
+The end of the data is CR LF . CR LF and nothing else: a bare CR, a bare
+LF or a NUL anywhere in the message makes the whole message refused after
+its real end (SMTP smuggling), and it is never forwarded in a form the
+upstream could read as an end of data.
+"""
+
+import argparse
+import importlib
+import ipaddress
+import logging
+import os
+import re
+import socket
+import socketserver
+import sys
+import time
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MailHandler", "ConcreteMailHandler", "UpstreamSession", "UpstreamError",
+    "SMTPProxyServer", "ConfigError", "load_config", "read_config_file",
+    "parse_path", "log_escape", "main",
+]
+
+log = logging.getLogger("smtpproxy")
+transaction_log = logging.getLogger("smtpproxy.transactions")
+dialogue_log = logging.getLogger("smtpproxy.dialogue")
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+CONFIG_SEARCH_PATH = [
+    "/etc/smtpproxy.conf",
+    "/usr/local/etc/smtpproxy.conf",
+    "/usr/local/etc/Kamaelia/greylist.conf",
+    "/usr/local/etc/greylist.conf",
+    "/etc/Kamaelia/greylist.conf",
+    "/etc/greylist.conf",
+    "./greylist.conf",
+]
+CONFIG_SEARCH_PATH += [name + ".dist" for name in CONFIG_SEARCH_PATH]
+
+
+class ConfigError(Exception):
+    """A configuration file or option that cannot be used."""
+
+
+def _integer(text):
+    if not re.match(r"\A[0-9]+\Z", text):
+        raise ValueError("expected a whole number, got %r" % text)
+    return int(text)
+
+
+def _boolean(text):
+    value = text.lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError("expected yes or no, got %r" % text)
+
+
+def _string(text):
+    return text
+
+
+def _word_list(items):
+    return [item if isinstance(item, str) else " ".join(item)
+            for item in items]
+
+
+def _triple_list(items):
+    triples = []
+    for item in items:
+        if isinstance(item, str) or len(item) != 3:
+            raise ValueError("expected three words per item, got %r"
+                             % (item if isinstance(item, str)
+                                else " ".join(item)))
+        triples.append(tuple(item))
+    return triples
+
+
+# key: (converter, kind, description).  kind is "scalar" or "list".
+CONFIG_KEYS = {
+    "port": (_integer, "scalar", "port to listen on (25)"),
+    "listen_ip": (_string, "scalar",
+                  "address to listen on; empty: all, IPv4 and IPv6 ('')"),
+    "servername": (_string, "scalar",
+                   "name in the greeting and replies (mail.example.com)"),
+    "serverid": (_string, "scalar",
+                 "software name in the greeting (smtpproxy VERSION)"),
+    "smtp_ip": (_string, "scalar", "the real mail server (127.0.0.1)"),
+    "smtp_port": (_integer, "scalar", "the real mail server's port (8025)"),
+    "inactivity_timeout": (_integer, "scalar",
+                           "seconds a client may stay silent (60)"),
+    "upstream_timeout": (_integer, "scalar",
+                         "seconds to wait for the real server (120)"),
+    "greet_pause": (_integer, "scalar",
+                    "seconds to wait before the greeting; a client that "
+                    "talks first is dropped (0)"),
+    "strict": (_boolean, "scalar",
+               "close the connection after a protocol error (yes)"),
+    "max_message_size": (_integer, "scalar",
+                         "largest message in bytes, announced in SIZE "
+                         "(52428800)"),
+    "max_recipients": (_integer, "scalar",
+                       "recipients per message (100)"),
+    "max_errors": (_integer, "scalar",
+                   "refused commands before the client is dropped (20)"),
+    "greylist_log": (_string, "scalar",
+                     "transaction log file, one line per transaction "
+                     "(greylist.log; empty: none)"),
+    "greylist_debuglog": (_string, "scalar",
+                          "dialogue log file, written when debug is on "
+                          "(greylist-debug.log)"),
+    "debug": (_boolean, "scalar", "log the SMTP dialogue (no)"),
+    # Read by the policy and the service (later issues); loaded now so that
+    # a Kamaelia Grey greylist.conf loads without a warning.
+    "greylist_db": (_string, "scalar", "greylisting store (greylist.db)"),
+    "too_soon": (_integer, "scalar", "greylisting: retry too soon (180)"),
+    "min_defer_time": (_integer, "scalar", "greylisting: (3600)"),
+    "max_defer_time": (_integer, "scalar", "greylisting: (25000)"),
+    "max_grey": (_integer, "scalar", "greylisting: (3000000)"),
+    "max_connections": (_integer, "scalar", "concurrent clients (500)"),
+    "allowed_senders": (_word_list, "list", "clients that may relay"),
+    "allowed_sender_nets": (_word_list, "list",
+                            "client networks that may relay"),
+    "allowed_domains": (_word_list, "list", "domains mail is taken for"),
+    "whitelisted_triples": (_triple_list, "list",
+                            "ip sender recipient, always accepted"),
+    "whitelisted_nonstandard_triples": (
+        _triple_list, "list", "helo-name ip-prefix recipient, accepted"),
+}
+
+
+def read_config_file(path):
+    """Read a Kamaelia Grey style configuration file.
+
+    Returns ``(values, warnings)``: ``values`` maps each known key to its
+    converted value, ``warnings`` lists messages about keys that are not
+    known (they are ignored, as Postfix ignores unused parameters).
+    Raises ConfigError, naming the file and line, for anything malformed.
+
+    The format: ``#`` starts a comment line; ``key = value`` sets a scalar;
+    a line ``key:`` starts a list whose items are the following indented
+    lines; an item with spaces in it is a tuple of its words.
+    """
+    try:
+        with open(path, "rb") as config_file:
+            raw = config_file.read()
+    except OSError as error:
+        raise ConfigError("%s: cannot read: %s" % (path, error.strerror))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError("%s: not UTF-8 text (byte %d)"
+                          % (path, error.start))
+    entries = []            # (key, line number, raw value or list of items)
+    current_list = None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        where = "%s:%d" % (path, number)
+        if line[0] in " \t":
+            if current_list is None:
+                raise ConfigError("%s: indented line outside a list" % where)
+            words = stripped.split()
+            current_list.append(words[0] if len(words) == 1
+                                else tuple(words))
+            continue
+        current_list = None
+        if "=" in line:
+            key, value = line.split("=", 1)
+            entries.append((key.strip(), number, value.strip()))
+        elif stripped.endswith(":") and " " not in stripped:
+            current_list = []
+            entries.append((stripped[:-1], number, current_list))
+        else:
+            raise ConfigError("%s: expected 'key = value' or 'key:', got %s"
+                              % (where, log_escape(stripped)))
+    values, warnings = {}, []
+    for key, number, value in entries:
+        where = "%s:%d" % (path, number)
+        if key not in CONFIG_KEYS:
+            warnings.append("%s: unknown key %r ignored" % (where, key))
+            continue
+        convert, kind, _ = CONFIG_KEYS[key]
+        if kind == "list" and not isinstance(value, list):
+            raise ConfigError("%s: %s is a list: write '%s:' and one item "
+                              "per indented line" % (where, key, key))
+        if kind == "scalar" and isinstance(value, list):
+            raise ConfigError("%s: %s takes a value: write '%s = value'"
+                              % (where, key, key))
+        try:
+            values[key] = convert(value)
+        except ValueError as error:
+            raise ConfigError("%s: %s: %s" % (where, key, error))
+    return values, warnings
+
+
+def load_config(path=None):
+    """Find and read the configuration; return ``(values, path, warnings)``.
+
+    With no ``path``, the first existing file of CONFIG_SEARCH_PATH is read;
+    when there is none, ``values`` is empty and ``path`` is None.
+    """
+    if path is None:
+        for candidate in CONFIG_SEARCH_PATH:
+            if os.path.isfile(candidate):
+                path = candidate
+                break
+        else:
+            return {}, None, []
+    values, warnings = read_config_file(path)
+    return values, path, warnings
+
+
+# ---------------------------------------------------------------------------
+# Helpers: escaping for logs, envelope syntax, line reading
+# ---------------------------------------------------------------------------
+
+_UNSAFE_FOR_LOG = re.compile(r"[^\x20-\x5b\x5d-\x7e]")
+
+
+def _escape_char(match):
+    char = match.group()
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    if code < 0x100:
+        return "\\x%02x" % code
+    return "\\u%04x" % code if code < 0x10000 else "\\U%08x" % code
+
+
+def log_escape(value):
+    """Return ``value`` (bytes or str) as printable ASCII for a log line.
+
+    Control characters, non-ASCII and backslash are written as Python
+    escapes, so that no client byte (CR, LF, ESC, ...) reaches a log
+    unescaped and every escape can be read back unambiguously.
+    """
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    elif not isinstance(value, str):
+        value = str(value)
+    return _UNSAFE_FOR_LOG.sub(_escape_char, value)
+
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_STRING = r"%s+(?:\.%s+)*" % (_ATEXT, _ATEXT)
+_QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_SUB_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN = r"%s(?:\.%s)*" % (_SUB_DOMAIN, _SUB_DOMAIN)
+_ADDRESS_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+_MAILBOX_RE = re.compile(r"(%s|%s)@(%s|%s)\Z" % (
+    _DOT_STRING, _QUOTED_STRING, _DOMAIN, _ADDRESS_LITERAL))
+_ROUTE_RE = re.compile(r"@%s(?:,@%s)*:" % (_DOMAIN, _DOMAIN))
+_HELO_RE = re.compile(r"[\x21-\x7e]{1,255}\Z")
+_PARAM_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
+_DOMAIN_RE = re.compile(_DOMAIN + r"\Z")
+
+MAX_LOCAL_PART = 64     # RFC 5321 section 4.5.3.1.1
+MAX_DOMAIN = 255        # section 4.5.3.1.2
+MAX_PATH = 256          # section 4.5.3.1.3, with the angle brackets
+
+
+class EnvelopeSyntaxError(ValueError):
+    """An envelope command that is not RFC 5321 syntax; ``str()`` says why."""
+
+
+def _valid_address_literal(literal):
+    content = literal[1:-1]
+    try:
+        if content[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(content[5:])
+        else:
+            ipaddress.IPv4Address(content)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_path(text, null_allowed=False, postmaster_allowed=False):
+    """Parse an RFC 5321 path and its parameters, as after ``MAIL FROM:``.
+
+    ``text`` is what follows the colon: ``<local@domain> PARAM=VALUE ...``.
+    Returns ``(mailbox, route, params)``: ``mailbox`` is the address without
+    angle brackets ("" for the null reverse-path ``<>``, "Postmaster" for
+    the bare ``<Postmaster>`` of RFC 5321 section 4.5.1); ``route`` is the
+    obsolete source route (``@a,@b:``) or "" (it is not forwarded, as
+    section 3.6.1 asks); ``params`` is a list of ``(KEYWORD, value or
+    None)`` with the keyword upper-cased.  Raises EnvelopeSyntaxError.
+
+    Written for strictness, not borrowed from email.utils: no spaces
+    inside the path, no comments, no display names, length limits of
+    RFC 5321 section 4.5.3.1 enforced.
+    """
+    if not text.startswith("<"):
+        raise EnvelopeSyntaxError("the address must be in angle brackets")
+    end = text.find(">")
+    if end < 0:
+        raise EnvelopeSyntaxError("no closing angle bracket")
+    # A '>' may appear inside a quoted local-part; find the real end.
+    if text.count('"', 0, end) % 2:
+        quote_end = text.find('"', end)
+        end = text.find(">", quote_end) if quote_end >= 0 else -1
+        if end < 0:
+            raise EnvelopeSyntaxError("unterminated quoted local-part")
+    path, rest = text[:end + 1], text[end + 1:]
+    if len(path) > MAX_PATH:
+        raise EnvelopeSyntaxError("path longer than %d octets" % MAX_PATH)
+    inner = path[1:-1]
+    route = ""
+    if inner.startswith("@"):
+        match = _ROUTE_RE.match(inner)
+        if not match:
+            raise EnvelopeSyntaxError("bad source route")
+        route, inner = inner[:match.end()], inner[match.end():]
+    if inner == "":
+        if route or not null_allowed:
+            raise EnvelopeSyntaxError("empty address")
+        mailbox = ""
+    elif postmaster_allowed and inner.lower() == "postmaster" and not route:
+        mailbox = inner
+    else:
+        match = _MAILBOX_RE.match(inner)
+        if not match:
+            raise EnvelopeSyntaxError("bad address syntax")
+        local, domain = match.group(1), match.group(2)
+        if len(local) > MAX_LOCAL_PART:
+            raise EnvelopeSyntaxError("local-part longer than %d octets"
+                                      % MAX_LOCAL_PART)
+        if len(domain) > MAX_DOMAIN:
+            raise EnvelopeSyntaxError("domain longer than %d octets"
+                                      % MAX_DOMAIN)
+        if domain.startswith("["):
+            if not _valid_address_literal(domain):
+                raise EnvelopeSyntaxError("bad address literal")
+        elif any(len(label) > 63 for label in domain.split(".")):
+            raise EnvelopeSyntaxError("domain label longer than 63 octets")
+        mailbox = inner
+    params = []
+    if rest:
+        if not rest.startswith(" ") or len(rest) < 2:
+            raise EnvelopeSyntaxError("garbage after the address")
+        seen = set()
+        for word in rest[1:].split(" "):
+            match = _PARAM_RE.match(word)
+            if not match:
+                raise EnvelopeSyntaxError("bad parameter syntax")
+            keyword = match.group(1).upper()
+            if keyword in seen:
+                raise EnvelopeSyntaxError("parameter %s given twice"
+                                          % keyword)
+            seen.add(keyword)
+            params.append((keyword, match.group(2)))
+    return mailbox, route, params
+
+
+class ClientGone(Exception):
+    """The client closed the connection (or broke it)."""
+
+
+class _LineReader(object):
+    """Reads LF-terminated lines from a socket, never more than ``limit``.
+
+    Unlike a file object it can say how many bytes are already buffered
+    (pipelined commands, RFC 2920), and it calls ``before_wait`` before it
+    blocks on the socket, so that replies are sent in batches.
+    """
+
+    def __init__(self, sock, before_wait=None, bufsize=65536):
+        self.sock = sock
+        self.before_wait = before_wait
+        self.bufsize = bufsize
+        self.buffer = bytearray()
+        self.position = 0
+
+    def pending(self):
+        """Bytes received but not yet read."""
+        return len(self.buffer) - self.position
+
+    def readline(self, limit):
+        """Return the next line with its LF, or ``limit`` bytes of a longer
+        line, or the unterminated remainder at end of input, or b""."""
+        buffer = self.buffer
+        while True:
+            position = self.position
+            end = buffer.find(b"\n", position, position + limit)
+            if end >= 0:
+                self.position = end + 1
+                return bytes(buffer[position:end + 1])
+            if len(buffer) - position >= limit:
+                self.position = position + limit
+                return bytes(buffer[position:position + limit])
+            if position:
+                del buffer[:position]
+                self.position = 0
+            if self.before_wait is not None:
+                self.before_wait()
+            data = self.sock.recv(self.bufsize)
+            if not data:
+                rest = bytes(buffer)
+                del buffer[:]
+                return rest
+            buffer += data
+
+
+# ---------------------------------------------------------------------------
+# The upstream: a plain-socket SMTP client
+# ---------------------------------------------------------------------------
+
+class UpstreamError(Exception):
+    """The upstream could not be reached, timed out or broke the session.
+
+    ``reply`` is what the client is told: always a 4xx, since the client
+    should try again later.
+    """
+
+    def __init__(self, message, reply):
+        Exception.__init__(self, message)
+        self.reply = reply
+
+
+UNREACHABLE = "451 4.4.1 Upstream mail server unavailable, try again later"
+LOST = "451 4.4.2 Connection to the upstream mail server lost, try again later"
+
+
+class UpstreamSession(object):
+    """One SMTP session with the real mail server, over a plain socket.
+
+    ``command()`` sends one command line and returns the reply as
+    ``(code, lines)``; ``send()`` writes raw message data.  Every failure
+    (refused, timed out, dropped, garbage) raises UpstreamError.  Replies
+    are capped at ``max_reply_lines`` lines of ``max_reply_line_length``
+    octets; control characters in reply text are replaced, so that what
+    the client is told is clean.
+    """
+
+    max_reply_lines = 100
+    max_reply_line_length = 512
+
+    def __init__(self, address, timeout):
+        self.address = address
+        self.extensions = {}
+        try:
+            self.sock = socket.create_connection(address, timeout)
+        except OSError as error:
+            raise UpstreamError("cannot connect to %s:%s: %s"
+                                % (address[0], address[1], error),
+                                UNREACHABLE)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = _LineReader(self.sock)
+
+    def _fail(self, error):
+        self.abort()
+        if isinstance(error, socket.timeout):
+            raise UpstreamError("upstream timed out", LOST)
+        raise UpstreamError("upstream connection lost: %s" % (error,), LOST)
+
+    def read_reply(self):
+        """Read one (possibly multi-line) reply: ``(code, [text, ...])``."""
+        lines = []
+        try:
+            while True:
+                line = self.reader.readline(self.max_reply_line_length)
+                if not line:
+                    raise ClientGone("closed")
+                if not line.endswith(b"\n"):     # overlong: drop the rest
+                    while not self.reader.readline(
+                            self.max_reply_line_length).endswith(b"\n"):
+                        pass
+                match = re.match(br"([2-5][0-9][0-9])([ -]?)([^\r\n]*)", line)
+                if not match:
+                    raise ClientGone("garbage reply %s" % log_escape(line))
+                text = match.group(3).decode("ascii", "replace")
+                lines.append(re.sub(r"[^\x20-\x7e]", "?", text))
+                if len(lines) > self.max_reply_lines:
+                    raise ClientGone("reply of more than %d lines"
+                                     % self.max_reply_lines)
+                if match.group(2) != b"-":
+                    return int(match.group(1)), lines
+        except (OSError, ClientGone) as error:
+            self._fail(error)
+
+    def send(self, data):
+        """Write ``data`` (bytes) to the upstream."""
+        try:
+            self.sock.sendall(data)
+        except OSError as error:
+            self._fail(error)
+
+    def command(self, line):
+        """Send one command (str, with no CR, LF or NUL) and read its reply."""
+        if re.search(r"[\r\n\x00]", line):
+            raise ValueError("refusing to send a line break upstream")
+        self.send(line.encode("ascii") + b"\r\n")
+        return self.read_reply()
+
+    def greet(self, helo_name, esmtp):
+        """Read the greeting and introduce ourselves with the client's name.
+
+        With ``esmtp`` EHLO is tried first (HELO if refused) and the
+        upstream's extensions are kept in ``extensions``.
+        """
+        code, lines = self.read_reply()
+        if code != 220:
+            self.abort()
+            raise UpstreamError("upstream greeted with %d %s"
+                                % (code, " ".join(lines)), UNREACHABLE)
+        self.introduce(helo_name, esmtp)
+
+    def introduce(self, helo_name, esmtp):
+        """Send EHLO (falling back to HELO) or HELO with ``helo_name``."""
+        self.extensions = {}
+        if esmtp:
+            code, lines = self.command("EHLO " + helo_name)
+            if code == 250:
+                for line in lines[1:]:
+                    words = line.split(None, 1)
+                    if words:
+                        self.extensions[words[0].upper()] = (
+                            words[1] if len(words) > 1 else "")
+                return
+        code, lines = self.command("HELO " + helo_name)
+        if code != 250:
+            self.abort()
+            raise UpstreamError("upstream refused HELO: %d %s"
+                                % (code, " ".join(lines)), UNREACHABLE)
+
+    def quit(self):
+        """End the session politely; errors are of no interest any more."""
+        try:
+            self.command("QUIT")
+        except UpstreamError:
+            pass
+        self.abort()
+
+    def abort(self):
+        """Close the connection at once, without QUIT.  Closing in the middle
+        of DATA makes the upstream discard the partial message."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def format_reply(code, lines):
+    """Format a reply as SMTP lines (no final CRLF): ``250-a\\r\\n250 b``."""
+    if not lines:
+        lines = [""]
+    last = len(lines) - 1
+    return "\r\n".join("%d%s%s" % (code, " " if i == last else "-", text)
+                       for i, text in enumerate(lines))
+
+
+# ---------------------------------------------------------------------------
+# The handlers
+# ---------------------------------------------------------------------------
+
+class MailHandler(socketserver.StreamRequestHandler):
+    """Reads an SMTP client's command lines and dispatches each command.
+
+    One instance serves one client connection, in its own thread.  Each
+    command line is checked (length, CRLF ending, no control or 8-bit
+    bytes) and passed to the method named after its verb: ``handleHelo``,
+    ``handleEhlo``, ``handleMail``, ``handleRcpt``, ``handleData``,
+    ``handleQuit``, ``handleRset``, ``handleNoop``, ``handleVrfy``,
+    ``handleHelp``; anything else to ``handleUnknown``.  Each method gets
+    ``args``, the text after the verb and its space ("" if none).
+    ``handleConnect`` greets, ``handleDisconnect`` runs when the client
+    is gone.  Replies go out through ``netPrint``, buffered until the
+    handler needs more input, so that pipelined commands (RFC 2920) get
+    their replies in one write.
+
+    Set per connection: ``peer``, ``peerport`` (the client's address and
+    port; an IPv4-mapped IPv6 address is written as plain IPv4),
+    ``local``, ``localport``; ``inbox_log``, the command lines of the
+    current envelope as received (the HELO/EHLO line, MAIL, RCPTs), from
+    which the upstream session is replayed.
+
+    Class attributes (configuration keys):
+
+    servername          name in the greeting and replies
+    serverid            software name in the greeting
+    inactivity_timeout  seconds a client may stay silent: then 421 4.4.2
+    greet_pause         seconds to wait before the greeting; a client that
+                        sends anything before the greeting gets 554 and is
+                        dropped (0: only bytes already waiting are caught)
+    strict              after a protocol error (unknown command, command out
+                        of order, malformed MAIL or RCPT) close the
+                        connection, as Kamaelia Grey did; with False follow
+                        RFC 5321 and go on
+    max_errors          refused commands before the client gets 421 4.7.0
+                        and is dropped
+    max_command_line    longest command line in octets, CRLF included
+                        (RFC 5321: 512)
+    max_text_line       longest line of message text, CRLF included
+                        (RFC 5321: 1000)
+    """
+
+    servername = "mail.example.com"
+    serverid = "smtpproxy " + __version__
+    inactivity_timeout = 60
+    greet_pause = 0
+    strict = True
+    max_errors = 20
+    max_command_line = 512
+    max_text_line = 1000
+
+    # The verbs handled by a method of their own, handleVerb.
+    commands = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "QUIT", "RSET",
+                "NOOP", "VRFY", "HELP")
+
+    def setup(self):
+        socketserver.StreamRequestHandler.setup(self)
+        self.connection.settimeout(self.inactivity_timeout)
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP,
+                                       socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.peer, self.peerport = self.client_address[:2]
+        if self.peer.startswith("::ffff:") and "." in self.peer:
+            self.peer = self.peer[7:]
+        self.local, self.localport = self.connection.getsockname()[:2]
+        if self.local.startswith("::ffff:") and "." in self.local:
+            self.local = self.local[7:]
+        self.reader = _LineReader(self.connection, before_wait=self.flush)
+        self.output = []
+        self.inbox_log = []
+        self.running = True
+        self.errors = 0
+
+    def handle(self):
+        try:
+            self.handleConnect()
+            while self.running:
+                line = self.reader.readline(self.max_command_line)
+                if not line:
+                    break
+                self.handleLine(line)
+        except socket.timeout:
+            self.netPrint("421 4.4.2 %s Error: timeout exceeded"
+                          % self.servername)
+            self.debug("timeout after %s seconds", self.inactivity_timeout)
+        except (ClientGone, OSError) as error:
+            self.debug("connection lost: %s", error)
+        try:
+            self.flush()
+        except OSError:
+            pass
+
+    def finish(self):
+        try:
+            self.handleDisconnect()
+        finally:
+            try:
+                socketserver.StreamRequestHandler.finish(self)
+            except OSError:
+                pass
+
+    # -- output --------------------------------------------------------
+
+    def netPrint(self, line):
+        """Queue one reply (one or more lines joined by CRLF) for the
+        client; it is sent before the handler next waits for input."""
+        self.output.append(line + "\r\n")
+        if dialogue_log.isEnabledFor(logging.DEBUG):
+            self.debug("> %s", line)
+
+    def flush(self):
+        """Send the queued replies now."""
+        if self.output:
+            data = "".join(self.output).encode("ascii", "replace")
+            del self.output[:]
+            self.wfile.write(data)
+
+    def debug(self, message, *args):
+        """Log a line of this session's dialogue to the debug log."""
+        if dialogue_log.isEnabledFor(logging.DEBUG):
+            dialogue_log.debug("%s:%s " + message, self.peer, self.peerport,
+                               *[log_escape(arg) for arg in args])
+
+    def close_connection(self):
+        """Stop reading commands: the connection closes once replies are
+        flushed."""
+        self.running = False
+
+    def refuse(self, reply, protocol_error=False):
+        """Send an error reply and count it.  A protocol error closes the
+        connection when ``strict`` is set; ``max_errors`` errors always
+        do."""
+        self.netPrint(reply)
+        self.errors += 1
+        if protocol_error and self.strict:
+            self.close_connection()
+        elif self.errors >= self.max_errors and self.running:
+            self.netPrint("421 4.7.0 %s Error: too many errors"
+                          % self.servername)
+            self.close_connection()
+
+    # -- input ---------------------------------------------------------
+
+    def discard_rest_of_line(self, chunk, limit):
+        """Read and drop what is left of an overlong line, whose first
+        ``chunk`` was read; return True if it ended with CR LF."""
+        while True:
+            previous = chunk
+            chunk = self.reader.readline(limit)
+            if not chunk:
+                raise ClientGone("closed in mid-line")
+            if chunk.endswith(b"\n"):
+                return (chunk.endswith(b"\r\n")
+                        or (chunk == b"\n" and previous.endswith(b"\r")))
+
+    def handleLine(self, line):
+        """Check one raw command line and dispatch it."""
+        if not line.endswith(b"\n"):
+            if len(line) < self.max_command_line:
+                raise ClientGone("closed in mid-line")
+            self.debug("< %s...", line[:80])
+            self.discard_rest_of_line(line, self.max_command_line)
+            self.refuse("500 5.5.6 Line too long (%d octets at most)"
+                        % self.max_command_line)
+            return
+        self.debug("< %s", line)
+        if not line.endswith(b"\r\n"):
+            self.refuse("500 5.5.2 Syntax error: bare <LF> received",
+                        protocol_error=True)
+            return
+        text = line[:-2]
+        if re.search(b"[^\x20-\x7e]", text):
+            self.refuse("500 5.5.2 Syntax error: control or 8-bit "
+                        "characters in command", protocol_error=True)
+            return
+        text = text.decode("ascii")
+        verb, _, args = text.partition(" ")
+        verb = verb.upper()
+        if verb in self.commands:
+            getattr(self, "handle" + verb.capitalize())(args)
+        else:
+            self.handleUnknown(text)
+
+    # -- the commands: overridden by ConcreteMailHandler ---------------
+
+    def handleConnect(self):
+        """The client has connected: greet it, or drop it if it talks
+        first (the pre-greet test of Postfix's postscreen)."""
+        if self.client_talks_first():
+            self.netPrint("554 5.5.1 %s Protocol error: talking before "
+                          "the greeting" % self.servername)
+            self.debug("dropped: talked before the greeting")
+            self.close_connection()
+            return
+        self.netPrint("220 %s ESMTP %s %s" % (self.servername, self.serverid,
+                                               time.ctime()))
+
+    def client_talks_first(self):
+        """True if the client sent anything (or hung up) before our
+        greeting, waiting ``greet_pause`` seconds for it."""
+        self.connection.settimeout(self.greet_pause)
+        try:
+            self.connection.recv(1, socket.MSG_PEEK)
+        except (socket.timeout, BlockingIOError):
+            return False
+        finally:
+            self.connection.settimeout(self.inactivity_timeout)
+        return True     # bytes waiting, or the client hung up already
+
+    def handleDisconnect(self):
+        """The session is over (QUIT, error, timeout or client gone)."""
+
+    def handleUnknown(self, command):
+        self.refuse("500 5.5.1 Sorry we don't like broken mailers",
+                    protocol_error=True)
+
+    def handleHelo(self, args):
+        self.handleUnknown("HELO")
+
+    handleEhlo = handleMail = handleRcpt = handleData = handleHelo
+    handleRset = handleNoop = handleVrfy = handleHelp = handleHelo
+
+    def handleQuit(self, args):
+        self.netPrint("221 2.0.0 %s closing connection" % self.servername)
+        self.close_connection()
+
+    def logResult(self):
+        """Write the transaction's line to the transaction log."""
+
+
+class ConcreteMailHandler(MailHandler):
+    """The strict SMTP state machine, and forwarding to the real server.
+
+    On its own it forwards nothing: ``shouldWeAcceptMail()`` returns False,
+    so every DATA is answered ``451 4.7.1`` and the connection closed, as in
+    Kamaelia Grey.  A subclass decides with two hooks:
+
+    ``shouldWeAcceptRecipient(recipient)``
+        called for each RCPT that passed the syntax and limit checks, with
+        the address as written, without angle brackets ("Postmaster" for
+        the bare ``<Postmaster>``).  Return True to relay the RCPT to the
+        upstream (whose reply the client gets), False to defer it with
+        ``defer_reply``, or a reply string (such as "550 5.7.1 Relaying
+        denied") to send that instead.  True by default.
+    ``shouldWeAcceptMail()``
+        called at DATA, once at least one recipient was accepted.  True
+        streams the message to the upstream; False answers ``defer_reply``
+        and closes the connection.  False by default.
+
+    A subclass that returns True from both is a plain, faithful proxy.
+
+    Per transaction: ``helo_name``, ``mail_from`` (None before MAIL, ""
+    for the null sender), ``recipients`` (accepted by the upstream),
+    ``rcpt_seen`` (every well-formed RCPT address, for the log).
+
+    Class attributes (configuration keys), besides MailHandler's:
+
+    smtp_ip, smtp_port  the real mail server
+    upstream_timeout    seconds to wait for it to connect or answer; past
+                        that the client gets 451 4.4.2
+    max_message_size    largest message in octets, announced with SIZE;
+                        larger: 552 5.3.4 and nothing is delivered
+    max_recipients      recipients per message; more: 452 4.5.3
+    defer_reply         the reply of a deferral
+    """
+
+    smtp_ip = "127.0.0.1"
+    smtp_port = 8025
+    upstream_timeout = 120
+    max_message_size = 50 * 1024 * 1024
+    max_recipients = 100
+    defer_reply = "451 4.7.1 Please try again later"
+    upstream_class = UpstreamSession
+
+    # Size of the chunks in which message data is written upstream.
+    data_chunk_size = 65536
+
+    def setup(self):
+        MailHandler.setup(self)
+        self.helo_name = None
+        self.esmtp = False
+        self.upstream = None
+        self.upstream_helo = None
+        self.status = ""
+        self.final_reply = ""
+        self._start_transaction()
+
+    def _start_transaction(self):
+        self.mail_from = None
+        self.mail_params = []
+        self.recipients = []
+        self.rcpt_seen = []
+        self.upstream_in_transaction = False
+        self.upstream_lost = None      # the 4xx once the upstream broke
+        self.status = ""
+        self.final_reply = ""
+        del self.inbox_log[1:]
+
+    # -- policy hooks ----------------------------------------------------
+
+    def shouldWeAcceptRecipient(self, recipient):
+        """Policy at RCPT: True, False (defer) or a reply string."""
+        return True
+
+    def shouldWeAcceptMail(self):
+        """Policy at DATA: True to forward the message."""
+        return False
+
+    # -- transaction log -------------------------------------------------
+
+    def logResult(self):
+        """Write the transaction line of Kamaelia Grey's format:
+        time | HELO name | client IP | sender | recipients | status |
+        (status ACCEPTED, DEFERRED, or empty when no DATA was reached),
+        followed by our own field, the final reply to the client."""
+        if self.mail_from is None:
+            return
+        now = time.time()
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+        fields = [
+            "%s.%03d" % (stamp, int(now * 1000) % 1000),
+            self.helo_name or "",
+            self.peer,
+            "<%s>" % self.mail_from,
+            ", ".join("<%s>" % r for r in self.rcpt_seen),
+            self.status,
+            self.final_reply,
+        ]
+        transaction_log.info("%s | ", " | ".join(
+            log_escape(field).replace("|", "\\x7c") for field in fields))
+
+    def reset_transaction(self):
+        """End the current transaction (RSET, HELO, after DATA): log it and
+        reset the upstream's transaction too."""
+        self.logResult()
+        if self.upstream is not None and self.upstream_in_transaction:
+            try:
+                self.upstream.command("RSET")
+            except UpstreamError as error:
+                self.debug("upstream: %s", error)
+                self.upstream = None
+        self._start_transaction()
+
+    def handleDisconnect(self):
+        self.logResult()
+        self.mail_from = None
+        if self.upstream is not None:
+            self.upstream.quit()
+            self.upstream = None
+
+    # -- the upstream session --------------------------------------------
+
+    def open_upstream(self):
+        """Open the upstream session and replay the client's HELO/EHLO."""
+        if self.upstream is None:
+            self.upstream = self.upstream_class(
+                (self.smtp_ip, self.smtp_port), self.upstream_timeout)
+            self.upstream_helo = None
+        if self.upstream_helo is None:
+            self.upstream.greet(self.helo_name, self.esmtp)
+        elif self.upstream_helo != self.inbox_log[0]:
+            # The client said HELO/EHLO again, with another name.
+            self.upstream.introduce(self.helo_name, self.esmtp)
+        self.upstream_helo = self.inbox_log[0]
+
+    def upstream_mail_command(self):
+        """The MAIL command replayed upstream: the client's, with only the
+        parameters the upstream announced."""
+        command = "MAIL FROM:<%s>" % self.mail_from
+        extensions = self.upstream.extensions
+        for keyword, value in self.mail_params:
+            needs = "8BITMIME" if keyword == "BODY" else keyword
+            if needs in extensions:
+                command += " %s=%s" % (keyword, value)
+        return command
+
+    def relay_rcpt(self, recipient):
+        """Relay one RCPT to the upstream; return its reply ``(code, lines)``.
+
+        Opens the upstream session and replays MAIL FROM first if needed.
+        """
+        self.open_upstream()
+        if not self.upstream_in_transaction:
+            code, lines = self.upstream.command(self.upstream_mail_command())
+            if code != 250:
+                return code, lines
+            self.upstream_in_transaction = True
+        return self.upstream.command("RCPT TO:<%s>" % recipient)
+
+    def upstream_failed(self, error):
+        """The upstream broke: drop it; the transaction cannot complete."""
+        log.warning("upstream %s:%s: %s", self.smtp_ip, self.smtp_port, error)
+        self.debug("upstream: %s", error)
+        if self.upstream is not None:
+            self.upstream.abort()
+        self.upstream = None
+        self.upstream_lost = error.reply
+
+    # -- the commands ----------------------------------------------------
+
+    def handleHelo(self, args):
+        self.greet(args, esmtp=False)
+
+    def handleEhlo(self, args):
+        self.greet(args, esmtp=True)
+
+    def greet(self, args, esmtp):
+        """HELO and EHLO: one argument; a repeated one resets like RSET."""
+        if not _HELO_RE.match(args):
+            verb = "EHLO" if esmtp else "HELO"
+            self.refuse("501 5.5.4 Syntactically invalid %s argument(s)"
+                        % verb, protocol_error=True)
+            return
+        self.reset_transaction()
+        self.helo_name = args
+        self.esmtp = esmtp
+        self.inbox_log[:] = [("EHLO " if esmtp else "HELO ") + args]
+        if esmtp:
+            self.netPrint(format_reply(250, self.ehlo_lines()))
+        else:
+            self.netPrint("250 %s Hello %s %s" % (self.servername, args,
+                                                  self.peer))
+
+    def ehlo_lines(self):
+        """The lines of our EHLO reply: only what is implemented."""
+        return ["%s Hello %s [%s]" % (self.servername, self.helo_name,
+                                      self.peer),
+                "PIPELINING",
+                "SIZE %d" % self.max_message_size,
+                "8BITMIME",
+                "ENHANCEDSTATUSCODES"]
+
+    def handleMail(self, args):
+        if self.helo_name is None:
+            self.refuse("503 5.5.2 Send hello first")
+            return
+        if self.mail_from is not None:
+            self.refuse("503 5.5.1 Sender already given")
+            return
+        if args[:5].upper() != "FROM:":
+            self.refuse("501 5.5.4 Syntax: MAIL FROM:<address>",
+                        protocol_error=True)
+            return
+        try:
+            sender, route, params = parse_path(args[5:], null_allowed=True)
+        except EnvelopeSyntaxError as error:
+            self.refuse("501 5.1.7 Bad sender address syntax: %s" % error,
+                        protocol_error=True)
+            return
+        if params and not self.esmtp:
+            self.refuse("555 5.5.4 MAIL parameters need EHLO")
+            return
+        for keyword, value in params:
+            if keyword == "SIZE":
+                if value is None or not re.match(r"[0-9]{1,20}\Z", value):
+                    self.refuse("501 5.5.4 Bad SIZE parameter")
+                    return
+                if int(value) > self.max_message_size:
+                    self.refuse("552 5.3.4 Message size exceeds fixed "
+                                "limit of %d octets" % self.max_message_size)
+                    return
+            elif keyword == "BODY":
+                if value is None or value.upper() not in ("7BIT",
+                                                          "8BITMIME"):
+                    self.refuse("555 5.5.4 Unsupported BODY type")
+                    return
+            else:
+                self.refuse("555 5.5.4 Unsupported parameter %s" % keyword)
+                return
+        self.mail_from = sender
+        self.mail_params = params
+        self.inbox_log.append("MAIL FROM:" + args[5:])
+        self.netPrint("250 2.1.0 OK")
+
+    def handleRcpt(self, args):
+        if self.mail_from is None:
+            self.refuse("503 5.5.1 Sender not yet given",
+                        protocol_error=True)
+            return
+        if args[:3].upper() != "TO:":
+            self.refuse("501 5.5.4 Syntax: RCPT TO:<address>",
+                        protocol_error=True)
+            return
+        try:
+            recipient, route, params = parse_path(args[3:],
+                                                  postmaster_allowed=True)
+        except EnvelopeSyntaxError as error:
+            self.refuse("501 5.1.3 Bad recipient address syntax: %s" % error,
+                        protocol_error=True)
+            return
+        if params:
+            self.refuse("555 5.5.4 Unsupported parameter %s" % params[0][0])
+            return
+        if len(self.recipients) >= self.max_recipients:
+            self.netPrint("452 4.5.3 Too many recipients")
+            return
+        if len(self.rcpt_seen) < self.max_recipients:
+            self.rcpt_seen.append(recipient)
+        if self.upstream_lost:
+            self.netPrint(self.upstream_lost)
+            return
+        verdict = self.shouldWeAcceptRecipient(recipient)
+        if verdict is not True:
+            self.debug("policy refused recipient %s", recipient)
+            self.netPrint(verdict if isinstance(verdict, str)
+                          else self.defer_reply)
+            return
+        try:
+            code, lines = self.relay_rcpt(recipient)
+        except UpstreamError as error:
+            self.upstream_failed(error)
+            self.netPrint(error.reply)
+            return
+        self.netPrint(format_reply(code, lines))
+        if code // 100 == 2:
+            self.recipients.append(recipient)
+            self.inbox_log.append("RCPT TO:" + args[3:])
+
+    def handleData(self, args):
+        if args:
+            self.refuse("501 5.5.4 Syntax: DATA", protocol_error=True)
+            return
+        if self.mail_from is None:
+            self.refuse("503 5.5.1 Sender not yet given",
+                        protocol_error=True)
+            return
+        if self.upstream_lost:
+            self.netPrint(self.upstream_lost)
+            self.reset_transaction()
+            return
+        if not self.recipients:
+            self.refuse("503 5.5.1 Valid RCPT command must precede DATA",
+                        protocol_error=True)
+            return
+        if not self.shouldWeAcceptMail():
+            self.status = "DEFERRED"
+            self.final_reply = self.defer_reply
+            self.netPrint(self.defer_reply)
+            self.close_connection()
+            return
+        self.status = "ACCEPTED"
+        try:
+            code, lines = self.upstream.command("DATA")
+        except UpstreamError as error:
+            self.upstream_failed(error)
+            self.final_reply = error.reply
+            self.netPrint(error.reply)
+            self.reset_transaction()
+            return
+        if code != 354:
+            self.final_reply = format_reply(code, lines[-1:])
+            self.netPrint(format_reply(code, lines))
+            self.upstream_in_transaction = False
+            self.reset_transaction()
+            return
+        self.netPrint("354 End data with <CR><LF>.<CR><LF>")
+        self.final_reply = self.receive_message()
+        self.netPrint(self.final_reply)
+        self.upstream_in_transaction = False
+        self.reset_transaction()
+
+    def receive_message(self):
+        """Read the message to its real end, streaming it upstream; return
+        the reply for the client.
+
+        Only CR LF . CR LF ends the data.  A bare CR, a bare LF, a NUL, an
+        overlong line or too many octets stop the forwarding at once; the
+        rest is read and dropped to the real end, the upstream session is
+        aborted without the final dot, and the client is refused.
+        """
+        reader = self.reader
+        limit = self.max_text_line
+        max_size = self.max_message_size
+        problem = None          # the refusal, once the message is bad
+        size = 0
+        after_crlf = True       # the DATA command ended with CR LF
+        chunk = bytearray()
+        chunk_size = self.data_chunk_size
+        upstream = self.upstream
+        try:
+            while True:
+                line = reader.readline(limit)
+                if not line.endswith(b"\n"):
+                    if len(line) < limit:
+                        raise ClientGone("closed during DATA")
+                    after_crlf = self.discard_rest_of_line(line, limit)
+                    problem = problem or ("552 5.5.6 Message line too long "
+                                          "(%d octets at most)" % limit)
+                    continue
+                if line.endswith(b"\r\n"):
+                    if after_crlf and line == b".\r\n":
+                        break
+                    if problem is None and (b"\r" in line[:-2]
+                                            or b"\x00" in line):
+                        problem = ("550 5.5.2 Error: bare <CR> or NUL "
+                                   "received")
+                    after_crlf = True
+                else:
+                    if problem is None:
+                        problem = "550 5.5.2 Error: bare <LF> received"
+                    after_crlf = False
+                size += len(line)
+                if problem is None and size > max_size:
+                    problem = ("552 5.3.4 Message size exceeds fixed limit "
+                               "of %d octets" % max_size)
+                if problem is None and upstream is not None:
+                    chunk += line
+                    if len(chunk) >= chunk_size:
+                        try:
+                            upstream.send(chunk)
+                        except UpstreamError as error:
+                            self.upstream_failed(error)
+                            upstream = None
+                        del chunk[:]
+        except (ClientGone, OSError):
+            # Client gone or timed out mid-DATA: no final dot upstream.
+            if self.upstream is not None:
+                self.upstream.abort()
+                self.upstream = None
+            self.final_reply = "(client lost during DATA)"
+            raise
+        if problem is not None:
+            self.debug("message refused: %s", problem)
+            if self.upstream is not None:
+                self.upstream.abort()
+                self.upstream = None
+            return problem
+        if upstream is None:
+            return self.upstream_lost or LOST
+        try:
+            upstream.send(bytes(chunk) + b".\r\n")
+            code, lines = upstream.read_reply()
+        except UpstreamError as error:
+            self.upstream_failed(error)
+            return error.reply
+        return format_reply(code, lines)
+
+    def handleRset(self, args):
+        if args:
+            self.refuse("501 5.5.4 Syntax: RSET")
+            return
+        self.reset_transaction()
+        self.netPrint("250 2.0.0 OK")
+
+    def handleNoop(self, args):
+        self.netPrint("250 2.0.0 OK")
+
+    def handleVrfy(self, args):
+        if not args:
+            self.refuse("501 5.5.4 Syntax: VRFY <address>")
+            return
+        self.netPrint("252 2.5.0 Cannot VRFY user, but will accept message "
+                      "and attempt delivery")
+
+    def handleHelp(self, args):
+        self.refuse("502 5.5.1 HELP not implemented", protocol_error=True)
+
+    def handleQuit(self, args):
+        if args:
+            self.refuse("501 5.5.4 Syntax: QUIT")
+            return
+        self.reset_transaction()
+        MailHandler.handleQuit(self, args)
+
+
+# ---------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------
+
+class SMTPProxyServer(socketserver.ThreadingTCPServer):
+    """The listening socket: one daemon thread per client.
+
+    ``server_address`` is ``(host, port)``; host "" listens on every IPv4
+    and IPv6 address (one dual-stack socket where the system has IPv6), an
+    IPv6 address or a name resolving to one gives an IPv6 socket.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+    request_queue_size = 1024
+
+    def __init__(self, server_address, RequestHandlerClass,
+                 bind_and_activate=True):
+        host, port = server_address[:2]
+        self.dual_stack = False
+        if host == "" and socket.has_ipv6 and _ipv6_works():
+            self.address_family = socket.AF_INET6
+            self.dual_stack = True
+            server_address = ("::", port)
+        elif host:
+            try:
+                info = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM,
+                                          0, socket.AI_PASSIVE)
+            except socket.gaierror as error:
+                raise OSError("cannot resolve %s: %s" % (host, error))
+            self.address_family = info[0][0]
+            server_address = info[0][4][:2]
+        socketserver.ThreadingTCPServer.__init__(
+            self, server_address, RequestHandlerClass, bind_and_activate)
+
+    def server_bind(self):
+        if self.dual_stack:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
+                                   0)
+        socketserver.ThreadingTCPServer.server_bind(self)
+
+    def handle_error(self, request, client_address):
+        log.exception("unexpected error with client %s",
+                      log_escape(client_address[0]))
+
+
+def _ipv6_works():
+    try:
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        return False
+    probe.close()
+    return True
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+DEFAULT_CLASS = "smtpproxy.ConcreteMailHandler"
+
+
+def _usage():
+    keys = "\n".join("    %-32s %s" % (key, description)
+                     for key, (_, kind, description)
+                     in sorted(CONFIG_KEYS.items()))
+    return __doc__ % {"program": "smtpproxy", "default_class": DEFAULT_CLASS,
+                      "config_keys": keys}
+
+
+def _split_host_port(text, default_port=None):
+    """Split "host:port", "[v6addr]:port", ":port", and "host" (given a
+    ``default_port``) or "port" (without one)."""
+    port = None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError("cannot read %r as [HOST]:PORT" % text)
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif default_port is None and text.isdigit():
+        host, port = "", text
+    else:
+        host = text
+    if port is None:
+        if default_port is None:
+            raise ValueError("no port in %r" % text)
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("bad port in %r" % text)
+    return host, int(port)
+
+
+def find_class(dotted_name):
+    """Import ``module.Class`` (or a class of this module by bare name)."""
+    module_name, _, class_name = dotted_name.rpartition(".")
+    if not module_name:
+        module = sys.modules[__name__]
+    else:
+        module = importlib.import_module(module_name)
+    handler = getattr(module, class_name)
+    if not (isinstance(handler, type) and issubclass(handler, MailHandler)):
+        raise TypeError("%s is not a MailHandler class" % dotted_name)
+    return handler
+
+
+def configure_logging(values):
+    """Send our log to stderr, transactions to greylist_log and, when the
+    ``debug`` key is set, the dialogue to greylist_debuglog."""
+    stderr = logging.StreamHandler()
+    stderr.setFormatter(logging.Formatter(
+        "%(asctime)s smtpproxy[%(process)d]: %(levelname)s %(message)s"))
+    log.addHandler(stderr)
+    log.setLevel(logging.INFO)
+    transaction_log.propagate = False
+    dialogue_log.propagate = False
+    path = values.get("greylist_log", "greylist.log")
+    if path:
+        transactions = logging.FileHandler(path)
+        transactions.setFormatter(logging.Formatter("%(message)s"))
+        transaction_log.addHandler(transactions)
+        transaction_log.setLevel(logging.INFO)
+    path = values.get("greylist_debuglog", "greylist-debug.log")
+    if values.get("debug") and path:
+        dialogue = logging.FileHandler(path)
+        dialogue.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        dialogue_log.addHandler(dialogue)
+        dialogue_log.setLevel(logging.DEBUG)
+
+
+def main(argv=None):
+    """Run the proxy from the command line; return the exit status."""
+    # A --class module that imports smtpproxy must get this very module,
+    # also when it runs as a script (__main__).
+    sys.modules.setdefault("smtpproxy", sys.modules[__name__])
+    parser = argparse.ArgumentParser(
+        prog="smtpproxy", usage="%(prog)s [options]", add_help=False,
+        description=_usage(), formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("-V", "--version", action="version",
+                        version="smtpproxy " + __version__)
+    parser.add_argument("-c", "--config", metavar="FILE")
+    parser.add_argument("-l", "--listen", metavar="[HOST:]PORT")
+    parser.add_argument("-u", "--upstream", metavar="HOST[:PORT]")
+    parser.add_argument("--class", dest="handler_class",
+                        metavar="DOTTED.NAME", default=DEFAULT_CLASS)
+    parser.add_argument("-d", "--debug", action="store_true", default=None)
+    args = parser.parse_args(argv)
+    if args.help:
+        print(_usage())
+        return 0
+    try:
+        values, path, warnings = load_config(args.config)
+        if args.listen:
+            values["listen_ip"], values["port"] = _split_host_port(
+                args.listen)
+        if args.upstream:
+            values["smtp_ip"], values["smtp_port"] = _split_host_port(
+                args.upstream, values.get("smtp_port", 8025))
+        if args.debug is not None:
+            values["debug"] = args.debug
+    except (ConfigError, ValueError) as error:
+        sys.stderr.write("smtpproxy: error: %s\n" % error)
+        return 2
+    try:
+        base = find_class(args.handler_class)
+    except (ImportError, AttributeError, TypeError) as error:
+        sys.stderr.write("smtpproxy: error: --class %s: %s\n"
+                         % (args.handler_class, error))
+        return 2
+    attributes = dict((key, value) for key, value in values.items()
+                      if hasattr(base, key))
+    handler_class = type(base.__name__, (base,), attributes)
+    try:
+        configure_logging(values)
+    except OSError as error:
+        sys.stderr.write("smtpproxy: error: cannot open log: %s\n" % error)
+        return 2
+    for warning in warnings:
+        log.warning("%s", warning)
+    address = (values.get("listen_ip", ""), values.get("port", 25))
+    try:
+        server = SMTPProxyServer(address, handler_class)
+    except OSError as error:
+        sys.stderr.write("smtpproxy: error: cannot listen on %s:%s: %s\n"
+                         % (address[0], address[1], error))
+        return 1
+    log.info("smtpproxy %s listening on [%s]:%s, forwarding to %s:%s "
+             "(class %s, config %s)", __version__,
+             server.server_address[0], server.server_address[1],
+             handler_class.smtp_ip, handler_class.smtp_port,
+             args.handler_class, path or "none")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""Test fixtures: a real upstream SMTP server (aiosmtpd), the proxy, clients.
+
+The upstream runs in an asyncio loop on a thread of its own; the proxy runs
+in-process (SMTPProxyServer in a thread) or as a subprocess of the command
+line.  Nothing sleeps to wait for a server: each fixture polls until ready.
+"""
+
+import asyncio
+import os
+import re
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from aiosmtpd.smtp import SMTP
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import smtpproxy  # noqa: E402
+from plainproxy import AcceptAll  # noqa: E402
+
+
+def wait_until(predicate, timeout=10.0, what="condition"):
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % what)
+        time.sleep(0.01)
+
+
+class Message(object):
+    def __init__(self, mail_from, rcpt_tos, content, mail_options):
+        self.mail_from = mail_from
+        self.rcpt_tos = rcpt_tos
+        self.content = content
+        self.mail_options = mail_options
+
+
+class RecordingHandler(object):
+    """aiosmtpd handler recording what arrives, with knobs for failures.
+
+    reject       recipient -> reply for its RCPT
+    delay        command ("RCPT", "DATA" for the reply to the final dot)
+                 -> seconds to wait before answering
+    drop         command at which to close the connection instead of
+                 answering ("RCPT", "DATA")
+    data_reply   the reply to the final dot
+    """
+
+    def __init__(self):
+        self.messages = []
+        self.commands = []
+        self.reject = {}
+        self.delay = {}
+        self.drop = set()
+        self.data_reply = "250 2.0.0 Ok: queued as TEST1"
+
+    async def _maybe_wait(self, command):
+        if self.delay.get(command):
+            await asyncio.sleep(self.delay[command])
+
+    async def handle_MAIL(self, server, session, envelope, address,
+                          mail_options):
+        self.commands.append(("MAIL", address, list(mail_options)))
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server, session, envelope, address,
+                          rcpt_options):
+        self.commands.append(("RCPT", address))
+        await self._maybe_wait("RCPT")
+        if "RCPT" in self.drop:
+            server.transport.close()
+            return "421 dropped"
+        if address in self.reject:
+            return self.reject[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server, session, envelope):
+        await self._maybe_wait("DATA")
+        if "DATA" in self.drop:
+            server.transport.close()
+            return "421 dropped"
+        self.messages.append(Message(envelope.mail_from,
+                                     list(envelope.rcpt_tos),
+                                     envelope.original_content,
+                                     list(envelope.mail_options)))
+        return self.data_reply
+
+    async def handle_RSET(self, server, session, envelope):
+        self.commands.append(("RSET",))
+        return "250 2.0.0 Ok"
+
+    async def handle_QUIT(self, server, session, envelope):
+        self.commands.append(("QUIT",))
+        return "221 2.0.0 Bye"
+
+
+class Upstream(object):
+    """A real SMTP server (aiosmtpd) on 127.0.0.1, port chosen by the OS."""
+
+    def __init__(self, handler=None, **smtp_options):
+        self.handler = handler or RecordingHandler()
+        self.connections = 0
+        self.open_connections = 0
+        smtp_options.setdefault("data_size_limit", None)
+        self.loop = asyncio.new_event_loop()
+        upstream = self
+
+        class CountingSMTP(SMTP):
+            def connection_made(self, transport):
+                upstream.connections += 1
+                upstream.open_connections += 1
+                SMTP.connection_made(self, transport)
+
+            def connection_lost(self, error):
+                upstream.open_connections -= 1
+                SMTP.connection_lost(self, error)
+
+        def factory():
+            return CountingSMTP(self.handler, loop=self.loop, **smtp_options)
+
+        self.server = self.loop.run_until_complete(
+            self.loop.create_server(factory, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever)
+        self.thread.daemon = True
+        self.thread.start()
+
+    @property
+    def messages(self):
+        return self.handler.messages
+
+    def stop(self):
+        def shutdown():
+            self.server.close()
+            self.loop.stop()
+        self.loop.call_soon_threadsafe(shutdown)
+        self.thread.join(10)
+
+
+class RawUpstream(socketserver.ThreadingTCPServer):
+    """A minimal SMTP server that records the raw bytes of each DATA and
+    reads its end the way a lax server does (Postfix before 3.9 with
+    smtpd_forbid_bare_newline = no): any line "." ended by LF.
+
+    ``raw`` collects every byte received after each 354; ``messages``
+    holds every message the lax reading completed (smuggling succeeded if
+    there is more than one, or one where none was expected).
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self):
+        self.raw = []
+        self.messages = []
+        self.commands = []
+        socketserver.ThreadingTCPServer.__init__(
+            self, ("127.0.0.1", 0), self.Handler)
+        self.port = self.server_address[1]
+        self.thread = threading.Thread(target=self.serve_forever)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            server = self.server
+            self.wfile.write(b"220 raw ESMTP\r\n")
+            in_data = False
+            message = []
+            for line in self.rfile:
+                if in_data:
+                    server.raw.append(line)
+                    if line.rstrip(b"\r\n") == b".":
+                        server.messages.append(b"".join(message))
+                        message = []
+                        in_data = False
+                        self.wfile.write(b"250 2.0.0 Ok: queued\r\n")
+                    else:
+                        message.append(line)
+                    continue
+                server.commands.append(line)
+                verb = line[:4].upper()
+                if verb == b"DATA":
+                    in_data = True
+                    self.wfile.write(b"354 go ahead\r\n")
+                elif verb == b"QUIT":
+                    self.wfile.write(b"221 bye\r\n")
+                    return
+                else:
+                    self.wfile.write(b"250 ok\r\n")
+
+
+@pytest.fixture
+def upstream():
+    server = Upstream()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def raw_upstream():
+    server = RawUpstream()
+    yield server
+    server.stop()
+
+
+class ProxyFactory(object):
+    def __init__(self, upstream_port):
+        self.upstream_port = upstream_port
+        self.servers = []
+
+    def __call__(self, handler=AcceptAll, host="127.0.0.1", **attributes):
+        attributes.setdefault("smtp_ip", "127.0.0.1")
+        attributes.setdefault("smtp_port", self.upstream_port)
+        attributes.setdefault("inactivity_timeout", 10)
+        attributes.setdefault("upstream_timeout", 10)
+        handler_class = type("Test" + handler.__name__, (handler,),
+                             attributes)
+        server = smtpproxy.SMTPProxyServer((host, 0), handler_class)
+        thread = threading.Thread(target=server.serve_forever)
+        thread.daemon = True
+        thread.start()
+        self.servers.append(server)
+        return server.server_address[1]
+
+    def stop(self):
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.fixture
+def proxy(upstream):
+    """Start a proxy in front of ``upstream``: ``port = proxy(**attrs)``."""
+    factory = ProxyFactory(upstream.port)
+    yield factory
+    factory.stop()
+
+
+@pytest.fixture
+def raw_proxy(raw_upstream):
+    """Start a proxy in front of ``raw_upstream``."""
+    factory = ProxyFactory(raw_upstream.port)
+    yield factory
+    factory.stop()
+
+
+class RawClient(object):
+    """An SMTP client on a raw socket, for what smtplib will not send."""
+
+    def __init__(self, port, host="127.0.0.1", timeout=15, greet=True):
+        self.sock = socket.create_connection((host, port), timeout)
+        self.file = self.sock.makefile("rb")
+        if greet:
+            self.greeting = self.reply()
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode("ascii")
+        self.sock.sendall(data)
+
+    def reply(self):
+        """Read one reply: ``(code, text)``, lines joined by newlines;
+        ``(None, "")`` if the connection closed instead."""
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                return None, "\n".join(lines)
+            assert line.endswith(b"\r\n"), line
+            match = re.match(br"([0-9]{3})([ -])(.*)\r\n", line)
+            assert match, line
+            lines.append(match.group(3).decode("ascii"))
+            if match.group(2) == b" ":
+                return int(match.group(1)), "\n".join(lines)
+
+    def cmd(self, line):
+        self.send(line + "\r\n")
+        return self.reply()
+
+    def is_closed(self):
+        """True if the server has closed the connection (EOF)."""
+        try:
+            return self.file.read(1) == b""
+        except (ConnectionResetError, socket.timeout):
+            return False
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def client_factory():
+    clients = []
+
+    def connect(port, **kwargs):
+        client = RawClient(port, **kwargs)
+        clients.append(client)
+        return client
+    yield connect
+    for client in clients:
+        client.close()
+
+
+def vm_value(pid, field):
+    """A VmRSS/VmHWM figure of /proc/PID/status, in bytes."""
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+class ProxyProcess(object):
+    """smtpproxy.py run from its command line, as a subprocess."""
+
+    def __init__(self, tmp_path, upstream_port, config="", args=(),
+                 handler="plainproxy.AcceptAll"):
+        listen = socket.socket()
+        listen.bind(("127.0.0.1", 0))
+        self.port = listen.getsockname()[1]
+        listen.close()
+        self.config_path = str(tmp_path / "smtpproxy.conf")
+        with open(self.config_path, "w") as config_file:
+            config_file.write("greylist_log = %s\n"
+                              % (tmp_path / "greylist.log"))
+            config_file.write(config)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([HERE, ROOT])
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "smtpproxy.py"),
+             "--config", self.config_path,
+             "--listen", "127.0.0.1:%d" % self.port,
+             "--upstream", "127.0.0.1:%d" % upstream_port,
+             "--class", handler] + list(args),
+            env=env, stderr=subprocess.PIPE, cwd=str(tmp_path))
+        wait_until(self._answers, what="the proxy to listen")
+
+    def _answers(self):
+        if self.process.poll() is not None:
+            raise AssertionError("proxy exited: %s"
+                                 % self.process.stderr.read().decode())
+        try:
+            probe = RawClient(self.port, timeout=5)
+        except OSError:
+            return False
+        probe.cmd("QUIT")
+        probe.close()
+        return True
+
+    def rss(self):
+        return vm_value(self.process.pid, "VmRSS")
+
+    def peak_rss(self):
+        return vm_value(self.process.pid, "VmHWM")
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def proxy_process(tmp_path, upstream):
+    processes = []
+
+    def start(**kwargs):
+        kwargs.setdefault("upstream_port", upstream.port)
+        process = ProxyProcess(tmp_path, **kwargs)
+        processes.append(process)
+        return process
+    yield start
+    for process in processes:
+        process.stop()
