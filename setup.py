@@ -1,0 +1,32 @@
+"""Installs smtpproxy: one module, and the `smtpproxy` command.
+
+smtpproxy has no runtime dependency outside the standard library; copying
+smtpproxy.py onto a host works as well as installing it.
+"""
+
+import re
+
+from setuptools import setup
+
+with open("smtpproxy.py") as source:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', source.read(),
+                        re.M).group(1)
+
+setup(
+    name="smtpproxy",
+    version=VERSION,
+    description="A strict greylisting SMTP proxy that passes on the real "
+                "server's verdict",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    py_modules=["smtpproxy"],
+    python_requires=">=3.6",
+    entry_points={"console_scripts": ["smtpproxy = smtpproxy:main"]},
+    classifiers=[
+        "Environment :: No Input/Output (Daemon)",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.6",
+        "Programming Language :: Python :: 3.13",
+        "Topic :: Communications :: Email :: Mail Transport Agents",
+    ],
+)
