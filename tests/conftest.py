@@ -145,11 +145,31 @@ class Upstream(object):
         return self.handler.messages
 
     def stop(self):
-        def shutdown():
+        async def cancel_sessions():
             self.server.close()
-            self.loop.stop()
-        self.loop.call_soon_threadsafe(shutdown)
+            current = _current_task(self.loop)
+            tasks = [task for task in _all_tasks(self.loop)
+                     if task is not current]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(cancel_sessions(),
+                                         self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()
+
+
+def _all_tasks(loop):
+    if hasattr(asyncio, "all_tasks"):
+        return asyncio.all_tasks(loop)
+    return asyncio.Task.all_tasks(loop)          # Python 3.6
+
+
+def _current_task(loop):
+    if hasattr(asyncio, "current_task"):
+        return asyncio.current_task(loop)
+    return asyncio.Task.current_task(loop)       # Python 3.6
 
 
 class RawUpstream(socketserver.ThreadingTCPServer):
