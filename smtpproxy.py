@@ -83,6 +83,7 @@ import os
 import re
 import socket
 import socketserver
+import struct
 import sys
 import time
 
@@ -436,49 +437,89 @@ class ClientGone(Exception):
     """The client closed the connection (or broke it)."""
 
 
+def set_timeout(sock, seconds):
+    """Make each read and write on ``sock`` give up after ``seconds``
+    (never, if ``seconds`` is 0 or None).
+
+    Why not sock.settimeout(): a Python-level timeout turns every recv and
+    send into a poll() and the call, each releasing and retaking the GIL;
+    with many sessions those GIL hand-offs cost more than the I/O.  The
+    kernel's SO_RCVTIMEO and SO_SNDTIMEO give the same limit in one call:
+    the socket stays blocking and a timeout surfaces as BlockingIOError
+    (EAGAIN), which the readers here turn into socket.timeout.
+    """
+    sock.settimeout(None)
+    if not seconds:
+        return
+    try:
+        whole = int(seconds)
+        timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    except (AttributeError, OSError, struct.error):
+        sock.settimeout(seconds)
+
+
 class _LineReader(object):
     """Reads LF-terminated lines from a socket, never more than ``limit``.
 
     Unlike a file object it can say how many bytes are already buffered
-    (pipelined commands, RFC 2920), and it calls ``before_wait`` before it
-    blocks on the socket, so that replies are sent in batches.
+    (pipelined commands, RFC 2920), hand over the whole buffer at once
+    (for message data) and take back what was not used, and it calls
+    ``before_wait`` before it blocks on the socket, so that replies are
+    sent in batches.
     """
 
     def __init__(self, sock, before_wait=None, bufsize=65536):
         self.sock = sock
         self.before_wait = before_wait
         self.bufsize = bufsize
-        self.buffer = bytearray()
+        self.buffer = b""
         self.position = 0
 
     def pending(self):
         """Bytes received but not yet read."""
         return len(self.buffer) - self.position
 
+    def _receive(self):
+        """Wait for more bytes; b"" at end of input."""
+        if self.before_wait is not None:
+            self.before_wait()
+        try:
+            return self.sock.recv(self.bufsize)
+        except BlockingIOError:         # SO_RCVTIMEO expired
+            raise socket.timeout("timed out")
+
     def readline(self, limit):
         """Return the next line with its LF, or ``limit`` bytes of a longer
         line, or the unterminated remainder at end of input, or b""."""
-        buffer = self.buffer
         while True:
-            position = self.position
+            buffer, position = self.buffer, self.position
             end = buffer.find(b"\n", position, position + limit)
             if end >= 0:
                 self.position = end + 1
-                return bytes(buffer[position:end + 1])
+                return buffer[position:end + 1]
             if len(buffer) - position >= limit:
                 self.position = position + limit
-                return bytes(buffer[position:position + limit])
-            if position:
-                del buffer[:position]
-                self.position = 0
-            if self.before_wait is not None:
-                self.before_wait()
-            data = self.sock.recv(self.bufsize)
+                return buffer[position:position + limit]
+            data = self._receive()
+            self.buffer, self.position = buffer[position:] + data, 0
             if not data:
-                rest = bytes(buffer)
-                del buffer[:]
-                return rest
-            buffer += data
+                self.buffer = b""
+                return buffer[position:]
+
+    def read_available(self):
+        """Return every byte buffered, or wait for some; b"" at end."""
+        buffer, position = self.buffer, self.position
+        self.buffer, self.position = b"", 0
+        if position < len(buffer):
+            return buffer[position:]
+        return self._receive()
+
+    def unread(self, data):
+        """Put ``data`` back in front of what is buffered."""
+        self.buffer = data + self.buffer[self.position:]
+        self.position = 0
 
 
 # ---------------------------------------------------------------------------
@@ -525,11 +566,12 @@ class UpstreamSession(object):
                                 % (address[0], address[1], error),
                                 UNREACHABLE)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_timeout(self.sock, timeout)
         self.reader = _LineReader(self.sock)
 
     def _fail(self, error):
         self.abort()
-        if isinstance(error, socket.timeout):
+        if isinstance(error, (socket.timeout, BlockingIOError)):
             raise UpstreamError("upstream timed out", LOST)
         raise UpstreamError("upstream connection lost: %s" % (error,), LOST)
 
@@ -571,6 +613,17 @@ class UpstreamSession(object):
             raise ValueError("refusing to send a line break upstream")
         self.send(line.encode("ascii") + b"\r\n")
         return self.read_reply()
+
+    def commands(self, lines):
+        """Send several commands and return their replies, in one write
+        when the upstream announced PIPELINING (RFC 2920)."""
+        if "PIPELINING" not in self.extensions:
+            return [self.command(line) for line in lines]
+        for line in lines:
+            if re.search(r"[\r\n\x00]", line):
+                raise ValueError("refusing to send a line break upstream")
+        self.send("".join(line + "\r\n" for line in lines).encode("ascii"))
+        return [self.read_reply() for _ in lines]
 
     def greet(self, helo_name, esmtp):
         """Read the greeting and introduce ourselves with the client's name.
@@ -689,7 +742,7 @@ class MailHandler(socketserver.StreamRequestHandler):
 
     def setup(self):
         socketserver.StreamRequestHandler.setup(self)
-        self.connection.settimeout(self.inactivity_timeout)
+        set_timeout(self.connection, self.inactivity_timeout)
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP,
                                        socket.TCP_NODELAY, 1)
@@ -840,7 +893,7 @@ class MailHandler(socketserver.StreamRequestHandler):
         except (socket.timeout, BlockingIOError):
             return False
         finally:
-            self.connection.settimeout(self.inactivity_timeout)
+            set_timeout(self.connection, self.inactivity_timeout)
         return True     # bytes waiting, or the client hung up already
 
     def handleDisconnect(self):
@@ -1016,12 +1069,17 @@ class ConcreteMailHandler(MailHandler):
         Opens the upstream session and replays MAIL FROM first if needed.
         """
         self.open_upstream()
-        if not self.upstream_in_transaction:
-            code, lines = self.upstream.command(self.upstream_mail_command())
-            if code != 250:
-                return code, lines
-            self.upstream_in_transaction = True
-        return self.upstream.command("RCPT TO:<%s>" % recipient)
+        rcpt = "RCPT TO:<%s>" % recipient
+        if self.upstream_in_transaction:
+            return self.upstream.command(rcpt)
+        # MAIL and the first RCPT go together; if MAIL fails, the RCPT's
+        # reply (503) means nothing and the client hears MAIL's.
+        mail_reply, rcpt_reply = self.upstream.commands(
+            [self.upstream_mail_command(), rcpt])
+        if mail_reply[0] != 250:
+            return mail_reply
+        self.upstream_in_transaction = True
+        return rcpt_reply
 
     def upstream_failed(self, error):
         """The upstream broke: drop it; the transaction cannot complete."""
@@ -1199,55 +1257,72 @@ class ConcreteMailHandler(MailHandler):
         """Read the message to its real end, streaming it upstream; return
         the reply for the client.
 
-        Only CR LF . CR LF ends the data.  A bare CR, a bare LF, a NUL, an
-        overlong line or too many octets stop the forwarding at once; the
-        rest is read and dropped to the real end, the upstream session is
-        aborted without the final dot, and the client is refused.
+        Only CR LF . CR LF ends the data: the end is the first CR LF . CR LF
+        in the stream, counting the CR LF that ended the DATA command.  A
+        bare CR, a bare LF, a NUL, an overlong line or too many octets stop
+        the forwarding at once; the rest is read and dropped to the real
+        end, the upstream session is aborted without the final dot, and
+        the client is refused.  What is forwarded are the client's bytes,
+        dot-stuffing included, checked a buffer at a time.
         """
         reader = self.reader
         limit = self.max_text_line
         max_size = self.max_message_size
         problem = None          # the refusal, once the message is bad
         size = 0
-        after_crlf = True       # the DATA command ended with CR LF
-        chunk = bytearray()
-        chunk_size = self.data_chunk_size
+        partial = b""           # an unfinished line, kept for the next read
+        previous = b"\r\n"      # the two octets before ``partial``
         upstream = self.upstream
+        outgoing = []
+        outgoing_size = 0
         try:
             while True:
-                line = reader.readline(limit)
-                if not line.endswith(b"\n"):
-                    if len(line) < limit:
-                        raise ClientGone("closed during DATA")
-                    after_crlf = self.discard_rest_of_line(line, limit)
-                    problem = problem or ("552 5.5.6 Message line too long "
-                                          "(%d octets at most)" % limit)
+                data = reader.read_available()
+                if not data:
+                    raise ClientGone("closed during DATA")
+                window = partial + data
+                last_lf = window.rfind(b"\n")
+                if last_lf < 0:
+                    partial = window
+                    if len(partial) >= limit:
+                        problem = problem or self.line_too_long(limit)
+                        # Keep what tells where the line ends, not the line.
+                        previous, partial = partial[-2:], b""
                     continue
-                if line.endswith(b"\r\n"):
-                    if after_crlf and line == b".\r\n":
-                        break
-                    if problem is None and (b"\r" in line[:-2]
-                                            or b"\x00" in line):
-                        problem = ("550 5.5.2 Error: bare <CR> or NUL "
-                                   "received")
-                    after_crlf = True
+                lines = window[:last_lf + 1]
+                partial = window[last_lf + 1:]
+                # The end: the first CR LF . CR LF, its CR LF possibly in
+                # ``previous``; ``end`` is where its "." is in ``lines``.
+                if previous == b"\r\n" and lines.startswith(b".\r\n"):
+                    end = 0
+                elif previous[-1:] == b"\r" and lines.startswith(b"\n.\r\n"):
+                    end = 1
                 else:
-                    if problem is None:
-                        problem = "550 5.5.2 Error: bare <LF> received"
-                    after_crlf = False
-                size += len(line)
-                if problem is None and size > max_size:
-                    problem = ("552 5.3.4 Message size exceeds fixed limit "
-                               "of %d octets" % max_size)
-                if problem is None and upstream is not None:
-                    chunk += line
-                    if len(chunk) >= chunk_size:
-                        try:
-                            upstream.send(chunk)
-                        except UpstreamError as error:
-                            self.upstream_failed(error)
-                            upstream = None
-                        del chunk[:]
+                    end = lines.find(b"\r\n.\r\n")
+                    if end >= 0:
+                        end += 2
+                if end >= 0:
+                    reader.unread(lines[end + 3:] + partial)
+                    lines = lines[:end]
+                if problem is None and lines:
+                    problem = self.check_lines(lines, limit)
+                    size += len(lines)
+                    if problem is None and size > max_size:
+                        problem = ("552 5.3.4 Message size exceeds fixed "
+                                   "limit of %d octets" % max_size)
+                    if problem is None and upstream is not None:
+                        outgoing.append(lines)
+                        outgoing_size += len(lines)
+                        if outgoing_size >= self.data_chunk_size:
+                            try:
+                                upstream.send(b"".join(outgoing))
+                            except UpstreamError as error:
+                                self.upstream_failed(error)
+                                upstream = None
+                            outgoing, outgoing_size = [], 0
+                if end >= 0:
+                    break
+                previous = (previous + lines[-2:])[-2:]
         except (ClientGone, OSError):
             # Client gone or timed out mid-DATA: no final dot upstream.
             if self.upstream is not None:
@@ -1264,12 +1339,34 @@ class ConcreteMailHandler(MailHandler):
         if upstream is None:
             return self.upstream_lost or LOST
         try:
-            upstream.send(bytes(chunk) + b".\r\n")
+            outgoing.append(b".\r\n")
+            upstream.send(b"".join(outgoing))
             code, lines = upstream.read_reply()
         except UpstreamError as error:
             self.upstream_failed(error)
             return error.reply
         return format_reply(code, lines)
+
+    @staticmethod
+    def check_lines(lines, limit):
+        """Return the refusal for a run of message lines, or None if they
+        are clean: every line ends with CR LF and holds no other CR, LF or
+        NUL (SMTP smuggling), and none is longer than ``limit`` octets."""
+        if b"\x00" in lines:
+            return "550 5.5.2 Error: NUL received"
+        line_ends = lines.count(b"\r\n")
+        if lines.count(b"\n") != line_ends:
+            return "550 5.5.2 Error: bare <LF> received"
+        if lines.count(b"\r") != line_ends:
+            return "550 5.5.2 Error: bare <CR> received"
+        if len(lines) >= limit and max(
+                len(line) for line in lines.split(b"\n")) >= limit:
+            return ConcreteMailHandler.line_too_long(limit)
+        return None
+
+    @staticmethod
+    def line_too_long(limit):
+        return "552 5.5.6 Message line too long (%d octets at most)" % limit
 
     def handleRset(self, args):
         if args:
