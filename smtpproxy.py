@@ -333,7 +333,9 @@ _MAILBOX_RE = re.compile(r"(%s|%s)@(%s|%s)\Z" % (
 _ROUTE_RE = re.compile(r"@%s(?:,@%s)*:" % (_DOMAIN, _DOMAIN))
 _HELO_RE = re.compile(r"[\x21-\x7e]{1,255}\Z")
 _PARAM_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
-_DOMAIN_RE = re.compile(_DOMAIN + r"\Z")
+# A path up to its closing ">": a ">" or '"' inside a quoted local-part,
+# escaped or not, does not end it.
+_PATH_END_RE = re.compile(r'<(?:[^">]|%s)*>' % _QUOTED_STRING)
 
 MAX_LOCAL_PART = 64     # RFC 5321 section 4.5.3.1.1
 MAX_DOMAIN = 255        # section 4.5.3.1.2
@@ -373,16 +375,10 @@ def parse_path(text, null_allowed=False, postmaster_allowed=False):
     """
     if not text.startswith("<"):
         raise EnvelopeSyntaxError("the address must be in angle brackets")
-    end = text.find(">")
-    if end < 0:
+    match = _PATH_END_RE.match(text)
+    if not match:
         raise EnvelopeSyntaxError("no closing angle bracket")
-    # A '>' may appear inside a quoted local-part; find the real end.
-    if text.count('"', 0, end) % 2:
-        quote_end = text.find('"', end)
-        end = text.find(">", quote_end) if quote_end >= 0 else -1
-        if end < 0:
-            raise EnvelopeSyntaxError("unterminated quoted local-part")
-    path, rest = text[:end + 1], text[end + 1:]
+    path, rest = match.group(), text[match.end():]
     if len(path) > MAX_PATH:
         raise EnvelopeSyntaxError("path longer than %d octets" % MAX_PATH)
     inner = path[1:-1]
