@@ -85,6 +85,7 @@ import socket
 import socketserver
 import struct
 import sys
+import textwrap
 import time
 
 __version__ = "0.1.0"
@@ -139,23 +140,23 @@ def _string(text):
     return text
 
 
-def _word_list(items):
-    return [item if isinstance(item, str) else " ".join(item)
-            for item in items]
+def _word(item):
+    if not isinstance(item, str):
+        raise ValueError("expected one word per item, got %r"
+                         % " ".join(item))
+    return item
 
 
-def _triple_list(items):
-    triples = []
-    for item in items:
-        if isinstance(item, str) or len(item) != 3:
-            raise ValueError("expected three words per item, got %r"
-                             % (item if isinstance(item, str)
-                                else " ".join(item)))
-        triples.append(tuple(item))
-    return triples
+def _triple(item):
+    if isinstance(item, str) or len(item) != 3:
+        raise ValueError("expected three words per item, got %r"
+                         % (item if isinstance(item, str)
+                            else " ".join(item)))
+    return tuple(item)
 
 
-# key: (converter, kind, description).  kind is "scalar" or "list".
+# key: (converter, kind, description).  kind is "scalar" or "list"; the
+# converter of a list converts one item.
 CONFIG_KEYS = {
     "port": (_integer, "scalar", "port to listen on (25)"),
     "listen_ip": (_string, "scalar",
@@ -189,22 +190,26 @@ CONFIG_KEYS = {
                           "dialogue log file, written when debug is on "
                           "(greylist-debug.log)"),
     "debug": (_boolean, "scalar", "log the SMTP dialogue (no)"),
-    # Read by the policy and the service (later issues); loaded now so that
-    # a Kamaelia Grey greylist.conf loads without a warning.
-    "greylist_db": (_string, "scalar", "greylisting store (greylist.db)"),
-    "too_soon": (_integer, "scalar", "greylisting: retry too soon (180)"),
-    "min_defer_time": (_integer, "scalar", "greylisting: (3600)"),
-    "max_defer_time": (_integer, "scalar", "greylisting: (25000)"),
-    "max_grey": (_integer, "scalar", "greylisting: (3000000)"),
-    "max_connections": (_integer, "scalar", "concurrent clients (500)"),
-    "allowed_senders": (_word_list, "list", "clients that may relay"),
-    "allowed_sender_nets": (_word_list, "list",
-                            "client networks that may relay"),
-    "allowed_domains": (_word_list, "list", "domains mail is taken for"),
-    "whitelisted_triples": (_triple_list, "list",
-                            "ip sender recipient, always accepted"),
+    # Kamaelia Grey's greylisting keys and those of the service to come:
+    # read now, so that a greylist.conf loads without warnings, but not
+    # used yet by the handlers of this release.
+    "greylist_db": (_string, "scalar", "(not used yet) greylisting store"),
+    "too_soon": (_integer, "scalar", "(not used yet) greylisting timing"),
+    "min_defer_time": (_integer, "scalar",
+                       "(not used yet) greylisting timing"),
+    "max_defer_time": (_integer, "scalar",
+                       "(not used yet) greylisting timing"),
+    "max_grey": (_integer, "scalar", "(not used yet) greylisting timing"),
+    "max_connections": (_integer, "scalar",
+                        "(not used yet) concurrent clients"),
+    "allowed_senders": (_word, "list", "(not used yet) relaying clients"),
+    "allowed_sender_nets": (_word, "list",
+                            "(not used yet) relaying networks"),
+    "allowed_domains": (_word, "list", "(not used yet) our domains"),
+    "whitelisted_triples": (_triple, "list",
+                            "(not used yet) ip sender recipient"),
     "whitelisted_nonstandard_triples": (
-        _triple_list, "list", "helo-name ip-prefix recipient, accepted"),
+        _triple, "list", "(not used yet) helo-name ip-prefix recipient"),
 }
 
 
@@ -241,8 +246,8 @@ def read_config_file(path):
             if current_list is None:
                 raise ConfigError("%s: indented line outside a list" % where)
             words = stripped.split()
-            current_list.append(words[0] if len(words) == 1
-                                else tuple(words))
+            current_list.append((number, words[0] if len(words) == 1
+                                 else tuple(words)))
             continue
         current_list = None
         if "=" in line:
@@ -268,7 +273,13 @@ def read_config_file(path):
             raise ConfigError("%s: %s takes a value: write '%s = value'"
                               % (where, key, key))
         try:
-            values[key] = convert(value)
+            if kind == "list":
+                items = []
+                for number, item in value:
+                    where = "%s:%d" % (path, number)
+                    items.append(convert(item))
+                value = items
+            values[key] = convert(value) if kind == "scalar" else value
         except ValueError as error:
             raise ConfigError("%s: %s: %s" % (where, key, error))
     return values, warnings
@@ -1456,9 +1467,10 @@ DEFAULT_CLASS = "smtpproxy.ConcreteMailHandler"
 
 
 def _usage():
-    keys = "\n".join("    %-32s %s" % (key, description)
-                     for key, (_, kind, description)
-                     in sorted(CONFIG_KEYS.items()))
+    keys = "\n".join(
+        textwrap.fill(description, 79, initial_indent="    %-32s " % key,
+                      subsequent_indent=" " * 37)
+        for key, (_, kind, description) in sorted(CONFIG_KEYS.items()))
     return __doc__ % {"program": "smtpproxy", "default_class": DEFAULT_CLASS,
                       "config_keys": keys}
 
