@@ -231,7 +231,7 @@ def read_config_file(path):
     except OSError as error:
         raise ConfigError("%s: cannot read: %s" % (path, error.strerror))
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")     # a byte-order mark is no key
     except UnicodeDecodeError as error:
         raise ConfigError("%s: not UTF-8 text (byte %d)"
                           % (path, error.start))
@@ -703,7 +703,8 @@ class MailHandler(socketserver.StreamRequestHandler):
     ``handleQuit``, ``handleRset``, ``handleNoop``, ``handleVrfy``,
     ``handleHelp``; anything else to ``handleUnknown``.  Each method gets
     ``args``, the text after the verb and its space ("" if none).
-    ``handleConnect`` greets, ``handleDisconnect`` runs when the client
+    ``handleConnect`` greets, ``handleTimeout`` says goodbye to a silent
+    client, ``handleDisconnect`` runs when the client
     is gone.  Replies go out through ``netPrint``, buffered until the
     handler needs more input, so that pipelined commands (RFC 2920) get
     their replies in one write.
@@ -776,9 +777,7 @@ class MailHandler(socketserver.StreamRequestHandler):
                     break
                 self.handleLine(line)
         except socket.timeout:
-            self.netPrint("421 4.4.2 %s Error: timeout exceeded"
-                          % self.servername)
-            self.debug("timeout after %s seconds", self.inactivity_timeout)
+            self.handleTimeout()
         except (ClientGone, OSError) as error:
             self.debug("connection lost: %s", error)
         try:
@@ -903,6 +902,15 @@ class MailHandler(socketserver.StreamRequestHandler):
             set_timeout(self.connection, self.inactivity_timeout)
         return True     # bytes waiting, or the client hung up already
 
+    def handleTimeout(self):
+        """The client was silent for ``inactivity_timeout`` seconds: tell
+        it, before the connection closes."""
+        self.netPrint(self.timeout_reply())
+        self.debug("timeout after %s seconds", self.inactivity_timeout)
+
+    def timeout_reply(self):
+        return "421 4.4.2 %s Error: timeout exceeded" % self.servername
+
     def handleDisconnect(self):
         """The session is over (QUIT, error, timeout or client gone)."""
 
@@ -1014,7 +1022,7 @@ class ConcreteMailHandler(MailHandler):
         now = time.time()
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
         fields = [
-            "%s.%03d" % (stamp, int(now * 1000) % 1000),
+            "%s.%03d" % (stamp, int((now - int(now)) * 1000)),
             self.helo_name or "",
             self.peer,
             "<%s>" % self.mail_from,
@@ -1036,6 +1044,11 @@ class ConcreteMailHandler(MailHandler):
                 self.debug("upstream: %s", error)
                 self.upstream = None
         self._start_transaction()
+
+    def handleTimeout(self):
+        MailHandler.handleTimeout(self)
+        if self.mail_from is not None:
+            self.final_reply = self.timeout_reply()
 
     def handleDisconnect(self):
         self.logResult()

@@ -1,0 +1,937 @@
+#!/usr/bin/env python3
+"""Throughput and memory benchmark for smtpproxy.
+
+Usage (from the repository root)::
+
+    python3 contrib/bench.py                 # full run (a minute or two)
+    python3 contrib/bench.py --quick         # smoke run (some seconds)
+    python3 contrib/bench.py --aiosmtpd-python /path/to/venv/bin/python
+
+Requirements: Postfix's ``smtp-source`` (load generator) and ``smtp-sink``
+(upstream server that discards mail), Debian package ``postfix``.  They are
+looked up on PATH and in /usr/sbin.  Optional: aiosmtpd, installed for the
+interpreter given by ``--aiosmtpd-python`` (default: the interpreter running
+this script); without it the aiosmtpd comparison is reported as skipped.
+
+All traffic stays on 127.0.0.1 (ports chosen by the kernel); every process
+started is stopped at the end.  What is measured:
+
+1. Throughput.  ``smtp-source`` sends ``--messages`` messages of ``--size``
+   bytes over ``--sessions`` parallel SMTP sessions, several messages per
+   session (``smtp-source -d``; ``--one-per-session`` opens a new session
+   for every message instead), (a) directly to ``smtp-sink``, (b) through
+   smtpproxy in front of the same sink, (c) through aiosmtpd's ``Proxy``
+   handler in front of the same sink.  Each target gets one untimed warm-up
+   run, then ``--repeat`` timed runs; best and median messages/second are
+   printed, and the ratio smtpproxy/direct (best runs) beside its goal
+   (>= 0.50).  After every run the sink's own counters (``smtp-sink -c``)
+   must show exactly the number of messages sent, so a proxy that drops
+   mail cannot look fast.
+
+2. Memory of the smtpproxy process (VmRSS and VmHWM = peak RSS, from
+   /proc/PID/status) on a fresh proxy: idle after start, after one 1 MB
+   message, after one ``--big-size`` MB message (default 100, streamed by
+   this script in 64 KB chunks of 76-character CRLF lines, so the client
+   never holds the message), and while ``--idle-sessions`` (default 1000)
+   concurrent sessions are open (banner read, EHLO answered, then held).
+   The goal is a peak RSS independent of message size.
+
+smtpproxy runs as a subprocess::
+
+    PYTHON REPO/smtpproxy.py --listen 127.0.0.1:P --upstream 127.0.0.1:Q \\
+        --class bench.AcceptAll --config TMPFILE
+
+with PYTHONPATH=REPO/contrib:REPO and the temporary directory as working
+directory (its transaction log, greylist.log, is written there).
+``bench.AcceptAll`` (defined below) accepts every message; the temporary
+config file sets ``max_message_size = 200000000`` and ``max_connections``
+to more than the idle sessions opened (its default is 500).
+
+Exit status: 0 when every run completed (even if a goal is missed: this is
+a benchmark, not a test); 1 when a run failed (messages lost, a server
+died or refused a session); 2 when a tool is missing (smtp-source,
+smtp-sink or REPO/smtpproxy.py).
+"""
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - not on Linux
+    resource = None
+
+
+def _smtpproxy_module():
+    """Return the smtpproxy module, reusing it if it runs as __main__.
+
+    smtpproxy.py started as a script lives in sys.modules as '__main__';
+    importing it again as 'smtpproxy' would create a second copy of every
+    class, so the already running copy is preferred.
+    """
+    main = sys.modules.get('__main__')
+    main_file = getattr(main, '__file__', None) or ''
+    if (os.path.basename(main_file) == 'smtpproxy.py'
+            and hasattr(main, 'ConcreteMailHandler')):
+        return main
+    import smtpproxy
+    return smtpproxy
+
+
+if __name__ != '__main__':
+    # Imported by smtpproxy (``--class bench.AcceptAll``): define the handler.
+    # When bench.py runs as a script smtpproxy is neither needed nor
+    # necessarily present, so nothing is imported then.
+    try:
+        _sp = _smtpproxy_module()
+    except ImportError:
+        _sp = None
+    if _sp is not None:
+        class AcceptAll(_sp.ConcreteMailHandler):
+            """Handler forwarding every message (the default forwards none)."""
+
+            def shouldWeAcceptMail(self):
+                return True
+
+
+HOST = '127.0.0.1'
+MIB = 1024.0 * 1024.0
+CHUNK_SIZE = 64 * 1024
+LINE_LEN = 76
+SMALL_MESSAGE = 1000 * 1000
+PROXY_GOAL = 0.50
+# max_connections: smtpproxy's documented default is 500 concurrent clients,
+# fewer than the idle-session test opens; it is raised to fit the test.
+PROXY_CONFIG = ('max_message_size = 200000000\n'
+                'max_connections = %d\n')
+BANNER_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+SMTP_TIMEOUT = 300.0
+SINK_SETTLE_TIMEOUT = 15.0
+
+# Started with ``python -c`` to run aiosmtpd's own CLI with its Proxy handler.
+# aiosmtpd.handlers.Proxy takes (remote_hostname, remote_port) but has no
+# from_cli(), so ``python -m aiosmtpd -c aiosmtpd.handlers.Proxy HOST PORT``
+# fails with "Handler class ... takes no arguments" (aiosmtpd 1.4); this adds
+# the missing from_cli() and nothing else.
+AIOSMTPD_LAUNCHER = '''\
+import sys
+from aiosmtpd.handlers import Proxy
+from aiosmtpd.main import main
+if not hasattr(Proxy, "from_cli"):
+    Proxy.from_cli = classmethod(
+        lambda cls, parser, host, port: cls(host, int(port)))
+main(sys.argv[1:])
+'''
+
+
+class BenchError(Exception):
+    """A run failed: the benchmark's figures would be meaningless."""
+
+
+class ToolMissing(Exception):
+    """A required program is not installed."""
+
+
+# ---------------------------------------------------------------- helpers
+
+def find_tool(name):
+    path = shutil.which(name)
+    if path is None:
+        for directory in ('/usr/sbin', '/usr/local/sbin', '/sbin'):
+            candidate = os.path.join(directory, name)
+            if os.access(candidate, os.X_OK):
+                path = candidate
+                break
+    if path is None:
+        raise ToolMissing('%s not found (Debian/Ubuntu: apt-get install '
+                          'postfix)' % name)
+    return path
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def read_reply(fileobj):
+    """Read one (possibly multi-line) SMTP reply: (code, [lines])."""
+    lines = []
+    while True:
+        line = fileobj.readline(4096)
+        if not line:
+            raise BenchError('connection closed while waiting for a reply '
+                             '(got so far: %r)' % lines)
+        line = line.rstrip(b'\r\n').decode('ascii', 'replace')
+        lines.append(line)
+        if len(line) < 4 or line[3] != '-':
+            break
+    try:
+        code = int(lines[-1][:3])
+    except ValueError:
+        raise BenchError('malformed SMTP reply: %r' % lines)
+    return code, lines
+
+
+def tail(path, limit=2000):
+    try:
+        with open(path, 'rb') as fileobj:
+            fileobj.seek(0, os.SEEK_END)
+            size = fileobj.tell()
+            fileobj.seek(max(0, size - limit))
+            return fileobj.read().decode('utf-8', 'replace')
+    except OSError:
+        return ''
+
+
+class Server(object):
+    """A server subprocess whose output goes to a log file."""
+
+    def __init__(self, name, argv, port, logdir, env=None, cwd=None):
+        self.name = name
+        self.argv = argv
+        self.port = port
+        self.log = os.path.join(logdir, '%s.log' % name.replace(' ', '-'))
+        self._logfile = open(self.log, 'wb')
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                     stdout=self._logfile,
+                                     stderr=subprocess.STDOUT,
+                                     env=env, cwd=cwd)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def describe_failure(self, message):
+        rc = self.proc.poll()
+        status = 'running' if rc is None else 'exited with status %s' % rc
+        return '%s: %s (%s)\n  command: %s\n  last output:\n%s' % (
+            self.name, message, status, ' '.join(self.argv),
+            _indent(tail(self.log)) or '    (none)')
+
+    def wait_ready(self, timeout=BANNER_TIMEOUT):
+        """Poll by connecting until the port answers with a 220 banner."""
+        deadline = time.monotonic() + timeout
+        last_error = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(self.describe_failure('did not start'))
+            try:
+                sock = socket.create_connection((HOST, self.port), timeout=5)
+            except OSError as exc:
+                last_error = exc
+                time.sleep(0.05)   # port not open yet: poll again
+                continue
+            try:
+                code, lines = read_reply(sock.makefile('rb'))
+                if code == 220:
+                    try:
+                        sock.sendall(b'QUIT\r\n')
+                    except OSError:
+                        pass
+                    return
+                last_error = 'banner %r' % lines
+            except (OSError, BenchError) as exc:
+                last_error = exc
+            finally:
+                sock.close()
+            time.sleep(0.05)
+        raise BenchError(self.describe_failure(
+            'no 220 banner on %s:%d within %ds (last: %s)'
+            % (HOST, self.port, timeout, last_error)))
+
+    def check_alive(self):
+        if self.proc.poll() is not None:
+            raise BenchError(self.describe_failure('died'))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(STOP_TIMEOUT)
+            except OSError:
+                pass
+        self._logfile.close()
+
+
+def _indent(text, prefix='    '):
+    return '\n'.join(prefix + line for line in text.splitlines())
+
+
+class Sink(Server):
+    """smtp-sink with running counters (-c) written to its log file."""
+
+    COUNTER = re.compile(r'mesg=(\d+)')
+
+    def __init__(self, tool, logdir):
+        argv = [tool, '-c', '-m', '4000']
+        if os.geteuid() == 0:
+            argv += ['-u', 'nobody']     # required when run as root
+        port = free_port()
+        argv += ['%s:%d' % (HOST, port), '1024']
+        Server.__init__(self, 'smtp-sink', argv, port, logdir)
+
+    def count(self):
+        """Messages received so far ('.' seen), from the latest counters.
+
+        smtp-sink rewrites one status line ending in CR whenever a session
+        ends, QUIT is executed or '.' is received.
+        """
+        text = tail(self.log, 400)
+        end = text.rfind('\r')
+        matches = self.COUNTER.findall(text[:end]) if end >= 0 else []
+        return int(matches[-1]) if matches else 0
+
+    def wait_count(self, expected, timeout=SINK_SETTLE_TIMEOUT):
+        """Wait until the counter reaches `expected`; return the last value.
+
+        Returns early when it reaches `expected` and has stayed there a
+        moment (so extra deliveries are seen too); gives up after `timeout`.
+        """
+        deadline = time.monotonic() + timeout
+        value = self.count()
+        while time.monotonic() < deadline:
+            if value >= expected:
+                time.sleep(0.1)
+                again = self.count()
+                if again == value:
+                    return value
+                value = again
+                continue
+            time.sleep(0.02)
+            value = self.count()
+        return value
+
+
+def proc_status(pid):
+    """VmRSS, VmHWM (MiB) and thread count of process `pid`."""
+    result = {}
+    with open('/proc/%d/status' % pid) as fileobj:
+        for line in fileobj:
+            key, _, value = line.partition(':')
+            if key in ('VmRSS', 'VmHWM'):
+                result[key] = int(value.split()[0]) / 1024.0
+            elif key == 'Threads':
+                result[key] = int(value)
+    return result
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time consumed so far by process `pid`."""
+    with open('/proc/%d/stat' % pid) as fileobj:
+        fields = fileobj.read().rpartition(')')[2].split()
+    # fields[0] is field 3 (state) of proc(5); utime and stime are 14, 15.
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / float(os.sysconf('SC_CLK_TCK'))
+
+
+def raise_nofile(wanted):
+    """Raise RLIMIT_NOFILE (inherited by the servers); return the limit."""
+    if resource is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+# ---------------------------------------------------------------- clients
+
+def body_chunk():
+    """About 64 KB of 76-character CRLF lines (none starts with '.')."""
+    alphabet = ('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
+                '0123456789')
+    lines = []
+    size = 0
+    index = 0
+    while size + LINE_LEN + 2 <= CHUNK_SIZE:
+        start = index % len(alphabet)
+        text = (alphabet[start:] + alphabet * 2)[:LINE_LEN]
+        lines.append(text.encode('ascii') + b'\r\n')
+        size += LINE_LEN + 2
+        index += 1
+    return b''.join(lines)
+
+
+def message_chunks(size, label):
+    """Yield a message of about `size` bytes in chunks of about 64 KB."""
+    header = ('From: <from@example.org>\r\n'
+              'To: <to@example.org>\r\n'
+              'Subject: smtpproxy bench, %s\r\n'
+              'Message-ID: <bench.%d.%d@example.org>\r\n'
+              '\r\n' % (label, os.getpid(), int(time.time() * 1e6)))
+    header = header.encode('ascii')
+    yield header
+    chunk = body_chunk()
+    remaining = size - len(header)
+    while remaining >= len(chunk):
+        yield chunk
+        remaining -= len(chunk)
+    whole_lines = remaining // (LINE_LEN + 2) * (LINE_LEN + 2)
+    if whole_lines:
+        yield chunk[:whole_lines]
+
+
+def send_streamed(port, size, label):
+    """Send one message of `size` bytes; return (bytes sent, seconds).
+
+    The message is generated chunk by chunk, so this client's memory does
+    not depend on the message size.
+    """
+    start = time.monotonic()
+    sock = socket.create_connection((HOST, port), timeout=SMTP_TIMEOUT)
+    try:
+        reader = sock.makefile('rb')
+
+        def command(line, expect):
+            if line is not None:
+                sock.sendall(line.encode('ascii') + b'\r\n')
+            code, lines = read_reply(reader)
+            if code != expect:
+                raise BenchError('%s: %r answered %r'
+                                 % (label, line, lines))
+            return lines
+
+        command(None, 220)
+        ehlo = command('EHLO bench.example.org', 250)
+        size_param = ''
+        if any(line[4:].upper().startswith('SIZE') for line in ehlo):
+            size_param = ' SIZE=%d' % size
+        command('MAIL FROM:<from@example.org>%s' % size_param, 250)
+        command('RCPT TO:<to@example.org>', 250)
+        command('DATA', 354)
+        sent = 0
+        try:
+            for chunk in message_chunks(size, label):
+                sock.sendall(chunk)
+                sent += len(chunk)
+            sock.sendall(b'.\r\n')
+        except OSError as exc:
+            # The server may have answered (e.g. 552) and closed.
+            try:
+                code, lines = read_reply(reader)
+            except (OSError, BenchError):
+                lines = ['(no reply)']
+            raise BenchError('%s: sending failed after %d bytes '
+                             '(%s); server said %r'
+                             % (label, sent, exc, lines))
+        command(None, 250)
+        try:
+            command('QUIT', 221)
+        except (OSError, BenchError):
+            pass
+        return sent, time.monotonic() - start
+    finally:
+        sock.close()
+
+
+def open_idle_sessions(port, count):
+    """Open `count` sessions (banner read, EHLO answered) and keep them.
+
+    Returns (sockets, error or None).
+    """
+    sockets = []
+    for index in range(count):
+        try:
+            sock = socket.create_connection((HOST, port), timeout=30)
+        except OSError as exc:
+            return sockets, 'connect #%d: %s' % (index + 1, exc)
+        error = None
+        try:
+            reader = sock.makefile('rb')
+            code, lines = read_reply(reader)
+            if code != 220:
+                error = 'banner %r' % lines
+            else:
+                sock.sendall(b'EHLO idle%d.example.org\r\n' % index)
+                code, lines = read_reply(reader)
+                if code != 250:
+                    error = 'EHLO answered %r' % lines
+        except (OSError, BenchError) as exc:
+            error = str(exc)
+        if error is not None:
+            sock.close()
+            return sockets, 'session #%d: %s' % (index + 1, error)
+        sockets.append(sock)
+    return sockets, None
+
+
+def close_all(sockets):
+    for sock in sockets:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------- phases
+
+def run_source(tool, port, args, count):
+    """Run smtp-source once; return elapsed seconds."""
+    argv = [tool, '-s', str(args.sessions), '-l', str(args.size),
+            '-m', str(count), '-f', 'from@example.org',
+            '-t', 'to@example.org', '-M', 'bench.example.org']
+    if not args.one_per_session:
+        argv.insert(1, '-d')
+    argv.append('%s:%d' % (HOST, port))
+    timeout = 60 + count * 0.05
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise BenchError('smtp-source did not finish within %ds\n'
+                         '  command: %s\n%s'
+                         % (timeout, ' '.join(argv),
+                            _indent(output.decode('utf-8', 'replace'))))
+    elapsed = time.monotonic() - start
+    if proc.returncode != 0:
+        raise BenchError('smtp-source exited with status %d\n  command: %s\n%s'
+                         % (proc.returncode, ' '.join(argv),
+                            _indent(output.decode('utf-8', 'replace'))))
+    return elapsed
+
+
+def measure_throughput(label, server, sink, tool, args):
+    """Warm-up plus args.repeat timed runs; return a result dict."""
+    result = {'label': label, 'rates': [], 'sent': 0, 'delivered': 0,
+              'cpu': 0.0, 'wall': 0.0}
+    warmup = max(args.sessions, min(200, args.messages))
+    runs = [('warm-up', warmup)] + [('run', args.messages)] * args.repeat
+    for kind, count in runs:
+        before = sink.wait_count(0)
+        cpu_before = cpu_seconds(server.pid)
+        try:
+            elapsed = run_source(tool, server.port, args, count)
+        except BenchError:
+            sink.check_alive()
+            server.check_alive()
+            raise
+        after = sink.wait_count(before + count)
+        delivered = after - before
+        if delivered != count:
+            sink.check_alive()
+            raise BenchError(
+                '%s: %s of %d messages: smtp-sink received %d (%s)\n%s'
+                % (label, kind, count, delivered,
+                   'messages lost' if delivered < count else 'duplicates',
+                   server.describe_failure('log tail')))
+        if kind == 'run':
+            result['cpu'] += cpu_seconds(server.pid) - cpu_before
+            result['wall'] += elapsed
+            result['rates'].append(count / elapsed)
+            result['sent'] += count
+            result['delivered'] += delivered
+        server.check_alive()
+    result['best'] = max(result['rates'])
+    result['median'] = statistics.median(result['rates'])
+    return result
+
+
+def measure_memory(proxy, sink, args):
+    """RSS figures of a fresh smtpproxy process.
+
+    Returns (status when idle, [(label, status, client note)], [notes]).
+    """
+    rows = []
+    notes = []
+
+    def snapshot(label, extra=''):
+        proxy.check_alive()
+        status = proc_status(proxy.pid)
+        rows.append((label, status, extra))
+        return status
+
+    idle = snapshot('idle after start')
+    sizes = [('1 MB message', SMALL_MESSAGE)]
+    if not args.skip_big:
+        sizes.append(('%d MB message' % args.big_size,
+                      args.big_size * 1000 * 1000))
+    for label, size in sizes:
+        before = sink.wait_count(0)
+        sent, seconds = send_streamed(proxy.port, size, label)
+        delivered = sink.wait_count(before + 1) - before
+        if delivered != 1:
+            raise BenchError('%s: smtp-sink received %d messages instead '
+                             'of 1\n%s' % (label, delivered,
+                                           proxy.describe_failure('log tail')))
+        snapshot('after one %s' % label,
+                 '%.1f s, %.0f MB/s' % (seconds, sent / 1e6 / seconds))
+
+    if not args.skip_big:
+        # Reference: the same big message straight to smtp-sink.
+        before = sink.wait_count(0)
+        sent, seconds = send_streamed(sink.port, sizes[-1][1], sizes[-1][0])
+        sink.wait_count(before + 1)
+        notes.append('%s straight to smtp-sink, for comparison: %.1f s, '
+                     '%.0f MB/s' % (sizes[-1][0], seconds,
+                                    sent / 1e6 / seconds))
+
+    status_before = proc_status(proxy.pid)
+    start = time.monotonic()
+    sockets, error = open_idle_sessions(proxy.port, args.idle_sessions)
+    opened = time.monotonic() - start
+    try:
+        held = snapshot('with %d idle sessions' % len(sockets),
+                        'opened in %.1f s' % opened)
+        per_session = ((held['VmRSS'] - status_before['VmRSS'])
+                       * 1024.0 / max(1, len(sockets)))
+        notes.append('RSS per idle session: %.1f KiB (VmRSS growth / %d '
+                     'sessions)' % (per_session, len(sockets)))
+    finally:
+        close_all(sockets)
+    if error is not None:
+        raise BenchError('idle sessions: only %d of %d opened: %s\n%s'
+                         % (len(sockets),
+                            args.idle_sessions, error,
+                            proxy.describe_failure('log tail')))
+    return idle, rows, notes
+
+
+# ---------------------------------------------------------------- report
+
+def print_throughput(results, args):
+    print('Throughput: smtp-source -> [proxy ->] smtp-sink, %d messages '
+          'x %d bytes, %d parallel sessions, %s;'
+          % (args.messages, args.size, args.sessions,
+             'one message per session' if args.one_per_session
+             else 'several messages per session (smtp-source -d)'))
+    print('best and median of %d timed run(s) after a warm-up; every '
+          'message checked on the sink.' % args.repeat)
+    print('"/ direct": best/best and median/median.  "server CPU": CPU '
+          'time of the target process')
+    print('(smtp-sink itself for "direct") per message, and as a share of '
+          'one CPU, over the timed runs.')
+    print()
+    print('  %-22s %10s %10s %15s %11s %16s'
+          % ('target', 'best', 'median', 'delivered/sent', '/ direct',
+             'server CPU'))
+    print('  %-22s %10s %10s %15s %11s %16s'
+          % ('', 'msg/s', 'msg/s', '', 'best  med', 'ms/msg    %'))
+    direct = results.get('direct')
+    for key in ('direct', 'smtpproxy', 'aiosmtpd'):
+        res = results.get(key)
+        if res is None:
+            continue
+        if 'skipped' in res:
+            print('  %-22s skipped: %s' % (res['label'], res['skipped']))
+            continue
+        if 'failed' in res:
+            print('  %-22s FAILED: %s' % (res['label'],
+                                          res['failed'].splitlines()[0]))
+            continue
+        ratio = ''
+        if direct is not None and 'best' in direct:
+            ratio = '%.2f  %.2f' % (res['best'] / direct['best'],
+                                    res['median'] / direct['median'])
+        goal = ''
+        if key == 'smtpproxy' and ratio:
+            met = res['best'] / direct['best'] >= PROXY_GOAL
+            goal = '  goal >= %.2f: %s' % (PROXY_GOAL,
+                                           'met' if met else 'MISSED')
+        cpu = '%6.2f %5.0f' % (1000.0 * res['cpu'] / res['sent'],
+                               100.0 * res['cpu'] / res['wall'])
+        print('  %-22s %10.0f %10.0f %15s %11s %16s%s'
+              % (res['label'], res['best'], res['median'],
+                 '%d/%d' % (res['delivered'], res['sent']), ratio, cpu,
+                 goal))
+    proxy = results.get('smtpproxy', {})
+    aio = results.get('aiosmtpd', {})
+    if 'best' in proxy and 'best' in aio:
+        print('  smtpproxy / aiosmtpd Proxy (best): %.2f'
+              % (proxy['best'] / aio['best']))
+    print()
+
+
+def print_memory(idle, rows, notes, args):
+    print('Memory of the smtpproxy process (fresh process; /proc/PID/status,'
+          ' MiB; VmHWM = peak RSS):')
+    print()
+    print('  %-34s %9s %9s %8s  %s' % ('state', 'VmRSS', 'VmHWM', 'threads',
+                                       'client'))
+    for label, status, extra in rows:
+        print(('  %-34s %9.1f %9.1f %8d  %s'
+               % (label, status['VmRSS'], status['VmHWM'],
+                  status.get('Threads', 0), extra)).rstrip())
+    print()
+    hwm = dict((label, status['VmHWM']) for label, status, _ in rows)
+    small = hwm.get('after one 1 MB message')
+    big_label = 'after one %d MB message' % args.big_size
+    big = hwm.get(big_label)
+    if small is not None:
+        print('  peak RSS growth over idle, %-16s %+8.1f MiB'
+              % ('1 MB message:', small - idle['VmHWM']))
+    if big is not None:
+        extra_mb = (args.big_size * 1e6 - SMALL_MESSAGE) / MIB
+        limit = max(4.0, 0.10 * extra_mb)
+        excess = big - small
+        print('  peak RSS growth over idle, %-16s %+8.1f MiB'
+              % ('%d MB message:' % args.big_size, big - idle['VmHWM']))
+        print('  goal "RSS independent of message size": %+.1f MiB more '
+              'peak for %d MB than for 1 MB: %s'
+              % (excess, args.big_size,
+                 'met' if excess <= limit else 'MISSED'))
+        print('    (met when at most %.1f MiB: 10%% of the %.0f MiB size '
+              'difference, at least 4 MiB)' % (limit, extra_mb))
+    elif args.skip_big:
+        print('  %d MB message: skipped (--skip-big)' % args.big_size)
+    for note in notes:
+        print('  ' + note)
+    print()
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Throughput and memory benchmark for smtpproxy '
+                    '(see the module docstring).')
+    parser.add_argument('--messages', type=int,
+                        help='messages per timed run (default 5000; '
+                             '--quick: 500)')
+    parser.add_argument('--sessions', type=int, default=20,
+                        help='parallel smtp-source sessions (default 20)')
+    parser.add_argument('--size', type=int, default=10240,
+                        help='message payload bytes (default 10240)')
+    parser.add_argument('--repeat', type=int,
+                        help='timed runs per target (default 3; --quick: 1)')
+    parser.add_argument('--one-per-session', action='store_true',
+                        help='new SMTP session for every message (no '
+                             'smtp-source -d)')
+    parser.add_argument('--skip-big', action='store_true',
+                        help='skip the big-message memory test')
+    parser.add_argument('--big-size', type=int,
+                        help='big message size in MB (default 100; '
+                             '--quick: 20)')
+    parser.add_argument('--idle-sessions', type=int,
+                        help='concurrent idle sessions (default 1000; '
+                             '--quick: 100)')
+    parser.add_argument('--quick', action='store_true',
+                        help='small numbers for a smoke run')
+    parser.add_argument('--python', default=sys.executable,
+                        help='interpreter running smtpproxy (default: %s)'
+                             % sys.executable)
+    parser.add_argument('--aiosmtpd-python', default=sys.executable,
+                        help='interpreter with aiosmtpd installed, for the '
+                             'comparison (default: %s)' % sys.executable)
+    parser.add_argument('--no-aiosmtpd', action='store_true',
+                        help='skip the aiosmtpd comparison')
+    parser.add_argument('--repo',
+                        default=os.path.dirname(os.path.dirname(
+                            os.path.abspath(__file__))),
+                        help='repository holding smtpproxy.py and contrib/ '
+                             '(default: %(default)s)')
+    args = parser.parse_args(argv)
+    quick = {'messages': 500, 'repeat': 1, 'big_size': 20,
+             'idle_sessions': 100}
+    full = {'messages': 5000, 'repeat': 3, 'big_size': 100,
+            'idle_sessions': 1000}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ('messages', 'sessions', 'size', 'repeat', 'big_size',
+                'idle_sessions'):
+        if getattr(args, key) < 1:
+            parser.error('--%s must be at least 1' % key.replace('_', '-'))
+    return args
+
+
+def python_version(python):
+    try:
+        out = subprocess.check_output(
+            [python, '-c', 'import sys; print(sys.version.split()[0])'],
+            stderr=subprocess.STDOUT, timeout=30)
+        return out.decode().strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def has_aiosmtpd(python):
+    try:
+        out = subprocess.check_output(
+            [python, '-c', 'import aiosmtpd; print(aiosmtpd.__version__)'],
+            stderr=subprocess.DEVNULL, timeout=60)
+        return out.decode().strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        source_tool = find_tool('smtp-source')
+        sink_tool = find_tool('smtp-sink')
+    except ToolMissing as exc:
+        print('bench: %s' % exc, file=sys.stderr)
+        return 2
+    repo = os.path.abspath(args.repo)
+    proxy_script = os.path.join(repo, 'smtpproxy.py')
+    proxy_python = python_version(args.python)
+    if proxy_python is None:
+        print('bench: cannot run --python %s' % args.python, file=sys.stderr)
+        return 2
+    nofile = raise_nofile(2 * args.idle_sessions + 4096)
+
+    print('smtpproxy benchmark: %s, %d CPU(s), Linux %s'
+          % (time.strftime('%Y-%m-%d %H:%M:%S'), os.cpu_count() or 0,
+             platform.release()))
+    print('smtpproxy: %s with Python %s (%s); tools: %s, %s; '
+          'RLIMIT_NOFILE %s'
+          % (proxy_script, proxy_python, args.python, source_tool, sink_tool,
+             nofile))
+    print()
+    sys.stdout.flush()
+
+    workdir = tempfile.mkdtemp(prefix='smtpproxy-bench-')
+    servers = []
+    results = {}
+    failures = []
+    missing = []
+    memory = None
+
+    def start(server):
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    def start_proxy(name, config):
+        env = dict(os.environ)
+        paths = [os.path.join(repo, 'contrib'), repo]
+        if env.get('PYTHONPATH'):
+            paths.append(env['PYTHONPATH'])
+        env['PYTHONPATH'] = os.pathsep.join(paths)
+        env['PYTHONDONTWRITEBYTECODE'] = '1'    # no __pycache__ in contrib/
+        port = free_port()
+        argv = [args.python, proxy_script,
+                '--listen', '%s:%d' % (HOST, port),
+                '--upstream', '%s:%d' % (HOST, sink.port),
+                '--class', 'bench.AcceptAll', '--config', config]
+        return start(Server(name, argv, port, workdir, env=env, cwd=workdir))
+
+    try:
+        config = os.path.join(workdir, 'smtpproxy.conf')
+        with open(config, 'w') as fileobj:
+            fileobj.write(PROXY_CONFIG % max(
+                500, args.idle_sessions + args.sessions + 100))
+        sink = Sink(sink_tool, workdir)
+        start(sink)
+
+        # -- throughput (the sink itself is the 'direct' target)
+        targets = [('direct', 'direct to smtp-sink', lambda: sink)]
+        if os.path.exists(proxy_script):
+            targets.append(('smtpproxy', 'smtpproxy',
+                            lambda: start_proxy('smtpproxy', config)))
+        else:
+            results['smtpproxy'] = {'label': 'smtpproxy',
+                                    'skipped': 'not found: %s'
+                                    % proxy_script}
+            missing.append(proxy_script)
+        aio_version = None
+        if args.no_aiosmtpd:
+            results['aiosmtpd'] = {'label': 'aiosmtpd Proxy',
+                                   'skipped': '--no-aiosmtpd'}
+        else:
+            aio_version = has_aiosmtpd(args.aiosmtpd_python)
+            if aio_version is None:
+                results['aiosmtpd'] = {
+                    'label': 'aiosmtpd Proxy',
+                    'skipped': 'not installed for %s (see --aiosmtpd-python)'
+                               % args.aiosmtpd_python}
+            else:
+                def start_aiosmtpd():
+                    port = free_port()
+                    argv = [args.aiosmtpd_python, '-c', AIOSMTPD_LAUNCHER,
+                            '-n', '-l', '%s:%d' % (HOST, port),
+                            '-c', 'aiosmtpd.handlers.Proxy',
+                            HOST, str(sink.port)]
+                    return start(Server('aiosmtpd', argv, port, workdir,
+                                        cwd=workdir))
+                label = 'aiosmtpd %s Proxy' % aio_version
+                targets.append(('aiosmtpd', label, start_aiosmtpd))
+
+        for key, label, starter in targets:
+            print('running: %s ...' % label, file=sys.stderr)
+            server = None
+            try:
+                server = starter()
+                results[key] = measure_throughput(label, server, sink,
+                                                  source_tool, args)
+            except (BenchError, OSError) as exc:
+                results[key] = {'label': label, 'failed': str(exc)}
+                failures.append(str(exc))
+            finally:
+                if server is not None and server is not sink:
+                    server.stop()
+                    servers.remove(server)
+
+        # -- memory (fresh proxy)
+        if os.path.exists(proxy_script):
+            print('running: smtpproxy memory ...', file=sys.stderr)
+            proxy = None
+            try:
+                proxy = start_proxy('smtpproxy-memory', config)
+                memory = measure_memory(proxy, sink, args)
+            except (BenchError, OSError) as exc:
+                failures.append('memory: %s' % exc)
+            finally:
+                if proxy is not None:
+                    proxy.stop()
+                    servers.remove(proxy)
+        sink.check_alive()
+    except (BenchError, OSError) as exc:
+        failures.append(str(exc))
+    finally:
+        for server in reversed(servers):
+            server.stop()
+        sys.stderr.flush()
+
+    print_throughput(results, args)
+    if memory is not None:
+        print_memory(memory[0], memory[1], memory[2], args)
+    elif os.path.exists(proxy_script):
+        print('Memory of the smtpproxy process: FAILED (see below)')
+        print()
+    else:
+        print('Memory of the smtpproxy process: skipped (no smtpproxy.py)')
+        print()
+
+    if failures:
+        print('FAILURES (logs kept in %s):' % workdir)
+        for failure in failures:
+            print(_indent(failure, '  '))
+        return 1
+    shutil.rmtree(workdir, ignore_errors=True)
+    if missing:
+        print('missing: %s' % ', '.join(missing))
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""Configuration file (Kamaelia Grey's greylist.conf format), its search
+path, and the command line."""
+
+import os
+import smtplib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import smtpproxy
+from conftest import HERE, ROOT
+
+SCRIPT = os.path.join(ROOT, "smtpproxy.py")
+
+# The greylist.conf of the project's reference (Kamaelia Grey), verbatim.
+REFERENCE_CONFIG = """\
+# Port number that the greylist server listens on
+port = 25
+servername = mail.example.org
+serverid = Kamaelia-SMTP 1.0
+smtp_ip = 192.168.0.25
+smtp_port = 8025
+inactivity_timeout = 60
+greylist_log = /var/log/greylist.log
+greylist_debuglog = /var/log/greylist-debug.log
+
+allowed_senders:
+    127.0.0.1
+
+allowed_sender_nets:
+    192.168.2
+#    10
+
+allowed_domains:
+    localdomain
+    example.org
+
+#whitelisted_triples:
+#     123.45.67.89 <sender@somedomain> <user@localdomain>
+#whitelisted_nonstandard_triples:
+#    mx-out.example.net 204.15.20 <user@localdomain>
+"""
+
+REFERENCE_VALUES = {
+    "port": 25,
+    "servername": "mail.example.org",
+    "serverid": "Kamaelia-SMTP 1.0",
+    "smtp_ip": "192.168.0.25",
+    "smtp_port": 8025,
+    "inactivity_timeout": 60,
+    "greylist_log": "/var/log/greylist.log",
+    "greylist_debuglog": "/var/log/greylist-debug.log",
+    "allowed_senders": ["127.0.0.1"],
+    "allowed_sender_nets": ["192.168.2"],
+    "allowed_domains": ["localdomain", "example.org"],
+}
+
+
+def write(tmp_path, text, name="greylist.conf"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def line_of(text, fragment):
+    """The 1-based number of the line of ``text`` holding ``fragment``."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if fragment in line:
+            return number
+    raise AssertionError("%r not in the text" % fragment)
+
+
+def free_port():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+def safe_listen():
+    """A --listen option for runs that should fail before listening: if they
+    do not, they at least do not take port 25."""
+    return ["--listen", "127.0.0.1:%d" % free_port()]
+
+
+def run_cli(args, cwd):
+    """Run smtpproxy.py as the command line does; return the result."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([HERE, ROOT])
+    return subprocess.run(
+        [sys.executable, SCRIPT] + list(args), env=env, cwd=str(cwd),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=15)
+
+
+# ---------------------------------------------------------------------------
+# The file format
+# ---------------------------------------------------------------------------
+
+def test_reference_file_loads(tmp_path):
+    path = write(tmp_path, REFERENCE_CONFIG)
+    values, warnings = smtpproxy.read_config_file(path)
+    assert values == REFERENCE_VALUES
+    assert type(values["port"]) is int
+    assert type(values["smtp_port"]) is int
+    assert type(values["inactivity_timeout"]) is int
+    assert "whitelisted_triples" not in values
+    assert "whitelisted_nonstandard_triples" not in values
+    assert warnings == []
+
+    loaded, loaded_path, warnings = smtpproxy.load_config(path)
+    assert loaded == REFERENCE_VALUES
+    assert loaded_path == path
+    assert warnings == []
+
+
+def test_uncommented_triples_are_tuples_of_three_words(tmp_path):
+    text = REFERENCE_CONFIG.replace("#whitelisted", "whitelisted").replace(
+        "#     123", "     123").replace("#    mx-out", "    mx-out")
+    values, warnings = smtpproxy.read_config_file(write(tmp_path, text))
+    assert warnings == []
+    assert values["whitelisted_triples"] == [
+        ("123.45.67.89", "<sender@somedomain>", "<user@localdomain>")]
+    assert values["whitelisted_nonstandard_triples"] == [
+        ("mx-out.example.net", "204.15.20", "<user@localdomain>")]
+    for key, value in REFERENCE_VALUES.items():
+        assert values[key] == value
+
+
+def test_triple_of_two_words_is_an_error_naming_its_line(tmp_path):
+    text = ("port = 25\n"
+            "whitelisted_triples:\n"
+            "    1.2.3.4 <a@example.com> <b@example.org>\n"
+            "    5.6.7.8 <c@example.com>\n")
+    path = write(tmp_path, text)
+    with pytest.raises(smtpproxy.ConfigError) as caught:
+        smtpproxy.read_config_file(path)
+    message = str(caught.value)
+    assert "5.6.7.8 <c@example.com>" in message
+    # The offending item is on line 4 (its list starts on line 2).
+    assert "%s:%d:" % (path, line_of(text, "5.6.7.8")) in message
+
+
+def test_list_item_of_several_words_in_a_word_list_is_an_error(tmp_path):
+    text = ("allowed_domains:\n"
+            "    example.org\n"
+            "    example.net example.com\n")
+    path = write(tmp_path, text)
+    with pytest.raises(smtpproxy.ConfigError) as caught:
+        smtpproxy.read_config_file(path)
+    assert "%s:3:" % path in str(caught.value)
+
+
+def test_unknown_key_is_a_warning_naming_file_and_line(tmp_path):
+    text = "port = 2525\n\nno_such_key = 1\nservername = mx.example.org\n"
+    path = write(tmp_path, text)
+    values, warnings = smtpproxy.read_config_file(path)
+    assert values == {"port": 2525, "servername": "mx.example.org"}
+    assert len(warnings) == 1
+    assert "%s:3:" % path in warnings[0]
+    assert "no_such_key" in warnings[0]
+
+
+def test_unknown_list_key_is_a_warning(tmp_path):
+    text = "port = 2525\nno_such_list:\n    a\n    b\n"
+    path = write(tmp_path, text)
+    values, warnings = smtpproxy.read_config_file(path)
+    assert values == {"port": 2525}
+    assert len(warnings) == 1 and "%s:2:" % path in warnings[0]
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("servername = a\nport = abc\n", "port = abc"),
+    ("smtp_port = 80x\n", "smtp_port"),
+    ("inactivity_timeout = -1\n", "inactivity_timeout"),
+    ("port =\n", "port ="),
+    ("strict = maybe\n", "strict"),
+    # A list key written as a scalar, and a scalar key written as a list.
+    ("port = 25\nallowed_domains = example.org\n", "allowed_domains"),
+    ("servername = a\nport:\n    25\n", "port:"),
+    # Garbage lines.
+    ("port = 25\nthis is not a setting\n", "this is not"),
+    ("port = 25\n\nallowed_domains example.org\n", "allowed_domains"),
+    ("    indented = 1\nport = 25\n", "indented"),
+])
+def test_malformed_line_is_an_error_naming_file_and_line(tmp_path, text,
+                                                         fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(smtpproxy.ConfigError) as caught:
+        smtpproxy.read_config_file(path)
+    assert "%s:%d:" % (path, line_of(text, fragment)) in str(caught.value)
+
+
+def test_missing_or_unreadable_file_is_an_error(tmp_path):
+    missing = str(tmp_path / "missing.conf")
+    with pytest.raises(smtpproxy.ConfigError) as caught:
+        smtpproxy.load_config(missing)
+    assert missing in str(caught.value)
+    # A directory cannot be read as a file, even by root.
+    with pytest.raises(smtpproxy.ConfigError) as caught:
+        smtpproxy.read_config_file(str(tmp_path))
+    assert str(tmp_path) in str(caught.value)
+    not_text = tmp_path / "binary.conf"
+    not_text.write_bytes(b"port = 25\nservername = \xff\xfe\n")
+    with pytest.raises(smtpproxy.ConfigError):
+        smtpproxy.read_config_file(str(not_text))
+
+
+# ---------------------------------------------------------------------------
+# The search path
+# ---------------------------------------------------------------------------
+
+def test_load_config_uses_first_existing_file_of_search_path(tmp_path,
+                                                             monkeypatch):
+    first = str(tmp_path / "first.conf")
+    second = write(tmp_path, "port = 2002\n", "second.conf")
+    third = write(tmp_path, "port = 2003\n", "third.conf")
+    monkeypatch.setattr(smtpproxy, "CONFIG_SEARCH_PATH",
+                        [first, second, third])
+    assert smtpproxy.load_config() == ({"port": 2002}, second, [])
+    write(tmp_path, "port = 2001\n", "first.conf")
+    assert smtpproxy.load_config() == ({"port": 2001}, first, [])
+
+
+def test_load_config_without_any_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(smtpproxy, "CONFIG_SEARCH_PATH",
+                        [str(tmp_path / "a.conf"), str(tmp_path / "b.conf")])
+    assert smtpproxy.load_config() == ({}, None, [])
+
+
+def test_search_path_has_kamaelia_names_then_dist_variants():
+    # Kamaelia Grey's own list, in its order: the names, then the .dist
+    # variants in the same order.
+    kamaelia = ["/usr/local/etc/Kamaelia/greylist.conf",
+                "/usr/local/etc/greylist.conf",
+                "/etc/Kamaelia/greylist.conf",
+                "/etc/greylist.conf",
+                "greylist.conf"]
+    path = [os.path.normpath(name) for name in smtpproxy.CONFIG_SEARCH_PATH]
+    for name in kamaelia + [name + ".dist" for name in kamaelia]:
+        assert name in path, name
+    positions = [path.index(name) for name in kamaelia]
+    assert positions == sorted(positions)
+    dist_positions = [path.index(name + ".dist") for name in kamaelia]
+    assert dist_positions == sorted(dist_positions)
+    # Every name is looked for before any .dist file.
+    plain = [i for i, name in enumerate(path) if not name.endswith(".dist")]
+    dist = [i for i, name in enumerate(path) if name.endswith(".dist")]
+    assert max(plain) < min(dist)
+    assert sorted(name + ".dist" for name in path if
+                  not name.endswith(".dist")) == sorted(
+        name for name in path if name.endswith(".dist"))
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+def test_help(tmp_path):
+    result = run_cli(["--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    for option in ("--config", "--listen", "--upstream", "--class"):
+        assert option in result.stdout
+    assert "Usage:" in result.stdout
+
+
+def test_help_in_process(capsys):
+    assert smtpproxy.main(["-h"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--config", "--listen", "--upstream", "--class"):
+        assert option in out
+
+
+def test_version(tmp_path):
+    result = run_cli(["--version"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert smtpproxy.__version__ in result.stdout + result.stderr
+
+
+def test_malformed_config_exits_2_naming_file_and_line(tmp_path):
+    text = "servername = mx.example.org\n\nport = twenty-five\n"
+    path = write(tmp_path, text)
+    result = run_cli(["--config", path] + safe_listen(), tmp_path)
+    assert result.returncode == 2
+    assert "%s:3:" % path in result.stderr
+
+
+def test_missing_config_exits_2(tmp_path):
+    path = str(tmp_path / "missing.conf")
+    result = run_cli(["--config", path] + safe_listen(), tmp_path)
+    assert result.returncode == 2
+    assert path in result.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["--listen", "127.0.0.1:abc"],
+    ["--listen", "127.0.0.1:70000"],
+    ["--upstream", "127.0.0.1:0"],
+])
+def test_bad_address_option_exits_2(tmp_path, argv):
+    path = write(tmp_path, "")
+    argv = ["--config", path] + safe_listen() + argv
+    result = run_cli(argv, tmp_path)
+    assert result.returncode == 2
+    assert "error" in result.stderr
+
+
+@pytest.mark.parametrize("name", [
+    "nonexistent_module_for_smtpproxy_tests.Handler",
+    "smtpproxy.NoSuchHandler",
+    "smtpproxy.ConfigError",        # a class, not a handler
+    "smtpproxy.log_escape",         # not a class at all
+    "plainproxy",                   # a module, not a class
+])
+def test_bad_class_exits_2(tmp_path, name):
+    path = write(tmp_path, "")
+    result = run_cli(["--config", path] + safe_listen()
+                     + ["--class", name], tmp_path)
+    assert result.returncode == 2
+    assert "--class" in result.stderr and name in result.stderr
+
+
+def test_unknown_key_warns_and_proxy_still_starts(proxy_process):
+    process = proxy_process(config="no_such_key = 1\nport = 1\n")
+    assert process.process.poll() is None
+    process.process.terminate()
+    process.process.wait(10)
+    stderr = process.process.stderr.read().decode()
+    # Line 1 is the greylist_log line the fixture writes.
+    assert "%s:2:" % process.config_path in stderr
+    assert "no_such_key" in stderr
+    assert "WARNING" in stderr
+
+
+def send_one(port, body=b"Subject: cli\r\n\r\nthrough the command line\r\n"):
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        refused = smtp.sendmail("sender@example.com", ["rcpt@example.org"],
+                                body)
+    assert refused == {}
+    return body
+
+
+def test_message_through_command_line_proxy(proxy_process, upstream):
+    process = proxy_process()
+    body = send_one(process.port)
+    assert len(upstream.messages) == 1
+    message = upstream.messages[0]
+    assert message.mail_from == "sender@example.com"
+    assert message.rcpt_tos == ["rcpt@example.org"]
+    assert message.content == body
+
+
+def test_listen_and_upstream_options_override_the_file(proxy_process,
+                                                       upstream):
+    # The file points elsewhere (an address of TEST-NET-1, RFC 5737); the
+    # fixture's --listen and --upstream must win.
+    process = proxy_process(config="listen_ip = 192.0.2.1\n"
+                                   "port = 1\n"
+                                   "smtp_ip = 192.0.2.1\n"
+                                   "smtp_port = 1\n"
+                                   "upstream_timeout = 3\n")
+    body = send_one(process.port)
+    assert [m.content for m in upstream.messages] == [body]
+
+
+def test_upstream_option_without_port_keeps_the_file_port(proxy_process,
+                                                          upstream):
+    process = proxy_process(
+        config="smtp_ip = 192.0.2.1\nsmtp_port = %d\nupstream_timeout = 3\n"
+               % upstream.port,
+        args=["--upstream", "127.0.0.1"])
+    body = send_one(process.port)
+    assert [m.content for m in upstream.messages] == [body]
+
+
+@pytest.mark.parametrize("text, default, expected", [
+    ("2525", None, ("", 2525)),
+    (":2525", None, ("", 2525)),
+    ("127.0.0.1:2525", None, ("127.0.0.1", 2525)),
+    ("[::1]:2525", None, ("::1", 2525)),
+    ("mail.example.org:2525", 8025, ("mail.example.org", 2525)),
+    ("mail.example.org", 8025, ("mail.example.org", 8025)),
+    ("127.0.0.1", 8025, ("127.0.0.1", 8025)),
+    ("[::1]", 8025, ("::1", 8025)),
+])
+def test_split_host_port(text, default, expected):
+    assert smtpproxy._split_host_port(text, default) == expected
+
+
+@pytest.mark.parametrize("text, default", [
+    ("127.0.0.1:abc", None),
+    ("127.0.0.1:0", None),
+    ("127.0.0.1:65536", None),
+    ("127.0.0.1:", 8025),
+    ("[::1]:x", 8025),
+    ("[::1]2525", 8025),
+    ("mail.example.org", None),
+    ("", None),
+])
+def test_split_host_port_refuses_bad_forms(text, default):
+    with pytest.raises(ValueError):
+        smtpproxy._split_host_port(text, default)
+
+
+def test_byte_order_mark_does_not_hide_the_first_key(tmp_path):
+    path = tmp_path / "bom.conf"
+    path.write_bytes(b"\xef\xbb\xbfport = 2525\n")
+    values, warnings = smtpproxy.read_config_file(str(path))
+    assert values == {"port": 2525}
+    assert warnings == []
