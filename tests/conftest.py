@@ -112,7 +112,7 @@ class RecordingHandler(object):
 class Upstream(object):
     """A real SMTP server (aiosmtpd) on 127.0.0.1, port chosen by the OS."""
 
-    def __init__(self, handler=None, **smtp_options):
+    def __init__(self, handler=None, host="127.0.0.1", **smtp_options):
         self.handler = handler or RecordingHandler()
         self.connections = 0
         self.open_connections = 0
@@ -134,7 +134,7 @@ class Upstream(object):
             return CountingSMTP(self.handler, loop=self.loop, **smtp_options)
 
         self.server = self.loop.run_until_complete(
-            self.loop.create_server(factory, "127.0.0.1", 0))
+            self.loop.create_server(factory, host, 0))
         self.port = self.server.sockets[0].getsockname()[1]
         self.thread = threading.Thread(target=self.loop.run_forever)
         self.thread.daemon = True
@@ -232,6 +232,13 @@ class RawUpstream(socketserver.ThreadingTCPServer):
 @pytest.fixture
 def upstream():
     server = Upstream()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def upstream_v6():
+    server = Upstream(host="::1")
     yield server
     server.stop()
 

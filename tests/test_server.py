@@ -1,0 +1,106 @@
+"""SMTPProxyServer: address families, programmatic use, and what happens
+when the disk the logs go to is full."""
+
+import smtplib
+import socket
+import threading
+
+import smtpproxy
+from conftest import RawClient
+from plainproxy import AcceptAll
+
+MESSAGE = b"Subject: t\r\n\r\nbody\r\n"
+
+
+def serve(server):
+    thread = threading.Thread(target=server.serve_forever)
+    thread.daemon = True
+    thread.start()
+
+
+def configured(upstream, **attributes):
+    attributes.update(smtp_ip="127.0.0.1", smtp_port=upstream.port)
+    return type("Configured", (AcceptAll,), attributes)
+
+
+def test_programmatic_use_on_all_addresses(upstream):
+    # The seed's use, in our terms: SMTPProxyServer(('', port), Handler).
+    server = smtpproxy.SMTPProxyServer(("", 0), configured(upstream))
+    serve(server)
+    try:
+        port = server.server_address[1]
+        for host in ("127.0.0.1", "::1"):
+            with smtplib.SMTP(host, port) as client:
+                client.sendmail("a@example.net", ["b@example.org"], MESSAGE)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(upstream.messages) == 2
+
+
+def test_peer_of_an_ipv4_client_on_a_dual_stack_socket_is_plain_ipv4(
+        upstream):
+    seen = []
+
+    class Recording(configured(upstream)):
+        def shouldWeAcceptRecipient(self, recipient):
+            seen.append((self.peer, self.local))
+            return True
+
+    server = smtpproxy.SMTPProxyServer(("", 0), Recording)
+    serve(server)
+    try:
+        client = RawClient(server.server_address[1])
+        client.cmd("EHLO client.example.net")
+        client.cmd("MAIL FROM:<a@example.net>")
+        assert client.cmd("RCPT TO:<b@example.org>")[0] == 250
+        client.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [("127.0.0.1", "127.0.0.1")]
+
+
+def test_ipv6_only_address(upstream):
+    server = smtpproxy.SMTPProxyServer(("::1", 0), configured(upstream))
+    assert server.address_family == socket.AF_INET6
+    serve(server)
+    try:
+        client = RawClient(server.server_address[1], host="::1")
+        code, text = client.cmd("HELO client.example.net")
+        assert (code, text) == (
+            250, "mail.example.com Hello client.example.net ::1")
+        client.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_upstream_reached_over_ipv6(upstream_v6):
+    handler = type("V6", (AcceptAll,), {"smtp_ip": "::1",
+                                        "smtp_port": upstream_v6.port})
+    server = smtpproxy.SMTPProxyServer(("127.0.0.1", 0), handler)
+    serve(server)
+    try:
+        with smtplib.SMTP("127.0.0.1", server.server_address[1]) as client:
+            client.sendmail("a@example.net", ["b@example.org"], MESSAGE)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [m.rcpt_tos for m in upstream_v6.messages] == [["b@example.org"]]
+
+
+def test_listen_backlog_is_real():
+    assert smtpproxy.SMTPProxyServer.request_queue_size >= 128
+    assert smtpproxy.SMTPProxyServer.daemon_threads
+    assert smtpproxy.SMTPProxyServer.allow_reuse_address
+
+
+def test_full_disk_for_the_log_loses_no_mail(proxy_process, upstream):
+    # /dev/full fails every write with ENOSPC, like a full disk.
+    process = proxy_process(config="greylist_log = /dev/full\n")
+    with smtplib.SMTP("127.0.0.1", process.port) as client:
+        client.sendmail("a@example.net", ["b@example.org"], MESSAGE)
+        client.sendmail("a@example.net", ["c@example.org"], MESSAGE)
+    assert [m.rcpt_tos for m in upstream.messages] == [
+        ["b@example.org"], ["c@example.org"]]
