@@ -1239,6 +1239,7 @@ class ConcreteMailHandler(MailHandler):
                         protocol_error=True)
             return
         if self.upstream_lost:
+            self.final_reply = self.upstream_lost
             self.netPrint(self.upstream_lost)
             self.reset_transaction()
             return
