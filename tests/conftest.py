@@ -192,7 +192,8 @@ class RawUpstream(socketserver.ThreadingTCPServer):
         socketserver.ThreadingTCPServer.__init__(
             self, ("127.0.0.1", 0), self.Handler)
         self.port = self.server_address[1]
-        self.thread = threading.Thread(target=self.serve_forever)
+        self.thread = threading.Thread(target=self.serve_forever,
+                                       args=(0.05,))
         self.thread.daemon = True
         self.thread.start()
 
@@ -263,7 +264,8 @@ class ProxyFactory(object):
         handler_class = type("Test" + handler.__name__, (handler,),
                              attributes)
         server = smtpproxy.SMTPProxyServer((host, 0), handler_class)
-        thread = threading.Thread(target=server.serve_forever)
+        thread = threading.Thread(target=server.serve_forever,
+                                  args=(0.05,))
         thread.daemon = True
         thread.start()
         self.servers.append(server)

@@ -13,7 +13,7 @@ MESSAGE = b"Subject: t\r\n\r\nbody\r\n"
 
 
 def serve(server):
-    thread = threading.Thread(target=server.serve_forever)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,))
     thread.daemon = True
     thread.start()
 
