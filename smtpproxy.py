@@ -470,11 +470,11 @@ def set_timeout(sock, seconds):
 class _LineReader(object):
     """Reads LF-terminated lines from a socket, never more than ``limit``.
 
-    Unlike a file object it can say how many bytes are already buffered
-    (pipelined commands, RFC 2920), hand over the whole buffer at once
-    (for message data) and take back what was not used, and it calls
-    ``before_wait`` before it blocks on the socket, so that replies are
-    sent in batches.
+    Unlike a file object it can hand over the whole buffer at once (for
+    message data) and take back what was not used, so that no pipelined
+    byte is lost (RFC 2920), and it calls ``before_wait`` before it blocks
+    on the socket, so that the replies to pipelined commands are sent in
+    one write.
     """
 
     def __init__(self, sock, before_wait=None, bufsize=65536):
@@ -483,10 +483,6 @@ class _LineReader(object):
         self.bufsize = bufsize
         self.buffer = b""
         self.position = 0
-
-    def pending(self):
-        """Bytes received but not yet read."""
-        return len(self.buffer) - self.position
 
     def _receive(self):
         """Wait for more bytes; b"" at end of input."""
@@ -836,17 +832,15 @@ class MailHandler(socketserver.StreamRequestHandler):
 
     # -- input ---------------------------------------------------------
 
-    def discard_rest_of_line(self, chunk, limit):
-        """Read and drop what is left of an overlong line, whose first
-        ``chunk`` was read; return True if it ended with CR LF."""
+    def discard_rest_of_line(self, limit):
+        """Read and drop, ``limit`` octets at a time, what is left of an
+        overlong line."""
         while True:
-            previous = chunk
             chunk = self.reader.readline(limit)
             if not chunk:
                 raise ClientGone("closed in mid-line")
             if chunk.endswith(b"\n"):
-                return (chunk.endswith(b"\r\n")
-                        or (chunk == b"\n" and previous.endswith(b"\r")))
+                return
 
     def handleLine(self, line):
         """Check one raw command line and dispatch it."""
@@ -854,7 +848,7 @@ class MailHandler(socketserver.StreamRequestHandler):
             if len(line) < self.max_command_line:
                 raise ClientGone("closed in mid-line")
             self.debug("< %s...", line[:80])
-            self.discard_rest_of_line(line, self.max_command_line)
+            self.discard_rest_of_line(self.max_command_line)
             self.refuse("500 5.5.6 Line too long (%d octets at most)"
                         % self.max_command_line)
             return
