@@ -796,8 +796,7 @@ class MailHandler(socketserver.StreamRequestHandler):
         """Queue one reply (one or more lines joined by CRLF) for the
         client; it is sent before the handler next waits for input."""
         self.output.append(line + "\r\n")
-        if dialogue_log.isEnabledFor(logging.DEBUG):
-            self.debug("> %s", line)
+        self.debug("> %s", line)
 
     def flush(self):
         """Send the queued replies now."""
