@@ -775,7 +775,7 @@ class MailHandler(socketserver.StreamRequestHandler):
         except socket.timeout:
             self.handleTimeout()
         except (ClientGone, OSError) as error:
-            self.debug("connection lost: %s", error)
+            self.log_dialogue("connection lost: %s", error)
         try:
             self.flush()
         except OSError:
@@ -796,7 +796,7 @@ class MailHandler(socketserver.StreamRequestHandler):
         """Queue one reply (one or more lines joined by CRLF) for the
         client; it is sent before the handler next waits for input."""
         self.output.append(line + "\r\n")
-        self.debug("> %s", line)
+        self.log_dialogue("> %s", line)
 
     def flush(self):
         """Send the queued replies now."""
@@ -805,7 +805,7 @@ class MailHandler(socketserver.StreamRequestHandler):
             del self.output[:]
             self.wfile.write(data)
 
-    def debug(self, message, *args):
+    def log_dialogue(self, message, *args):
         """Log a line of this session's dialogue to the debug log."""
         if dialogue_log.isEnabledFor(logging.DEBUG):
             dialogue_log.debug("%s:%s " + message, self.peer, self.peerport,
@@ -846,12 +846,12 @@ class MailHandler(socketserver.StreamRequestHandler):
         if not line.endswith(b"\n"):
             if len(line) < self.max_command_line:
                 raise ClientGone("closed in mid-line")
-            self.debug("< %s...", line[:80])
+            self.log_dialogue("< %s...", line[:80])
             self.discard_rest_of_line(self.max_command_line)
             self.refuse("500 5.5.6 Line too long (%d octets at most)"
                         % self.max_command_line)
             return
-        self.debug("< %s", line)
+        self.log_dialogue("< %s", line)
         if not line.endswith(b"\r\n"):
             self.refuse("500 5.5.2 Syntax error: bare <LF> received",
                         protocol_error=True)
@@ -877,7 +877,7 @@ class MailHandler(socketserver.StreamRequestHandler):
         if self.client_talks_first():
             self.netPrint("554 5.5.1 %s Protocol error: talking before "
                           "the greeting" % self.servername)
-            self.debug("dropped: talked before the greeting")
+            self.log_dialogue("dropped: talked before the greeting")
             self.close_connection()
             return
         self.netPrint("220 %s ESMTP %s %s" % (self.servername, self.serverid,
@@ -899,7 +899,7 @@ class MailHandler(socketserver.StreamRequestHandler):
         """The client was silent for ``inactivity_timeout`` seconds: tell
         it, before the connection closes."""
         self.netPrint(self.timeout_reply())
-        self.debug("timeout after %s seconds", self.inactivity_timeout)
+        self.log_dialogue("timeout after %s seconds", self.inactivity_timeout)
 
     def timeout_reply(self):
         return "421 4.4.2 %s Error: timeout exceeded" % self.servername
@@ -1034,7 +1034,7 @@ class ConcreteMailHandler(MailHandler):
             try:
                 self.upstream.command("RSET")
             except UpstreamError as error:
-                self.debug("upstream: %s", error)
+                self.log_dialogue("upstream: %s", error)
                 self.upstream = None
         self._start_transaction()
 
@@ -1097,7 +1097,7 @@ class ConcreteMailHandler(MailHandler):
     def upstream_failed(self, error):
         """The upstream broke: drop it; the transaction cannot complete."""
         log.warning("upstream %s:%s: %s", self.smtp_ip, self.smtp_port, error)
-        self.debug("upstream: %s", error)
+        self.log_dialogue("upstream: %s", error)
         if self.upstream is not None:
             self.upstream.abort()
         self.upstream = None
@@ -1208,7 +1208,7 @@ class ConcreteMailHandler(MailHandler):
             return
         verdict = self.shouldWeAcceptRecipient(recipient)
         if verdict is not True:
-            self.debug("policy refused recipient %s", recipient)
+            self.log_dialogue("policy refused recipient %s", recipient)
             self.netPrint(verdict if isinstance(verdict, str)
                           else self.defer_reply)
             return
@@ -1345,7 +1345,7 @@ class ConcreteMailHandler(MailHandler):
             self.final_reply = "(client lost during DATA)"
             raise
         if problem is not None:
-            self.debug("message refused: %s", problem)
+            self.log_dialogue("message refused: %s", problem)
             if self.upstream is not None:
                 self.upstream.abort()
                 self.upstream = None
@@ -1471,6 +1471,8 @@ def _ipv6_works():
 # ---------------------------------------------------------------------------
 
 DEFAULT_CLASS = "smtpproxy.ConcreteMailHandler"
+SERVER_KEYS = ("port", "listen_ip", "greylist_log", "greylist_debuglog",
+               "debug")
 
 
 def _usage():
@@ -1584,8 +1586,10 @@ def main(argv=None):
         sys.stderr.write("smtpproxy: error: --class %s: %s\n"
                          % (args.handler_class, error))
         return 2
+    # Keys become class attributes of the handler; the others (port,
+    # listen_ip, the log files, debug) are the server's.
     attributes = dict((key, value) for key, value in values.items()
-                      if hasattr(base, key))
+                      if key not in SERVER_KEYS)
     handler_class = type(base.__name__, (base,), attributes)
     try:
         configure_logging(values)

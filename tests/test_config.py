@@ -411,3 +411,20 @@ def test_byte_order_mark_does_not_hide_the_first_key(tmp_path):
     values, warnings = smtpproxy.read_config_file(str(path))
     assert values == {"port": 2525}
     assert warnings == []
+
+
+def test_file_keys_configure_the_running_handler(proxy_process, upstream):
+    from conftest import RawClient
+    process = proxy_process(config="servername = mx.example.org\n"
+                                   "serverid = TestMTA 9\n"
+                                   "max_recipients = 1\n"
+                                   "strict = no\n")
+    client = RawClient(process.port)
+    assert client.greeting[1].startswith("mx.example.org ESMTP TestMTA 9 ")
+    client.cmd("EHLO client.example.net")
+    client.cmd("MAIL FROM:<a@example.net>")
+    assert client.cmd("RCPT TO:<b@example.org>")[0] == 250
+    assert client.cmd("RCPT TO:<c@example.org>")[0] == 452
+    assert client.cmd("BOGUS")[0] == 500
+    assert client.cmd("NOOP")[0] == 250          # strict = no: goes on
+    client.close()

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import smtpproxy
-from conftest import wait_until
+from conftest import RawClient, wait_until
 
 STAMP_RE = re.compile(r"\A([0-9]{14})\.([0-9]{3})\Z")
 
@@ -365,3 +365,29 @@ def test_upstream_reply_control_characters_cleaned(proxy, upstream,
     line = transactions.messages()[0]
     assert printable(line)
     assert fields_of(line)[6].startswith("250 2.0.0 Ok")
+
+
+@pytest.mark.parametrize("debug", [True, False])
+def test_debug_writes_the_dialogue_to_greylist_debuglog(proxy_process,
+                                                        upstream, tmp_path,
+                                                        debug):
+    debuglog = tmp_path / "greylist-debug.log"
+    process = proxy_process(
+        config="greylist_debuglog = %s\n" % debuglog,
+        args=["--debug"] if debug else [])
+    client = RawClient(process.port)
+    client.cmd("EHLO dialogue.example.net")
+    client.cmd("MAIL FROM:<a\x1b@example.net>")
+    client.cmd("QUIT")
+    client.close()
+    process.stop()
+    if not debug:
+        assert not debuglog.exists() or "dialogue.example.net" not in \
+            debuglog.read_text()
+        return
+    text = debuglog.read_bytes().decode("ascii")
+    assert "< EHLO dialogue.example.net" in text
+    assert "> 221 2.0.0" in text
+    assert "a\\x1b@example.net" in text
+    assert all(" " <= char <= "~" for line in text.splitlines()
+               for char in line)
