@@ -343,7 +343,8 @@ _MAILBOX_RE = re.compile(r"(%s|%s)@(%s|%s)\Z" % (
     _DOT_STRING, _QUOTED_STRING, _DOMAIN, _ADDRESS_LITERAL))
 _ROUTE_RE = re.compile(r"@%s(?:,@%s)*:" % (_DOMAIN, _DOMAIN))
 _HELO_RE = re.compile(r"[\x21-\x7e]{1,255}\Z")
-_PARAM_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
+_PARAM_RE = re.compile(
+    r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
 # A path up to its closing ">": a ">" or '"' inside a quoted local-part,
 # escaped or not, does not end it.
 _PATH_END_RE = re.compile(r'<(?:[^">]|%s)*>' % _QUOTED_STRING)
@@ -902,22 +903,26 @@ class MailHandler(socketserver.StreamRequestHandler):
         self.log_dialogue("timeout after %s seconds", self.inactivity_timeout)
 
     def timeout_reply(self):
+        """The 421 sent to a client silent for too long."""
         return "421 4.4.2 %s Error: timeout exceeded" % self.servername
 
     def handleDisconnect(self):
         """The session is over (QUIT, error, timeout or client gone)."""
 
     def handleUnknown(self, command):
+        """Any other verb, or an empty line: 500, and close when strict."""
         self.refuse("500 5.5.1 Sorry we don't like broken mailers",
                     protocol_error=True)
 
     def handleHelo(self, args):
+        """MailHandler knows no command: ConcreteMailHandler has them."""
         self.handleUnknown("HELO")
 
     handleEhlo = handleMail = handleRcpt = handleData = handleHelo
     handleRset = handleNoop = handleVrfy = handleHelp = handleHelo
 
     def handleQuit(self, args):
+        """QUIT: 221, and the connection closes."""
         self.netPrint("221 2.0.0 %s closing connection" % self.servername)
         self.close_connection()
 
@@ -1039,11 +1044,13 @@ class ConcreteMailHandler(MailHandler):
         self._start_transaction()
 
     def handleTimeout(self):
+        """Also record the 421 as the transaction's final reply."""
         MailHandler.handleTimeout(self)
         if self.mail_from is not None:
             self.final_reply = self.timeout_reply()
 
     def handleDisconnect(self):
+        """Log the open transaction, if any, and QUIT the upstream."""
         self.logResult()
         self.mail_from = None
         if self.upstream is not None:
@@ -1106,9 +1113,11 @@ class ConcreteMailHandler(MailHandler):
     # -- the commands ----------------------------------------------------
 
     def handleHelo(self, args):
+        """HELO name: 250 with the seed's wording."""
         self.greet(args, esmtp=False)
 
     def handleEhlo(self, args):
+        """EHLO name: 250 with the extensions of ehlo_lines()."""
         self.greet(args, esmtp=True)
 
     def greet(self, args, esmtp):
@@ -1138,6 +1147,8 @@ class ConcreteMailHandler(MailHandler):
                 "ENHANCEDSTATUSCODES"]
 
     def handleMail(self, args):
+        """MAIL FROM:<path> [SIZE=n] [BODY=7BIT|8BITMIME]: checked here;
+        the upstream hears it with the first accepted RCPT."""
         if self.helo_name is None:
             self.refuse("503 5.5.2 Send hello first")
             return
@@ -1180,6 +1191,7 @@ class ConcreteMailHandler(MailHandler):
         self.netPrint("250 2.1.0 OK")
 
     def handleRcpt(self, args):
+        """RCPT TO:<path>: limits, policy, then the upstream's own reply."""
         if self.mail_from is None:
             self.refuse("503 5.5.1 Sender not yet given",
                         protocol_error=True)
@@ -1224,6 +1236,8 @@ class ConcreteMailHandler(MailHandler):
             self.inbox_log.append("RCPT TO:" + args[3:])
 
     def handleData(self, args):
+        """DATA: policy, then the message streamed to the upstream, whose
+        reply to the final dot is the client's."""
         if args:
             self.refuse("501 5.5.4 Syntax: DATA", protocol_error=True)
             return
@@ -1380,9 +1394,11 @@ class ConcreteMailHandler(MailHandler):
 
     @staticmethod
     def line_too_long(limit):
+        """The refusal of a message with a line over ``limit`` octets."""
         return "552 5.5.6 Message line too long (%d octets at most)" % limit
 
     def handleRset(self, args):
+        """RSET: end the transaction here and upstream; 250."""
         if args:
             self.refuse("501 5.5.4 Syntax: RSET")
             return
@@ -1390,9 +1406,11 @@ class ConcreteMailHandler(MailHandler):
         self.netPrint("250 2.0.0 OK")
 
     def handleNoop(self, args):
+        """NOOP: 250."""
         self.netPrint("250 2.0.0 OK")
 
     def handleVrfy(self, args):
+        """VRFY: 252, as RFC 5321 section 3.5.3 allows; nothing is verified."""
         if not args:
             self.refuse("501 5.5.4 Syntax: VRFY <address>")
             return
@@ -1400,9 +1418,11 @@ class ConcreteMailHandler(MailHandler):
                       "and attempt delivery")
 
     def handleHelp(self, args):
+        """HELP: 502; a protocol error (Kamaelia Grey closed on it)."""
         self.refuse("502 5.5.1 HELP not implemented", protocol_error=True)
 
     def handleQuit(self, args):
+        """QUIT: end the transaction, 221, close."""
         if args:
             self.refuse("501 5.5.4 Syntax: QUIT")
             return
