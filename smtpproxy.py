@@ -83,17 +83,19 @@ import os
 import re
 import socket
 import socketserver
+import sqlite3
 import struct
 import sys
 import textwrap
+import threading
 import time
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MailHandler", "ConcreteMailHandler", "UpstreamSession", "UpstreamError",
-    "SMTPProxyServer", "ConfigError", "load_config", "read_config_file",
-    "parse_path", "log_escape", "main",
+    "GreylistStore", "SMTPProxyServer", "ConfigError", "load_config",
+    "read_config_file", "parse_path", "log_escape", "main",
 ]
 
 log = logging.getLogger("smtpproxy")
@@ -1428,6 +1430,114 @@ class ConcreteMailHandler(MailHandler):
             return
         self.reset_transaction()
         MailHandler.handleQuit(self, args)
+
+
+# ---------------------------------------------------------------------------
+# The greylisting store
+# ---------------------------------------------------------------------------
+
+class GreylistStore(object):
+    """The greylisting triplets, in an sqlite3 database file.
+
+    ``decide(key, now)`` applies Kamaelia Grey's timing table to one
+    triplet key and records the outcome in the same transaction, so that
+    threads and processes sharing the file get the decisions a serial run
+    would give.  Timings, in seconds, are attributes (and, on the policy,
+    configuration keys): ``too_soon``, ``min_defer_time``,
+    ``max_defer_time``, ``max_grey``.
+
+    | state of the triplet                    | decision | store change       |
+    | passed less than max_grey ago           | accept   | passed := now      |
+    | passed more than max_grey ago           | (as if never seen: forgotten) |
+    | never seen                              | defer    | seen := now        |
+    | seen less than too_soon ago             | defer    | seen := now        |
+    | seen less than min_defer_time ago       | defer    | none               |
+    | seen more than max_defer_time ago       | defer    | seen := now        |
+    | otherwise (retried inside the window)   | accept   | passed := now      |
+
+    The file is in WAL mode (readers never block the writer, and a killed
+    process leaves no corrupt state); each thread has its own connection.
+    """
+
+    too_soon = 180
+    min_defer_time = 3600
+    max_defer_time = 25000
+    max_grey = 3000000
+    busy_timeout = 10.0
+
+    def __init__(self, path):
+        self.path = path
+        self._local = threading.local()
+        self._connection().execute(
+            "CREATE TABLE IF NOT EXISTS triplets ("
+            " key TEXT PRIMARY KEY,"
+            " first_seen REAL NOT NULL,"    # "seen": starts the retry clock
+            " last_seen REAL NOT NULL,"     # last change, for listings
+            " passed REAL,"                 # last pass, NULL while grey
+            " passes INTEGER NOT NULL DEFAULT 0)")
+
+    def _connection(self):
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(self.path, timeout=self.busy_timeout,
+                                         isolation_level=None)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            self._local.connection = connection
+        return connection
+
+    def decide(self, key, now):
+        """Return True to accept the triplet ``key`` at time ``now``."""
+        connection = self._connection()
+        # IMMEDIATE: the read and the write are one step for every process.
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            accept = self._decide(connection, key, now)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return accept
+
+    def _decide(self, connection, key, now):
+        row = connection.execute(
+            "SELECT first_seen, passed FROM triplets WHERE key = ?",
+            (key,)).fetchone()
+        if row is not None and row[1] is not None:
+            if now - row[1] < self.max_grey:
+                connection.execute(
+                    "UPDATE triplets SET passed = ?, last_seen = ?,"
+                    " passes = passes + 1 WHERE key = ?",
+                    (now, now, key))
+                return True
+            connection.execute("DELETE FROM triplets WHERE key = ?",
+                               (key,))
+            row = None
+        if row is None:
+            connection.execute(
+                "INSERT INTO triplets (key, first_seen, last_seen)"
+                " VALUES (?, ?, ?)", (key, now, now))
+            return False
+        waited = now - row[0]
+        if waited < self.too_soon or waited > self.max_defer_time:
+            # Too hasty, or too late: the retry clock starts again.
+            connection.execute(
+                "UPDATE triplets SET first_seen = ?, last_seen = ?"
+                " WHERE key = ?", (now, now, key))
+            return False
+        if waited < self.min_defer_time:
+            return False
+        connection.execute(
+            "UPDATE triplets SET passed = ?, last_seen = ?, passes = 1"
+            " WHERE key = ?", (now, now, key))
+        return True
+
+    def close(self):
+        """Close this thread's connection."""
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
 
 
 # ---------------------------------------------------------------------------
