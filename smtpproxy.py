@@ -24,9 +24,11 @@ Options:
         The real mail server (keys smtp_ip and smtp_port).
     --class DOTTED.NAME
         The handler class to run, such as mymodule.MyPolicy (the module is
-        imported from PYTHONPATH).  Defaults to %(default_class)s, which
-        forwards no mail at all: it answers every DATA with 451, exactly as
-        Kamaelia Grey's ConcreteMailHandler did.  Subclass it and override
+        imported from PYTHONPATH).  Defaults to %(default_class)s:
+        mail for allowed_domains is greylisted, clients of allowed_senders
+        and allowed_sender_nets may relay, anything else is refused.
+        smtpproxy.ConcreteMailHandler forwards nothing (451 at DATA, as
+        Kamaelia Grey's class of that name); subclass it and override
         shouldWeAcceptRecipient() and shouldWeAcceptMail() to decide.
     --debug, -d
         Log the SMTP dialogue to greylist_debuglog (key debug).
@@ -94,8 +96,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MailHandler", "ConcreteMailHandler", "UpstreamSession", "UpstreamError",
-    "GreylistStore", "SMTPProxyServer", "ConfigError", "load_config",
-    "read_config_file", "parse_path", "log_escape", "main",
+    "GreyListingPolicy", "GreylistStore", "SMTPProxyServer", "ConfigError",
+    "load_config", "read_config_file", "parse_path", "log_escape",
+    "normalise_sender", "main",
 ]
 
 log = logging.getLogger("smtpproxy")
@@ -140,6 +143,12 @@ def _boolean(text):
 
 def _string(text):
     return text
+
+
+def _fail_mode(text):
+    if text.lower() not in ("accept", "defer"):
+        raise ValueError("expected accept or defer, got %r" % text)
+    return text.lower()
 
 
 def _word(item):
@@ -192,26 +201,42 @@ CONFIG_KEYS = {
                           "dialogue log file, written when debug is on "
                           "(greylist-debug.log)"),
     "debug": (_boolean, "scalar", "log the SMTP dialogue (no)"),
-    # Kamaelia Grey's greylisting keys and those of the service to come:
-    # read now, so that a greylist.conf loads without warnings, but not
-    # used yet by the handlers of this release.
-    "greylist_db": (_string, "scalar", "(not used yet) greylisting store"),
-    "too_soon": (_integer, "scalar", "(not used yet) greylisting timing"),
+    # GreyListingPolicy's keys.
+    "greylist_db": (_string, "scalar",
+                    "greylisting store, an sqlite3 file (greylist.db)"),
+    "too_soon": (_integer, "scalar",
+                 "greylisting: a retry sooner than this restarts the "
+                 "clock (180)"),
     "min_defer_time": (_integer, "scalar",
-                       "(not used yet) greylisting timing"),
+                       "greylisting: a retry is accepted from this many "
+                       "seconds after the first try (3600)"),
     "max_defer_time": (_integer, "scalar",
-                       "(not used yet) greylisting timing"),
-    "max_grey": (_integer, "scalar", "(not used yet) greylisting timing"),
+                       "greylisting: ... until this many (25000)"),
+    "max_grey": (_integer, "scalar",
+                 "greylisting: a passed triplet unseen this long is "
+                 "forgotten (3000000)"),
+    "ipv4_prefix": (_integer, "scalar",
+                    "greylisting: bits of an IPv4 client's network in the "
+                    "key (24; 32: exact address)"),
+    "ipv6_prefix": (_integer, "scalar",
+                    "greylisting: bits of an IPv6 client's network in the "
+                    "key (64; 128: exact address)"),
+    "greylist_fail_mode": (_fail_mode, "scalar",
+                           "when the store fails: accept or defer (accept)"),
+    "allowed_senders": (_word, "list",
+                        "client addresses that may relay (127.0.0.1)"),
+    "allowed_sender_nets": (_word, "list",
+                            "client networks that may relay: prefixes of "
+                            "whole octets (192.168.2) or CIDR"),
+    "allowed_domains": (_word, "list", "domains mail is received for"),
+    "whitelisted_triples": (_triple, "list",
+                            "ip <sender> <recipient>, always accepted"),
+    "whitelisted_nonstandard_triples": (
+        _triple, "list",
+        "helo-name ip-prefix <recipient>, always accepted"),
+    # The service's, read so that a file holding it loads without warning.
     "max_connections": (_integer, "scalar",
                         "(not used yet) concurrent clients"),
-    "allowed_senders": (_word, "list", "(not used yet) relaying clients"),
-    "allowed_sender_nets": (_word, "list",
-                            "(not used yet) relaying networks"),
-    "allowed_domains": (_word, "list", "(not used yet) our domains"),
-    "whitelisted_triples": (_triple, "list",
-                            "(not used yet) ip sender recipient"),
-    "whitelisted_nonstandard_triples": (
-        _triple, "list", "(not used yet) helo-name ip-prefix recipient"),
 }
 
 
@@ -1432,6 +1457,215 @@ class ConcreteMailHandler(MailHandler):
         MailHandler.handleQuit(self, args)
 
 
+class GreyListingPolicy(ConcreteMailHandler):
+    """Greylisting on (client network, sender, recipient), per recipient.
+
+    ``shouldWeAcceptRecipient`` decides, in this order, so that the
+    upstream never sees a recipient that is refused or deferred:
+
+    1. a client in ``allowed_senders`` (addresses) or ``allowed_sender_nets``
+       (Kamaelia's textual prefixes such as ``192.168.2``, read as whole
+       octets, or CIDR networks) is accepted: it may relay anywhere;
+    2. a recipient that is not a plain ``local@domain`` for a domain of
+       ``allowed_domains`` (case-insensitive; a subdomain only if listed)
+       gets ``relay_reply``: source routes, ``%`` and ``!`` paths, quoted
+       local-parts, address literals are all refused; the bare
+       ``<Postmaster>`` (RFC 5321 section 4.5.1) is ours and accepted;
+    3. a triple of ``whitelisted_triples`` (ip sender recipient) or of
+       ``whitelisted_nonstandard_triples`` (HELO name, IP prefix,
+       recipient) is accepted;
+    4. otherwise the triplet goes through the greylisting store
+       (``greylist_db``, timings ``too_soon``, ``min_defer_time``,
+       ``max_defer_time``, ``max_grey``): accepted, or ``defer_reply``.
+       If the store fails, ``greylist_fail_mode`` decides ("accept" or
+       "defer") and the error is logged once.
+
+    ``shouldWeAcceptMail()`` is true once a recipient was accepted.
+
+    The client is keyed by its network, ``ipv4_prefix`` (24) and
+    ``ipv6_prefix`` (64) bits, so that senders with pools of outgoing
+    servers pass once; 32 and 128 give Kamaelia's exact-IP keys.  The
+    sender is keyed without case, brackets, ``+extension``, BATV
+    (``prvs=...=``), SRS and VERP-style numbers (``normalise_sender``).
+
+    ``now()`` is the clock the policy reads; tests override it.
+    """
+
+    allowed_senders = ["127.0.0.1"]
+    allowed_sender_nets = []
+    allowed_domains = []
+    whitelisted_triples = []
+    whitelisted_nonstandard_triples = []
+    greylist_db = "greylist.db"
+    too_soon = 180
+    min_defer_time = 3600
+    max_defer_time = 25000
+    max_grey = 3000000
+    ipv4_prefix = 24
+    ipv6_prefix = 64
+    relay_reply = "550 5.7.1 Relaying denied"
+    greylist_fail_mode = "accept"
+
+    _stores = {}
+    _store_errors = set()
+    _stores_lock = threading.Lock()
+
+    def now(self):
+        """The time, in seconds since the epoch, that the policy reads."""
+        return time.time()
+
+    def store(self):
+        """The greylisting store of ``greylist_db``, shared by every
+        session of the process, with this class's timings."""
+        key = (self.greylist_db, self.too_soon, self.min_defer_time,
+               self.max_defer_time, self.max_grey)
+        with self._stores_lock:
+            store = self._stores.get(key)
+            if store is None:
+                store = GreylistStore(self.greylist_db)
+                store.too_soon = self.too_soon
+                store.min_defer_time = self.min_defer_time
+                store.max_defer_time = self.max_defer_time
+                store.max_grey = self.max_grey
+                self._stores[key] = store
+        return store
+
+    def store_failed(self, error):
+        """The store cannot be used: the decision falls back to
+        ``greylist_fail_mode`` ("accept", as Kamaelia Grey did, or
+        "defer"); each distinct error is logged once, not per message."""
+        message = "greylisting store %s: %s; decisions fall back to %s" % (
+            self.greylist_db, error, self.greylist_fail_mode)
+        with self._stores_lock:
+            if message in self._store_errors:
+                return
+            self._store_errors.add(message)
+        log.error("%s", message)
+
+    def shouldWeAcceptMail(self):
+        """True once at least one recipient was accepted."""
+        return bool(self.recipients)
+
+    def shouldWeAcceptRecipient(self, recipient):
+        if self.client_may_relay():
+            self.log_dialogue("accept %s: client may relay", recipient)
+            return True
+        if not self.is_local_recipient(recipient):
+            self.log_dialogue("refuse %s: not one of our domains", recipient)
+            return self.relay_reply
+        if self.is_whitelisted(recipient):
+            self.log_dialogue("accept %s: whitelisted triple", recipient)
+            return True
+        key = " ".join([self.client_network(), normalise_sender(
+            self.mail_from), recipient.lower()])
+        try:
+            accepted = self.store().decide(key, self.now())
+        except sqlite3.Error as error:
+            accepted = self.greylist_fail_mode == "accept"
+            self.store_failed(error)
+        self.log_dialogue("%s %s: greylisting %s",
+                          "accept" if accepted else "defer", recipient, key)
+        if not accepted and not self.status:
+            self.status = "DEFERRED"
+        return accepted
+
+    def client_may_relay(self):
+        """True if the client is in allowed_senders or allowed_sender_nets."""
+        try:
+            address = ipaddress.ip_address(self.peer)
+        except ValueError:
+            return False
+        for allowed in self.allowed_senders:
+            try:
+                if address == ipaddress.ip_address(allowed):
+                    return True
+            except ValueError:
+                continue
+        return any(_in_network(address, net)
+                   for net in self.allowed_sender_nets)
+
+    def is_local_recipient(self, recipient):
+        """True for ``local@domain`` with a domain of allowed_domains and a
+        plain local-part, and for the bare Postmaster."""
+        if recipient.lower() == "postmaster":
+            return True
+        local, _, domain = recipient.rpartition("@")
+        if not local or local.startswith('"') or re.search(r"[%!@]", local):
+            return False
+        domain = domain.lower()
+        return any(domain == allowed.lower().rstrip(".")
+                   for allowed in self.allowed_domains)
+
+    def is_whitelisted(self, recipient):
+        """True for a whitelisted triple or non-standard triple."""
+        sender = "<%s>" % self.mail_from.lower()
+        target = "<%s>" % recipient.lower()
+        for ip, triple_sender, triple_recipient in self.whitelisted_triples:
+            if (ip == self.peer and triple_sender.lower() == sender
+                    and triple_recipient.lower() == target):
+                return True
+        for helo, prefix, triple_recipient in \
+                self.whitelisted_nonstandard_triples:
+            if (helo.lower() == (self.helo_name or "").lower()
+                    and _in_network(self.peer, prefix)
+                    and triple_recipient.lower() == target):
+                return True
+        return False
+
+    def client_network(self):
+        """The client's network, the greylisting key's first part."""
+        try:
+            address = ipaddress.ip_address(self.peer)
+        except ValueError:
+            return self.peer
+        bits = self.ipv4_prefix if address.version == 4 else self.ipv6_prefix
+        return str(ipaddress.ip_network("%s/%d" % (address, bits),
+                                        strict=False))
+
+
+def _in_network(address, network):
+    """Is ``address`` in ``network``: a CIDR network, a single address, or
+    a textual prefix of whole octets such as ``192.168.2``?"""
+    try:
+        if not isinstance(address, (ipaddress.IPv4Address,
+                                    ipaddress.IPv6Address)):
+            address = ipaddress.ip_address(address)
+        if "/" in network:
+            return address in ipaddress.ip_network(network, strict=False)
+        if ":" in network or network.count(".") == 3:
+            return address == ipaddress.ip_address(network)
+    except ValueError:
+        return False
+    octets = network.rstrip(".").split(".")
+    return (address.version == 4
+            and str(address).split(".")[:len(octets)] == octets)
+
+
+_BATV_RE = re.compile(r"\Aprvs=[0-9a-z]+=(.+)\Z", re.I)
+# SRS0=HHH=TT=domain=local@forwarder, SRS1=HHH=fwd==HHH=TT=domain=local@...
+_SRS_RE = re.compile(r"\Asrs[01][=+-].*=([^=]+)=([^=@]+)@", re.I)
+
+
+def normalise_sender(sender):
+    """The sender as a greylisting key: one sender counts as one sender
+    whatever its tags.  Lower case; BATV ``prvs=TAG=``, SRS
+    (``SRS0=HH=TT=domain=local@forwarder`` is ``local@domain``), the
+    ``+extension`` and VERP-style runs of digits removed."""
+    sender = sender.lower()
+    match = _SRS_RE.match(sender)
+    if match:
+        sender = "%s@%s" % (match.group(2), match.group(1))
+    local, at, domain = sender.rpartition("@")
+    if not at:
+        return sender
+    match = _BATV_RE.match(local)
+    if match:
+        local = match.group(1)
+    local = local.split("+", 1)[0]
+    local = re.sub(r"[0-9]+", "#", local)
+    return "%s@%s" % (local, domain)
+
+
 # ---------------------------------------------------------------------------
 # The greylisting store
 # ---------------------------------------------------------------------------
@@ -1600,7 +1834,7 @@ def _ipv6_works():
 # The command line
 # ---------------------------------------------------------------------------
 
-DEFAULT_CLASS = "smtpproxy.ConcreteMailHandler"
+DEFAULT_CLASS = "smtpproxy.GreyListingPolicy"
 SERVER_KEYS = ("port", "listen_ip", "greylist_log", "greylist_debuglog",
                "debug")
 

@@ -380,8 +380,8 @@ class ProxyProcess(object):
             [sys.executable, os.path.join(ROOT, "smtpproxy.py"),
              "--config", self.config_path,
              "--listen", "127.0.0.1:%d" % self.port,
-             "--upstream", "127.0.0.1:%d" % upstream_port,
-             "--class", handler] + list(args),
+             "--upstream", "127.0.0.1:%d" % upstream_port]
+            + (["--class", handler] if handler else []) + list(args),
             env=env, stderr=subprocess.PIPE, cwd=str(tmp_path))
         wait_until(self._answers, what="the proxy to listen")
 

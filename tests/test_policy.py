@@ -1,0 +1,210 @@
+"""GreyListingPolicy: relay refusal, allow-lists, whitelisted triples and
+greylisting through the store, with the policy's clock set by the test."""
+
+import smtplib
+import sqlite3
+
+import pytest
+
+import smtpproxy
+from conftest import RawClient
+
+T0 = 1000000000.0
+
+
+class Clock(object):
+    def __init__(self):
+        self.now = T0
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def grey(proxy, tmp_path, clock):
+    """Start a GreyListingPolicy proxy: ``port = grey(**attributes)``."""
+    def start(**attributes):
+        attributes.setdefault("greylist_db", str(tmp_path / "grey.db"))
+        attributes.setdefault("allowed_senders", [])
+        attributes.setdefault("allowed_domains", ["example.org"])
+        attributes["now"] = lambda self: clock.now
+        return proxy(handler=smtpproxy.GreyListingPolicy, **attributes)
+    return start
+
+
+def rcpt(port, recipient, sender="a@example.net", helo="mx.example.net"):
+    client = RawClient(port)
+    assert client.cmd("EHLO " + helo)[0] == 250
+    assert client.cmd("MAIL FROM:<%s>" % sender)[0] == 250
+    reply = client.cmd("RCPT TO:<%s>" % recipient)
+    client.cmd("QUIT")
+    client.close()
+    return reply
+
+
+def test_unknown_triplet_is_deferred_then_accepted_in_the_window(
+        grey, clock, upstream):
+    port = grey()
+    assert rcpt(port, "b@example.org") == (451,
+                                           "4.7.1 Please try again later")
+    assert upstream.connections == 0        # deferred: upstream never asked
+    clock.now += 3600
+    assert rcpt(port, "b@example.org")[0] == 250
+    clock.now += 10
+    assert rcpt(port, "b@example.org")[0] == 250
+
+
+def test_retry_too_soon_restarts_the_clock(grey, clock):
+    port = grey()
+    assert rcpt(port, "b@example.org")[0] == 451
+    clock.now += 100
+    assert rcpt(port, "b@example.org")[0] == 451
+    clock.now += 3550                       # 3650 after the first try
+    assert rcpt(port, "b@example.org")[0] == 451
+    clock.now += 50                         # 3600 after the hasty retry
+    assert rcpt(port, "b@example.org")[0] == 250
+
+
+def test_timings_are_configurable(grey, clock):
+    port = grey(too_soon=1, min_defer_time=5, max_defer_time=10)
+    assert rcpt(port, "b@example.org")[0] == 451
+    clock.now += 5
+    assert rcpt(port, "b@example.org")[0] == 250
+
+
+@pytest.mark.parametrize("prefix,key", [
+    (24, "127.0.0.0/24 a@example.net b@example.org"),
+    (32, "127.0.0.1/32 a@example.net b@example.org"),
+])
+def test_greylisting_key_is_client_network_sender_recipient(
+        grey, tmp_path, prefix, key):
+    port = grey(ipv4_prefix=prefix)
+    assert rcpt(port, "B@Example.org", sender="A+x@Example.NET")[0] == 451
+    connection = sqlite3.connect(str(tmp_path / "grey.db"))
+    assert connection.execute("SELECT key FROM triplets").fetchall() == [
+        (key,)]
+    connection.close()
+
+
+@pytest.mark.parametrize("peer,key", [
+    ("192.0.2.77", "192.0.2.0/24"),
+    ("2001:db8:1:2:3::4", "2001:db8:1:2::/64"),
+])
+def test_client_network(peer, key):
+    handler = object.__new__(smtpproxy.GreyListingPolicy)
+    handler.peer = peer
+    assert handler.client_network() == key
+
+
+def test_sender_tags_do_not_make_a_new_sender(grey, clock):
+    port = grey()
+    assert rcpt(port, "b@example.org", sender="a+1@example.net")[0] == 451
+    clock.now += 3600
+    assert rcpt(port, "b@example.org",
+                sender="prvs=0123abcd=A+2@Example.NET")[0] == 250
+
+
+@pytest.mark.parametrize("recipient", [
+    "b@example.com",                    # not our domain
+    "b@sub.example.org",                # subdomain not listed
+    "@relay.example.org:b@example.com", # source route
+    "b%example.com@example.org",        # % hack
+    "example.com!b@example.org",        # ! path
+    '"b@example.com"@example.org',      # quoted local-part with @
+    "b@[127.0.0.1]",                    # address literal
+])
+def test_relaying_is_refused(grey, recipient, upstream):
+    port = grey()
+    assert rcpt(port, recipient) == (550, "5.7.1 Relaying denied")
+    assert upstream.connections == 0
+
+
+def test_domains_compare_without_case_and_postmaster_is_ours(grey, clock):
+    port = grey(allowed_domains=["Example.ORG"])
+    assert rcpt(port, "b@EXAMPLE.org")[0] == 451
+    assert rcpt(port, "Postmaster")[0] == 451
+
+
+def test_allowed_senders_may_relay_anywhere(grey):
+    port = grey(allowed_senders=["127.0.0.1"])
+    assert rcpt(port, "anyone@example.com")[0] == 250
+
+
+@pytest.mark.parametrize("nets,relays", [
+    (["127.0.0"], True),
+    (["127.0.0.0/8"], True),
+    (["127.0.0.1"], True),
+    (["127.0.0.10"], False),
+    (["127.0.0.10/32"], False),
+    (["12"], False),                     # whole octets: not 127
+    (["::1/128"], False),
+])
+def test_allowed_sender_nets(grey, nets, relays):
+    port = grey(allowed_sender_nets=nets)
+    code = rcpt(port, "anyone@example.com")[0]
+    assert (code == 250) is relays
+
+
+def test_whitelisted_triples_skip_greylisting(grey):
+    port = grey(whitelisted_triples=[
+        ("127.0.0.1", "<a@example.net>", "<b@example.org>")])
+    assert rcpt(port, "b@example.org")[0] == 250
+    assert rcpt(port, "c@example.org")[0] == 451
+
+
+def test_whitelisted_nonstandard_triples(grey):
+    port = grey(whitelisted_nonstandard_triples=[
+        ("mx-out.example.net", "127.0.0", "<b@example.org>")])
+    assert rcpt(port, "b@example.org", helo="mx-out.example.net")[0] == 250
+    assert rcpt(port, "b@example.org", helo="other.example.net")[0] == 451
+
+
+def test_accepted_mail_is_delivered_deferred_is_logged(grey, clock,
+                                                      upstream):
+    port = grey()
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            client.sendmail("a@example.net", ["b@example.org"], b"x\r\n")
+    clock.now += 3600
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.sendmail("a@example.net", ["b@example.org"], b"x\r\n")
+    assert [m.rcpt_tos for m in upstream.messages] == [["b@example.org"]]
+
+
+def test_normalise_sender():
+    normalise = smtpproxy.normalise_sender
+    assert normalise("User+tag@Example.COM") == "user@example.com"
+    assert normalise("prvs=1234abcd=user@example.com") == "user@example.com"
+    assert normalise("SRS0=HHH=TT=orig.example=alice@fwd.example") == \
+        "alice@orig.example"
+    assert normalise("bounce-123@lists.example") == \
+        normalise("bounce-456@lists.example")
+    assert normalise("") == ""
+
+
+@pytest.mark.parametrize("mode,code", [("accept", 250), ("defer", 451)])
+def test_store_failure_falls_back_and_is_logged_once(grey, tmp_path, mode,
+                                                     code, caplog):
+    unusable = tmp_path / "a-directory"
+    unusable.mkdir()
+    port = grey(greylist_db=str(unusable), greylist_fail_mode=mode)
+    with caplog.at_level("ERROR", logger="smtpproxy"):
+        assert rcpt(port, "b@example.org")[0] == code
+        assert rcpt(port, "c@example.org")[0] == code
+    errors = [r for r in caplog.records if "greylisting store" in
+              r.getMessage()]
+    assert len(errors) == 1
+
+
+def test_command_line_runs_greylisting_by_default(proxy_process, tmp_path,
+                                                  upstream):
+    process = proxy_process(handler=None, config=(
+        "greylist_db = %s\n"
+        "allowed_senders:\n"
+        "allowed_domains:\n"
+        "    example.org\n" % (tmp_path / "default.db")))
+    assert rcpt(process.port, "b@example.com")[0] == 550
+    assert rcpt(process.port, "b@example.org")[0] == 451
+    assert upstream.connections == 0
