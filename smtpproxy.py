@@ -221,6 +221,9 @@ CONFIG_KEYS = {
     "ipv6_prefix": (_integer, "scalar",
                     "greylisting: bits of an IPv6 client's network in the "
                     "key (64; 128: exact address)"),
+    "auto_whitelist_clients": (_integer, "scalar",
+                               "greylisting: passes after which a client "
+                               "network is accepted at once (5; 0: off)"),
     "greylist_fail_mode": (_fail_mode, "scalar",
                            "when the store fails: accept or defer (accept)"),
     "allowed_senders": (_word, "list",
@@ -1488,6 +1491,10 @@ class GreyListingPolicy(ConcreteMailHandler):
     sender is keyed without case, brackets, ``+extension``, BATV
     (``prvs=...=``), SRS and VERP-style numbers (``normalise_sender``).
 
+    A client network that passed greylisting ``auto_whitelist_clients``
+    times (0: never) is accepted without delay until unseen for
+    ``max_grey``.
+
     ``now()`` is the clock the policy reads; tests override it.
     """
 
@@ -1501,6 +1508,7 @@ class GreyListingPolicy(ConcreteMailHandler):
     min_defer_time = 3600
     max_defer_time = 25000
     max_grey = 3000000
+    auto_whitelist_clients = 5
     ipv4_prefix = 24
     ipv6_prefix = 64
     relay_reply = "550 5.7.1 Relaying denied"
@@ -1518,7 +1526,8 @@ class GreyListingPolicy(ConcreteMailHandler):
         """The greylisting store of ``greylist_db``, shared by every
         session of the process, with this class's timings."""
         key = (self.greylist_db, self.too_soon, self.min_defer_time,
-               self.max_defer_time, self.max_grey)
+               self.max_defer_time, self.max_grey,
+               self.auto_whitelist_clients)
         with self._stores_lock:
             store = self._stores.get(key)
             if store is None:
@@ -1527,6 +1536,7 @@ class GreyListingPolicy(ConcreteMailHandler):
                 store.min_defer_time = self.min_defer_time
                 store.max_defer_time = self.max_defer_time
                 store.max_grey = self.max_grey
+                store.auto_whitelist_clients = self.auto_whitelist_clients
                 self._stores[key] = store
         return store
 
@@ -1556,10 +1566,16 @@ class GreyListingPolicy(ConcreteMailHandler):
         if self.is_whitelisted(recipient):
             self.log_dialogue("accept %s: whitelisted triple", recipient)
             return True
-        key = " ".join([self.client_network(), normalise_sender(
-            self.mail_from), recipient.lower()])
+        network = self.client_network()
+        key = " ".join([network, normalise_sender(self.mail_from),
+                        recipient.lower()])
         try:
-            accepted = self.store().decide(key, self.now())
+            store, now = self.store(), self.now()
+            if store.client_is_trusted(network, now):
+                self.log_dialogue("accept %s: client %s auto-whitelisted",
+                                  recipient, network)
+                return True
+            accepted = store.decide(key, now, client=network)
         except sqlite3.Error as error:
             accepted = self.greylist_fail_mode == "accept"
             self.store_failed(error)
@@ -1689,6 +1705,11 @@ class GreylistStore(object):
     | seen more than max_defer_time ago       | defer    | seen := now        |
     | otherwise (retried inside the window)   | accept   | passed := now      |
 
+    Client networks that passed ``auto_whitelist_clients`` times (0: never)
+    are trusted (``client_is_trusted``) until unseen for ``max_grey``.
+    Every ``purge_interval`` seconds a decision also purges what has
+    expired (``purge``): it would be decided as never seen anyway.
+
     The file is in WAL mode (readers never block the writer, and a killed
     process leaves no corrupt state); each thread has its own connection.
     """
@@ -1697,6 +1718,8 @@ class GreylistStore(object):
     min_defer_time = 3600
     max_defer_time = 25000
     max_grey = 3000000
+    auto_whitelist_clients = 5
+    purge_interval = 3600
     busy_timeout = 10.0
 
     def __init__(self, path):
@@ -1709,6 +1732,12 @@ class GreylistStore(object):
             " last_seen REAL NOT NULL,"     # last change, for listings
             " passed REAL,"                 # last pass, NULL while grey
             " passes INTEGER NOT NULL DEFAULT 0)")
+        self._connection().execute(
+            "CREATE TABLE IF NOT EXISTS clients ("
+            " network TEXT PRIMARY KEY,"
+            " passes INTEGER NOT NULL,"
+            " last_seen REAL NOT NULL)")
+        self.last_purge = None
 
     def _connection(self):
         connection = getattr(self._local, "connection", None)
@@ -1720,18 +1749,70 @@ class GreylistStore(object):
             self._local.connection = connection
         return connection
 
-    def decide(self, key, now):
-        """Return True to accept the triplet ``key`` at time ``now``."""
+    def _transaction(self, work, *args):
         connection = self._connection()
         # IMMEDIATE: the read and the write are one step for every process.
         connection.execute("BEGIN IMMEDIATE")
         try:
-            accept = self._decide(connection, key, now)
+            result = work(connection, *args)
         except BaseException:
             connection.execute("ROLLBACK")
             raise
         connection.execute("COMMIT")
+        return result
+
+    def decide(self, key, now, client=None):
+        """Return True to accept the triplet ``key`` at time ``now``; an
+        acceptance counts as a pass of the network ``client``, if given."""
+        if self.last_purge is None or now - self.last_purge > \
+                self.purge_interval:
+            self.last_purge = now
+            self.purge(now)
+        return self._transaction(self._decide_and_count, key, now, client)
+
+    def _decide_and_count(self, connection, key, now, client):
+        accept = self._decide(connection, key, now)
+        if accept and client is not None:
+            connection.execute(
+                "INSERT OR IGNORE INTO clients (network, passes, last_seen)"
+                " VALUES (?, 0, ?)", (client, now))
+            connection.execute(
+                "UPDATE clients SET passes = passes + 1, last_seen = ?"
+                " WHERE network = ?", (now, client))
         return accept
+
+    def client_is_trusted(self, client, now):
+        """True if the network ``client`` passed greylisting
+        ``auto_whitelist_clients`` times and was seen within ``max_grey``;
+        being trusted counts as being seen."""
+        if not self.auto_whitelist_clients:
+            return False
+        return self._transaction(self._client_is_trusted, client, now)
+
+    def _client_is_trusted(self, connection, client, now):
+        row = connection.execute(
+            "SELECT passes, last_seen FROM clients WHERE network = ?",
+            (client,)).fetchone()
+        if (row is None or row[0] < self.auto_whitelist_clients
+                or now - row[1] >= self.max_grey):
+            return False
+        connection.execute("UPDATE clients SET last_seen = ?"
+                           " WHERE network = ?", (now, client))
+        return True
+
+    def purge(self, now):
+        """Delete what has expired; return how many entries went."""
+        return self._transaction(self._purge, now)
+
+    def _purge(self, connection, now):
+        deleted = connection.execute(
+            "DELETE FROM triplets WHERE (passed IS NULL AND first_seen < ?)"
+            " OR passed < ?", (now - self.max_defer_time,
+                               now - self.max_grey)).rowcount
+        deleted += connection.execute(
+            "DELETE FROM clients WHERE last_seen < ?",
+            (now - self.max_grey,)).rowcount
+        return deleted
 
     def _decide(self, connection, key, now):
         row = connection.execute(

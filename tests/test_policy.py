@@ -208,3 +208,16 @@ def test_command_line_runs_greylisting_by_default(proxy_process, tmp_path,
     assert rcpt(process.port, "b@example.com")[0] == 550
     assert rcpt(process.port, "b@example.org")[0] == 451
     assert upstream.connections == 0
+
+
+@pytest.mark.parametrize("threshold,trusted", [(2, True), (0, False)])
+def test_auto_whitelisted_client_network_is_accepted_at_once(
+        grey, clock, threshold, trusted):
+    port = grey(auto_whitelist_clients=threshold)
+    for sender in ("one@example.net", "two@example.net"):
+        assert rcpt(port, "b@example.org", sender=sender)[0] == 451
+    clock.now += 3600
+    for sender in ("one@example.net", "two@example.net"):
+        assert rcpt(port, "b@example.org", sender=sender)[0] == 250
+    code = rcpt(port, "b@example.org", sender="new@example.net")[0]
+    assert (code == 250) is trusted

@@ -137,3 +137,41 @@ def test_another_process_sees_the_passes(tmp_path):
     assert output.split() == [b"True", b"False"]
     assert [row[0] for row in rows(store)] == ["k", "other"]
     store.close()
+
+
+def passes(store, client, times, start=T0):
+    for number in range(times):
+        key = "%s s%d r" % (client, number)
+        store.decide(key, start, client=client)
+        assert store.decide(key, start + MIN_DEFER, client=client) is True
+
+
+def test_client_trusted_after_auto_whitelist_clients_passes(store):
+    passes(store, "192.0.2.0/24", 4)
+    assert store.client_is_trusted("192.0.2.0/24", T0 + MIN_DEFER) is False
+    passes(store, "192.0.2.0/24", 1, start=T0 + 10)
+    assert store.client_is_trusted("192.0.2.0/24", T0 + MIN_DEFER + 20)
+    assert not store.client_is_trusted("198.51.100.0/24", T0 + MIN_DEFER)
+    # Unseen for max_grey: no longer trusted.
+    assert not store.client_is_trusted("192.0.2.0/24",
+                                       T0 + 2 * MIN_DEFER + 20 + MAX_GREY)
+
+
+def test_auto_whitelist_off(tmp_path):
+    class Off(smtpproxy.GreylistStore):
+        auto_whitelist_clients = 0
+    store = Off(str(tmp_path / "off.db"))
+    passes(store, "192.0.2.0/24", 6)
+    assert store.client_is_trusted("192.0.2.0/24", T0 + MIN_DEFER) is False
+    store.close()
+
+
+def test_purge_removes_only_what_expired(store):
+    store.decide("grey-old", T0)
+    store.decide("grey-new", T0 + MAX_DEFER)
+    store.decide("passed", T0)
+    store.decide("passed", T0 + MIN_DEFER, client="net")
+    assert store.purge(T0 + MAX_DEFER + 1) == 1
+    assert [row[0] for row in rows(store)] == ["grey-new", "passed"]
+    assert store.purge(T0 + MIN_DEFER + MAX_GREY + 1) == 3   # + client
+    assert rows(store) == []
