@@ -32,6 +32,18 @@ Options:
         shouldWeAcceptRecipient() and shouldWeAcceptMail() to decide.
     --debug, -d
         Log the SMTP dialogue to greylist_debuglog (key debug).
+    --check-config
+        Check the configuration, print every key's effective value, exit.
+
+Working on the greylisting store (greylist_db) of the configuration, also
+while the proxy runs; keys are "client-network sender recipient":
+
+    --db-list        List entries: state (GREY, WHITE, CLIENT), key,
+                     first and last seen (UTC), passes.
+    --db-stats       Count entries by state.
+    --db-purge       Delete expired entries now.
+    --db-pass KEY    Pass (whitelist) a triplet now.
+    --db-delete KEY  Forget a triplet or a client network.
     --version, -V
         Print the version and exit.
     --help, -h
@@ -1847,6 +1859,53 @@ class GreylistStore(object):
             " WHERE key = ?", (now, now, key))
         return True
 
+    # -- administration (smtpproxy --db-...) ------------------------------
+
+    def entries(self):
+        """Every triplet and client network, as tuples ``(state, key,
+        first_seen, last_seen, passes)``; state is GREY, WHITE (passed)
+        or CLIENT (a network's passes, for the auto-whitelist)."""
+        connection = self._connection()
+        for key, first, last, passed, count in connection.execute(
+                "SELECT key, first_seen, last_seen, passed, passes"
+                " FROM triplets ORDER BY key"):
+            yield ("GREY" if passed is None else "WHITE", key, first, last,
+                   count)
+        for network, count, last in connection.execute(
+                "SELECT network, passes, last_seen FROM clients"
+                " ORDER BY network"):
+            yield ("CLIENT", network, None, last, count)
+
+    def pass_key(self, key, now):
+        """Mark the triplet ``key`` as passed now (whitelist it)."""
+        self._transaction(self._pass_key, key, now)
+
+    def _pass_key(self, connection, key, now):
+        connection.execute(
+            "INSERT OR IGNORE INTO triplets (key, first_seen, last_seen)"
+            " VALUES (?, ?, ?)", (key, now, now))
+        connection.execute(
+            "UPDATE triplets SET passed = ?, last_seen = ?,"
+            " passes = passes + 1 WHERE key = ?", (now, now, key))
+
+    def delete(self, key):
+        """Forget the triplet or client network ``key``; True if it was
+        there."""
+        return self._transaction(self._delete, key)
+
+    def _delete(self, connection, key):
+        return (connection.execute("DELETE FROM triplets WHERE key = ?",
+                                   (key,)).rowcount
+                + connection.execute("DELETE FROM clients WHERE network = ?",
+                                     (key,)).rowcount) > 0
+
+    def stats(self):
+        """Counts: {"GREY": n, "WHITE": n, "CLIENT": n}."""
+        counts = {"GREY": 0, "WHITE": 0, "CLIENT": 0}
+        for entry in self.entries():
+            counts[entry[0]] += 1
+        return counts
+
     def close(self):
         """Close this thread's connection."""
         connection = getattr(self._local, "connection", None)
@@ -1991,6 +2050,74 @@ def configure_logging(values):
         dialogue_log.setLevel(logging.DEBUG)
 
 
+def format_config(handler_class, values):
+    """The effective configuration, every key, in the file format."""
+    lines = []
+    for key in sorted(CONFIG_KEYS):
+        kind = CONFIG_KEYS[key][1]
+        if key in values:
+            value = values[key]
+        elif key in SERVER_KEYS:
+            value = {"port": 25, "listen_ip": "", "debug": False,
+                     "greylist_log": "greylist.log",
+                     "greylist_debuglog": "greylist-debug.log"}[key]
+        else:
+            value = getattr(handler_class, key, None)
+        if value is None:
+            continue
+        if kind == "list":
+            lines.append("%s:" % key)
+            lines.extend("    %s" % (item if isinstance(item, str)
+                                     else " ".join(item)) for item in value)
+        elif isinstance(value, bool):
+            lines.append("%s = %s" % (key, "yes" if value else "no"))
+        else:
+            lines.append("%s = %s" % (key, value))
+    return "\n".join(lines)
+
+
+def administer_store(handler_class, args):
+    """The --db-* commands, on the greylisting store of the configuration,
+    like OpenBSD's spamdb; return the exit status."""
+    path = getattr(handler_class, "greylist_db", None)
+    if not path:
+        sys.stderr.write("smtpproxy: error: %s has no greylist_db\n"
+                         % handler_class.__name__)
+        return 2
+    try:
+        store = GreylistStore(path)
+        for timing in ("too_soon", "min_defer_time", "max_defer_time",
+                       "max_grey", "auto_whitelist_clients"):
+            setattr(store, timing, getattr(handler_class, timing))
+        now = time.time()
+        if args.db_list:
+            def stamp(moment):
+                if moment is None:
+                    return "-"
+                return time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                     time.gmtime(moment))
+            print("STATE   KEY | FIRST SEEN | LAST SEEN | PASSES")
+            for state, key, first, last, count in store.entries():
+                print("%-7s %s | %s | %s | %d" % (state, log_escape(key),
+                                                 stamp(first), stamp(last),
+                                                 count))
+        elif args.db_stats:
+            for state, count in sorted(store.stats().items()):
+                print("%-7s %d" % (state, count))
+        elif args.db_purge:
+            print("purged %d" % store.purge(now))
+        elif args.db_pass:
+            store.pass_key(args.db_pass, now)
+        elif not store.delete(args.db_delete):
+            sys.stderr.write("smtpproxy: no entry %s\n"
+                             % log_escape(args.db_delete))
+            return 1
+    except sqlite3.Error as error:
+        sys.stderr.write("smtpproxy: error: %s: %s\n" % (path, error))
+        return 1
+    return 0
+
+
 def main(argv=None):
     """Run the proxy from the command line; return the exit status."""
     # A --class module that imports smtpproxy must get this very module,
@@ -2008,6 +2135,13 @@ def main(argv=None):
     parser.add_argument("--class", dest="handler_class",
                         metavar="DOTTED.NAME", default=DEFAULT_CLASS)
     parser.add_argument("-d", "--debug", action="store_true", default=None)
+    parser.add_argument("--check-config", action="store_true")
+    store_commands = parser.add_mutually_exclusive_group()
+    store_commands.add_argument("--db-list", action="store_true")
+    store_commands.add_argument("--db-stats", action="store_true")
+    store_commands.add_argument("--db-purge", action="store_true")
+    store_commands.add_argument("--db-pass", metavar="KEY")
+    store_commands.add_argument("--db-delete", metavar="KEY")
     args = parser.parse_args(argv)
     if args.help:
         print(_usage())
@@ -2036,6 +2170,16 @@ def main(argv=None):
     attributes = dict((key, value) for key, value in values.items()
                       if key not in SERVER_KEYS)
     handler_class = type(base.__name__, (base,), attributes)
+    if args.check_config:
+        for warning in warnings:
+            sys.stderr.write("smtpproxy: warning: %s\n" % warning)
+        print("# config file: %s; class: %s"
+              % (path or "none", args.handler_class))
+        print(format_config(handler_class, values))
+        return 0
+    if (args.db_list or args.db_stats or args.db_purge or args.db_pass
+            or args.db_delete):
+        return administer_store(handler_class, args)
     try:
         configure_logging(values)
     except OSError as error:

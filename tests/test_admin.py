@@ -1,0 +1,86 @@
+"""The command line's --check-config and --db-* commands."""
+
+import os
+import subprocess
+import sys
+import time
+
+import smtpproxy
+from conftest import HERE, ROOT
+
+
+def run(tmp_path, *args, **kwargs):
+    config = tmp_path / "admin.conf"
+    if not config.exists():
+        config.write_text(kwargs.get("config", "greylist_db = %s\n"
+                                     % (tmp_path / "admin.db")))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, ROOT]))
+    process = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "smtpproxy.py"),
+         "--config", str(config)] + list(args),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        cwd=str(tmp_path))
+    return (process.returncode, process.stdout.decode(),
+            process.stderr.decode())
+
+
+def test_check_config_prints_every_effective_key(tmp_path):
+    (tmp_path / "admin.conf").write_text(
+        "servername = mx.example.org\nmax_grey = 100\nbogus = 1\n"
+        "allowed_domains:\n    example.org\n")
+    code, out, err = run(tmp_path, "--check-config")
+    assert code == 0
+    assert "servername = mx.example.org" in out.splitlines()
+    assert "max_grey = 100" in out.splitlines()
+    assert "too_soon = 180" in out.splitlines()          # a default
+    assert "allowed_domains:\n    example.org" in out
+    assert "strict = yes" in out.splitlines()
+    assert "admin.conf:3: unknown key 'bogus'" in err
+    # What it prints loads again, to the same values.
+    again = tmp_path / "again.conf"
+    again.write_text(out)
+    values, warnings = smtpproxy.read_config_file(str(again))
+    assert warnings == []
+    assert values["max_grey"] == 100 and values["strict"] is True
+
+
+def test_check_config_refuses_a_bad_file(tmp_path):
+    (tmp_path / "admin.conf").write_text("max_grey = soon\n")
+    code, out, err = run(tmp_path, "--check-config")
+    assert code == 2
+    assert "admin.conf:1: max_grey" in err
+
+
+def test_db_commands(tmp_path):
+    now = time.time()
+    store = smtpproxy.GreylistStore(str(tmp_path / "admin.db"))
+    store.decide("192.0.2.0/24 a@example.net b@example.org", now)
+    store.decide("192.0.2.0/24 old@example.net b@example.org", now - 30000)
+    store.close()
+    code, out, _ = run(tmp_path, "--db-stats")
+    assert (code, out.split()) == (0, ["CLIENT", "0", "GREY", "2",
+                                       "WHITE", "0"])
+    code, out, _ = run(tmp_path, "--db-pass",
+                       "192.0.2.0/24 a@example.net b@example.org")
+    assert code == 0
+    code, out, _ = run(tmp_path, "--db-list")
+    lines = out.splitlines()
+    assert lines[0].startswith("STATE")
+    assert any(line.startswith("WHITE   192.0.2.0/24 a@example.net "
+                               "b@example.org | ") for line in lines)
+    code, out, _ = run(tmp_path, "--db-purge")
+    assert (code, out.strip()) == (0, "purged 1")       # the old grey one
+    code, _, _ = run(tmp_path, "--db-delete",
+                     "192.0.2.0/24 a@example.net b@example.org")
+    assert code == 0
+    code, _, err = run(tmp_path, "--db-delete", "nothing")
+    assert code == 1 and "no entry" in err
+    code, out, _ = run(tmp_path, "--db-stats")
+    assert out.split() == ["CLIENT", "0", "GREY", "0", "WHITE", "0"]
+
+
+def test_help_names_the_admin_commands(tmp_path):
+    code, out, _ = run(tmp_path, "--help")
+    for option in ("--check-config", "--db-list", "--db-pass",
+                   "--db-delete", "--db-purge", "--db-stats"):
+        assert option in out
