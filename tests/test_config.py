@@ -428,3 +428,16 @@ def test_file_keys_configure_the_running_handler(proxy_process, upstream):
     assert client.cmd("BOGUS")[0] == 500
     assert client.cmd("NOOP")[0] == 250          # strict = no: goes on
     client.close()
+
+
+def test_the_dist_file_documents_every_key_with_its_default():
+    path = os.path.join(ROOT, "contrib", "greylist.conf.dist")
+    values, warnings = smtpproxy.read_config_file(path)
+    assert warnings == []
+    assert set(values) == set(smtpproxy.CONFIG_KEYS)
+    handler = smtpproxy.GreyListingPolicy
+    for key, value in values.items():
+        if key == "serverid" or key in smtpproxy.SERVER_KEYS or \
+                key == "max_connections":
+            continue
+        assert getattr(handler, key) == value, key
