@@ -441,3 +441,32 @@ def test_the_dist_file_documents_every_key_with_its_default():
                 key == "max_connections":
             continue
         assert getattr(handler, key) == value, key
+
+
+def test_the_reference_file_drives_a_running_proxy(tmp_path, upstream):
+    from conftest import ProxyProcess, RawClient
+    # Only the log paths move out of /var/log; the upstream and port come
+    # from --upstream and --listen, which override the file.
+    text = REFERENCE_CONFIG.replace("/var/log/", str(tmp_path) + "/")
+    process = ProxyProcess(tmp_path, upstream.port, config=text,
+                           handler=None)
+    try:
+        client = RawClient(process.port)
+        assert client.greeting[1].startswith(
+            "mail.example.org ESMTP Kamaelia-SMTP 1.0 ")
+        client.cmd("HELO client.example.net")
+        client.cmd("MAIL FROM:<a@example.net>")
+        # 127.0.0.1 is in allowed_senders: it may relay anywhere.
+        assert client.cmd("RCPT TO:<x@elsewhere.example>")[0] == 250
+        assert client.cmd("DATA")[0] == 354
+        client.send(b"Subject: t\r\n\r\nhi\r\n.\r\n")
+        assert client.reply()[0] == 250
+        client.cmd("QUIT")
+        client.close()
+    finally:
+        process.stop()
+    assert [m.rcpt_tos for m in upstream.messages] == [
+        ["x@elsewhere.example"]]
+    log_line = (tmp_path / "greylist.log").read_text().splitlines()[-1]
+    assert " | client.example.net | 127.0.0.1 | <a@example.net> | " \
+        "<x@elsewhere.example> | ACCEPTED | 250 " in log_line

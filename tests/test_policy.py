@@ -221,3 +221,27 @@ def test_auto_whitelisted_client_network_is_accepted_at_once(
         assert rcpt(port, "b@example.org", sender=sender)[0] == 250
     code = rcpt(port, "b@example.org", sender="new@example.net")[0]
     assert (code == 250) is trusted
+
+
+def test_fifty_concurrent_sessions_decide_as_a_serial_run(grey, clock):
+    import threading
+    port = grey(auto_whitelist_clients=0)
+    results = []
+
+    def session(number):
+        sender = "s%d@example.net" % (number % 5)
+        results.append(rcpt(port, "b@example.org", sender=sender)[0])
+
+    def wave():
+        del results[:]
+        threads = [threading.Thread(target=session, args=(n,))
+                   for n in range(50)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        return sorted(results)
+
+    assert wave() == [451] * 50             # 5 triplets, all first tries
+    clock.now += 3600
+    assert wave() == [250] * 50             # all inside the window
