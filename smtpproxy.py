@@ -236,6 +236,13 @@ CONFIG_KEYS = {
     "auto_whitelist_clients": (_integer, "scalar",
                                "greylisting: passes after which a client "
                                "network is accepted at once (5; 0: off)"),
+    "x_greylist_header": (_boolean, "scalar",
+                          "greylisting: add X-Greylist: to delayed mail "
+                          "(no)"),
+    "whitelist_clients": (_string, "scalar",
+                          "greylisting: file of clients never greylisted: "
+                          "addresses, networks, host-name suffixes checked "
+                          "by forward-confirmed reverse DNS (none)"),
     "greylist_fail_mode": (_fail_mode, "scalar",
                            "when the store fails: accept or defer (accept)"),
     "allowed_senders": (_word, "list",
@@ -1050,6 +1057,11 @@ class ConcreteMailHandler(MailHandler):
         """Policy at DATA: True to forward the message."""
         return False
 
+    def extra_headers(self):
+        """Header lines (str, ASCII, without CRLF) to put in front of the
+        message forwarded; none by default."""
+        return []
+
     # -- transaction log -------------------------------------------------
 
     def logResult(self):
@@ -1343,8 +1355,9 @@ class ConcreteMailHandler(MailHandler):
         partial = b""           # an unfinished line, kept for the next read
         previous = b"\r\n"      # the two octets before ``partial``
         upstream = self.upstream
-        outgoing = []
-        outgoing_size = 0
+        outgoing = [("".join(line + "\r\n" for line in self.extra_headers())
+                     .encode("ascii"))]
+        outgoing_size = len(outgoing[0])
         try:
             while True:
                 data = reader.read_available()
@@ -1488,7 +1501,9 @@ class GreyListingPolicy(ConcreteMailHandler):
        ``<Postmaster>`` (RFC 5321 section 4.5.1) is ours and accepted;
     3. a triple of ``whitelisted_triples`` (ip sender recipient) or of
        ``whitelisted_nonstandard_triples`` (HELO name, IP prefix,
-       recipient) is accepted;
+       recipient), or a client of the ``whitelist_clients`` file
+       (``client_is_whitelisted``), or a client network auto-whitelisted
+       by the store, is accepted;
     4. otherwise the triplet goes through the greylisting store
        (``greylist_db``, timings ``too_soon``, ``min_defer_time``,
        ``max_defer_time``, ``max_grey``): accepted, or ``defer_reply``.
@@ -1506,6 +1521,9 @@ class GreyListingPolicy(ConcreteMailHandler):
     A client network that passed greylisting ``auto_whitelist_clients``
     times (0: never) is accepted without delay until unseen for
     ``max_grey``.
+
+    With ``x_greylist_header``, mail that greylisting delayed gets an
+    ``X-Greylist:`` header saying for how long.
 
     ``now()`` is the clock the policy reads; tests override it.
     """
@@ -1525,9 +1543,12 @@ class GreyListingPolicy(ConcreteMailHandler):
     ipv6_prefix = 64
     relay_reply = "550 5.7.1 Relaying denied"
     greylist_fail_mode = "accept"
+    x_greylist_header = False
+    whitelist_clients = ""
 
     _stores = {}
     _store_errors = set()
+    _client_lists = {}
     _stores_lock = threading.Lock()
 
     def now(self):
@@ -1564,9 +1585,94 @@ class GreyListingPolicy(ConcreteMailHandler):
             self._store_errors.add(message)
         log.error("%s", message)
 
+    def _start_transaction(self):
+        ConcreteMailHandler._start_transaction(self)
+        self.greylist_delay = None
+
     def shouldWeAcceptMail(self):
         """True once at least one recipient was accepted."""
         return bool(self.recipients)
+
+    def extra_headers(self):
+        """With ``x_greylist_header``, an X-Greylist: header for a message
+        that greylisting delayed, saying for how long (as postgrey's)."""
+        if not self.x_greylist_header or self.greylist_delay is None:
+            return []
+        return ["X-Greylist: delayed %d seconds by smtpproxy-%s at %s; %s"
+                % (self.greylist_delay, __version__, self.servername,
+                   time.strftime("%a, %d %b %Y %H:%M:%S +0000",
+                                 time.gmtime(self.now())))]
+
+    def client_is_whitelisted(self):
+        """True if the client matches ``whitelist_clients``, a file of
+        addresses, networks (CIDR or whole-octet prefixes) and host-name
+        suffixes, one a line, '#' comments.  A name matches only when the
+        client's reverse name is confirmed by its forward lookup
+        (FCrDNS), so that nobody whitelists himself with a PTR record."""
+        if not self.whitelist_clients:
+            return False
+        networks, names = self.client_list()
+        if any(_in_network(self.peer, network) for network in networks):
+            return True
+        if not names:
+            return False
+        name = self.confirmed_client_name()
+        return name is not None and any(
+            name == suffix or name.endswith("." + suffix)
+            for suffix in names)
+
+    def client_list(self):
+        """``(networks, name suffixes)`` of the whitelist_clients file,
+        read again when it changes."""
+        path = self.whitelist_clients
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError as error:
+            self.store_failed(error)
+            return [], []
+        with self._stores_lock:
+            cached = self._client_lists.get(path)
+            if cached is not None and cached[0] == mtime:
+                return cached[1]
+        networks, names = [], []
+        with open(path) as client_file:
+            for line in client_file:
+                entry = line.split("#", 1)[0].strip().lower()
+                if not entry:
+                    continue
+                if re.match(r"\A[0-9.:/a-f]+\Z", entry) and (
+                        "/" in entry or ":" in entry
+                        or re.match(r"\A[0-9.]+\Z", entry)):
+                    networks.append(entry)
+                else:
+                    names.append(entry.strip("."))
+        with self._stores_lock:
+            self._client_lists[path] = (mtime, (networks, names))
+        return networks, names
+
+    def confirmed_client_name(self):
+        """The client's reverse name if one of its forward addresses is the
+        client's own (forward-confirmed reverse DNS), else None."""
+        for name in self.reverse_lookup(self.peer):
+            if self.peer in self.forward_lookup(name):
+                return name.lower().rstrip(".")
+        return None
+
+    def reverse_lookup(self, address):
+        """Names of ``address`` (PTR); tests replace the resolver here."""
+        try:
+            name, aliases, _ = socket.gethostbyaddr(address)
+        except (OSError, UnicodeError):
+            return []
+        return [name] + aliases
+
+    def forward_lookup(self, name):
+        """Addresses of ``name``; tests replace the resolver here."""
+        try:
+            return set(info[4][0] for info in socket.getaddrinfo(
+                name, None, 0, socket.SOCK_STREAM))
+        except (OSError, UnicodeError):
+            return set()
 
     def shouldWeAcceptRecipient(self, recipient):
         if self.client_may_relay():
@@ -1578,6 +1684,10 @@ class GreyListingPolicy(ConcreteMailHandler):
         if self.is_whitelisted(recipient):
             self.log_dialogue("accept %s: whitelisted triple", recipient)
             return True
+        if self.client_is_whitelisted():
+            self.log_dialogue("accept %s: client in %s", recipient,
+                              self.whitelist_clients)
+            return True
         network = self.client_network()
         key = " ".join([network, normalise_sender(self.mail_from),
                         recipient.lower()])
@@ -1587,7 +1697,9 @@ class GreyListingPolicy(ConcreteMailHandler):
                 self.log_dialogue("accept %s: client %s auto-whitelisted",
                                   recipient, network)
                 return True
-            accepted = store.decide(key, now, client=network)
+            accepted, delay = store.check(key, now, client=network)
+            if delay is not None:
+                self.greylist_delay = max(self.greylist_delay or 0, delay)
         except sqlite3.Error as error:
             accepted = self.greylist_fail_mode == "accept"
             self.store_failed(error)
@@ -1776,6 +1888,12 @@ class GreylistStore(object):
     def decide(self, key, now, client=None):
         """Return True to accept the triplet ``key`` at time ``now``; an
         acceptance counts as a pass of the network ``client``, if given."""
+        return self.check(key, now, client)[0]
+
+    def check(self, key, now, client=None):
+        """Like decide(), but return ``(accepted, delay)``: ``delay`` is
+        how long the triplet was held back when this try is the one that
+        passed greylisting, else None."""
         if self.last_purge is None or now - self.last_purge > \
                 self.purge_interval:
             self.last_purge = now
@@ -1784,6 +1902,9 @@ class GreylistStore(object):
 
     def _decide_and_count(self, connection, key, now, client):
         accept = self._decide(connection, key, now)
+        delay = None
+        if accept is not True and accept is not False:
+            accept, delay = True, accept
         if accept and client is not None:
             connection.execute(
                 "INSERT OR IGNORE INTO clients (network, passes, last_seen)"
@@ -1791,7 +1912,7 @@ class GreylistStore(object):
             connection.execute(
                 "UPDATE clients SET passes = passes + 1, last_seen = ?"
                 " WHERE network = ?", (now, client))
-        return accept
+        return accept, delay
 
     def client_is_trusted(self, client, now):
         """True if the network ``client`` passed greylisting
@@ -1827,6 +1948,7 @@ class GreylistStore(object):
         return deleted
 
     def _decide(self, connection, key, now):
+        # True or False; for the try that passes, the seconds it waited.
         row = connection.execute(
             "SELECT first_seen, passed FROM triplets WHERE key = ?",
             (key,)).fetchone()
@@ -1857,7 +1979,7 @@ class GreylistStore(object):
         connection.execute(
             "UPDATE triplets SET passed = ?, last_seen = ?, passes = 1"
             " WHERE key = ?", (now, now, key))
-        return True
+        return waited          # passed now, after waiting this long
 
     # -- administration (smtpproxy --db-...) ------------------------------
 

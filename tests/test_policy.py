@@ -229,7 +229,7 @@ def test_fifty_concurrent_sessions_decide_as_a_serial_run(grey, clock):
     results = []
 
     def session(number):
-        sender = "s%d@example.net" % (number % 5)
+        sender = "s%s@example.net" % "abcde"[number % 5]
         results.append(rcpt(port, "b@example.org", sender=sender)[0])
 
     def wave():
@@ -245,3 +245,83 @@ def test_fifty_concurrent_sessions_decide_as_a_serial_run(grey, clock):
     assert wave() == [451] * 50             # 5 triplets, all first tries
     clock.now += 3600
     assert wave() == [250] * 50             # all inside the window
+
+
+def deliver(port, sender="a@example.net", recipients=("b@example.org",)):
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        return client.sendmail(sender, list(recipients),
+                               b"Subject: t\r\n\r\nbody\r\n")
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_x_greylist_header_on_delayed_mail_only(grey, clock, upstream,
+                                                header):
+    port = grey(x_greylist_header=header)
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        deliver(port)
+    clock.now += 3725
+    deliver(port)                           # the delayed one
+    clock.now += 10
+    deliver(port)                           # already passed: no delay
+    first, second = [m.content for m in upstream.messages]
+    assert second == b"Subject: t\r\n\r\nbody\r\n"
+    if header:
+        assert first.startswith(
+            b"X-Greylist: delayed 3725 seconds by smtpproxy-")
+        assert first.endswith(b"\r\nSubject: t\r\n\r\nbody\r\n")
+    else:
+        assert first == second
+
+
+class Resolver(object):
+    """Stands in for DNS: PTR names and forward addresses."""
+
+    def __init__(self, reverse, forward):
+        self.reverse, self.forward = reverse, forward
+
+
+@pytest.fixture
+def whitelisted(grey, tmp_path):
+    def start(lines, reverse=(), forward=()):
+        path = tmp_path / "clients"
+        path.write_text("# whitelisted clients\n" + "\n".join(lines) + "\n")
+        resolver = Resolver(list(reverse), dict(forward))
+        return grey(whitelist_clients=str(path),
+                    reverse_lookup=lambda self, ip: resolver.reverse,
+                    forward_lookup=lambda self, name:
+                    resolver.forward.get(name, set()))
+    return start
+
+
+@pytest.mark.parametrize("lines,reverse,forward,accepted", [
+    (["127.0.0.1"], [], {}, True),
+    (["127.0.0.0/8"], [], {}, True),
+    (["127.0"], [], {}, True),
+    (["192.0.2.0/24"], [], {}, False),
+    # A name counts only when its forward lookup confirms the PTR.
+    (["mail.example.net"], ["mail.example.net"],
+     {"mail.example.net": {"127.0.0.1"}}, True),
+    (["example.net"], ["out1.mail.example.net"],
+     {"out1.mail.example.net": {"127.0.0.1"}}, True),
+    (["example.net"], ["out1.mail.example.net"],
+     {"out1.mail.example.net": {"192.0.2.1"}}, False),     # PTR lies
+    (["example.net"], ["badexample.net"],
+     {"badexample.net": {"127.0.0.1"}}, False),            # not a suffix
+    (["example.net"], [], {}, False),                      # no PTR
+])
+def test_whitelist_clients_with_forward_confirmed_names(
+        whitelisted, lines, reverse, forward, accepted):
+    port = whitelisted(lines, reverse, forward)
+    code = rcpt(port, "b@example.org")[0]
+    assert (code == 250) is accepted
+
+
+def test_whitelisted_client_may_still_not_relay(whitelisted):
+    port = whitelisted(["127.0.0.1"])
+    assert rcpt(port, "b@example.com")[0] == 550
+
+
+def test_real_resolver_on_loopback():
+    handler = object.__new__(smtpproxy.GreyListingPolicy)
+    assert "127.0.0.1" in handler.forward_lookup("localhost")
+    assert handler.forward_lookup("name.invalid") == set()
