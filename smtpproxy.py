@@ -1849,6 +1849,7 @@ class GreylistStore(object):
     def __init__(self, path):
         self.path = path
         self._local = threading.local()
+        self._write_lock = threading.Lock()
         self._connection().execute(
             "CREATE TABLE IF NOT EXISTS triplets ("
             " key TEXT PRIMARY KEY,"
@@ -1875,14 +1876,18 @@ class GreylistStore(object):
 
     def _transaction(self, work, *args):
         connection = self._connection()
-        # IMMEDIATE: the read and the write are one step for every process.
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            result = work(connection, *args)
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
+        # The threads of this process queue on a lock: waiting for sqlite's
+        # write lock instead means its busy handler's sleeps of up to 100 ms.
+        with self._write_lock:
+            # IMMEDIATE: the read and the write are one step for every
+            # process sharing the file.
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(connection, *args)
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
         return result
 
     def decide(self, key, now, client=None):
