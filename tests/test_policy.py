@@ -325,3 +325,38 @@ def test_real_resolver_on_loopback():
     handler = object.__new__(smtpproxy.GreyListingPolicy)
     assert "127.0.0.1" in handler.forward_lookup("localhost")
     assert handler.forward_lookup("name.invalid") == set()
+
+
+def test_trailing_dot_domain_is_refused_before_the_upstream(grey, upstream):
+    port = grey()
+    code, _ = rcpt(port, "b@example.org.")
+    assert code in (501, 550)
+    assert upstream.connections == 0
+
+
+def test_transaction_log_records_the_decision(grey, clock, upstream):
+    import logging
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect()
+    logger = logging.getLogger("smtpproxy.transactions")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        port = grey()
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            deliver(port)
+        clock.now += 3600
+        deliver(port)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    fields = [line.split(" | ") for line in records]
+    assert [f[3:6] for f in fields] == [
+        ["<a@example.net>", "<b@example.org>", "DEFERRED"],
+        ["<a@example.net>", "<b@example.org>", "ACCEPTED"]]

@@ -175,3 +175,37 @@ def test_purge_removes_only_what_expired(store):
     assert [row[0] for row in rows(store)] == ["grey-new", "passed"]
     assert store.purge(T0 + MIN_DEFER + MAX_GREY + 1) == 3   # + client
     assert rows(store) == []
+
+
+def test_kill_9_in_the_middle_of_writing_leaves_a_sound_store(tmp_path):
+    import signal
+    import sqlite3
+    import time as _time
+    path = str(tmp_path / "killed.db")
+    code = ("import sys; sys.path.insert(0, %r); import smtpproxy; "
+            "s = smtpproxy.GreylistStore(%r); print('ready', flush=True)\n"
+            "i = 0\n"
+            "while True:\n"
+            "    s.decide('k%%d' %% (i %% 1000), 1e9 + i); i += 1\n"
+            % (ROOT, path))
+    child = subprocess.Popen([sys.executable, "-c", code],
+                             stdout=subprocess.PIPE)
+    assert child.stdout.readline() == b"ready\n"
+    deadline = _time.monotonic() + 10
+    while _time.monotonic() < deadline:     # until it has written a lot
+        connection = sqlite3.connect(path)
+        count = connection.execute("SELECT count(*) FROM triplets")\
+            .fetchone()[0]
+        connection.close()
+        if count >= 500:
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    child.stdout.close()
+    connection = sqlite3.connect(path)
+    assert connection.execute("PRAGMA integrity_check").fetchone() == (
+        "ok",)
+    connection.close()
+    store = smtpproxy.GreylistStore(path)
+    assert store.decide("after", T0) is False
+    store.close()
