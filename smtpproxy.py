@@ -73,6 +73,8 @@ per client.  Each thread runs a handler, a StreamRequestHandler subclass:
                          handleMail(), ...; writes replies with netPrint().
     ConcreteMailHandler  the strict SMTP state machine, and the forwarding
                          through an UpstreamSession (a plain socket).
+    GreyListingPolicy    the default policy: allow-lists, relay refusal and
+                         greylisting in a GreylistStore (an sqlite3 file).
 
 Nothing reaches the upstream until a RCPT passes the local checks and the
 policy: then the upstream session is opened, the client's HELO/EHLO name
