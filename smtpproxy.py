@@ -1549,7 +1549,7 @@ class GreyListingPolicy(ConcreteMailHandler):
     whitelist_clients = ""
 
     _stores = {}
-    _store_errors = set()
+    _logged_errors = set()
     _client_lists = {}
     _stores_lock = threading.Lock()
 
@@ -1578,14 +1578,17 @@ class GreyListingPolicy(ConcreteMailHandler):
     def store_failed(self, error):
         """The store cannot be used: the decision falls back to
         ``greylist_fail_mode`` ("accept", as Kamaelia Grey did, or
-        "defer"); each distinct error is logged once, not per message."""
-        message = "greylisting store %s: %s; decisions fall back to %s" % (
-            self.greylist_db, error, self.greylist_fail_mode)
+        "defer"); the error is logged once, not per message."""
+        self.log_once("greylisting store %s: %s; decisions fall back to %s"
+                      % (self.greylist_db, error, self.greylist_fail_mode))
+
+    def log_once(self, message):
+        """Log an error the first time this process meets it."""
         with self._stores_lock:
-            if message in self._store_errors:
+            if message in self._logged_errors:
                 return
-            self._store_errors.add(message)
-        log.error("%s", message)
+            self._logged_errors.add(message)
+        log.error("%s", log_escape(message))
 
     def _start_transaction(self):
         ConcreteMailHandler._start_transaction(self)
@@ -1629,25 +1632,27 @@ class GreyListingPolicy(ConcreteMailHandler):
         path = self.whitelist_clients
         try:
             mtime = os.stat(path).st_mtime
-        except OSError as error:
-            self.store_failed(error)
+            with self._stores_lock:
+                cached = self._client_lists.get(path)
+                if cached is not None and cached[0] == mtime:
+                    return cached[1]
+            with open(path, "rb") as client_file:
+                entries = client_file.read().decode("ascii").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            self.log_once("whitelist_clients %s: %s; no client is "
+                          "whitelisted by it" % (path, error))
             return [], []
-        with self._stores_lock:
-            cached = self._client_lists.get(path)
-            if cached is not None and cached[0] == mtime:
-                return cached[1]
         networks, names = [], []
-        with open(path) as client_file:
-            for line in client_file:
-                entry = line.split("#", 1)[0].strip().lower()
-                if not entry:
-                    continue
-                if re.match(r"\A[0-9.:/a-f]+\Z", entry) and (
-                        "/" in entry or ":" in entry
-                        or re.match(r"\A[0-9.]+\Z", entry)):
-                    networks.append(entry)
-                else:
-                    names.append(entry.strip("."))
+        for line in entries:
+            entry = line.split("#", 1)[0].strip().lower()
+            if not entry:
+                continue
+            if re.match(r"\A[0-9.:/a-f]+\Z", entry) and (
+                    "/" in entry or ":" in entry
+                    or re.match(r"\A[0-9.]+\Z", entry)):
+                networks.append(entry)
+            else:
+                names.append(entry.strip("."))
         with self._stores_lock:
             self._client_lists[path] = (mtime, (networks, names))
         return networks, names

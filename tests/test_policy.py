@@ -360,3 +360,14 @@ def test_transaction_log_records_the_decision(grey, clock, upstream):
     assert [f[3:6] for f in fields] == [
         ["<a@example.net>", "<b@example.org>", "DEFERRED"],
         ["<a@example.net>", "<b@example.org>", "ACCEPTED"]]
+
+
+def test_missing_whitelist_clients_file_is_logged_once(grey, tmp_path,
+                                                       caplog):
+    port = grey(whitelist_clients=str(tmp_path / "missing"))
+    with caplog.at_level("ERROR", logger="smtpproxy"):
+        assert rcpt(port, "b@example.org")[0] == 451
+        assert rcpt(port, "c@example.org")[0] == 451
+    errors = [r.getMessage() for r in caplog.records
+              if "whitelist_clients" in r.getMessage()]
+    assert len(errors) == 1 and "missing" in errors[0]
