@@ -1560,18 +1560,14 @@ class GreyListingPolicy(ConcreteMailHandler):
     def store(self):
         """The greylisting store of ``greylist_db``, shared by every
         session of the process, with this class's timings."""
-        key = (self.greylist_db, self.too_soon, self.min_defer_time,
-               self.max_defer_time, self.max_grey,
-               self.auto_whitelist_clients)
+        settings = tuple(getattr(self, name)
+                         for name in GreylistStore.settings)
+        key = (self.greylist_db,) + settings
         with self._stores_lock:
             store = self._stores.get(key)
             if store is None:
                 store = GreylistStore(self.greylist_db)
-                store.too_soon = self.too_soon
-                store.min_defer_time = self.min_defer_time
-                store.max_defer_time = self.max_defer_time
-                store.max_grey = self.max_grey
-                store.auto_whitelist_clients = self.auto_whitelist_clients
+                store.configure(self)
                 self._stores[key] = store
         return store
 
@@ -1870,6 +1866,16 @@ class GreylistStore(object):
             " passes INTEGER NOT NULL,"
             " last_seen REAL NOT NULL)")
         self.last_purge = None
+
+    # The attributes a policy sets on its store (configure()).
+    settings = ("too_soon", "min_defer_time", "max_defer_time", "max_grey",
+                "auto_whitelist_clients")
+
+    def configure(self, source):
+        """Take the ``settings`` from ``source`` (a policy class or
+        instance, whose configuration keys they are)."""
+        for name in self.settings:
+            setattr(self, name, getattr(source, name))
 
     def _connection(self):
         connection = getattr(self._local, "connection", None)
@@ -2220,9 +2226,7 @@ def administer_store(handler_class, args):
         return 2
     try:
         store = GreylistStore(path)
-        for timing in ("too_soon", "min_defer_time", "max_defer_time",
-                       "max_grey", "auto_whitelist_clients"):
-            setattr(store, timing, getattr(handler_class, timing))
+        store.configure(handler_class)
         now = time.time()
         if args.db_list:
             def stamp(moment):
