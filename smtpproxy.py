@@ -92,11 +92,16 @@ upstream could read as an end of data.
 """
 
 import argparse
+import fcntl
+import grp
 import importlib
 import ipaddress
 import logging
+import logging.handlers
 import os
+import pwd
 import re
+import signal
 import socket
 import socketserver
 import sqlite3
@@ -153,6 +158,25 @@ def _boolean(text):
     if value in ("no", "false", "off", "0"):
         return False
     raise ValueError("expected yes or no, got %r" % text)
+
+
+def _positive(text):
+    value = _integer(text)
+    if value < 1:
+        raise ValueError("expected 1 or more, got %r" % text)
+    return value
+
+
+def _facility(text):
+    value = text.lower()
+    if value in ("", "no", "false", "off", "0"):
+        return ""
+    if value in ("yes", "true", "on", "1"):
+        return "mail"
+    if value not in logging.handlers.SysLogHandler.facility_names:
+        raise ValueError("expected no or a syslog facility such as mail "
+                         "or local0, got %r" % text)
+    return value
 
 
 def _string(text):
@@ -258,9 +282,32 @@ CONFIG_KEYS = {
     "whitelisted_nonstandard_triples": (
         _triple, "list",
         "helo-name ip-prefix <recipient>, always accepted"),
-    # The service's, read so that a file holding it loads without warning.
-    "max_connections": (_integer, "scalar",
-                        "(not used yet) concurrent clients"),
+    # The service's: SMTPProxyServer's and main()'s.
+    "max_connections": (_positive, "scalar",
+                        "clients served at once; more get 421 (500)"),
+    "max_connections_per_ip": (_integer, "scalar",
+                               "clients served at once from one address "
+                               "(50; 0: no limit)"),
+    "grace_period": (_integer, "scalar",
+                     "seconds a stopping server lets open transactions "
+                     "finish before closing them with 421 (30)"),
+    "pidfile": (_string, "scalar",
+                "file holding the process id, locked while it runs "
+                "(none)"),
+    "user": (_string, "scalar",
+             "user to switch to once the port is bound (none)"),
+    "group": (_string, "scalar",
+              "group to switch to (the user's own group)"),
+    "run_as_root": (_boolean, "scalar",
+                    "go on serving as root when no user is set (no)"),
+    "syslog": (_facility, "scalar",
+               "log to syslog with this facility, such as mail; no: "
+               "log to log_file and greylist_log (no)"),
+    "syslog_socket": (_string, "scalar",
+                      "syslog's socket, or HOST:PORT for UDP (/dev/log)"),
+    "log_file": (_string, "scalar",
+                 "the service's own log (starts, stops, errors) when "
+                 "syslog is off; empty: standard error ('')"),
 }
 
 
@@ -752,16 +799,17 @@ class MailHandler(socketserver.StreamRequestHandler):
     ``handleHelp``; anything else to ``handleUnknown``.  Each method gets
     ``args``, the text after the verb and its space ("" if none).
     ``handleConnect`` greets, ``handleTimeout`` says goodbye to a silent
-    client, ``handleDisconnect`` runs when the client
-    is gone.  Replies go out through ``netPrint``, buffered until the
-    handler needs more input, so that pipelined commands (RFC 2920) get
-    their replies in one write.
+    client, ``handleShutdown`` to one the stopping server closes,
+    ``handleDisconnect`` runs when the client is gone.  Replies go out
+    through ``netPrint``, buffered until the handler needs more input, so
+    that pipelined commands (RFC 2920) get their replies in one write.
 
     Set per connection: ``peer``, ``peerport`` (the client's address and
     port; an IPv4-mapped IPv6 address is written as plain IPv4),
     ``local``, ``localport``; ``inbox_log``, the command lines of the
     current envelope as received (the HELO/EHLO line, MAIL, RCPTs), from
-    which the upstream session is replayed.
+    which the upstream session is replayed; ``interrupted``, set by a
+    stopping SMTPProxyServer before it shuts the connection for reading.
 
     Class attributes (configuration keys):
 
@@ -815,6 +863,10 @@ class MailHandler(socketserver.StreamRequestHandler):
         self.inbox_log = []
         self.running = True
         self.errors = 0
+        self.interrupted = False
+        attach = getattr(self.server, "attach_session", None)
+        if attach is not None:
+            attach(self)
 
     def handle(self):
         try:
@@ -822,12 +874,17 @@ class MailHandler(socketserver.StreamRequestHandler):
             while self.running:
                 line = self.reader.readline(self.max_command_line)
                 if not line:
+                    if self.interrupted:
+                        self.handleShutdown()
                     break
                 self.handleLine(line)
         except socket.timeout:
             self.handleTimeout()
         except (ClientGone, OSError) as error:
-            self.log_dialogue("connection lost: %s", error)
+            if self.interrupted:
+                self.handleShutdown()
+            else:
+                self.log_dialogue("connection lost: %s", error)
         try:
             self.flush()
         except OSError:
@@ -856,6 +913,12 @@ class MailHandler(socketserver.StreamRequestHandler):
             data = "".join(self.output).encode("ascii", "replace")
             del self.output[:]
             self.wfile.write(data)
+
+    def count(self, name):
+        """Add one to the server's counter ``name`` (logged on SIGUSR1)."""
+        count = getattr(self.server, "count", None)
+        if count is not None:
+            count(name)
 
     def log_dialogue(self, message, *args):
         """Log a line of this session's dialogue to the debug log."""
@@ -893,6 +956,15 @@ class MailHandler(socketserver.StreamRequestHandler):
             if chunk.endswith(b"\n"):
                 return
 
+    def server_stopping(self):
+        """True once the server was told to stop (SIGTERM)."""
+        return getattr(self.server, "stopping", False)
+
+    def busy(self):
+        """True while a transaction is open: a stopping server lets it
+        finish, for up to its grace period.  Never, in MailHandler."""
+        return False
+
     def handleLine(self, line):
         """Check one raw command line and dispatch it."""
         if not line.endswith(b"\n"):
@@ -916,6 +988,10 @@ class MailHandler(socketserver.StreamRequestHandler):
         text = text.decode("ascii")
         verb, _, args = text.partition(" ")
         verb = verb.upper()
+        if verb != "QUIT" and not self.busy() and self.server_stopping():
+            # A transaction in progress may finish; none may start.
+            self.handleShutdown()
+            return
         if verb in self.commands:
             getattr(self, "handle" + verb.capitalize())(args)
         else:
@@ -926,6 +1002,9 @@ class MailHandler(socketserver.StreamRequestHandler):
     def handleConnect(self):
         """The client has connected: greet it, or drop it if it talks
         first (the pre-greet test of Postfix's postscreen)."""
+        if self.server_stopping():
+            self.handleShutdown()
+            return
         if self.client_talks_first():
             self.netPrint("554 5.5.1 %s Protocol error: talking before "
                           "the greeting" % self.servername)
@@ -956,6 +1035,18 @@ class MailHandler(socketserver.StreamRequestHandler):
     def timeout_reply(self):
         """The 421 sent to a client silent for too long."""
         return "421 4.4.2 %s Error: timeout exceeded" % self.servername
+
+    def handleShutdown(self):
+        """The server is stopping and this session may not go on: say 421
+        4.3.2, and the connection closes."""
+        self.netPrint(self.shutdown_reply())
+        self.log_dialogue("closed: the server is stopping")
+        self.close_connection()
+
+    def shutdown_reply(self):
+        """The 421 sent to a client when the server stops."""
+        return ("421 4.3.2 %s Service shutting down, closing transmission "
+                "channel" % self.servername)
 
     def handleDisconnect(self):
         """The session is over (QUIT, error, timeout or client gone)."""
@@ -1105,6 +1196,16 @@ class ConcreteMailHandler(MailHandler):
         if self.mail_from is not None:
             self.final_reply = self.timeout_reply()
 
+    def handleShutdown(self):
+        """Also record the 421 as the transaction's final reply."""
+        MailHandler.handleShutdown(self)
+        if self.mail_from is not None:
+            self.final_reply = self.shutdown_reply()
+
+    def busy(self):
+        """True from MAIL to the end of the transaction."""
+        return self.mail_from is not None
+
     def handleDisconnect(self):
         """Log the open transaction, if any, and QUIT the upstream."""
         self.logResult()
@@ -1157,8 +1258,17 @@ class ConcreteMailHandler(MailHandler):
         self.upstream_in_transaction = True
         return rcpt_reply
 
+    def count_reply(self, what, reply):
+        """Count a reply to RCPT ("rcpt") or to a message ("messages"):
+        the counters what_accepted, what_deferred, what_refused."""
+        outcome = {"2": "accepted", "4": "deferred", "5": "refused"}.get(
+            reply[:1])
+        if outcome is not None:
+            self.count("%s_%s" % (what, outcome))
+
     def upstream_failed(self, error):
         """The upstream broke: drop it; the transaction cannot complete."""
+        self.count("upstream_errors")
         log.warning("upstream %s:%s: %s", self.smtp_ip, self.smtp_port, error)
         self.log_dialogue("upstream: %s", error)
         if self.upstream is not None:
@@ -1277,15 +1387,18 @@ class ConcreteMailHandler(MailHandler):
         verdict = self.shouldWeAcceptRecipient(recipient)
         if verdict is not True:
             self.log_dialogue("policy refused recipient %s", recipient)
-            self.netPrint(verdict if isinstance(verdict, str)
-                          else self.defer_reply)
+            reply = verdict if isinstance(verdict, str) else self.defer_reply
+            self.count_reply("rcpt", reply)
+            self.netPrint(reply)
             return
         try:
             code, lines = self.relay_rcpt(recipient)
         except UpstreamError as error:
             self.upstream_failed(error)
+            self.count_reply("rcpt", error.reply)
             self.netPrint(error.reply)
             return
+        self.count_reply("rcpt", str(code))
         self.netPrint(format_reply(code, lines))
         if code // 100 == 2:
             self.recipients.append(recipient)
@@ -1303,6 +1416,7 @@ class ConcreteMailHandler(MailHandler):
             return
         if self.upstream_lost:
             self.final_reply = self.upstream_lost
+            self.count_reply("messages", self.final_reply)
             self.netPrint(self.upstream_lost)
             self.reset_transaction()
             return
@@ -1313,6 +1427,7 @@ class ConcreteMailHandler(MailHandler):
         if not self.shouldWeAcceptMail():
             self.status = "DEFERRED"
             self.final_reply = self.defer_reply
+            self.count_reply("messages", self.final_reply)
             self.netPrint(self.defer_reply)
             self.close_connection()
             return
@@ -1322,17 +1437,20 @@ class ConcreteMailHandler(MailHandler):
         except UpstreamError as error:
             self.upstream_failed(error)
             self.final_reply = error.reply
+            self.count_reply("messages", self.final_reply)
             self.netPrint(error.reply)
             self.reset_transaction()
             return
         if code != 354:
             self.final_reply = format_reply(code, lines[-1:])
+            self.count_reply("messages", self.final_reply)
             self.netPrint(format_reply(code, lines))
             self.upstream_in_transaction = False
             self.reset_transaction()
             return
         self.netPrint("354 End data with <CR><LF>.<CR><LF>")
         self.final_reply = self.receive_message()
+        self.count_reply("messages", self.final_reply)
         self.netPrint(self.final_reply)
         self.upstream_in_transaction = False
         self.reset_transaction()
@@ -2058,18 +2176,48 @@ class GreylistStore(object):
 # The server
 # ---------------------------------------------------------------------------
 
+COUNTERS = ("connections", "connections_refused", "rcpt_accepted",
+            "rcpt_deferred", "rcpt_refused", "messages_accepted",
+            "messages_deferred", "messages_refused", "upstream_errors")
+
+
 class SMTPProxyServer(socketserver.ThreadingTCPServer):
     """The listening socket: one daemon thread per client.
 
     ``server_address`` is ``(host, port)``; host "" listens on every IPv4
     and IPv6 address (one dual-stack socket where the system has IPv6), an
     IPv6 address or a name resolving to one gives an IPv6 socket.
+
+    Class attributes (configuration keys):
+
+    max_connections         clients served at once; one more gets
+                            ``421 4.7.0`` and is closed at once, without a
+                            thread of its own
+    max_connections_per_ip  the same, per client address (0: no limit)
+    grace_period            seconds stop() lets open transactions finish
+
+    Counters (``counters``, a dict; logged by log_counters(), which the
+    command line runs on SIGUSR1): connections, connections_refused,
+    rcpt_accepted, rcpt_deferred, rcpt_refused (replies to RCPT, ours or
+    the upstream's), messages_accepted, messages_deferred,
+    messages_refused (replies to DATA and to the message), upstream_errors.
+
+    ``stop()`` ends the service without losing mail: see there.
     """
 
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
     request_queue_size = 1024
+
+    max_connections = 500
+    max_connections_per_ip = 50
+    grace_period = 30
+    # How long stop() waits, after the grace period, for the sessions it
+    # closed to say 421 and end.
+    close_wait = 5
+    # Refused connections are logged at most once per this many seconds.
+    refusal_log_interval = 60
 
     def __init__(self, server_address, RequestHandlerClass,
                  bind_and_activate=True):
@@ -2087,6 +2235,15 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
                 raise OSError("cannot resolve %s: %s" % (host, error))
             self.address_family = info[0][0]
             server_address = info[0][4][:2]
+        # request socket -> its handler (None until the handler is set up)
+        self.sessions = {}
+        self.sessions_per_ip = {}
+        self.sessions_changed = threading.Condition(threading.Lock())
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.stopping = False
+        self.stop_now = False       # set during stop(): end the grace now
+        self._refusals = 0
+        self._refusals_logged = 0.0
         socketserver.ThreadingTCPServer.__init__(
             self, server_address, RequestHandlerClass, bind_and_activate)
 
@@ -2099,6 +2256,156 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     def handle_error(self, request, client_address):
         log.exception("unexpected error with client %s",
                       log_escape(client_address[0]))
+
+    # -- counting sessions -----------------------------------------------
+
+    def count(self, name):
+        """Add one to counter ``name``."""
+        with self.sessions_changed:
+            self.counters[name] = self.counters.get(name, 0) + 1
+
+    def log_counters(self):
+        """Log the counters and the number of open sessions."""
+        with self.sessions_changed:
+            counters = sorted(self.counters.items())
+            active = len(self.sessions)
+        log.info("counters: sessions_open=%d %s", active,
+                 " ".join("%s=%d" % item for item in counters))
+
+    @staticmethod
+    def _client_ip(client_address):
+        address = client_address[0]
+        if address.startswith("::ffff:") and "." in address:
+            address = address[7:]
+        return address
+
+    def process_request(self, request, client_address):
+        """Start a session thread, unless a limit is reached: then the
+        client gets 421 4.7.0 from this thread and is closed."""
+        address = self._client_ip(client_address)
+        with self.sessions_changed:
+            self.counters["connections"] += 1
+            per_ip = self.sessions_per_ip.get(address, 0)
+            refused = (self.stopping
+                       or len(self.sessions) >= self.max_connections
+                       or 0 < self.max_connections_per_ip <= per_ip)
+            if refused:
+                self.counters["connections_refused"] += 1
+            else:
+                self.sessions[request] = None
+                self.sessions_per_ip[address] = per_ip + 1
+        if refused:
+            self.refuse_connection(request, address)
+            return
+        try:
+            socketserver.ThreadingTCPServer.process_request(
+                self, request, client_address)
+        except BaseException:
+            self._forget(request, address)
+            raise
+
+    def refuse_connection(self, request, address):
+        """Say 421 4.7.0 to a client over the limits (421 4.3.2 when
+        stopping), without waiting for it, and close the connection."""
+        servername = getattr(self.RequestHandlerClass, "servername",
+                             socket.getfqdn())
+        if self.stopping:
+            reply = ("421 4.3.2 %s Service shutting down, closing "
+                     "transmission channel\r\n" % servername)
+        else:
+            reply = ("421 4.7.0 %s Error: too many connections, try "
+                     "again later\r\n" % servername)
+        try:
+            request.send(reply.encode("ascii", "replace"),
+                         socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+        self._refusals += 1
+        now = time.time()
+        if now - self._refusals_logged >= self.refusal_log_interval:
+            log.warning("connection limit reached (max_connections %d, "
+                        "max_connections_per_ip %d): refused %d "
+                        "connection(s), the last from %s",
+                        self.max_connections, self.max_connections_per_ip,
+                        self._refusals, log_escape(address))
+            self._refusals = 0
+            self._refusals_logged = now
+
+    def process_request_thread(self, request, client_address):
+        try:
+            socketserver.ThreadingTCPServer.process_request_thread(
+                self, request, client_address)
+        finally:
+            self._forget(request, self._client_ip(client_address))
+
+    def attach_session(self, handler):
+        """Called by each MailHandler when it is set up."""
+        with self.sessions_changed:
+            if handler.request in self.sessions:
+                self.sessions[handler.request] = handler
+
+    def _forget(self, request, address):
+        with self.sessions_changed:
+            if self.sessions.pop(request, False) is not False:
+                left = self.sessions_per_ip.get(address, 1) - 1
+                if left > 0:
+                    self.sessions_per_ip[address] = left
+                else:
+                    self.sessions_per_ip.pop(address, None)
+            self.sessions_changed.notify_all()
+
+    # -- stopping --------------------------------------------------------
+
+    def _interrupt(self, busy_too):
+        """Shut open connections for reading: their handlers read the end
+        and close with 421 4.3.2.  A connection whose transaction is open
+        is spared unless ``busy_too``."""
+        for request, handler in list(self.sessions.items()):
+            if handler is not None:
+                if handler.interrupted:
+                    continue
+                if handler.busy() and not busy_too:
+                    continue
+                handler.interrupted = True
+            try:
+                request.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+    def stop(self, grace_period=None):
+        """Stop serving without losing mail; return the number of sessions
+        still open when it gave up waiting.
+
+        Call it once serve_forever() has returned.  The listening socket
+        is closed at once.  Sessions without an open transaction are
+        closed with 421 4.3.2 at once; sessions in a transaction get up to
+        ``grace_period`` seconds to finish it, then they are closed the
+        same way.  A message whose data had not all arrived is not passed
+        on (the upstream session is aborted without the final dot), so the
+        client, which heard no 2xx, sends it again later; a message whose
+        final dot reached the upstream gets its reply relayed if it comes
+        within ``close_wait`` seconds.
+        """
+        if grace_period is None:
+            grace_period = self.grace_period
+        self.stopping = True
+        self.server_close()
+        deadline = time.time() + grace_period
+        with self.sessions_changed:
+            while True:
+                self._interrupt(busy_too=False)
+                left = deadline - time.time()
+                if not self.sessions or left <= 0 or self.stop_now:
+                    break
+                # Sessions that end notify; one that ends its transaction
+                # is seen within a quarter of a second.
+                self.sessions_changed.wait(min(left, 0.25))
+            self._interrupt(busy_too=True)
+            deadline = time.time() + self.close_wait
+            while self.sessions and time.time() < deadline:
+                self.sessions_changed.wait(deadline - time.time())
+            return len(self.sessions)
 
 
 def _ipv6_works():
@@ -2115,8 +2422,26 @@ def _ipv6_works():
 # ---------------------------------------------------------------------------
 
 DEFAULT_CLASS = "smtpproxy.GreyListingPolicy"
-SERVER_KEYS = ("port", "listen_ip", "greylist_log", "greylist_debuglog",
-               "debug")
+# Keys of the service (main()), with their defaults, and of the server
+# (SMTPProxyServer's attributes): none of them is copied onto the handler.
+SERVICE_DEFAULTS = {
+    "port": 25, "listen_ip": "", "greylist_log": "greylist.log",
+    "greylist_debuglog": "greylist-debug.log", "debug": False,
+    "pidfile": "", "user": "", "group": "", "run_as_root": False,
+    "syslog": "", "syslog_socket": "/dev/log", "log_file": "",
+}
+SERVER_SETTINGS = ("max_connections", "max_connections_per_ip",
+                   "grace_period")
+SERVER_KEYS = tuple(sorted(SERVICE_DEFAULTS)) + SERVER_SETTINGS
+# Keys used once, at the start: a reload that changes them says so.
+RESTART_KEYS = ("port", "listen_ip", "pidfile", "user", "group",
+                "run_as_root")
+# File names, made absolute at the start: a daemon runs in "/".
+PATH_KEYS = ("greylist_log", "greylist_debuglog", "log_file", "pidfile",
+             "greylist_db", "whitelist_clients")
+# Options that set a key; their values are read as in the file.
+KEY_OPTIONS = ("pidfile", "user", "group", "syslog", "grace_period",
+               "max_connections", "max_connections_per_ip")
 
 
 def _usage():
@@ -2166,28 +2491,90 @@ def find_class(dotted_name):
     return handler
 
 
-def configure_logging(values):
-    """Send our log to stderr, transactions to greylist_log and, when the
-    ``debug`` key is set, the dialogue to greylist_debuglog."""
-    stderr = logging.StreamHandler()
-    stderr.setFormatter(logging.Formatter(
-        "%(asctime)s smtpproxy[%(process)d]: %(levelname)s %(message)s"))
-    log.addHandler(stderr)
+_installed_log_handlers = []      # (logger, handler) set up by us
+
+
+class _SyslogFormatter(logging.Formatter):
+    """syslog's tag, as mail daemons write it: smtpproxy[pid]: message."""
+
+    def __init__(self):
+        logging.Formatter.__init__(self,
+                                   "smtpproxy[%(process)d]: %(message)s")
+
+
+def _syslog_handler(values):
+    address = values.get("syslog_socket", "/dev/log")
+    socktype = None
+    if not address.startswith("/"):
+        address = _split_host_port(address, 514)
+        socktype = socket.SOCK_DGRAM
+    facility = logging.handlers.SysLogHandler.facility_names[values["syslog"]]
+    handler = logging.handlers.SysLogHandler(address, facility, socktype)
+    handler.setFormatter(_SyslogFormatter())
+    return handler
+
+
+def configure_logging(values, created=None):
+    """Set up the logs from the configuration, or set them up again (on
+    SIGHUP: files are reopened, which is what logrotate needs).
+
+    The service's own log (starts, stops, warnings, errors) goes to syslog
+    when the ``syslog`` key names a facility, else to ``log_file``, else to
+    standard error.  Transaction lines go to ``greylist_log`` and, with
+    syslog, to syslog too; the dialogue goes to ``greylist_debuglog`` when
+    ``debug`` is on.  Everything is opened before anything is replaced:
+    if a file cannot be opened, OSError is raised and the logs in place
+    stay as they were.  The names of files created are appended to
+    ``created``.
+    """
+    def open_file(path, layout):
+        if created is not None and not os.path.exists(path):
+            created.append(path)
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter(layout))
+        return handler
+
+    new = []
+    try:
+        if values.get("syslog"):
+            syslog = _syslog_handler(values)
+            new.append((log, syslog))
+            syslog = _syslog_handler(values)
+            new.append((transaction_log, syslog))
+        elif values.get("log_file"):
+            new.append((log, open_file(
+                values["log_file"],
+                "%(asctime)s smtpproxy[%(process)d]: %(levelname)s "
+                "%(message)s")))
+        else:
+            stderr = logging.StreamHandler()
+            stderr.setFormatter(logging.Formatter(
+                "%(asctime)s smtpproxy[%(process)d]: %(levelname)s "
+                "%(message)s"))
+            new.append((log, stderr))
+        path = values.get("greylist_log", "greylist.log")
+        if path:
+            new.append((transaction_log, open_file(path, "%(message)s")))
+        path = values.get("greylist_debuglog", "greylist-debug.log")
+        if values.get("debug") and path:
+            new.append((dialogue_log, open_file(path,
+                                                "%(asctime)s %(message)s")))
+    except OSError:
+        for _, handler in new:
+            handler.close()
+        raise
+    for logger, handler in _installed_log_handlers:
+        logger.removeHandler(handler)
+        handler.close()
+    _installed_log_handlers[:] = new
+    for logger, handler in new:
+        logger.addHandler(handler)
     log.setLevel(logging.INFO)
+    transaction_log.setLevel(logging.INFO)
     transaction_log.propagate = False
+    dialogue_log.setLevel(logging.DEBUG if values.get("debug")
+                          else logging.WARNING)
     dialogue_log.propagate = False
-    path = values.get("greylist_log", "greylist.log")
-    if path:
-        transactions = logging.FileHandler(path)
-        transactions.setFormatter(logging.Formatter("%(message)s"))
-        transaction_log.addHandler(transactions)
-        transaction_log.setLevel(logging.INFO)
-    path = values.get("greylist_debuglog", "greylist-debug.log")
-    if values.get("debug") and path:
-        dialogue = logging.FileHandler(path)
-        dialogue.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        dialogue_log.addHandler(dialogue)
-        dialogue_log.setLevel(logging.DEBUG)
 
 
 def format_config(handler_class, values):
@@ -2197,10 +2584,10 @@ def format_config(handler_class, values):
         kind = CONFIG_KEYS[key][1]
         if key in values:
             value = values[key]
-        elif key in SERVER_KEYS:
-            value = {"port": 25, "listen_ip": "", "debug": False,
-                     "greylist_log": "greylist.log",
-                     "greylist_debuglog": "greylist-debug.log"}[key]
+        elif key in SERVICE_DEFAULTS:
+            value = SERVICE_DEFAULTS[key]
+        elif key in SERVER_SETTINGS:
+            value = getattr(SMTPProxyServer, key)
         else:
             value = getattr(handler_class, key, None)
         if value is None:
@@ -2256,6 +2643,199 @@ def administer_store(handler_class, args):
     return 0
 
 
+class StartError(Exception):
+    """The service cannot start; ``status`` is the exit status."""
+
+    def __init__(self, message, status=1):
+        Exception.__init__(self, message)
+        self.status = status
+
+
+def lock_pidfile(path):
+    """Open and lock the pidfile; return its descriptor.
+
+    The lock (flock) is held for as long as the process runs, so that a
+    pidfile left by a dead process is recognised and replaced, and one of
+    a running process makes this start fail, whatever pid it holds.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise StartError("cannot open pidfile %s: %s"
+                         % (path, error.strerror))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise StartError("already running (pid %s, %s)"
+                         % (log_escape(pid) or "?", path))
+    fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+    return fd
+
+
+def write_pidfile(fd):
+    """Write this process's id into the locked pidfile."""
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, ("%d\n" % os.getpid()).encode("ascii"))
+
+
+def daemonize():
+    """Detach from the terminal: fork, new session, fork again, umask 022,
+    chdir /.  The original process waits until the daemon reports how its
+    start went (see report_start) and exits with that status.  Returns,
+    in the daemon, the pipe to report on."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    if os.fork() > 0:
+        os.close(write_end)
+        status = os.read(read_end, 1)
+        os._exit(status[0] if status else 1)
+    os.close(read_end)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.umask(0o022)
+    os.chdir("/")
+    return write_end
+
+
+def report_start(pipe, status):
+    """Tell the waiting original process the start's exit status; on
+    success, let go of the terminal: standard streams to /dev/null."""
+    os.write(pipe, bytes([status]))
+    os.close(pipe)
+    if status == 0:
+        null = os.open(os.devnull, os.O_RDWR)
+        for stream in (0, 1, 2):
+            os.dup2(null, stream)
+        os.close(null)
+
+
+def find_user(values):
+    """The (uid, gid, name) to switch to, or None; refuse to go on as
+    root unless run_as_root is set."""
+    user, group = values.get("user"), values.get("group")
+    if not user:
+        if group:
+            raise StartError("group %s needs a user" % group, 2)
+        if os.geteuid() == 0 and not values.get("run_as_root"):
+            raise StartError("refusing to serve as root: set user (or "
+                             "run_as_root = yes)", 2)
+        return None
+    try:
+        entry = pwd.getpwnam(user)
+        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError as error:
+        raise StartError("unknown user or group: %s" % error, 2)
+    if entry.pw_uid == 0 and not values.get("run_as_root"):
+        raise StartError("user %s is root: set run_as_root = yes to mean "
+                         "it" % user, 2)
+    if os.geteuid() != 0 and (entry.pw_uid, gid) != (os.geteuid(),
+                                                      os.getegid()):
+        raise StartError("cannot switch to user %s: not running as root"
+                         % user)
+    return entry.pw_uid, gid, user
+
+
+def _user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def drop_privileges(identity, files):
+    """Switch to ``identity`` (uid, gid, name) for good, after handing it
+    ``files`` (the logs and the store that were created as root)."""
+    uid, gid, name = identity
+    if os.geteuid() != 0:
+        return
+    for path in files:
+        try:
+            os.chown(path, uid, gid)
+        except OSError as error:
+            raise StartError("cannot give %s to %s: %s"
+                             % (path, name, error.strerror))
+    os.initgroups(name, gid)
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def check_store(handler_class):
+    """Open the greylisting store once, as the user serving: one it cannot
+    write stops the start rather than every decision later."""
+    path = getattr(handler_class, "greylist_db", None)
+    if not path:
+        return
+    try:
+        store = GreylistStore(path)
+        store.configure(handler_class)
+        store.stats()
+        store.close()
+    except sqlite3.Error as error:
+        raise StartError("greylisting store %s: %s (its directory must be "
+                         "writable by the user serving)" % (path, error))
+
+
+def _option_value(text):
+    """Read -o KEY=VALUE as the file would; list items split at commas."""
+    key, equals, value = text.partition("=")
+    key = key.strip()
+    if not equals or key not in CONFIG_KEYS:
+        raise ValueError("-o %s: expected KEY=VALUE with a configuration "
+                         "key" % log_escape(text))
+    convert, kind, _ = CONFIG_KEYS[key]
+    try:
+        if kind == "list":
+            items = [item.split() for item in value.split(",")
+                     if item.strip()]
+            return key, [convert(item[0] if len(item) == 1 else tuple(item))
+                         for item in items]
+        return key, convert(value.strip())
+    except ValueError as error:
+        raise ValueError("-o %s: %s" % (key, error))
+
+
+def read_settings(args):
+    """The configuration file and the command line's keys over it: return
+    ``(values, path, warnings)``; raise ConfigError or ValueError."""
+    values, path, warnings = load_config(args.config)
+    if args.listen:
+        values["listen_ip"], values["port"] = _split_host_port(args.listen)
+    if args.upstream:
+        values["smtp_ip"], values["smtp_port"] = _split_host_port(
+            args.upstream, values.get("smtp_port", 8025))
+    if args.debug is not None:
+        values["debug"] = args.debug
+    for key in KEY_OPTIONS:
+        text = getattr(args, key)
+        if text is not None:
+            values.update([_option_value("%s=%s" % (key, text))])
+    for text in args.set or ():
+        values.update([_option_value(text)])
+    return values, path, warnings
+
+
+def handler_class_for(base, values):
+    """A subclass of ``base`` whose attributes are the handler's keys."""
+    attributes = dict((key, value) for key, value in values.items()
+                      if key not in SERVER_KEYS)
+    return type(base.__name__, (base,), attributes)
+
+
+def configure_server(server, values):
+    """Set the server's keys (limits, grace period) from ``values``."""
+    for key in SERVER_SETTINGS:
+        if key in values:
+            setattr(server, key, values[key])
+        else:
+            # Back to the default, also when a reload removed the key.
+            server.__dict__.pop(key, None)
+
+
 def main(argv=None):
     """Run the proxy from the command line; return the exit status."""
     # A --class module that imports smtpproxy must get this very module,
@@ -2273,6 +2853,13 @@ def main(argv=None):
     parser.add_argument("--class", dest="handler_class",
                         metavar="DOTTED.NAME", default=DEFAULT_CLASS)
     parser.add_argument("-d", "--debug", action="store_true", default=None)
+    parser.add_argument("-o", dest="set", action="append",
+                        metavar="KEY=VALUE")
+    for key in KEY_OPTIONS:
+        parser.add_argument("--" + key.replace("_", "-"), dest=key)
+    detach = parser.add_mutually_exclusive_group()
+    detach.add_argument("--daemon", action="store_true")
+    detach.add_argument("--foreground", action="store_false", dest="daemon")
     parser.add_argument("--check-config", action="store_true")
     store_commands = parser.add_mutually_exclusive_group()
     store_commands.add_argument("--db-list", action="store_true")
@@ -2285,15 +2872,7 @@ def main(argv=None):
         print(_usage())
         return 0
     try:
-        values, path, warnings = load_config(args.config)
-        if args.listen:
-            values["listen_ip"], values["port"] = _split_host_port(
-                args.listen)
-        if args.upstream:
-            values["smtp_ip"], values["smtp_port"] = _split_host_port(
-                args.upstream, values.get("smtp_port", 8025))
-        if args.debug is not None:
-            values["debug"] = args.debug
+        values, path, warnings = read_settings(args)
     except (ConfigError, ValueError) as error:
         sys.stderr.write("smtpproxy: error: %s\n" % error)
         return 2
@@ -2303,11 +2882,7 @@ def main(argv=None):
         sys.stderr.write("smtpproxy: error: --class %s: %s\n"
                          % (args.handler_class, error))
         return 2
-    # Keys become class attributes of the handler; the others (port,
-    # listen_ip, the log files, debug) are the server's.
-    attributes = dict((key, value) for key, value in values.items()
-                      if key not in SERVER_KEYS)
-    handler_class = type(base.__name__, (base,), attributes)
+    handler_class = handler_class_for(base, values)
     if args.check_config:
         for warning in warnings:
             sys.stderr.write("smtpproxy: warning: %s\n" % warning)
@@ -2318,32 +2893,167 @@ def main(argv=None):
     if (args.db_list or args.db_stats or args.db_purge or args.db_pass
             or args.db_delete):
         return administer_store(handler_class, args)
-    try:
-        configure_logging(values)
-    except OSError as error:
-        sys.stderr.write("smtpproxy: error: cannot open log: %s\n" % error)
-        return 2
-    for warning in warnings:
-        log.warning("%s", warning)
-    address = (values.get("listen_ip", ""), values.get("port", 25))
-    try:
-        server = SMTPProxyServer(address, handler_class)
-    except OSError as error:
-        sys.stderr.write("smtpproxy: error: cannot listen on %s:%s: %s\n"
-                         % (address[0], address[1], error))
-        return 1
-    log.info("smtpproxy %s listening on [%s]:%s, forwarding to %s:%s "
-             "(class %s, config %s)", __version__,
-             server.server_address[0], server.server_address[1],
-             handler_class.smtp_ip, handler_class.smtp_port,
-             args.handler_class, path or "none")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
+    return Service(args, base, values, path, warnings).run()
+
+
+class Service(object):
+    """The proxy run as a service by main(): start-up in the order a
+    daemon on port 25 needs, signals, reloads and the graceful stop.
+
+    The start: pidfile locked, logs opened, port bound (as root), detached
+    (--daemon), pid written, privileges dropped, store checked, then
+    serving.  SIGTERM and SIGINT stop (SMTPProxyServer.stop(), once more:
+    at once), SIGHUP reloads the configuration and reopens the logs,
+    SIGUSR1 logs the counters.
+    """
+
+    def __init__(self, args, base, values, path, warnings):
+        self.args = args
+        self.base = base
+        self.path = path and os.path.abspath(path)
+        if path:
+            args.config = self.path     # a reload reads the same file
+        self.values = self.absolute_paths(values)
+        self.warnings = warnings
+        self.server = None
+        self.pidfile = None
+        self.pending = []
+
+    @staticmethod
+    def absolute_paths(values):
+        values = dict(values)
+        for key in PATH_KEYS:
+            if values.get(key):
+                values[key] = os.path.abspath(values[key])
+        return values
+
+    def run(self):
+        report = None
+        try:
+            identity = find_user(self.values)
+            if self.values.get("pidfile"):
+                self.pidfile = lock_pidfile(self.values["pidfile"])
+            created = []
+            try:
+                configure_logging(self.values, created)
+            except OSError as error:
+                raise StartError("cannot open log: %s" % error, 2)
+            handler_class = handler_class_for(self.base, self.values)
+            store = getattr(handler_class, "greylist_db", None)
+            if identity and store and not os.path.exists(store):
+                open(store, "ab").close()
+                created.append(store)
+            address = (self.values.get("listen_ip", ""),
+                       self.values.get("port", 25))
+            try:
+                self.server = SMTPProxyServer(address, handler_class)
+            except OSError as error:
+                raise StartError("cannot listen on [%s]:%s: %s"
+                                 % (address[0], address[1], error))
+            configure_server(self.server, self.values)
+            if self.args.daemon:
+                if not (self.values.get("syslog")
+                        or self.values.get("log_file")):
+                    sys.stderr.write("smtpproxy: warning: as a daemon, "
+                                     "set syslog or log_file to keep the "
+                                     "service's log\n")
+                report = daemonize()
+            if self.pidfile is not None:
+                write_pidfile(self.pidfile)
+            if identity:
+                drop_privileges(identity, created)
+            check_store(handler_class)
+        except StartError as error:
+            sys.stderr.write("smtpproxy: error: %s\n" % error)
+            if report is not None:
+                report_start(report, error.status)
+            self.close()
+            return error.status
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                       signal.SIGUSR1):
+            signal.signal(signum, self.on_signal)
+        self.server.service_actions = self.on_service
+        if report is not None:
+            report_start(report, 0)
+        for warning in self.warnings:
+            log.warning("%s", warning)
+        log.info("smtpproxy %s listening on [%s]:%s, forwarding to %s:%s "
+                 "(class %s, config %s, pid %d, user %s)", __version__,
+                 self.server.server_address[0],
+                 self.server.server_address[1],
+                 handler_class.smtp_ip, handler_class.smtp_port,
+                 self.args.handler_class, self.path or "none", os.getpid(),
+                 _user_name(os.geteuid()))
+        try:
+            self.server.serve_forever(poll_interval=0.25)
+            log.info("stopping: waiting up to %s seconds for %d open "
+                     "session(s)", self.server.grace_period,
+                     len(self.server.sessions))
+            left = self.server.stop()
+            log.info("stopped%s", " (%d session(s) did not end)" % left
+                     if left else "")
+        finally:
+            self.close()
+        return 0
+
+    def close(self):
+        if self.server is not None:
+            self.server.server_close()
+        if self.pidfile is not None:
+            try:
+                os.unlink(self.values["pidfile"])
+            except OSError:
+                pass    # not ours to remove any more: the init script's
+            os.close(self.pidfile)
+            self.pidfile = None
+
+    def on_signal(self, signum, frame):
+        """Only note the signal: on_service() acts on it, in the main
+        thread, outside whatever the signal interrupted."""
+        if signum in (signal.SIGTERM, signal.SIGINT) and self.server.stopping:
+            self.server.stop_now = True     # twice: end the grace period
+        self.pending.append(signum)
+
+    def on_service(self):
+        """Called by serve_forever() at least every quarter second."""
+        while self.pending:
+            signum = self.pending.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                if not self.server.stopping:
+                    log.info("signal %d: stopping", signum)
+                    self.server.stopping = True
+                    # shutdown() waits for serve_forever() to return: it
+                    # cannot be called from this thread.
+                    threading.Thread(target=self.server.shutdown).start()
+            elif signum == signal.SIGHUP:
+                self.reload()
+            elif signum == signal.SIGUSR1:
+                self.server.log_counters()
+
+    def reload(self):
+        """Read the configuration again; new sessions get it, sessions in
+        progress keep theirs.  A configuration that cannot be used leaves
+        the one in force, and the log says why."""
+        try:
+            values, path, warnings = read_settings(self.args)
+            values = self.absolute_paths(values)
+            handler_class = handler_class_for(self.base, values)
+            configure_logging(values)
+        except (ConfigError, ValueError, OSError) as error:
+            log.error("reload failed, keeping the configuration in force: "
+                      "%s", error)
+            return
+        for warning in warnings:
+            log.warning("%s", warning)
+        for key in RESTART_KEYS:
+            if values.get(key) != self.values.get(key):
+                log.warning("reload: %s changed, which takes a restart",
+                            key)
+                values[key] = self.values.get(key)
+        self.values = values
+        self.server.RequestHandlerClass = handler_class
+        configure_server(self.server, values)
+        log.info("reloaded the configuration from %s", path or "nowhere")
 
 
 if __name__ == "__main__":

@@ -374,6 +374,9 @@ class ProxyProcess(object):
             config_file.write("greylist_log = %s\n"
                               % (tmp_path / "greylist.log"))
             config_file.write(config)
+            if os.geteuid() == 0:
+                # Tests run as root on the CI machines.
+                config_file.write("\nrun_as_root = yes\n")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([HERE, ROOT])
         self.process = subprocess.Popen(

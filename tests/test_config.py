@@ -437,10 +437,12 @@ def test_the_dist_file_documents_every_key_with_its_default():
     assert set(values) == set(smtpproxy.CONFIG_KEYS)
     handler = smtpproxy.GreyListingPolicy
     for key, value in values.items():
-        if key == "serverid" or key in smtpproxy.SERVER_KEYS or \
-                key == "max_connections":
-            continue
-        assert getattr(handler, key) == value, key
+        if key in smtpproxy.SERVICE_DEFAULTS:
+            assert smtpproxy.SERVICE_DEFAULTS[key] == value, key
+        elif key in smtpproxy.SERVER_SETTINGS:
+            assert getattr(smtpproxy.SMTPProxyServer, key) == value, key
+        elif key != "serverid":
+            assert getattr(handler, key) == value, key
 
 
 def test_the_reference_file_drives_a_running_proxy(tmp_path, upstream):
