@@ -2508,6 +2508,21 @@ def _syslog_handler(values):
     if not address.startswith("/"):
         address = _split_host_port(address, 514)
         socktype = socket.SOCK_DGRAM
+    else:
+        # SysLogHandler would start without its socket and lose every
+        # line: a socket that is not there is a configuration error.
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            probe = socket.socket(socket.AF_UNIX, kind)
+            try:
+                probe.connect(address)
+                break
+            except OSError as error:
+                problem = error
+            finally:
+                probe.close()
+        else:
+            raise OSError("syslog socket %s: %s"
+                          % (address, problem.strerror))
     facility = logging.handlers.SysLogHandler.facility_names[values["syslog"]]
     handler = logging.handlers.SysLogHandler(address, facility, socktype)
     handler.setFormatter(_SyslogFormatter())
@@ -2913,18 +2928,25 @@ class Service(object):
         self.path = path and os.path.abspath(path)
         if path:
             args.config = self.path     # a reload reads the same file
+        self.start_dir = os.getcwd()
         self.values = self.absolute_paths(values)
         self.warnings = warnings
         self.server = None
         self.pidfile = None
         self.pending = []
 
-    @staticmethod
-    def absolute_paths(values):
+    def absolute_paths(self, values):
+        """``values`` with the file names, given or default, made absolute
+        from the directory the service started in (a daemon is in /)."""
         values = dict(values)
         for key in PATH_KEYS:
-            if values.get(key):
-                values[key] = os.path.abspath(values[key])
+            if key in values:
+                value = values[key]
+            else:
+                value = SERVICE_DEFAULTS.get(key,
+                                             getattr(self.base, key, None))
+            if value:
+                values[key] = os.path.join(self.start_dir, value)
         return values
 
     def run(self):

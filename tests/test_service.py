@@ -1,0 +1,633 @@
+"""The proxy as a service: connection limits, signals, stop without loss,
+reload, logs, pidfile, daemon, privileges (issue 4).
+
+Processes are run from the command line with ``proxy_process`` (conftest)
+or started here when a test needs its own options; each is polled until
+ready, never slept for.
+"""
+
+import os
+import pwd
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from conftest import HERE, ROOT, RawClient, wait_until
+import smtpproxy
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="privilege drop needs root")
+
+
+def free_port():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+def connect_from(source, port):
+    """A raw client whose connection comes from ``source`` (127.0.0.x)."""
+    sock = socket.socket()
+    sock.settimeout(10)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    client = RawClient.__new__(RawClient)
+    client.sock = sock
+    client.file = sock.makefile("rb")
+    client.greeting = client.reply()
+    return client
+
+
+def read(path):
+    try:
+        with open(str(path)) as log_file:
+            return log_file.read()
+    except OSError:
+        return ""
+
+
+def wait_for_log(path, pattern, what=None):
+    return wait_until(lambda: re.search(pattern, read(path)),
+                      what=what or "%r in %s" % (pattern, path))
+
+
+def run(args, **kwargs):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([HERE, ROOT])
+    return subprocess.run([sys.executable, os.path.join(ROOT, "smtpproxy.py")]
+                          + args, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True,
+                          timeout=30, **kwargs)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) counts as gone.
+    with open("/proc/%d/stat" % pid) as stat:
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def start_transaction(client, recipient="rcpt@example.org"):
+    assert client.cmd("EHLO client.example.net")[0] == 250
+    assert client.cmd("MAIL FROM:<sender@example.net>")[0] == 250
+    assert client.cmd("RCPT TO:<%s>" % recipient)[0] == 250
+    assert client.cmd("DATA")[0] == 354
+
+
+# -- connection limits -------------------------------------------------------
+
+def test_max_connections_refuses_with_421_and_recovers(proxy):
+    port = proxy()
+    server = proxy.servers[-1]
+    server.max_connections = 3
+    served = [RawClient(port) for _ in range(3)]
+    assert [client.greeting[0] for client in served] == [220] * 3
+    threads = threading.active_count()
+    flood = [RawClient(port) for _ in range(100)]
+    for client in flood:
+        assert client.greeting[0] == 421
+        assert client.greeting[1].startswith("4.7.0 ")
+        assert client.is_closed()
+        client.close()
+    # No thread was started for the refused clients.
+    assert threading.active_count() <= threads
+    assert server.counters["connections_refused"] == 100
+    # The served ones are unaffected, and once one leaves, a newcomer is
+    # served again.
+    assert served[0].cmd("NOOP")[0] == 250
+    assert served[1].cmd("QUIT")[0] == 221
+    served[1].close()
+    wait_until(lambda: len(server.sessions) == 2, what="a session to end")
+    newcomer = RawClient(port)
+    assert newcomer.greeting[0] == 220
+    for client in served[:1] + served[2:] + [newcomer]:
+        client.close()
+
+
+def test_max_connections_per_ip(proxy):
+    port = proxy()
+    server = proxy.servers[-1]
+    server.max_connections_per_ip = 2
+    first = [connect_from("127.0.0.1", port) for _ in range(2)]
+    assert [client.greeting[0] for client in first] == [220, 220]
+    third = connect_from("127.0.0.1", port)
+    assert third.greeting[0] == 421 and "4.7.0" in third.greeting[1]
+    assert third.is_closed()
+    # Another address is counted apart.
+    other = connect_from("127.0.0.2", port)
+    assert other.greeting[0] == 220
+    # Recovery: one of the first address leaves, it may come back.
+    first[0].cmd("QUIT")
+    first[0].close()
+    wait_until(lambda: server.sessions_per_ip.get("127.0.0.1") == 1,
+               what="the session to end")
+    again = connect_from("127.0.0.1", port)
+    assert again.greeting[0] == 220
+    for client in (first[1], third, other, again):
+        client.close()
+
+
+def test_connection_limits_from_the_command_line(proxy_process):
+    process = proxy_process(args=["--max-connections", "2",
+                                  "--max-connections-per-ip", "1"])
+    first = RawClient(process.port)
+    assert first.greeting[0] == 220
+    second = RawClient(process.port)
+    assert second.greeting[0] == 421
+    other = connect_from("127.0.0.2", process.port)
+    assert other.greeting[0] == 220
+    third = connect_from("127.0.0.3", process.port)
+    assert third.greeting[0] == 421          # max_connections = 2
+    for client in (first, second, other, third):
+        client.close()
+
+
+def test_bad_limit_values_are_refused():
+    assert run(["--max-connections", "0", "--check-config"]).returncode == 2
+    result = run(["--grace-period", "soon", "--check-config"])
+    assert result.returncode == 2
+    assert "grace_period" in result.stderr
+    result = run(["-o", "no_such_key=1", "--check-config"])
+    assert result.returncode == 2
+
+
+def test_options_and_o_set_keys_over_the_file(tmp_path):
+    config = tmp_path / "c.conf"
+    config.write_text("max_connections = 7\nservername = file.example\n")
+    result = run(["--config", str(config), "--max-connections", "9",
+                  "--pidfile", "/run/x.pid", "--syslog", "mail",
+                  "-o", "servername=option.example",
+                  "-o", "allowed_domains=a.example, b.example",
+                  "--check-config"])
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "max_connections = 9\n" in out
+    assert "pidfile = /run/x.pid\n" in out
+    assert "syslog = mail\n" in out
+    assert "servername = option.example\n" in out
+    assert "allowed_domains:\n    a.example\n    b.example\n" in out
+
+
+# -- stopping ----------------------------------------------------------------
+
+def test_sigterm_closes_idle_sessions_at_once_and_exits(proxy_process,
+                                                         tmp_path):
+    process = proxy_process(config="grace_period = 60\nlog_file = %s\n"
+                            % (tmp_path / "service.log"))
+    idle = RawClient(process.port)
+    assert idle.cmd("EHLO client.example.net")[0] == 250
+    process.process.send_signal(signal.SIGTERM)
+    # No transaction open: 421 4.3.2 at once, not after the grace period.
+    code, text = idle.reply()
+    assert code == 421 and text.startswith("4.3.2 ")
+    assert idle.is_closed()
+    assert process.process.wait(10) == 0
+    with pytest.raises(OSError):
+        RawClient(process.port)
+    assert "stopped" in read(tmp_path / "service.log")
+
+
+def test_sigterm_lets_a_transaction_finish_within_the_grace_period(
+        proxy_process, upstream):
+    process = proxy_process(config="grace_period = 30\n")
+    client = RawClient(process.port)
+    start_transaction(client)
+    client.send("Subject: half\r\n\r\nfirst half\r\n")
+    process.process.send_signal(signal.SIGTERM)
+    # The port closes: no new client...
+    wait_until(lambda: connection_refused(process.port),
+               what="the listening socket to close")
+    # ... but this one may finish its message, and hears the upstream.
+    client.send("second half\r\n.\r\n")
+    assert client.reply()[0] == 250
+    assert len(upstream.messages) == 1
+    assert upstream.messages[0].content.endswith(b"second half\r\n")
+    # No new transaction: 421 4.3.2, then the process is gone.
+    code, text = client.cmd("MAIL FROM:<again@example.net>")
+    assert code == 421 and "4.3.2" in text
+    assert process.process.wait(10) == 0
+
+
+def connection_refused(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_sigterm_mid_data_past_the_grace_period_delivers_nothing(
+        proxy_process, upstream):
+    process = proxy_process(config="grace_period = 1\n")
+    client = RawClient(process.port)
+    start_transaction(client)
+    client.send("Subject: never finished\r\n\r\nsome of the text\r\n")
+    wait_until(lambda: upstream.open_connections == 1,
+               what="the upstream session")
+    process.process.send_signal(signal.SIGTERM)
+    code, text = client.reply()
+    assert code == 421 and text.startswith("4.3.2 ")
+    assert client.is_closed()
+    assert process.process.wait(10) == 0
+    # The upstream session was closed without the final dot.
+    wait_until(lambda: upstream.open_connections == 0,
+               what="the upstream session to close")
+    assert upstream.messages == []
+
+
+@pytest.mark.parametrize("cut", [0, 1000, 60000, 200000, 299990])
+def test_sigterm_during_a_transfer_delivers_and_acknowledges_or_neither(
+        proxy_process, upstream, cut):
+    """Whatever point of the message the signal meets, the client hears
+    2xx if and only if the upstream has the whole message."""
+    process = proxy_process(config="grace_period = 0\n")
+    client = RawClient(process.port)
+    start_transaction(client)
+    body = b"".join(b"line %06d of the message text\r\n" % number
+                    for number in range(10000))
+    data = b"Subject: cut\r\n\r\n" + body + b".\r\n"
+    client.send(data[:cut])
+    process.process.send_signal(signal.SIGTERM)
+    try:
+        client.send(data[cut:])
+        code, _ = client.reply()
+    except OSError:
+        code = None
+    assert process.process.wait(10) == 0
+    wait_until(lambda: upstream.open_connections == 0,
+               what="the upstream session to close")
+    if code == 250:
+        assert len(upstream.messages) == 1
+        assert upstream.messages[0].content == data[:-3]
+    else:
+        assert code in (421, None)
+        assert upstream.messages == []
+
+
+def test_a_second_sigterm_ends_the_grace_period(proxy_process, upstream):
+    process = proxy_process(config="grace_period = 600\n")
+    client = RawClient(process.port)
+    start_transaction(client)
+    process.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: connection_refused(process.port),
+               what="the listening socket to close")
+    process.process.send_signal(signal.SIGTERM)
+    code, text = client.reply()
+    assert code == 421 and "4.3.2" in text
+    assert process.process.wait(10) == 0
+    assert upstream.messages == []
+
+
+# -- reload and counters -----------------------------------------------------
+
+GREYLIST_CONFIG = """\
+allowed_senders:
+allowed_domains:
+    old.example
+greylist_db = %(db)s
+log_file = %(log)s
+"""
+
+
+def test_sighup_picks_up_new_allowed_domains_without_dropping_sessions(
+        proxy_process, tmp_path, upstream):
+    values = {"db": tmp_path / "grey.db", "log": tmp_path / "service.log"}
+    process = proxy_process(config=GREYLIST_CONFIG % values, handler=None)
+    staying = RawClient(process.port)
+    assert staying.cmd("HELO client.example.net")[0] == 250
+    assert staying.cmd("MAIL FROM:<a@example.net>")[0] == 250
+    # new.example is not ours yet: relaying denied.
+    assert staying.cmd("RCPT TO:<x@new.example>")[0] == 550
+    with open(process.config_path) as config_file:
+        text = config_file.read()
+    with open(process.config_path, "w") as config_file:
+        config_file.write(text.replace("    old.example\n",
+                                       "    old.example\n    new.example\n"))
+    process.process.send_signal(signal.SIGHUP)
+    wait_for_log(values["log"], "reloaded the configuration")
+    # The connected session goes on, with the configuration it began with.
+    assert staying.cmd("RCPT TO:<x@old.example>")[0] == 451   # greylisted
+    assert staying.cmd("RCPT TO:<x@new.example>")[0] == 550
+    assert staying.cmd("QUIT")[0] == 221
+    # A new session has the new list: greylisted, no longer refused.
+    newcomer = RawClient(process.port)
+    newcomer.cmd("HELO client.example.net")
+    newcomer.cmd("MAIL FROM:<a@example.net>")
+    assert newcomer.cmd("RCPT TO:<x@new.example>")[0] == 451
+    newcomer.close()
+    assert process.process.poll() is None
+
+
+def test_sighup_with_a_broken_config_keeps_the_old_one(proxy_process,
+                                                        tmp_path):
+    values = {"db": tmp_path / "grey.db", "log": tmp_path / "service.log"}
+    process = proxy_process(config=GREYLIST_CONFIG % values, handler=None)
+    with open(process.config_path, "a") as config_file:
+        config_file.write("max_connections = many\n")
+    process.process.send_signal(signal.SIGHUP)
+    found = wait_for_log(values["log"], r"reload failed.*max_connections.*")
+    assert process.config_path in found.group(0)
+    client = RawClient(process.port)
+    client.cmd("HELO client.example.net")
+    client.cmd("MAIL FROM:<a@example.net>")
+    assert client.cmd("RCPT TO:<x@old.example>")[0] == 451
+    client.close()
+
+
+def test_sighup_reopens_log_files_for_logrotate(proxy_process, tmp_path,
+                                                 upstream):
+    service_log = tmp_path / "service.log"
+    process = proxy_process(config="log_file = %s\n" % service_log)
+    transactions = tmp_path / "greylist.log"
+    smtp = smtplib.SMTP("127.0.0.1", process.port)
+    smtp.sendmail("a@example.net", ["b@example.org"], "Subject: 1\r\n\r\n1")
+    wait_for_log(transactions, "<a@example.net>")
+    os.rename(str(transactions), str(tmp_path / "greylist.log.1"))
+    os.rename(str(service_log), str(tmp_path / "service.log.1"))
+    process.process.send_signal(signal.SIGHUP)
+    wait_for_log(service_log, "reloaded")
+    smtp.sendmail("c@example.net", ["d@example.org"], "Subject: 2\r\n\r\n2")
+    smtp.quit()
+    wait_for_log(transactions, "<c@example.net>")
+    assert "<c@example.net>" not in read(tmp_path / "greylist.log.1")
+
+
+def test_sigusr1_logs_the_counters(proxy_process, tmp_path, upstream):
+    service_log = tmp_path / "service.log"
+    process = proxy_process(config="log_file = %s\n" % service_log)
+    upstream.handler.reject["refused@example.org"] = "550 5.1.1 No such user"
+    smtp = smtplib.SMTP("127.0.0.1", process.port)
+    smtp.sendmail("a@example.net", ["b@example.org", "refused@example.org"],
+                  "Subject: 1\r\n\r\n1")
+    smtp.quit()
+    process.process.send_signal(signal.SIGUSR1)
+    line = wait_for_log(service_log, "counters: .*").group(0)
+    counters = dict((key, int(value))
+                    for key, value in re.findall(r"(\w+)=(\d+)", line))
+    assert counters["messages_accepted"] == 1
+    assert counters["rcpt_accepted"] == 1
+    assert counters["rcpt_refused"] == 1
+    assert counters["upstream_errors"] == 0
+    # The fixture's readiness probe and ours.
+    assert counters["connections"] == 2
+
+
+def test_upstream_errors_and_deferrals_are_counted(proxy):
+    port = proxy(upstream_timeout=1)
+    server = proxy.servers[-1]
+    client = RawClient(port)
+    client.cmd("EHLO client.example.net")
+    client.cmd("MAIL FROM:<a@example.net>")
+    server.RequestHandlerClass.smtp_port = free_port()     # upstream gone
+    assert client.cmd("RCPT TO:<b@example.org>")[0] == 451
+    client.close()
+    wait_until(lambda: server.counters["upstream_errors"] == 1,
+               what="the count")
+    assert server.counters["rcpt_deferred"] == 1
+
+
+# -- syslog ------------------------------------------------------------------
+
+def test_syslog_facility_mail(proxy_process, tmp_path, upstream):
+    path = str(tmp_path / "log")
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslog.bind(path)
+    syslog.settimeout(10)
+    try:
+        process = proxy_process(config="syslog = mail\nsyslog_socket = %s\n"
+                                % path)
+        pid = process.process.pid
+        datagrams = []
+
+        def received(pattern):
+            while not any(re.search(pattern, d) for d in datagrams):
+                datagrams.append(syslog.recv(65536).decode())
+            return [d for d in datagrams if re.search(pattern, d)][0]
+        # LOG_MAIL (2) * 8 + LOG_INFO (6) = 22
+        assert received("listening").startswith(
+            "<22>smtpproxy[%d]: smtpproxy %s listening"
+            % (pid, smtpproxy.__version__))
+        smtp = smtplib.SMTP("127.0.0.1", process.port)
+        smtp.sendmail("a@example.net", ["b@example.org"],
+                      "Subject: s\r\n\r\n")
+        smtp.quit()
+        line = received("<a@example.net>")
+        assert line.startswith("<22>smtpproxy[%d]: " % pid)
+        assert "| <b@example.org> |" in line
+    finally:
+        syslog.close()
+
+
+def test_syslog_that_cannot_be_reached_stops_the_start(tmp_path):
+    result = run(["--listen", "127.0.0.1:%d" % free_port(), "-o",
+                  "run_as_root=yes", "--syslog", "mail", "-o",
+                  "syslog_socket=%s" % (tmp_path / "none"),
+                  "--class", "smtpproxy.ConcreteMailHandler",
+                  "-o", "greylist_log="], cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert "cannot open log: syslog socket %s: " % (tmp_path / "none") \
+        in result.stderr
+
+
+# -- pidfile and daemon --------------------------------------------------------
+
+def start_daemon(tmp_path, *extra, **kwargs):
+    port = free_port()
+    args = ["--daemon", "--listen", "127.0.0.1:%d" % port,
+            "--class", "smtpproxy.ConcreteMailHandler",
+            "-o", "greylist_log=greylist.log",
+            "-o", "log_file=service.log"] + list(extra)
+    if os.geteuid() == 0 and not kwargs.get("as_user"):
+        args += ["-o", "run_as_root=yes"]
+    result = run(args, cwd=str(tmp_path))
+    return result, port
+
+
+class Daemon(object):
+    """Kill what a test started, even when the test fails."""
+
+    def __init__(self):
+        self.pids = []
+
+    def read_pid(self, pidfile):
+        pid = int(read(pidfile))
+        self.pids.append(pid)
+        return pid
+
+    def kill(self):
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def daemons():
+    daemons = Daemon()
+    yield daemons
+    daemons.kill()
+
+
+def test_daemon_detaches_and_writes_its_pidfile(tmp_path, daemons):
+    pidfile = tmp_path / "smtpproxy.pid"
+    result, port = start_daemon(tmp_path, "--pidfile", "smtpproxy.pid")
+    assert result.returncode == 0, result.stderr
+    pid = daemons.read_pid(pidfile)
+    assert read(pidfile) == "%d\n" % pid
+    assert pid_alive(pid)
+    # Detached: a session of its own, which it does not lead (no terminal
+    # can become its own), in /, standard streams on /dev/null.
+    assert os.getsid(pid) != os.getsid(0)
+    assert os.getsid(pid) != pid
+    assert os.readlink("/proc/%d/cwd" % pid) == "/"
+    for stream in (0, 1, 2):
+        assert os.readlink("/proc/%d/fd/%d" % (pid, stream)) == "/dev/null"
+    with open("/proc/%d/status" % pid) as status:
+        assert "Umask:\t0022" in status.read()
+    client = RawClient(port)
+    assert client.greeting[0] == 220
+    client.close()
+    # Relative file names were read against the directory it started in.
+    wait_for_log(tmp_path / "service.log", "listening")
+    # A second start fails and says why; the first runs on.
+    second, _ = start_daemon(tmp_path, "--pidfile", "smtpproxy.pid")
+    assert second.returncode == 1
+    assert "already running (pid %d, %s)" % (pid, pidfile) in second.stderr
+    assert pid_alive(pid) and read(pidfile) == "%d\n" % pid
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), what="the daemon to stop")
+    assert not pidfile.exists()
+
+
+def test_a_stale_pidfile_is_replaced(tmp_path, daemons):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pidfile = tmp_path / "smtpproxy.pid"
+    pidfile.write_text("%d\n" % dead.pid)
+    result, _ = start_daemon(tmp_path, "--pidfile", str(pidfile))
+    assert result.returncode == 0, result.stderr
+    pid = daemons.read_pid(pidfile)
+    assert pid != dead.pid and pid_alive(pid)
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), what="the daemon to stop")
+
+
+def test_a_daemon_that_cannot_start_says_why_and_fails(tmp_path, daemons):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        result = run(["--daemon", "--listen", "127.0.0.1:%d" % port,
+                      "--pidfile", "p.pid", "-o", "greylist_log=",
+                      "-o", "run_as_root=yes",
+                      "--class", "smtpproxy.ConcreteMailHandler"],
+                     cwd=str(tmp_path))
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    assert "cannot listen on [127.0.0.1]:%d" % port in result.stderr
+    # The pidfile it took is not left behind.
+    assert not (tmp_path / "p.pid").exists()
+
+
+# -- privileges ----------------------------------------------------------------
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root is refused")
+def test_serving_as_root_is_refused_unless_configured(tmp_path):
+    result = run(["--listen", "127.0.0.1:%d" % free_port(),
+                  "-o", "greylist_log="], cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert "refusing to serve as root" in result.stderr
+
+
+def test_an_unknown_user_is_refused(tmp_path):
+    result = run(["--listen", "127.0.0.1:%d" % free_port(), "--user",
+                  "no-such-user-here", "-o", "greylist_log="],
+                 cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert "unknown user" in result.stderr
+
+
+@pytest.fixture
+def nobody_dir():
+    """A directory outside root's private /tmp/pytest-of-root, owned by
+    nobody, for the files of a proxy that serves as nobody."""
+    path = tempfile.mkdtemp(prefix="smtpproxy-priv-")
+    os.chmod(path, 0o755)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@needs_root
+def test_privileges_are_dropped_after_binding(nobody_dir, upstream,
+                                              daemons):
+    nobody = pwd.getpwnam("nobody")
+    config = os.path.join(nobody_dir, "smtpproxy.conf")
+    with open(config, "w") as config_file:
+        config_file.write("allowed_senders:\nallowed_domains:\n"
+                          "    example.org\nuser = nobody\n"
+                          "greylist_db = %s/grey.db\n" % nobody_dir)
+    port = free_port()
+    pidfile = os.path.join(nobody_dir, "run.pid")
+    # The pidfile is written as root, before the switch.
+    result = run(["--daemon", "--config", config,
+                  "--listen", "127.0.0.1:%d" % port,
+                  "--upstream", "127.0.0.1:%d" % upstream.port,
+                  "--pidfile", pidfile, "-o", "log_file=service.log"],
+                 cwd=nobody_dir)
+    assert result.returncode == 0, result.stderr
+    pid = daemons.read_pid(pidfile)
+    with open("/proc/%d/status" % pid) as status_file:
+        status = status_file.read()
+    uid = "%d" % nobody.pw_uid
+    gid = "%d" % nobody.pw_gid
+    assert re.search(r"Uid:\t%s\t%s\t%s\t%s\n" % ((uid,) * 4), status)
+    assert re.search(r"Gid:\t%s\t%s\t%s\t%s\n" % ((gid,) * 4), status)
+    groups = re.search(r"Groups:\t?(.*)\n", status).group(1).split()
+    assert "0" not in groups
+    # The logs and the store were created for nobody, and work.
+    client = RawClient(port)
+    client.cmd("HELO client.example.net")
+    client.cmd("MAIL FROM:<a@example.net>")
+    assert client.cmd("RCPT TO:<b@example.org>")[0] == 451   # greylisted
+    client.cmd("QUIT")
+    client.close()
+    for name in ("greylist.log", "service.log", "grey.db"):
+        path = os.path.join(nobody_dir, name)
+        assert os.stat(path).st_uid == nobody.pw_uid, name
+    wait_for_log(os.path.join(nobody_dir, "greylist.log"), "DEFERRED")
+    # It can reopen its logs after a rotation, as nobody.
+    os.rename(os.path.join(nobody_dir, "service.log"),
+              os.path.join(nobody_dir, "service.log.1"))
+    os.kill(pid, signal.SIGHUP)
+    wait_for_log(os.path.join(nobody_dir, "service.log"), "reloaded")
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), what="the daemon to stop")
+
+
+@needs_root
+def test_a_store_the_user_cannot_write_stops_the_start(tmp_path):
+    # tmp_path is root's: nobody cannot create the store's journal there.
+    result = run(["--listen", "127.0.0.1:%d" % free_port(),
+                  "--user", "nobody", "-o", "greylist_log=",
+                  "-o", "greylist_db=%s" % (tmp_path / "grey.db")],
+                 cwd=str(tmp_path))
+    assert result.returncode == 1
+    assert "greylisting store %s" % (tmp_path / "grey.db") in result.stderr
