@@ -32,6 +32,19 @@ Options:
         shouldWeAcceptRecipient() and shouldWeAcceptMail() to decide.
     --debug, -d
         Log the SMTP dialogue to greylist_debuglog (key debug).
+    -o KEY=VALUE
+        Set any configuration key, over the file (list items separated by
+        commas).  These set a key too: --pidfile FILE, --user NAME,
+        --group NAME, --syslog FACILITY, --grace-period SECONDS,
+        --max-connections N, --max-connections-per-ip N.
+    --daemon
+        Detach (double fork, new session, umask 022, working directory /,
+        standard streams to /dev/null).  The command returns once the
+        daemon serves, with status 0, or with the status of its failure
+        (its message on standard error).  Relative file names are read
+        from the directory it started in.
+    --foreground
+        Stay attached (the default), for supervisors such as systemd.
     --check-config
         Check the configuration, print every key's effective value, exit.
 
@@ -49,8 +62,31 @@ while the proxy runs; keys are "client-network sender recipient":
     --help, -h
         Print this message and exit.
 
-Configuration keys (class attributes of the handler, set in the file or by
-subclassing; command-line options override the file):
+As a service: the pidfile is locked first (a running instance makes the
+start fail; a stale pidfile is replaced), then the logs are opened and the
+port bound, as root if port 25 needs it; then the process detaches
+(--daemon), writes its pid, switches to ``user`` and ``group`` (serving as
+root is refused unless run_as_root is set) and checks that it can use
+the greylisting store.  Signals:
+
+    SIGTERM, SIGINT  Stop: the port closes at once, sessions without a
+                     transaction get 421 4.3.2, open transactions get
+                     grace_period seconds to finish, then 421 4.3.2 too.
+                     Mail is never acknowledged unless the real server took
+                     it.  A second signal ends the grace period at once.
+    SIGHUP           Read the configuration again (new sessions get it,
+                     sessions in progress keep theirs; a broken file keeps
+                     the one in force and logs why) and reopen the logs.
+    SIGUSR1          Log the counters: connections, refused connections,
+                     recipients and messages accepted, deferred, refused,
+                     upstream errors.
+
+Exit status: 0 after a stop, 1 when the service could not start (port in
+use, already running, store not writable), 2 for a bad configuration.
+
+Configuration keys (class attributes of the handler, or of SMTPProxyServer
+for the limits; set in the file, by subclassing, or on the command line,
+which overrides the file):
 
 %(config_keys)s
 
