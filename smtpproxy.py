@@ -2998,9 +2998,15 @@ class Service(object):
                 raise StartError("cannot open log: %s" % error, 2)
             handler_class = handler_class_for(self.base, self.values)
             store = getattr(handler_class, "greylist_db", None)
-            if identity and store and not os.path.exists(store):
-                open(store, "ab").close()
-                created.append(store)
+            if identity and store:
+                # The store is the service's alone: its files, made now if
+                # need be, go to the user, also when a root run made them.
+                if not os.path.exists(store):
+                    open(store, "ab").close()
+                created.extend(name for name in (store, store + "-wal",
+                                                 store + "-shm")
+                               if os.path.exists(name)
+                               and name not in created)
             address = (self.values.get("listen_ip", ""),
                        self.values.get("port", 25))
             try:
@@ -3021,6 +3027,7 @@ class Service(object):
             if identity:
                 drop_privileges(identity, created)
             check_store(handler_class)
+            self.check_logs()
         except StartError as error:
             sys.stderr.write("smtpproxy: error: %s\n" % error)
             if report is not None:
@@ -3053,6 +3060,22 @@ class Service(object):
         finally:
             self.close()
         return 0
+
+    def check_logs(self):
+        """Warn about log files the serving user could not open again (on
+        SIGHUP, after logrotate): files made at the start were given to it,
+        those that were there already are left as they are."""
+        keys = ["greylist_log"]
+        if not self.values.get("syslog"):
+            keys.append("log_file")
+        if self.values.get("debug"):
+            keys.append("greylist_debuglog")
+        for key in keys:
+            path = self.values.get(key)
+            if path and not os.access(path, os.W_OK):
+                sys.stderr.write("smtpproxy: warning: %s %s is not writable "
+                                 "by %s: reopening it will fail\n"
+                                 % (key, path, _user_name(os.geteuid())))
 
     def close(self):
         if self.server is not None:
