@@ -2798,11 +2798,18 @@ def _user_name(uid):
         return str(uid)
 
 
-def drop_privileges(identity, files):
+def drop_privileges(identity, files, check=None):
     """Switch to ``identity`` (uid, gid, name) for good, after handing it
-    ``files`` (the logs and the store that were created as root)."""
+    ``files`` (the logs and the store that were created as root).
+
+    ``check``, if given, is called first with only the effective ids
+    switched: if it raises, the process is root again, and can still
+    clean up (its pidfile) before it exits.
+    """
     uid, gid, name = identity
     if os.geteuid() != 0:
+        if check is not None:
+            check()
         return
     for path in files:
         try:
@@ -2811,6 +2818,14 @@ def drop_privileges(identity, files):
             raise StartError("cannot give %s to %s: %s"
                              % (path, name, error.strerror))
     os.initgroups(name, gid)
+    if check is not None:
+        os.setegid(gid)
+        os.seteuid(uid)
+        try:
+            check()
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
     os.setgid(gid)
     os.setuid(uid)
 
@@ -2975,6 +2990,7 @@ class Service(object):
         """``values`` with the file names, given or default, made absolute
         from the directory the service started in (a daemon is in /)."""
         values = dict(values)
+        self.relative = []
         for key in PATH_KEYS:
             if key in values:
                 value = values[key]
@@ -2982,6 +2998,8 @@ class Service(object):
                 value = SERVICE_DEFAULTS.get(key,
                                              getattr(self.base, key, None))
             if value:
+                if not os.path.isabs(value):
+                    self.relative.append(key)
                 values[key] = os.path.join(self.start_dir, value)
         return values
 
@@ -3015,6 +3033,14 @@ class Service(object):
                 raise StartError("cannot listen on [%s]:%s: %s"
                                  % (address[0], address[1], error))
             configure_server(self.server, self.values)
+            if self.start_dir == "/":
+                for key in self.relative:
+                    if key == "greylist_debuglog" and not self.values.get(
+                            "debug"):
+                        continue
+                    sys.stderr.write("smtpproxy: warning: %s is a relative "
+                                     "name, read from /: %s\n"
+                                     % (key, self.values[key]))
             if self.args.daemon:
                 if not (self.values.get("syslog")
                         or self.values.get("log_file")):
@@ -3025,8 +3051,10 @@ class Service(object):
             if self.pidfile is not None:
                 write_pidfile(self.pidfile)
             if identity:
-                drop_privileges(identity, created)
-            check_store(handler_class)
+                drop_privileges(identity, created,
+                                lambda: check_store(handler_class))
+            else:
+                check_store(handler_class)
             self.check_logs()
         except StartError as error:
             sys.stderr.write("smtpproxy: error: %s\n" % error)

@@ -636,11 +636,46 @@ def test_privileges_are_dropped_after_binding(nobody_dir, upstream,
 
 
 @needs_root
-def test_a_store_the_user_cannot_write_stops_the_start(tmp_path):
+@pytest.mark.parametrize("detach", [[], ["--daemon"]])
+def test_a_store_the_user_cannot_write_stops_the_start(tmp_path, detach):
     # tmp_path is root's: nobody cannot create the store's journal there.
     result = run(["--listen", "127.0.0.1:%d" % free_port(),
                   "--user", "nobody", "-o", "greylist_log=",
-                  "-o", "greylist_db=%s" % (tmp_path / "grey.db")],
+                  "--pidfile", str(tmp_path / "p.pid"),
+                  "-o", "greylist_db=%s" % (tmp_path / "grey.db")] + detach,
                  cwd=str(tmp_path))
     assert result.returncode == 1
     assert "greylisting store %s" % (tmp_path / "grey.db") in result.stderr
+    # It failed while it could still remove its pidfile.
+    assert not (tmp_path / "p.pid").exists()
+
+
+@needs_root      # it writes a file in /
+def test_relative_names_read_from_the_root_directory_are_warned_about(
+        tmp_path):
+    port = free_port()
+    result = run(["--daemon", "--listen", "127.0.0.1:%d" % port,
+                  "--pidfile", str(tmp_path / "p.pid"),
+                  "-o", "greylist_log=", "-o", "run_as_root=yes",
+                  "--class", "smtpproxy.ConcreteMailHandler",
+                  "-o", "log_file=%s" % (tmp_path / "service.log")],
+                 cwd="/")
+    assert result.returncode == 0, result.stderr
+    pid = int(read(tmp_path / "p.pid"))
+    try:
+        assert result.stderr == ""
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), what="the daemon to stop")
+    result = run(["--daemon", "--listen", "127.0.0.1:%d" % port,
+                  "--pidfile", str(tmp_path / "p.pid"),
+                  "-o", "greylist_log=", "-o", "run_as_root=yes",
+                  "--class", "smtpproxy.ConcreteMailHandler",
+                  "-o", "log_file=relative.log"], cwd="/")
+    assert result.returncode == 0, result.stderr
+    pid = int(read(tmp_path / "p.pid"))
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), what="the daemon to stop")
+    assert ("warning: log_file is a relative name, read from /: "
+            "/relative.log") in result.stderr
+    os.unlink("/relative.log")
