@@ -1,0 +1,504 @@
+"""The LSB init script, contrib/init.d/smtpproxy, run for real.
+
+Each test runs the script with /bin/sh (dash on Debian) against the real
+smtpproxy.py --daemon, once through start-stop-daemon and once through
+the script's fallback of plain kill (SMTPPROXY_NO_SSD=1).  A wrapper
+start-stop-daemon first on PATH records its calls, so that each test knows
+which of the two ran.  Every daemon a test started is killed by pid when
+it ends, whatever happened.
+"""
+
+import os
+import pathlib
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from conftest import HERE, ROOT, RawClient, wait_until
+
+SCRIPT = os.path.join(ROOT, "contrib", "init.d", "smtpproxy")
+SSD = shutil.which("start-stop-daemon",
+                   path=os.pathsep.join([os.environ.get("PATH", ""),
+                                         "/usr/sbin", "/sbin"]))
+USAGE = ("Usage: %s {start|stop|restart|try-restart|reload|force-reload"
+         "|status}" % SCRIPT)
+
+
+def free_port():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+def alive(pid):
+    """True if process ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open("/proc/%d/stat" % pid) as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as command:
+            return command.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def refused(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), 5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+class Service(object):
+    """The init script with its own config, pidfile and port."""
+
+    def __init__(self, directory, upstream_port, use_ssd):
+        self.tmp = directory
+        self.use_ssd = use_ssd
+        self.port = free_port()
+        self.upstream_port = upstream_port
+        self.config = str(directory / "smtpproxy.conf")
+        self.pidfile = str(directory / "smtpproxy.pid")
+        self.ssd_log = str(directory / "ssd.log")
+        self.write_config()
+        bin_dir = directory / "bin"
+        bin_dir.mkdir()
+        wrapper = bin_dir / "start-stop-daemon"
+        wrapper.write_text('#!/bin/sh\necho "$*" >>%s\nexec %s "$@"\n'
+                           % (self.ssd_log, SSD))
+        wrapper.chmod(0o755)
+        self.env = dict((key, value) for key, value in os.environ.items()
+                        if not key.startswith("SMTPPROXY_"))
+        self.env.update({
+            "PATH": os.pathsep.join([str(bin_dir),
+                                     os.environ.get("PATH", "/usr/bin:/bin"),
+                                     os.path.dirname(SSD)]),
+            "PYTHONPATH": os.pathsep.join([HERE, ROOT]),
+            "SMTPPROXY_BIN": os.path.join(ROOT, "smtpproxy.py"),
+            "SMTPPROXY_PYTHON": sys.executable,
+            "SMTPPROXY_CONFIG": self.config,
+            "SMTPPROXY_PIDFILE": self.pidfile,
+            "SMTPPROXY_DEFAULTS": str(directory / "none"),
+        })
+        if not use_ssd:
+            self.env["SMTPPROXY_NO_SSD"] = "1"
+        self.pids = set()
+        self.others = []
+
+    def write_config(self, servername="one.example", extra="",
+                     store=None):
+        with open(self.config, "w") as config:
+            config.write(
+                "port = %d\nlisten_ip = 127.0.0.1\n"
+                "smtp_ip = 127.0.0.1\nsmtp_port = %d\n"
+                "servername = %s\n"
+                "greylist_log = %s\ngreylist_db = %s\nlog_file = %s\n"
+                "run_as_root = yes\n"
+                "allowed_domains:\n    example.org\n%s"
+                % (self.port, self.upstream_port, servername,
+                   self.tmp / "greylist.log",
+                   store or self.tmp / "greylist.db",
+                   self.tmp / "smtpproxy.log", extra))
+
+    def run(self, *args, **env):
+        """Run the script: ``(exit status, stdout and stderr)``."""
+        environment = dict(self.env)
+        for key, value in env.items():
+            if value is None:
+                environment.pop(key, None)
+            else:
+                environment[key] = value
+        try:
+            process = subprocess.run(
+                ["/bin/sh", SCRIPT] + list(args), env=environment,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, cwd=str(self.tmp), timeout=60)
+        except subprocess.TimeoutExpired:
+            # Also what happens if the daemon keeps the script's stdout.
+            raise AssertionError("%s %s did not return" % (SCRIPT, args))
+        finally:
+            self.remember_daemons()
+        return process.returncode, process.stdout.decode()
+
+    def pid(self):
+        """The pid in the pidfile, which must be "PID\\n"."""
+        with open(self.pidfile) as pidfile:
+            text = pidfile.read()
+        assert text.endswith("\n") and text[:-1].isdigit(), repr(text)
+        pid = int(text)
+        self.pids.add(pid)
+        return pid
+
+    def greeting(self):
+        client = RawClient(self.port, timeout=10)
+        try:
+            assert client.cmd("QUIT")[0] == 221
+        finally:
+            client.close()
+        return client.greeting
+
+    def ssd_calls(self):
+        """The commands (--start, --stop) start-stop-daemon ran for."""
+        if not os.path.exists(self.ssd_log):
+            return []
+        with open(self.ssd_log) as log:
+            return [line.split()[0] for line in log]
+
+    def remember_daemons(self):
+        """Note every process whose command line names this test's
+        files (its daemons), to kill them at the end."""
+        if os.path.exists(self.pidfile):
+            try:
+                with open(self.pidfile) as pidfile:
+                    self.pids.add(int(pidfile.read()))
+            except (OSError, ValueError):
+                pass
+        for name in os.listdir("/proc"):
+            if name.isdigit() and self.config in cmdline(int(name)):
+                self.pids.add(int(name))
+
+    def other_program(self):
+        """A live process that is not smtpproxy."""
+        process = subprocess.Popen(["sleep", "60"])
+        self.others.append(process)
+        return process
+
+    def cleanup(self):
+        self.remember_daemons()
+        for pid in self.pids:
+            if alive(pid) and self.config in cmdline(pid):
+                os.kill(pid, signal.SIGKILL)
+        for process in self.others:
+            process.kill()
+            process.wait()
+
+    def check_started(self, output):
+        """After a successful start: the pidfile names a live daemon,
+        detached from the script, that answers at once."""
+        pid = self.pid()
+        assert alive(pid)
+        assert self.config in cmdline(pid)
+        assert os.getsid(pid) != os.getsid(0)
+        assert os.readlink("/proc/%d/cwd" % pid) == "/"
+        for fd in (0, 1, 2):
+            assert os.readlink("/proc/%d/fd/%d" % (pid, fd)) == "/dev/null"
+        assert self.greeting()[0] == 220
+        assert "smtpproxy" in output
+        if self.use_ssd:
+            assert self.ssd_calls()[-1] == "--start"
+        return pid
+
+    def check_stopped(self, pid):
+        if self.use_ssd:
+            assert self.ssd_calls()[-1] == "--stop"
+        assert not alive(pid)
+        assert not os.path.exists(self.pidfile)
+        assert refused(self.port)
+
+
+@pytest.fixture(params=["start-stop-daemon", "kill"])
+def make_service(request, upstream):
+    """``make_service(directory)``: a Service keeping its files there."""
+    if request.param == "start-stop-daemon" and not SSD:
+        pytest.skip("no start-stop-daemon")
+    services = []
+
+    def make(directory):
+        service = Service(directory, upstream.port,
+                          request.param == "start-stop-daemon")
+        services.append(service)
+        return service
+    yield make
+    for service in services:
+        service.cleanup()
+    for service in services:
+        if not service.use_ssd:
+            assert service.ssd_calls() == []
+
+
+@pytest.fixture
+def service(make_service, tmp_path):
+    return make_service(tmp_path)
+
+
+def test_start_status_reload_stop(service):
+    code, output = service.run("start")
+    assert code == 0, output
+    pid = service.check_started(output)
+    assert service.greeting()[1].startswith("one.example ESMTP")
+
+    code, output = service.run("status")
+    assert (code, output) == (0, "smtpproxy is running (pid %d).\n" % pid)
+
+    # A second start fails and leaves the first alone.
+    code, output = service.run("start")
+    assert code == 1, output
+    assert "smtpproxy is already running (pid %d)" % pid in output
+    assert service.pid() == pid and alive(pid)
+    assert service.greeting()[0] == 220
+
+    # reload: the same process reads the changed file.
+    service.write_config(servername="two.example")
+    code, output = service.run("reload")
+    assert code == 0, output
+    wait_until(lambda: service.greeting()[1].startswith("two.example "),
+               what="the new servername in the greeting")
+    assert service.pid() == pid and alive(pid)
+    service.write_config(servername="three.example")
+    code, output = service.run("force-reload")
+    assert code == 0, output
+    wait_until(lambda: service.greeting()[1].startswith("three.example "),
+               what="the new servername in the greeting")
+    assert service.pid() == pid and alive(pid)
+
+    code, output = service.run("stop")
+    assert code == 0, output
+    service.check_stopped(pid)
+    code, output = service.run("status")
+    assert (code, output) == (3, "smtpproxy is not running.\n")
+    code, output = service.run("stop")
+    assert (code, output) == (0, "smtpproxy is not running.\n")
+    if service.use_ssd:
+        assert service.ssd_calls() == ["--start", "--stop"]
+
+
+def test_stale_pidfile_of_a_dead_process(service):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with open(service.pidfile, "w") as pidfile:
+        pidfile.write("%d\n" % dead.pid)
+    code, output = service.run("status")
+    assert code == 1
+    assert output == ("smtpproxy is not running but %s exists.\n"
+                      % service.pidfile)
+    code, output = service.run("reload")
+    assert code == 7, output
+
+    code, output = service.run("start")
+    assert code == 0, output
+    pid = service.check_started(output)
+    assert pid != dead.pid
+    code, output = service.run("stop")
+    assert code == 0, output
+    service.check_stopped(pid)
+
+
+def test_pidfile_naming_another_program(service):
+    other = service.other_program()
+    with open(service.pidfile, "w") as pidfile:
+        pidfile.write("%d\n" % other.pid)
+    code, _ = service.run("status")
+    assert code == 1
+    # stop neither signals that program nor fails; it drops the pidfile.
+    code, output = service.run("stop")
+    assert code == 0, output
+    assert "stale" in output
+    assert not os.path.exists(service.pidfile)
+    assert other.poll() is None
+    with open(service.pidfile, "w") as pidfile:
+        pidfile.write("%d\n" % other.pid)
+    code, output = service.run("start")
+    assert code == 0, output
+    pid = service.check_started(output)
+    assert pid != other.pid
+    assert other.poll() is None
+    code, output = service.run("stop")
+    assert code == 0, output
+    service.check_stopped(pid)
+    assert other.poll() is None
+
+
+def test_commands_while_stopped(service):
+    code, output = service.run("reload")
+    assert (code, output) == (7, "smtpproxy is not running.\n")
+    code, output = service.run("force-reload")
+    assert code == 7
+    code, output = service.run("try-restart")
+    assert (code, output) == (0, "")
+    assert not os.path.exists(service.pidfile)
+    for args in [("bogus",), (), ("start", "now")]:
+        code, output = service.run(*args)
+        assert (code, output) == (2, USAGE + "\n")
+    assert refused(service.port)
+    assert service.ssd_calls() == []
+
+
+def test_restart(service):
+    code, output = service.run("restart")
+    assert code == 0, output
+    first = service.check_started(output)
+    code, output = service.run("restart")
+    assert code == 0, output
+    second = service.check_started(output)
+    assert second != first and not alive(first)
+
+    # A file the proxy would refuse is found before it is stopped.
+    service.write_config(extra="max_grey = soon\n")
+    for action in ("restart", "reload"):
+        code, output = service.run(action)
+        assert code == 6, output
+        assert "max_grey" in output
+        assert service.pid() == second and alive(second)
+
+    code, output = service.run("try-restart")
+    assert code == 6, output
+    service.write_config()
+    code, output = service.run("try-restart")
+    assert code == 0, output
+    third = service.check_started(output)
+    assert third != second and not alive(second)
+    code, output = service.run("stop")
+    assert code == 0, output
+    service.check_stopped(third)
+
+
+def test_broken_config_start_fails(service):
+    service.write_config(extra="max_grey = soon\n")
+    code, output = service.run("start")
+    assert code == 6, output
+    assert "smtpproxy.conf:" in output and "max_grey" in output
+    assert "failed" in output
+    code, _ = service.run("status")
+    assert code == 3
+    assert refused(service.port)
+
+
+def test_port_in_use_start_fails(service):
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", service.port))
+        taken.listen(1)
+        code, output = service.run("start")
+        assert code == 1, output
+        assert "smtpproxy: error:" in output
+        code, _ = service.run("status")
+        assert code == 3
+    finally:
+        taken.close()
+
+
+def test_defaults_file_and_environment(service):
+    defaults = service.tmp / "defaults"
+    defaults.write_text(
+        "# sourced by the init script\n"
+        "SMTPPROXY_CONFIG=%s\n"
+        "SMTPPROXY_OPTS='-o servername=from-defaults.example'\n"
+        % service.config)
+
+    def start_and_greet(**env):
+        code, output = service.run("start", SMTPPROXY_DEFAULTS=str(defaults),
+                                   **env)
+        assert code == 0, output
+        pid = service.check_started(output)
+        greeting = service.greeting()[1]
+        code, output = service.run("stop")
+        assert code == 0, output
+        service.check_stopped(pid)
+        return greeting.split()[0]
+
+    # The file's SMTPPROXY_CONFIG and SMTPPROXY_OPTS are used ...
+    assert start_and_greet(SMTPPROXY_CONFIG=None) == "from-defaults.example"
+    # ... unless the environment sets them, even to nothing.
+    assert start_and_greet(
+        SMTPPROXY_OPTS="-o servername=from-env.example") == "from-env.example"
+    assert start_and_greet(SMTPPROXY_OPTS="") == "one.example"
+
+
+def test_stop_kills_after_the_timeout(service, upstream):
+    """A session in DATA holds a graceful stop up to grace_period (30 s);
+    after SMTPPROXY_STOP_TIMEOUT (1 s) the script sends SIGKILL."""
+    service.write_config(extra="grace_period = 30\n"
+                               "allowed_sender_nets:\n    127.0.0.0/8\n")
+    code, output = service.run("start")
+    assert code == 0, output
+    pid = service.check_started(output)
+    client = RawClient(service.port)
+    try:
+        assert client.cmd("EHLO client.example")[0] == 250
+        assert client.cmd("MAIL FROM:<a@example.net>")[0] == 250
+        assert client.cmd("RCPT TO:<b@example.com>")[0] == 250
+        assert client.cmd("DATA")[0] == 354
+        client.send("Subject: held\r\n\r\nstill writing\r\n")
+        started = time.monotonic()
+        code, output = service.run("stop", SMTPPROXY_STOP_TIMEOUT="1")
+        elapsed = time.monotonic() - started
+        assert code == 0, output
+        service.check_stopped(pid)
+        assert 1 <= elapsed < 10
+        assert upstream.messages == []
+    finally:
+        client.close()
+
+
+def test_daemon_drops_to_its_user(make_service):
+    """Started as root, the daemon serves as `user`, and cannot remove its
+    pidfile (root's, in root's directory): stop does."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+    # Not tmp_path: the user must reach the files, and pytest's base
+    # directory is root's alone.
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="smtpproxy-test-"))
+    try:
+        directory.chmod(0o755)
+        store = directory / "store"
+        store.mkdir()
+        os.chown(str(store), nobody.pw_uid, nobody.pw_gid)
+        service = make_service(directory)
+        # A store the user cannot write: the start fails after the switch,
+        # when the daemon can no longer remove its pidfile; start does.
+        service.write_config(extra="user = nobody\n")
+        code, output = service.run("start")
+        assert code == 1, output
+        assert "greylist.db: attempt to write a readonly database" in output
+        assert not os.path.exists(service.pidfile)
+        code, _ = service.run("status")
+        assert code == 3
+
+        service.write_config(extra="user = nobody\n",
+                             store=store / "greylist.db")
+        code, output = service.run("start")
+        assert code == 0, output
+        pid = service.check_started(output)
+        with open("/proc/%d/status" % pid) as status:
+            uids = [line.split()[1:] for line in status
+                    if line.startswith("Uid:")][0]
+        assert uids == [str(nobody.pw_uid)] * 4
+        assert os.stat(service.pidfile).st_uid == 0
+
+        service.write_config(servername="two.example",
+                             extra="user = nobody\n",
+                             store=store / "greylist.db")
+        code, output = service.run("reload")
+        assert code == 0, output
+        wait_until(lambda: service.greeting()[1].startswith("two.example "),
+                   what="the new servername in the greeting")
+
+        code, output = service.run("stop")
+        assert code == 0, output
+        service.check_stopped(pid)
+    finally:
+        shutil.rmtree(str(directory), ignore_errors=True)
