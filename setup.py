@@ -1,7 +1,9 @@
 """Installs smtpproxy: one module, and the `smtpproxy` command.
 
 smtpproxy has no runtime dependency outside the standard library; copying
-smtpproxy.py onto a host works as well as installing it.
+smtpproxy.py onto a host works as well as installing it.  `pip install .`
+also puts the example configuration, the init script, its defaults file
+and the systemd unit under PREFIX/share/smtpproxy/.
 """
 
 import re
@@ -22,6 +24,14 @@ setup(
     py_modules=["smtpproxy"],
     python_requires=">=3.6",
     entry_points={"console_scripts": ["smtpproxy = smtpproxy:main"]},
+    # Under the installation prefix (/usr/local with pip as root): to be
+    # copied to /etc by the administrator, never overwritten by pip.
+    data_files=[
+        ("share/smtpproxy", ["contrib/greylist.conf.dist"]),
+        ("share/smtpproxy/init.d", ["contrib/init.d/smtpproxy"]),
+        ("share/smtpproxy/default", ["contrib/default/smtpproxy"]),
+        ("share/smtpproxy/systemd", ["contrib/systemd/smtpproxy.service"]),
+    ],
     classifiers=[
         "Environment :: No Input/Output (Daemon)",
         "Programming Language :: Python :: 3 :: Only",

@@ -1,0 +1,58 @@
+"""Installing: `pip install .` and copying the single file (issue 4)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from conftest import ROOT
+import smtpproxy
+
+DATA_FILES = ["greylist.conf.dist", "init.d/smtpproxy", "default/smtpproxy",
+              "systemd/smtpproxy.service"]
+
+
+def source_copy(tmp_path):
+    """The files setup.py needs, copied: pip builds in the source tree."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.py", "smtpproxy.py", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), str(source))
+    shutil.copytree(os.path.join(ROOT, "contrib"), str(source / "contrib"))
+    return source
+
+
+def test_pip_install_gives_the_command_and_the_service_files(tmp_path):
+    prefix = tmp_path / "prefix"
+    subprocess.check_call(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-index",
+         "--no-deps", "--no-build-isolation", "--prefix", str(prefix),
+         str(source_copy(tmp_path))])
+    script = prefix / "bin" / "smtpproxy"
+    assert os.access(str(script), os.X_OK)
+    site = [os.path.join(path, name) for path, dirs, _ in os.walk(str(prefix))
+            for name in dirs if name == "site-packages"]
+    assert len(site) == 1
+    assert os.path.exists(os.path.join(site[0], "smtpproxy.py"))
+    env = dict(os.environ, PYTHONPATH=site[0])
+    output = subprocess.check_output([str(script), "--version"], env=env,
+                                     universal_newlines=True)
+    assert output == "smtpproxy %s\n" % smtpproxy.__version__
+    share = prefix / "share" / "smtpproxy"
+    for name in DATA_FILES:
+        with open(str(share / name)) as installed, \
+                open(os.path.join(ROOT, "contrib", name)) as original:
+            assert installed.read() == original.read(), name
+    assert os.access(str(share / "init.d" / "smtpproxy"), os.X_OK)
+
+
+def test_the_single_file_runs_on_its_own(tmp_path):
+    shutil.copy(os.path.join(ROOT, "smtpproxy.py"), str(tmp_path))
+    # -I: no PYTHONPATH, no user site, not even the script's own checkout.
+    result = subprocess.run(
+        [sys.executable, "-I", str(tmp_path / "smtpproxy.py"),
+         "--check-config", "-o", "allowed_domains=example.org"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "allowed_domains:\n    example.org\n" in result.stdout
