@@ -6,6 +6,7 @@ or started here when a test needs its own options; each is polled until
 ready, never slept for.
 """
 
+import grp
 import os
 import pwd
 import re
@@ -581,14 +582,17 @@ def nobody_dir():
 
 
 @needs_root
+@pytest.mark.parametrize("group", [None, "daemon"])
 def test_privileges_are_dropped_after_binding(nobody_dir, upstream,
-                                              daemons):
+                                              daemons, group):
     nobody = pwd.getpwnam("nobody")
     config = os.path.join(nobody_dir, "smtpproxy.conf")
     with open(config, "w") as config_file:
         config_file.write("allowed_senders:\nallowed_domains:\n"
                           "    example.org\nuser = nobody\n"
                           "greylist_db = %s/grey.db\n" % nobody_dir)
+        if group:
+            config_file.write("group = %s\n" % group)
     # Left by an earlier run as root: the store is handed over, a log file
     # is left as it is, with a warning.
     for name in ("grey.db", "service.log"):
@@ -609,7 +613,7 @@ def test_privileges_are_dropped_after_binding(nobody_dir, upstream,
     with open("/proc/%d/status" % pid) as status_file:
         status = status_file.read()
     uid = "%d" % nobody.pw_uid
-    gid = "%d" % nobody.pw_gid
+    gid = "%d" % (grp.getgrnam(group).gr_gid if group else nobody.pw_gid)
     assert re.search(r"Uid:\t%s\t%s\t%s\t%s\n" % ((uid,) * 4), status)
     assert re.search(r"Gid:\t%s\t%s\t%s\t%s\n" % ((gid,) * 4), status)
     groups = re.search(r"Groups:\t?(.*)\n", status).group(1).split()
@@ -624,6 +628,7 @@ def test_privileges_are_dropped_after_binding(nobody_dir, upstream,
     for name in ("greylist.log", "grey.db", "grey.db-wal"):
         path = os.path.join(nobody_dir, name)
         assert os.stat(path).st_uid == nobody.pw_uid, name
+        assert os.stat(path).st_gid == int(gid), name
     assert os.stat(os.path.join(nobody_dir, "service.log")).st_uid == 0
     wait_for_log(os.path.join(nobody_dir, "greylist.log"), "DEFERRED")
     # It can reopen its logs after a rotation, as nobody.
