@@ -2756,6 +2756,10 @@ def daemonize():
 def report_start(pipe, status):
     """Tell the waiting original process the start's exit status; on
     success, let go of the terminal: standard streams to /dev/null."""
+    # Before Python 3.9 standard error is block-buffered when it is not
+    # a terminal: what was written must go out before it is replaced.
+    sys.stdout.flush()
+    sys.stderr.flush()
     os.write(pipe, bytes([status]))
     os.close(pipe)
     if status == 0:

@@ -47,6 +47,14 @@ directory (its transaction log, greylist.log, is written there).
 config file sets ``max_message_size = 200000000`` and ``max_connections``
 to more than the idle sessions opened (its default is 500).
 
+3. The service, on a fresh proxy with ``max_connections`` set to
+   ``--idle-sessions``: that many sessions are opened and held, then
+   ``FLOOD_CONNECTIONS`` more connections are made one after the other;
+   each must get ``421 4.7.0``.  Printed: refusals per second, the
+   process's threads and peak RSS before and after the flood, whether the
+   held sessions still answer; then SIGTERM, and the time until every
+   held session got ``421 4.3.2`` and the process exited.
+
 Exit status: 0 when every run completed (even if a goal is missed: this is
 a benchmark, not a test); 1 when a run failed (messages lost, a server
 died or refused a session); 2 when a tool is missing (smtp-source,
@@ -130,6 +138,7 @@ STORE_SESSIONS = 50
 STORE_DECISIONS = 200          # per session
 STORE_PAUSE = 0.05             # between a session's decisions, when paced
 STORE_PACED_DECISIONS = 60     # per session, when paced
+FLOOD_CONNECTIONS = 5000
 BANNER_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 SMTP_TIMEOUT = 300.0
@@ -676,6 +685,75 @@ def measure_store(repo, workdir, pause=0.0, decisions=STORE_DECISIONS,
             1000 * p99)
 
 
+def measure_service(proxy, args):
+    """Flood a proxy that holds ``--idle-sessions`` sessions, its
+    max_connections; then stop it with SIGTERM.  Returns a dict."""
+    figures = {}
+    held = []
+    deadline = time.monotonic() + BANNER_TIMEOUT
+    # wait_ready's probe may not have left yet: a refusal is retried.
+    while len(held) < args.idle_sessions:
+        more, error = open_idle_sessions(proxy.port,
+                                         args.idle_sessions - len(held))
+        held.extend(more)
+        if error is not None:
+            if time.monotonic() > deadline:
+                close_all(held)
+                raise BenchError(proxy.describe_failure(error))
+            time.sleep(0.01)
+    try:
+        before = proc_status(proxy.pid)
+        refused = 0
+        started = time.monotonic()
+        for _ in range(FLOOD_CONNECTIONS):
+            sock = socket.create_connection((HOST, proxy.port), timeout=30)
+            try:
+                code, lines = read_reply(sock.makefile('rb'))
+            finally:
+                sock.close()
+            if code == 421 and lines[0].startswith('4.7.0'):
+                refused += 1
+        elapsed = time.monotonic() - started
+        after = proc_status(proxy.pid)
+        figures['flood'] = (refused, elapsed, before, after)
+        reader = held[0].makefile('rb')
+        held[0].sendall(b'NOOP\r\n')
+        figures['held_answers'] = read_reply(reader)[0] == 250
+        started = time.monotonic()
+        proxy.proc.send_signal(signal.SIGTERM)
+        told = 0
+        for sock in held:
+            try:
+                code, lines = read_reply(sock.makefile('rb'))
+            except (OSError, BenchError):
+                continue
+            if code == 421 and lines[0].startswith('4.3.2'):
+                told += 1
+        proxy.proc.wait(STOP_TIMEOUT)
+        figures['stop'] = (told, time.monotonic() - started)
+    finally:
+        close_all(held)
+    return figures
+
+
+def print_service(figures, args):
+    refused, elapsed, before, after = figures['flood']
+    print('Service: %d sessions held (= max_connections), then %d '
+          'connections, one after the other:' % (args.idle_sessions,
+                                                 FLOOD_CONNECTIONS))
+    print('  refused with 421 4.7.0: %d (%.0f refusals/s)'
+          % (refused, refused / elapsed))
+    print('  threads %d before, %d after; peak RSS %.1f MiB before, '
+          '%.1f MiB after' % (before['Threads'], after['Threads'],
+                              before['VmHWM'], after['VmHWM']))
+    print('  held sessions still answer: %s'
+          % ('yes' if figures['held_answers'] else 'NO'))
+    told, stop = figures['stop']
+    print('  SIGTERM: %d of %d idle sessions told 421 4.3.2, process gone '
+          'after %.2f s' % (told, args.idle_sessions, stop))
+    print()
+
+
 def print_throughput(results, args):
     print('Throughput: smtp-source -> [proxy ->] smtp-sink, %d messages '
           'x %d bytes, %d parallel sessions, %s;'
@@ -875,6 +953,7 @@ def main(argv=None):
     missing = []
     memory = None
     store_figures = None
+    service = None
 
     def start(server):
         servers.append(server)
@@ -987,6 +1066,22 @@ def main(argv=None):
                 if proxy is not None:
                     proxy.stop()
                     servers.remove(proxy)
+        # -- the service: connection flood and stop (fresh proxy)
+        if os.path.exists(proxy_script):
+            print('running: smtpproxy service ...', file=sys.stderr)
+            service_config = os.path.join(workdir, 'service.conf')
+            with open(service_config, 'w') as fileobj:
+                fileobj.write(PROXY_CONFIG % args.idle_sessions)
+            proxy = None
+            try:
+                proxy = start_proxy('smtpproxy-service', service_config)
+                service = measure_service(proxy, args)
+            except (BenchError, OSError, subprocess.TimeoutExpired) as exc:
+                failures.append('service: %s' % exc)
+            finally:
+                if proxy is not None:
+                    proxy.stop()
+                    servers.remove(proxy)
         sink.check_alive()
     except (BenchError, OSError) as exc:
         failures.append(str(exc))
@@ -1025,6 +1120,9 @@ def main(argv=None):
     else:
         print('Memory of the smtpproxy process: skipped (no smtpproxy.py)')
         print()
+
+    if service is not None:
+        print_service(service, args)
 
     if failures:
         print('FAILURES (logs kept in %s):' % workdir)

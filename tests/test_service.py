@@ -149,8 +149,9 @@ def test_max_connections_per_ip(proxy):
 def test_connection_limits_from_the_command_line(proxy_process):
     process = proxy_process(args=["--max-connections", "2",
                                   "--max-connections-per-ip", "1"])
-    first = RawClient(process.port)
-    assert first.greeting[0] == 220
+    # The fixture's own probe may not have left yet.
+    first = wait_until(lambda: greeted(RawClient(process.port)),
+                       what="a session to be served")
     second = RawClient(process.port)
     assert second.greeting[0] == 421
     other = connect_from("127.0.0.2", process.port)
@@ -159,6 +160,14 @@ def test_connection_limits_from_the_command_line(proxy_process):
     assert third.greeting[0] == 421          # max_connections = 2
     for client in (first, second, other, third):
         client.close()
+
+
+def greeted(client):
+    """``client`` if it was greeted with 220, else None (closed)."""
+    if client.greeting[0] == 220:
+        return client
+    client.close()
+    return None
 
 
 def test_bad_limit_values_are_refused():
