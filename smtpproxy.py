@@ -473,6 +473,22 @@ _QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
 _SUB_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _DOMAIN = r"%s(?:\.%s)*" % (_SUB_DOMAIN, _SUB_DOMAIN)
 _ADDRESS_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+# RFC 6531: with SMTPUTF8, UTF-8 (non-ASCII, not a control) in atoms,
+# quoted strings and domain labels (U-labels).
+_UTF8 = "\u00a0-\U0010ffff"
+_ATEXT_UTF8 = r"[A-Za-z0-9!#$%%&'*+/=?^_`{|}~%s-]" % _UTF8
+_DOT_STRING_UTF8 = r"%s+(?:\.%s+)*" % (_ATEXT_UTF8, _ATEXT_UTF8)
+_QUOTED_STRING_UTF8 = (r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e%s]|\\[\x20-\x7e])*"'
+                       % _UTF8)
+_SUB_DOMAIN_UTF8 = r"[A-Za-z0-9%s](?:[A-Za-z0-9%s-]*[A-Za-z0-9%s])?" % (
+    (_UTF8,) * 3)
+_DOMAIN_UTF8 = r"%s(?:\.%s)*" % (_SUB_DOMAIN_UTF8, _SUB_DOMAIN_UTF8)
+_MAILBOX_UTF8_RE = re.compile(r"(%s|%s)@(%s|%s)\Z" % (
+    _DOT_STRING_UTF8, _QUOTED_STRING_UTF8, _DOMAIN_UTF8, _ADDRESS_LITERAL))
+# RFC 3461: xtext, for ENVID and ORCPT.
+_XTEXT_RE = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
+_ORCPT_RE = re.compile(r"[A-Za-z0-9-]+;(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]"
+                       r"|\+[0-9A-F]{2})+\Z")
 _MAILBOX_RE = re.compile(r"(%s|%s)@(%s|%s)\Z" % (
     _DOT_STRING, _QUOTED_STRING, _DOMAIN, _ADDRESS_LITERAL))
 _ROUTE_RE = re.compile(r"@%s(?:,@%s)*:" % (_DOMAIN, _DOMAIN))
@@ -504,7 +520,8 @@ def _valid_address_literal(literal):
     return True
 
 
-def parse_path(text, null_allowed=False, postmaster_allowed=False):
+def parse_path(text, null_allowed=False, postmaster_allowed=False,
+               utf8=False):
     """Parse an RFC 5321 path and its parameters, as after ``MAIL FROM:``.
 
     ``text`` is what follows the colon: ``<local@domain> PARAM=VALUE ...``.
@@ -514,6 +531,8 @@ def parse_path(text, null_allowed=False, postmaster_allowed=False):
     obsolete source route (``@a,@b:``) or "" (it is not forwarded, as
     section 3.6.1 asks); ``params`` is a list of ``(KEYWORD, value or
     None)`` with the keyword upper-cased.  Raises EnvelopeSyntaxError.
+    With ``utf8`` (SMTPUTF8 offered), the address may hold UTF-8 as RFC
+    6531 extends RFC 5321; lengths are counted in octets all the same.
 
     Written for strictness, not borrowed from email.utils: no spaces
     inside the path, no comments, no display names, length limits of
@@ -525,7 +544,7 @@ def parse_path(text, null_allowed=False, postmaster_allowed=False):
     if not match:
         raise EnvelopeSyntaxError("no closing angle bracket")
     path, rest = match.group(), text[match.end():]
-    if len(path) > MAX_PATH:
+    if len(path.encode("utf-8")) > MAX_PATH:
         raise EnvelopeSyntaxError("path longer than %d octets" % MAX_PATH)
     inner = path[1:-1]
     route = ""
@@ -541,20 +560,21 @@ def parse_path(text, null_allowed=False, postmaster_allowed=False):
     elif postmaster_allowed and inner.lower() == "postmaster" and not route:
         mailbox = inner
     else:
-        match = _MAILBOX_RE.match(inner)
+        match = (_MAILBOX_UTF8_RE if utf8 else _MAILBOX_RE).match(inner)
         if not match:
             raise EnvelopeSyntaxError("bad address syntax")
         local, domain = match.group(1), match.group(2)
-        if len(local) > MAX_LOCAL_PART:
+        if len(local.encode("utf-8")) > MAX_LOCAL_PART:
             raise EnvelopeSyntaxError("local-part longer than %d octets"
                                       % MAX_LOCAL_PART)
-        if len(domain) > MAX_DOMAIN:
+        if len(domain.encode("utf-8")) > MAX_DOMAIN:
             raise EnvelopeSyntaxError("domain longer than %d octets"
                                       % MAX_DOMAIN)
         if domain.startswith("["):
             if not _valid_address_literal(domain):
                 raise EnvelopeSyntaxError("bad address literal")
-        elif any(len(label) > 63 for label in domain.split(".")):
+        elif any(len(label.encode("utf-8")) > 63
+                 for label in domain.split(".")):
             raise EnvelopeSyntaxError("domain label longer than 63 octets")
         mailbox = inner
     params = []
@@ -749,7 +769,7 @@ class UpstreamSession(object):
         """Send one command (str, with no CR, LF or NUL) and read its reply."""
         if re.search(r"[\r\n\x00]", line):
             raise ValueError("refusing to send a line break upstream")
-        self.send(line.encode("ascii") + b"\r\n")
+        self.send(line.encode("utf-8") + b"\r\n")
         return self.read_reply()
 
     def commands(self, lines):
@@ -760,7 +780,7 @@ class UpstreamSession(object):
         for line in lines:
             if re.search(r"[\r\n\x00]", line):
                 raise ValueError("refusing to send a line break upstream")
-        self.send("".join(line + "\r\n" for line in lines).encode("ascii"))
+        self.send("".join(line + "\r\n" for line in lines).encode("utf-8"))
         return [self.read_reply() for _ in lines]
 
     def greet(self, helo_name, esmtp):
@@ -992,6 +1012,11 @@ class MailHandler(socketserver.StreamRequestHandler):
             if chunk.endswith(b"\n"):
                 return
 
+    def decode_utf8_command(self, text):
+        """A command line with octets beyond ASCII, as str if this session
+        takes UTF-8 in it (see ConcreteMailHandler), else None."""
+        return None
+
     def server_stopping(self):
         """True once the server was told to stop (SIGTERM)."""
         return getattr(self.server, "stopping", False)
@@ -1018,10 +1043,13 @@ class MailHandler(socketserver.StreamRequestHandler):
             return
         text = line[:-2]
         if re.search(b"[^\x20-\x7e]", text):
-            self.refuse("500 5.5.2 Syntax error: control or 8-bit "
-                        "characters in command", protocol_error=True)
-            return
-        text = text.decode("ascii")
+            text = self.decode_utf8_command(text)
+            if text is None:
+                self.refuse("500 5.5.2 Syntax error: control or 8-bit "
+                            "characters in command", protocol_error=True)
+                return
+        else:
+            text = text.decode("ascii")
         verb, _, args = text.partition(" ")
         verb = verb.upper()
         if verb != "QUIT" and not self.busy() and self.server_stopping():
@@ -1138,10 +1166,23 @@ class ConcreteMailHandler(MailHandler):
     smtp_ip, smtp_port  the real mail server
     upstream_timeout    seconds to wait for it to connect or answer; past
                         that the client gets 451 4.4.2
-    max_message_size    largest message in octets, announced with SIZE;
-                        larger: 552 5.3.4 and nothing is delivered
+    max_message_size    largest message in octets, announced with SIZE
+                        (or the upstream's SIZE, if smaller); larger:
+                        552 5.3.4 and nothing is delivered
     max_recipients      recipients per message; more: 452 4.5.3
     defer_reply         the reply of a deferral
+    upstream_capabilities_ttl
+                        seconds the upstream's EHLO keywords are trusted;
+                        every upstream session renews them, and past this
+                        age a client's EHLO asks the upstream again
+
+    What EHLO offers follows the upstream: PIPELINING and
+    ENHANCEDSTATUSCODES are the proxy's own; SIZE is the smaller of the
+    two; 8BITMIME, SMTPUTF8 (RFC 6531: UTF-8 addresses) and DSN (RFC 3461:
+    RET, ENVID, NOTIFY, ORCPT) only when the upstream has them, learnt from
+    its EHLO reply (``learn_upstream()``), so that nothing is promised
+    that the upstream cannot carry.  MAIL and RCPT parameters reach the
+    upstream only when its session announced them.
     """
 
     smtp_ip = "127.0.0.1"
@@ -1151,6 +1192,19 @@ class ConcreteMailHandler(MailHandler):
     max_recipients = 100
     defer_reply = "451 4.7.1 Please try again later"
     upstream_class = UpstreamSession
+    upstream_capabilities_ttl = 600
+
+    # (smtp_ip, smtp_port) -> (time learnt, the upstream's EHLO keywords
+    # as {KEYWORD: parameters}, or None if it could not be asked)
+    _upstream_capabilities = {}
+    _capabilities_lock = threading.Lock()
+    _capabilities_asking = set()
+    # The extensions offered only when the upstream has them.
+    upstream_dependent = ("8BITMIME", "SMTPUTF8", "DSN")
+    # MAIL and RCPT parameters, and the extension each belongs to.
+    parameter_extensions = {"SIZE": "SIZE", "BODY": "8BITMIME",
+                            "SMTPUTF8": "SMTPUTF8", "RET": "DSN",
+                            "ENVID": "DSN", "NOTIFY": "DSN", "ORCPT": "DSN"}
 
     # Size of the chunks in which message data is written upstream.
     data_chunk_size = 65536
@@ -1163,11 +1217,14 @@ class ConcreteMailHandler(MailHandler):
         self.upstream_helo = None
         self.status = ""
         self.final_reply = ""
+        self.offered = {}
+        self.message_size_limit = self.max_message_size
         self._start_transaction()
 
     def _start_transaction(self):
         self.mail_from = None
         self.mail_params = []
+        self.smtputf8 = False
         self.recipients = []
         self.rcpt_seen = []
         self.upstream_in_transaction = False
@@ -1250,6 +1307,75 @@ class ConcreteMailHandler(MailHandler):
             self.upstream.quit()
             self.upstream = None
 
+    # -- what the upstream can carry -------------------------------------
+
+    @classmethod
+    def learn_upstream(cls):
+        """Ask the upstream for its EHLO keywords now (a session of EHLO
+        and QUIT) and remember them; return them, or None if it could not
+        be asked (what was known before is then kept)."""
+        key = (cls.smtp_ip, cls.smtp_port)
+        extensions = None
+        try:
+            session = cls.upstream_class(key, cls.upstream_timeout)
+            session.greet(cls.servername, esmtp=True)
+            extensions = session.extensions
+            session.quit()
+        except UpstreamError as error:
+            log.warning("upstream %s:%s: cannot learn its extensions: %s",
+                        key[0], key[1], error)
+        with cls._capabilities_lock:
+            known = cls._upstream_capabilities.get(key)
+            if extensions is not None or known is None:
+                known = (time.time(), extensions)
+            else:
+                known = (time.time(), known[1])
+            cls._upstream_capabilities[key] = known
+        return extensions
+
+    def remember_upstream(self, extensions):
+        """Keep the EHLO keywords an upstream session announced."""
+        with self._capabilities_lock:
+            self._upstream_capabilities[(self.smtp_ip, self.smtp_port)] = (
+                time.time(), dict(extensions))
+
+    def upstream_extensions(self):
+        """The upstream's EHLO keywords as last learnt, asking it first if
+        that was more than ``upstream_capabilities_ttl`` seconds ago (one
+        session asks; the others meanwhile use what is known); {} if they
+        are not known."""
+        key = (self.smtp_ip, self.smtp_port)
+        with self._capabilities_lock:
+            known = self._upstream_capabilities.get(key)
+            stale = (known is None or time.time() - known[0]
+                     > self.upstream_capabilities_ttl)
+            ask = stale and key not in self._capabilities_asking
+            if ask:
+                self._capabilities_asking.add(key)
+        if ask:
+            try:
+                self.learn_upstream()
+            finally:
+                with self._capabilities_lock:
+                    self._capabilities_asking.discard(key)
+                    known = self._upstream_capabilities.get(key)
+        return dict(known[1] or {}) if known else {}
+
+    def offered_extensions(self):
+        """What our EHLO offers, {KEYWORD: parameters}: see the class
+        docstring."""
+        upstream = self.upstream_extensions()
+        offered = {"PIPELINING": "", "ENHANCEDSTATUSCODES": ""}
+        limit = self.max_message_size
+        size = upstream.get("SIZE", "")
+        if size.isdigit() and 0 < int(size) < limit:
+            limit = int(size)
+        offered["SIZE"] = str(limit)
+        for keyword in self.upstream_dependent:
+            if keyword in upstream:
+                offered[keyword] = ""
+        return offered
+
     # -- the upstream session --------------------------------------------
 
     def open_upstream(self):
@@ -1263,26 +1389,41 @@ class ConcreteMailHandler(MailHandler):
         elif self.upstream_helo != self.inbox_log[0]:
             # The client said HELO/EHLO again, with another name.
             self.upstream.introduce(self.helo_name, self.esmtp)
+        else:
+            return
         self.upstream_helo = self.inbox_log[0]
+        if self.esmtp:
+            self.remember_upstream(self.upstream.extensions)
+
+    def upstream_parameters(self, params):
+        """`` KEY=VALUE ...`` of the ``params`` whose extension the upstream
+        session announced."""
+        extensions = self.upstream.extensions
+        return "".join(
+            " %s=%s" % (keyword, value) if value is not None
+            else " " + keyword
+            for keyword, value in params
+            if self.parameter_extensions.get(keyword) in extensions)
 
     def upstream_mail_command(self):
         """The MAIL command replayed upstream: the client's, with only the
         parameters the upstream announced."""
-        command = "MAIL FROM:<%s>" % self.mail_from
-        extensions = self.upstream.extensions
-        for keyword, value in self.mail_params:
-            needs = "8BITMIME" if keyword == "BODY" else keyword
-            if needs in extensions:
-                command += " %s=%s" % (keyword, value)
-        return command
+        return "MAIL FROM:<%s>%s" % (self.mail_from,
+                                     self.upstream_parameters(
+                                         self.mail_params))
 
-    def relay_rcpt(self, recipient):
+    def relay_rcpt(self, recipient, params=()):
         """Relay one RCPT to the upstream; return its reply ``(code, lines)``.
 
         Opens the upstream session and replays MAIL FROM first if needed.
         """
         self.open_upstream()
-        rcpt = "RCPT TO:<%s>" % recipient
+        if self.smtputf8 and "SMTPUTF8" not in self.upstream.extensions:
+            # It had SMTPUTF8 when our EHLO offered it, no longer.
+            return 451, ["4.3.0 The upstream mail server lost SMTPUTF8, "
+                         "try again later"]
+        rcpt = "RCPT TO:<%s>%s" % (recipient,
+                                   self.upstream_parameters(params))
         if self.upstream_in_transaction:
             return self.upstream.command(rcpt)
         # MAIL and the first RCPT go together; if MAIL fails, the RCPT's
@@ -1333,6 +1474,9 @@ class ConcreteMailHandler(MailHandler):
         self.helo_name = args
         self.esmtp = esmtp
         self.inbox_log[:] = [("EHLO " if esmtp else "HELO ") + args]
+        self.offered = self.offered_extensions() if esmtp else {}
+        self.message_size_limit = int(self.offered.get(
+            "SIZE", self.max_message_size))
         if esmtp:
             self.netPrint(format_reply(250, self.ehlo_lines()))
         else:
@@ -1340,13 +1484,17 @@ class ConcreteMailHandler(MailHandler):
                                                   self.peer))
 
     def ehlo_lines(self):
-        """The lines of our EHLO reply: only what is implemented."""
-        return ["%s Hello %s [%s]" % (self.servername, self.helo_name,
-                                      self.peer),
-                "PIPELINING",
-                "SIZE %d" % self.max_message_size,
-                "8BITMIME",
-                "ENHANCEDSTATUSCODES"]
+        """The lines of our EHLO reply: the greeting line, then the
+        keywords of ``offered``, the extensions offered to this client."""
+        order = ("PIPELINING", "SIZE", "8BITMIME", "SMTPUTF8", "DSN",
+                 "ENHANCEDSTATUSCODES", "STARTTLS")
+        keywords = sorted(self.offered, key=lambda keyword: (
+            order.index(keyword) if keyword in order else len(order),
+            keyword))
+        return (["%s Hello %s [%s]" % (self.servername, self.helo_name,
+                                       self.peer)]
+                + [("%s %s" % (keyword, self.offered[keyword])).rstrip()
+                   for keyword in keywords])
 
     def handleMail(self, args):
         """MAIL FROM:<path> [SIZE=n] [BODY=7BIT|8BITMIME]: checked here;
@@ -1362,35 +1510,83 @@ class ConcreteMailHandler(MailHandler):
                         protocol_error=True)
             return
         try:
-            sender, route, params = parse_path(args[5:], null_allowed=True)
+            sender, route, params = parse_path(
+                args[5:], null_allowed=True,
+                utf8="SMTPUTF8" in self.offered)
         except EnvelopeSyntaxError as error:
             self.refuse("501 5.1.7 Bad sender address syntax: %s" % error,
                         protocol_error=True)
+            return
+        utf8 = any(keyword == "SMTPUTF8" for keyword, _ in params)
+        if not utf8 and re.search(r"[^\x00-\x7f]", sender):
+            self.refuse("553 5.6.7 Non-ASCII address without SMTPUTF8")
             return
         if params and not self.esmtp:
             self.refuse("555 5.5.4 MAIL parameters need EHLO")
             return
         for keyword, value in params:
-            if keyword == "SIZE":
-                if value is None or not re.match(r"[0-9]{1,20}\Z", value):
-                    self.refuse("501 5.5.4 Bad SIZE parameter")
-                    return
-                if int(value) > self.max_message_size:
-                    self.refuse("552 5.3.4 Message size exceeds fixed "
-                                "limit of %d octets" % self.max_message_size)
-                    return
-            elif keyword == "BODY":
-                if value is None or value.upper() not in ("7BIT",
-                                                          "8BITMIME"):
-                    self.refuse("555 5.5.4 Unsupported BODY type")
-                    return
-            else:
-                self.refuse("555 5.5.4 Unsupported parameter %s" % keyword)
+            problem = self.check_parameter("MAIL", keyword, value)
+            if problem:
+                self.refuse(problem)
                 return
         self.mail_from = sender
         self.mail_params = params
+        self.smtputf8 = utf8
         self.inbox_log.append("MAIL FROM:" + args[5:])
         self.netPrint("250 2.1.0 OK")
+
+    def decode_utf8_command(self, text):
+        """MAIL and RCPT may hold UTF-8 when SMTPUTF8 was offered: valid
+        UTF-8, and no control character (C0, DEL or C1) in it."""
+        if "SMTPUTF8" not in self.offered or text[:5].upper() not in (
+                b"MAIL ", b"RCPT "):
+            return None
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if re.search("[\x00-\x1f\x7f-\x9f]", text):
+            return None
+        return text
+
+    def check_parameter(self, command, keyword, value):
+        """The refusal of a MAIL or RCPT parameter, or None if it is
+        well-formed and belongs to an extension offered to this client."""
+        if keyword not in self.parameter_extensions or (
+                self.parameter_extensions[keyword] not in self.offered) or (
+                (keyword in ("NOTIFY", "ORCPT")) != (command == "RCPT")):
+            return "555 5.5.4 Unsupported parameter %s" % keyword
+        if keyword == "SMTPUTF8":
+            if value is not None:
+                return "501 5.5.4 SMTPUTF8 takes no value"
+            return None
+        if value is None:
+            return "501 5.5.4 %s needs a value" % keyword
+        if keyword == "SIZE":
+            if not re.match(r"[0-9]{1,20}\Z", value):
+                return "501 5.5.4 Bad SIZE parameter"
+            if int(value) > self.message_size_limit:
+                return ("552 5.3.4 Message size exceeds fixed limit of %d "
+                        "octets" % self.message_size_limit)
+        elif keyword == "BODY":
+            if value.upper() not in ("7BIT", "8BITMIME"):
+                return "555 5.5.4 Unsupported BODY type"
+        elif keyword == "RET":
+            if value.upper() not in ("FULL", "HDRS"):
+                return "501 5.5.4 RET must be FULL or HDRS"
+        elif keyword == "NOTIFY":
+            words = value.upper().split(",")
+            if not (words == ["NEVER"] or (
+                    len(set(words)) == len(words) and
+                    set(words) <= {"SUCCESS", "FAILURE", "DELAY"})):
+                return "501 5.5.4 Bad NOTIFY parameter"
+        elif keyword == "ENVID":
+            if len(value) > 100 or not _XTEXT_RE.match(value):
+                return "501 5.5.4 Bad ENVID parameter"
+        elif keyword == "ORCPT":
+            if len(value) > 500 or not _ORCPT_RE.match(value):
+                return "501 5.5.4 Bad ORCPT parameter"
+        return None
 
     def handleRcpt(self, args):
         """RCPT TO:<path>: limits, policy, then the upstream's own reply."""
@@ -1403,15 +1599,21 @@ class ConcreteMailHandler(MailHandler):
                         protocol_error=True)
             return
         try:
-            recipient, route, params = parse_path(args[3:],
-                                                  postmaster_allowed=True)
+            recipient, route, params = parse_path(
+                args[3:], postmaster_allowed=True,
+                utf8="SMTPUTF8" in self.offered)
         except EnvelopeSyntaxError as error:
             self.refuse("501 5.1.3 Bad recipient address syntax: %s" % error,
                         protocol_error=True)
             return
-        if params:
-            self.refuse("555 5.5.4 Unsupported parameter %s" % params[0][0])
+        if not self.smtputf8 and re.search(r"[^\x00-\x7f]", recipient):
+            self.refuse("553 5.6.7 Non-ASCII address without SMTPUTF8")
             return
+        for keyword, value in params:
+            problem = self.check_parameter("RCPT", keyword, value)
+            if problem:
+                self.refuse(problem)
+                return
         if len(self.recipients) >= self.max_recipients:
             self.netPrint("452 4.5.3 Too many recipients")
             return
@@ -1428,7 +1630,7 @@ class ConcreteMailHandler(MailHandler):
             self.netPrint(reply)
             return
         try:
-            code, lines = self.relay_rcpt(recipient)
+            code, lines = self.relay_rcpt(recipient, params)
         except UpstreamError as error:
             self.upstream_failed(error)
             self.count_reply("rcpt", error.reply)
@@ -1505,7 +1707,7 @@ class ConcreteMailHandler(MailHandler):
         """
         reader = self.reader
         limit = self.max_text_line
-        max_size = self.max_message_size
+        max_size = self.message_size_limit
         problem = None          # the refusal, once the message is bad
         size = 0
         partial = b""           # an unfinished line, kept for the next read
@@ -1889,8 +2091,8 @@ class GreyListingPolicy(ConcreteMailHandler):
         local, _, domain = recipient.rpartition("@")
         if not local or local.startswith('"') or re.search(r"[%!@]", local):
             return False
-        domain = domain.lower()
-        return any(domain == allowed.lower().rstrip(".")
+        domain = _domain_key(domain)
+        return any(domain == _domain_key(allowed)
                    for allowed in self.allowed_domains)
 
     def is_whitelisted(self, recipient):
@@ -1918,6 +2120,18 @@ class GreyListingPolicy(ConcreteMailHandler):
         bits = self.ipv4_prefix if address.version == 4 else self.ipv6_prefix
         return str(ipaddress.ip_network("%s/%d" % (address, bits),
                                         strict=False))
+
+
+def _domain_key(domain):
+    """A domain as compared: lower case, no final dot, A-labels (IDNA) for
+    a name written with U-labels (SMTPUTF8)."""
+    domain = domain.lower().rstrip(".")
+    if re.search(r"[^\x00-\x7f]", domain):
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass
+    return domain
 
 
 def _in_network(address, network):
@@ -3081,6 +3295,7 @@ class Service(object):
                  handler_class.smtp_ip, handler_class.smtp_port,
                  self.args.handler_class, self.path or "none", os.getpid(),
                  _user_name(os.geteuid()))
+        self.learn_upstream(handler_class)
         try:
             self.server.serve_forever(poll_interval=0.25)
             log.info("stopping: waiting up to %s seconds for %d open "
@@ -3108,6 +3323,18 @@ class Service(object):
                 sys.stderr.write("smtpproxy: warning: %s %s is not writable "
                                  "by %s: reopening it will fail\n"
                                  % (key, path, _user_name(os.geteuid())))
+
+    @staticmethod
+    def learn_upstream(handler_class):
+        """Ask the upstream what it offers, for the first clients' EHLO."""
+        learn = getattr(handler_class, "learn_upstream", None)
+        if learn is not None:
+            extensions = learn()
+            if extensions is not None:
+                log.info("upstream %s:%s offers: %s", handler_class.smtp_ip,
+                         handler_class.smtp_port, log_escape(" ".join(
+                             ("%s %s" % item).rstrip()
+                             for item in sorted(extensions.items()))))
 
     def close(self):
         if self.server is not None:

@@ -144,6 +144,14 @@ class Upstream(object):
     def messages(self):
         return self.handler.messages
 
+    def forget_probe(self):
+        """Once the session that asked for our extensions has ended,
+        count from zero again."""
+        wait_until(lambda: self.open_connections == 0,
+                   what="the probe session to end")
+        self.connections = 0
+        del self.handler.commands[:]
+
     def stop(self):
         async def cancel_sessions():
             self.server.close()
@@ -201,6 +209,12 @@ class RawUpstream(socketserver.ThreadingTCPServer):
         self.shutdown()
         self.server_close()
 
+    def forget_probe(self):
+        """The probe session (EHLO, QUIT) is not one of the test's."""
+        wait_until(lambda: self.commands[-1:] == [b"QUIT\r\n"],
+                   what="the probe session to end")
+        del self.commands[:]
+
     class Handler(socketserver.StreamRequestHandler):
         def handle(self):
             server = self.server
@@ -252,17 +266,28 @@ def raw_upstream():
 
 
 class ProxyFactory(object):
-    def __init__(self, upstream_port):
-        self.upstream_port = upstream_port
+    """Starts proxies in front of ``upstream`` (an Upstream or RawUpstream).
+
+    Each proxy learns the upstream's extensions before it serves, as the
+    command line's proxy does at its start; the upstream's counters and
+    command list then start again from zero, so that a test sees only
+    what its own sessions caused.
+    """
+
+    def __init__(self, upstream):
+        self.upstream = upstream
         self.servers = []
 
     def __call__(self, handler=AcceptAll, host="127.0.0.1", **attributes):
         attributes.setdefault("smtp_ip", "127.0.0.1")
-        attributes.setdefault("smtp_port", self.upstream_port)
+        attributes.setdefault("smtp_port", self.upstream.port)
         attributes.setdefault("inactivity_timeout", 10)
         attributes.setdefault("upstream_timeout", 10)
         handler_class = type("Test" + handler.__name__, (handler,),
                              attributes)
+        if handler_class.smtp_port == self.upstream.port:
+            handler_class.learn_upstream()
+            self.upstream.forget_probe()
         server = smtpproxy.SMTPProxyServer((host, 0), handler_class)
         thread = threading.Thread(target=server.serve_forever,
                                   args=(0.05,))
@@ -280,7 +305,7 @@ class ProxyFactory(object):
 @pytest.fixture
 def proxy(upstream):
     """Start a proxy in front of ``upstream``: ``port = proxy(**attrs)``."""
-    factory = ProxyFactory(upstream.port)
+    factory = ProxyFactory(upstream)
     yield factory
     factory.stop()
 
@@ -288,7 +313,7 @@ def proxy(upstream):
 @pytest.fixture
 def raw_proxy(raw_upstream):
     """Start a proxy in front of ``raw_upstream``."""
-    factory = ProxyFactory(raw_upstream.port)
+    factory = ProxyFactory(raw_upstream)
     yield factory
     factory.stop()
 
@@ -424,6 +449,9 @@ def proxy_process(tmp_path, upstream):
         kwargs.setdefault("upstream_port", upstream.port)
         process = ProxyProcess(tmp_path, **kwargs)
         processes.append(process)
+        if kwargs["upstream_port"] == upstream.port:
+            # It asked the upstream for its extensions as it started.
+            upstream.forget_probe()
         return process
     yield start
     for process in processes:

@@ -43,7 +43,7 @@ def shared_upstream():
 def shared_proxy(shared_upstream):
     """``port = shared_proxy(**attributes)``: one proxy per distinct set of
     class attributes, kept for the whole module."""
-    factory = ProxyFactory(shared_upstream.port)
+    factory = ProxyFactory(shared_upstream)
     ports = {}
 
     def get(**attributes):

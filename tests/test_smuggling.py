@@ -105,7 +105,7 @@ def smuggled_commands(commands):
 @pytest.fixture(scope="module")
 def strict_servers():
     server = Upstream()
-    factory = ProxyFactory(server.port)
+    factory = ProxyFactory(server)
     port = factory()
     yield server, port
     factory.stop()
@@ -126,7 +126,7 @@ def strict(strict_servers):
 @pytest.fixture(scope="module")
 def lax_servers():
     server = RawUpstream()
-    factory = ProxyFactory(server.port)
+    factory = ProxyFactory(server)
     port = factory()
     yield server, port
     factory.stop()
