@@ -56,6 +56,7 @@ class RecordingHandler(object):
     drop         command at which to close the connection instead of
                  answering ("RCPT", "DATA")
     data_reply   the reply to the final dot
+    hide         EHLO keywords to leave out of its EHLO reply
     """
 
     def __init__(self):
@@ -65,6 +66,17 @@ class RecordingHandler(object):
         self.delay = {}
         self.drop = set()
         self.data_reply = "250 2.0.0 Ok: queued as TEST1"
+        self.hide = set()
+        self.ehlos = []
+
+    async def handle_EHLO(self, server, session, envelope, hostname,
+                          responses):
+        session.host_name = hostname
+        self.ehlos.append(hostname)
+        lines = [line[4:] for line in responses
+                 if line[4:].split(" ")[0].upper() not in self.hide]
+        return ["250%s%s" % ("-" if number < len(lines) - 1 else " ", line)
+                for number, line in enumerate(lines)]
 
     async def _maybe_wait(self, command):
         if self.delay.get(command):
@@ -193,10 +205,11 @@ class RawUpstream(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self):
+    def __init__(self, ehlo=("raw",)):
         self.raw = []
         self.messages = []
         self.commands = []
+        self.ehlo = list(ehlo)        # the lines of its EHLO reply
         socketserver.ThreadingTCPServer.__init__(
             self, ("127.0.0.1", 0), self.Handler)
         self.port = self.server_address[1]
@@ -240,6 +253,12 @@ class RawUpstream(socketserver.ThreadingTCPServer):
                 elif verb == b"QUIT":
                     self.wfile.write(b"221 bye\r\n")
                     return
+                elif verb == b"EHLO":
+                    lines = server.ehlo
+                    self.wfile.write("".join(
+                        "250%s%s\r\n" % ("-" if i < len(lines) - 1 else " ",
+                                          line)
+                        for i, line in enumerate(lines)).encode())
                 else:
                     self.wfile.write(b"250 ok\r\n")
 
@@ -329,7 +348,7 @@ class RawClient(object):
 
     def send(self, data):
         if isinstance(data, str):
-            data = data.encode("ascii")
+            data = data.encode("utf-8")
         self.sock.sendall(data)
 
     def reply(self):
