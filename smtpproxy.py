@@ -1317,7 +1317,9 @@ class ConcreteMailHandler(MailHandler):
         key = (cls.smtp_ip, cls.smtp_port)
         extensions = None
         try:
-            session = cls.upstream_class(key, cls.upstream_timeout)
+            # A client's EHLO may be waiting: a healthy upstream answers in
+            # milliseconds, so a hung one is not waited for long.
+            session = cls.upstream_class(key, min(cls.upstream_timeout, 10))
             session.greet(cls.servername, esmtp=True)
             extensions = session.extensions
             session.quit()

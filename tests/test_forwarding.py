@@ -7,6 +7,7 @@ Every failure path of the upstream (down, slow, dropping) and of the client
 import hashlib
 import smtplib
 import socket
+import threading
 import time
 
 import pytest
@@ -258,16 +259,28 @@ def test_upstream_dropping_at_final_dot_gives_4xx(proxy, upstream,
 def test_upstream_garbage_reply_gives_4xx(client_factory, proxy):
     garbage = socket.socket()
     garbage.bind(("127.0.0.1", 0))
-    garbage.listen(1)
+    garbage.listen(5)
+    connections = []
+
+    def answer_garbage():
+        # Every connection (the proxy's EHLO probe too) gets an HTTP reply.
+        while True:
+            try:
+                connection, _ = garbage.accept()
+            except OSError:
+                return
+            connection.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
+            connections.append(connection)
+    thread = threading.Thread(target=answer_garbage)
+    thread.daemon = True
+    thread.start()
     client = client_factory(proxy(smtp_port=garbage.getsockname()[1]))
     start_transaction(client, [])
-    client.send("RCPT TO:<a@example.org>\r\n")
-    connection, _ = garbage.accept()
-    connection.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
-    code, text = client.reply()
+    code, text = client.cmd("RCPT TO:<a@example.org>")
     assert code == 451 and text.startswith("4.4.")
-    connection.close()
     garbage.close()
+    for connection in connections:
+        connection.close()
 
 
 # -- the client failing -----------------------------------------------------
