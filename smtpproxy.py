@@ -215,6 +215,12 @@ def _facility(text):
     return value
 
 
+def _proxy_mode(text):
+    if text.lower() not in ("no", "v1", "v2", "any"):
+        raise ValueError("expected no, v1, v2 or any, got %r" % text)
+    return text.lower()
+
+
 def _string(text):
     return text
 
@@ -268,6 +274,13 @@ CONFIG_KEYS = {
                        "recipients per message (100)"),
     "max_errors": (_integer, "scalar",
                    "refused commands before the client is dropped (20)"),
+    "proxy_protocol": (_proxy_mode, "scalar",
+                       "no, v1, v2 or any: connections begin with HAProxy's "
+                       "PROXY header, which gives the client's address "
+                       "(no)"),
+    "proxy_protocol_from": (_word, "list",
+                            "load balancers that may send the PROXY header: "
+                            "addresses or networks (none: any)"),
     "greylist_log": (_string, "scalar",
                      "transaction log file, one line per transaction "
                      "(greylist.log; empty: none)"),
@@ -504,6 +517,12 @@ MAX_DOMAIN = 255        # section 4.5.3.1.2
 MAX_PATH = 256          # section 4.5.3.1.3, with the angle brackets
 
 
+def _plain_address(address):
+    """An ipaddress address as text; IPv4-mapped IPv6 as plain IPv4."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped if mapped is not None else address)
+
+
 class EnvelopeSyntaxError(ValueError):
     """An envelope command that is not RFC 5321 syntax; ``str()`` says why."""
 
@@ -678,6 +697,22 @@ class _LineReader(object):
         """Put ``data`` back in front of what is buffered."""
         self.buffer = data + self.buffer[self.position:]
         self.position = 0
+
+    def read_exact(self, size):
+        """Return the next ``size`` bytes, fewer only at end of input."""
+        while len(self.buffer) - self.position < size:
+            data = self._receive()
+            if not data:
+                break
+            self.buffer = self.buffer[self.position:] + data
+            self.position = 0
+        data = self.buffer[self.position:self.position + size]
+        self.position += len(data)
+        return data
+
+    def buffered(self):
+        """True if bytes were received and not read yet."""
+        return self.position < len(self.buffer)
 
 
 # ---------------------------------------------------------------------------
@@ -885,6 +920,14 @@ class MailHandler(socketserver.StreamRequestHandler):
                         (RFC 5321: 512)
     max_text_line       longest line of message text, CRLF included
                         (RFC 5321: 1000)
+    proxy_protocol      "no"; or "v1", "v2", "any": every connection must
+                        begin with a PROXY protocol header (HAProxy's, of
+                        that version), whose client address and port
+                        become ``peer`` and ``peerport``; a connection
+                        without a valid one is closed without a word
+    proxy_protocol_from the load balancers' addresses or networks allowed
+                        to send the header; empty: any (then whoever can
+                        reach the port can claim any address)
     """
 
     servername = "mail.example.com"
@@ -895,6 +938,11 @@ class MailHandler(socketserver.StreamRequestHandler):
     max_errors = 20
     max_command_line = 512
     max_text_line = 1000
+    proxy_protocol = "no"
+    proxy_protocol_from = []
+    # The largest PROXY v2 header taken (addresses and TLVs): more is not
+    # an address, it is an attack.
+    max_proxy_header = 1024
 
     # The verbs handled by a method of their own, handleVerb.
     commands = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "QUIT", "RSET",
@@ -926,7 +974,10 @@ class MailHandler(socketserver.StreamRequestHandler):
 
     def handle(self):
         try:
-            self.handleConnect()
+            if self.proxy_protocol != "no" and not self.read_proxy_header():
+                self.close_connection()
+            else:
+                self.handleConnect()
             while self.running:
                 line = self.reader.readline(self.max_command_line)
                 if not line:
@@ -1061,6 +1112,98 @@ class MailHandler(socketserver.StreamRequestHandler):
         else:
             self.handleUnknown(text)
 
+    # -- the PROXY protocol --------------------------------------------
+
+    def read_proxy_header(self):
+        """Read the PROXY protocol header of ``proxy_protocol``; set
+        ``peer`` and ``peerport`` from it.  Return False (after logging
+        why) if the connection must be closed."""
+        balancer = "%s:%s" % (self.peer, self.peerport)
+        if self.proxy_protocol_from and not any(
+                _in_network(self.peer, network)
+                for network in self.proxy_protocol_from):
+            log.warning("PROXY protocol: %s is not in proxy_protocol_from",
+                        log_escape(balancer))
+            return False
+        try:
+            start = self.reader.read_exact(6)
+            if start == b"PROXY " and self.proxy_protocol in ("v1", "any"):
+                address = self._proxy_v1(start)
+            elif (start == b"\r\n\r\n\x00\r"
+                  and self.proxy_protocol in ("v2", "any")):
+                address = self._proxy_v2()
+            else:
+                raise ValueError("no PROXY %s header: %s" % (
+                    "" if self.proxy_protocol == "any"
+                    else self.proxy_protocol, log_escape(start)))
+        except (ValueError, OSError) as error:
+            log.warning("PROXY protocol from %s: %s", log_escape(balancer),
+                        error)
+            return False
+        if address is not None:
+            peer, peerport = address
+            move = getattr(self.server, "move_session", None)
+            if move is not None and not move(self, peer):
+                self.netPrint("421 4.7.0 %s Error: too many connections, "
+                              "try again later" % self.servername)
+                return False
+            self.peer, self.peerport = peer, peerport
+        self.log_dialogue("PROXY: client %s:%s, through %s", self.peer,
+                          self.peerport, balancer)
+        return True
+
+    def _proxy_v1(self, start):
+        """The rest of a version 1 header: ``(address, port)``, or None for
+        PROXY UNKNOWN (the connection's own addresses stand)."""
+        line = start + self.reader.readline(107 - len(start))
+        if not line.endswith(b"\r\n"):
+            raise ValueError("PROXY v1 line without CRLF within 107 octets")
+        words = line[6:-2].decode("ascii", "replace").split(" ")
+        if words[0] == "UNKNOWN":
+            return None
+        if words[0] not in ("TCP4", "TCP6") or len(words) != 5:
+            raise ValueError("bad PROXY v1 line: %s" % log_escape(line))
+        version = 4 if words[0] == "TCP4" else 6
+        try:
+            addresses = [ipaddress.ip_address(word) for word in words[1:3]]
+        except ValueError:
+            raise ValueError("bad address in PROXY v1 line: %s"
+                             % log_escape(line))
+        ports = words[3:5]
+        if (any(address.version != version for address in addresses)
+                or not all(re.match(r"(?:0|[1-9][0-9]{0,4})\Z", port)
+                           and int(port) < 65536 for port in ports)):
+            raise ValueError("bad PROXY v1 line: %s" % log_escape(line))
+        return _plain_address(addresses[0]), int(ports[0])
+
+    def _proxy_v2(self):
+        """The rest of a version 2 header (RFC-like spec of HAProxy,
+        section 2.2): ``(address, port)``, or None for LOCAL and for
+        families other than TCP over IPv4 or IPv6."""
+        rest = self.reader.read_exact(10)
+        if len(rest) < 10 or rest[:6] != b"\nQUIT\n":
+            raise ValueError("bad PROXY v2 signature")
+        command, family, length = struct.unpack("!BBH", rest[6:])
+        if command >> 4 != 2 or command & 0x0f > 1:
+            raise ValueError("bad PROXY v2 version or command 0x%02x"
+                             % command)
+        if length > self.max_proxy_header:
+            raise ValueError("PROXY v2 header of %d octets" % length)
+        body = self.reader.read_exact(length)
+        if len(body) < length:
+            raise ValueError("PROXY v2 header cut short")
+        if command & 0x0f == 0:             # LOCAL: the balancer's own
+            return None
+        if family == 0x11 and length >= 12:
+            return (_plain_address(ipaddress.IPv4Address(body[:4])),
+                    struct.unpack("!H", body[8:10])[0])
+        if family == 0x21 and length >= 36:
+            return (_plain_address(ipaddress.IPv6Address(body[:16])),
+                    struct.unpack("!H", body[32:34])[0])
+        if family in (0x11, 0x21):
+            raise ValueError("PROXY v2 addresses cut short")
+        return None
+
     # -- the commands: overridden by ConcreteMailHandler ---------------
 
     def handleConnect(self):
@@ -1081,6 +1224,8 @@ class MailHandler(socketserver.StreamRequestHandler):
     def client_talks_first(self):
         """True if the client sent anything (or hung up) before our
         greeting, waiting ``greet_pause`` seconds for it."""
+        if self.reader.buffered():
+            return True         # sent along with the PROXY header
         self.connection.settimeout(self.greet_pause)
         try:
             self.connection.recv(1, socket.MSG_PEEK)
@@ -2489,6 +2634,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
             server_address = info[0][4][:2]
         # request socket -> its handler (None until the handler is set up)
         self.sessions = {}
+        self.session_ips = {}           # request socket -> client address
         self.sessions_per_ip = {}
         self.sessions_changed = threading.Condition(threading.Lock())
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -2545,6 +2691,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
                 self.counters["connections_refused"] += 1
             else:
                 self.sessions[request] = None
+                self.session_ips[request] = address
                 self.sessions_per_ip[address] = per_ip + 1
         if refused:
             self.refuse_connection(request, address)
@@ -2553,7 +2700,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
             socketserver.ThreadingTCPServer.process_request(
                 self, request, client_address)
         except BaseException:
-            self._forget(request, address)
+            self._forget(request)
             raise
 
     def refuse_connection(self, request, address):
@@ -2589,7 +2736,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
             socketserver.ThreadingTCPServer.process_request_thread(
                 self, request, client_address)
         finally:
-            self._forget(request, self._client_ip(client_address))
+            self._forget(request)
 
     def attach_session(self, handler):
         """Called by each MailHandler when it is set up."""
@@ -2597,14 +2744,36 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
             if handler.request in self.sessions:
                 self.sessions[handler.request] = handler
 
-    def _forget(self, request, address):
+    def move_session(self, handler, address):
+        """Count a session under another client address (the one a PROXY
+        protocol header gave); False if that one is at its limit."""
         with self.sessions_changed:
-            if self.sessions.pop(request, False) is not False:
-                left = self.sessions_per_ip.get(address, 1) - 1
-                if left > 0:
-                    self.sessions_per_ip[address] = left
-                else:
-                    self.sessions_per_ip.pop(address, None)
+            old = self.session_ips.get(handler.request)
+            if old is None or old == address:
+                return True
+            if 0 < self.max_connections_per_ip <= self.sessions_per_ip.get(
+                    address, 0):
+                self.counters["connections_refused"] += 1
+                return False
+            self._uncount(old)
+            self.session_ips[handler.request] = address
+            self.sessions_per_ip[address] = (
+                self.sessions_per_ip.get(address, 0) + 1)
+            return True
+
+    def _uncount(self, address):
+        left = self.sessions_per_ip.get(address, 1) - 1
+        if left > 0:
+            self.sessions_per_ip[address] = left
+        else:
+            self.sessions_per_ip.pop(address, None)
+
+    def _forget(self, request):
+        with self.sessions_changed:
+            self.sessions.pop(request, None)
+            address = self.session_ips.pop(request, None)
+            if address is not None:
+                self._uncount(address)
             self.sessions_changed.notify_all()
 
     # -- stopping --------------------------------------------------------
@@ -3290,6 +3459,10 @@ class Service(object):
             report_start(report, 0)
         for warning in self.warnings:
             log.warning("%s", warning)
+        if (getattr(handler_class, "proxy_protocol", "no") != "no"
+                and not handler_class.proxy_protocol_from):
+            log.warning("proxy_protocol without proxy_protocol_from: "
+                        "whoever reaches the port can claim any address")
         log.info("smtpproxy %s listening on [%s]:%s, forwarding to %s:%s "
                  "(class %s, config %s, pid %d, user %s)", __version__,
                  self.server.server_address[0],
