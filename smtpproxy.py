@@ -141,6 +141,7 @@ import signal
 import socket
 import socketserver
 import sqlite3
+import ssl
 import struct
 import sys
 import textwrap
@@ -221,6 +222,13 @@ def _proxy_mode(text):
     return text.lower()
 
 
+def _upstream_tls(text):
+    if text.lower() not in ("no", "opportunistic", "required"):
+        raise ValueError("expected no, opportunistic or required, got %r"
+                         % text)
+    return text.lower()
+
+
 def _string(text):
     return text
 
@@ -281,6 +289,31 @@ CONFIG_KEYS = {
     "proxy_protocol_from": (_word, "list",
                             "load balancers that may send the PROXY header: "
                             "addresses or networks (none: any)"),
+    "upstream_capabilities_ttl": (
+        _integer, "scalar",
+        "seconds the upstream's EHLO keywords are trusted before a "
+        "client's EHLO asks it again (600)"),
+    "tls_cert": (_string, "scalar",
+                 "certificate chain (PEM) for STARTTLS with clients; "
+                 "empty: no STARTTLS (none)"),
+    "tls_key": (_string, "scalar",
+                "its private key (PEM; empty: in tls_cert's file)"),
+    "tls_required": (_boolean, "scalar",
+                     "refuse MAIL before STARTTLS with 530 (no)"),
+    "upstream_tls": (_upstream_tls, "scalar",
+                     "STARTTLS with the upstream: no, opportunistic or "
+                     "required (opportunistic)"),
+    "upstream_tls_verify": (_boolean, "scalar",
+                            "check the upstream's certificate and name "
+                            "(no)"),
+    "upstream_tls_ca": (_string, "scalar",
+                        "authorities (PEM) the upstream's certificate is "
+                        "checked against (the system's)"),
+    "upstream_tls_name": (_string, "scalar",
+                          "the name its certificate must hold (smtp_ip)"),
+    "xclient": (_boolean, "scalar",
+                "tell the upstream the real client with XCLIENT or "
+                "XFORWARD when it offers them (no)"),
     "greylist_log": (_string, "scalar",
                      "transaction log file, one line per transaction "
                      "(greylist.log; empty: none)"),
@@ -641,6 +674,63 @@ def set_timeout(sock, seconds):
         sock.settimeout(seconds)
 
 
+def clear_timeout(sock):
+    """Undo set_timeout()'s kernel timeouts: a TLS socket needs Python's
+    own (a kernel timeout would look like a TLS error to it)."""
+    try:
+        zero = struct.pack("@ll", 0, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, zero)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, zero)
+    except (AttributeError, OSError, struct.error):
+        pass
+
+
+def shutdown_reading(sock):
+    """Shut ``sock`` (plain or TLS) for reading, from any thread: the
+    thread reading it gets the end of input.  Done on a duplicate of the
+    descriptor, so that a TLS socket's own state is not touched."""
+    try:
+        duplicate = socket.fromfd(sock.fileno(), sock.family, sock.type)
+    except (OSError, ValueError):
+        return
+    try:
+        duplicate.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+    finally:
+        duplicate.close()
+
+
+def tls_server_context(cert, key=None):
+    """An SSLContext for STARTTLS towards clients: TLS 1.2 at least, the
+    ssl module's default (forward-secret, AEAD-first) ciphers."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    _tls12_at_least(context)
+    context.load_cert_chain(cert, key or None)
+    return context
+
+
+def tls_client_context(verify=False, ca_file=None):
+    """An SSLContext for STARTTLS towards the upstream: TLS 1.2 at least;
+    the certificate checked (against ``ca_file``, or the system's
+    authorities) only if ``verify``, since most mail servers' are
+    self-signed (RFC 7435, opportunistic security)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                         cafile=ca_file or None)
+    _tls12_at_least(context)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _tls12_at_least(context):
+    if hasattr(ssl, "TLSVersion"):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    else:                                   # Python 3.6
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+
+
 class _LineReader(object):
     """Reads LF-terminated lines from a socket, never more than ``limit``.
 
@@ -649,23 +739,49 @@ class _LineReader(object):
     byte is lost (RFC 2920), and it calls ``before_wait`` before it blocks
     on the socket, so that the replies to pipelined commands are sent in
     one write.
+
+    With ``stop`` (a callable), the wait is cut in ``tick`` seconds long
+    slices, up to ``timeout`` seconds in all, and ends as at the end of
+    input when ``stop()`` turns true: for a TLS socket, which cannot be
+    shut for reading from another thread without breaking its TLS.
     """
 
-    def __init__(self, sock, before_wait=None, bufsize=65536):
+    def __init__(self, sock, before_wait=None, bufsize=65536, stop=None,
+                 timeout=None, tick=0.25):
         self.sock = sock
         self.before_wait = before_wait
         self.bufsize = bufsize
         self.buffer = b""
         self.position = 0
+        self.stop = stop
+        self.timeout = timeout
+        self.tick = tick
 
     def _receive(self):
         """Wait for more bytes; b"" at end of input."""
         if self.before_wait is not None:
             self.before_wait()
+        if self.stop is not None:
+            return self._receive_in_ticks()
         try:
             return self.sock.recv(self.bufsize)
         except BlockingIOError:         # SO_RCVTIMEO expired
             raise socket.timeout("timed out")
+
+    def _receive_in_ticks(self):
+        deadline = time.time() + (self.timeout or float("inf"))
+        while True:
+            if self.stop():
+                return b""
+            self.sock.settimeout(max(0.001, min(self.tick,
+                                                deadline - time.time())))
+            try:
+                return self.sock.recv(self.bufsize)
+            except socket.timeout:
+                if time.time() >= deadline:
+                    raise
+            finally:
+                self.sock.settimeout(self.timeout)
 
     def readline(self, limit):
         """Return the next line with its LF, or ``limit`` bytes of a longer
@@ -733,6 +849,11 @@ class UpstreamError(Exception):
 
 UNREACHABLE = "451 4.4.1 Upstream mail server unavailable, try again later"
 LOST = "451 4.4.2 Connection to the upstream mail server lost, try again later"
+NO_TLS = "451 4.7.5 No TLS with the upstream mail server, try again later"
+
+
+class UpstreamTLSError(UpstreamError):
+    """STARTTLS with the upstream failed: the session is gone."""
 
 
 class UpstreamSession(object):
@@ -743,7 +864,9 @@ class UpstreamSession(object):
     (refused, timed out, dropped, garbage) raises UpstreamError.  Replies
     are capped at ``max_reply_lines`` lines of ``max_reply_line_length``
     octets; control characters in reply text are replaced, so that what
-    the client is told is clean.
+    the client is told is clean.  ``start_tls()`` turns the session to TLS
+    (``tls`` is then true), ``xclient()`` and ``xforward()`` tell Postfix
+    who the client really is.
     """
 
     max_reply_lines = 100
@@ -751,7 +874,10 @@ class UpstreamSession(object):
 
     def __init__(self, address, timeout):
         self.address = address
+        self.timeout = timeout
         self.extensions = {}
+        self.tls = False
+        self.xclient_done = False
         try:
             self.sock = socket.create_connection(address, timeout)
         except OSError as error:
@@ -849,6 +975,43 @@ class UpstreamSession(object):
             raise UpstreamError("upstream refused HELO: %d %s"
                                 % (code, " ".join(lines)), UNREACHABLE)
 
+    def start_tls(self, context, server_hostname, helo_name, esmtp=True):
+        """STARTTLS (RFC 3207), if the upstream offers it, then HELO/EHLO
+        again; return whether the session is now TLS.  UpstreamTLSError if
+        the handshake (or the certificate check) failed."""
+        if "STARTTLS" not in self.extensions:
+            return False
+        code, lines = self.command("STARTTLS")
+        if code != 220:
+            return False
+        try:
+            clear_timeout(self.sock)
+            self.sock.settimeout(self.timeout)
+            self.sock = context.wrap_socket(self.sock,
+                                            server_hostname=server_hostname)
+        except (ssl.SSLError, ssl.CertificateError, OSError) as error:
+            self.abort()
+            raise UpstreamTLSError("TLS with the upstream failed: %s"
+                                   % (error,), NO_TLS)
+        self.reader = _LineReader(self.sock)
+        self.tls = True
+        self.introduce(helo_name, esmtp)
+        return True
+
+    def xclient(self, attributes):
+        """XCLIENT (Postfix): the session is now the client's, as if it
+        had connected itself; it must say HELO/EHLO again.  Return whether
+        the upstream took it."""
+        code, lines = self.command("XCLIENT " + format_xattributes(
+            attributes))
+        if code != 220:
+            log.warning("upstream refused XCLIENT: %d %s", code,
+                        " ".join(lines))
+            return False
+        self.extensions = {}
+        self.xclient_done = True
+        return True
+
     def quit(self):
         """End the session politely; errors are of no interest any more."""
         try:
@@ -864,6 +1027,20 @@ class UpstreamSession(object):
             self.sock.close()
         except OSError:
             pass
+
+
+def xtext(value):
+    """RFC 3461 xtext: "+", "=", and what is not printable ASCII as +XX."""
+    return "".join(
+        char if "!" <= char <= "~" and char not in "+=" else
+        "".join("+%02X" % octet for octet in char.encode("utf-8"))
+        for char in value)
+
+
+def format_xattributes(attributes):
+    """``NAME=value ...`` of XCLIENT and XFORWARD, the values in xtext."""
+    return " ".join("%s=%s" % (name, xtext(value))
+                    for name, value in attributes)
 
 
 def format_reply(code, lines):
@@ -946,7 +1123,7 @@ class MailHandler(socketserver.StreamRequestHandler):
 
     # The verbs handled by a method of their own, handleVerb.
     commands = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "QUIT", "RSET",
-                "NOOP", "VRFY", "HELP")
+                "NOOP", "VRFY", "HELP", "STARTTLS")
 
     def setup(self):
         socketserver.StreamRequestHandler.setup(self)
@@ -1005,6 +1182,8 @@ class MailHandler(socketserver.StreamRequestHandler):
                 socketserver.StreamRequestHandler.finish(self)
             except OSError:
                 pass
+            if self.connection is not self.request:     # TLS
+                self.connection.close()
 
     # -- output --------------------------------------------------------
 
@@ -1019,7 +1198,7 @@ class MailHandler(socketserver.StreamRequestHandler):
         if self.output:
             data = "".join(self.output).encode("ascii", "replace")
             del self.output[:]
-            self.wfile.write(data)
+            self.connection.sendall(data)
 
     def count(self, name):
         """Add one to the server's counter ``name`` (logged on SIGUSR1)."""
@@ -1271,6 +1450,7 @@ class MailHandler(socketserver.StreamRequestHandler):
 
     handleEhlo = handleMail = handleRcpt = handleData = handleHelo
     handleRset = handleNoop = handleVrfy = handleHelp = handleHelo
+    handleStarttls = handleHelo
 
     def handleQuit(self, args):
         """QUIT: 221, and the connection closes."""
@@ -1320,6 +1500,20 @@ class ConcreteMailHandler(MailHandler):
                         seconds the upstream's EHLO keywords are trusted;
                         every upstream session renews them, and past this
                         age a client's EHLO asks the upstream again
+    tls_cert, tls_key   certificate (chain) and key files, PEM: STARTTLS
+                        is offered to clients (TLS 1.2 at least); the key
+                        may be in the certificate's file
+    tls_required        MAIL before STARTTLS: 530 5.7.0
+    upstream_tls        "no", "opportunistic" (STARTTLS when the upstream
+                        offers it; if the handshake fails, plain text on
+                        a new connection) or "required" (no TLS: 451)
+    upstream_tls_verify check the upstream's certificate and name
+                        (smtp_ip, or upstream_tls_name) against
+                        upstream_tls_ca (or the system's authorities)
+    xclient             tell the upstream the real client (address, port,
+                        HELO name) with XCLIENT, or XFORWARD, when it
+                        offers them (Postfix: smtpd_authorized_xclient_hosts
+                        and smtpd_authorized_xforward_hosts)
 
     What EHLO offers follows the upstream: PIPELINING and
     ENHANCEDSTATUSCODES are the proxy's own; SIZE is the smaller of the
@@ -1338,6 +1532,17 @@ class ConcreteMailHandler(MailHandler):
     defer_reply = "451 4.7.1 Please try again later"
     upstream_class = UpstreamSession
     upstream_capabilities_ttl = 600
+    tls_cert = ""
+    tls_key = ""
+    tls_required = False
+    upstream_tls = "opportunistic"
+    upstream_tls_verify = False
+    upstream_tls_ca = ""
+    upstream_tls_name = ""
+    xclient = False
+
+    # (cert, key, their mtimes) -> SSLContext; and the same for upstreams
+    _tls_contexts = {}
 
     # (smtp_ip, smtp_port) -> (time learnt, the upstream's EHLO keywords
     # as {KEYWORD: parameters}, or None if it could not be asked)
@@ -1364,6 +1569,7 @@ class ConcreteMailHandler(MailHandler):
         self.final_reply = ""
         self.offered = {}
         self.message_size_limit = self.max_message_size
+        self.tls = False
         self._start_transaction()
 
     def _start_transaction(self):
@@ -1521,6 +1727,12 @@ class ConcreteMailHandler(MailHandler):
         for keyword in self.upstream_dependent:
             if keyword in upstream:
                 offered[keyword] = ""
+        if not self.tls:
+            try:
+                if self.server_tls_context() is not None:
+                    offered["STARTTLS"] = ""
+            except (OSError, ssl.SSLError) as error:
+                log.error("no STARTTLS: %s", error)
         return offered
 
     # -- the upstream session --------------------------------------------
@@ -1528,11 +1740,7 @@ class ConcreteMailHandler(MailHandler):
     def open_upstream(self):
         """Open the upstream session and replay the client's HELO/EHLO."""
         if self.upstream is None:
-            self.upstream = self.upstream_class(
-                (self.smtp_ip, self.smtp_port), self.upstream_timeout)
-            self.upstream_helo = None
-        if self.upstream_helo is None:
-            self.upstream.greet(self.helo_name, self.esmtp)
+            self.upstream = self.connect_upstream()
         elif self.upstream_helo != self.inbox_log[0]:
             # The client said HELO/EHLO again, with another name.
             self.upstream.introduce(self.helo_name, self.esmtp)
@@ -1541,6 +1749,87 @@ class ConcreteMailHandler(MailHandler):
         self.upstream_helo = self.inbox_log[0]
         if self.esmtp:
             self.remember_upstream(self.upstream.extensions)
+
+    def connect_upstream(self, tls=None):
+        """A new upstream session, ready for MAIL: greeted, turned to TLS
+        per ``upstream_tls``, told the real client with XCLIENT when
+        ``xclient`` is on and the upstream offers it, and introduced with
+        the client's HELO/EHLO name."""
+        tls = self.upstream_tls if tls is None else tls
+        xclient = self.xclient
+        session = self.upstream_class((self.smtp_ip, self.smtp_port),
+                                      self.upstream_timeout)
+        # TLS and XCLIENT need EHLO; with XCLIENT, the first name is ours
+        # and the client's comes after it.
+        name = self.servername if xclient else self.helo_name
+        esmtp = self.esmtp or tls != "no" or xclient
+        session.greet(name, esmtp)
+        if tls != "no":
+            try:
+                session.start_tls(self.upstream_tls_context(),
+                                  self.upstream_tls_name or self.smtp_ip,
+                                  name)
+            except UpstreamTLSError as error:
+                if tls != "opportunistic":
+                    raise
+                log.warning("upstream %s:%s: %s; going on without TLS",
+                            self.smtp_ip, self.smtp_port, error)
+                return self.connect_upstream(tls="no")
+            if tls == "required" and not session.tls:
+                session.abort()
+                raise UpstreamError("the upstream offers no STARTTLS",
+                                    NO_TLS)
+        if xclient and "XCLIENT" in session.extensions:
+            if session.xclient(self.client_attributes("XCLIENT")):
+                name, esmtp = None, None        # must be said again
+        if (name, esmtp) != (self.helo_name, self.esmtp):
+            session.introduce(self.helo_name, self.esmtp)
+        return session
+
+    def client_attributes(self, command):
+        """The real client, as XCLIENT or XFORWARD name it: [(NAME,
+        value)]; NAME is the client's verified host name, or unknown."""
+        address = self.peer
+        if ":" in address:
+            address = "IPV6:" + address
+        name = self.client_hostname() or "[UNAVAILABLE]"
+        attributes = [("NAME", name), ("ADDR", address),
+                      ("PORT", str(self.peerport)),
+                      ("HELO", self.helo_name or "[UNAVAILABLE]"),
+                      ("PROTO", "ESMTP" if self.esmtp else "SMTP")]
+        if command == "XFORWARD":
+            attributes.append(("SOURCE", "REMOTE"))
+        return attributes
+
+    def client_hostname(self):
+        """The client's host name for XCLIENT and XFORWARD, if known to be
+        true; None here (no DNS lookups of our own)."""
+        return None
+
+    @classmethod
+    def server_tls_context(cls):
+        """The SSLContext of tls_cert and tls_key, or None without
+        tls_cert; read again when the files change.  Raises OSError or
+        ssl.SSLError when they cannot be used."""
+        if not cls.tls_cert:
+            return None
+        paths = (cls.tls_cert, cls.tls_key or cls.tls_cert)
+        key = paths + tuple(os.stat(path).st_mtime for path in paths)
+        context = cls._tls_contexts.get(key)
+        if context is None:
+            context = tls_server_context(cls.tls_cert, cls.tls_key)
+            cls._tls_contexts[key] = context
+        return context
+
+    def upstream_tls_context(self):
+        """The SSLContext for STARTTLS with the upstream."""
+        key = ("upstream", self.upstream_tls_verify, self.upstream_tls_ca)
+        context = self._tls_contexts.get(key)
+        if context is None:
+            context = tls_client_context(self.upstream_tls_verify,
+                                         self.upstream_tls_ca)
+            self._tls_contexts[key] = context
+        return context
 
     def upstream_parameters(self, params):
         """`` KEY=VALUE ...`` of the ``params`` whose extension the upstream
@@ -1575,8 +1864,18 @@ class ConcreteMailHandler(MailHandler):
             return self.upstream.command(rcpt)
         # MAIL and the first RCPT go together; if MAIL fails, the RCPT's
         # reply (503) means nothing and the client hears MAIL's.
-        mail_reply, rcpt_reply = self.upstream.commands(
-            [self.upstream_mail_command(), rcpt])
+        # XFORWARD, which holds for one transaction, goes in front.
+        commands = [self.upstream_mail_command(), rcpt]
+        xforward = (self.xclient and "XFORWARD" in self.upstream.extensions
+                    and not self.upstream.xclient_done)
+        if xforward:
+            commands.insert(0, "XFORWARD " + format_xattributes(
+                self.client_attributes("XFORWARD")))
+        replies = self.upstream.commands(commands)
+        if xforward and replies[0][0] != 250:
+            log.warning("upstream refused XFORWARD: %d %s", replies[0][0],
+                        " ".join(replies[0][1]))
+        mail_reply, rcpt_reply = replies[-2:]
         if mail_reply[0] != 250:
             return mail_reply
         self.upstream_in_transaction = True
@@ -1651,6 +1950,9 @@ class ConcreteMailHandler(MailHandler):
             return
         if self.mail_from is not None:
             self.refuse("503 5.5.1 Sender already given")
+            return
+        if self.tls_required and not self.tls:
+            self.refuse("530 5.7.0 Must issue a STARTTLS command first")
             return
         if args[:5].upper() != "FROM:":
             self.refuse("501 5.5.4 Syntax: MAIL FROM:<address>",
@@ -1956,6 +2258,60 @@ class ConcreteMailHandler(MailHandler):
     def line_too_long(limit):
         """The refusal of a message with a line over ``limit`` octets."""
         return "552 5.5.6 Message line too long (%d octets at most)" % limit
+
+    def handleStarttls(self, args):
+        """STARTTLS (RFC 3207): 220, the TLS handshake, and the session
+        begins again: the client must say EHLO again.  What the client sent
+        after STARTTLS and before the handshake is thrown away, never read
+        as commands (the command injection of CVE-2011-0411)."""
+        if args:
+            self.refuse("501 5.5.4 Syntax: STARTTLS")
+            return
+        if self.tls:
+            self.refuse("503 5.5.1 TLS already active")
+            return
+        if "STARTTLS" not in self.offered:
+            if self.helo_name is None or not self.tls_cert:
+                self.refuse("503 5.5.1 STARTTLS not offered")
+            else:
+                self.refuse("454 4.7.0 TLS not available now")
+            return
+        if self.mail_from is not None:
+            self.refuse("503 5.5.1 Mail transaction in progress")
+            return
+        context = self.server_tls_context()
+        self.netPrint("220 2.0.0 Ready to start TLS")
+        self.flush()
+        if self.reader.buffered():
+            log.warning("client %s sent commands after STARTTLS, before "
+                        "TLS: thrown away", self.peer)
+            self.log_dialogue("thrown away: %s", self.reader.read_available())
+        clear_timeout(self.connection)
+        self.connection.settimeout(self.inactivity_timeout)
+        try:
+            self.connection = context.wrap_socket(
+                self.connection, server_side=True,
+                do_handshake_on_connect=False)
+            self.connection.do_handshake()
+        except (OSError, ValueError) as error:
+            self.log_dialogue("TLS handshake failed: %s", error)
+            self.count("tls_failures")
+            self.close_connection()
+            return
+        # The session may be read by the other side of a socket that a
+        # stopping server cannot shut: it is watched every quarter second.
+        self.reader = _LineReader(self.connection, before_wait=self.flush,
+                                  stop=lambda: self.interrupted,
+                                  timeout=self.inactivity_timeout)
+        self.tls = True
+        self.log_dialogue("TLS: %s %s", self.connection.version(),
+                          self.connection.cipher()[0])
+        # Nothing said before TLS holds after it (RFC 3207 section 4.2).
+        self.helo_name = None
+        self.esmtp = False
+        self.offered = {}
+        self.message_size_limit = self.max_message_size
+        del self.inbox_log[:]
 
     def handleRset(self, args):
         """RSET: end the transaction here and upstream; 250."""
@@ -2789,10 +3145,9 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
                 if handler.busy() and not busy_too:
                     continue
                 handler.interrupted = True
-            try:
-                request.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
+                if handler.connection is not request:
+                    continue        # TLS: its reader watches ``interrupted``
+            shutdown_reading(request)
 
     def stop(self, grace_period=None):
         """Stop serving without losing mail; return the number of sessions
@@ -2859,7 +3214,8 @@ RESTART_KEYS = ("port", "listen_ip", "pidfile", "user", "group",
                 "run_as_root")
 # File names, made absolute at the start: a daemon runs in "/".
 PATH_KEYS = ("greylist_log", "greylist_debuglog", "log_file", "pidfile",
-             "greylist_db", "whitelist_clients")
+             "greylist_db", "whitelist_clients", "tls_cert", "tls_key",
+             "upstream_tls_ca")
 # Options that set a key; their values are read as in the file.
 KEY_OPTIONS = ("pidfile", "user", "group", "syslog", "grace_period",
                "max_connections", "max_connections_per_ip")
@@ -3219,6 +3575,20 @@ def drop_privileges(identity, files, check=None):
     os.setuid(uid)
 
 
+def check_tls(handler_class):
+    """Read tls_cert and tls_key now, while they may still be readable
+    (keys are often root's alone): a bad pair is a configuration error."""
+    make = getattr(handler_class, "server_tls_context", None)
+    if make is None:
+        return
+    try:
+        make()
+    except (OSError, ssl.SSLError) as error:
+        raise StartError("tls_cert %s / tls_key %s: %s"
+                         % (handler_class.tls_cert,
+                            handler_class.tls_key or "(same file)", error), 2)
+
+
 def check_store(handler_class):
     """Open the greylisting store once, as the user serving: one it cannot
     write stops the start rather than every decision later."""
@@ -3404,6 +3774,7 @@ class Service(object):
             except OSError as error:
                 raise StartError("cannot open log: %s" % error, 2)
             handler_class = handler_class_for(self.base, self.values)
+            check_tls(handler_class)
             store = getattr(handler_class, "greylist_db", None)
             if identity and store:
                 # The store is the service's alone: its files, made now if
@@ -3553,8 +3924,9 @@ class Service(object):
             values, path, warnings = read_settings(self.args)
             values = self.absolute_paths(values)
             handler_class = handler_class_for(self.base, values)
+            check_tls(handler_class)
             configure_logging(values)
-        except (ConfigError, ValueError, OSError) as error:
+        except (ConfigError, ValueError, OSError, StartError) as error:
             log.error("reload failed, keeping the configuration in force: "
                       "%s", error)
             return

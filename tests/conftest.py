@@ -40,11 +40,13 @@ def wait_until(predicate, timeout=10.0, what="condition"):
 
 
 class Message(object):
-    def __init__(self, mail_from, rcpt_tos, content, mail_options):
+    def __init__(self, mail_from, rcpt_tos, content, mail_options,
+                 tls=False):
         self.mail_from = mail_from
         self.rcpt_tos = rcpt_tos
         self.content = content
         self.mail_options = mail_options
+        self.tls = tls              # it came over TLS
 
 
 class RecordingHandler(object):
@@ -109,7 +111,8 @@ class RecordingHandler(object):
         self.messages.append(Message(envelope.mail_from,
                                      list(envelope.rcpt_tos),
                                      envelope.original_content,
-                                     list(envelope.mail_options)))
+                                     list(envelope.mail_options),
+                                     tls=session.ssl is not None))
         return self.data_reply
 
     async def handle_RSET(self, server, session, envelope):
@@ -261,6 +264,68 @@ class RawUpstream(socketserver.ThreadingTCPServer):
                         for i, line in enumerate(lines)).encode())
                 else:
                     self.wfile.write(b"250 ok\r\n")
+
+
+class Certificates(object):
+    """A test authority and a server certificate it signed, for localhost
+    and 127.0.0.1, made with the openssl command; and a second authority
+    that signed nothing here."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.ca = self.path("ca.pem")
+        self.other_ca = self.path("other-ca.pem")
+        self.cert = self.path("server.pem")
+        self.key = self.path("server.key")
+        for name in ("ca", "other-ca"):
+            self.openssl("req", "-x509", "-newkey", "ec", "-pkeyopt",
+                         "ec_paramgen_curve:prime256v1", "-nodes",
+                         "-keyout", self.path(name + ".key"),
+                         "-out", self.path(name + ".pem"), "-days", "2",
+                         "-subj", "/CN=smtpproxy test %s" % name,
+                         "-addext", "basicConstraints=critical,CA:TRUE",
+                         "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                         "-addext", "subjectKeyIdentifier=hash")
+        self.openssl("req", "-newkey", "ec", "-pkeyopt",
+                     "ec_paramgen_curve:prime256v1", "-nodes",
+                     "-keyout", self.key, "-out", self.path("server.csr"),
+                     "-subj", "/CN=localhost")
+        with open(self.path("server.ext"), "w") as extensions:
+            extensions.write(
+                "subjectAltName = DNS:localhost, IP:127.0.0.1\n"
+                "extendedKeyUsage = serverAuth\n"
+                "keyUsage = critical, digitalSignature\n"
+                "basicConstraints = critical, CA:FALSE\n"
+                "subjectKeyIdentifier = hash\n"
+                "authorityKeyIdentifier = keyid, issuer\n")
+        self.openssl("x509", "-req", "-in", self.path("server.csr"),
+                     "-CA", self.ca, "-CAkey", self.path("ca.key"),
+                     "-CAcreateserial", "-out", self.cert, "-days", "2",
+                     "-extfile", self.path("server.ext"))
+
+    def path(self, name):
+        return os.path.join(self.directory, name)
+
+    def openssl(self, *args):
+        result = subprocess.run(("openssl",) + args, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        assert result.returncode == 0, result.stdout.decode()
+
+    def server_context(self):
+        import ssl
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+    def client_context(self):
+        """What a client that trusts the test authority uses."""
+        import ssl
+        return ssl.create_default_context(cafile=self.ca)
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory):
+    return Certificates(str(tmp_path_factory.mktemp("certificates")))
 
 
 @pytest.fixture
