@@ -25,6 +25,9 @@ sys.path.insert(0, HERE)
 
 import smtpproxy  # noqa: E402
 from plainproxy import AcceptAll  # noqa: E402
+# A private, real Postfix (fixture postfix_factory), as the upstream of the
+# XCLIENT tests.
+pytest_plugins = ["postfix"]
 
 
 def wait_until(predicate, timeout=10.0, what="condition"):
@@ -371,7 +374,9 @@ class ProxyFactory(object):
                              attributes)
         if handler_class.smtp_port == self.upstream.port:
             handler_class.learn_upstream()
-            self.upstream.forget_probe()
+            forget = getattr(self.upstream, "forget_probe", None)
+            if forget is not None:
+                forget()
         server = smtpproxy.SMTPProxyServer((host, 0), handler_class)
         thread = threading.Thread(target=server.serve_forever,
                                   args=(0.05,))
