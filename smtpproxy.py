@@ -121,6 +121,12 @@ upstream's reply to the final dot is the client's reply.  If the client
 goes away before the end of the data, the upstream session is closed
 without the final dot, so that the upstream discards what it got.
 
+What EHLO offers follows the upstream (SIZE, 8BITMIME, SMTPUTF8, DSN:
+only what it can carry, learnt from its own EHLO).  STARTTLS is offered to
+clients with tls_cert, and used with the upstream per upstream_tls; with
+xclient, XCLIENT or XFORWARD tell the upstream (Postfix) the real client;
+with proxy_protocol, HAProxy's PROXY header gives the client's address.
+
 The end of the data is CR LF . CR LF and nothing else: a bare CR, a bare
 LF or a NUL anywhere in the message makes the whole message refused after
 its real end (SMTP smuggling), and it is never forwarded in a form the
