@@ -2285,7 +2285,12 @@ class ConcreteMailHandler(MailHandler):
         if self.mail_from is not None:
             self.refuse("503 5.5.1 Mail transaction in progress")
             return
-        context = self.server_tls_context()
+        try:
+            context = self.server_tls_context()
+        except (OSError, ssl.SSLError) as error:
+            log.error("no STARTTLS: %s", error)
+            self.refuse("454 4.7.0 TLS not available now")
+            return
         self.netPrint("220 2.0.0 Ready to start TLS")
         self.flush()
         if self.reader.buffered():

@@ -294,3 +294,21 @@ def test_starttls_is_offered_as_keyword(tls_proxy):
     client.close()
     # Nothing is offered by default.
     assert smtpproxy.ConcreteMailHandler.tls_cert == ""
+
+
+def test_a_certificate_gone_after_ehlo_gives_454(tls_proxy, certificates,
+                                                 tmp_path):
+    import shutil
+    cert = str(tmp_path / "cert.pem")
+    shutil.copy(certificates.cert, cert)
+    port = tls_proxy(tls_cert=cert)
+    client = RawClient(port)
+    code, text = client.cmd("EHLO client.example.net")
+    assert "STARTTLS" in keywords(text)
+    os.unlink(cert)
+    code, text = client.cmd("STARTTLS")
+    assert code == 454 and text.startswith("4.7.0 ")
+    # Not offered any more, and the session goes on in plain text.
+    code, text = client.cmd("EHLO client.example.net")
+    assert code == 250 and "STARTTLS" not in keywords(text)
+    client.close()
