@@ -216,16 +216,19 @@ class Service(object):
         assert refused(self.port)
 
 
-@pytest.fixture(params=["start-stop-daemon", "kill"])
+@pytest.fixture
 def make_service(request, upstream):
-    """``make_service(directory)``: a Service keeping its files there."""
-    if request.param == "start-stop-daemon" and not SSD:
-        pytest.skip("no start-stop-daemon")
+    """``make_service(directory)``: a Service keeping its files there,
+    run with plain kill, or through start-stop-daemon for the tests marked
+    BOTH_WAYS (it is slower: each stop takes a second or more here)."""
+    how = getattr(request, "param", "kill")
+    if how == "start-stop-daemon":
+        assert SSD, "start-stop-daemon not found (Debian's dpkg has it)"
     services = []
 
     def make(directory):
         service = Service(directory, upstream.port,
-                          request.param == "start-stop-daemon")
+                          how == "start-stop-daemon")
         services.append(service)
         return service
     yield make
@@ -241,6 +244,11 @@ def service(make_service, tmp_path):
     return make_service(tmp_path)
 
 
+BOTH_WAYS = pytest.mark.parametrize(
+    "make_service", ["start-stop-daemon", "kill"], indirect=True)
+
+
+@BOTH_WAYS
 def test_start_status_reload_stop(service):
     code, output = service.run("start")
     assert code == 0, output
@@ -282,6 +290,7 @@ def test_start_status_reload_stop(service):
         assert service.ssd_calls() == ["--start", "--stop"]
 
 
+@BOTH_WAYS
 def test_stale_pidfile_of_a_dead_process(service):
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -343,6 +352,7 @@ def test_commands_while_stopped(service):
     assert service.ssd_calls() == []
 
 
+@BOTH_WAYS
 def test_restart(service):
     code, output = service.run("restart")
     assert code == 0, output
@@ -424,6 +434,7 @@ def test_defaults_file_and_environment(service):
     assert start_and_greet(SMTPPROXY_OPTS="") == "one.example"
 
 
+@BOTH_WAYS
 def test_stop_kills_after_the_timeout(service, upstream):
     """A session in DATA holds a graceful stop up to grace_period (30 s);
     after SMTPPROXY_STOP_TIMEOUT (1 s) the script sends SIGKILL."""
@@ -450,6 +461,7 @@ def test_stop_kills_after_the_timeout(service, upstream):
         client.close()
 
 
+@BOTH_WAYS
 def test_daemon_drops_to_its_user(make_service):
     """Started as root, the daemon serves as `user`, and cannot remove its
     pidfile (root's, in root's directory): stop does."""
