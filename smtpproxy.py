@@ -721,12 +721,15 @@ def tls_client_context(verify=False, ca_file=None):
     the certificate checked (against ``ca_file``, or the system's
     authorities) only if ``verify``, since most mail servers' are
     self-signed (RFC 7435, opportunistic security)."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                         cafile=ca_file or None)
-    _tls12_at_least(context)
-    if not verify:
+    if verify:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                             cafile=ca_file or None)
+    else:
+        # No authorities to load (they cost megabytes) for no check.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    _tls12_at_least(context)
     return context
 
 
@@ -1770,7 +1773,7 @@ class ConcreteMailHandler(MailHandler):
         name = self.servername if xclient else self.helo_name
         esmtp = self.esmtp or tls != "no" or xclient
         session.greet(name, esmtp)
-        if tls != "no":
+        if tls != "no" and "STARTTLS" in session.extensions:
             try:
                 session.start_tls(self.upstream_tls_context(),
                                   self.upstream_tls_name or self.smtp_ip,
@@ -1781,10 +1784,9 @@ class ConcreteMailHandler(MailHandler):
                 log.warning("upstream %s:%s: %s; going on without TLS",
                             self.smtp_ip, self.smtp_port, error)
                 return self.connect_upstream(tls="no")
-            if tls == "required" and not session.tls:
-                session.abort()
-                raise UpstreamError("the upstream offers no STARTTLS",
-                                    NO_TLS)
+        if tls == "required" and not session.tls:
+            session.abort()
+            raise UpstreamError("the upstream offers no STARTTLS", NO_TLS)
         if xclient and "XCLIENT" in session.extensions:
             if session.xclient(self.client_attributes("XCLIENT")):
                 name, esmtp = None, None        # must be said again

@@ -711,7 +711,7 @@ def measure_service(proxy, args):
                 code, lines = read_reply(sock.makefile('rb'))
             finally:
                 sock.close()
-            if code == 421 and lines[0].startswith('4.7.0'):
+            if code == 421 and lines[0][4:].startswith('4.7.0'):
                 refused += 1
         elapsed = time.monotonic() - started
         after = proc_status(proxy.pid)
@@ -727,7 +727,7 @@ def measure_service(proxy, args):
                 code, lines = read_reply(sock.makefile('rb'))
             except (OSError, BenchError):
                 continue
-            if code == 421 and lines[0].startswith('4.3.2'):
+            if code == 421 and lines[0][4:].startswith('4.3.2'):
                 told += 1
         proxy.proc.wait(STOP_TIMEOUT)
         figures['stop'] = (told, time.monotonic() - started)
