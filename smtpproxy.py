@@ -1550,7 +1550,7 @@ class ConcreteMailHandler(MailHandler):
     upstream_tls_name = ""
     xclient = False
 
-    # (cert, key, their mtimes) -> SSLContext; and the same for upstreams
+    # (cert, key) -> (their mtimes, SSLContext); and the upstream's
     _tls_contexts = {}
 
     # (smtp_ip, smtp_port) -> (time learnt, the upstream's EHLO keywords
@@ -1818,16 +1818,31 @@ class ConcreteMailHandler(MailHandler):
     def server_tls_context(cls):
         """The SSLContext of tls_cert and tls_key, or None without
         tls_cert; read again when the files change.  Raises OSError or
-        ssl.SSLError when they cannot be used."""
+        ssl.SSLError when they cannot be used.
+
+        Keys are often readable by root alone (/etc/ssl/private): the
+        context read at the start, as root, stays in use when the user
+        serving cannot even look at the files."""
         if not cls.tls_cert:
             return None
         paths = (cls.tls_cert, cls.tls_key or cls.tls_cert)
-        key = paths + tuple(os.stat(path).st_mtime for path in paths)
-        context = cls._tls_contexts.get(key)
-        if context is None:
-            context = tls_server_context(cls.tls_cert, cls.tls_key)
-            cls._tls_contexts[key] = context
-        return context
+        known = cls._tls_contexts.get(paths)
+        try:
+            stamp = tuple(os.stat(path).st_mtime for path in paths)
+        except PermissionError:
+            if known is None:
+                raise
+            return known[1]
+        if known is None or known[0] != stamp:
+            try:
+                context = tls_server_context(cls.tls_cert, cls.tls_key)
+            except PermissionError:
+                if known is None:
+                    raise
+                return known[1]
+            known = (stamp, context)
+            cls._tls_contexts[paths] = known
+        return known[1]
 
     def upstream_tls_context(self):
         """The SSLContext for STARTTLS with the upstream."""

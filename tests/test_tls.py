@@ -4,6 +4,8 @@ test time with the openssl command (conftest.Certificates)."""
 
 import logging
 import os
+import pwd
+import shutil
 import smtplib
 import ssl
 import subprocess
@@ -298,7 +300,6 @@ def test_starttls_is_offered_as_keyword(tls_proxy):
 
 def test_a_certificate_gone_after_ehlo_gives_454(tls_proxy, certificates,
                                                  tmp_path):
-    import shutil
     cert = str(tmp_path / "cert.pem")
     shutil.copy(certificates.cert, cert)
     port = tls_proxy(tls_cert=cert)
@@ -311,4 +312,22 @@ def test_a_certificate_gone_after_ehlo_gives_454(tls_proxy, certificates,
     # Not offered any more, and the session goes on in plain text.
     code, text = client.cmd("EHLO client.example.net")
     assert code == 250 and "STARTTLS" not in keywords(text)
+    client.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="serving as nobody needs root")
+def test_a_key_only_root_can_read_serves_after_the_switch_to_a_user(
+        proxy_process, certificates, tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)           # like /etc/ssl/private
+    for name in ("server.pem", "server.key"):
+        shutil.copy(certificates.path(name), str(private / name))
+        os.chmod(str(private / name), 0o600)
+    process = proxy_process(config="user = nobody\ntls_cert = %s\n"
+                            "tls_key = %s\n" % (private / "server.pem",
+                                                private / "server.key"))
+    with open("/proc/%d/status" % process.process.pid) as status:
+        assert "Uid:\t%d\t" % pwd.getpwnam("nobody").pw_uid in status.read()
+    client = tls_client(process.port, certificates)
+    assert client.cmd("EHLO client.example.net")[0] == 250
     client.close()
