@@ -47,7 +47,12 @@ directory (its transaction log, greylist.log, is written there).
 config file sets ``max_message_size = 200000000`` and ``max_connections``
 to more than the idle sessions opened (its default is 500).
 
-3. The service, on a fresh proxy with ``max_connections`` set to
+3. STARTTLS: ``TLS_SESSIONS`` sessions one after the other, each EHLO,
+   STARTTLS, EHLO, QUIT, against a proxy with a self-signed certificate
+   (made with the ``openssl`` command), and the same without STARTTLS as
+   the baseline.
+
+4. The service, on a fresh proxy with ``max_connections`` set to
    ``--idle-sessions``: that many sessions are opened and held, then
    ``FLOOD_CONNECTIONS`` more connections are made one after the other;
    each must get ``421 4.7.0``.  Printed: refusals per second, the
@@ -139,6 +144,7 @@ STORE_DECISIONS = 200          # per session
 STORE_PAUSE = 0.05             # between a session's decisions, when paced
 STORE_PACED_DECISIONS = 60     # per session, when paced
 FLOOD_CONNECTIONS = 5000
+TLS_SESSIONS = 500
 BANNER_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 SMTP_TIMEOUT = 300.0
@@ -685,6 +691,48 @@ def measure_store(repo, workdir, pause=0.0, decisions=STORE_DECISIONS,
             1000 * p99)
 
 
+def make_certificate(workdir):
+    """A self-signed certificate and key (openssl command) for STARTTLS."""
+    cert = os.path.join(workdir, 'tls.pem')
+    key = os.path.join(workdir, 'tls.key')
+    subprocess.check_call(
+        ['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt',
+         'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', key,
+         '-out', cert, '-days', '2', '-subj', '/CN=localhost'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return cert, key
+
+
+def tls_sessions(port, count, starttls):
+    """``count`` sessions one after the other: EHLO, [STARTTLS, EHLO],
+    QUIT; returns (sessions per second, TLS version, cipher)."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    started = time.monotonic()
+    version = cipher = None
+    for _ in range(count):
+        sock = socket.create_connection((HOST, port), timeout=30)
+        reader = sock.makefile('rb')
+        read_reply(reader)
+        sock.sendall(b'EHLO bench.example.org\r\n')
+        read_reply(reader)
+        if starttls:
+            sock.sendall(b'STARTTLS\r\n')
+            if read_reply(reader)[0] != 220:
+                raise BenchError('STARTTLS refused')
+            sock = context.wrap_socket(sock, server_hostname='localhost')
+            version, cipher = sock.version(), sock.cipher()[0]
+            reader = sock.makefile('rb')
+            sock.sendall(b'EHLO bench.example.org\r\n')
+            read_reply(reader)
+        sock.sendall(b'QUIT\r\n')
+        read_reply(reader)
+        sock.close()
+    return count / (time.monotonic() - started), version, cipher
+
+
 def measure_service(proxy, args):
     """Flood a proxy that holds ``--idle-sessions`` sessions, its
     max_connections; then stop it with SIGTERM.  Returns a dict."""
@@ -734,6 +782,16 @@ def measure_service(proxy, args):
     finally:
         close_all(held)
     return figures
+
+
+def print_tls(figures):
+    (plain, _, _), (tls, version, cipher), count = figures
+    print('STARTTLS: %d sessions one after the other (EHLO, STARTTLS, EHLO, '
+          'QUIT; %s, %s, P-256 key; client on the same CPUs):'
+          % (count, version, cipher))
+    print('  without STARTTLS %.0f sessions/s, with %.0f sessions/s: '
+          '%.2f of plain' % (plain, tls, tls / plain))
+    print()
 
 
 def print_service(figures, args):
@@ -954,6 +1012,7 @@ def main(argv=None):
     memory = None
     store_figures = None
     service = None
+    tls_figures = None
 
     def start(server):
         servers.append(server)
@@ -1066,6 +1125,27 @@ def main(argv=None):
                 if proxy is not None:
                     proxy.stop()
                     servers.remove(proxy)
+        # -- STARTTLS handshakes (fresh proxy with a certificate)
+        if os.path.exists(proxy_script) and shutil.which('openssl'):
+            print('running: smtpproxy STARTTLS ...', file=sys.stderr)
+            cert, key = make_certificate(workdir)
+            tls_config = os.path.join(workdir, 'tls.conf')
+            with open(tls_config, 'w') as fileobj:
+                fileobj.write(PROXY_CONFIG % 500)
+                fileobj.write('tls_cert = %s\ntls_key = %s\n' % (cert, key))
+            proxy = None
+            try:
+                proxy = start_proxy('smtpproxy-tls', tls_config)
+                count = TLS_SESSIONS
+                tls_figures = (tls_sessions(proxy.port, count, False),
+                               tls_sessions(proxy.port, count, True), count)
+            except (BenchError, OSError) as exc:
+                failures.append('STARTTLS: %s' % exc)
+            finally:
+                if proxy is not None:
+                    proxy.stop()
+                    servers.remove(proxy)
+
         # -- the service: connection flood and stop (fresh proxy)
         if os.path.exists(proxy_script):
             print('running: smtpproxy service ...', file=sys.stderr)
@@ -1121,6 +1201,8 @@ def main(argv=None):
         print('Memory of the smtpproxy process: skipped (no smtpproxy.py)')
         print()
 
+    if tls_figures is not None:
+        print_tls(tls_figures)
     if service is not None:
         print_service(service, args)
 
