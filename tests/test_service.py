@@ -362,6 +362,27 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(proxy_process,
     client.close()
 
 
+def test_sighup_with_an_unusable_certificate_keeps_the_old_one(
+        proxy_process, tmp_path, certificates):
+    service_log = tmp_path / "service.log"
+    process = proxy_process(config="log_file = %s\ntls_cert = %s\n"
+                            "tls_key = %s\n" % (service_log,
+                                                 certificates.cert,
+                                                 certificates.key))
+    with open(process.config_path, "a") as config_file:
+        # Not the certificate's key: the pair cannot be used.
+        config_file.write("tls_key = %s\n" % certificates.path("ca.key"))
+    process.process.send_signal(signal.SIGHUP)
+    wait_for_log(service_log, r"reload failed.*tls_cert %s"
+                 % re.escape(certificates.cert))
+    # New sessions keep the pair in force: STARTTLS is still offered.
+    client = RawClient(process.port)
+    code, text = client.cmd("EHLO client.example.net")
+    assert code == 250 and "\nSTARTTLS" in text
+    client.close()
+    assert "reloaded" not in read(service_log)
+
+
 def test_sighup_reopens_log_files_for_logrotate(proxy_process, tmp_path,
                                                  upstream):
     service_log = tmp_path / "service.log"
@@ -627,6 +648,9 @@ def test_privileges_are_dropped_after_binding(nobody_dir, upstream,
     assert re.search(r"Gid:\t%s\t%s\t%s\t%s\n" % ((gid,) * 4), status)
     groups = re.search(r"Groups:\t?(.*)\n", status).group(1).split()
     assert "0" not in groups
+    # The user's own supplementary groups (initgroups), not root's.
+    assert sorted(set(int(group) for group in groups)) == sorted(
+        set(os.getgrouplist("nobody", int(gid))))
     # The logs and the store were created for nobody, and work.
     client = RawClient(port)
     client.cmd("HELO client.example.net")
