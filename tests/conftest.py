@@ -30,6 +30,15 @@ from plainproxy import AcceptAll  # noqa: E402
 pytest_plugins = ["postfix"]
 
 
+def free_port():
+    """A TCP port of 127.0.0.1 that nothing listens on (now)."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
 def wait_until(predicate, timeout=10.0, what="condition"):
     """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -410,9 +419,16 @@ def raw_proxy(raw_upstream):
 class RawClient(object):
     """An SMTP client on a raw socket, for what smtplib will not send."""
 
-    def __init__(self, port, host="127.0.0.1", timeout=15, greet=True):
-        self.sock = socket.create_connection((host, port), timeout)
+    def __init__(self, port, host="127.0.0.1", timeout=15, greet=True,
+                 source=None, first=b""):
+        """Connect (from address ``source``, if given), send ``first`` (a
+        PROXY protocol header, say) and read the greeting."""
+        self.sock = socket.create_connection(
+            (host, port), timeout,
+            source_address=(source, 0) if source else None)
         self.file = self.sock.makefile("rb")
+        if first:
+            self.send(first)
         if greet:
             self.greeting = self.reply()
 

@@ -3,14 +3,13 @@ path, and the command line."""
 
 import os
 import smtplib
-import socket
 import subprocess
 import sys
 
 import pytest
 
 import smtpproxy
-from conftest import HERE, ROOT
+from conftest import HERE, ROOT, free_port
 
 SCRIPT = os.path.join(ROOT, "smtpproxy.py")
 
@@ -70,14 +69,6 @@ def line_of(text, fragment):
         if fragment in line:
             return number
     raise AssertionError("%r not in the text" % fragment)
-
-
-def free_port():
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
 
 
 def safe_listen():

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import smtpproxy
-from conftest import RawClient, wait_until
+from conftest import RawClient, free_port, wait_until
 
 SENDER = "sender@example.net"
 MESSAGE = b"From: sender@example.net\r\nSubject: test\r\n\r\nHello.\r\n"
@@ -170,16 +170,8 @@ def test_quit_ends_the_upstream_session(proxy, upstream, client_factory):
 
 # -- the upstream failing ---------------------------------------------------
 
-def closed_port():
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
-
-
 def test_upstream_down_gives_4xx_at_rcpt_and_data(proxy, client_factory):
-    client = client_factory(proxy(smtp_port=closed_port()))
+    client = client_factory(proxy(smtp_port=free_port()))
     start_transaction(client, [])
     code, text = client.cmd("RCPT TO:<a@example.org>")
     assert (code, text[:5]) == (451, "4.4.1")
@@ -190,7 +182,7 @@ def test_upstream_down_gives_4xx_at_rcpt_and_data(proxy, client_factory):
 
 
 def test_upstream_down_with_smtplib_never_gets_2xx(proxy):
-    port = proxy(smtp_port=closed_port())
+    port = proxy(smtp_port=free_port())
     with smtplib.SMTP("127.0.0.1", port) as client:
         with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
             client.sendmail(SENDER, ["a@example.org"], MESSAGE)

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import HERE, ROOT, RawClient, wait_until
+from conftest import HERE, ROOT, RawClient, free_port, wait_until
 
 SCRIPT = os.path.join(ROOT, "contrib", "init.d", "smtpproxy")
 SSD = shutil.which("start-stop-daemon",
@@ -29,14 +29,6 @@ SSD = shutil.which("start-stop-daemon",
                                          "/usr/sbin", "/sbin"]))
 USAGE = ("Usage: %s {start|stop|restart|try-restart|reload|force-reload"
          "|status}" % SCRIPT)
-
-
-def free_port():
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
 
 
 def alive(pid):

@@ -30,16 +30,7 @@ def v2(source, source_port, destination="192.0.2.1", port=25,
 
 def connect(port, header, source="127.0.0.1"):
     """Send ``header`` first, then read what the proxy says."""
-    sock = socket.socket()
-    sock.settimeout(10)
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(header)
-    client = RawClient.__new__(RawClient)
-    client.sock = sock
-    client.file = sock.makefile("rb")
-    client.greeting = client.reply()
-    return client
+    return RawClient(port, source=source, first=header, timeout=10)
 
 
 def hello_address(client):

@@ -21,32 +21,16 @@ import threading
 
 import pytest
 
-from conftest import HERE, ROOT, RawClient, wait_until
+from conftest import HERE, ROOT, RawClient, free_port, wait_until
 import smtpproxy
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="privilege drop needs root")
 
 
-def free_port():
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
-
-
 def connect_from(source, port):
     """A raw client whose connection comes from ``source`` (127.0.0.x)."""
-    sock = socket.socket()
-    sock.settimeout(10)
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    client = RawClient.__new__(RawClient)
-    client.sock = sock
-    client.file = sock.makefile("rb")
-    client.greeting = client.reply()
-    return client
+    return RawClient(port, source=source, timeout=10)
 
 
 def read(path):

@@ -201,6 +201,16 @@ def tls_upstream(certificates):
     server.stop()
 
 
+def first_rcpt(port):
+    """The reply to a first RCPT, which opens the upstream session."""
+    client = RawClient(port)
+    client.cmd("EHLO client.example.net")
+    client.cmd("MAIL FROM:<a@example.net>")
+    reply = client.cmd("RCPT TO:<b@example.org>")
+    client.close()
+    return reply
+
+
 def deliver(port):
     with smtplib.SMTP("127.0.0.1", port) as client:
         client.sendmail("a@example.net", ["b@example.org"], MESSAGE)
@@ -227,13 +237,8 @@ def test_upstream_tls_no_stays_plain(tls_upstream, upstream_proxy):
 
 
 def test_upstream_tls_required_without_starttls_gives_451(proxy, upstream):
-    port = proxy(upstream_tls="required")
-    client = RawClient(port)
-    client.cmd("EHLO client.example.net")
-    client.cmd("MAIL FROM:<a@example.net>")
-    code, text = client.cmd("RCPT TO:<b@example.org>")
+    code, text = first_rcpt(proxy(upstream_tls="required"))
     assert code == 451 and text.startswith("4.7.5 ")
-    client.close()
     assert upstream.handler.commands == []
 
 
@@ -246,27 +251,21 @@ def test_verified_upstream_certificate(tls_upstream, upstream_proxy,
 
 def test_unverified_certificate_required_gives_451(
         tls_upstream, upstream_proxy, certificates):
-    port = upstream_proxy(upstream_tls="required", upstream_tls_verify=True,
-                          upstream_tls_ca=certificates.other_ca)
-    client = RawClient(port)
-    client.cmd("EHLO client.example.net")
-    client.cmd("MAIL FROM:<a@example.net>")
-    code, text = client.cmd("RCPT TO:<b@example.org>")
+    code, text = first_rcpt(upstream_proxy(
+        upstream_tls="required", upstream_tls_verify=True,
+        upstream_tls_ca=certificates.other_ca))
     assert code == 451 and text.startswith("4.7.5 ")
-    client.close()
     assert tls_upstream.messages == []
 
 
 def test_wrong_name_required_gives_451(tls_upstream, upstream_proxy,
                                        certificates):
-    port = upstream_proxy(upstream_tls="required", upstream_tls_verify=True,
-                          upstream_tls_ca=certificates.ca,
-                          upstream_tls_name="mail.example.com")
-    client = RawClient(port)
-    client.cmd("EHLO client.example.net")
-    client.cmd("MAIL FROM:<a@example.net>")
-    assert client.cmd("RCPT TO:<b@example.org>")[0] == 451
-    client.close()
+    code, text = first_rcpt(upstream_proxy(
+        upstream_tls="required", upstream_tls_verify=True,
+        upstream_tls_ca=certificates.ca,
+        upstream_tls_name="mail.example.com"))
+    assert code == 451 and text.startswith("4.7.5 ")
+    assert tls_upstream.messages == []
 
 
 def test_opportunistic_falls_back_to_plain_when_tls_fails(

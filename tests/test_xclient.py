@@ -8,7 +8,6 @@ upstream told the real client shows 127.0.0.2.
 """
 
 import re
-import socket
 
 import pytest
 
@@ -16,18 +15,12 @@ from conftest import ProxyFactory, RawClient, wait_until
 import smtpproxy
 
 MESSAGE = b"Subject: xclient\r\n\r\nHello.\r\n"
+PROXY_HEADER = b"PROXY TCP4 192.0.2.7 192.0.2.1 40001 25\r\n"
 
 
 def deliver_from(source, port, helo="client.example.net"):
     """Deliver one message from address ``source`` through the proxy."""
-    sock = socket.socket()
-    sock.settimeout(20)
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    client = RawClient.__new__(RawClient)
-    client.sock = sock
-    client.file = sock.makefile("rb")
-    client.greeting = client.reply()
+    client = RawClient(port, source=source, timeout=20)
     assert client.cmd("EHLO " + helo)[0] == 250
     assert client.cmd("MAIL FROM:<a@example.net>")[0] == 250
     assert client.cmd("RCPT TO:<b@example.org>")[0] == 250
@@ -78,12 +71,7 @@ def test_xclient_makes_postfix_see_the_real_client(through_postfix,
 def test_xclient_carries_a_proxy_protocol_address(through_postfix,
                                                   upstream):
     postfix, port = through_postfix(proxy_protocol="v1")
-    sock = socket.create_connection(("127.0.0.1", port), 20)
-    sock.sendall(b"PROXY TCP4 192.0.2.7 192.0.2.1 40001 25\r\n")
-    client = RawClient.__new__(RawClient)
-    client.sock = sock
-    client.file = sock.makefile("rb")
-    client.greeting = client.reply()
+    client = RawClient(port, timeout=20, first=PROXY_HEADER)
     client.cmd("EHLO mx.sender.example")
     client.cmd("MAIL FROM:<a@example.net>")
     assert client.cmd("RCPT TO:<b@example.org>")[0] == 250
@@ -103,12 +91,7 @@ def test_postfix_checks_the_real_client(through_postfix, upstream):
     proxy relays for it (AcceptAll), Postfix does not (it is not in
     mynetworks once named), and the client hears Postfix's refusal."""
     postfix, port = through_postfix(proxy_protocol="v1")
-    sock = socket.create_connection(("127.0.0.1", port), 20)
-    sock.sendall(b"PROXY TCP4 192.0.2.7 192.0.2.1 40001 25\r\n")
-    client = RawClient.__new__(RawClient)
-    client.sock = sock
-    client.file = sock.makefile("rb")
-    client.greeting = client.reply()
+    client = RawClient(port, timeout=20, first=PROXY_HEADER)
     client.cmd("EHLO mx.sender.example")
     client.cmd("MAIL FROM:<a@example.net>")
     code, text = client.cmd("RCPT TO:<x@elsewhere.example>")
