@@ -3689,66 +3689,6 @@ def configure_server(server, values):
             server.__dict__.pop(key, None)
 
 
-def main(argv=None):
-    """Run the proxy from the command line; return the exit status."""
-    # A --class module that imports smtpproxy must get this very module,
-    # also when it runs as a script (__main__).
-    sys.modules.setdefault("smtpproxy", sys.modules[__name__])
-    parser = argparse.ArgumentParser(
-        prog="smtpproxy", usage="%(prog)s [options]", add_help=False,
-        description=_usage(), formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("-h", "--help", action="store_true")
-    parser.add_argument("-V", "--version", action="version",
-                        version="smtpproxy " + __version__)
-    parser.add_argument("-c", "--config", metavar="FILE")
-    parser.add_argument("-l", "--listen", metavar="[HOST:]PORT")
-    parser.add_argument("-u", "--upstream", metavar="HOST[:PORT]")
-    parser.add_argument("--class", dest="handler_class",
-                        metavar="DOTTED.NAME", default=DEFAULT_CLASS)
-    parser.add_argument("-d", "--debug", action="store_true", default=None)
-    parser.add_argument("-o", dest="set", action="append",
-                        metavar="KEY=VALUE")
-    for key in KEY_OPTIONS:
-        parser.add_argument("--" + key.replace("_", "-"), dest=key)
-    detach = parser.add_mutually_exclusive_group()
-    detach.add_argument("--daemon", action="store_true")
-    detach.add_argument("--foreground", action="store_false", dest="daemon")
-    parser.add_argument("--check-config", action="store_true")
-    store_commands = parser.add_mutually_exclusive_group()
-    store_commands.add_argument("--db-list", action="store_true")
-    store_commands.add_argument("--db-stats", action="store_true")
-    store_commands.add_argument("--db-purge", action="store_true")
-    store_commands.add_argument("--db-pass", metavar="KEY")
-    store_commands.add_argument("--db-delete", metavar="KEY")
-    args = parser.parse_args(argv)
-    if args.help:
-        print(_usage())
-        return 0
-    try:
-        values, path, warnings = read_settings(args)
-    except (ConfigError, ValueError) as error:
-        sys.stderr.write("smtpproxy: error: %s\n" % error)
-        return 2
-    try:
-        base = find_class(args.handler_class)
-    except (ImportError, AttributeError, TypeError) as error:
-        sys.stderr.write("smtpproxy: error: --class %s: %s\n"
-                         % (args.handler_class, error))
-        return 2
-    handler_class = handler_class_for(base, values)
-    if args.check_config:
-        for warning in warnings:
-            sys.stderr.write("smtpproxy: warning: %s\n" % warning)
-        print("# config file: %s; class: %s"
-              % (path or "none", args.handler_class))
-        print(format_config(handler_class, values))
-        return 0
-    if (args.db_list or args.db_stats or args.db_purge or args.db_pass
-            or args.db_delete):
-        return administer_store(handler_class, args)
-    return Service(args, base, values, path, warnings).run()
-
-
 class Service(object):
     """The proxy run as a service by main(): start-up in the order a
     daemon on port 25 needs, signals, reloads and the graceful stop.
@@ -3969,6 +3909,66 @@ class Service(object):
         self.server.RequestHandlerClass = handler_class
         configure_server(self.server, values)
         log.info("reloaded the configuration from %s", path or "nowhere")
+
+
+def main(argv=None):
+    """Run the proxy from the command line; return the exit status."""
+    # A --class module that imports smtpproxy must get this very module,
+    # also when it runs as a script (__main__).
+    sys.modules.setdefault("smtpproxy", sys.modules[__name__])
+    parser = argparse.ArgumentParser(
+        prog="smtpproxy", usage="%(prog)s [options]", add_help=False,
+        description=_usage(), formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("-V", "--version", action="version",
+                        version="smtpproxy " + __version__)
+    parser.add_argument("-c", "--config", metavar="FILE")
+    parser.add_argument("-l", "--listen", metavar="[HOST:]PORT")
+    parser.add_argument("-u", "--upstream", metavar="HOST[:PORT]")
+    parser.add_argument("--class", dest="handler_class",
+                        metavar="DOTTED.NAME", default=DEFAULT_CLASS)
+    parser.add_argument("-d", "--debug", action="store_true", default=None)
+    parser.add_argument("-o", dest="set", action="append",
+                        metavar="KEY=VALUE")
+    for key in KEY_OPTIONS:
+        parser.add_argument("--" + key.replace("_", "-"), dest=key)
+    detach = parser.add_mutually_exclusive_group()
+    detach.add_argument("--daemon", action="store_true")
+    detach.add_argument("--foreground", action="store_false", dest="daemon")
+    parser.add_argument("--check-config", action="store_true")
+    store_commands = parser.add_mutually_exclusive_group()
+    store_commands.add_argument("--db-list", action="store_true")
+    store_commands.add_argument("--db-stats", action="store_true")
+    store_commands.add_argument("--db-purge", action="store_true")
+    store_commands.add_argument("--db-pass", metavar="KEY")
+    store_commands.add_argument("--db-delete", metavar="KEY")
+    args = parser.parse_args(argv)
+    if args.help:
+        print(_usage())
+        return 0
+    try:
+        values, path, warnings = read_settings(args)
+    except (ConfigError, ValueError) as error:
+        sys.stderr.write("smtpproxy: error: %s\n" % error)
+        return 2
+    try:
+        base = find_class(args.handler_class)
+    except (ImportError, AttributeError, TypeError) as error:
+        sys.stderr.write("smtpproxy: error: --class %s: %s\n"
+                         % (args.handler_class, error))
+        return 2
+    handler_class = handler_class_for(base, values)
+    if args.check_config:
+        for warning in warnings:
+            sys.stderr.write("smtpproxy: warning: %s\n" % warning)
+        print("# config file: %s; class: %s"
+              % (path or "none", args.handler_class))
+        print(format_config(handler_class, values))
+        return 0
+    if (args.db_list or args.db_stats or args.db_purge or args.db_pass
+            or args.db_delete):
+        return administer_store(handler_class, args)
+    return Service(args, base, values, path, warnings).run()
 
 
 if __name__ == "__main__":
