@@ -389,8 +389,9 @@ CONFIG_KEYS = {
     "run_as_root": (_boolean, "scalar",
                     "go on serving as root when no user is set (no)"),
     "syslog": (_facility, "scalar",
-               "log to syslog with this facility, such as mail; no: "
-               "log to log_file and greylist_log (no)"),
+               "send the service's log (instead of log_file) and the "
+               "transaction lines (as well as greylist_log) to syslog, "
+               "with this facility, such as mail (no)"),
     "syslog_socket": (_string, "scalar",
                       "syslog's socket, or HOST:PORT for UDP (/dev/log)"),
     "log_file": (_string, "scalar",
