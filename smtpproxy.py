@@ -1071,11 +1071,13 @@ class MailHandler(socketserver.StreamRequestHandler):
 
     One instance serves one client connection, in its own thread.  Each
     command line is checked (length, CRLF ending, no control or 8-bit
-    bytes) and passed to the method named after its verb: ``handleHelo``,
-    ``handleEhlo``, ``handleMail``, ``handleRcpt``, ``handleData``,
-    ``handleQuit``, ``handleRset``, ``handleNoop``, ``handleVrfy``,
-    ``handleHelp``; anything else to ``handleUnknown``.  Each method gets
-    ``args``, the text after the verb and its space ("" if none).
+    bytes, unless ``decode_utf8_command`` takes them) and passed to the
+    method named after its verb: ``handleHelo``, ``handleEhlo``,
+    ``handleMail``, ``handleRcpt``, ``handleData``, ``handleQuit``,
+    ``handleRset``, ``handleNoop``, ``handleVrfy``, ``handleHelp``,
+    ``handleStarttls``; anything else to ``handleUnknown``.  Each method
+    gets ``args``, the text after the verb and its space ("" if none).
+    With ``proxy_protocol``, ``read_proxy_header`` runs first.
     ``handleConnect`` greets, ``handleTimeout`` says goodbye to a silent
     client, ``handleShutdown`` to one the stopping server closes,
     ``handleDisconnect`` runs when the client is gone.  Replies go out
@@ -1083,8 +1085,10 @@ class MailHandler(socketserver.StreamRequestHandler):
     that pipelined commands (RFC 2920) get their replies in one write.
 
     Set per connection: ``peer``, ``peerport`` (the client's address and
-    port; an IPv4-mapped IPv6 address is written as plain IPv4),
-    ``local``, ``localport``; ``inbox_log``, the command lines of the
+    port, or those a PROXY protocol header gave; an IPv4-mapped IPv6
+    address is written as plain IPv4), ``local``, ``localport``;
+    ``connection``, the socket (a TLS one after STARTTLS; ``request``
+    stays the plain one); ``inbox_log``, the command lines of the
     current envelope as received (the HELO/EHLO line, MAIL, RCPTs), from
     which the upstream session is replayed; ``interrupted``, set by a
     stopping SMTPProxyServer before it shuts the connection for reading.
