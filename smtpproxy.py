@@ -779,16 +779,16 @@ class _LineReader(object):
             raise socket.timeout("timed out")
 
     def _receive_in_ticks(self):
-        deadline = time.time() + (self.timeout or float("inf"))
+        deadline = time.monotonic() + (self.timeout or float("inf"))
         while True:
             if self.stop():
                 return b""
             self.sock.settimeout(max(0.001, min(self.tick,
-                                                deadline - time.time())))
+                                                deadline - time.monotonic())))
             try:
                 return self.sock.recv(self.bufsize)
             except socket.timeout:
-                if time.time() >= deadline:
+                if time.monotonic() >= deadline:
                     raise
             finally:
                 self.sock.settimeout(self.timeout)
@@ -3200,20 +3200,20 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
             grace_period = self.grace_period
         self.stopping = True
         self.server_close()
-        deadline = time.time() + grace_period
+        deadline = time.monotonic() + grace_period
         with self.sessions_changed:
             while True:
                 self._interrupt(busy_too=False)
-                left = deadline - time.time()
+                left = deadline - time.monotonic()
                 if not self.sessions or left <= 0 or self.stop_now:
                     break
                 # Sessions that end notify; one that ends its transaction
                 # is seen within a quarter of a second.
                 self.sessions_changed.wait(min(left, 0.25))
             self._interrupt(busy_too=True)
-            deadline = time.time() + self.close_wait
-            while self.sessions and time.time() < deadline:
-                self.sessions_changed.wait(deadline - time.time())
+            deadline = time.monotonic() + self.close_wait
+            while self.sessions and time.monotonic() < deadline:
+                self.sessions_changed.wait(deadline - time.monotonic())
             return len(self.sessions)
 
 
