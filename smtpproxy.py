@@ -539,9 +539,9 @@ _DOMAIN_UTF8 = r"%s(?:\.%s)*" % (_SUB_DOMAIN_UTF8, _SUB_DOMAIN_UTF8)
 _MAILBOX_UTF8_RE = re.compile(r"(%s|%s)@(%s|%s)\Z" % (
     _DOT_STRING_UTF8, _QUOTED_STRING_UTF8, _DOMAIN_UTF8, _ADDRESS_LITERAL))
 # RFC 3461: xtext, for ENVID and ORCPT.
-_XTEXT_RE = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
-_ORCPT_RE = re.compile(r"[A-Za-z0-9-]+;(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]"
-                       r"|\+[0-9A-F]{2})+\Z")
+_XTEXT = r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})"
+_XTEXT_RE = re.compile(r"%s*\Z" % _XTEXT)
+_ORCPT_RE = re.compile(r"[A-Za-z0-9-]+;%s+\Z" % _XTEXT)
 _MAILBOX_RE = re.compile(r"(%s|%s)@(%s|%s)\Z" % (
     _DOT_STRING, _QUOTED_STRING, _DOMAIN, _ADDRESS_LITERAL))
 _ROUTE_RE = re.compile(r"@%s(?:,@%s)*:" % (_DOMAIN, _DOMAIN))
@@ -557,10 +557,15 @@ MAX_DOMAIN = 255        # section 4.5.3.1.2
 MAX_PATH = 256          # section 4.5.3.1.3, with the angle brackets
 
 
-def _plain_address(address):
-    """An ipaddress address as text; IPv4-mapped IPv6 as plain IPv4."""
-    mapped = getattr(address, "ipv4_mapped", None)
-    return str(mapped if mapped is not None else address)
+def unmapped(address):
+    """An address as text, an IPv4-mapped IPv6 one (::ffff:192.0.2.7, as
+    a dual-stack socket reports IPv4 clients) as plain IPv4."""
+    if not isinstance(address, str):            # an ipaddress object
+        mapped = getattr(address, "ipv4_mapped", None)
+        return str(mapped if mapped is not None else address)
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
 
 
 class EnvelopeSyntaxError(ValueError):
@@ -690,22 +695,6 @@ def clear_timeout(sock):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, zero)
     except (AttributeError, OSError, struct.error):
         pass
-
-
-def shutdown_reading(sock):
-    """Shut ``sock`` (plain or TLS) for reading, from any thread: the
-    thread reading it gets the end of input.  Done on a duplicate of the
-    descriptor, so that a TLS socket's own state is not touched."""
-    try:
-        duplicate = socket.fromfd(sock.fileno(), sock.family, sock.type)
-    except (OSError, ValueError):
-        return
-    try:
-        duplicate.shutdown(socket.SHUT_RD)
-    except OSError:
-        pass
-    finally:
-        duplicate.close()
 
 
 def tls_server_context(cert, key=None):
@@ -857,6 +846,11 @@ class UpstreamError(Exception):
         self.reply = reply
 
 
+# The 421s of a server over its limits, and of one that is stopping.
+TOO_MANY_CONNECTIONS = ("421 4.7.0 %s Error: too many connections, try "
+                        "again later")
+SHUTTING_DOWN = ("421 4.3.2 %s Service shutting down, closing transmission "
+                 "channel")
 UNREACHABLE = "451 4.4.1 Upstream mail server unavailable, try again later"
 LOST = "451 4.4.2 Connection to the upstream mail server lost, try again later"
 NO_TLS = "451 4.7.5 No TLS with the upstream mail server, try again later"
@@ -875,8 +869,8 @@ class UpstreamSession(object):
     are capped at ``max_reply_lines`` lines of ``max_reply_line_length``
     octets; control characters in reply text are replaced, so that what
     the client is told is clean.  ``start_tls()`` turns the session to TLS
-    (``tls`` is then true), ``xclient()`` and ``xforward()`` tell Postfix
-    who the client really is.
+    (``tls`` is then true), ``xclient()`` tells Postfix who the client
+    really is (``xclient_done``).
     """
 
     max_reply_lines = 100
@@ -1148,11 +1142,9 @@ class MailHandler(socketserver.StreamRequestHandler):
         except OSError:
             pass
         self.peer, self.peerport = self.client_address[:2]
-        if self.peer.startswith("::ffff:") and "." in self.peer:
-            self.peer = self.peer[7:]
+        self.peer = unmapped(self.peer)
         self.local, self.localport = self.connection.getsockname()[:2]
-        if self.local.startswith("::ffff:") and "." in self.local:
-            self.local = self.local[7:]
+        self.local = unmapped(self.local)
         self.reader = _LineReader(self.connection, before_wait=self.flush)
         self.output = []
         self.inbox_log = []
@@ -1337,8 +1329,7 @@ class MailHandler(socketserver.StreamRequestHandler):
             peer, peerport = address
             move = getattr(self.server, "move_session", None)
             if move is not None and not move(self, peer):
-                self.netPrint("421 4.7.0 %s Error: too many connections, "
-                              "try again later" % self.servername)
+                self.netPrint(TOO_MANY_CONNECTIONS % self.servername)
                 return False
             self.peer, self.peerport = peer, peerport
         self.log_dialogue("PROXY: client %s:%s, through %s", self.peer,
@@ -1367,7 +1358,7 @@ class MailHandler(socketserver.StreamRequestHandler):
                 or not all(re.match(r"(?:0|[1-9][0-9]{0,4})\Z", port)
                            and int(port) < 65536 for port in ports)):
             raise ValueError("bad PROXY v1 line: %s" % log_escape(line))
-        return _plain_address(addresses[0]), int(ports[0])
+        return unmapped(addresses[0]), int(ports[0])
 
     def _proxy_v2(self):
         """The rest of a version 2 header (RFC-like spec of HAProxy,
@@ -1388,10 +1379,10 @@ class MailHandler(socketserver.StreamRequestHandler):
         if command & 0x0f == 0:             # LOCAL: the balancer's own
             return None
         if family == 0x11 and length >= 12:
-            return (_plain_address(ipaddress.IPv4Address(body[:4])),
+            return (unmapped(ipaddress.IPv4Address(body[:4])),
                     struct.unpack("!H", body[8:10])[0])
         if family == 0x21 and length >= 36:
-            return (_plain_address(ipaddress.IPv6Address(body[:16])),
+            return (unmapped(ipaddress.IPv6Address(body[:16])),
                     struct.unpack("!H", body[32:34])[0])
         if family in (0x11, 0x21):
             raise ValueError("PROXY v2 addresses cut short")
@@ -1447,8 +1438,7 @@ class MailHandler(socketserver.StreamRequestHandler):
 
     def shutdown_reply(self):
         """The 421 sent to a client when the server stops."""
-        return ("421 4.3.2 %s Service shutting down, closing transmission "
-                "channel" % self.servername)
+        return SHUTTING_DOWN % self.servername
 
     def handleDisconnect(self):
         """The session is over (QUIT, error, timeout or client gone)."""
@@ -1909,6 +1899,12 @@ class ConcreteMailHandler(MailHandler):
         self.upstream_in_transaction = True
         return rcpt_reply
 
+    def end_message(self, reply):
+        """``reply`` is the message's final reply (DATA's, or the one to
+        its data): kept for the transaction's log line, and counted."""
+        self.final_reply = reply
+        self.count_reply("messages", reply)
+
     def count_reply(self, what, reply):
         """Count a reply to RCPT ("rcpt") or to a message ("messages"):
         the counters what_accepted, what_deferred, what_refused."""
@@ -2130,8 +2126,7 @@ class ConcreteMailHandler(MailHandler):
                         protocol_error=True)
             return
         if self.upstream_lost:
-            self.final_reply = self.upstream_lost
-            self.count_reply("messages", self.final_reply)
+            self.end_message(self.upstream_lost)
             self.netPrint(self.upstream_lost)
             self.reset_transaction()
             return
@@ -2141,8 +2136,7 @@ class ConcreteMailHandler(MailHandler):
             return
         if not self.shouldWeAcceptMail():
             self.status = "DEFERRED"
-            self.final_reply = self.defer_reply
-            self.count_reply("messages", self.final_reply)
+            self.end_message(self.defer_reply)
             self.netPrint(self.defer_reply)
             self.close_connection()
             return
@@ -2151,21 +2145,18 @@ class ConcreteMailHandler(MailHandler):
             code, lines = self.upstream.command("DATA")
         except UpstreamError as error:
             self.upstream_failed(error)
-            self.final_reply = error.reply
-            self.count_reply("messages", self.final_reply)
+            self.end_message(error.reply)
             self.netPrint(error.reply)
             self.reset_transaction()
             return
         if code != 354:
-            self.final_reply = format_reply(code, lines[-1:])
-            self.count_reply("messages", self.final_reply)
+            self.end_message(format_reply(code, lines[-1:]))
             self.netPrint(format_reply(code, lines))
             self.upstream_in_transaction = False
             self.reset_transaction()
             return
         self.netPrint("354 End data with <CR><LF>.<CR><LF>")
-        self.final_reply = self.receive_message()
-        self.count_reply("messages", self.final_reply)
+        self.end_message(self.receive_message())
         self.netPrint(self.final_reply)
         self.upstream_in_transaction = False
         self.reset_transaction()
@@ -3059,17 +3050,10 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         log.info("counters: sessions_open=%d %s", active,
                  " ".join("%s=%d" % item for item in counters))
 
-    @staticmethod
-    def _client_ip(client_address):
-        address = client_address[0]
-        if address.startswith("::ffff:") and "." in address:
-            address = address[7:]
-        return address
-
     def process_request(self, request, client_address):
         """Start a session thread, unless a limit is reached: then the
         client gets 421 4.7.0 from this thread and is closed."""
-        address = self._client_ip(client_address)
+        address = unmapped(client_address[0])
         with self.sessions_changed:
             self.counters["connections"] += 1
             per_ip = self.sessions_per_ip.get(address, 0)
@@ -3097,15 +3081,10 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         stopping), without waiting for it, and close the connection."""
         servername = getattr(self.RequestHandlerClass, "servername",
                              socket.getfqdn())
-        if self.stopping:
-            reply = ("421 4.3.2 %s Service shutting down, closing "
-                     "transmission channel\r\n" % servername)
-        else:
-            reply = ("421 4.7.0 %s Error: too many connections, try "
-                     "again later\r\n" % servername)
+        reply = (SHUTTING_DOWN if self.stopping else TOO_MANY_CONNECTIONS)
         try:
-            request.send(reply.encode("ascii", "replace"),
-                         socket.MSG_DONTWAIT)
+            request.send((reply % servername + "\r\n").encode(
+                "ascii", "replace"), socket.MSG_DONTWAIT)
         except OSError:
             pass
         self.shutdown_request(request)
@@ -3180,7 +3159,10 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
                 handler.interrupted = True
                 if handler.connection is not request:
                     continue        # TLS: its reader watches ``interrupted``
-            shutdown_reading(request)
+            try:
+                request.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
 
     def stop(self, grace_period=None):
         """Stop serving without losing mail; return the number of sessions
@@ -3304,12 +3286,10 @@ def find_class(dotted_name):
 _installed_log_handlers = []      # (logger, handler) set up by us
 
 
-class _SyslogFormatter(logging.Formatter):
-    """syslog's tag, as mail daemons write it: smtpproxy[pid]: message."""
-
-    def __init__(self):
-        logging.Formatter.__init__(self,
-                                   "smtpproxy[%(process)d]: %(message)s")
+# The service's log lines; syslog's are tagged as mail daemons' are.
+SERVICE_LOG_FORMAT = ("%(asctime)s smtpproxy[%(process)d]: %(levelname)s "
+                      "%(message)s")
+SYSLOG_FORMAT = "smtpproxy[%(process)d]: %(message)s"
 
 
 def _syslog_handler(values):
@@ -3335,7 +3315,7 @@ def _syslog_handler(values):
                           % (address, problem.strerror))
     facility = logging.handlers.SysLogHandler.facility_names[values["syslog"]]
     handler = logging.handlers.SysLogHandler(address, facility, socktype)
-    handler.setFormatter(_SyslogFormatter())
+    handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
     return handler
 
 
@@ -3362,20 +3342,14 @@ def configure_logging(values, created=None):
     new = []
     try:
         if values.get("syslog"):
-            syslog = _syslog_handler(values)
-            new.append((log, syslog))
-            syslog = _syslog_handler(values)
-            new.append((transaction_log, syslog))
+            new.append((log, _syslog_handler(values)))
+            new.append((transaction_log, _syslog_handler(values)))
         elif values.get("log_file"):
-            new.append((log, open_file(
-                values["log_file"],
-                "%(asctime)s smtpproxy[%(process)d]: %(levelname)s "
-                "%(message)s")))
+            new.append((log, open_file(values["log_file"],
+                                       SERVICE_LOG_FORMAT)))
         else:
             stderr = logging.StreamHandler()
-            stderr.setFormatter(logging.Formatter(
-                "%(asctime)s smtpproxy[%(process)d]: %(levelname)s "
-                "%(message)s"))
+            stderr.setFormatter(logging.Formatter(SERVICE_LOG_FORMAT))
             new.append((log, stderr))
         path = values.get("greylist_log", "greylist.log")
         if path:
