@@ -780,7 +780,7 @@ class _LineReader(object):
                 if time.monotonic() >= deadline:
                     raise
             finally:
-                self.sock.settimeout(self.timeout)
+                self.sock.settimeout(self.timeout or None)
 
     def readline(self, limit):
         """Return the next line with its LF, or ``limit`` bytes of a longer
@@ -883,7 +883,9 @@ class UpstreamSession(object):
         self.tls = False
         self.xclient_done = False
         try:
-            self.sock = socket.create_connection(address, timeout)
+            # A timeout of 0 is no limit, as for set_timeout(); to Python
+            # it would mean a non-blocking socket.
+            self.sock = socket.create_connection(address, timeout or None)
         except OSError as error:
             raise UpstreamError("cannot connect to %s:%s: %s"
                                 % (address[0], address[1], error),
@@ -990,7 +992,7 @@ class UpstreamSession(object):
             return False
         try:
             clear_timeout(self.sock)
-            self.sock.settimeout(self.timeout)
+            self.sock.settimeout(self.timeout or None)
             self.sock = context.wrap_socket(self.sock,
                                             server_hostname=server_hostname)
         except (ssl.SSLError, ssl.CertificateError, OSError) as error:
@@ -1349,6 +1351,10 @@ class MailHandler(socketserver.StreamRequestHandler):
             raise ValueError("bad PROXY v1 line: %s" % log_escape(line))
         version = 4 if words[0] == "TCP4" else 6
         try:
+            # No IPv6 zone (fe80::1%eth0): Python 3.9 and later would read
+            # one, and no mail server takes it in XCLIENT.
+            if any("%" in word for word in words[1:3]):
+                raise ValueError("zone")
             addresses = [ipaddress.ip_address(word) for word in words[1:3]]
         except ValueError:
             raise ValueError("bad address in PROXY v1 line: %s"
@@ -1373,6 +1379,10 @@ class MailHandler(socketserver.StreamRequestHandler):
                              % command)
         if length > self.max_proxy_header:
             raise ValueError("PROXY v2 header of %d octets" % length)
+        # UNSPEC, or INET, INET6, UNIX over STREAM or DGRAM: any other
+        # value "must be rejected as invalid by receivers".
+        if family not in (0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32):
+            raise ValueError("bad PROXY v2 family 0x%02x" % family)
         body = self.reader.read_exact(length)
         if len(body) < length:
             raise ValueError("PROXY v2 header cut short")
@@ -2311,7 +2321,7 @@ class ConcreteMailHandler(MailHandler):
                         "TLS: thrown away", self.peer)
             self.log_dialogue("thrown away: %s", self.reader.read_available())
         clear_timeout(self.connection)
-        self.connection.settimeout(self.inactivity_timeout)
+        self.connection.settimeout(self.inactivity_timeout or None)
         try:
             self.connection = context.wrap_socket(
                 self.connection, server_side=True,

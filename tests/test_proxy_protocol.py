@@ -52,6 +52,8 @@ def balanced(proxy):
     (b"PROXY TCP6 2001:db8::7 2001:db8::1 40001 25\r\n", "2001:db8::7"),
     (b"PROXY UNKNOWN\r\n", "127.0.0.1"),
     (b"PROXY UNKNOWN ff:: 1.2.3.4 whatever\r\n", "127.0.0.1"),
+    # The longest line of the specification: 107 octets with its CRLF.
+    (b"PROXY UNKNOWN " + b"x" * 91 + b"\r\n", "127.0.0.1"),
 ])
 def test_v1_header_gives_the_client_address(balanced, header, address):
     port = balanced("v1")
@@ -71,6 +73,8 @@ def test_v1_header_gives_the_client_address(balanced, header, address):
     (v2("203.0.113.7", 40001, command=0x20), "127.0.0.1"),
     # UNSPEC family: the connection's own address too.
     (V2_SIGNATURE + b"\x21\x00\x00\x00", "127.0.0.1"),
+    # UNIX stream sockets (216 octets of paths): no IP address in them.
+    (V2_SIGNATURE + b"\x21\x31\x00\xd8" + b"/" * 216, "127.0.0.1"),
 ])
 def test_v2_header_gives_the_client_address(balanced, header, address):
     port = balanced("v2")
@@ -101,10 +105,19 @@ def test_any_takes_either_version(balanced):
     ("v1", b"PROXY TCP4 203.0.113.7 192.0.2.1 40001\r\n"),
     ("v1", b"PROXY UDP4 203.0.113.7 192.0.2.1 40001 25\r\n"),
     ("v1", b"PROXY TCP4 203.0.113.7 " + b" " * 100 + b"\r\n"),
+    ("v1", b"PROXY UNKNOWN " + b"x" * 92 + b"\r\n"),     # 108 octets
+    # An IPv6 zone, which Python 3.9 and later would take for an address.
+    ("v1", b"PROXY TCP6 fe80::7%eth0 fe80::1 40001 25\r\n"),
     ("v2", V2_SIGNATURE[:-1] + b"X\x21\x11\x00\x0c" + b"\x00" * 12),
     ("v2", V2_SIGNATURE + b"\x11\x11\x00\x0c" + b"\x00" * 12),   # version 1
     ("v2", V2_SIGNATURE + b"\x22\x11\x00\x0c" + b"\x00" * 12),   # command 2
     ("v2", V2_SIGNATURE + b"\x21\x11\x00\x08" + b"\x00" * 8),    # short
+    ("v2", V2_SIGNATURE + b"\x21\x11\x00\x0a" + b"\x00" * 10),   # no port
+    # Families and transports the specification does not define.
+    ("v2", V2_SIGNATURE + b"\x21\x13\x00\x0c" + b"\x00" * 12),
+    ("v2", V2_SIGNATURE + b"\x21\x41\x00\x0c" + b"\x00" * 12),
+    ("v2", V2_SIGNATURE + b"\x21\x10\x00\x0c" + b"\x00" * 12),
+    ("v2", V2_SIGNATURE + b"\x21\x01\x00\x0c" + b"\x00" * 12),
     ("v2", V2_SIGNATURE + b"\x21\x11\xff\xff"),                   # huge
 ])
 def test_a_connection_without_a_valid_header_is_dropped(

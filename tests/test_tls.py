@@ -10,6 +10,7 @@ import smtplib
 import ssl
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -170,6 +171,32 @@ def test_a_tls_session_is_closed_with_421_when_the_server_stops(
     client.close()
 
 
+def test_no_inactivity_timeout_still_waits_for_the_handshake(
+        tls_proxy, certificates, upstream):
+    # inactivity_timeout = 0 is no limit (a kernel timeout of 0), not a
+    # non-blocking socket that gives up on a handshake not there yet.
+    port = tls_proxy(inactivity_timeout=0)
+    client = RawClient(port)
+    client.cmd("EHLO client.example.net")
+    assert client.cmd("STARTTLS")[0] == 220
+    time.sleep(0.3)             # a client slow to start its handshake
+    client.sock = certificates.client_context().wrap_socket(
+        client.sock, server_hostname="localhost")
+    client.file = client.sock.makefile("rb")
+    assert client.cmd("EHLO client.example.net")[0] == 250
+    client.close()
+
+
+def test_a_client_silent_in_the_handshake_is_dropped(tls_proxy):
+    port = tls_proxy(inactivity_timeout=1)
+    client = RawClient(port)
+    client.cmd("EHLO client.example.net")
+    assert client.cmd("STARTTLS")[0] == 220
+    # No ClientHello: the handshake waits inactivity_timeout, not forever.
+    assert client.sock.recv(100) == b""
+    client.close()
+
+
 def test_a_silent_tls_client_times_out_with_421(tls_proxy, certificates):
     port = tls_proxy(inactivity_timeout=1)
     client = tls_client(port, certificates)
@@ -277,6 +304,13 @@ def test_opportunistic_falls_back_to_plain_when_tls_fails(
     assert not message.tls
     assert any("going on without TLS" in record.getMessage()
                for record in caplog.records)
+
+
+def test_no_upstream_timeout_with_tls(tls_upstream, upstream_proxy):
+    # upstream_timeout = 0: no limit, for the connection and the handshake.
+    deliver(upstream_proxy(upstream_timeout=0))
+    [message] = tls_upstream.messages
+    assert message.tls
 
 
 def test_tls_both_sides(tls_upstream, upstream_proxy, certificates):
