@@ -3168,7 +3168,16 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
                     continue
                 handler.interrupted = True
                 if handler.connection is not request:
-                    continue        # TLS: its reader watches ``interrupted``
+                    if handler.tls:
+                        continue    # its reader watches ``interrupted``
+                    # In the TLS handshake, where no 421 can be said: end
+                    # it (on the socket itself, not through SSLSocket).
+                    try:
+                        socket.socket.shutdown(handler.connection,
+                                               socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    continue
             try:
                 request.shutdown(socket.SHUT_RD)
             except OSError:

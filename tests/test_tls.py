@@ -197,6 +197,19 @@ def test_a_client_silent_in_the_handshake_is_dropped(tls_proxy):
     client.close()
 
 
+def test_a_client_in_the_handshake_is_closed_when_the_server_stops(
+        tls_proxy, proxy):
+    port = tls_proxy()
+    client = RawClient(port)
+    client.cmd("EHLO client.example.net")
+    assert client.cmd("STARTTLS")[0] == 220
+    server = proxy.servers[-1]
+    server.shutdown()
+    assert server.stop(grace_period=0) == 0
+    assert client.sock.recv(100) == b""
+    client.close()
+
+
 def test_a_silent_tls_client_times_out_with_421(tls_proxy, certificates):
     port = tls_proxy(inactivity_timeout=1)
     client = tls_client(port, certificates)
