@@ -318,8 +318,9 @@ CONFIG_KEYS = {
     "upstream_tls_name": (_string, "scalar",
                           "the name its certificate must hold (smtp_ip)"),
     "xclient": (_boolean, "scalar",
-                "tell the upstream the real client with XCLIENT or "
-                "XFORWARD when it offers them (no)"),
+                "tell the upstream the real client (address, port, HELO "
+                "and host names) with XCLIENT or XFORWARD when it offers "
+                "them; a refused XCLIENT is 451 (no)"),
     "greylist_log": (_string, "scalar",
                      "transaction log file, one line per transaction "
                      "(greylist.log; empty: none)"),
@@ -854,6 +855,8 @@ SHUTTING_DOWN = ("421 4.3.2 %s Service shutting down, closing transmission "
 UNREACHABLE = "451 4.4.1 Upstream mail server unavailable, try again later"
 LOST = "451 4.4.2 Connection to the upstream mail server lost, try again later"
 NO_TLS = "451 4.7.5 No TLS with the upstream mail server, try again later"
+NO_XCLIENT = ("451 4.3.0 The upstream mail server refused to learn the "
+              "client, try again later")
 
 
 class UpstreamTLSError(UpstreamError):
@@ -875,6 +878,8 @@ class UpstreamSession(object):
 
     max_reply_lines = 100
     max_reply_line_length = 512
+    # Commands that Postfix takes after a HELO as well as after an EHLO.
+    session_commands = ("XFORWARD",)
 
     def __init__(self, address, timeout):
         self.address = address
@@ -964,7 +969,12 @@ class UpstreamSession(object):
         self.introduce(helo_name, esmtp)
 
     def introduce(self, helo_name, esmtp):
-        """Send EHLO (falling back to HELO) or HELO with ``helo_name``."""
+        """Send EHLO (falling back to HELO) or HELO with ``helo_name``.
+        After a HELO, of what an EHLO announced only ``session_commands``
+        stay in ``extensions``."""
+        kept = dict((keyword, value)
+                    for keyword, value in self.extensions.items()
+                    if keyword in self.session_commands)
         self.extensions = {}
         if esmtp:
             code, lines = self.command("EHLO " + helo_name)
@@ -980,6 +990,7 @@ class UpstreamSession(object):
             self.abort()
             raise UpstreamError("upstream refused HELO: %d %s"
                                 % (code, " ".join(lines)), UNREACHABLE)
+        self.extensions = kept
 
     def start_tls(self, context, server_hostname, helo_name, esmtp=True):
         """STARTTLS (RFC 3207), if the upstream offers it, then HELO/EHLO
@@ -999,24 +1010,27 @@ class UpstreamSession(object):
             self.abort()
             raise UpstreamTLSError("TLS with the upstream failed: %s"
                                    % (error,), NO_TLS)
+        # Nothing said before TLS holds after it: not a pipelined reply
+        # (the reader's buffer), not an extension (RFC 3207 section 4.2).
         self.reader = _LineReader(self.sock)
+        self.extensions = {}
         self.tls = True
         self.introduce(helo_name, esmtp)
         return True
 
     def xclient(self, attributes):
         """XCLIENT (Postfix): the session is now the client's, as if it
-        had connected itself; it must say HELO/EHLO again.  Return whether
-        the upstream took it."""
+        had connected itself; it must say HELO/EHLO again.  A refusal is
+        an UpstreamError (451 4.3.0): going on would make the upstream
+        take the client for the proxy, which it may trust."""
         code, lines = self.command("XCLIENT " + format_xattributes(
             attributes))
         if code != 220:
-            log.warning("upstream refused XCLIENT: %d %s", code,
-                        " ".join(lines))
-            return False
+            self.abort()
+            raise UpstreamError("upstream refused XCLIENT: %d %s"
+                                % (code, " ".join(lines)), NO_XCLIENT)
         self.extensions = {}
         self.xclient_done = True
-        return True
 
     def quit(self):
         """End the session politely; errors are of no interest any more."""
@@ -1525,9 +1539,14 @@ class ConcreteMailHandler(MailHandler):
                         (smtp_ip, or upstream_tls_name) against
                         upstream_tls_ca (or the system's authorities)
     xclient             tell the upstream the real client (address, port,
-                        HELO name) with XCLIENT, or XFORWARD, when it
-                        offers them (Postfix: smtpd_authorized_xclient_hosts
-                        and smtpd_authorized_xforward_hosts)
+                        HELO name, reverse and forward-confirmed host
+                        names, looked up once a session by
+                        ``client_names()``) with XCLIENT, or XFORWARD, when
+                        it offers them (Postfix:
+                        smtpd_authorized_xclient_hosts and
+                        smtpd_authorized_xforward_hosts); an XCLIENT the
+                        upstream refuses is 451 4.3.0, not a session in
+                        which it takes the client for the proxy
 
     What EHLO offers follows the upstream: PIPELINING and
     ENHANCEDSTATUSCODES are the proxy's own; SIZE is the smaller of the
@@ -1761,7 +1780,8 @@ class ConcreteMailHandler(MailHandler):
         else:
             return
         self.upstream_helo = self.inbox_log[0]
-        if self.esmtp:
+        # After XCLIENT the upstream answers as to this client alone.
+        if self.esmtp and not self.upstream.xclient_done:
             self.remember_upstream(self.upstream.extensions)
 
     def connect_upstream(self, tls=None):
@@ -1793,31 +1813,78 @@ class ConcreteMailHandler(MailHandler):
             session.abort()
             raise UpstreamError("the upstream offers no STARTTLS", NO_TLS)
         if xclient and "XCLIENT" in session.extensions:
-            if session.xclient(self.client_attributes("XCLIENT")):
-                name, esmtp = None, None        # must be said again
+            session.xclient(self.client_attributes(
+                "XCLIENT", session.extensions["XCLIENT"]))
+            name, esmtp = None, None            # must be said again
         if (name, esmtp) != (self.helo_name, self.esmtp):
             session.introduce(self.helo_name, self.esmtp)
         return session
 
-    def client_attributes(self, command):
+    def client_attributes(self, command, announced=""):
         """The real client, as XCLIENT or XFORWARD name it: [(NAME,
-        value)]; NAME is the client's verified host name, or unknown."""
+        value)], of the names ``announced`` (the parameters of the
+        upstream's EHLO keyword; all when it lists none).  NAME is the
+        client's host name if forward-confirmed, REVERSE_NAME its reverse
+        name (XCLIENT only), as Postfix would have looked them up."""
         address = self.peer
         if ":" in address:
             address = "IPV6:" + address
-        name = self.client_hostname() or "[UNAVAILABLE]"
-        attributes = [("NAME", name), ("ADDR", address),
+        unknown = "[UNAVAILABLE]"
+        reverse_name, confirmed_name = self.client_names()
+        attributes = [("NAME", confirmed_name or unknown),
+                      ("ADDR", address),
                       ("PORT", str(self.peerport)),
-                      ("HELO", self.helo_name or "[UNAVAILABLE]"),
+                      ("HELO", self.helo_name or unknown),
                       ("PROTO", "ESMTP" if self.esmtp else "SMTP")]
-        if command == "XFORWARD":
+        if command == "XCLIENT":
+            attributes.append(("REVERSE_NAME", reverse_name or unknown))
+        else:
             attributes.append(("SOURCE", "REMOTE"))
-        return attributes
+        names = set(announced.upper().split())
+        return [attribute for attribute in attributes
+                if not names or attribute[0] in names]
 
     def client_hostname(self):
-        """The client's host name for XCLIENT and XFORWARD, if known to be
-        true; None here (no DNS lookups of our own)."""
-        return None
+        """The client's host name for XCLIENT and XFORWARD if its reverse
+        lookup is confirmed by its forward lookup, else None."""
+        return self.client_names()[1]
+
+    def client_names(self):
+        """``(reverse name, confirmed name)`` of the client (``peer``):
+        its first reverse (PTR) name, and the first of them whose forward
+        lookup gives ``peer`` back (FCrDNS), so that nobody can name
+        himself with a PTR record alone; None where there is none.  Looked
+        up once a session, with ``reverse_lookup`` and ``forward_lookup``.
+        """
+        known = getattr(self, "_client_names", None)
+        if known is not None and known[0] == self.peer:
+            return known[1]
+        reverse = self.reverse_lookup(self.peer)
+        confirmed = None
+        for name in reverse:
+            if self.peer in self.forward_lookup(name):
+                confirmed = name.lower().rstrip(".")
+                break
+        names = (reverse[0].lower().rstrip(".") if reverse else None,
+                 confirmed)
+        self._client_names = (self.peer, names)
+        return names
+
+    def reverse_lookup(self, address):
+        """Names of ``address`` (PTR); tests replace the resolver here."""
+        try:
+            name, aliases, _ = socket.gethostbyaddr(address)
+        except (OSError, UnicodeError):
+            return []
+        return [name] + aliases
+
+    def forward_lookup(self, name):
+        """Addresses of ``name``; tests replace the resolver here."""
+        try:
+            return set(unmapped(info[4][0]) for info in socket.getaddrinfo(
+                name, None, 0, socket.SOCK_STREAM))
+        except (OSError, UnicodeError):
+            return set()
 
     @classmethod
     def server_tls_context(cls):
@@ -1898,7 +1965,8 @@ class ConcreteMailHandler(MailHandler):
                     and not self.upstream.xclient_done)
         if xforward:
             commands.insert(0, "XFORWARD " + format_xattributes(
-                self.client_attributes("XFORWARD")))
+                self.client_attributes(
+                    "XFORWARD", self.upstream.extensions["XFORWARD"])))
         replies = self.upstream.commands(commands)
         if xforward and replies[0][0] != 250:
             log.warning("upstream refused XFORWARD: %d %s", replies[0][0],
@@ -2510,7 +2578,7 @@ class GreyListingPolicy(ConcreteMailHandler):
             return True
         if not names:
             return False
-        name = self.confirmed_client_name()
+        name = self.client_hostname()
         return name is not None and any(
             name == suffix or name.endswith("." + suffix)
             for suffix in names)
@@ -2546,29 +2614,6 @@ class GreyListingPolicy(ConcreteMailHandler):
             self._client_lists[path] = (mtime, (networks, names))
         return networks, names
 
-    def confirmed_client_name(self):
-        """The client's reverse name if one of its forward addresses is the
-        client's own (forward-confirmed reverse DNS), else None."""
-        for name in self.reverse_lookup(self.peer):
-            if self.peer in self.forward_lookup(name):
-                return name.lower().rstrip(".")
-        return None
-
-    def reverse_lookup(self, address):
-        """Names of ``address`` (PTR); tests replace the resolver here."""
-        try:
-            name, aliases, _ = socket.gethostbyaddr(address)
-        except (OSError, UnicodeError):
-            return []
-        return [name] + aliases
-
-    def forward_lookup(self, name):
-        """Addresses of ``name``; tests replace the resolver here."""
-        try:
-            return set(info[4][0] for info in socket.getaddrinfo(
-                name, None, 0, socket.SOCK_STREAM))
-        except (OSError, UnicodeError):
-            return set()
 
     def shouldWeAcceptRecipient(self, recipient):
         if self.client_may_relay():

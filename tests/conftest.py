@@ -214,17 +214,25 @@ class RawUpstream(socketserver.ThreadingTCPServer):
 
     ``raw`` collects every byte received after each 354; ``messages``
     holds every message the lax reading completed (smuggling succeeded if
-    there is more than one, or one where none was expected).
+    there is more than one, or one where none was expected); ``commands``
+    every command line.  ``ehlo`` are the lines of its EHLO reply; it
+    answers XCLIENT with ``xclient_reply``, and with ``tls_context`` it
+    does STARTTLS (sending ``after_starttls`` right after its 220, in the
+    same write: what a hostile server would inject).
     """
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, ehlo=("raw",)):
+    def __init__(self, ehlo=("raw",), tls_context=None):
         self.raw = []
         self.messages = []
         self.commands = []
         self.ehlo = list(ehlo)        # the lines of its EHLO reply
+        self.xclient_reply = b"220 raw ESMTP\r\n"
+        self.tls_context = tls_context
+        self.after_starttls = b""
+        self.tls_sessions = 0
         socketserver.ThreadingTCPServer.__init__(
             self, ("127.0.0.1", 0), self.Handler)
         self.port = self.server_address[1]
@@ -249,7 +257,10 @@ class RawUpstream(socketserver.ThreadingTCPServer):
             self.wfile.write(b"220 raw ESMTP\r\n")
             in_data = False
             message = []
-            for line in self.rfile:
+            while True:
+                line = self.rfile.readline()
+                if not line:
+                    return
                 if in_data:
                     server.raw.append(line)
                     if line.rstrip(b"\r\n") == b".":
@@ -261,7 +272,7 @@ class RawUpstream(socketserver.ThreadingTCPServer):
                         message.append(line)
                     continue
                 server.commands.append(line)
-                verb = line[:4].upper()
+                verb = line.split(b" ")[0].strip().upper()
                 if verb == b"DATA":
                     in_data = True
                     self.wfile.write(b"354 go ahead\r\n")
@@ -274,6 +285,16 @@ class RawUpstream(socketserver.ThreadingTCPServer):
                         "250%s%s\r\n" % ("-" if i < len(lines) - 1 else " ",
                                           line)
                         for i, line in enumerate(lines)).encode())
+                elif verb == b"XCLIENT":
+                    self.wfile.write(server.xclient_reply)
+                elif verb == b"STARTTLS" and server.tls_context:
+                    self.wfile.write(b"220 go ahead\r\n"
+                                     + server.after_starttls)
+                    self.connection = server.tls_context.wrap_socket(
+                        self.connection, server_side=True)
+                    server.tls_sessions += 1
+                    self.rfile = self.connection.makefile("rb")
+                    self.wfile = self.connection.makefile("wb", 0)
                 else:
                     self.wfile.write(b"250 ok\r\n")
 

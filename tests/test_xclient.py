@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from conftest import ProxyFactory, RawClient, wait_until
+from conftest import ProxyFactory, RawClient, RawUpstream, wait_until
 import smtpproxy
 
 MESSAGE = b"Subject: xclient\r\n\r\nHello.\r\n"
@@ -130,5 +130,176 @@ def test_xforward_when_only_that_is_offered(through_postfix, upstream):
 def test_xclient_attributes_are_xtext():
     assert smtpproxy.xtext("a+b=c d\u00e9") == "a+2Bb+3Dc+20d+C3+A9"
     assert smtpproxy.format_xattributes(
-        [("ADDR", "IPV6:2001:db8::7"), ("HELO", "[UNAVAILABLE]")]) == \
-        "ADDR=IPV6:2001:db8::7 HELO=[UNAVAILABLE]"
+        [("ADDR", "IPV6:2001:db8::7"), ("HELO", "[UNAVAILABLE]"),
+         ("NAME", "a=b")]) == \
+        "ADDR=IPV6:2001:db8::7 HELO=[UNAVAILABLE] NAME=a+3Db"
+
+
+def test_xclient_gives_postfix_the_client_names(through_postfix, upstream):
+    """NAME, the forward-confirmed name, and REVERSE_NAME reach Postfix as
+    if it had looked them up itself (its Received: header shows NAME)."""
+    postfix, port = through_postfix(**RESOLVER)
+    assert deliver_from("127.0.0.2", port)[0] == 250
+    received = received_by_postfix(upstream)
+    assert ("from client.example.net (mx.sender.example [127.0.0.2])"
+            in received)
+
+
+def test_xclient_refused_defers_rather_than_pass_for_the_proxy(
+        through_postfix, upstream, caplog):
+    """A client that XCLIENT cannot name (an IPv6 address, which a Postfix
+    with inet_protocols = ipv4 refuses) gets a 451: going on, Postfix
+    would take it for the proxy, which is in its mynetworks."""
+    postfix, port = through_postfix(proxy_protocol="v1")
+    client = RawClient(port, timeout=20, first=(
+        b"PROXY TCP6 2001:db8::7 2001:db8::1 40001 25\r\n"))
+    client.cmd("EHLO mx.sender.example")
+    client.cmd("MAIL FROM:<a@example.net>")
+    code, text = client.cmd("RCPT TO:<x@elsewhere.example>")
+    assert code == 451 and text.startswith("4.3.0 ")
+    client.close()
+    assert any("refused XCLIENT" in record.getMessage()
+               for record in caplog.records)
+    postfix.wait_for_log("disconnect from")
+    assert "rcpt=" not in postfix.log()
+
+
+# -- the commands, against a raw upstream that records them -------------------
+
+RESOLVER = {
+    "reverse_lookup": lambda self, address: ["Mx.Sender.Example."],
+    "forward_lookup": lambda self, name: {"127.0.0.2"},
+}
+XCLIENT = "XCLIENT NAME ADDR PORT PROTO HELO REVERSE_NAME LOGIN"
+XFORWARD = "XFORWARD NAME ADDR PROTO HELO SOURCE PORT IDENT"
+
+
+@pytest.fixture
+def recorder():
+    """``(server, port) = recorder(ehlo lines, **proxy attributes)``: the
+    proxy (xclient on) in front of a RawUpstream offering ``ehlo``."""
+    servers, factories = [], []
+
+    def start(ehlo, tls_context=None, **attributes):
+        server = RawUpstream(ehlo, tls_context=tls_context)
+        servers.append(server)
+        factory = ProxyFactory(server)
+        factories.append(factory)
+        attributes.setdefault("xclient", True)
+        return server, factory(**attributes)
+    yield start
+    for factory in factories:
+        factory.stop()
+    for server in servers:
+        server.stop()
+
+
+def envelope(port, helo="EHLO client+x.example", first=b""):
+    """HELO/EHLO, MAIL and RCPT from 127.0.0.2; the source port and the
+    RCPT's reply."""
+    client = RawClient(port, source="127.0.0.2", first=first)
+    assert client.cmd(helo)[0] == 250
+    assert client.cmd("MAIL FROM:<a@example.net>")[0] == 250
+    reply = client.cmd("RCPT TO:<b@example.org>")
+    source_port = client.sock.getsockname()[1]
+    client.cmd("QUIT")
+    client.close()
+    return source_port, reply
+
+
+def commands(server, count):
+    wait_until(lambda: len(server.commands) >= count,
+               what="%d commands upstream" % count)
+    return [line.decode().rstrip("\r\n") for line in server.commands]
+
+
+def test_xclient_before_the_envelope_then_the_clients_ehlo(recorder):
+    server, port = recorder(["raw", "PIPELINING", XCLIENT, XFORWARD],
+                            **RESOLVER)
+    source_port, reply = envelope(port)
+    assert reply[0] == 250
+    assert commands(server, 5)[:5] == [
+        "EHLO mail.example.com",
+        "XCLIENT NAME=mx.sender.example ADDR=127.0.0.2 PORT=%d "
+        "HELO=client+2Bx.example PROTO=ESMTP "
+        "REVERSE_NAME=mx.sender.example" % source_port,
+        "EHLO client+x.example",
+        # No XFORWARD after XCLIENT: the session is the client's already.
+        "MAIL FROM:<a@example.net>",
+        "RCPT TO:<b@example.org>",
+    ]
+
+
+def test_xclient_for_a_helo_client_with_unconfirmed_names(recorder):
+    server, port = recorder(
+        ["raw", XCLIENT],
+        reverse_lookup=lambda self, address: ["liar.example"],
+        forward_lookup=lambda self, name: {"192.0.2.99"})
+    source_port, reply = envelope(port, helo="HELO client.example.net")
+    assert commands(server, 3)[:3] == [
+        "EHLO mail.example.com",
+        "XCLIENT NAME=[UNAVAILABLE] ADDR=127.0.0.2 PORT=%d "
+        "HELO=client.example.net PROTO=SMTP REVERSE_NAME=liar.example"
+        % source_port,
+        "HELO client.example.net",
+    ]
+
+
+def test_only_the_attributes_the_upstream_announces(recorder):
+    server, port = recorder(["raw", "XCLIENT ADDR HELO"], **RESOLVER)
+    envelope(port)
+    assert commands(server, 2)[1] == \
+        "XCLIENT ADDR=127.0.0.2 HELO=client+2Bx.example"
+
+
+def test_an_ipv6_client_is_named_in_xclient_form(recorder):
+    server, port = recorder(["raw", "XCLIENT ADDR"], proxy_protocol="v1")
+    envelope(port, first=b"PROXY TCP6 2001:db8::7 2001:db8::1 40001 25\r\n")
+    assert commands(server, 2)[1] == "XCLIENT ADDR=IPV6:2001:db8::7"
+
+
+def test_a_refused_xclient_gives_451_and_no_envelope(recorder):
+    server, port = recorder(["raw", XCLIENT])
+    server.xclient_reply = b"550 5.7.0 Error: insufficient authorization\r\n"
+    source_port, (code, text) = envelope(port)
+    assert code == 451 and text.startswith("4.3.0 ")
+    assert not any(line.startswith(b"MAIL") for line in server.commands)
+
+
+def test_xforward_for_a_helo_client_too(recorder):
+    """Postfix takes XFORWARD after a HELO as well: a HELO client is
+    named in it, with PROTO=SMTP."""
+    server, port = recorder(["raw", XFORWARD], **RESOLVER)
+    source_port, reply = envelope(port, helo="HELO client.example.net")
+    assert commands(server, 4)[:4] == [
+        "EHLO mail.example.com",
+        "HELO client.example.net",
+        "XFORWARD NAME=mx.sender.example ADDR=127.0.0.2 PORT=%d "
+        "HELO=client.example.net PROTO=SMTP SOURCE=REMOTE" % source_port,
+        "MAIL FROM:<a@example.net>",
+    ]
+
+
+def test_xclient_travels_inside_the_upstream_tls(recorder, certificates):
+    server, port = recorder(["raw", "STARTTLS", XCLIENT],
+                            tls_context=certificates.server_context())
+    envelope(port)
+    assert server.tls_sessions == 1
+    lines = commands(server, 4)
+    assert lines[:2] == ["EHLO mail.example.com", "STARTTLS"]
+    assert lines[2] == "EHLO mail.example.com"
+    assert lines[3].startswith("XCLIENT ")
+
+
+def test_replies_injected_before_the_upstream_tls_are_thrown_away(
+        recorder, certificates):
+    """A server (or a man in the middle) that pipelines replies after its
+    220 to STARTTLS, in plain text, cannot have them read as replies in
+    the TLS session (the upstream side of CVE-2021-38371)."""
+    server, port = recorder(["raw", "PIPELINING", "STARTTLS"], xclient=False,
+                            tls_context=certificates.server_context())
+    server.after_starttls = (b"250 injected-1\r\n250 injected-2\r\n"
+                             b"250 injected-3\r\n")
+    source_port, (code, text) = envelope(port)
+    assert (code, text) == (250, "ok")
+    assert server.tls_sessions == 1
