@@ -76,7 +76,9 @@ the greylisting store.  Signals:
                      it.  A second signal ends the grace period at once.
     SIGHUP           Read the configuration again (new sessions get it,
                      sessions in progress keep theirs; a broken file keeps
-                     the one in force and logs why) and reopen the logs.
+                     the one in force and logs why) and reopen the logs
+                     (also after a broken file; a log that cannot be
+                     reopened stays open as it was).
     SIGUSR1          Log the counters: connections, refused connections,
                      recipients and messages accepted, deferred, refused,
                      upstream errors.
@@ -1167,11 +1169,13 @@ class MailHandler(socketserver.StreamRequestHandler):
         self.running = True
         self.errors = 0
         self.interrupted = False
+
+    def handle(self):
+        # Only now, once the setup() of every class is done, may a
+        # stopping server look at this handler (busy(), interrupted).
         attach = getattr(self.server, "attach_session", None)
         if attach is not None:
             attach(self)
-
-    def handle(self):
         try:
             if self.proxy_protocol != "no" and not self.read_proxy_header():
                 self.close_connection()
@@ -3134,8 +3138,10 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     def refuse_connection(self, request, address):
         """Say 421 4.7.0 to a client over the limits (421 4.3.2 when
         stopping), without waiting for it, and close the connection."""
+        # Not socket.getfqdn() as a default: a DNS lookup per refusal, in
+        # the thread that accepts, would make a flood stall the server.
         servername = getattr(self.RequestHandlerClass, "servername",
-                             socket.getfqdn())
+                             None) or "localhost"
         reply = (SHUTTING_DOWN if self.stopping else TOO_MANY_CONNECTIONS)
         try:
             request.send((reply % servername + "\r\n").encode(
@@ -3347,7 +3353,7 @@ def find_class(dotted_name):
     return handler
 
 
-_installed_log_handlers = []      # (logger, handler) set up by us
+_installed_log_handlers = []      # (role, logger, handler) set up by us
 
 
 # The service's log lines; syslog's are tagged as mail daemons' are.
@@ -3383,7 +3389,7 @@ def _syslog_handler(values):
     return handler
 
 
-def configure_logging(values, created=None):
+def configure_logging(values, created=None, keep_failed=False):
     """Set up the logs from the configuration, or set them up again (on
     SIGHUP: files are reopened, which is what logrotate needs).
 
@@ -3392,9 +3398,11 @@ def configure_logging(values, created=None):
     standard error.  Transaction lines go to ``greylist_log`` and, with
     syslog, to syslog too; the dialogue goes to ``greylist_debuglog`` when
     ``debug`` is on.  Everything is opened before anything is replaced:
-    if a file cannot be opened, OSError is raised and the logs in place
-    stay as they were.  The names of files created are appended to
-    ``created``.
+    if a log cannot be opened, OSError is raised and the logs in place
+    stay as they were; with ``keep_failed`` (a reload), the others are
+    replaced all the same, the one in place of each that failed stays,
+    and the errors are returned.  The names of files created are
+    appended to ``created``.
     """
     def open_file(path, layout):
         if created is not None and not os.path.exists(path):
@@ -3403,41 +3411,59 @@ def configure_logging(values, created=None):
         handler.setFormatter(logging.Formatter(layout))
         return handler
 
-    new = []
-    try:
-        if values.get("syslog"):
-            new.append((log, _syslog_handler(values)))
-            new.append((transaction_log, _syslog_handler(values)))
-        elif values.get("log_file"):
-            new.append((log, open_file(values["log_file"],
-                                       SERVICE_LOG_FORMAT)))
-        else:
-            stderr = logging.StreamHandler()
-            stderr.setFormatter(logging.Formatter(SERVICE_LOG_FORMAT))
-            new.append((log, stderr))
-        path = values.get("greylist_log", "greylist.log")
-        if path:
-            new.append((transaction_log, open_file(path, "%(message)s")))
-        path = values.get("greylist_debuglog", "greylist-debug.log")
-        if values.get("debug") and path:
-            new.append((dialogue_log, open_file(path,
-                                                "%(asctime)s %(message)s")))
-    except OSError:
-        for _, handler in new:
+    def stderr():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(SERVICE_LOG_FORMAT))
+        return handler
+
+    # (role, logger, how to open it)
+    wanted = []
+    if values.get("syslog"):
+        wanted.append(("service", log, lambda: _syslog_handler(values)))
+        wanted.append(("transactions to syslog", transaction_log,
+                       lambda: _syslog_handler(values)))
+    elif values.get("log_file"):
+        wanted.append(("service", log, lambda: open_file(
+            values["log_file"], SERVICE_LOG_FORMAT)))
+    else:
+        wanted.append(("service", log, stderr))
+    path = values.get("greylist_log", "greylist.log")
+    if path:
+        wanted.append(("transactions", transaction_log,
+                       lambda: open_file(path, "%(message)s")))
+    debug_path = values.get("greylist_debuglog", "greylist-debug.log")
+    if values.get("debug") and debug_path:
+        wanted.append(("dialogue", dialogue_log, lambda: open_file(
+            debug_path, "%(asctime)s %(message)s")))
+    old = dict((role, (logger, handler))
+               for role, logger, handler in _installed_log_handlers)
+    new, kept, errors = [], set(), []
+    for role, logger, make in wanted:
+        try:
+            new.append((role, logger, make()))
+        except OSError as error:
+            if not keep_failed:
+                for _, _, handler in new:
+                    handler.close()
+                raise
+            errors.append(error)
+            if role in old:
+                new.append((role,) + old[role])
+                kept.add(role)
+    for role, (logger, handler) in old.items():
+        if role not in kept:
+            logger.removeHandler(handler)
             handler.close()
-        raise
-    for logger, handler in _installed_log_handlers:
-        logger.removeHandler(handler)
-        handler.close()
+    for role, logger, handler in new:
+        logger.addHandler(handler)      # once: a kept one is there already
     _installed_log_handlers[:] = new
-    for logger, handler in new:
-        logger.addHandler(handler)
     log.setLevel(logging.INFO)
     transaction_log.setLevel(logging.INFO)
     transaction_log.propagate = False
     dialogue_log.setLevel(logging.DEBUG if values.get("debug")
                           else logging.WARNING)
     dialogue_log.propagate = False
+    return errors
 
 
 def format_config(handler_class, values):
@@ -3521,18 +3547,28 @@ def lock_pidfile(path):
     pidfile left by a dead process is recognised and replaced, and one of
     a running process makes this start fail, whatever pid it holds.
     """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        raise StartError("cannot open pidfile %s: %s"
-                         % (path, error.strerror))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        pid = os.read(fd, 32).decode("ascii", "replace").strip()
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise StartError("cannot open pidfile %s: %s"
+                             % (path, error.strerror))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise StartError("already running (pid %s, %s)"
+                             % (log_escape(pid) or "?", path))
+        # A stopping instance removes the file, then lets go of the lock:
+        # the lock of a file no longer at ``path`` is nobody's pidfile.
+        try:
+            named, held = os.stat(path), os.fstat(fd)
+            if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                break
+        except OSError:
+            pass
         os.close(fd)
-        raise StartError("already running (pid %s, %s)"
-                         % (log_escape(pid) or "?", path))
     fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
     return fd
 
@@ -3754,7 +3790,8 @@ class Service(object):
         self.warnings = warnings
         self.server = None
         self.pidfile = None
-        self.pending = []
+        self.pending = []           # signals on_service() has to act on
+        self.stop_asked = False     # SIGTERM or SIGINT came
 
     def absolute_paths(self, values):
         """``values`` with the file names, given or default, made absolute
@@ -3868,7 +3905,12 @@ class Service(object):
     def check_logs(self):
         """Warn about log files the serving user could not open again (on
         SIGHUP, after logrotate): files made at the start were given to it,
-        those that were there already are left as they are."""
+        those that were there already are left as they are; and about a
+        configuration file it could not read again."""
+        if self.path and not os.access(self.path, os.R_OK):
+            sys.stderr.write("smtpproxy: warning: %s is not readable by %s: "
+                             "SIGHUP will not reload it\n"
+                             % (self.path, _user_name(os.geteuid())))
         keys = ["greylist_log"]
         if not self.values.get("syslog"):
             keys.append("log_file")
@@ -3904,11 +3946,23 @@ class Service(object):
             os.close(self.pidfile)
             self.pidfile = None
 
+    @staticmethod
+    def reopen_logs(values):
+        """Reopen the logs of ``values``; one that cannot be opened stays
+        as it was, and the log says why."""
+        for error in configure_logging(values, keep_failed=True):
+            log.error("cannot reopen a log, keeping the one open: %s",
+                      error)
+
     def on_signal(self, signum, frame):
         """Only note the signal: on_service() acts on it, in the main
         thread, outside whatever the signal interrupted."""
-        if signum in (signal.SIGTERM, signal.SIGINT) and self.server.stopping:
-            self.server.stop_now = True     # twice: end the grace period
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if self.stop_asked:
+                # Twice, even before on_service() saw the first: end the
+                # grace period.
+                self.server.stop_now = True
+            self.stop_asked = True
         self.pending.append(signum)
 
     def on_service(self):
@@ -3936,11 +3990,15 @@ class Service(object):
             values = self.absolute_paths(values)
             handler_class = handler_class_for(self.base, values)
             check_tls(handler_class)
-            configure_logging(values)
+            check_store(handler_class)
         except (ConfigError, ValueError, OSError, StartError) as error:
+            # The logs are reopened all the same: logrotate sent the
+            # signal for them, not for the file somebody broke meanwhile.
+            self.reopen_logs(self.values)
             log.error("reload failed, keeping the configuration in force: "
                       "%s", error)
             return
+        self.reopen_logs(values)
         for warning in warnings:
             log.warning("%s", warning)
         for key in RESTART_KEYS:

@@ -530,19 +530,22 @@ class ProxyProcess(object):
                 config_file.write("\nrun_as_root = yes\n")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([HERE, ROOT])
+        # A file, not a pipe that nobody reads: a proxy that logs much to
+        # its standard error would block once the pipe is full.
+        self.stderr_path = str(tmp_path / ("stderr-%d.txt" % self.port))
+        self.stderr = open(self.stderr_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "smtpproxy.py"),
              "--config", self.config_path,
              "--listen", "127.0.0.1:%d" % self.port,
              "--upstream", "127.0.0.1:%d" % upstream_port]
             + (["--class", handler] if handler else []) + list(args),
-            env=env, stderr=subprocess.PIPE, cwd=str(tmp_path))
+            env=env, stderr=self.stderr, cwd=str(tmp_path))
         wait_until(self._answers, what="the proxy to listen")
 
     def _answers(self):
         if self.process.poll() is not None:
-            raise AssertionError("proxy exited: %s"
-                                 % self.process.stderr.read().decode())
+            raise AssertionError("proxy exited: %s" % self.stderr_text())
         try:
             probe = RawClient(self.port, timeout=5)
         except OSError:
@@ -564,7 +567,12 @@ class ProxyProcess(object):
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.process.stderr.close()
+        self.stderr.close()
+
+    def stderr_text(self):
+        """What the proxy wrote to its standard error so far."""
+        with open(self.stderr_path, "rb") as stderr:
+            return stderr.read().decode("utf-8", "replace")
 
 
 @pytest.fixture

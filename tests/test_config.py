@@ -319,7 +319,7 @@ def test_unknown_key_warns_and_proxy_still_starts(proxy_process):
     assert process.process.poll() is None
     process.process.terminate()
     process.process.wait(10)
-    stderr = process.process.stderr.read().decode()
+    stderr = process.stderr_text()
     # Line 1 is the greylist_log line the fixture writes.
     assert "%s:2:" % process.config_path in stderr
     assert "no_such_key" in stderr

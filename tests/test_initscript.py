@@ -53,6 +53,14 @@ def cmdline(pid):
         return ""
 
 
+def read(path):
+    try:
+        with open(str(path)) as text:
+            return text.read()
+    except OSError:
+        return ""
+
+
 def refused(port):
     try:
         socket.create_connection(("127.0.0.1", port), 5).close()
@@ -113,7 +121,13 @@ class Service(object):
                    self.tmp / "smtpproxy.log", extra))
 
     def run(self, *args, **env):
-        """Run the script: ``(exit status, stdout and stderr)``."""
+        """Run the script: ``(exit status, stdout and stderr)``; as the
+        user ``as_user``, if given."""
+        user = env.pop("as_user", None)
+        command = ["/bin/sh", SCRIPT] + list(args)
+        if user:
+            command = ["setpriv", "--reuid=" + user, "--regid=" + user,
+                       "--clear-groups"] + command
         environment = dict(self.env)
         for key, value in env.items():
             if value is None:
@@ -122,7 +136,7 @@ class Service(object):
                 environment[key] = value
         try:
             process = subprocess.run(
-                ["/bin/sh", SCRIPT] + list(args), env=environment,
+                command, env=environment,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, cwd=str(self.tmp), timeout=60)
         except subprocess.TimeoutExpired:
@@ -304,6 +318,7 @@ def test_stale_pidfile_of_a_dead_process(service):
     service.check_stopped(pid)
 
 
+@BOTH_WAYS
 def test_pidfile_naming_another_program(service):
     other = service.other_program()
     with open(service.pidfile, "w") as pidfile:
@@ -361,6 +376,11 @@ def test_restart(service):
         assert code == 6, output
         assert "max_grey" in output
         assert service.pid() == second and alive(second)
+    # reload signals the proxy all the same, which keeps the configuration
+    # in force and reopens its logs (logrotate's postrotate runs reload).
+    assert "the running configuration is kept; logs reopened" in output
+    wait_until(lambda: "reload failed" in read(service.tmp / "smtpproxy.log"),
+               what="the proxy to refuse the file")
 
     code, output = service.run("try-restart")
     assert code == 6, output
@@ -492,6 +512,11 @@ def test_daemon_drops_to_its_user(make_service):
                     if line.startswith("Uid:")][0]
         assert uids == [str(nobody.pw_uid)] * 4
         assert os.stat(service.pidfile).st_uid == 0
+
+        # status as yet another user, who may not signal the daemon.
+        code, output = service.run("status", as_user="daemon")
+        assert (code, output) == (0, "smtpproxy is running (pid %d).\n"
+                                  % pid)
 
         service.write_config(servername="two.example",
                              extra="user = nobody\n",

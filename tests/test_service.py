@@ -6,6 +6,7 @@ or started here when a test needs its own options; each is polled until
 ready, never slept for.
 """
 
+import argparse
 import grp
 import os
 import pwd
@@ -22,6 +23,7 @@ import threading
 import pytest
 
 from conftest import HERE, ROOT, RawClient, free_port, wait_until
+from plainproxy import AcceptAll
 import smtpproxy
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
@@ -130,6 +132,95 @@ def test_max_connections_per_ip(proxy):
         client.close()
 
 
+def test_max_connections_per_ip_0_is_no_limit(proxy):
+    port = proxy()
+    server = proxy.servers[-1]
+    server.max_connections_per_ip = 0
+    clients = [connect_from("127.0.0.1", port) for _ in range(5)]
+    assert [client.greeting[0] for client in clients] == [220] * 5
+    for client in clients:
+        client.close()
+
+
+def test_refusals_make_no_dns_lookup(proxy, monkeypatch):
+    """The thread that accepts connections refuses the ones over the
+    limit itself: a DNS lookup there would let a flood stall it."""
+    def lookup(*args):
+        raise AssertionError("a DNS lookup to refuse a connection")
+    monkeypatch.setattr(socket, "getfqdn", lookup)
+    port = proxy()
+    server = proxy.servers[-1]
+    server.max_connections = 1
+    held = RawClient(port)
+    for _ in range(3):
+        refused = RawClient(port)
+        assert refused.greeting == (
+            421, "4.7.0 mail.example.com Error: too many connections, try "
+            "again later")
+        refused.close()
+    held.close()
+
+
+def test_a_stopping_server_refuses_newcomers_with_421_4_3_2(proxy):
+    port = proxy()
+    server = proxy.servers[-1]
+    server.stopping = True          # what SIGTERM sets first
+    client = RawClient(port)
+    code, text = client.greeting
+    assert code == 421 and text.startswith("4.3.2 ")
+    assert client.is_closed()
+    client.close()
+    # Refused by the accepting thread: no session was set up for it.
+    assert server.counters["connections_refused"] == 1
+
+
+class SlowSetup(AcceptAll):
+    """A handler whose first session is held in the middle of its
+    setup(), until ``release`` is set."""
+
+    held = []
+
+    def _start_transaction(self):
+        if not self.held:
+            self.held.append(self)
+            self.entered.set()
+            self.release.wait(10)
+        AcceptAll._start_transaction(self)
+
+
+def test_a_stop_meets_a_session_still_being_set_up(upstream):
+    """A session accepted just before the stop, whose setup() is not
+    done: the stop neither fails on it nor lets it greet; it hears 421."""
+    handler = type("Held", (SlowSetup,), {
+        "smtp_port": upstream.port, "held": [],
+        "entered": threading.Event(), "release": threading.Event()})
+    interrupts = []
+
+    class Server(smtpproxy.SMTPProxyServer):
+        def _interrupt(self, busy_too):
+            interrupts.append(busy_too)
+            smtpproxy.SMTPProxyServer._interrupt(self, busy_too)
+
+    server = Server(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,))
+    thread.start()
+    client = socket.create_connection(server.server_address, 10)
+    assert handler.entered.wait(10)
+    server.shutdown()
+    thread.join(10)
+    outcome = []
+    stopper = threading.Thread(
+        target=lambda: outcome.append(server.stop(grace_period=0)))
+    stopper.start()
+    wait_until(lambda: True in interrupts, what="the stop to close sessions")
+    handler.release.set()
+    stopper.join(15)
+    assert outcome == [0]
+    reply = client.makefile("rb").readline()
+    assert reply.startswith(b"421 4.3.2 ")
+    client.close()
+
+
 def test_connection_limits_from_the_command_line(proxy_process):
     process = proxy_process(args=["--max-connections", "2",
                                   "--max-connections-per-ip", "1"])
@@ -182,13 +273,14 @@ def test_options_and_o_set_keys_over_the_file(tmp_path):
 
 # -- stopping ----------------------------------------------------------------
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_closes_idle_sessions_at_once_and_exits(proxy_process,
-                                                         tmp_path):
+                                                         tmp_path, signum):
     process = proxy_process(config="grace_period = 60\nlog_file = %s\n"
                             % (tmp_path / "service.log"))
     idle = RawClient(process.port)
     assert idle.cmd("EHLO client.example.net")[0] == 250
-    process.process.send_signal(signal.SIGTERM)
+    process.process.send_signal(signum)
     # No transaction open: 421 4.3.2 at once, not after the grace period.
     code, text = idle.reply()
     assert code == 421 and text.startswith("4.3.2 ")
@@ -336,14 +428,21 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(proxy_process,
     process = proxy_process(config=GREYLIST_CONFIG % values, handler=None)
     with open(process.config_path, "a") as config_file:
         config_file.write("max_connections = many\n")
+    # logrotate moved the logs away before it sent the signal.
+    for name in ("service.log", "greylist.log"):
+        open(str(tmp_path / name), "a").close()
+        os.rename(str(tmp_path / name), str(tmp_path / (name + ".1")))
     process.process.send_signal(signal.SIGHUP)
+    # Reopened all the same, and the error is in the new log.
     found = wait_for_log(values["log"], r"reload failed.*max_connections.*")
     assert process.config_path in found.group(0)
     client = RawClient(process.port)
     client.cmd("HELO client.example.net")
     client.cmd("MAIL FROM:<a@example.net>")
     assert client.cmd("RCPT TO:<x@old.example>")[0] == 451
+    client.cmd("QUIT")
     client.close()
+    wait_for_log(tmp_path / "greylist.log", "<x@old.example> | DEFERRED")
 
 
 def test_sighup_with_an_unusable_certificate_keeps_the_old_one(
@@ -383,6 +482,79 @@ def test_sighup_reopens_log_files_for_logrotate(proxy_process, tmp_path,
     smtp.quit()
     wait_for_log(transactions, "<c@example.net>")
     assert "<c@example.net>" not in read(tmp_path / "greylist.log.1")
+
+
+def test_a_log_that_cannot_be_reopened_does_not_stop_a_reload(
+        proxy_process, tmp_path, upstream):
+    service_log = tmp_path / "service.log"
+    process = proxy_process(config="log_file = %s\n" % service_log)
+    with open(process.config_path, "a") as config_file:
+        config_file.write("servername = two.example\n"
+                          "greylist_log = %s\n" % (tmp_path / "no" / "x"))
+    process.process.send_signal(signal.SIGHUP)
+    wait_for_log(service_log, "cannot reopen a log, keeping the one open: "
+                 ".*%s" % re.escape(str(tmp_path / "no" / "x")))
+    wait_for_log(service_log, "reloaded")
+    client = RawClient(process.port)
+    assert client.greeting[1].startswith("two.example ")
+    client.close()
+    # The transaction log in place stays in use.
+    smtp = smtplib.SMTP("127.0.0.1", process.port)
+    smtp.sendmail("a@example.net", ["b@example.org"], "Subject: 1\r\n\r\n1")
+    smtp.quit()
+    wait_for_log(tmp_path / "greylist.log", "<a@example.net>")
+
+
+def test_sighup_applies_new_limits(proxy_process, tmp_path):
+    service_log = tmp_path / "service.log"
+    process = proxy_process(config="log_file = %s\n" % service_log)
+    held = [RawClient(process.port) for _ in range(2)]
+    assert [client.greeting[0] for client in held] == [220, 220]
+    with open(process.config_path, "a") as config_file:
+        config_file.write("max_connections = 2\n")
+    process.process.send_signal(signal.SIGHUP)
+    wait_for_log(service_log, "reloaded")
+    refused = RawClient(process.port)
+    assert refused.greeting[0] == 421 and "4.7.0" in refused.greeting[1]
+    for client in held + [refused]:
+        client.close()
+
+
+def test_sighup_applies_new_greylisting_timings(proxy_process, tmp_path):
+    values = {"db": tmp_path / "grey.db", "log": tmp_path / "service.log"}
+    process = proxy_process(config=GREYLIST_CONFIG % values, handler=None)
+
+    def rcpt():
+        client = RawClient(process.port)
+        client.cmd("HELO client.example.net")
+        client.cmd("MAIL FROM:<a@example.net>")
+        code = client.cmd("RCPT TO:<x@old.example>")[0]
+        client.close()
+        return code
+    assert rcpt() == 451
+    assert rcpt() == 451            # too soon: 180 seconds at least
+    with open(process.config_path, "a") as config_file:
+        config_file.write("too_soon = 0\nmin_defer_time = 0\n")
+    process.process.send_signal(signal.SIGHUP)
+    wait_for_log(values["log"], "reloaded")
+    assert rcpt() == 250
+
+
+def test_sighup_says_which_keys_take_a_restart(proxy_process, tmp_path):
+    service_log = tmp_path / "service.log"
+    process = proxy_process(config="log_file = %s\n" % service_log)
+    with open(process.config_path, "a") as config_file:
+        config_file.write("pidfile = %s\nservername = two.example\n"
+                          % (tmp_path / "new.pid"))
+    process.process.send_signal(signal.SIGHUP)
+    wait_for_log(service_log, "reloaded")
+    assert "reload: pidfile changed, which takes a restart" in read(
+        service_log)
+    assert not (tmp_path / "new.pid").exists()
+    # The rest of the file is in force.
+    client = RawClient(process.port)
+    assert client.greeting[1].startswith("two.example ")
+    client.close()
 
 
 def test_sigusr1_logs_the_counters(proxy_process, tmp_path, upstream):
@@ -472,7 +644,8 @@ def start_daemon(tmp_path, *extra, **kwargs):
             "-o", "log_file=service.log"] + list(extra)
     if os.geteuid() == 0 and not kwargs.get("as_user"):
         args += ["-o", "run_as_root=yes"]
-    result = run(args, cwd=str(tmp_path))
+    result = run(args, cwd=str(tmp_path),
+                 preexec_fn=kwargs.get("preexec_fn"))
     return result, port
 
 
@@ -504,7 +677,9 @@ def daemons():
 
 def test_daemon_detaches_and_writes_its_pidfile(tmp_path, daemons):
     pidfile = tmp_path / "smtpproxy.pid"
-    result, port = start_daemon(tmp_path, "--pidfile", "smtpproxy.pid")
+    # Started from a shell with a strict umask: the daemon sets its own.
+    result, port = start_daemon(tmp_path, "--pidfile", "smtpproxy.pid",
+                                preexec_fn=lambda: os.umask(0o077))
     assert result.returncode == 0, result.stderr
     pid = daemons.read_pid(pidfile)
     assert read(pidfile) == "%d\n" % pid
@@ -537,11 +712,13 @@ def test_a_stale_pidfile_is_replaced(tmp_path, daemons):
     dead = subprocess.Popen(["true"])
     dead.wait()
     pidfile = tmp_path / "smtpproxy.pid"
-    pidfile.write_text("%d\n" % dead.pid)
+    # Longer than any pid: the new one replaces it, nothing is left of it.
+    pidfile.write_text("%d\n%s\n" % (dead.pid, "9" * 30))
     result, _ = start_daemon(tmp_path, "--pidfile", str(pidfile))
     assert result.returncode == 0, result.stderr
     pid = daemons.read_pid(pidfile)
     assert pid != dead.pid and pid_alive(pid)
+    assert read(pidfile) == "%d\n" % pid
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not pid_alive(pid), what="the daemon to stop")
 
@@ -573,6 +750,13 @@ def test_serving_as_root_is_refused_unless_configured(tmp_path):
                   "-o", "greylist_log="], cwd=str(tmp_path))
     assert result.returncode == 2
     assert "refusing to serve as root" in result.stderr
+
+
+def test_user_root_is_refused_unless_configured(tmp_path):
+    result = run(["--listen", "127.0.0.1:%d" % free_port(), "--user",
+                  "root", "-o", "greylist_log="], cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert "user root is root: set run_as_root = yes" in result.stderr
 
 
 def test_an_unknown_user_is_refused(tmp_path):
@@ -658,6 +842,27 @@ def test_privileges_are_dropped_after_binding(nobody_dir, upstream,
 
 
 @needs_root
+def test_a_config_the_user_cannot_read_again_is_warned_about(
+        nobody_dir, daemons):
+    config = os.path.join(nobody_dir, "smtpproxy.conf")
+    with open(config, "w") as config_file:
+        config_file.write("user = nobody\ngreylist_db = %s/grey.db\n"
+                          "greylist_log =\n" % nobody_dir)
+    os.chmod(config, 0o600)             # root's
+    pidfile = os.path.join(nobody_dir, "p.pid")
+    result = run(["--daemon", "--config", config, "--pidfile", pidfile,
+                  "--listen", "127.0.0.1:%d" % free_port(),
+                  "-o", "log_file=%s/service.log" % nobody_dir],
+                 cwd=nobody_dir)
+    assert result.returncode == 0, result.stderr
+    pid = daemons.read_pid(pidfile)
+    assert ("warning: %s is not readable by nobody: SIGHUP will not "
+            "reload it" % config) in result.stderr
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), what="the daemon to stop")
+
+
+@needs_root
 @pytest.mark.parametrize("detach", [[], ["--daemon"]])
 def test_a_store_the_user_cannot_write_stops_the_start(tmp_path, detach):
     # tmp_path is root's: nobody cannot create the store's journal there.
@@ -674,7 +879,7 @@ def test_a_store_the_user_cannot_write_stops_the_start(tmp_path, detach):
 
 @needs_root      # it writes a file in /
 def test_relative_names_read_from_the_root_directory_are_warned_about(
-        tmp_path):
+        tmp_path, daemons):
     port = free_port()
     result = run(["--daemon", "--listen", "127.0.0.1:%d" % port,
                   "--pidfile", str(tmp_path / "p.pid"),
@@ -683,7 +888,7 @@ def test_relative_names_read_from_the_root_directory_are_warned_about(
                   "-o", "log_file=%s" % (tmp_path / "service.log")],
                  cwd="/")
     assert result.returncode == 0, result.stderr
-    pid = int(read(tmp_path / "p.pid"))
+    pid = daemons.read_pid(tmp_path / "p.pid")
     try:
         assert result.stderr == ""
     finally:
@@ -695,9 +900,27 @@ def test_relative_names_read_from_the_root_directory_are_warned_about(
                   "--class", "smtpproxy.ConcreteMailHandler",
                   "-o", "log_file=relative.log"], cwd="/")
     assert result.returncode == 0, result.stderr
-    pid = int(read(tmp_path / "p.pid"))
+    pid = daemons.read_pid(tmp_path / "p.pid")
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not pid_alive(pid), what="the daemon to stop")
     assert ("warning: log_file is a relative name, read from /: "
             "/relative.log") in result.stderr
     os.unlink("/relative.log")
+
+
+
+def test_a_second_sigterm_before_the_first_is_acted_on_ends_the_grace():
+    """Signals are acted on in the main loop, a quarter of a second later
+    at most: a second one that comes meanwhile counts all the same.  (Two
+    sent at the very same moment are one to the kernel.)"""
+    service = smtpproxy.Service(argparse.Namespace(config=None),
+                                smtpproxy.ConcreteMailHandler, {}, None, [])
+    service.server = smtpproxy.SMTPProxyServer(
+        ("127.0.0.1", 0), smtpproxy.ConcreteMailHandler)
+    try:
+        service.on_signal(signal.SIGTERM, None)
+        assert not service.server.stop_now
+        service.on_signal(signal.SIGINT, None)
+        assert service.server.stop_now
+    finally:
+        service.server.server_close()
