@@ -1552,13 +1552,15 @@ class ConcreteMailHandler(MailHandler):
                         upstream refuses is 451 4.3.0, not a session in
                         which it takes the client for the proxy
 
-    What EHLO offers follows the upstream: PIPELINING and
-    ENHANCEDSTATUSCODES are the proxy's own; SIZE is the smaller of the
-    two; 8BITMIME, SMTPUTF8 (RFC 6531: UTF-8 addresses) and DSN (RFC 3461:
-    RET, ENVID, NOTIFY, ORCPT) only when the upstream has them, learnt from
-    its EHLO reply (``learn_upstream()``), so that nothing is promised
-    that the upstream cannot carry.  MAIL and RCPT parameters reach the
-    upstream only when its session announced them.
+    What EHLO offers follows the upstream: PIPELINING is the proxy's own;
+    SIZE is the smaller of the two; 8BITMIME, SMTPUTF8 (RFC 6531: UTF-8
+    addresses), DSN (RFC 3461: RET, ENVID, NOTIFY, ORCPT) and
+    ENHANCEDSTATUSCODES (its replies, which the client hears, have the
+    codes) only when the upstream has them, learnt from its EHLO reply
+    (``learn_upstream()``), so that nothing is promised that the upstream
+    cannot carry.  MAIL and RCPT parameters reach the upstream only when
+    its session announced them; a transaction that needs SMTPUTF8 or
+    8BITMIME of an upstream session without them is deferred (451 4.3.0).
     """
 
     smtp_ip = "127.0.0.1"
@@ -1587,7 +1589,8 @@ class ConcreteMailHandler(MailHandler):
     _capabilities_lock = threading.Lock()
     _capabilities_asking = set()
     # The extensions offered only when the upstream has them.
-    upstream_dependent = ("8BITMIME", "SMTPUTF8", "DSN")
+    upstream_dependent = ("8BITMIME", "SMTPUTF8", "DSN",
+                          "ENHANCEDSTATUSCODES")
     # MAIL and RCPT parameters, and the extension each belongs to.
     parameter_extensions = {"SIZE": "SIZE", "BODY": "8BITMIME",
                             "SMTPUTF8": "SMTPUTF8", "RET": "DSN",
@@ -1755,7 +1758,7 @@ class ConcreteMailHandler(MailHandler):
         """What our EHLO offers, {KEYWORD: parameters}: see the class
         docstring."""
         upstream = self.upstream_extensions()
-        offered = {"PIPELINING": "", "ENHANCEDSTATUSCODES": ""}
+        offered = {"PIPELINING": ""}
         limit = self.max_message_size
         size = upstream.get("SIZE", "")
         if size.isdigit() and 0 < int(size) < limit:
@@ -1940,6 +1943,16 @@ class ConcreteMailHandler(MailHandler):
             for keyword, value in params
             if self.parameter_extensions.get(keyword) in extensions)
 
+    def transaction_needs(self):
+        """The extensions the upstream must have for this transaction,
+        which cannot be passed on without them: SMTPUTF8 for MAIL ...
+        SMTPUTF8, 8BITMIME for BODY=8BITMIME."""
+        needs = ["SMTPUTF8"] if self.smtputf8 else []
+        if any(keyword == "BODY" and value.upper() == "8BITMIME"
+               for keyword, value in self.mail_params):
+            needs.append("8BITMIME")
+        return needs
+
     def upstream_mail_command(self):
         """The MAIL command replayed upstream: the client's, with only the
         parameters the upstream announced."""
@@ -1953,10 +1966,11 @@ class ConcreteMailHandler(MailHandler):
         Opens the upstream session and replays MAIL FROM first if needed.
         """
         self.open_upstream()
-        if self.smtputf8 and "SMTPUTF8" not in self.upstream.extensions:
-            # It had SMTPUTF8 when our EHLO offered it, no longer.
-            return 451, ["4.3.0 The upstream mail server lost SMTPUTF8, "
-                         "try again later"]
+        for keyword in self.transaction_needs():
+            if keyword not in self.upstream.extensions:
+                # It had it when our EHLO offered it, no longer.
+                return 451, ["4.3.0 The upstream mail server lost %s, try "
+                             "again later" % keyword]
         rcpt = "RCPT TO:<%s>%s" % (recipient,
                                    self.upstream_parameters(params))
         if self.upstream_in_transaction:

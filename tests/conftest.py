@@ -70,7 +70,8 @@ class RecordingHandler(object):
     drop         command at which to close the connection instead of
                  answering ("RCPT", "DATA")
     data_reply   the reply to the final dot
-    hide         EHLO keywords to leave out of its EHLO reply
+    hide         EHLO keywords to leave out of its EHLO reply (aiosmtpd's,
+                 and ENHANCEDSTATUSCODES, which this handler adds)
     """
 
     def __init__(self):
@@ -87,7 +88,9 @@ class RecordingHandler(object):
                           responses):
         session.host_name = hostname
         self.ehlos.append(hostname)
-        lines = [line[4:] for line in responses
+        # Its replies to MAIL, RCPT and the data have enhanced codes, as
+        # Postfix's do: it says so, as Postfix does.
+        lines = [line[4:] for line in responses + ["250 ENHANCEDSTATUSCODES"]
                  if line[4:].split(" ")[0].upper() not in self.hide]
         return ["250%s%s" % ("-" if number < len(lines) - 1 else " ", line)
                 for number, line in enumerate(lines)]

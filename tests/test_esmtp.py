@@ -130,6 +130,29 @@ def test_no_smtputf8_when_the_upstream_lacks_it(factory):
     client.close()
 
 
+def test_enhancedstatuscodes_only_when_the_upstream_has_them(factory):
+    """The client hears the upstream's own replies: enhanced status codes
+    are promised only when the upstream's have them (Exim's do not)."""
+    upstream, port = factory()
+    assert "ENHANCEDSTATUSCODES" in offered(port)
+    upstream, port = factory(hide={"ENHANCEDSTATUSCODES"})
+    assert "ENHANCEDSTATUSCODES" not in offered(port)
+
+
+def test_an_8bitmime_transaction_is_deferred_if_the_upstream_lost_it(
+        raw_factory):
+    upstream, port = raw_factory(["raw", "8BITMIME"])
+    client = RawClient(port)
+    client.cmd("EHLO client.example.net")
+    assert client.cmd("MAIL FROM:<a@example.net> BODY=8BITMIME")[0] == 250
+    upstream.ehlo = ["raw"]                     # reconfigured meanwhile
+    code, text = client.cmd("RCPT TO:<b@example.org>")
+    assert code == 451 and text.startswith("4.3.0 ")
+    assert "8BITMIME" in text
+    assert not any(line.startswith(b"MAIL") for line in upstream.commands)
+    client.close()
+
+
 def test_a_smtputf8_transaction_is_deferred_if_the_upstream_lost_it(
         factory):
     upstream, port = factory(enable_SMTPUTF8=True)
@@ -227,7 +250,7 @@ def test_what_is_offered_is_learnt_again_after_the_ttl(factory):
 def test_an_unreachable_upstream_leaves_only_our_own_extensions(proxy):
     port = proxy(smtp_port=1)      # nothing listens on port 1
     keywords = offered(port)
-    assert sorted(keywords) == ["ENHANCEDSTATUSCODES", "PIPELINING", "SIZE"]
+    assert sorted(keywords) == ["PIPELINING", "SIZE"]
     assert keywords["SIZE"] == str(smtpproxy.ConcreteMailHandler
                                    .max_message_size)
 
