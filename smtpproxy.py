@@ -312,8 +312,9 @@ CONFIG_KEYS = {
                      "STARTTLS with the upstream: no, opportunistic or "
                      "required (opportunistic)"),
     "upstream_tls_verify": (_boolean, "scalar",
-                            "check the upstream's certificate and name "
-                            "(no)"),
+                            "check the upstream's certificate and name; "
+                            "only upstream_tls = required makes a failed "
+                            "check a 451 instead of plain text (no)"),
     "upstream_tls_ca": (_string, "scalar",
                         "authorities (PEM) the upstream's certificate is "
                         "checked against (the system's)"),
@@ -702,9 +703,13 @@ def clear_timeout(sock):
 
 def tls_server_context(cert, key=None):
     """An SSLContext for STARTTLS towards clients: TLS 1.2 at least, the
-    ssl module's default (forward-secret, AEAD-first) ciphers."""
+    ssl module's default (forward-secret, AEAD-first) ciphers, no
+    renegotiation."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     _tls12_at_least(context)
+    # No renegotiation asked by a client (TLS 1.2): a handshake costs
+    # the server far more than the client.
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     context.load_cert_chain(cert, key or None)
     return context
 
@@ -1541,7 +1546,9 @@ class ConcreteMailHandler(MailHandler):
                         a new connection) or "required" (no TLS: 451)
     upstream_tls_verify check the upstream's certificate and name
                         (smtp_ip, or upstream_tls_name) against
-                        upstream_tls_ca (or the system's authorities)
+                        upstream_tls_ca (or the system's authorities); a
+                        failed check is a failed handshake, so only with
+                        "required" does it stop plain text
     xclient             tell the upstream the real client (address, port,
                         HELO name, reverse and forward-confirmed host
                         names, looked up once a session by
@@ -2386,7 +2393,7 @@ class ConcreteMailHandler(MailHandler):
             self.refuse("503 5.5.1 TLS already active")
             return
         if "STARTTLS" not in self.offered:
-            if self.helo_name is None or not self.tls_cert:
+            if not self.esmtp or not self.tls_cert:
                 self.refuse("503 5.5.1 STARTTLS not offered")
             else:
                 self.refuse("454 4.7.0 TLS not available now")
@@ -3896,6 +3903,11 @@ class Service(object):
                 and not handler_class.proxy_protocol_from):
             log.warning("proxy_protocol without proxy_protocol_from: "
                         "whoever reaches the port can claim any address")
+        if (getattr(handler_class, "upstream_tls_verify", False)
+                and handler_class.upstream_tls != "required"):
+            log.warning("upstream_tls_verify without upstream_tls = "
+                        "required: a certificate that fails the check, or "
+                        "no STARTTLS, means plain text to the upstream")
         log.info("smtpproxy %s listening on [%s]:%s, forwarding to %s:%s "
                  "(class %s, config %s, pid %d, user %s)", __version__,
                  self.server.server_address[0],

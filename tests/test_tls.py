@@ -100,6 +100,9 @@ def test_starttls_refused_when_not_offered_or_in_a_transaction(
     plain.close()
     client = RawClient(tls_proxy())
     assert client.cmd("STARTTLS")[0] == 503          # no EHLO yet
+    client.cmd("HELO client.example.net")
+    code, text = client.cmd("STARTTLS")              # HELO offers nothing
+    assert code == 503 and "not offered" in text
     client.cmd("EHLO client.example.net")
     assert client.cmd("STARTTLS now")[0] == 501
     client.cmd("MAIL FROM:<a@example.net>")
@@ -142,6 +145,13 @@ def test_a_failed_handshake_closes_that_session_only(tls_proxy):
     other = RawClient(port)
     assert other.cmd("EHLO client.example.net")[0] == 250
     other.close()
+
+
+def test_clients_cannot_renegotiate(certificates):
+    context = smtpproxy.tls_server_context(certificates.cert,
+                                           certificates.key)
+    if hasattr(ssl, "OP_NO_RENEGOTIATION"):         # Python 3.7 and later
+        assert context.options & ssl.OP_NO_RENEGOTIATION
 
 
 @pytest.mark.parametrize("make", ["server", "client"])
@@ -324,6 +334,16 @@ def test_no_upstream_timeout_with_tls(tls_upstream, upstream_proxy):
     deliver(upstream_proxy(upstream_timeout=0))
     [message] = tls_upstream.messages
     assert message.tls
+
+
+def test_verification_without_required_is_warned_about(proxy_process,
+                                                       tmp_path):
+    service_log = tmp_path / "service.log"
+    proxy_process(config="log_file = %s\nupstream_tls_verify = yes\n"
+                  % service_log)
+    with open(str(service_log)) as log_file:
+        assert ("upstream_tls_verify without upstream_tls = required"
+                in log_file.read())
 
 
 def test_tls_both_sides(tls_upstream, upstream_proxy, certificates):
