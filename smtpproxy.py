@@ -296,7 +296,8 @@ CONFIG_KEYS = {
                        "(no)"),
     "proxy_protocol_from": (_word, "list",
                             "load balancers that may send the PROXY header: "
-                            "addresses or networks (none: any)"),
+                            "addresses or networks; needed with "
+                            "proxy_protocol (none)"),
     "upstream_capabilities_ttl": (
         _integer, "scalar",
         "seconds the upstream's EHLO keywords are trusted before a "
@@ -1135,7 +1136,8 @@ class MailHandler(socketserver.StreamRequestHandler):
                         without a valid one is closed without a word
     proxy_protocol_from the load balancers' addresses or networks allowed
                         to send the header; empty: any (then whoever can
-                        reach the port can claim any address)
+                        reach the port can claim any address: the command
+                        line refuses to start so)
     """
 
     servername = "mail.example.com"
@@ -3703,6 +3705,16 @@ def drop_privileges(identity, files, check=None):
     os.setuid(uid)
 
 
+def check_proxy_protocol(handler_class):
+    """The service takes the PROXY header only from balancers it names:
+    from anyone, anyone could claim any address (127.0.0.1, which may
+    relay, say).  Whoever means that names 0.0.0.0/0 and ::/0."""
+    if (getattr(handler_class, "proxy_protocol", "no") != "no"
+            and not handler_class.proxy_protocol_from):
+        raise StartError("proxy_protocol needs proxy_protocol_from: the "
+                         "addresses or networks of the load balancers", 2)
+
+
 def check_tls(handler_class):
     """Read tls_cert and tls_key now, while they may still be readable
     (keys are often root's alone): a bad pair is a configuration error."""
@@ -3843,6 +3855,7 @@ class Service(object):
             except OSError as error:
                 raise StartError("cannot open log: %s" % error, 2)
             handler_class = handler_class_for(self.base, self.values)
+            check_proxy_protocol(handler_class)
             check_tls(handler_class)
             store = getattr(handler_class, "greylist_db", None)
             if identity and store:
@@ -3899,10 +3912,6 @@ class Service(object):
             report_start(report, 0)
         for warning in self.warnings:
             log.warning("%s", warning)
-        if (getattr(handler_class, "proxy_protocol", "no") != "no"
-                and not handler_class.proxy_protocol_from):
-            log.warning("proxy_protocol without proxy_protocol_from: "
-                        "whoever reaches the port can claim any address")
         if (getattr(handler_class, "upstream_tls_verify", False)
                 and handler_class.upstream_tls != "required"):
             log.warning("upstream_tls_verify without upstream_tls = "
@@ -4015,6 +4024,7 @@ class Service(object):
             values, path, warnings = read_settings(self.args)
             values = self.absolute_paths(values)
             handler_class = handler_class_for(self.base, values)
+            check_proxy_protocol(handler_class)
             check_tls(handler_class)
             check_store(handler_class)
         except (ConfigError, ValueError, OSError, StartError) as error:

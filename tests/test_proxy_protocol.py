@@ -5,12 +5,15 @@ closed without a word."""
 
 import ipaddress
 import logging
+import os
 import socket
 import struct
+import subprocess
+import sys
 
 import pytest
 
-from conftest import RawClient
+from conftest import HERE, ROOT, RawClient, free_port
 import smtpproxy
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -205,3 +208,17 @@ def test_talking_before_the_greeting_is_seen_behind_the_header(balanced):
                      b"EHLO eager.example.net\r\n")
     assert client.greeting[0] == 554
     client.close()
+
+
+def test_the_service_needs_the_balancers_named(tmp_path):
+    """From anyone, the header would let anyone claim 127.0.0.1, which
+    may relay: the command line does not start so."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, ROOT]))
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "smtpproxy.py"),
+         "--listen", "127.0.0.1:%d" % free_port(), "-o", "run_as_root=yes",
+         "-o", "greylist_log=", "-o", "proxy_protocol=v1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, env=env, cwd=str(tmp_path), timeout=30)
+    assert result.returncode == 2
+    assert "proxy_protocol needs proxy_protocol_from" in result.stderr
