@@ -1619,6 +1619,7 @@ class ConcreteMailHandler(MailHandler):
         self.offered = {}
         self.message_size_limit = self.max_message_size
         self.tls = False
+        self._client_names = None       # (peer, client_names())
         self._start_transaction()
 
     def _start_transaction(self):
@@ -1872,10 +1873,13 @@ class ConcreteMailHandler(MailHandler):
         himself with a PTR record alone; None where there is none.  Looked
         up once a session, with ``reverse_lookup`` and ``forward_lookup``.
         """
-        known = getattr(self, "_client_names", None)
+        known = self._client_names
         if known is not None and known[0] == self.peer:
             return known[1]
-        reverse = self.reverse_lookup(self.peer)
+        # Names as a mail server takes them (a PTR record can hold any
+        # octets, or an address to pass for another client).
+        reverse = [name for name in self.reverse_lookup(self.peer)
+                   if _host_name(name)]
         confirmed = None
         for name in reverse:
             if self.peer in self.forward_lookup(name):
@@ -2729,6 +2733,21 @@ class GreyListingPolicy(ConcreteMailHandler):
         bits = self.ipv4_prefix if address.version == 4 else self.ipv6_prefix
         return str(ipaddress.ip_network("%s/%d" % (address, bits),
                                         strict=False))
+
+
+_HOST_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?\Z")
+
+
+def _host_name(name):
+    """True for a host name of letters, digits, "-" and "_" (labels of
+    63 octets at most, 255 in all) that is not an address."""
+    if len(name) > 255 or not _HOST_NAME_RE.match(name):
+        return False
+    try:
+        ipaddress.ip_address(name.rstrip("."))
+    except ValueError:
+        return True
+    return False
 
 
 def _domain_key(domain):

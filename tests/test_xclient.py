@@ -303,3 +303,18 @@ def test_replies_injected_before_the_upstream_tls_are_thrown_away(
     source_port, (code, text) = envelope(port)
     assert (code, text) == (250, "ok")
     assert server.tls_sessions == 1
+
+
+@pytest.mark.parametrize("ptr", ["two words.example", "mx\r\n.example",
+                                 "192.0.2.1", "x" * 64 + ".example"])
+def test_a_reverse_name_no_mail_server_takes_is_not_passed_on(recorder,
+                                                             ptr):
+    server, port = recorder(["raw", XCLIENT],
+                            reverse_lookup=lambda self, address: [ptr],
+                            forward_lookup=lambda self, name: {"127.0.0.2"})
+    source_port, reply = envelope(port)
+    assert reply[0] == 250
+    assert commands(server, 2)[1] == (
+        "XCLIENT NAME=[UNAVAILABLE] ADDR=127.0.0.2 PORT=%d "
+        "HELO=client+2Bx.example PROTO=ESMTP REVERSE_NAME=[UNAVAILABLE]"
+        % source_port)
