@@ -2645,7 +2645,6 @@ class GreyListingPolicy(ConcreteMailHandler):
             self._client_lists[path] = (mtime, (networks, names))
         return networks, names
 
-
     def shouldWeAcceptRecipient(self, recipient):
         if self.client_may_relay():
             self.log_dialogue("accept %s: client may relay", recipient)
@@ -2735,7 +2734,8 @@ class GreyListingPolicy(ConcreteMailHandler):
                                         strict=False))
 
 
-_HOST_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?\Z")
+_HOST_NAME_RE = re.compile(
+    r"[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?\Z")
 
 
 def _host_name(name):

@@ -382,6 +382,23 @@ def test_a_second_sigterm_ends_the_grace_period(proxy_process, upstream):
     assert upstream.messages == []
 
 
+def test_a_second_sigterm_before_the_first_is_acted_on_ends_the_grace():
+    """Signals are acted on in the main loop, a quarter of a second later
+    at most: a second one that comes meanwhile counts all the same.  (Two
+    sent at the very same moment are one to the kernel.)"""
+    service = smtpproxy.Service(argparse.Namespace(config=None),
+                                smtpproxy.ConcreteMailHandler, {}, None, [])
+    service.server = smtpproxy.SMTPProxyServer(
+        ("127.0.0.1", 0), smtpproxy.ConcreteMailHandler)
+    try:
+        service.on_signal(signal.SIGTERM, None)
+        assert not service.server.stop_now
+        service.on_signal(signal.SIGINT, None)
+        assert service.server.stop_now
+    finally:
+        service.server.server_close()
+
+
 # -- reload and counters -----------------------------------------------------
 
 GREYLIST_CONFIG = """\
@@ -906,21 +923,3 @@ def test_relative_names_read_from_the_root_directory_are_warned_about(
     assert ("warning: log_file is a relative name, read from /: "
             "/relative.log") in result.stderr
     os.unlink("/relative.log")
-
-
-
-def test_a_second_sigterm_before_the_first_is_acted_on_ends_the_grace():
-    """Signals are acted on in the main loop, a quarter of a second later
-    at most: a second one that comes meanwhile counts all the same.  (Two
-    sent at the very same moment are one to the kernel.)"""
-    service = smtpproxy.Service(argparse.Namespace(config=None),
-                                smtpproxy.ConcreteMailHandler, {}, None, [])
-    service.server = smtpproxy.SMTPProxyServer(
-        ("127.0.0.1", 0), smtpproxy.ConcreteMailHandler)
-    try:
-        service.on_signal(signal.SIGTERM, None)
-        assert not service.server.stop_now
-        service.on_signal(signal.SIGINT, None)
-        assert service.server.stop_now
-    finally:
-        service.server.server_close()
