@@ -39,6 +39,15 @@ def free_port():
     return port
 
 
+def read(path):
+    """The text of the file ``path``; "" if there is none (yet)."""
+    try:
+        with open(str(path)) as text:
+            return text.read()
+    except OSError:
+        return ""
+
+
 def wait_until(predicate, timeout=10.0, what="condition"):
     """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

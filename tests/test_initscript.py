@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import HERE, ROOT, RawClient, free_port, wait_until
+from conftest import HERE, ROOT, RawClient, free_port, read, wait_until
 
 SCRIPT = os.path.join(ROOT, "contrib", "init.d", "smtpproxy")
 SSD = shutil.which("start-stop-daemon",
@@ -49,14 +49,6 @@ def cmdline(pid):
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as command:
             return command.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def read(path):
-    try:
-        with open(str(path)) as text:
-            return text.read()
     except OSError:
         return ""
 

@@ -22,7 +22,7 @@ import threading
 
 import pytest
 
-from conftest import HERE, ROOT, RawClient, free_port, wait_until
+from conftest import HERE, ROOT, RawClient, free_port, read, wait_until
 from plainproxy import AcceptAll
 import smtpproxy
 
@@ -33,14 +33,6 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0,
 def connect_from(source, port):
     """A raw client whose connection comes from ``source`` (127.0.0.x)."""
     return RawClient(port, source=source, timeout=10)
-
-
-def read(path):
-    try:
-        with open(str(path)) as log_file:
-            return log_file.read()
-    except OSError:
-        return ""
 
 
 def wait_for_log(path, pattern, what=None):
