@@ -1891,7 +1891,8 @@ class ConcreteMailHandler(MailHandler):
         return names
 
     def reverse_lookup(self, address):
-        """Names of ``address`` (PTR); tests replace the resolver here."""
+        """Names of ``address`` (PTR), from the system's resolver;
+        override to ask another (the tests do)."""
         try:
             name, aliases, _ = socket.gethostbyaddr(address)
         except (OSError, UnicodeError):
@@ -1899,7 +1900,8 @@ class ConcreteMailHandler(MailHandler):
         return [name] + aliases
 
     def forward_lookup(self, name):
-        """Addresses of ``name``; tests replace the resolver here."""
+        """Addresses of ``name``, a set of str, from the system's
+        resolver; override to ask another (the tests do)."""
         try:
             return set(unmapped(info[4][0]) for info in socket.getaddrinfo(
                 name, None, 0, socket.SOCK_STREAM))
