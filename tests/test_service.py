@@ -665,7 +665,8 @@ class Daemon(object):
         self.pids = []
 
     def read_pid(self, pidfile):
-        pid = int(read(pidfile))
+        # The first line only: one with more in it is still killed.
+        pid = int(read(pidfile).split()[0])
         self.pids.append(pid)
         return pid
 
