@@ -136,6 +136,7 @@ upstream could read as an end of data.
 """
 
 import argparse
+import errno
 import fcntl
 import grp
 import importlib
@@ -212,6 +213,23 @@ def _positive(text):
     return value
 
 
+def _prefix(bits):
+    def convert(text):
+        value = _integer(text)
+        if value > bits:
+            raise ValueError("expected 0 to %d bits, got %r" % (bits, text))
+        return value
+    return convert
+
+
+def _percent(text):
+    value = _integer(text)
+    if value > 100:
+        raise ValueError("expected a percentage from 0 to 100, got %r"
+                         % text)
+    return value
+
+
 def _facility(text):
     value = text.lower()
     if value in ("", "no", "false", "off", "0"):
@@ -275,7 +293,9 @@ CONFIG_KEYS = {
     "smtp_ip": (_string, "scalar", "the real mail server (127.0.0.1)"),
     "smtp_port": (_integer, "scalar", "the real mail server's port (8025)"),
     "inactivity_timeout": (_integer, "scalar",
-                           "seconds a client may stay silent (60)"),
+                           "seconds a client may stay silent, and the "
+                           "deadline of each line from its first octet "
+                           "and of each write (60)"),
     "upstream_timeout": (_integer, "scalar",
                          "seconds to wait for the real server (120)"),
     "greet_pause": (_integer, "scalar",
@@ -379,8 +399,29 @@ CONFIG_KEYS = {
     "max_connections": (_positive, "scalar",
                         "clients served at once; more get 421 (500)"),
     "max_connections_per_ip": (_integer, "scalar",
-                               "clients served at once from one address "
-                               "(50; 0: no limit)"),
+                               "clients served at once from one client: an "
+                               "address, or a network of "
+                               "connection_ipv4_prefix or "
+                               "connection_ipv6_prefix bits (50; 0: no "
+                               "limit)"),
+    "connection_ipv4_prefix": (_prefix(32), "scalar",
+                               "bits of an IPv4 address that make one "
+                               "client for max_connections_per_ip (32)"),
+    "connection_ipv6_prefix": (_prefix(128), "scalar",
+                               "bits of an IPv6 address that make one "
+                               "client for max_connections_per_ip: a host "
+                               "has a /64 (64)"),
+    "stress_threshold": (_percent, "scalar",
+                         "percent of max_connections open at which the "
+                         "server is under stress: idle clients get "
+                         "stress_timeout seconds, and those waited for "
+                         "longer are closed (80; 0: never)"),
+    "stress_timeout": (_positive, "scalar",
+                       "seconds a client may stay silent under stress "
+                       "(10)"),
+    "max_session_time": (_integer, "scalar",
+                         "seconds a session may last, from the connection "
+                         "to its end (3600; 0: no limit)"),
     "grace_period": (_integer, "scalar",
                      "seconds a stopping server lets open transactions "
                      "finish before closing them with 421 (30)"),
@@ -739,8 +780,44 @@ def _tls12_at_least(context):
         context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
 
 
+class Expired(socket.timeout):
+    """A wait that reached one of its limits.  ``reason`` says which:
+    "idle" (silence between two reads), "stress" (the same, shortened
+    under stress), "line" (a line not complete within its deadline),
+    "session" (max_session_time), "write" (a client not reading),
+    "header" (the PROXY header), "handshake" (TLS); ``seconds`` is the
+    limit that was reached."""
+
+    def __init__(self, reason, seconds):
+        socket.timeout.__init__(self, "%s limit of %s seconds reached"
+                                % (reason, _seconds(seconds)))
+        self.reason = reason
+        self.seconds = seconds
+
+
+def _seconds(value):
+    return ("%.1f" % value).rstrip("0").rstrip(".") if value else "0"
+
+
+def _kernel_timeout(sock, option, seconds):
+    """Set SO_RCVTIMEO or SO_SNDTIMEO to ``seconds`` (None: no limit);
+    False if the system would not."""
+    seconds = seconds or 0
+    whole = int(seconds)
+    micro = int((seconds - whole) * 1e6)
+    if seconds and not (whole or micro):
+        micro = 1                   # zero would mean no limit at all
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option,
+                        struct.pack("@ll", whole, micro))
+    except (AttributeError, OSError, struct.error):
+        return False
+    return True
+
+
 class _LineReader(object):
-    """Reads LF-terminated lines from a socket, never more than ``limit``.
+    """Reads LF-terminated lines from a socket, never more than ``limit``,
+    and never waits longer than its limits allow.
 
     Unlike a file object it can hand over the whole buffer at once (for
     message data) and take back what was not used, so that no pipelined
@@ -748,36 +825,93 @@ class _LineReader(object):
     on the socket, so that the replies to pipelined commands are sent in
     one write.
 
+    Every wait ends, with Expired, at the first of: ``idle`` seconds of
+    silence (reason ``idle_reason``); ``line_timeout`` seconds after the
+    first byte of a line that is not complete yet (``line_started``, kept
+    across the chunks of an overlong line; reason "line"); ``deadline``,
+    a time of time.monotonic() (reason ``deadline_reason``).  None is no
+    limit.  A plain socket waits with the kernel's SO_RCVTIMEO, set only
+    when the limit changes: the common wait costs no extra system call.
+
     With ``stop`` (a callable), the wait is cut in ``tick`` seconds long
-    slices, up to ``timeout`` seconds in all, and ends as at the end of
-    input when ``stop()`` turns true: for a TLS socket, which cannot be
-    shut for reading from another thread without breaking its TLS.
+    slices and ends as at the end of input when ``stop()`` turns true:
+    for a TLS socket, which cannot be shut for reading from another thread
+    without breaking its TLS (and which keeps Python's own timeout).
+
+    ``waiting_since`` is the time.monotonic() at which the current wait
+    began (None when not waiting): a server under stress sheds sessions
+    that have waited too long.
     """
 
     def __init__(self, sock, before_wait=None, bufsize=65536, stop=None,
-                 timeout=None, tick=0.25):
+                 idle=None, tick=0.25):
         self.sock = sock
         self.before_wait = before_wait
         self.bufsize = bufsize
         self.buffer = b""
         self.position = 0
         self.stop = stop
-        self.timeout = timeout
         self.tick = tick
+        self.idle = idle
+        self.idle_reason = "idle"
+        self.line_timeout = idle
+        self.line_started = None
+        self.deadline = None
+        self.deadline_reason = "session"
+        self.received_at = time.monotonic()
+        self.waiting_since = None
+        self._plain = not isinstance(sock, ssl.SSLSocket)
+        # The timeout the socket has now; False: not known.  Whoever set
+        # it already (set_timeout()) says so, saving a system call.
+        self.applied = False
+
+    def limit(self):
+        """``(seconds, reason)`` of the next wait: the nearest limit; raise
+        Expired if it is reached already."""
+        now = time.monotonic()
+        seconds, reason, limit = self.idle or None, self.idle_reason, None
+        if self.line_started is not None and self.line_timeout:
+            left = self.line_started + self.line_timeout - now
+            if seconds is None or left < seconds:
+                seconds, reason = left, "line"
+                limit = self.line_timeout
+        if self.deadline is not None:
+            left = self.deadline - now
+            if seconds is None or left < seconds:
+                seconds, reason, limit = left, self.deadline_reason, None
+        if seconds is not None and seconds <= 0:
+            raise Expired(reason, limit)
+        return seconds, reason, limit
 
     def _receive(self):
         """Wait for more bytes; b"" at end of input."""
         if self.before_wait is not None:
             self.before_wait()
-        if self.stop is not None:
-            return self._receive_in_ticks()
+        seconds, reason, limit = self.limit()
+        self.waiting_since = time.monotonic()
         try:
-            return self.sock.recv(self.bufsize)
-        except BlockingIOError:         # SO_RCVTIMEO expired
-            raise socket.timeout("timed out")
+            if self.stop is not None:
+                data = self._receive_in_ticks(seconds)
+            else:
+                if seconds != self.applied:
+                    if not (self._plain and _kernel_timeout(
+                            self.sock, socket.SO_RCVTIMEO, seconds)):
+                        self.sock.settimeout(seconds)
+                    self.applied = seconds
+                data = self.sock.recv(self.bufsize)
+        except (BlockingIOError, socket.timeout) as error:
+            if isinstance(error, Expired):
+                raise
+            # SO_RCVTIMEO (BlockingIOError) or Python's timeout expired.
+            raise Expired(reason, limit if limit is not None else seconds)
+        finally:
+            self.waiting_since = None
+        if data:
+            self.received_at = time.monotonic()
+        return data
 
-    def _receive_in_ticks(self):
-        deadline = time.monotonic() + (self.timeout or float("inf"))
+    def _receive_in_ticks(self, seconds):
+        deadline = time.monotonic() + (seconds or float("inf"))
         while True:
             if self.stop():
                 return b""
@@ -789,7 +923,7 @@ class _LineReader(object):
                 if time.monotonic() >= deadline:
                     raise
             finally:
-                self.sock.settimeout(self.timeout or None)
+                self.sock.settimeout(self.idle or None)
 
     def readline(self, limit):
         """Return the next line with its LF, or ``limit`` bytes of a longer
@@ -799,10 +933,13 @@ class _LineReader(object):
             end = buffer.find(b"\n", position, position + limit)
             if end >= 0:
                 self.position = end + 1
+                self.line_started = None
                 return buffer[position:end + 1]
             if len(buffer) - position >= limit:
                 self.position = position + limit
                 return buffer[position:position + limit]
+            if position < len(buffer) and self.line_started is None:
+                self.line_started = self.received_at
             data = self._receive()
             self.buffer, self.position = buffer[position:] + data, 0
             if not data:
@@ -810,7 +947,8 @@ class _LineReader(object):
                 return buffer[position:]
 
     def read_available(self):
-        """Return every byte buffered, or wait for some; b"" at end."""
+        """Return every byte buffered, or wait for some; b"" at end.  The
+        caller keeps ``line_started`` (it knows where lines end)."""
         buffer, position = self.buffer, self.position
         self.buffer, self.position = b"", 0
         if position < len(buffer):
@@ -839,6 +977,44 @@ class _LineReader(object):
         return self.position < len(self.buffer)
 
 
+def send_within(sock, data, seconds, deadline=None):
+    """Write all of ``data`` to ``sock`` within ``seconds`` (None: no
+    limit) and before ``deadline`` (time.monotonic(), or None), or raise
+    Expired("write").  sendall() would give each blocked send() the
+    whole timeout again: a client that reads a byte now and then could
+    hold the session for ever.  The common case is one send()."""
+    try:
+        sent = sock.send(data)
+    except (BlockingIOError, socket.timeout):
+        raise Expired("write", seconds)
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
+    end = time.monotonic() + seconds if seconds else None
+    if deadline is not None and (end is None or deadline < end):
+        end = deadline
+    plain = not isinstance(sock, ssl.SSLSocket)
+    try:
+        while view:
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                raise Expired("write", seconds)
+            if plain:
+                _kernel_timeout(sock, socket.SO_SNDTIMEO, left)
+            else:
+                sock.settimeout(left)
+            try:
+                sent = sock.send(view)
+            except (BlockingIOError, socket.timeout):
+                raise Expired("write", seconds)
+            view = view[sent:]
+    finally:
+        if plain:
+            _kernel_timeout(sock, socket.SO_SNDTIMEO, seconds)
+        else:
+            sock.settimeout(seconds or None)
+
+
 # ---------------------------------------------------------------------------
 # The upstream: a plain-socket SMTP client
 # ---------------------------------------------------------------------------
@@ -865,6 +1041,32 @@ LOST = "451 4.4.2 Connection to the upstream mail server lost, try again later"
 NO_TLS = "451 4.7.5 No TLS with the upstream mail server, try again later"
 NO_XCLIENT = ("451 4.3.0 The upstream mail server refused to learn the "
               "client, try again later")
+# A session that cannot have what it needs (descriptors): it ends.
+OUT_OF_RESOURCES = ("421 4.3.2 Service temporarily unavailable: out of "
+                    "resources, try again later")
+
+
+def _exhaustion(error):
+    """True for an OSError that says the process or the system is out of
+    descriptors or memory: a local shortage, not the peer's fault."""
+    return getattr(error, "errno", None) in (
+        errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def out_of_descriptors():
+    """True if this process cannot open a file now (EMFILE, ENFILE)."""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError as error:
+        return _exhaustion(error)
+    os.close(fd)
+    return False
+
+
+class ResourceShortage(Exception):
+    """A session could not open what it needs (descriptors exhausted):
+    it answers ``OUT_OF_RESOURCES`` and ends, never falling back to a
+    policy's fail-open path because of a local shortage."""
 
 
 class UpstreamTLSError(UpstreamError):
@@ -902,10 +1104,16 @@ class UpstreamSession(object):
         except OSError as error:
             raise UpstreamError("cannot connect to %s:%s: %s"
                                 % (address[0], address[1], error),
-                                UNREACHABLE)
+                                OUT_OF_RESOURCES if _exhaustion(error)
+                                else UNREACHABLE)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_timeout(self.sock, timeout)
-        self.reader = _LineReader(self.sock)
+        self.reader = self._reader()
+
+    def _reader(self):
+        reader = _LineReader(self.sock, idle=self.timeout or None)
+        reader.applied = self.timeout or None
+        return reader
 
     def _fail(self, error):
         self.abort()
@@ -914,17 +1122,33 @@ class UpstreamSession(object):
         raise UpstreamError("upstream connection lost: %s" % (error,), LOST)
 
     def read_reply(self):
-        """Read one (possibly multi-line) reply: ``(code, [text, ...])``."""
+        """Read one (possibly multi-line) reply: ``(code, [text, ...])``.
+
+        The whole reply must come within ``timeout`` seconds and
+        ``max_reply_lines`` times ``max_reply_line_length`` octets, the
+        dropped rest of overlong lines included."""
         lines = []
+        reader = self.reader
+        length = self.max_reply_line_length
+        budget = self.max_reply_lines * length
+        if self.timeout:
+            reader.deadline = time.monotonic() + self.timeout
         try:
             while True:
-                line = self.reader.readline(self.max_reply_line_length)
+                line = tail = reader.readline(length)
                 if not line:
                     raise ClientGone("closed")
-                if not line.endswith(b"\n"):     # overlong: drop the rest
-                    while not self.reader.readline(
-                            self.max_reply_line_length).endswith(b"\n"):
-                        pass
+                budget -= len(line)
+                while not tail.endswith(b"\n"):    # overlong: drop the rest
+                    if budget < 0:
+                        break
+                    tail = reader.readline(length)
+                    if not tail:
+                        raise ClientGone("closed in a reply line")
+                    budget -= len(tail)
+                if budget < 0:
+                    raise ClientGone("reply of more than %d octets"
+                                     % (self.max_reply_lines * length))
                 match = re.match(br"([2-5][0-9][0-9])([ -]?)([^\r\n]*)", line)
                 if not match:
                     raise ClientGone("garbage reply %s" % log_escape(line))
@@ -937,11 +1161,13 @@ class UpstreamSession(object):
                     return int(match.group(1)), lines
         except (OSError, ClientGone) as error:
             self._fail(error)
+        finally:
+            reader.deadline = None
 
     def send(self, data):
         """Write ``data`` (bytes) to the upstream."""
         try:
-            self.sock.sendall(data)
+            send_within(self.sock, data, self.timeout)
         except OSError as error:
             self._fail(error)
 
@@ -1020,7 +1246,7 @@ class UpstreamSession(object):
                                    % (error,), NO_TLS)
         # Nothing said before TLS holds after it: not a pipelined reply
         # (the reader's buffer), not an extension (RFC 3207 section 4.2).
-        self.reader = _LineReader(self.sock)
+        self.reader = self._reader()
         self.extensions = {}
         self.tls = True
         self.introduce(helo_name, esmtp)
@@ -1115,7 +1341,21 @@ class MailHandler(socketserver.StreamRequestHandler):
 
     servername          name in the greeting and replies
     serverid            software name in the greeting
-    inactivity_timeout  seconds a client may stay silent: then 421 4.4.2
+    inactivity_timeout  seconds a client may stay silent: then 421 4.4.2;
+                        also the deadline of each line, from its first
+                        octet (a client trickling a byte at a time does
+                        not hold a session), of the PROXY header, of the
+                        TLS handshake, and of a write to a client that
+                        does not read (as Postfix's smtpd_timeout with
+                        smtpd_per_record_deadline)
+    max_session_time    seconds from the connection to its end (0: no
+                        limit): then 421 4.4.2
+    max_message_size    largest message in octets (ConcreteMailHandler);
+                        the octets of an overlong line, which are read
+                        and dropped, count against it: a command line
+                        not ended within it closes the session, and a
+                        refused message is read for its end for as many
+                        octets again, then refused and the session closed
     greet_pause         seconds to wait before the greeting; a client that
                         sends anything before the greeting gets 554 and is
                         dropped (0: only bytes already waiting are caught)
@@ -1153,6 +1393,8 @@ class MailHandler(socketserver.StreamRequestHandler):
     # The largest PROXY v2 header taken (addresses and TLVs): more is not
     # an address, it is an attack.
     max_proxy_header = 1024
+    max_session_time = 3600
+    max_message_size = 50 * 1024 * 1024
 
     # The verbs handled by a method of their own, handleVerb.
     commands = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "QUIT", "RSET",
@@ -1170,12 +1412,42 @@ class MailHandler(socketserver.StreamRequestHandler):
         self.peer = unmapped(self.peer)
         self.local, self.localport = self.connection.getsockname()[:2]
         self.local = unmapped(self.local)
-        self.reader = _LineReader(self.connection, before_wait=self.flush)
+        self.phase = "CONNECT"      # the last command, as Postfix logs it
+        self.shed = None            # the Expired of a server shedding us
+        self.writable = True        # False once a write timed out
+        self.session_deadline = (time.monotonic() + self.max_session_time
+                                 if self.max_session_time else None)
+        self.reader = self._reader(self.connection)
+        self.reader.applied = self.inactivity_timeout or None
         self.output = []
         self.inbox_log = []
         self.running = True
         self.errors = 0
         self.interrupted = False
+
+    def _reader(self, sock, **options):
+        """A _LineReader of the client's socket, with this session's
+        limits (and the server's stress, if it is under stress now)."""
+        reader = _LineReader(sock, before_wait=self.flush,
+                             idle=self.inactivity_timeout or None,
+                             **options)
+        reader.deadline = self.session_deadline
+        if getattr(self.server, "stressed", False):
+            self.under_stress(True, reader)
+        return reader
+
+    def under_stress(self, stressed, reader=None):
+        """The server entered (or left) stress: idle waits are cut to its
+        ``stress_timeout``, when that is shorter (Postfix's
+        smtpd_timeout = ${stress?10})."""
+        reader = reader or self.reader
+        short = getattr(self.server, "stress_timeout", 0)
+        if stressed and short and (not self.inactivity_timeout
+                                   or short < self.inactivity_timeout):
+            reader.idle, reader.idle_reason = short, "stress"
+        else:
+            reader.idle = self.inactivity_timeout or None
+            reader.idle_reason = "idle"
 
     def handle(self):
         # Only now, once the setup() of every class is done, may a
@@ -1191,21 +1463,55 @@ class MailHandler(socketserver.StreamRequestHandler):
             while self.running:
                 line = self.reader.readline(self.max_command_line)
                 if not line:
+                    if self.shed is not None:
+                        raise self.shed
                     if self.interrupted:
                         self.handleShutdown()
                     break
                 self.handleLine(line)
-        except socket.timeout:
-            self.handleTimeout()
+        except socket.timeout as error:
+            self.timed_out(error)
         except (ClientGone, OSError) as error:
-            if self.interrupted:
+            if self.shed is not None:
+                self.timed_out(self.shed)
+            elif self.interrupted:
                 self.handleShutdown()
             else:
                 self.log_dialogue("connection lost: %s", error)
-        try:
-            self.flush()
-        except OSError:
-            pass
+        if self.writable:
+            try:
+                self.flush()
+            except OSError:
+                pass
+
+    # What the log says of each limit (Expired.reason) that ended a wait.
+    expiry_texts = {
+        "idle": "idle for %(inactivity_timeout)s s",
+        "stress": "idle for %(stress_timeout)s s under stress",
+        "line": "line not complete within %(inactivity_timeout)s s",
+        "session": "session longer than %(max_session_time)s s",
+        "write": "write blocked for %(inactivity_timeout)s s: the client "
+                 "does not read",
+        "header": "PROXY header not complete within "
+                  "%(inactivity_timeout)s s",
+        "handshake": "TLS handshake not complete within "
+                     "%(inactivity_timeout)s s",
+    }
+
+    def timed_out(self, error):
+        """A wait of this session reached a limit (``error``, socket.timeout
+        or Expired): log which, in which phase, then handleTimeout()."""
+        reason = getattr(error, "reason", "idle")
+        if reason == "write":
+            self.writable = False
+        limits = {"inactivity_timeout": self.inactivity_timeout,
+                  "max_session_time": self.max_session_time,
+                  "stress_timeout": _seconds(getattr(error, "seconds", 0))}
+        text = self.expiry_texts.get(reason, reason) % limits
+        log.info("timeout after %s from %s:%s: %s", self.phase,
+                 log_escape(self.peer), self.peerport, text)
+        if reason not in ("header", "handshake"):
+            self.handleTimeout()
 
     def finish(self):
         try:
@@ -1227,11 +1533,12 @@ class MailHandler(socketserver.StreamRequestHandler):
         self.log_dialogue("> %s", line)
 
     def flush(self):
-        """Send the queued replies now."""
+        """Send the queued replies now, within ``inactivity_timeout``."""
         if self.output:
             data = "".join(self.output).encode("ascii", "replace")
             del self.output[:]
-            self.connection.sendall(data)
+            send_within(self.connection, data, self.reader.idle,
+                        self.session_deadline)
 
     def count(self, name):
         """Add one to the server's counter ``name`` (logged on SIGUSR1)."""
@@ -1267,13 +1574,17 @@ class MailHandler(socketserver.StreamRequestHandler):
 
     def discard_rest_of_line(self, limit):
         """Read and drop, ``limit`` octets at a time, what is left of an
-        overlong line."""
-        while True:
+        overlong line; return False if ``max_message_size`` octets went
+        without its end.  The line's deadline runs on meanwhile."""
+        budget = self.max_message_size
+        while budget > 0:
             chunk = self.reader.readline(limit)
             if not chunk:
                 raise ClientGone("closed in mid-line")
             if chunk.endswith(b"\n"):
-                return
+                return True
+            budget -= len(chunk)
+        return False
 
     def decode_utf8_command(self, text):
         """A command line with octets beyond ASCII, as str if this session
@@ -1295,9 +1606,12 @@ class MailHandler(socketserver.StreamRequestHandler):
             if len(line) < self.max_command_line:
                 raise ClientGone("closed in mid-line")
             self.log_dialogue("< %s...", line[:80])
-            self.discard_rest_of_line(self.max_command_line)
+            ended = self.discard_rest_of_line(self.max_command_line)
             self.refuse("500 5.5.6 Line too long (%d octets at most)"
                         % self.max_command_line)
+            if not ended:
+                # Its end is out of sight: what follows is no command.
+                self.close_connection()
             return
         self.log_dialogue("< %s", line)
         if not line.endswith(b"\r\n"):
@@ -1315,6 +1629,7 @@ class MailHandler(socketserver.StreamRequestHandler):
             text = text.decode("ascii")
         verb, _, args = text.partition(" ")
         verb = verb.upper()
+        self.phase = verb if verb in self.commands else "UNKNOWN"
         if verb != "QUIT" and not self.busy() and self.server_stopping():
             # A transaction in progress may finish; none may start.
             self.handleShutdown()
@@ -1337,6 +1652,13 @@ class MailHandler(socketserver.StreamRequestHandler):
             log.warning("PROXY protocol: %s is not in proxy_protocol_from",
                         log_escape(balancer))
             return False
+        # The whole header within inactivity_timeout, not each read.
+        self.phase = "PROXY"
+        reader = self.reader
+        if self.inactivity_timeout:
+            end = time.monotonic() + self.inactivity_timeout
+            if reader.deadline is None or end < reader.deadline:
+                reader.deadline, reader.deadline_reason = end, "header"
         try:
             start = self.reader.read_exact(6)
             if start == b"PROXY " and self.proxy_protocol in ("v1", "any"):
@@ -1348,10 +1670,17 @@ class MailHandler(socketserver.StreamRequestHandler):
                 raise ValueError("no PROXY %s header: %s" % (
                     "" if self.proxy_protocol == "any"
                     else self.proxy_protocol, log_escape(start)))
+        except Expired as error:
+            self.timed_out(error)
+            return False
         except (ValueError, OSError) as error:
             log.warning("PROXY protocol from %s: %s", log_escape(balancer),
                         error)
             return False
+        finally:
+            reader.deadline = self.session_deadline
+            reader.deadline_reason = "session"
+            self.phase = "CONNECT"
         if address is not None:
             peer, peerport = address
             move = getattr(self.server, "move_session", None)
@@ -1575,7 +1904,6 @@ class ConcreteMailHandler(MailHandler):
     smtp_ip = "127.0.0.1"
     smtp_port = 8025
     upstream_timeout = 120
-    max_message_size = 50 * 1024 * 1024
     max_recipients = 100
     defer_reply = "451 4.7.1 Please try again later"
     upstream_class = UpstreamSession
@@ -2033,6 +2361,8 @@ class ConcreteMailHandler(MailHandler):
             self.upstream.abort()
         self.upstream = None
         self.upstream_lost = error.reply
+        if error.reply.startswith("421"):
+            self.close_connection()     # 421: this session ends
 
     # -- the commands ----------------------------------------------------
 
@@ -2212,6 +2542,8 @@ class ConcreteMailHandler(MailHandler):
             reply = verdict if isinstance(verdict, str) else self.defer_reply
             self.count_reply("rcpt", reply)
             self.netPrint(reply)
+            if reply.startswith("421"):
+                self.close_connection()     # 421: this session ends
             return
         try:
             code, lines = self.relay_rcpt(recipient, params)
@@ -2287,28 +2619,40 @@ class ConcreteMailHandler(MailHandler):
         reader = self.reader
         limit = self.max_text_line
         max_size = self.message_size_limit
+        too_big = ("552 5.3.4 Message size exceeds fixed limit of %d octets"
+                   % max_size)
         problem = None          # the refusal, once the message is bad
-        size = 0
+        size = 0                # octets so far, dropped ones included
         partial = b""           # an unfinished line, kept for the next read
         previous = b"\r\n"      # the two octets before ``partial``
+        mid_line = False        # the last read ended inside a line
         upstream = self.upstream
         outgoing = [("".join(line + "\r\n" for line in self.extra_headers())
                      .encode("ascii"))]
         outgoing_size = len(outgoing[0])
         try:
             while True:
+                # Each line must be complete within its deadline, counted
+                # from its first octet, an overlong one's too.
+                if mid_line and reader.line_started is None:
+                    reader.line_started = reader.received_at
                 data = reader.read_available()
                 if not data:
                     raise ClientGone("closed during DATA")
                 window = partial + data
                 last_lf = window.rfind(b"\n")
+                mid_line = last_lf < len(window) - 1
                 if last_lf < 0:
                     partial = window
                     if len(partial) >= limit:
                         problem = problem or self.line_too_long(limit)
+                        size += len(partial)
                         # Keep what tells where the line ends, not the line.
                         previous, partial = partial[-2:], b""
+                        if size > 2 * max_size:
+                            return self.give_up(too_big)
                     continue
+                reader.line_started = None      # that line is complete
                 lines = window[:last_lf + 1]
                 partial = window[last_lf + 1:]
                 # The end: the first CR LF . CR LF, its CR LF possibly in
@@ -2324,12 +2668,11 @@ class ConcreteMailHandler(MailHandler):
                 if end >= 0:
                     reader.unread(lines[end + 3:] + partial)
                     lines = lines[:end]
+                size += len(lines)
                 if problem is None and lines:
                     problem = self.check_lines(lines, limit)
-                    size += len(lines)
                     if problem is None and size > max_size:
-                        problem = ("552 5.3.4 Message size exceeds fixed "
-                                   "limit of %d octets" % max_size)
+                        problem = too_big
                     if problem is None and upstream is not None:
                         outgoing.append(lines)
                         outgoing_size += len(lines)
@@ -2342,6 +2685,8 @@ class ConcreteMailHandler(MailHandler):
                             outgoing, outgoing_size = [], 0
                 if end >= 0:
                     break
+                if size > 2 * max_size:
+                    return self.give_up(too_big)
                 previous = (previous + lines[-2:])[-2:]
         except (ClientGone, OSError):
             # Client gone or timed out mid-DATA: no final dot upstream.
@@ -2350,6 +2695,8 @@ class ConcreteMailHandler(MailHandler):
                 self.upstream = None
             self.final_reply = "(client lost during DATA)"
             raise
+        finally:
+            reader.line_started = None
         if problem is not None:
             self.log_dialogue("message refused: %s", problem)
             if self.upstream is not None:
@@ -2366,6 +2713,17 @@ class ConcreteMailHandler(MailHandler):
             self.upstream_failed(error)
             return error.reply
         return format_reply(code, lines)
+
+    def give_up(self, reply):
+        """A refused message went on for ``max_message_size`` octets more
+        without its end: refuse it now and close, since nothing that
+        follows can be read as commands."""
+        self.log_dialogue("message refused, its end not found: %s", reply)
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        self.close_connection()
+        return reply
 
     @staticmethod
     def check_lines(lines, limit):
@@ -2422,22 +2780,27 @@ class ConcreteMailHandler(MailHandler):
                         "TLS: thrown away", self.peer)
             self.log_dialogue("thrown away: %s", self.reader.read_available())
         clear_timeout(self.connection)
-        self.connection.settimeout(self.inactivity_timeout or None)
+        # The ssl module's handshake keeps one deadline for the whole of
+        # it: this timeout is the handshake's, not each read's.
+        seconds, _, _ = self.reader.limit()
+        self.connection.settimeout(seconds)
         try:
             self.connection = context.wrap_socket(
                 self.connection, server_side=True,
                 do_handshake_on_connect=False)
             self.connection.do_handshake()
         except (OSError, ValueError) as error:
+            if isinstance(error, socket.timeout):
+                self.timed_out(Expired("handshake", seconds))
             self.log_dialogue("TLS handshake failed: %s", error)
             self.count("tls_failures")
             self.close_connection()
             return
         # The session may be read by the other side of a socket that a
         # stopping server cannot shut: it is watched every quarter second.
-        self.reader = _LineReader(self.connection, before_wait=self.flush,
-                                  stop=lambda: self.interrupted,
-                                  timeout=self.inactivity_timeout)
+        self.reader = self._reader(
+            self.connection,
+            stop=lambda: self.interrupted or self.shed is not None)
         self.tls = True
         self.log_dialogue("TLS: %s %s", self.connection.version(),
                           self.connection.cipher()[0])
@@ -2568,9 +2931,18 @@ class GreyListingPolicy(ConcreteMailHandler):
     def store_failed(self, error):
         """The store cannot be used: the decision falls back to
         ``greylist_fail_mode`` ("accept", as Kamaelia Grey did, or
-        "defer"); the error is logged once, not per message."""
-        self.log_once("greylisting store %s: %s; decisions fall back to %s"
-                      % (self.greylist_db, error, self.greylist_fail_mode))
+        "defer"), or, when the process is out of descriptors
+        (ResourceShortage), the session ends with 421 4.3.2.  Logged once
+        per incident, not per message: the store says when it works
+        again."""
+        if not getattr(error, "first_of_incident", True):
+            return
+        if isinstance(error, ResourceShortage):
+            log.error("%s; sessions end with 421 4.3.2", log_escape(error))
+        else:
+            log.error("greylisting store %s: %s; decisions fall back to %s",
+                      log_escape(self.greylist_db), log_escape(error),
+                      self.greylist_fail_mode)
 
     def log_once(self, message):
         """Log an error the first time this process meets it."""
@@ -2673,6 +3045,11 @@ class GreyListingPolicy(ConcreteMailHandler):
             accepted, delay = store.check(key, now, client=network)
             if delay is not None:
                 self.greylist_delay = max(self.greylist_delay or 0, delay)
+        except ResourceShortage as error:
+            # Not the fail mode: out of descriptors is no reason to let
+            # mail through.
+            self.store_failed(error)
+            return OUT_OF_RESOURCES
         except sqlite3.Error as error:
             accepted = self.greylist_fail_mode == "accept"
             self.store_failed(error)
@@ -2836,7 +3213,16 @@ class GreylistStore(object):
     expired (``purge``): it would be decided as never seen anyway.
 
     The file is in WAL mode (readers never block the writer, and a killed
-    process leaves no corrupt state); each thread has its own connection.
+    process leaves no corrupt state).  The process has one connection to
+    it, opened at the first use and used by one thread at a time (the
+    decisions of a process are serial anyway): its descriptors do not
+    grow with the sessions served.  After an error the connection is
+    opened again at the next use; the first error of an incident is
+    marked (``first_of_incident`` on the exception), and the end of an
+    incident is logged, so that a store that is gone is logged once, not
+    once per session.  A store that cannot be opened because the process
+    is out of descriptors raises ResourceShortage, not sqlite3.Error: no
+    policy should fail open for a local shortage.
     """
 
     too_soon = 180
@@ -2849,21 +3235,15 @@ class GreylistStore(object):
 
     def __init__(self, path):
         self.path = path
-        self._local = threading.local()
-        self._write_lock = threading.Lock()
-        self._connection().execute(
-            "CREATE TABLE IF NOT EXISTS triplets ("
-            " key TEXT PRIMARY KEY,"
-            " first_seen REAL NOT NULL,"    # "seen": starts the retry clock
-            " last_seen REAL NOT NULL,"     # last change, for listings
-            " passed REAL,"                 # last pass, NULL while grey
-            " passes INTEGER NOT NULL DEFAULT 0)")
-        self._connection().execute(
-            "CREATE TABLE IF NOT EXISTS clients ("
-            " network TEXT PRIMARY KEY,"
-            " passes INTEGER NOT NULL,"
-            " last_seen REAL NOT NULL)")
+        self._lock = threading.Lock()
+        self._db = None
+        self.failing = None         # the error of an incident in progress
         self.last_purge = None
+        try:
+            with self._lock:
+                self._connection()          # the tables, made at once
+        except sqlite3.Error:
+            pass                            # the first use says why
 
     # The attributes a policy sets on its store (configure()).
     settings = ("too_soon", "min_defer_time", "max_defer_time", "max_grey",
@@ -2876,29 +3256,69 @@ class GreylistStore(object):
             setattr(self, name, getattr(source, name))
 
     def _connection(self):
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = sqlite3.connect(self.path, timeout=self.busy_timeout,
-                                         isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            self._local.connection = connection
-        return connection
+        """The connection, opened (and the tables made) if need be; with
+        ``_lock`` held."""
+        if self._db is None:
+            connection = sqlite3.connect(
+                self.path, timeout=self.busy_timeout, isolation_level=None,
+                check_same_thread=False)
+            try:
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=NORMAL")
+                connection.execute(
+                    "CREATE TABLE IF NOT EXISTS triplets ("
+                    " key TEXT PRIMARY KEY,"
+                    " first_seen REAL NOT NULL,"  # starts the retry clock
+                    " last_seen REAL NOT NULL,"   # last change, for listings
+                    " passed REAL,"               # last pass, NULL while grey
+                    " passes INTEGER NOT NULL DEFAULT 0)")
+                connection.execute(
+                    "CREATE TABLE IF NOT EXISTS clients ("
+                    " network TEXT PRIMARY KEY,"
+                    " passes INTEGER NOT NULL,"
+                    " last_seen REAL NOT NULL)")
+            except BaseException:
+                connection.close()
+                raise
+            self._db = connection
+        return self._db
 
-    def _transaction(self, work, *args):
-        connection = self._connection()
+    def _use(self, work, *args, **options):
+        """Run ``work(connection, *args)`` alone; in a transaction that
+        writes at once (BEGIN IMMEDIATE) unless ``read_only``."""
         # The threads of this process queue on a lock: waiting for sqlite's
         # write lock instead means its busy handler's sleeps of up to 100 ms.
-        with self._write_lock:
-            # IMMEDIATE: the read and the write are one step for every
-            # process sharing the file.
-            connection.execute("BEGIN IMMEDIATE")
+        with self._lock:
             try:
-                result = work(connection, *args)
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
+                connection = self._connection()
+                if options.get("read_only"):
+                    result = work(connection, *args)
+                else:
+                    # IMMEDIATE: the read and the write are one step for
+                    # every process sharing the file.
+                    connection.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = work(connection, *args)
+                    except BaseException:
+                        if connection.in_transaction:
+                            connection.execute("ROLLBACK")
+                        raise
+                    connection.execute("COMMIT")
+            except sqlite3.Error as error:
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
+                if out_of_descriptors():
+                    error = ResourceShortage("greylisting store %s: %s (out "
+                                             "of descriptors)"
+                                             % (self.path, error))
+                error.first_of_incident = self.failing is None
+                self.failing = error
+                raise error
+            if self.failing is not None:
+                log.warning("greylisting store %s: usable again",
+                            self.path)
+                self.failing = None
         return result
 
     def decide(self, key, now, client=None):
@@ -2914,7 +3334,7 @@ class GreylistStore(object):
                 self.purge_interval:
             self.last_purge = now
             self.purge(now)
-        return self._transaction(self._decide_and_count, key, now, client)
+        return self._use(self._decide_and_count, key, now, client)
 
     def _decide_and_count(self, connection, key, now, client):
         accept = self._decide(connection, key, now)
@@ -2936,7 +3356,7 @@ class GreylistStore(object):
         being trusted counts as being seen."""
         if not self.auto_whitelist_clients:
             return False
-        return self._transaction(self._client_is_trusted, client, now)
+        return self._use(self._client_is_trusted, client, now)
 
     def _client_is_trusted(self, connection, client, now):
         row = connection.execute(
@@ -2951,7 +3371,7 @@ class GreylistStore(object):
 
     def purge(self, now):
         """Delete what has expired; return how many entries went."""
-        return self._transaction(self._purge, now)
+        return self._use(self._purge, now)
 
     def _purge(self, connection, now):
         deleted = connection.execute(
@@ -3003,20 +3423,24 @@ class GreylistStore(object):
         """Every triplet and client network, as tuples ``(state, key,
         first_seen, last_seen, passes)``; state is GREY, WHITE (passed)
         or CLIENT (a network's passes, for the auto-whitelist)."""
-        connection = self._connection()
-        for key, first, last, passed, count in connection.execute(
-                "SELECT key, first_seen, last_seen, passed, passes"
-                " FROM triplets ORDER BY key"):
+        triplets, clients = self._use(self._entries, read_only=True)
+        for key, first, last, passed, count in triplets:
             yield ("GREY" if passed is None else "WHITE", key, first, last,
                    count)
-        for network, count, last in connection.execute(
-                "SELECT network, passes, last_seen FROM clients"
-                " ORDER BY network"):
+        for network, count, last in clients:
             yield ("CLIENT", network, None, last, count)
+
+    def _entries(self, connection):
+        return (connection.execute(
+                    "SELECT key, first_seen, last_seen, passed, passes"
+                    " FROM triplets ORDER BY key").fetchall(),
+                connection.execute(
+                    "SELECT network, passes, last_seen FROM clients"
+                    " ORDER BY network").fetchall())
 
     def pass_key(self, key, now):
         """Mark the triplet ``key`` as passed now (whitelist it)."""
-        self._transaction(self._pass_key, key, now)
+        self._use(self._pass_key, key, now)
 
     def _pass_key(self, connection, key, now):
         connection.execute(
@@ -3029,7 +3453,7 @@ class GreylistStore(object):
     def delete(self, key):
         """Forget the triplet or client network ``key``; True if it was
         there."""
-        return self._transaction(self._delete, key)
+        return self._use(self._delete, key)
 
     def _delete(self, connection, key):
         return (connection.execute("DELETE FROM triplets WHERE key = ?",
@@ -3045,11 +3469,11 @@ class GreylistStore(object):
         return counts
 
     def close(self):
-        """Close this thread's connection."""
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
-            connection.close()
-            self._local.connection = None
+        """Close the connection (the next use opens it again)."""
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
 
 # ---------------------------------------------------------------------------
@@ -3073,8 +3497,23 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     max_connections         clients served at once; one more gets
                             ``421 4.7.0`` and is closed at once, without a
                             thread of its own
-    max_connections_per_ip  the same, per client address (0: no limit)
+    max_connections_per_ip  the same, per client (0: no limit), a client
+                            being an address with its first
+                            ``connection_ipv4_prefix`` (32) or
+                            ``connection_ipv6_prefix`` (64) bits: an IPv6
+                            host has a /64 of addresses to connect from
+    stress_threshold        percent of max_connections open at which the
+                            server is under stress (0: never): idle waits
+                            are cut to ``stress_timeout`` seconds, and
+                            sessions already waiting longer are closed
+                            with 421 4.4.2, so that idle and trickling
+                            clients go first and a client sending data
+                            does not; entering and leaving are logged
     grace_period            seconds stop() lets open transactions finish
+
+    When accept() fails for want of descriptors (EMFILE, ENFILE), the
+    server waits, longer each time up to ``accept_backoff_max`` seconds,
+    instead of trying again at once, and logs it once per incident.
 
     Counters (``counters``, a dict; logged by log_counters(), which the
     command line runs on SIGUSR1): connections, connections_refused,
@@ -3092,7 +3531,12 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
 
     max_connections = 500
     max_connections_per_ip = 50
+    connection_ipv4_prefix = 32
+    connection_ipv6_prefix = 64
+    stress_threshold = 80
+    stress_timeout = 10
     grace_period = 30
+    accept_backoff_max = 1.0
     # How long stop() waits, after the grace period, for the sessions it
     # closed to say 421 and end.
     close_wait = 5
@@ -3123,8 +3567,10 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.stopping = False
         self.stop_now = False       # set during stop(): end the grace now
+        self.stressed = False
         self._refusals = 0
         self._refusals_logged = 0.0
+        self._accept_failures = 0
         socketserver.ThreadingTCPServer.__init__(
             self, server_address, RequestHandlerClass, bind_and_activate)
 
@@ -3137,6 +3583,44 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     def handle_error(self, request, client_address):
         log.exception("unexpected error with client %s",
                       log_escape(client_address[0]))
+
+    def get_request(self):
+        """accept(); out of descriptors, wait before the next try: the
+        listening socket stays readable, and trying again at once would
+        spin."""
+        try:
+            request = self.socket.accept()
+        except OSError as error:
+            if not _exhaustion(error):
+                raise
+            self._accept_failures += 1
+            if self._accept_failures == 1:
+                log.error("cannot accept connections: %s (%d sessions "
+                          "open); trying again, less often", error,
+                          len(self.sessions))
+            time.sleep(min(self.accept_backoff_max,
+                           0.01 * 2 ** min(self._accept_failures, 10)))
+            raise
+        if self._accept_failures:
+            log.warning("accepting connections again, after %d failed "
+                        "tries", self._accept_failures)
+            self._accept_failures = 0
+        return request
+
+    def client_key(self, address):
+        """What ``max_connections_per_ip`` counts ``address`` (text) as:
+        its network of ``connection_ipv4_prefix`` or
+        ``connection_ipv6_prefix`` bits, as text."""
+        ipv6 = ":" in address
+        bits = (self.connection_ipv6_prefix if ipv6
+                else self.connection_ipv4_prefix)
+        if bits >= (128 if ipv6 else 32):
+            return address
+        try:
+            return str(ipaddress.ip_network("%s/%d" % (address, bits),
+                                            strict=False))
+        except ValueError:
+            return address
 
     # -- counting sessions -----------------------------------------------
 
@@ -3157,9 +3641,10 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         """Start a session thread, unless a limit is reached: then the
         client gets 421 4.7.0 from this thread and is closed."""
         address = unmapped(client_address[0])
+        key = self.client_key(address)
         with self.sessions_changed:
             self.counters["connections"] += 1
-            per_ip = self.sessions_per_ip.get(address, 0)
+            per_ip = self.sessions_per_ip.get(key, 0)
             refused = (self.stopping
                        or len(self.sessions) >= self.max_connections
                        or 0 < self.max_connections_per_ip <= per_ip)
@@ -3167,8 +3652,9 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
                 self.counters["connections_refused"] += 1
             else:
                 self.sessions[request] = None
-                self.session_ips[request] = address
-                self.sessions_per_ip[address] = per_ip + 1
+                self.session_ips[request] = key
+                self.sessions_per_ip[key] = per_ip + 1
+                self._check_stress()
         if refused:
             self.refuse_connection(request, address)
             return
@@ -3220,18 +3706,18 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     def move_session(self, handler, address):
         """Count a session under another client address (the one a PROXY
         protocol header gave); False if that one is at its limit."""
+        key = self.client_key(address)
         with self.sessions_changed:
             old = self.session_ips.get(handler.request)
-            if old is None or old == address:
+            if old is None or old == key:
                 return True
             if 0 < self.max_connections_per_ip <= self.sessions_per_ip.get(
-                    address, 0):
+                    key, 0):
                 self.counters["connections_refused"] += 1
                 return False
             self._uncount(old)
-            self.session_ips[handler.request] = address
-            self.sessions_per_ip[address] = (
-                self.sessions_per_ip.get(address, 0) + 1)
+            self.session_ips[handler.request] = key
+            self.sessions_per_ip[key] = self.sessions_per_ip.get(key, 0) + 1
             return True
 
     def _uncount(self, address):
@@ -3247,7 +3733,50 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
             address = self.session_ips.pop(request, None)
             if address is not None:
                 self._uncount(address)
+            self._check_stress()
             self.sessions_changed.notify_all()
+
+    # -- stress ----------------------------------------------------------
+
+    def _check_stress(self):
+        """Enter or leave stress as the sessions pass stress_threshold
+        percent of max_connections; with sessions_changed held."""
+        open_now = len(self.sessions)
+        stressed = bool(self.stress_threshold) and (
+            open_now * 100 >= self.stress_threshold * self.max_connections)
+        if stressed == self.stressed:
+            return
+        self.stressed = stressed
+        if stressed:
+            log.warning("stress mode on: %d sessions open (stress_threshold "
+                        "%d%% of max_connections %d): idle clients get %s "
+                        "seconds", open_now, self.stress_threshold,
+                        self.max_connections, self.stress_timeout)
+        else:
+            log.info("stress mode off: %d sessions open", open_now)
+        for handler in self.sessions.values():
+            if handler is not None:
+                handler.under_stress(stressed)
+
+    def service_actions(self):
+        """Called by serve_forever() between accepts: under stress, shed
+        the sessions that have waited for their client longer than
+        stress_timeout (they began to wait before the stress)."""
+        if not (self.stressed and self.stress_timeout):
+            return
+        now = time.monotonic()
+        with self.sessions_changed:
+            for request, handler in self.sessions.items():
+                if handler is None or handler.shed is not None:
+                    continue
+                since = handler.reader.waiting_since
+                if since is not None and now - since > self.stress_timeout:
+                    handler.shed = Expired("stress", self.stress_timeout)
+                    if handler.connection is request:   # else TLS: polled
+                        try:
+                            request.shutdown(socket.SHUT_RD)
+                        except OSError:
+                            pass
 
     # -- stopping --------------------------------------------------------
 
@@ -3336,7 +3865,8 @@ SERVICE_DEFAULTS = {
     "syslog": "", "syslog_socket": "/dev/log", "log_file": "",
 }
 SERVER_SETTINGS = ("max_connections", "max_connections_per_ip",
-                   "grace_period")
+                   "connection_ipv4_prefix", "connection_ipv6_prefix",
+                   "stress_threshold", "stress_timeout", "grace_period")
 SERVER_KEYS = tuple(sorted(SERVICE_DEFAULTS)) + SERVER_SETTINGS
 # Keys used once, at the start: a reload that changes them says so.
 RESTART_KEYS = ("port", "listen_ip", "pidfile", "user", "group",
@@ -4023,6 +4553,7 @@ class Service(object):
 
     def on_service(self):
         """Called by serve_forever() at least every quarter second."""
+        SMTPProxyServer.service_actions(self.server)
         while self.pending:
             signum = self.pending.pop(0)
             if signum in (signal.SIGTERM, signal.SIGINT):
