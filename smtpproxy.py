@@ -983,6 +983,7 @@ def send_within(sock, data, seconds, deadline=None):
     Expired("write").  sendall() would give each blocked send() the
     whole timeout again: a client that reads a byte now and then could
     hold the session for ever.  The common case is one send()."""
+    start = time.monotonic()
     try:
         sent = sock.send(data)
     except (BlockingIOError, socket.timeout):
@@ -990,7 +991,7 @@ def send_within(sock, data, seconds, deadline=None):
     if sent == len(data):
         return
     view = memoryview(data)[sent:]
-    end = time.monotonic() + seconds if seconds else None
+    end = start + seconds if seconds else None
     if deadline is not None and (end is None or deadline < end):
         end = deadline
     plain = not isinstance(sock, ssl.SSLSocket)
@@ -3508,7 +3509,8 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
                             sessions already waiting longer are closed
                             with 421 4.4.2, so that idle and trickling
                             clients go first and a client sending data
-                            does not; entering and leaving are logged
+                            does not; stress ends below three quarters of
+                            the threshold; entering and leaving are logged
     grace_period            seconds stop() lets open transactions finish
 
     When accept() fails for want of descriptors (EMFILE, ENFILE), the
@@ -3739,11 +3741,16 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     # -- stress ----------------------------------------------------------
 
     def _check_stress(self):
-        """Enter or leave stress as the sessions pass stress_threshold
-        percent of max_connections; with sessions_changed held."""
+        """Enter stress when the sessions reach stress_threshold percent
+        of max_connections, leave it when they fall below three quarters
+        of that (so that shedding a few does not end it, and the log does
+        not flap); with sessions_changed held."""
         open_now = len(self.sessions)
-        stressed = bool(self.stress_threshold) and (
-            open_now * 100 >= self.stress_threshold * self.max_connections)
+        threshold = self.stress_threshold * self.max_connections
+        if not self.stressed:
+            stressed = bool(threshold) and open_now * 100 >= threshold
+        else:
+            stressed = bool(threshold) and open_now * 400 >= threshold * 3
         if stressed == self.stressed:
             return
         self.stressed = stressed
