@@ -213,6 +213,77 @@ def _positive(text):
     return value
 
 
+def _port(text):
+    value = _integer(text)
+    if not 0 < value < 65536:
+        raise ValueError("expected a port from 1 to 65535, got %r" % text)
+    return value
+
+
+def _address(item):
+    """An IPv4 or IPv6 address, as written."""
+    item = _word(item)
+    try:
+        ipaddress.ip_address(item)
+    except ValueError:
+        raise ValueError("expected an IP address such as 192.0.2.7 or "
+                         "2001:db8::7, got %r" % item)
+    return item
+
+
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_OCTET_PREFIX_RE = re.compile(r"%s(?:\.%s){0,2}\.?\Z" % (_OCTET, _OCTET))
+
+
+def _network(item):
+    """An address, a CIDR network (host bits may be set: 192.0.2.7/24 is
+    192.0.2.0/24), or Kamaelia's prefix of whole octets (192.168.2)."""
+    item = _word(item)
+    if _OCTET_PREFIX_RE.match(item):
+        return item
+    try:
+        if "/" in item:
+            ipaddress.ip_network(item, strict=False)
+        else:
+            ipaddress.ip_address(item)
+    except ValueError:
+        raise ValueError("expected an address, a network such as "
+                         "192.0.2.0/24 or 2001:db8::/32, or whole octets "
+                         "such as 192.168.2, got %r" % item)
+    return item
+
+
+_DOMAIN_NAME_RE = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?\Z")
+
+
+def _domain(item):
+    """A domain name (one a line; a subdomain is listed on its own)."""
+    item = _word(item)
+    if item.startswith("@"):
+        raise ValueError("write the domain without '@': %s" % item[1:])
+    if item.startswith("*."):
+        raise ValueError("no wildcards: list %s, and each subdomain mail "
+                         "is received for, on a line of its own" % item[2:])
+    name = item
+    if re.search(r"[^\x00-\x7f]", name):
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            name = "!"
+    if len(name) > 253 or not _DOMAIN_NAME_RE.match(name):
+        raise ValueError("expected a domain name such as example.org, got "
+                         "%r" % item)
+    return item
+
+
+def _bracketed(word, what):
+    if not (word.startswith("<") and word.endswith(">")):
+        raise ValueError("expected the %s in angle brackets, as "
+                         "<user@example.org>, got %r" % (what, word))
+
+
 def _prefix(bits):
     def convert(text):
         value = _integer(text)
@@ -280,10 +351,27 @@ def _triple(item):
     return tuple(item)
 
 
+def _ip_triple(item):
+    """``ip <sender> <recipient>``."""
+    ip, sender, recipient = _triple(item)
+    _address(ip)
+    _bracketed(sender, "sender")
+    _bracketed(recipient, "recipient")
+    return (ip, sender, recipient)
+
+
+def _helo_triple(item):
+    """``helo-name ip-prefix <recipient>``."""
+    helo, prefix, recipient = _triple(item)
+    _network(prefix)
+    _bracketed(recipient, "recipient")
+    return (helo, prefix, recipient)
+
+
 # key: (converter, kind, description).  kind is "scalar" or "list"; the
 # converter of a list converts one item.
 CONFIG_KEYS = {
-    "port": (_integer, "scalar", "port to listen on (25)"),
+    "port": (_port, "scalar", "port to listen on (25)"),
     "listen_ip": (_string, "scalar",
                   "address to listen on; empty: all, IPv4 and IPv6 ('')"),
     "servername": (_string, "scalar",
@@ -291,7 +379,7 @@ CONFIG_KEYS = {
     "serverid": (_string, "scalar",
                  "software name in the greeting (smtpproxy VERSION)"),
     "smtp_ip": (_string, "scalar", "the real mail server (127.0.0.1)"),
-    "smtp_port": (_integer, "scalar", "the real mail server's port (8025)"),
+    "smtp_port": (_port, "scalar", "the real mail server's port (8025)"),
     "inactivity_timeout": (_integer, "scalar",
                            "seconds a client may stay silent, and the "
                            "deadline of each line from its first octet "
@@ -314,7 +402,7 @@ CONFIG_KEYS = {
                        "no, v1, v2 or any: connections begin with HAProxy's "
                        "PROXY header, which gives the client's address "
                        "(no)"),
-    "proxy_protocol_from": (_word, "list",
+    "proxy_protocol_from": (_network, "list",
                             "load balancers that may send the PROXY header: "
                             "addresses or networks; needed with "
                             "proxy_protocol (none)"),
@@ -384,16 +472,18 @@ CONFIG_KEYS = {
                           "by forward-confirmed reverse DNS (none)"),
     "greylist_fail_mode": (_fail_mode, "scalar",
                            "when the store fails: accept or defer (accept)"),
-    "allowed_senders": (_word, "list",
+    "allowed_senders": (_address, "list",
                         "client addresses that may relay (127.0.0.1)"),
-    "allowed_sender_nets": (_word, "list",
+    "allowed_sender_nets": (_network, "list",
                             "client networks that may relay: prefixes of "
                             "whole octets (192.168.2) or CIDR"),
-    "allowed_domains": (_word, "list", "domains mail is received for"),
-    "whitelisted_triples": (_triple, "list",
+    "allowed_domains": (_domain, "list",
+                        "domains mail is received for (none: every "
+                        "recipient is refused)"),
+    "whitelisted_triples": (_ip_triple, "list",
                             "ip <sender> <recipient>, always accepted"),
     "whitelisted_nonstandard_triples": (
-        _triple, "list",
+        _helo_triple, "list",
         "helo-name ip-prefix <recipient>, always accepted"),
     # The service's: SMTPProxyServer's and main()'s.
     "max_connections": (_positive, "scalar",
@@ -4204,19 +4294,27 @@ def find_user(values):
     user, group = values.get("user"), values.get("group")
     if not user:
         if group:
-            raise StartError("group %s needs a user" % group, 2)
+            raise StartError("group %s needs a user: add --user NAME (or "
+                             "user = NAME)" % group, 2)
         if os.geteuid() == 0 and not values.get("run_as_root"):
-            raise StartError("refusing to serve as root: set user (or "
-                             "run_as_root = yes)", 2)
+            raise StartError("refusing to serve as root: add --user NAME "
+                             "(user = NAME), an unprivileged user the "
+                             "proxy switches to once the port is bound, "
+                             "or -o run_as_root=yes to mean it", 2)
         return None
     try:
         entry = pwd.getpwnam(user)
+    except KeyError:
+        raise StartError("unknown user %s: name one that exists, such as "
+                         "--user nobody" % user, 2)
+    try:
         gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
-    except KeyError as error:
-        raise StartError("unknown user or group: %s" % error, 2)
+    except KeyError:
+        raise StartError("unknown group %s: name one that exists, or none "
+                         "(the user's own)" % group, 2)
     if entry.pw_uid == 0 and not values.get("run_as_root"):
-        raise StartError("user %s is root: set run_as_root = yes to mean "
-                         "it" % user, 2)
+        raise StartError("user %s is root: set run_as_root = yes (-o "
+                         "run_as_root=yes) to mean it" % user, 2)
     if os.geteuid() != 0 and (entry.pw_uid, gid) != (os.geteuid(),
                                                       os.getegid()):
         raise StartError("cannot switch to user %s: not running as root"
@@ -4287,20 +4385,136 @@ def check_tls(handler_class):
                             handler_class.tls_key or "(same file)", error), 2)
 
 
-def check_store(handler_class):
+def check_store(handler_class, create=True):
     """Open the greylisting store once, as the user serving: one it cannot
-    write stops the start rather than every decision later."""
+    write stops the start rather than every decision later.  Without
+    ``create`` (--check-config), a store that is not there yet is only
+    checked for a directory the user can write."""
     path = getattr(handler_class, "greylist_db", None)
     if not path:
+        return
+    user = _user_name(os.geteuid())
+    directory = os.path.dirname(os.path.abspath(path))
+    if not create and not os.path.exists(path):
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise StartError("greylisting store %s: user %s cannot create "
+                             "it: its directory %s must be writable by %s "
+                             "(chown %s %s), or set greylist_db elsewhere"
+                             % (path, user, directory, user, user,
+                                directory))
         return
     try:
         store = GreylistStore(path)
         store.configure(handler_class)
         store.stats()
+        if not create:
+            store.pass_key("smtpproxy-check", 0)    # can it write?
+            store.delete("smtpproxy-check")
         store.close()
-    except sqlite3.Error as error:
-        raise StartError("greylisting store %s: %s (its directory must be "
-                         "writable by the user serving)" % (path, error))
+    except (sqlite3.Error, ResourceShortage) as error:
+        raise StartError("greylisting store %s: %s: user %s must be able to "
+                         "write the file and its directory %s, where sqlite "
+                         "makes its -wal and -shm files (chown %s %s)"
+                         % (path, error, user, directory, user, directory))
+
+
+def check_files(values):
+    """The pidfile's and the logs' directories exist, and what is opened
+    for writing at the start (as root, when it starts as root) can be."""
+    keys = ["pidfile", "greylist_log"]
+    if not values.get("syslog"):
+        keys.append("log_file")
+    if values.get("debug"):
+        keys.append("greylist_debuglog")
+    for key in keys:
+        path = values.get(key, SERVICE_DEFAULTS.get(key))
+        if not path:
+            continue
+        target = path if os.path.exists(path) else (
+            os.path.dirname(os.path.abspath(path)))
+        if not os.access(target, os.W_OK):
+            raise StartError("%s %s: %s is not writable by %s" % (
+                key, path, target, _user_name(os.geteuid())), 2)
+    if values.get("syslog"):
+        try:
+            _syslog_handler(values).close()
+        except OSError as error:
+            raise StartError("syslog: %s" % error, 2)
+
+
+def configuration_warnings(handler_class):
+    """What a configuration may say without meaning it."""
+    warnings = []
+    if (isinstance(handler_class, type)
+            and issubclass(handler_class, GreyListingPolicy)
+            and not handler_class.allowed_domains):
+        warnings.append("allowed_domains is empty: every recipient will be "
+                        "refused (550 5.7.1), but for clients of "
+                        "allowed_senders and allowed_sender_nets")
+    if (getattr(handler_class, "upstream_tls_verify", False)
+            and handler_class.upstream_tls != "required"):
+        warnings.append("upstream_tls_verify without upstream_tls = "
+                        "required: a certificate that fails the check, or "
+                        "no STARTTLS, means plain text to the upstream")
+    return warnings
+
+
+def check_configuration(handler_class, values, files=True):
+    """Every check of the start that needs no port, as --check-config
+    and a reload run them: the user and group (and root without one),
+    the PROXY protocol's balancers, the TLS certificate and key, the
+    greylisting store as the user serving, and with ``files`` the
+    pidfile, the logs and syslog.  Raise StartError; return the
+    warnings."""
+    identity = find_user(values)
+    check_proxy_protocol(handler_class)
+    check_tls(handler_class)
+    if files:
+        check_files(values)
+    check_as(identity, lambda: check_store(handler_class, create=False))
+    return configuration_warnings(handler_class)
+
+
+def check_as(identity, check):
+    """Run ``check()`` as ``identity`` (uid, gid, name), in a child
+    process when this one is root, so that nothing changes here; a
+    StartError of the child's is raised again here."""
+    if identity is None or os.geteuid() != 0:
+        check()
+        return
+    uid, gid, name = identity
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:                            # the child
+        status = 0
+        try:
+            os.close(read_end)
+            os.setgid(gid)
+            os.initgroups(name, gid)
+            os.setuid(uid)
+            check()
+        except StartError as error:
+            os.write(write_end, str(error).encode("utf-8", "replace"))
+            status = error.status
+        except BaseException as error:     # nothing may escape a child
+            os.write(write_end, str(error).encode("utf-8", "replace"))
+            status = 1
+        os._exit(status)
+    os.close(write_end)
+    message = b""
+    while True:
+        data = os.read(read_end, 4096)
+        if not data:
+            break
+        message += data
+    os.close(read_end)
+    status = os.waitpid(pid, 0)[1]
+    if status:
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
+        raise StartError(message.decode("utf-8", "replace")
+                         or "the check as %s failed" % name, code or 1)
 
 
 def _option_value(text):
@@ -4468,13 +4682,9 @@ class Service(object):
         self.server.service_actions = self.on_service
         if report is not None:
             report_start(report, 0)
-        for warning in self.warnings:
+        for warning in self.warnings + configuration_warnings(
+                handler_class):
             log.warning("%s", warning)
-        if (getattr(handler_class, "upstream_tls_verify", False)
-                and handler_class.upstream_tls != "required"):
-            log.warning("upstream_tls_verify without upstream_tls = "
-                        "required: a certificate that fails the check, or "
-                        "no STARTTLS, means plain text to the upstream")
         log.info("smtpproxy %s listening on [%s]:%s, forwarding to %s:%s "
                  "(class %s, config %s, pid %d, user %s)", __version__,
                  self.server.server_address[0],
@@ -4583,9 +4793,8 @@ class Service(object):
             values, path, warnings = read_settings(self.args)
             values = self.absolute_paths(values)
             handler_class = handler_class_for(self.base, values)
-            check_proxy_protocol(handler_class)
-            check_tls(handler_class)
-            check_store(handler_class)
+            warnings += check_configuration(handler_class, values,
+                                            files=False)
         except (ConfigError, ValueError, OSError, StartError) as error:
             # The logs are reopened all the same: logrotate sent the
             # signal for them, not for the file somebody broke meanwhile.
@@ -4655,6 +4864,11 @@ def main(argv=None):
         return 2
     handler_class = handler_class_for(base, values)
     if args.check_config:
+        try:
+            warnings += check_configuration(handler_class, values)
+        except StartError as error:
+            sys.stderr.write("smtpproxy: error: %s\n" % error)
+            return error.status
         for warning in warnings:
             sys.stderr.write("smtpproxy: warning: %s\n" % warning)
         print("# config file: %s; class: %s"

@@ -253,6 +253,10 @@ def test_options_and_o_set_keys_over_the_file(tmp_path):
                   "--pidfile", "/run/x.pid", "--syslog", "mail",
                   "-o", "servername=option.example",
                   "-o", "allowed_domains=a.example, b.example",
+                  # What --check-config checks besides: root may serve,
+                  # syslog over UDP (no socket to find).
+                  "-o", "run_as_root=yes",
+                  "-o", "syslog_socket=127.0.0.1:514",
                   "--check-config"])
     assert result.returncode == 0, result.stderr
     out = result.stdout
