@@ -46,7 +46,13 @@ Options:
     --foreground
         Stay attached (the default), for supervisors such as systemd.
     --check-config
-        Check the configuration, print every key's effective value, exit.
+        Check the configuration as a start would (values, user and group,
+        root without a user, TLS certificate and key, the PROXY protocol's
+        balancers, the greylisting store as the serving user, the pidfile
+        and logs), print every key's effective value and exit: 0 if the
+        service would start, else the status of its failure, with why.
+    --quiet, -q
+        With --check-config: print only warnings and errors.
 
 Working on the greylisting store (greylist_db) of the configuration, also
 while the proxy runs; keys are "client-network sender recipient":
@@ -82,6 +88,8 @@ the greylisting store.  Signals:
     SIGUSR1          Log the counters: connections, refused connections,
                      recipients and messages accepted, deferred, refused,
                      upstream errors.
+    SIGUSR2          Reopen the logs, whatever the configuration (for
+                     logrotate).
 
 Exit status: 0 after a stop, 1 when the service could not start (port in
 use, already running, store not writable), 2 for a bad configuration.
@@ -4581,7 +4589,7 @@ class Service(object):
     (--daemon), pid written, privileges dropped, store checked, then
     serving.  SIGTERM and SIGINT stop (SMTPProxyServer.stop(), once more:
     at once), SIGHUP reloads the configuration and reopens the logs,
-    SIGUSR1 logs the counters.
+    SIGUSR1 logs the counters, SIGUSR2 reopens the logs.
     """
 
     def __init__(self, args, base, values, path, warnings):
@@ -4677,7 +4685,7 @@ class Service(object):
             self.close()
             return error.status
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                       signal.SIGUSR1):
+                       signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(signum, self.on_signal)
         self.server.service_actions = self.on_service
         if report is not None:
@@ -4784,6 +4792,9 @@ class Service(object):
                 self.reload()
             elif signum == signal.SIGUSR1:
                 self.server.log_counters()
+            elif signum == signal.SIGUSR2:
+                self.reopen_logs(self.values)
+                log.info("logs reopened")
 
     def reload(self):
         """Read the configuration again; new sessions get it, sessions in
@@ -4841,6 +4852,7 @@ def main(argv=None):
     detach.add_argument("--daemon", action="store_true")
     detach.add_argument("--foreground", action="store_false", dest="daemon")
     parser.add_argument("--check-config", action="store_true")
+    parser.add_argument("-q", "--quiet", action="store_true")
     store_commands = parser.add_mutually_exclusive_group()
     store_commands.add_argument("--db-list", action="store_true")
     store_commands.add_argument("--db-stats", action="store_true")
@@ -4871,9 +4883,10 @@ def main(argv=None):
             return error.status
         for warning in warnings:
             sys.stderr.write("smtpproxy: warning: %s\n" % warning)
-        print("# config file: %s; class: %s"
-              % (path or "none", args.handler_class))
-        print(format_config(handler_class, values))
+        if not args.quiet:
+            print("# config file: %s; class: %s"
+                  % (path or "none", args.handler_class))
+            print(format_config(handler_class, values))
         return 0
     if (args.db_list or args.db_stats or args.db_purge or args.db_pass
             or args.db_delete):

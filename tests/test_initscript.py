@@ -28,7 +28,7 @@ SSD = shutil.which("start-stop-daemon",
                    path=os.pathsep.join([os.environ.get("PATH", ""),
                                          "/usr/sbin", "/sbin"]))
 USAGE = ("Usage: %s {start|stop|restart|try-restart|reload|force-reload"
-         "|status}" % SCRIPT)
+         "|reopen-logs|status}" % SCRIPT)
 
 
 def alive(pid):
@@ -361,18 +361,23 @@ def test_restart(service):
     second = service.check_started(output)
     assert second != first and not alive(first)
 
-    # A file the proxy would refuse is found before it is stopped.
+    # A file the proxy would refuse is found before it is stopped, or
+    # even signalled: the running proxy goes on exactly as it was.
     service.write_config(extra="max_grey = soon\n")
-    for action in ("restart", "reload"):
+    for action in ("restart", "reload", "force-reload"):
         code, output = service.run(action)
         assert code == 6, output
         assert "max_grey" in output
         assert service.pid() == second and alive(second)
-    # reload signals the proxy all the same, which keeps the configuration
-    # in force and reopens its logs (logrotate's postrotate runs reload).
-    assert "the running configuration is kept; logs reopened" in output
-    wait_until(lambda: "reload failed" in read(service.tmp / "smtpproxy.log"),
-               what="the proxy to refuse the file")
+    assert "not reloaded; the running proxy goes on as it was" in output
+    assert "reload" not in read(service.tmp / "smtpproxy.log")
+    # Reopening the logs (logrotate) does not depend on the file.
+    os.rename(str(service.tmp / "smtpproxy.log"),
+              str(service.tmp / "smtpproxy.log.1"))
+    code, output = service.run("reopen-logs")
+    assert code == 0, output
+    wait_until(lambda: "logs reopened" in read(service.tmp / "smtpproxy.log"),
+               what="the proxy to reopen its log")
 
     code, output = service.run("try-restart")
     assert code == 6, output
@@ -384,6 +389,37 @@ def test_restart(service):
     code, output = service.run("stop")
     assert code == 0, output
     service.check_stopped(third)
+
+
+# What the service would refuse though every value is well-formed: the
+# check before a restart or a reload runs the start's own checks.
+REFUSED_AT_START = [
+    pytest.param("user = nosuchuser\n", "unknown user nosuchuser",
+                 id="unknown-user"),
+    pytest.param("run_as_root = no\n", "--user NAME", id="root-no-user"),
+    pytest.param("tls_cert = /nonexistent/cert.pem\n", "tls_cert",
+                 id="missing-tls-cert"),
+    pytest.param("proxy_protocol = v1\n", "proxy_protocol_from",
+                 id="proxy-protocol-from-anyone"),
+]
+
+
+@pytest.mark.parametrize("extra, reason", REFUSED_AT_START)
+def test_restart_and_reload_refuse_what_a_start_would(service, extra,
+                                                      reason):
+    code, output = service.run("start")
+    assert code == 0, output
+    pid = service.check_started(output)
+    service.write_config(extra=extra)
+    for action in ("restart", "try-restart", "reload", "force-reload"):
+        code, output = service.run(action)
+        assert code == 6, (action, output)
+        assert reason in output, (action, output)
+        assert service.pid() == pid and alive(pid)
+    assert service.greeting()[0] == 220
+    code, output = service.run("stop")
+    assert code == 0, output
+    service.check_stopped(pid)
 
 
 def test_broken_config_start_fails(service):
