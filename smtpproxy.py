@@ -2692,9 +2692,11 @@ class ConcreteMailHandler(MailHandler):
             self.reset_transaction()
             return
         if code != 354:
+            # Its transaction stays open (Postfix's does): the RSET of
+            # reset_transaction() ends it, or the next MAIL would be
+            # refused as nested.
             self.end_message(format_reply(code, lines[-1:]))
             self.netPrint(format_reply(code, lines))
-            self.upstream_in_transaction = False
             self.reset_transaction()
             return
         self.netPrint("354 End data with <CR><LF>.<CR><LF>")
@@ -2743,7 +2745,7 @@ class ConcreteMailHandler(MailHandler):
                 mid_line = last_lf < len(window) - 1
                 if last_lf < 0:
                     partial = window
-                    if len(partial) >= limit:
+                    if len(partial) >= limit + partial.startswith(b"."):
                         problem = problem or self.line_too_long(limit)
                         size += len(partial)
                         # Keep what tells where the line ends, not the line.
@@ -2828,7 +2830,9 @@ class ConcreteMailHandler(MailHandler):
     def check_lines(lines, limit):
         """Return the refusal for a run of message lines, or None if they
         are clean: every line ends with CR LF and holds no other CR, LF or
-        NUL (SMTP smuggling), and none is longer than ``limit`` octets."""
+        NUL (SMTP smuggling), and none is longer than ``limit`` octets,
+        the dot added for transparency not counted (RFC 5321 section
+        4.5.3.1.6)."""
         if b"\x00" in lines:
             return "550 5.5.2 Error: NUL received"
         line_ends = lines.count(b"\r\n")
@@ -2837,7 +2841,8 @@ class ConcreteMailHandler(MailHandler):
         if lines.count(b"\r") != line_ends:
             return "550 5.5.2 Error: bare <CR> received"
         if len(lines) >= limit and max(
-                len(line) for line in lines.split(b"\n")) >= limit:
+                len(line) - line.startswith(b".")
+                for line in lines.split(b"\n")) >= limit:
             return ConcreteMailHandler.line_too_long(limit)
         return None
 

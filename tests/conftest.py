@@ -230,7 +230,9 @@ class RawUpstream(socketserver.ThreadingTCPServer):
     every command line.  ``ehlo`` are the lines of its EHLO reply; it
     answers XCLIENT with ``xclient_reply``, and with ``tls_context`` it
     does STARTTLS (sending ``after_starttls`` right after its 220, in the
-    same write: what a hostile server would inject).
+    same write: what a hostile server would inject).  ``data_reply``, if
+    set, is its refusal of the DATA command; as Postfix, it then keeps the
+    transaction open, and refuses a MAIL inside a transaction as nested.
     """
 
     daemon_threads = True
@@ -244,6 +246,7 @@ class RawUpstream(socketserver.ThreadingTCPServer):
         self.xclient_reply = b"220 raw ESMTP\r\n"
         self.tls_context = tls_context
         self.after_starttls = b""
+        self.data_reply = None
         self.tls_sessions = 0
         socketserver.ThreadingTCPServer.__init__(
             self, ("127.0.0.1", 0), self.Handler)
@@ -268,6 +271,7 @@ class RawUpstream(socketserver.ThreadingTCPServer):
             server = self.server
             self.wfile.write(b"220 raw ESMTP\r\n")
             in_data = False
+            in_transaction = False
             message = []
             while True:
                 line = self.rfile.readline()
@@ -279,19 +283,26 @@ class RawUpstream(socketserver.ThreadingTCPServer):
                         server.messages.append(b"".join(message))
                         message = []
                         in_data = False
+                        in_transaction = False
                         self.wfile.write(b"250 2.0.0 Ok: queued\r\n")
                     else:
                         message.append(line)
                     continue
                 server.commands.append(line)
                 verb = line.split(b" ")[0].strip().upper()
-                if verb == b"DATA":
+                if verb == b"DATA" and server.data_reply:
+                    self.wfile.write(server.data_reply)
+                elif verb == b"DATA":
                     in_data = True
                     self.wfile.write(b"354 go ahead\r\n")
+                elif verb == b"MAIL" and in_transaction:
+                    self.wfile.write(b"503 5.5.1 Error: nested MAIL "
+                                     b"command\r\n")
                 elif verb == b"QUIT":
                     self.wfile.write(b"221 bye\r\n")
                     return
                 elif verb == b"EHLO":
+                    in_transaction = False
                     lines = server.ehlo
                     self.wfile.write("".join(
                         "250%s%s\r\n" % ("-" if i < len(lines) - 1 else " ",
@@ -308,6 +319,10 @@ class RawUpstream(socketserver.ThreadingTCPServer):
                     self.rfile = self.connection.makefile("rb")
                     self.wfile = self.connection.makefile("wb", 0)
                 else:
+                    if verb == b"MAIL":
+                        in_transaction = True
+                    elif verb in (b"RSET", b"HELO"):
+                        in_transaction = False
                     self.wfile.write(b"250 ok\r\n")
 
 

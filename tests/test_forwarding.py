@@ -363,3 +363,24 @@ def test_50mb_message_byte_identical_in_bounded_memory(tmp_path,
         assert growth < 20 * 1024 * 1024, growth
     finally:
         upstream.stop()
+
+
+def test_after_the_upstream_refuses_data_the_next_transaction_goes_through(
+        raw_proxy, raw_upstream):
+    # The upstream (as Postfix) keeps its transaction open after refusing
+    # DATA: without an RSET, the next MAIL would be "nested" and every
+    # recipient of the next message refused.
+    port = raw_proxy()
+    raw_upstream.data_reply = b"554 5.7.1 no data from you\r\n"
+    client = RawClient(port)
+    start_transaction(client)
+    assert client.cmd("DATA")[0] == 554
+    raw_upstream.data_reply = None
+    assert client.cmd("MAIL FROM:<%s>" % SENDER)[0] == 250
+    assert client.cmd("RCPT TO:<other@example.org>")[0] == 250
+    assert client.cmd("DATA")[0] == 354
+    client.send(MESSAGE + b".\r\n")
+    assert client.reply()[0] == 250
+    assert client.cmd("QUIT")[0] == 221
+    client.close()
+    assert raw_upstream.messages == [MESSAGE]

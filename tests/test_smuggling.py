@@ -359,6 +359,38 @@ def test_line_of_exactly_1000_octets_accepted(strict, client_factory):
     assert upstream.messages[0].content == body
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_line_of_1000_octets_after_its_transparency_dot_accepted(
+        strict, client_factory, split):
+    # RFC 5321 section 4.5.3.1.6: 1000 octets with the CRLF, "not
+    # counting the leading dot duplicated for transparency": 1001 on the
+    # wire.  With ``split``, the line arrives without its LF first.
+    upstream, port = strict
+    client = client_factory(port)
+    client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    open_data(client)
+    line = b"." + b"." + b"a" * 997 + b"\r\n"
+    assert len(line) == 1000 + 1
+    head = b"Subject: long\r\n\r\n"
+    if split:
+        client.send(head + line[:-1])
+        assert_silent(client)
+        client.send(b"\n.\r\n")
+    else:
+        client.send(head + line + b".\r\n")
+    code, text = client.reply()
+    assert code == 250, (code, text)
+    # One more octet is one too many.
+    assert client.cmd("MAIL FROM:<%s>" % SENDER)[0] == 250
+    assert client.cmd("RCPT TO:<%s>" % RECIPIENT)[0] == 250
+    assert client.cmd("DATA")[0] == 354
+    client.send(head + b"." + b"." + b"a" * 998 + b"\r\n.\r\n")
+    assert client.reply()[0] == 552
+    assert client.cmd("QUIT")[0] == 221
+    assert len(upstream.messages) == 1
+    assert upstream.messages[0].content == head + line[1:]
+
+
 # ---------------------------------------------------------------------------
 # Message size
 # ---------------------------------------------------------------------------
