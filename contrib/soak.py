@@ -1,0 +1,1719 @@
+#!/usr/bin/env python3
+"""Soak test of smtpproxy: a long run of mail, faults and hostile clients,
+checked against a ledger of every message.
+
+Usage (by hand, not in CI; Linux, as it binds client sockets to
+127.0.0.2 ... 127.0.0.30 and reads /proc)::
+
+    python3 contrib/soak.py                   # 600 seconds of load
+    python3 contrib/soak.py --duration 60     # a quick run
+    python3 contrib/soak.py --duration 3600 --clients 40 --seed 7 --verbose
+
+Options: ``--duration SECONDS`` of load (600), ``--clients N`` client
+threads (20), ``--seed N`` (random by default; the report names it),
+``--python PATH`` the interpreter that runs the proxy (this one),
+``--keep`` keeps the temporary directory (configuration, store, the
+proxy's log), ``--verbose`` prints progress and every failure's details.
+It needs nothing beyond the standard library, and sends nothing beyond
+the loopback interface.
+
+What it runs:
+
+- A fault-injecting upstream SMTP server of its own (threaded, raw sockets,
+  for control of every byte) on a free port of 127.0.0.1.  It offers
+  PIPELINING, 8BITMIME, SIZE and ENHANCEDSTATUSCODES, and at random
+  answers RCPT, DATA or the final dot with a 4xx or a 5xx, drops the
+  connection at RCPT, at DATA, in the middle of the data or right after
+  the final dot without a word, and waits up to 2 seconds before a reply
+  (the proxy's ``upstream_timeout`` is 10).  Its *received ledger* holds
+  a message once its 250 to the final dot has been written.  It notes the
+  proxy's own protocol errors: a command out of order, a data line with a
+  bare CR or LF, a NUL or more than 1000 octets, 8-bit data without
+  BODY=8BITMIME.  Like Postfix, it keeps a transaction open after refusing
+  DATA: a client (the proxy) must say RSET before its next MAIL.
+- smtpproxy.py from its command line, with smtpproxy.GreyListingPolicy
+  for example.org and greylisting timings short enough for mail to pass
+  within a second (``min_defer_time = 1``), keyed by the exact client
+  address (``ipv4_prefix = 32``), ``inactivity_timeout = 5``.
+- ``--clients`` threads, each a series of SMTP sessions from 127.0.0.2 to
+  127.0.0.30 (127.0.0.1 may relay: it is never greylisted): messages of
+  1 KB to 200 KB (dot lines, 8-bit text, lines of 998 octets, the most
+  RFC 5321 allows, some beginning with a dot) to 1-5 recipients, several
+  per session at times, with smtplib or pipelined on a raw socket, the
+  data in random pieces.  Each message carries a unique
+  ``X-Soak-Id`` header.  The *sent ledger* holds what the client heard
+  for each recipient: 250, 5xx (refused), 4xx (retried later from the
+  same address, like a real MTA, until the end of the run), or no reply
+  to the final dot (ambiguous: not retried).  One session in ten is
+  hostile: it vanishes in the middle of the data, goes silent there until
+  the proxy times it out, hides a second message behind a bare-LF end of
+  data (SMTP smuggling), or sends a line too long; none of those may
+  arrive.
+
+What it checks, and fails on:
+
+- every recipient the client heard 250 for got the message exactly once
+  (lost, duplicated); nothing arrived that the client did not hear 250
+  for, except ambiguous ones (phantom; the ambiguous are reported apart);
+  no hostile message arrived; what arrived is byte for byte what was sent,
+  from the sender it was sent from (corrupted);
+- a well-behaved client hears only the replies it should: the upstream's
+  (its faults included), greylisting's 451 4.7.1, 451 4.4.x when the
+  upstream failed, and 503 to a pipelined DATA whose recipients all
+  failed; every 250 to a message names that message (no crossed replies);
+  the proxy never drops it (but after that 503: ``strict``); the hostile
+  get a 5xx, the silent a 421 in time;
+- the upstream saw no protocol error;
+- the proxy's descriptors and threads, sampled every 5 seconds from /proc,
+  are back to the idle baseline (+5, +2) once the load has stopped, and
+  its RSS did not grow steadily (the mean of the last third of the load
+  within 20% of the first third's);
+- the proxy's standard error holds no Traceback, and it exits 0 on
+  SIGTERM.
+
+Exit status: 0 if every check passed, 1 otherwise.
+"""
+
+import argparse
+import collections
+import hashlib
+import heapq
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import socketserver
+import string
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROXY_SCRIPT = os.path.join(os.path.dirname(HERE), "smtpproxy.py")
+
+LOOPBACK = "127.0.0.1"
+# Client addresses: each its own greylisting client (ipv4_prefix = 32).
+SOURCES = ["127.0.0.%d" % number for number in range(2, 31)]
+DOMAIN = "example.org"
+RECIPIENTS = ["user%02d@%s" % (number, DOMAIN) for number in range(12)]
+# The greylisting key normalises senders: the tagged ones share keys.
+SENDERS = ["alice@sender-a.test", "bob+one@sender-b.test",
+           "bob+two@sender-b.test", "prvs=0123abcd=carol@sender-c.test",
+           "dave@sender-d.test", "erin@sender-e.test", ""]
+# A share of messages come from a sender never seen before, so that
+# greylisting defers new triplets all through a long run, not only at the
+# start (and the store grows).
+FRESH_SENDER_CHANCE = 0.2
+HOSTILE_SENDER = "mallory@attacker.test"
+
+# The proxy's timings (configuration keys).
+INACTIVITY_TIMEOUT = 5
+UPSTREAM_TIMEOUT = 10
+# The upstream's longest wait before a reply: well below UPSTREAM_TIMEOUT.
+MAX_DELAY = 2.0
+# A client's socket timeout: the proxy answers a RCPT after up to four
+# upstream replies (greeting, EHLO, MAIL, RCPT), each possibly delayed.
+CLIENT_TIMEOUT = 30
+RETRY_DELAY = (1.0, 3.0)        # seconds before a deferred message is retried
+SAMPLE_INTERVAL = 5.0
+MIN_SIZE, MAX_SIZE = 1024, 200 * 1024
+UPSTREAM_SIZE_LIMIT = 10 * 1024 * 1024
+MAX_TEXT_LINE = 1000            # RFC 5321, CR LF included
+
+# The chance of each fault where it may happen, and of a delayed reply.
+FAULTS = {
+    "rcpt": (("4xx", 0.03), ("5xx", 0.02), ("drop", 0.005)),
+    "data": (("4xx", 0.02), ("5xx", 0.01), ("drop", 0.005)),
+    "message": (("drop", 0.01),),       # in the middle of the data
+    "dot": (("4xx", 0.03), ("5xx", 0.02), ("drop", 0.01)),
+}
+DELAY_CHANCE = 0.03
+FAULT_MARK = "(soak fault)"     # in the text of every fault reply
+# As Postfix, the upstream keeps the transaction after it refused DATA:
+# the next MAIL must come after an RSET, or it is a nested MAIL (503).
+DATA_REFUSAL_KEEPS_TRANSACTION = True
+
+# Chance of a message line of 998 octets (1000 with its CR LF, the most RFC
+# 5321 allows), half of them beginning with a dot: 1001 octets once
+# dot-stuffed, but the stuffed dot does not count (section 4.5.3.1.6).
+LONGEST_LINE_CHANCE = 0.005
+
+# How a session goes, and how often.
+SESSION_STYLES = (("smtplib", 0.6), ("pipelined", 0.3), ("hostile", 0.1))
+HOSTILE_KINDS = (("vanish", 0.3), ("silent", 0.1), ("smuggle", 0.35),
+                 ("overlong", 0.25))
+# The ends of data a lax server might see; each is followed by a second,
+# smuggled message.
+SMUGGLED_ENDS = (b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r",
+                 b"\r\n\x00.\r\n")
+
+# Outcomes of a recipient in the sent ledger.
+PENDING = "pending"             # deferred (4xx), or not tried yet
+ACCEPTED = "accepted"           # 250 to the final dot
+REFUSED = "refused"             # 5xx
+AMBIGUOUS = "ambiguous"         # the final dot went out, no reply came back
+
+# Replies of the proxy's own that a well-behaved client may hear.
+EXPECTED_PROXY_REPLIES = (
+    (451, r"4\.7\.1 "),         # greylisting
+    (451, r"4\.4\.[12] "),      # the upstream unreachable, or lost
+)
+
+
+def choose(rng, weighted):
+    """One key of ``weighted``, pairs (key, weight)."""
+    point = rng.uniform(0, sum(weight for _, weight in weighted))
+    for key, weight in weighted:
+        point -= weight
+        if point <= 0:
+            return key
+    return weighted[-1][0]
+
+
+def digest(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def dot_stuff(content):
+    """The content as sent after DATA: lines beginning with "." get one
+    more, and the final CR LF . CR LF."""
+    return re.sub(br"(?m)^\.", b"..", content) + b".\r\n"
+
+
+class Tally(object):
+    """Counters shared by threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = collections.Counter()
+
+    def add(self, key, number=1):
+        with self._lock:
+            self._counts[key] += number
+
+    def get(self, key):
+        with self._lock:
+            return self._counts[key]
+
+    def items(self):
+        with self._lock:
+            return sorted(self._counts.items())
+
+
+class Problems(object):
+    """Failures noted by threads: a count per kind, a few examples, and
+    counts by ``group`` (the same symptom, whatever the message)."""
+
+    examples_kept = 20
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counts = collections.Counter()
+        self.examples = collections.defaultdict(list)
+        self.groups = collections.defaultdict(collections.Counter)
+
+    def note(self, kind, detail, group=None):
+        with self._lock:
+            self.counts[kind] += 1
+            if len(self.examples[kind]) < self.examples_kept:
+                self.examples[kind].append(detail)
+            if group is not None:
+                self.groups[kind][group] += 1
+
+    def lines(self, verbose):
+        """The report's lines on the failures."""
+        lines = []
+        for kind, number in sorted(self.counts.items()):
+            lines.append("  %s: %d" % (kind, number))
+            groups = self.groups.get(kind)
+            if groups:
+                for group, count in groups.most_common():
+                    lines.append("    %5d x %s" % (count, group))
+            if verbose or not groups:
+                for example in self.examples[kind][:None if verbose else 3]:
+                    lines.append("      " + example.replace("\n", "\n      "))
+        return lines
+
+
+def symptom(text):
+    """``text`` without what varies from message to message: addresses and
+    ids."""
+    text = re.sub(r"<[^<>]*>", "<...>", text)
+    return re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
+                  r"[0-9a-f]{12}", "ID", text)
+
+
+# ---------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------
+
+class TextSource(object):
+    """Random message lines, cut from one random block of words."""
+
+    special_lines = (b".", b"..", b"...", b". a line beginning with a dot",
+                     b".\t", b"", b" ", b"\t", b"From the beginning of a line",
+                     b"MAIL FROM:<inner@example.net>", b"DATA", b"QUIT")
+    eight_bit_lines = ("Grüße aus Köln, ça va ? ★".encode("utf-8"),
+                       "Ελληνικά, русский, 日本語".encode("utf-8"),
+                       b"Latin-1 bytes: caf\xe9 na\xefve")
+
+    longest = 10000
+
+    def __init__(self, seed):
+        rng = random.Random(seed)
+        words = ["".join(rng.choice(string.ascii_letters + string.digits)
+                         for _ in range(rng.randint(1, 12)))
+                 for _ in range(3000)]
+        text = " ".join(rng.choice(words) for _ in range(80000))
+        # Room at the end for the longest line from any start.
+        self.block = (text + " " + text[:self.longest]).encode("ascii")
+        self.usable = len(self.block) - self.longest
+
+    def line(self, rng, eight_bit):
+        """One line of text, without its CR LF."""
+        roll = rng.random()
+        if roll < 0.02:
+            return rng.choice(self.special_lines)
+        if eight_bit and roll < 0.04:
+            return rng.choice(self.eight_bit_lines)
+        if rng.random() < LONGEST_LINE_CHANCE:
+            return rng.choice((b"x", b".")) + self.text(rng, 997)
+        if roll < 0.3:
+            return self.text(rng, rng.randint(79, 997))
+        return self.text(rng, rng.randint(0, 78))
+
+    def text(self, rng, length):
+        """``length`` octets of text (``longest`` at most)."""
+        start = rng.randrange(self.usable)
+        return self.block[start:start + length]
+
+
+class Message(object):
+    """A message of the sent ledger: its content, and for each recipient
+    the outcome the client heard."""
+
+    def __init__(self, message_id, sender, recipients, content, source,
+                 eight_bit):
+        self.id = message_id
+        self.sender = sender
+        self.recipients = list(recipients)
+        self.content = content      # dropped once no recipient is pending
+        self.digest = digest(content)
+        self.size = len(content)
+        self.source = source
+        self.eight_bit = eight_bit
+        self.status = dict.fromkeys(recipients, PENDING)
+        self.attempts = 0
+
+    def pending(self):
+        return [recipient for recipient in self.recipients
+                if self.status[recipient] == PENDING]
+
+
+def build_message(rng, text, message_id, sender, recipients):
+    """The content (bytes, CR LF line ends) of a new message, and whether
+    it holds 8-bit octets."""
+    eight_bit = rng.random() < 0.2
+    size = int(math.exp(rng.uniform(math.log(MIN_SIZE),
+                                    math.log(MAX_SIZE))))
+    headers = [
+        "Message-ID: <%s@soak.test>" % message_id,
+        "X-Soak-Id: %s" % message_id,
+        "From: <%s>" % (sender or "MAILER-DAEMON@soak.test"),
+        "To: %s" % ", ".join("<%s>" % address for address in recipients),
+        "Subject: soak %s" % message_id,
+        "Date: %s" % time.strftime("%a, %d %b %Y %H:%M:%S +0000",
+                                   time.gmtime()),
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=%s"
+        % ("utf-8" if eight_bit else "us-ascii"),
+        "Content-Transfer-Encoding: %s" % ("8bit" if eight_bit else "7bit"),
+        "",
+    ]
+    lines = [header.encode("ascii") for header in headers]
+    total = sum(len(line) + 2 for line in lines)
+    while total < size:
+        line = text.line(rng, eight_bit)
+        lines.append(line)
+        total += len(line) + 2
+    return b"\r\n".join(lines) + b"\r\n", eight_bit
+
+
+# ---------------------------------------------------------------------------
+# The sent ledger
+# ---------------------------------------------------------------------------
+
+class Transaction(object):
+    """One attempt at a message's pending recipients, and what the client
+    heard: ``mail``, ``rcpt`` (recipient -> reply), ``data`` (a reply to
+    DATA other than 354), ``final`` (the reply to the final dot), each
+    ``(code, text)``; ``dot_sent`` once the final dot is written; ``lost``
+    the error that ended the connection, if one did."""
+
+    def __init__(self, message, recipients):
+        self.message = message
+        self.recipients = recipients
+        self.mail = None
+        self.rcpt = {}
+        self.data = None
+        self.final = None
+        self.dot_sent = False
+        self.lost = None
+        self.settled = False
+
+    def accepted_recipients(self):
+        return [recipient for recipient in self.recipients
+                if self.rcpt.get(recipient, (0,))[0] // 100 == 2]
+
+
+class Ledger(object):
+    """The sent ledger: every message, the hostile ones' ids (which must not
+    arrive), and the outbox of deferred recipients, by client address."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.messages = {}
+        self.hostile = {}           # id -> kind
+        self.outbox = dict((source, []) for source in SOURCES)
+        self.sequence = 0
+        self.tally = Tally()
+
+    def new_message(self, message):
+        with self.lock:
+            if message.id in self.messages or message.id in self.hostile:
+                raise AssertionError("message id used twice: %s" % message.id)
+            self.messages[message.id] = message
+        self.tally.add("messages")
+
+    def new_hostile(self, message_id, kind):
+        with self.lock:
+            if message_id in self.messages or message_id in self.hostile:
+                raise AssertionError("message id used twice: %s" % message_id)
+            self.hostile[message_id] = kind
+
+    def take_due(self, source=None):
+        """A deferred message due for a retry, ``(message, recipients)``,
+        from ``source`` (or the one most overdue); None if there is none."""
+        now = time.monotonic()
+        with self.lock:
+            if source is None:
+                due = [(queue[0][0], name) for name, queue in
+                       self.outbox.items() if queue and queue[0][0] <= now]
+                if not due:
+                    return None
+                source = min(due)[1]
+            queue = self.outbox[source]
+            if not queue or queue[0][0] > now:
+                return None
+            _, _, message = heapq.heappop(queue)
+            return message, message.pending()
+
+    def settle(self, transaction, rng):
+        """Record what the client heard for each recipient of
+        ``transaction``; queue the deferred ones for a retry."""
+        message = transaction.message
+        transaction.settled = True
+        retry = []
+        with self.lock:
+            if transaction.mail is not None or transaction.lost is not None:
+                message.attempts += 1
+            for recipient in transaction.recipients:
+                outcome, reason = self.outcome(transaction, recipient)
+                if outcome == PENDING:
+                    retry.append(recipient)
+                    if reason != "not tried":
+                        self.tally.add("deferred: " + reason)
+                else:
+                    message.status[recipient] = outcome
+                    self.tally.add(outcome)
+            if retry:
+                self.sequence += 1
+                due = time.monotonic() + rng.uniform(*RETRY_DELAY)
+                heapq.heappush(self.outbox[message.source],
+                               (due, self.sequence, message))
+            elif not message.pending():
+                message.content = None
+
+    @staticmethod
+    def outcome(transaction, recipient):
+        """``(outcome, reason of a deferral)`` for one recipient."""
+        if transaction.mail is None and transaction.lost is None:
+            return PENDING, "not tried"
+        reply = transaction.rcpt.get(recipient)
+        if transaction.mail is not None and transaction.mail[0] != 250:
+            reply = transaction.mail
+        elif reply is not None and reply[0] // 100 == 2:
+            reply = transaction.final or transaction.data
+            if reply is None:
+                if transaction.dot_sent:
+                    return AMBIGUOUS, None
+                return PENDING, "connection lost"
+        if reply is None:
+            return PENDING, "connection lost"
+        code, text = reply
+        if code // 100 == 2:
+            return ACCEPTED, None
+        if code // 100 == 5:
+            return REFUSED, None
+        if FAULT_MARK in text:
+            return PENDING, "upstream 4xx"
+        if text.startswith("4.7.1"):
+            return PENDING, "greylisting"
+        if text.startswith("4.4."):
+            return PENDING, "upstream lost"
+        return PENDING, "other 4xx"
+
+
+# ---------------------------------------------------------------------------
+# The fault-injecting upstream
+# ---------------------------------------------------------------------------
+
+Arrival = collections.namedtuple(
+    "Arrival", "id sender recipients digest size")
+
+
+class Dropped(Exception):
+    """The upstream drops the connection (a fault of its own)."""
+
+
+class FaultyUpstream(socketserver.ThreadingTCPServer):
+    """The upstream SMTP server: see the module's docstring.
+
+    ``arrivals`` is its received ledger, ``faults`` counts the faults
+    injected by kind, ``problems`` gets the proxy's protocol errors, and
+    ``open_sessions`` the sessions in progress.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    max_commands = 10000        # per session
+    max_data_lines = 1000000
+    idle_timeout = 60
+
+    def __init__(self, seed, problems):
+        self.rng = random.Random(seed)
+        self.problems = problems
+        self.lock = threading.Lock()
+        self.arrivals = []
+        self.faults = Tally()
+        self.sessions = 0
+        self.open_sessions = 0
+        self.faults_on = True
+        socketserver.ThreadingTCPServer.__init__(
+            self, (LOOPBACK, 0), UpstreamSession)
+        self.port = self.server_address[1]
+        self.thread = threading.Thread(target=self.serve_forever,
+                                       args=(0.1,), name="upstream")
+        self.thread.daemon = True
+        self.thread.start()
+
+    def session_rng(self):
+        with self.lock:
+            self.sessions += 1
+            self.open_sessions += 1
+            return random.Random(self.rng.getrandbits(64))
+
+    def session_ended(self):
+        with self.lock:
+            self.open_sessions -= 1
+
+    def record(self, arrival):
+        with self.lock:
+            self.arrivals.append(arrival)
+
+    def wait_quiet(self, timeout):
+        """Wait until no session is open; False if it took too long."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.open_sessions == 0:
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+
+
+class UpstreamSession(socketserver.StreamRequestHandler):
+    """One upstream session, as a strict server would hold it."""
+
+    timeout = FaultyUpstream.idle_timeout
+
+    def setup(self):
+        socketserver.StreamRequestHandler.setup(self)
+        self.rng = self.server.session_rng()
+        self.mail_from = None
+        self.body = None            # the MAIL's BODY= parameter
+        self.rcpt = []
+        self.data_refused = False   # DATA refused: the transaction stays
+
+    def handle(self):
+        try:
+            self.reply("220 upstream.soak.test ESMTP soak")
+            for _ in range(self.server.max_commands):
+                line = self.rfile.readline(2048)
+                if not line:
+                    return
+                if not line.endswith(b"\r\n"):
+                    self.protocol_error("command line without CR LF",
+                                        repr(line[:80]))
+                    return
+                text = line[:-2].decode("ascii", "replace")
+                verb, _, args = text.partition(" ")
+                command = getattr(self, "smtp_" + verb.upper(), None)
+                if command is None:
+                    self.protocol_error("unknown command", repr(text[:80]))
+                    self.reply("500 5.5.2 Error: command not recognized")
+                elif command(args) is False:
+                    return
+        except Dropped:
+            self.drop()
+        except (OSError, ValueError):
+            pass                    # the proxy went away, or timed out
+        finally:
+            self.server.session_ended()
+
+    def finish(self):
+        try:
+            socketserver.StreamRequestHandler.finish(self)
+        except OSError:
+            pass
+
+    # -- faults ---------------------------------------------------------
+
+    def fault(self, where, count=True):
+        """The fault to inject at ``where``, or None; counted, unless the
+        caller counts it once it happens."""
+        if not self.server.faults_on:
+            return None
+        roll = self.rng.random()
+        for kind, chance in FAULTS[where]:
+            if roll < chance:
+                if count:
+                    self.server.faults.add("%s %s" % (where, kind))
+                return kind
+            roll -= chance
+        return None
+
+    def reply(self, line):
+        if self.server.faults_on and self.rng.random() < DELAY_CHANCE:
+            self.server.faults.add("delay")
+            time.sleep(self.rng.uniform(0.05, MAX_DELAY))
+        self.wfile.write(line.encode("ascii") + b"\r\n")
+        self.wfile.flush()
+
+    def drop(self):
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def protocol_error(self, what, detail=""):
+        self.server.problems.note("upstream saw a protocol error",
+                                  ("%s: %s" % (what, detail)).rstrip(": "),
+                                  symptom(what))
+
+    def reset(self):
+        self.mail_from = None
+        self.body = None
+        self.rcpt = []
+        self.data_refused = False
+
+    # -- commands -------------------------------------------------------
+
+    def smtp_EHLO(self, args):
+        self.reset()
+        self.reply("250-upstream.soak.test\r\n250-PIPELINING\r\n"
+                   "250-8BITMIME\r\n250-SIZE %d\r\n250 ENHANCEDSTATUSCODES"
+                   % UPSTREAM_SIZE_LIMIT)
+
+    def smtp_HELO(self, args):
+        self.reset()
+        self.reply("250 upstream.soak.test")
+
+    def smtp_NOOP(self, args):
+        self.reply("250 2.0.0 Ok")
+
+    def smtp_RSET(self, args):
+        self.reset()
+        self.reply("250 2.0.0 Ok")
+
+    def smtp_QUIT(self, args):
+        self.reply("221 2.0.0 Bye")
+        return False
+
+    def smtp_MAIL(self, args):
+        match = re.match(r"FROM:<([^<>]*)>((?: [^ ]+)*)\Z", args, re.I)
+        if match is None:
+            self.protocol_error("bad MAIL", repr(args[:80]))
+            self.reply("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        if self.mail_from is not None:
+            self.protocol_error(
+                "nested MAIL (no RSET%s)" % (" after a refused DATA"
+                                             if self.data_refused else ""),
+                args[:80])
+            self.reply("503 5.5.1 Error: nested MAIL command")
+            return
+        body = None
+        for parameter in match.group(2).split():
+            keyword, _, value = parameter.partition("=")
+            keyword = keyword.upper()
+            if keyword == "BODY":
+                body = value.upper()
+            elif keyword == "SIZE":
+                if not value.isdigit():
+                    self.protocol_error("bad SIZE", parameter)
+                elif int(value) > UPSTREAM_SIZE_LIMIT:
+                    self.reply("552 5.3.4 Message size exceeds fixed limit")
+                    return
+            else:
+                self.protocol_error("MAIL parameter not offered", parameter)
+        self.mail_from = match.group(1)
+        self.body = body
+        self.reply("250 2.1.0 Ok")
+
+    def smtp_RCPT(self, args):
+        match = re.match(r"TO:<([^<>]+)>\Z", args, re.I)
+        if match is None:
+            self.protocol_error("bad RCPT", repr(args[:80]))
+            self.reply("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        if self.mail_from is None:
+            self.protocol_error("RCPT without MAIL")
+            self.reply("503 5.5.1 Error: need MAIL command")
+            return
+        fault = self.fault("rcpt")
+        if fault == "drop":
+            raise Dropped()
+        if fault == "4xx":
+            self.reply("450 4.2.1 <%s>: Mailbox busy %s"
+                       % (match.group(1), FAULT_MARK))
+        elif fault == "5xx":
+            self.reply("550 5.1.1 <%s>: No such user %s"
+                       % (match.group(1), FAULT_MARK))
+        else:
+            self.rcpt.append(match.group(1))
+            self.reply("250 2.1.5 Ok")
+
+    def smtp_DATA(self, args):
+        if not self.rcpt:
+            self.protocol_error("DATA without an accepted RCPT")
+            self.reply("503 5.5.1 Error: need RCPT command")
+            return
+        fault = self.fault("data")
+        if fault == "drop":
+            raise Dropped()
+        if fault in ("4xx", "5xx"):
+            if DATA_REFUSAL_KEEPS_TRANSACTION:
+                self.data_refused = True
+            else:
+                self.reset()
+            self.reply("451 4.3.0 Try again %s" % FAULT_MARK if fault == "4xx"
+                       else "554 5.7.0 Transaction refused %s" % FAULT_MARK)
+            return
+        self.reply("354 End data with <CR><LF>.<CR><LF>")
+        content = self.receive_data()
+        match = re.search(br"^X-Soak-Id: ([0-9a-f-]+)\r$",
+                          content.split(b"\r\n\r\n", 1)[0], re.M)
+        message_id = match.group(1).decode("ascii") if match else "unknown"
+        if self.body != "8BITMIME" and re.search(b"[\x80-\xff]", content):
+            self.protocol_error("8-bit data without BODY=8BITMIME",
+                                message_id)
+        arrival = Arrival(message_id, self.mail_from, tuple(self.rcpt),
+                          digest(content), len(content))
+        self.reset()
+        fault = self.fault("dot")
+        if fault == "drop":
+            raise Dropped()
+        if fault == "4xx":
+            self.reply("451 4.3.0 Queue file write error %s %s"
+                       % (FAULT_MARK, message_id))
+        elif fault == "5xx":
+            self.reply("554 5.6.0 Content refused %s %s"
+                       % (FAULT_MARK, message_id))
+        else:
+            self.reply("250 2.0.0 Ok: queued as %s" % message_id)
+            self.server.record(arrival)
+
+    def receive_data(self):
+        """The message, dot-unstuffed, up to the line "."; Dropped for a
+        fault in the middle."""
+        lines = []
+        drop_at = None
+        if self.fault("message", count=False) == "drop":
+            drop_at = self.rng.randint(1, 200)
+        for number in range(self.server.max_data_lines):
+            line = self.rfile.readline(MAX_TEXT_LINE + 100)
+            if not line:
+                raise OSError("closed during DATA")
+            if line == b".\r\n":
+                return b"".join(lines)
+            self.check_data_line(line, number)
+            if line.startswith(b"."):
+                line = line[1:]
+            lines.append(line)
+            if number + 1 == drop_at:
+                self.server.faults.add("message drop")
+                raise Dropped()
+        raise OSError("too many lines")
+
+    def check_data_line(self, line, number):
+        problem = None
+        if not line.endswith(b"\r\n"):
+            problem = "no CR LF at its end"
+        elif b"\r" in line[:-2] or b"\n" in line[:-2]:
+            problem = "a bare CR or LF"
+        elif b"\x00" in line:
+            problem = "a NUL"
+        elif len(line) - line.startswith(b".") > MAX_TEXT_LINE:
+            problem = "more than %d octets" % MAX_TEXT_LINE
+        if problem:
+            self.protocol_error("data line with " + problem, "line %d: %r"
+                                % (number + 1, line[:60]))
+
+
+# ---------------------------------------------------------------------------
+# The proxy
+# ---------------------------------------------------------------------------
+
+def free_port():
+    probe = socket.socket()
+    try:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+    finally:
+        probe.close()
+
+
+Sample = collections.namedtuple("Sample", "time fds threads rss")
+
+
+class ProxyProcess(object):
+    """smtpproxy.py run from its command line, greylisting for DOMAIN."""
+
+    start_timeout = 30
+
+    def __init__(self, python, directory, upstream_port):
+        self.directory = directory
+        self.port = free_port()
+        self.config_path = os.path.join(directory, "smtpproxy.conf")
+        self.stderr_path = os.path.join(directory, "proxy-stderr.txt")
+        with open(self.config_path, "w") as config:
+            config.write(self.configuration())
+        self.stderr = open(self.stderr_path, "wb")
+        self.process = subprocess.Popen(
+            [python, PROXY_SCRIPT, "--config", self.config_path,
+             "--listen", "%s:%d" % (LOOPBACK, self.port),
+             "--upstream", "%s:%d" % (LOOPBACK, upstream_port)],
+            stdin=subprocess.DEVNULL, stdout=self.stderr,
+            stderr=self.stderr, cwd=directory)
+        self.pid = self.process.pid
+
+    def configuration(self):
+        lines = [
+            "# Written by contrib/soak.py.",
+            "servername = proxy.soak.test",
+            "greylist_db = %s" % os.path.join(self.directory, "greylist.db"),
+            "greylist_log = %s" % os.path.join(self.directory,
+                                               "greylist.log"),
+            "allowed_domains:",
+            "    %s" % DOMAIN,
+            # Greylisting that lets a retry pass after a second.
+            "too_soon = 0",
+            "min_defer_time = 1",
+            "max_defer_time = 86400",
+            "ipv4_prefix = 32",
+            # Every new triplet is greylisted, all through the run.
+            "auto_whitelist_clients = 0",
+            "inactivity_timeout = %d" % INACTIVITY_TIMEOUT,
+            "upstream_timeout = %d" % UPSTREAM_TIMEOUT,
+            "max_connections_per_ip = 0",
+            "grace_period = 5",
+        ]
+        if os.geteuid() == 0:
+            lines.append("run_as_root = yes")
+        return "\n".join(lines) + "\n"
+
+    def wait_ready(self):
+        """Wait until it greets; an error message if it does not."""
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return "the proxy exited (%s): %s" % (
+                    self.process.returncode, self.log_text()[-2000:])
+            try:
+                probe = socket.create_connection((LOOPBACK, self.port), 5)
+            except OSError:
+                time.sleep(0.1)
+                continue
+            try:
+                greeting = probe.makefile("rb").readline()
+                probe.sendall(b"QUIT\r\n")
+            except OSError:
+                greeting = b""
+            finally:
+                probe.close()
+            if greeting.startswith(b"220 "):
+                return None
+            time.sleep(0.1)
+        return "the proxy did not greet within %d seconds" % (
+            self.start_timeout)
+
+    def sample(self):
+        """Its open descriptors, threads and RSS (bytes) now; None once it
+        has gone."""
+        try:
+            fds = len(os.listdir("/proc/%d/fd" % self.pid))
+            with open("/proc/%d/status" % self.pid) as status:
+                fields = dict(line.split(":", 1) for line in status
+                              if ":" in line)
+            return Sample(time.monotonic(), fds, int(fields["Threads"]),
+                          int(fields["VmRSS"].split()[0]) * 1024)
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def descriptors(self):
+        """What its open descriptors point to (files, sockets, pipes)."""
+        names = []
+        directory = "/proc/%d/fd" % self.pid
+        try:
+            for fd in os.listdir(directory):
+                try:
+                    names.append(os.readlink(os.path.join(directory, fd)))
+                except OSError:
+                    pass
+        except OSError:
+            pass
+        return sorted(names)
+
+    def alive(self):
+        return self.process.poll() is None
+
+    def stop(self, timeout=30):
+        """SIGTERM, and its exit status (None if it had to be killed)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+                self.stderr.close()
+                return None
+        self.stderr.close()
+        return self.process.returncode
+
+    def log_text(self):
+        with open(self.stderr_path, "rb") as log:
+            return log.read().decode("utf-8", "replace")
+
+
+class Monitor(object):
+    """Samples the proxy's resources every SAMPLE_INTERVAL seconds."""
+
+    def __init__(self, proxy, limit, progress=None):
+        """At most ``limit`` samples; with ``progress`` (a function giving
+        a line of text), print a line at each."""
+        self.proxy = proxy
+        self.limit = limit
+        self.progress = progress
+        self.samples = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="monitor")
+        self.thread.daemon = True
+        self.thread.start()
+
+    def run(self):
+        for _ in range(self.limit):
+            if self.stopped.wait(SAMPLE_INTERVAL):
+                return
+            sample = self.proxy.sample()
+            if sample is None:
+                return
+            self.samples.append(sample)
+            if self.progress is not None:
+                print("%s  fds %d  threads %d  RSS %.1f MB"
+                      % (self.progress(), sample.fds, sample.threads,
+                         sample.rss / 1e6))
+                sys.stdout.flush()
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join(SAMPLE_INTERVAL + 5)
+
+
+# ---------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------
+
+class ConnectionLost(Exception):
+    """The connection to the proxy ended, or timed out."""
+
+
+class RawClient(object):
+    """An SMTP client on a raw socket: pipelining, hostile behaviour."""
+
+    max_reply_lines = 100
+
+    def __init__(self, port, source, timeout=CLIENT_TIMEOUT):
+        try:
+            self.sock = socket.create_connection(
+                (LOOPBACK, port), timeout, source_address=(source, 0))
+        except OSError as error:
+            raise ConnectionLost("cannot connect: %s" % error)
+        self.file = self.sock.makefile("rb")
+
+    def reply(self):
+        """One reply, ``(code, text)``, its lines joined by newlines."""
+        lines = []
+        try:
+            for _ in range(self.max_reply_lines):
+                line = self.file.readline(4096)
+                if not line:
+                    raise ConnectionLost("closed by the proxy")
+                match = re.match(br"([2-5][0-9][0-9])([ -])(.*)\r\n\Z", line)
+                if match is None:
+                    raise ConnectionLost("garbage from the proxy: %r"
+                                         % line[:80])
+                lines.append(match.group(3).decode("ascii", "replace"))
+                if match.group(2) == b" ":
+                    return int(match.group(1)), "\n".join(lines)
+        except OSError as error:
+            raise ConnectionLost(str(error) or error.__class__.__name__)
+        raise ConnectionLost("a reply of too many lines")
+
+    def send(self, data):
+        try:
+            self.sock.sendall(data)
+        except OSError as error:
+            raise ConnectionLost(str(error))
+
+    def send_in_pieces(self, data, rng):
+        """Send ``data`` in a few pieces of random sizes and its last octets
+        one by one, so that the end of data comes split across reads."""
+        tail = min(len(data), rng.randint(1, 8))
+        head = data[:len(data) - tail]
+        cuts = sorted(rng.randrange(len(head) + 1)
+                      for _ in range(rng.randint(0, 6)))
+        start = 0
+        for cut in cuts + [len(head)]:
+            if cut > start:
+                self.send(head[start:cut])
+                start = cut
+        for position in range(len(data) - tail, len(data)):
+            time.sleep(0.001)
+            self.send(data[position:position + 1])
+
+    def command(self, line):
+        self.send(line.encode("utf-8") + b"\r\n")
+        return self.reply()
+
+    def close(self, reset=False):
+        if reset:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        try:
+            self.file.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class LedgerSMTP(smtplib.SMTP):
+    """smtplib.SMTP that notes when the final dot has been written."""
+
+    dot_sent = False
+
+    def send(self, data):
+        smtplib.SMTP.send(self, data)
+        if isinstance(data, bytes) and data.endswith(b"\r\n.\r\n"):
+            self.dot_sent = True
+
+
+class Client(threading.Thread):
+    """One client thread: sessions, one after the other, until the end."""
+
+    def __init__(self, number, soak):
+        threading.Thread.__init__(self, name="client-%d" % number)
+        self.daemon = True
+        self.soak = soak
+        self.ledger = soak.ledger
+        self.problems = soak.problems
+        self.tally = soak.tally
+        self.port = soak.proxy.port
+        self.rng = random.Random("%s-client-%d" % (soak.seed, number))
+        self.helo = "client%d.soak.test" % number
+
+    def run(self):
+        for _ in range(10 ** 7):
+            if self.soak.stopping.is_set():
+                return
+            style = choose(self.rng, SESSION_STYLES)
+            self.tally.add("sessions")
+            try:
+                if style == "hostile":
+                    self.hostile_session()
+                else:
+                    self.session(style)
+            except Exception as error:          # a bug of the soak itself
+                self.problems.note("soak client error", "%s: %r"
+                                   % (style, error))
+                time.sleep(0.1)
+
+    # -- well-behaved sessions ------------------------------------------
+
+    def next_attempt(self, source):
+        """A deferred message due from ``source``, or a new one."""
+        due = self.ledger.take_due(source)
+        if due is not None:
+            return Transaction(*due)
+        recipients = self.rng.sample(RECIPIENTS, self.rng.randint(1, 5))
+        if self.rng.random() < FRESH_SENDER_CHANCE:
+            sender = "someone@fresh-%08x.test" % self.rng.getrandbits(32)
+        else:
+            sender = self.rng.choice(SENDERS)
+        message_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+        content, eight_bit = build_message(self.rng, self.soak.text,
+                                           message_id, sender, recipients)
+        message = Message(message_id, sender, recipients, content, source,
+                          eight_bit)
+        self.ledger.new_message(message)
+        return Transaction(message, message.pending())
+
+    def session(self, style):
+        """A session of 1-3 transactions: retries due first (its address is
+        theirs), new messages otherwise."""
+        first = self.ledger.take_due()
+        source = (first[0].source if first is not None
+                  else self.rng.choice(SOURCES))
+        transactions = self.rng.choice((1, 1, 1, 2, 3))
+        attempts = []
+        if first is not None:
+            attempts.append(Transaction(*first))
+        session = (self.smtplib_session if style == "smtplib"
+                   else self.pipelined_session)
+        try:
+            session(source, attempts, transactions)
+        finally:
+            for attempt in attempts:
+                if not attempt.settled:     # back to the outbox
+                    self.settle(attempt)
+
+    def mail_options(self, message):
+        options = []
+        if message.eight_bit:
+            options.append("BODY=8BITMIME")
+        if self.rng.random() < 0.3:
+            options.append("SIZE=%d" % message.size)
+        return options
+
+    def smtplib_session(self, source, attempts, count):
+        smtp = LedgerSMTP(local_hostname=self.helo, timeout=CLIENT_TIMEOUT,
+                          source_address=(source, 0))
+        transaction = None
+        try:
+            code, text = smtp.connect(LOOPBACK, self.port)
+            self.check_reply("greeting", code, text, 220)
+            code, text = smtp.ehlo()
+            self.check_reply("EHLO", code, text, 250)
+            for number in range(count):
+                if self.soak.stopping.is_set():
+                    break
+                transaction = (attempts[number] if number < len(attempts)
+                               else self.next_attempt(source))
+                smtp.dot_sent = False
+                self.smtplib_transaction(smtp, transaction)
+                self.settle(transaction)
+                transaction = None
+            code, text = smtp.docmd("QUIT")
+            self.check_reply("QUIT", code, text, 221)
+        except (smtplib.SMTPException, OSError) as error:
+            self.connection_lost(transaction, smtp.dot_sent, error)
+        finally:
+            smtp.close()
+
+    def smtplib_transaction(self, smtp, transaction):
+        message = transaction.message
+        code, text = smtp.mail(message.sender, self.mail_options(message))
+        transaction.mail = (code, self.text(text))
+        self.check_reply("MAIL", code, text, 250)
+        if code == 250:
+            for recipient in transaction.recipients:
+                code, text = smtp.rcpt(recipient)
+                transaction.rcpt[recipient] = (code, self.text(text))
+                self.check_reply("RCPT", code, text)
+        if not transaction.accepted_recipients():
+            smtp.rset()
+            return
+        try:
+            code, text = smtp.data(message.content)
+        except smtplib.SMTPDataError as error:
+            transaction.data = (error.smtp_code, self.text(error.smtp_error))
+            self.check_reply("DATA", error.smtp_code, error.smtp_error)
+            smtp.rset()
+            return
+        transaction.final = (code, self.text(text))
+        self.check_final(transaction)
+
+    def pipelined_session(self, source, attempts, count):
+        """Each transaction's MAIL, RCPTs and DATA in one write (RFC 2920),
+        the data in random pieces."""
+        transaction = None
+        client = None
+        try:
+            client = RawClient(self.port, source)
+            code, text = client.reply()
+            self.check_reply("greeting", code, text, 220)
+            code, text = client.command("EHLO " + self.helo)
+            self.check_reply("EHLO", code, text, 250)
+            if "PIPELINING" not in text.split("\n"):
+                self.problems.note("unexpected reply", "EHLO without "
+                                   "PIPELINING: %r" % text)
+            for number in range(count):
+                if self.soak.stopping.is_set():
+                    break
+                transaction = (attempts[number] if number < len(attempts)
+                               else self.next_attempt(source))
+                going_on = self.pipelined_transaction(client, transaction)
+                self.settle(transaction)
+                transaction = None
+                if not going_on:
+                    return
+            code, text = client.command("QUIT")
+            self.check_reply("QUIT", code, text, 221)
+        except ConnectionLost as error:
+            self.connection_lost(transaction, transaction is not None
+                                 and transaction.dot_sent, error)
+        finally:
+            if client is not None:
+                client.close()
+
+    def pipelined_transaction(self, client, transaction):
+        """False when the proxy closed the connection (a DATA without a
+        valid recipient is a protocol error: ``strict``)."""
+        message = transaction.message
+        commands = ["MAIL FROM:<%s>%s" % (message.sender, "".join(
+            " " + option for option in self.mail_options(message)))]
+        commands += ["RCPT TO:<%s>" % recipient
+                     for recipient in transaction.recipients]
+        commands.append("DATA")
+        client.send("".join(line + "\r\n" for line in commands).encode())
+        transaction.mail = client.reply()
+        self.check_reply("MAIL", transaction.mail[0], transaction.mail[1],
+                         250)
+        for recipient in transaction.recipients:
+            transaction.rcpt[recipient] = client.reply()
+            self.check_reply("RCPT", *transaction.rcpt[recipient])
+        code, text = client.reply()
+        if code != 354:
+            transaction.data = (code, text)
+            if code == 503 and not transaction.accepted_recipients():
+                return False        # expected, and the connection is closed
+            self.check_reply("DATA", code, text)
+            return True
+        client.send_in_pieces(dot_stuff(message.content), self.rng)
+        transaction.dot_sent = True
+        transaction.final = client.reply()
+        self.check_final(transaction)
+        return True
+
+    # -- what a well-behaved client hears -------------------------------
+
+    @staticmethod
+    def text(text):
+        if isinstance(text, bytes):
+            return text.decode("ascii", "replace")
+        return text
+
+    def check_reply(self, stage, code, text, wanted=None):
+        """Note a reply that a well-behaved client should not hear."""
+        text = self.text(text)
+        if wanted is not None:
+            good = code == wanted
+        else:
+            good = (code // 100 == 2 or code == 354 or FAULT_MARK in text
+                    or any(code == expected and re.match(pattern, text)
+                           for expected, pattern in EXPECTED_PROXY_REPLIES))
+        if not good:
+            detail = "%s: %d %s" % (stage, code, text)
+            self.problems.note("unexpected reply", detail, symptom(detail))
+
+    def check_final(self, transaction):
+        code, text = transaction.final
+        self.check_reply("end of data", code, text)
+        if (code // 100 == 2 or FAULT_MARK in text) and \
+                transaction.message.id not in text:
+            self.problems.note("crossed reply", "%s got %d %s"
+                               % (transaction.message.id, code, text))
+
+    def settle(self, transaction):
+        self.ledger.settle(transaction, self.rng)
+
+    def connection_lost(self, transaction, dot_sent, error):
+        """The proxy closed the connection, or stopped answering: it should
+        not, to a well-behaved client."""
+        detail = "%s: %s" % (error.__class__.__name__, error)
+        self.problems.note("connection lost", detail, symptom(detail))
+        if transaction is not None:
+            transaction.dot_sent = dot_sent
+            transaction.lost = str(error)
+            self.settle(transaction)
+
+    # -- hostile sessions -----------------------------------------------
+
+    def hostile_session(self):
+        kind = choose(self.rng, HOSTILE_KINDS)
+        self.tally.add("hostile: " + kind)
+        source = self.rng.choice(SOURCES)
+        message_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+        self.ledger.new_hostile(message_id, kind)
+        recipient = self.rng.choice(RECIPIENTS)
+        content, _ = build_message(self.rng, self.soak.text, message_id,
+                                   HOSTILE_SENDER, [recipient])
+        client = None
+        try:
+            client = RawClient(self.port, source)
+            client.reply()
+            client.command("EHLO mallory.attacker.test")
+            if not self.reach_data(client, recipient):
+                client.command("QUIT")
+                return
+            self.tally.add("hostile reached DATA")
+            getattr(self, "hostile_" + kind)(client, content, message_id)
+        except ConnectionLost:
+            pass
+        finally:
+            if client is not None:
+                client.close(reset=kind == "vanish" and self.rng.random() < .5)
+
+    def reach_data(self, client, recipient):
+        """MAIL, RCPT (again after greylisting's deferral: it passes after
+        a second), DATA: True at 354."""
+        code, _ = client.command("MAIL FROM:<%s>" % HOSTILE_SENDER)
+        if code != 250:
+            return False
+        for _ in range(3):
+            code, text = client.command("RCPT TO:<%s>" % recipient)
+            if code == 250:
+                break
+            if code != 451 or not text.startswith("4.7.1"):
+                return False
+            time.sleep(1.2)
+        else:
+            return False
+        code, _ = client.command("DATA")
+        return code == 354
+
+    def partial_data(self, content):
+        data = dot_stuff(content)[:-3]      # never the final dot
+        return data[:self.rng.randint(0, len(data))]
+
+    def hostile_vanish(self, client, content, message_id):
+        """Gone in the middle of the data (closed, or reset)."""
+        client.send(self.partial_data(content))
+
+    def hostile_silent(self, client, content, message_id):
+        """Silent in the middle of the data: the proxy must say 421 and
+        close after inactivity_timeout."""
+        client.send(self.partial_data(content))
+        started = time.monotonic()
+        client.sock.settimeout(INACTIVITY_TIMEOUT + 10)
+        try:
+            code, text = client.reply()
+        except ConnectionLost as error:
+            code, text = None, str(error)
+        waited = time.monotonic() - started
+        if code != 421 or waited > INACTIVITY_TIMEOUT + 3:
+            self.problems.note("silent client not timed out",
+                               "%s after %.1f s: %s %s"
+                               % (message_id, waited, code, text))
+
+    def hostile_smuggle(self, client, content, message_id):
+        """A second message behind an end of data that only a lax server
+        sees (a bare LF, CR or a NUL in it): refused, and neither
+        arrives."""
+        inner_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+        self.ledger.new_hostile(inner_id, "smuggled")
+        inner, _ = build_message(self.rng, self.soak.text, inner_id,
+                                 HOSTILE_SENDER, [RECIPIENTS[0]])
+        fake_end = self.rng.choice(SMUGGLED_ENDS)
+        data = (dot_stuff(content)[:-5] + fake_end
+                + ("MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n"
+                   % (HOSTILE_SENDER, RECIPIENTS[0])).encode()
+                + dot_stuff(inner))
+        client.send_in_pieces(data, self.rng)
+        self.expect_refusal(client, message_id, "smuggling %r" % fake_end)
+
+    def hostile_overlong(self, client, content, message_id):
+        """A line longer than 1000 octets: refused, and it does not
+        arrive."""
+        lines = content.split(b"\r\n")
+        position = self.rng.randrange(len(lines) // 2, len(lines))
+        lines.insert(position, self.soak.text.text(
+            self.rng, self.rng.randint(MAX_TEXT_LINE - 1, 5000)).replace(
+                b" ", b"x"))
+        client.send_in_pieces(dot_stuff(b"\r\n".join(lines)), self.rng)
+        self.expect_refusal(client, message_id, "a line too long")
+
+    def expect_refusal(self, client, message_id, what):
+        """A 5xx (550 5.5.2 for a bare CR or LF, 552 5.5.6 for a long line:
+        the first problem found in the data decides)."""
+        code, text = client.reply()
+        if code // 100 != 5:
+            self.problems.note("hostile message not refused",
+                               "%s (%s): %d %s"
+                               % (message_id, what, code, text))
+        client.command("QUIT")
+
+
+# ---------------------------------------------------------------------------
+# The run, the checks and the report
+# ---------------------------------------------------------------------------
+
+class Soak(object):
+    """One soak run: see the module's docstring."""
+
+    fd_slack = 5
+    thread_slack = 2
+    rss_growth = 1.2
+
+    def __init__(self, args, directory):
+        self.args = args
+        self.directory = directory
+        self.seed = args.seed
+        self.problems = Problems()
+        self.ledger = Ledger()
+        self.tally = Tally()
+        self.stopping = threading.Event()
+        self.text = TextSource(self.seed)
+        self.proxy = None
+        self.upstream = None
+        self.load_time = 0.0
+        self.settle_time = 0.0
+        self.baseline = self.idle = None
+        self.samples = []
+        self.baseline_descriptors = self.idle_descriptors = []
+        self.started = time.monotonic()
+        self.exit_status = None
+        self.log = ""
+
+    def progress(self):
+        return "%6.1f s  sessions %d  messages %d  accepted %d  arrived %d" % (
+            time.monotonic() - self.started, self.tally.get("sessions"),
+            self.ledger.tally.get("messages"),
+            self.ledger.tally.get(ACCEPTED), len(self.upstream.arrivals))
+
+    def run(self):
+        self.upstream = FaultyUpstream(self.seed, self.problems)
+        try:
+            try:
+                self.proxy = ProxyProcess(self.args.python, self.directory,
+                                          self.upstream.port)
+            except OSError as error:
+                print("FAIL: cannot run %s: %s" % (self.args.python, error))
+                return 1
+            error = self.proxy.wait_ready()
+            if error is not None:
+                print("FAIL: %s" % error)
+                self.proxy.stop()
+                return 1
+            try:
+                self.load()
+            finally:
+                self.exit_status = self.proxy.stop()
+                self.log = self.proxy.log_text()
+        finally:
+            self.upstream.stop()
+        return self.report()
+
+    def load(self):
+        # The proxy asked the upstream for its extensions as it started.
+        self.upstream.wait_quiet(15)
+        time.sleep(1)
+        self.baseline = self.proxy.sample()
+        self.baseline_descriptors = self.proxy.descriptors()
+        self.started = time.monotonic()
+        monitor = Monitor(self.proxy,
+                          int(self.args.duration / SAMPLE_INTERVAL) + 100,
+                          self.progress if self.args.verbose else None)
+        clients = [Client(number, self) for number in range(self.args.clients)]
+        for client in clients:
+            client.start()
+        deadline = self.started + self.args.duration
+        while time.monotonic() < deadline and self.proxy.alive():
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        if not self.proxy.alive():
+            self.problems.note("proxy died", "exit status %s during the load"
+                               % self.proxy.process.returncode)
+        self.stopping.set()
+        stop_by = time.monotonic() + 3 * CLIENT_TIMEOUT
+        for client in clients:
+            client.join(max(0.1, stop_by - time.monotonic()))
+            if client.is_alive():
+                self.problems.note("client did not stop", client.name)
+        self.load_time = time.monotonic() - self.started
+        monitor.stop()
+        self.samples = monitor.samples
+        self.upstream.faults_on = False
+        if not self.upstream.wait_quiet(30):
+            self.problems.note("upstream not quiet",
+                               "sessions still open 30 s after the load")
+        self.idle = self.wait_idle()
+        self.idle_descriptors = self.proxy.descriptors()
+        self.settle_time = time.monotonic() - self.started - self.load_time
+
+    def wait_idle(self):
+        """The proxy's resources once the load is over: after 2 seconds,
+        or up to 15 while they are still above the baseline."""
+        time.sleep(2)
+        deadline = time.monotonic() + 13
+        sample = self.proxy.sample()
+        while (sample is not None and self.baseline is not None
+               and not self.back_to_baseline(sample)
+               and time.monotonic() < deadline):
+            time.sleep(0.5)
+            sample = self.proxy.sample()
+        return sample
+
+    def back_to_baseline(self, sample):
+        return (sample.fds <= self.baseline.fds + self.fd_slack
+                and sample.threads <= self.baseline.threads
+                + self.thread_slack)
+
+    # -- checks ----------------------------------------------------------
+
+    def check_ledger(self):
+        """Compare the sent ledger with the received one; return counts."""
+        counts = collections.Counter()
+        problems = self.problems
+        arrived = collections.defaultdict(list)   # (id, recipient) -> [...]
+        messages_arrived = set()
+        for arrival in self.upstream.arrivals:
+            counts["arrivals"] += 1
+            hostile = self.ledger.hostile.get(arrival.id)
+            if hostile is not None:
+                problems.note("hostile message arrived", "%s (%s)"
+                              % (arrival.id, hostile))
+                continue
+            message = self.ledger.messages.get(arrival.id)
+            if message is None:
+                problems.note("phantom", "unknown message %s" % arrival.id)
+                continue
+            messages_arrived.add(arrival.id)
+            if (arrival.digest, arrival.size, arrival.sender) != (
+                    message.digest, message.size, message.sender):
+                problems.note("corrupted", "%s: %d octets from <%s>, sent "
+                              "%d from <%s>" % (arrival.id, arrival.size,
+                                                arrival.sender, message.size,
+                                                message.sender))
+            for recipient in arrival.recipients:
+                arrived[(arrival.id, recipient)].append(arrival)
+                counts["recipients arrived"] += 1
+                if recipient not in message.status:
+                    problems.note("phantom", "%s to <%s>, not a recipient"
+                                  % (arrival.id, recipient))
+        counts["messages arrived"] = len(messages_arrived)
+        for message in self.ledger.messages.values():
+            for recipient, status in sorted(message.status.items()):
+                copies = len(arrived.get((message.id, recipient), ()))
+                where = "%s to <%s>" % (message.id, recipient)
+                counts[status] += 1
+                if status == AMBIGUOUS and copies:
+                    counts["ambiguous arrived"] += 1
+                if copies > 1:
+                    problems.note("duplicated", "%s: %d copies"
+                                  % (where, copies))
+                elif status == ACCEPTED and copies == 0:
+                    problems.note("lost", "%s: 250, never arrived" % where)
+                elif status in (PENDING, REFUSED) and copies:
+                    problems.note("phantom", "%s: arrived, but the client "
+                                  "heard %s" % (where, status))
+        return counts
+
+    def check_resources(self):
+        if self.baseline is None or self.idle is None:
+            self.problems.note("resources", "the proxy could not be sampled")
+            return
+        if not self.back_to_baseline(self.idle):
+            self.problems.note(
+                "resources not back to idle",
+                "%d descriptors and %d threads after the load, %d and %d "
+                "before; descriptors opened: %s"
+                % (self.idle.fds, self.idle.threads, self.baseline.fds,
+                   self.baseline.threads, ", ".join(self.new_descriptors())))
+        first, last = self.rss_thirds()
+        if first and last > self.rss_growth * first:
+            self.problems.note("RSS grew", "mean of the last third of the "
+                               "load %.1f MB, of the first %.1f MB"
+                               % (last / 1e6, first / 1e6))
+
+    def new_descriptors(self):
+        """What the descriptors open after the load, and not before, point
+        to."""
+        left = collections.Counter(self.idle_descriptors)
+        left.subtract(collections.Counter(self.baseline_descriptors))
+        return sorted("%s%s" % (name, " (%d)" % count if count > 1 else "")
+                      for name, count in left.items() if count > 0)
+
+    def rss_thirds(self):
+        """Mean RSS of the first and the last third of the load's samples
+        ((None, None) if there are fewer than three)."""
+        rss = [sample.rss for sample in self.samples]
+        third = len(rss) // 3
+        if third == 0:
+            return None, None
+        return (sum(rss[:third]) / float(third),
+                sum(rss[-third:]) / float(third))
+
+    def check_proxy(self):
+        tracebacks = self.log.count("Traceback")
+        if tracebacks:
+            start = self.log.index("Traceback")
+            self.problems.note("traceback in the proxy's log",
+                               self.log[start:start + 1500])
+        if self.exit_status != 0:
+            self.problems.note("proxy exit status",
+                               "%s after SIGTERM" % self.exit_status)
+        return tracebacks
+
+    # -- the report ------------------------------------------------------
+
+    def report(self):
+        counts = self.check_ledger()
+        self.check_resources()
+        tracebacks = self.check_proxy()
+        problems = self.problems
+        failed = sum(problems.counts.values())
+        tally = dict(self.tally.items())
+        deferred = dict((key[len("deferred: "):], value)
+                        for key, value in self.ledger.tally.items()
+                        if key.startswith("deferred: "))
+        hostile = dict((key[len("hostile: "):], value)
+                       for key, value in tally.items()
+                       if key.startswith("hostile: "))
+        recipients = sum(counts[status] for status in
+                         (ACCEPTED, REFUSED, PENDING, AMBIGUOUS))
+        lines = [
+            "smtpproxy soak: %s" % ("PASS" if not failed else "FAIL"),
+            "  duration      %.1f s of load, %.1f s to settle; %d clients, "
+            "seed %s" % (self.load_time, self.settle_time, self.args.clients,
+                         self.seed),
+            "  sessions      %d (%d hostile)"
+            % (tally.get("sessions", 0), sum(hostile.values())),
+            "  messages      %d sent in %d transactions; %d of them arrived"
+            % (len(self.ledger.messages), sum(
+                message.attempts for message in self.ledger.messages.values()),
+               counts["messages arrived"]),
+            "  recipients    %d: %d accepted (250), %d refused (5xx), "
+            "%d still deferred at the end, %d ambiguous (%d of them "
+            "arrived)" % (recipients, counts[ACCEPTED], counts[REFUSED],
+                          counts[PENDING], counts[AMBIGUOUS],
+                          counts["ambiguous arrived"]),
+            "  retries       %d deferred recipients retried: %s"
+            % (sum(deferred.values()), self.format_counts(deferred)),
+            "  arrivals      %d (the upstream's 250s), for %d recipients"
+            % (counts["arrivals"], counts["recipients arrived"]),
+            "  ledger        lost %d, duplicated %d, phantom %d, "
+            "corrupted %d, hostile arrived %d"
+            % tuple(problems.counts[kind] for kind in (
+                "lost", "duplicated", "phantom", "corrupted",
+                "hostile message arrived")),
+            "  hostile       %s; %d reached DATA"
+            % (self.format_counts(hostile),
+               tally.get("hostile reached DATA", 0)),
+            "  faults        %s" % self.format_counts(
+                dict(self.upstream.faults.items())),
+            "  upstream      %d sessions, %d protocol errors"
+            % (self.upstream.sessions,
+               problems.counts["upstream saw a protocol error"]),
+        ]
+        lines += self.resource_lines()
+        lines.append("  proxy log     %d tracebacks; exit status %s"
+                     % (tracebacks, self.exit_status))
+        if failed:
+            lines.append("failures:")
+            lines += problems.lines(self.args.verbose)
+        lines.append("PASS" if not failed else "FAIL")
+        print("\n".join(lines))
+        return 0 if not failed else 1
+
+    @staticmethod
+    def format_counts(counts):
+        return ", ".join("%s %d" % item for item in sorted(counts.items())) \
+            or "none"
+
+    def resource_lines(self):
+        if self.baseline is None or self.idle is None:
+            return ["  resources     not sampled"]
+        samples = self.samples + [self.idle]
+        first, last = self.rss_thirds()
+        opened = self.new_descriptors()
+        return [
+            "  descriptors   baseline %d, peak %d, end %d%s"
+            % (self.baseline.fds, max(s.fds for s in samples),
+               self.idle.fds, " (%s)" % ", ".join(opened)
+               if opened and self.args.verbose else ""),
+            "  threads       baseline %d, peak %d, end %d"
+            % (self.baseline.threads, max(s.threads for s in samples),
+               self.idle.threads),
+            "  RSS           baseline %.1f MB, peak %.1f MB, end %.1f MB%s"
+            % (self.baseline.rss / 1e6, max(s.rss for s in samples) / 1e6,
+               self.idle.rss / 1e6,
+               "; load's first third %.1f MB, last %.1f MB"
+               % (first / 1e6, last / 1e6) if first else ""),
+        ]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Soak test of smtpproxy: load, faults, hostile clients "
+        "and a ledger of every message (see the module's docstring).")
+    parser.add_argument("--duration", type=float, default=600,
+                        help="seconds of load (600)")
+    parser.add_argument("--clients", type=int, default=20,
+                        help="client threads (20)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed (random)")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter that runs the proxy (%s)"
+                        % sys.executable)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary directory")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print progress, and every failure's details")
+    args = parser.parse_args(argv)
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(10 ** 6)
+    if args.duration <= 0 or args.clients < 1:
+        parser.error("--duration and --clients must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    directory = tempfile.mkdtemp(prefix="smtpproxy-soak-")
+    try:
+        return Soak(args, directory).run()
+    finally:
+        if args.keep:
+            print("kept %s" % directory)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
