@@ -15,8 +15,9 @@ Options:
 
     --config FILE, -c FILE
         Read the configuration from FILE (Kamaelia Grey's greylist.conf
-        format).  Without it the first file found of CONFIG_SEARCH_PATH is
-        read, if any.
+        format).  Without it the first file found of these is read, if
+        any (CONFIG_SEARCH_PATH):
+%(search_path)s
     --listen [HOST:]PORT, -l [HOST:]PORT
         Address to listen on (keys listen_ip and port).  IPv6 addresses go
         in brackets: [::1]:25.
@@ -292,6 +293,15 @@ def _bracketed(word, what):
                          "<user@example.org>, got %r" % (what, word))
 
 
+def _defer_reply(text):
+    if not re.match(r"4[0-9][0-9] 4\.[0-9]{1,3}\.[0-9]{1,3} [\x20-\x7e]+\Z",
+                    text):
+        raise ValueError("expected a 4xx reply with its enhanced code, such "
+                         "as 451 4.7.1 Greylisted, please try again later; "
+                         "got %r" % text)
+    return text
+
+
 def _prefix(bits):
     def convert(text):
         value = _integer(text)
@@ -452,13 +462,15 @@ CONFIG_KEYS = {
     "greylist_db": (_string, "scalar",
                     "greylisting store, an sqlite3 file (greylist.db)"),
     "too_soon": (_integer, "scalar",
-                 "greylisting: a retry sooner than this restarts the "
-                 "clock (180)"),
+                 "greylisting: a retry sooner than this many seconds "
+                 "after the first try restarts the clock (180)"),
     "min_defer_time": (_integer, "scalar",
                        "greylisting: a retry is accepted from this many "
                        "seconds after the first try (3600)"),
     "max_defer_time": (_integer, "scalar",
-                       "greylisting: ... until this many (25000)"),
+                       "greylisting: a retry is accepted until this many "
+                       "seconds after the first try; later, the clock "
+                       "restarts (25000)"),
     "max_grey": (_integer, "scalar",
                  "greylisting: a passed triplet unseen this long is "
                  "forgotten (3000000)"),
@@ -478,6 +490,9 @@ CONFIG_KEYS = {
                           "greylisting: file of clients never greylisted: "
                           "addresses, networks, host-name suffixes checked "
                           "by forward-confirmed reverse DNS (none)"),
+    "defer_reply": (_defer_reply, "scalar",
+                    "the reply to a recipient greylisting defers (451 "
+                    "4.7.1 Greylisted, please try again later)"),
     "greylist_fail_mode": (_fail_mode, "scalar",
                            "when the store fails: accept or defer (accept)"),
     "allowed_senders": (_address, "list",
@@ -2041,7 +2056,6 @@ class ConcreteMailHandler(MailHandler):
         self.esmtp = False
         self.upstream = None
         self.upstream_helo = None
-        self.status = ""
         self.final_reply = ""
         self.offered = {}
         self.message_size_limit = self.max_message_size
@@ -2057,8 +2071,8 @@ class ConcreteMailHandler(MailHandler):
         self.rcpt_seen = []
         self.upstream_in_transaction = False
         self.upstream_lost = None      # the 4xx once the upstream broke
-        self.status = ""
         self.final_reply = ""
+        self.rcpt_outcome = None       # (status, reply): note_outcome()
         del self.inbox_log[1:]
 
     # -- policy hooks ----------------------------------------------------
@@ -2081,10 +2095,14 @@ class ConcreteMailHandler(MailHandler):
     def logResult(self):
         """Write the transaction line of Kamaelia Grey's format:
         time | HELO name | client IP | sender | recipients | status |
-        (status ACCEPTED, DEFERRED, or empty when no DATA was reached),
-        followed by our own field, the final reply to the client."""
+        followed by our own field, the reply that decided.  The status
+        (transaction_status()) is ACCEPTED, DEFERRED or REFUSED after the
+        reply to the message, or to the recipients when it did not get
+        that far, FAILED when the upstream failed; empty when the client
+        ended the transaction before any verdict."""
         if self.mail_from is None:
             return
+        status, reply = self.transaction_status()
         now = time.time()
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
         fields = [
@@ -2093,8 +2111,8 @@ class ConcreteMailHandler(MailHandler):
             self.peer,
             "<%s>" % self.mail_from,
             ", ".join("<%s>" % r for r in self.rcpt_seen),
-            self.status,
-            self.final_reply,
+            status,
+            reply,
         ]
         transaction_log.info("%s | ", " | ".join(
             log_escape(field).replace("|", "\\x7c") for field in fields))
@@ -2608,31 +2626,33 @@ class ConcreteMailHandler(MailHandler):
                         protocol_error=True)
             return
         if args[:3].upper() != "TO:":
-            self.refuse("501 5.5.4 Syntax: RCPT TO:<address>",
-                        protocol_error=True)
+            self.rcpt_refused("501 5.5.4 Syntax: RCPT TO:<address>",
+                              protocol_error=True)
             return
         try:
             recipient, route, params = parse_path(
                 args[3:], postmaster_allowed=True,
                 utf8="SMTPUTF8" in self.offered)
         except EnvelopeSyntaxError as error:
-            self.refuse("501 5.1.3 Bad recipient address syntax: %s" % error,
-                        protocol_error=True)
+            self.rcpt_refused("501 5.1.3 Bad recipient address syntax: %s"
+                              % error, protocol_error=True)
             return
         if not self.smtputf8 and re.search(r"[^\x00-\x7f]", recipient):
-            self.refuse("553 5.6.7 Non-ASCII address without SMTPUTF8")
+            self.rcpt_refused("553 5.6.7 Non-ASCII address without SMTPUTF8")
             return
         for keyword, value in params:
             problem = self.check_parameter("RCPT", keyword, value)
             if problem:
-                self.refuse(problem)
+                self.rcpt_refused(problem)
                 return
         if len(self.recipients) >= self.max_recipients:
+            self.note_outcome("452 4.5.3 Too many recipients")
             self.netPrint("452 4.5.3 Too many recipients")
             return
         if len(self.rcpt_seen) < self.max_recipients:
             self.rcpt_seen.append(recipient)
         if self.upstream_lost:
+            self.note_outcome(self.upstream_lost, failed=True)
             self.netPrint(self.upstream_lost)
             return
         verdict = self.shouldWeAcceptRecipient(recipient)
@@ -2640,6 +2660,7 @@ class ConcreteMailHandler(MailHandler):
             self.log_dialogue("policy refused recipient %s", recipient)
             reply = verdict if isinstance(verdict, str) else self.defer_reply
             self.count_reply("rcpt", reply)
+            self.note_outcome(reply, failed=reply == OUT_OF_RESOURCES)
             self.netPrint(reply)
             if reply.startswith("421"):
                 self.close_connection()     # 421: this session ends
@@ -2649,6 +2670,7 @@ class ConcreteMailHandler(MailHandler):
         except UpstreamError as error:
             self.upstream_failed(error)
             self.count_reply("rcpt", error.reply)
+            self.note_outcome(error.reply, failed=True)
             self.netPrint(error.reply)
             return
         self.count_reply("rcpt", str(code))
@@ -2656,6 +2678,43 @@ class ConcreteMailHandler(MailHandler):
         if code // 100 == 2:
             self.recipients.append(recipient)
             self.inbox_log.append("RCPT TO:" + args[3:])
+        else:
+            self.note_outcome(format_reply(code, lines[-1:]))
+
+    def rcpt_refused(self, reply, protocol_error=False):
+        """Refuse a RCPT of ours (syntax, parameters), for the log too."""
+        self.note_outcome(reply)
+        self.refuse(reply, protocol_error)
+
+    # The statuses of the transaction log, from the least to the most
+    # telling: a deferral says more than a refusal of some recipients, an
+    # upstream fault more than either.
+    outcomes = ("REFUSED", "DEFERRED", "FAILED")
+
+    def note_outcome(self, reply, failed=False):
+        """A recipient was not accepted with ``reply``: keep the most
+        telling (``outcomes``) for the transaction's log line, should it
+        end before its message does."""
+        status = "FAILED" if failed else (
+            "DEFERRED" if reply.startswith("4") else "REFUSED")
+        known = self.rcpt_outcome
+        if known is None or (self.outcomes.index(status)
+                             > self.outcomes.index(known[0])):
+            self.rcpt_outcome = (status, reply)
+
+    def transaction_status(self):
+        """``(status, reply)`` of the transaction's log line: the final
+        reply to its message, if it got that far, else the most telling
+        refusal of a recipient; ("", "") when the client ended it before
+        any verdict (or left in the middle of the data)."""
+        reply = self.final_reply
+        if reply:
+            if self.upstream_lost and reply == self.upstream_lost:
+                return "FAILED", reply
+            status = {"2": "ACCEPTED", "4": "DEFERRED",
+                      "5": "REFUSED"}.get(reply[:1], "")
+            return status, reply
+        return self.rcpt_outcome or ("", "")
 
     def handleData(self, args):
         """DATA: policy, then the message streamed to the upstream, whose
@@ -2677,12 +2736,10 @@ class ConcreteMailHandler(MailHandler):
                         protocol_error=True)
             return
         if not self.shouldWeAcceptMail():
-            self.status = "DEFERRED"
             self.end_message(self.defer_reply)
             self.netPrint(self.defer_reply)
             self.close_connection()
             return
-        self.status = "ACCEPTED"
         try:
             code, lines = self.upstream.command("DATA")
         except UpstreamError as error:
@@ -3005,6 +3062,7 @@ class GreyListingPolicy(ConcreteMailHandler):
     ipv4_prefix = 24
     ipv6_prefix = 64
     relay_reply = "550 5.7.1 Relaying denied"
+    defer_reply = "451 4.7.1 Greylisted, please try again later"
     greylist_fail_mode = "accept"
     x_greylist_header = False
     whitelist_clients = ""
@@ -3159,8 +3217,6 @@ class GreyListingPolicy(ConcreteMailHandler):
             self.store_failed(error)
         self.log_dialogue("%s %s: greylisting %s",
                           "accept" if accepted else "defer", recipient, key)
-        if not accepted and not self.status:
-            self.status = "DEFERRED"
         return accepted
 
     def client_may_relay(self):
@@ -3995,8 +4051,10 @@ def _usage():
         textwrap.fill(description, 79, initial_indent="    %-32s " % key,
                       subsequent_indent=" " * 37)
         for key, (_, kind, description) in sorted(CONFIG_KEYS.items()))
+    search_path = "\n".join("            " + name
+                            for name in CONFIG_SEARCH_PATH)
     return __doc__ % {"program": "smtpproxy", "default_class": DEFAULT_CLASS,
-                      "config_keys": keys}
+                      "config_keys": keys, "search_path": search_path}
 
 
 def _split_host_port(text, default_port=None):
@@ -4328,10 +4386,14 @@ def find_user(values):
     if entry.pw_uid == 0 and not values.get("run_as_root"):
         raise StartError("user %s is root: set run_as_root = yes (-o "
                          "run_as_root=yes) to mean it" % user, 2)
-    if os.geteuid() != 0 and (entry.pw_uid, gid) != (os.geteuid(),
-                                                      os.getegid()):
-        raise StartError("cannot switch to user %s: not running as root"
-                         % user)
+    if os.geteuid() != 0:
+        # As nginx does: only root can switch, and whoever runs it is no
+        # one to protect the host from.
+        if (entry.pw_uid, gid) != (os.geteuid(), os.getegid()):
+            sys.stderr.write("smtpproxy: warning: not started as root: "
+                             "serving as %s, not as user %s\n"
+                             % (_user_name(os.geteuid()), user))
+        return None
     return entry.pw_uid, gid, user
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import smtpproxy
-from conftest import RawClient, wait_until
+from conftest import RawClient, free_port, wait_until
 
 STAMP_RE = re.compile(r"\A([0-9]{14})\.([0-9]{3})\Z")
 
@@ -188,6 +188,69 @@ def test_transactions_ended_before_data_have_empty_status(
     assert second[3:5] == ["<second@example.com>",
                            "<b@example.org>, <c@example.org>"]
     assert upstream.messages == []
+
+
+class RefuseSome(smtpproxy.ConcreteMailHandler):
+    """Relays example.org's recipients; defers later.example's, refuses
+    the others."""
+
+    def shouldWeAcceptRecipient(self, recipient):
+        if recipient.endswith("@example.org"):
+            return True
+        if recipient.endswith("@later.example"):
+            return "450 4.2.0 Not now"
+        return "550 5.7.1 Relaying denied"
+
+    def shouldWeAcceptMail(self):
+        return True
+
+
+def last_status(transactions):
+    """The status and reply fields of the last transaction line."""
+    wait_until(lambda: transactions.records, what="the transaction line")
+    return fields_of(transactions.messages()[-1])[5:]
+
+
+@pytest.mark.parametrize("recipients, expected", [
+    (["x@elsewhere.example"], ["REFUSED", "550 5.7.1 Relaying denied"]),
+    (["x@later.example", "y@elsewhere.example"],
+     ["DEFERRED", "450 4.2.0 Not now"]),
+    (["unknown@example.org"], ["REFUSED", "550 5.1.1 no such user"]),
+])
+def test_transactions_refused_before_data_say_so(
+        proxy, upstream, client_factory, transactions, recipients, expected):
+    upstream.handler.reject["unknown@example.org"] = \
+        "550 5.1.1 no such user"
+    client = client_factory(proxy(handler=RefuseSome))
+    assert client.cmd("EHLO client.example")[0] == 250
+    assert client.cmd("MAIL FROM:<a@example.net>")[0] == 250
+    for recipient in recipients:
+        assert client.cmd("RCPT TO:<%s>" % recipient)[0] in (450, 550)
+    assert client.cmd("QUIT")[0] == 221
+    assert last_status(transactions) == expected
+
+
+def test_an_upstream_down_is_logged_as_failed(proxy, client_factory,
+                                              transactions):
+    client = client_factory(proxy(smtp_port=free_port()))
+    assert client.cmd("EHLO client.example")[0] == 250
+    assert client.cmd("MAIL FROM:<a@example.net>")[0] == 250
+    assert client.cmd("RCPT TO:<b@example.org>")[0] == 451
+    assert client.cmd("QUIT")[0] == 221
+    status, reply = last_status(transactions)
+    assert status == "FAILED"
+    assert reply.startswith("451 4.4.1 ")
+
+
+def test_a_message_the_upstream_refuses_is_logged_as_refused(
+        proxy, upstream, transactions):
+    upstream.handler.data_reply = "554 5.6.0 no thanks"
+    port = proxy()
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        with pytest.raises(smtplib.SMTPDataError):
+            smtp.sendmail("a@example.net", ["b@example.org"],
+                          b"Subject: no\r\n\r\nbody\r\n")
+    assert last_status(transactions) == ["REFUSED", "554 5.6.0 no thanks"]
 
 
 def test_timeout_in_data_logs_the_421_the_client_got(proxy, upstream,

@@ -47,8 +47,9 @@ def rcpt(port, recipient, sender="a@example.net", helo="mx.example.net"):
 def test_unknown_triplet_is_deferred_then_accepted_in_the_window(
         grey, clock, upstream):
     port = grey()
-    assert rcpt(port, "b@example.org") == (451,
-                                           "4.7.1 Please try again later")
+    # The reply says why (defer_reply).
+    assert rcpt(port, "b@example.org") == (
+        451, "4.7.1 Greylisted, please try again later")
     assert upstream.connections == 0        # deferred: upstream never asked
     clock.now += 3600
     assert rcpt(port, "b@example.org")[0] == 250
