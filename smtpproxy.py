@@ -62,8 +62,12 @@ while the proxy runs; keys are "client-network sender recipient":
                      first and last seen (UTC), passes.
     --db-stats       Count entries by state.
     --db-purge       Delete expired entries now.
-    --db-pass KEY    Pass (whitelist) a triplet now.
+    --db-pass KEY    Pass (whitelist) a triplet now: client address (or
+                     network), sender, recipient, quoted or not, such as
+                     --db-pass 192.0.2.7 a@example.net b@example.org.
     --db-delete KEY  Forget a triplet or a client network.
+Each names the store it opened on standard error; only --db-pass makes
+one where there is none.
     --version, -V
         Print the version and exit.
     --help, -h
@@ -3264,13 +3268,75 @@ class GreyListingPolicy(ConcreteMailHandler):
 
     def client_network(self):
         """The client's network, the greylisting key's first part."""
-        try:
-            address = ipaddress.ip_address(self.peer)
-        except ValueError:
-            return self.peer
-        bits = self.ipv4_prefix if address.version == 4 else self.ipv6_prefix
-        return str(ipaddress.ip_network("%s/%d" % (address, bits),
-                                        strict=False))
+        return network_key(self.peer, self.ipv4_prefix, self.ipv6_prefix)
+
+
+def network_key(address, ipv4_prefix, ipv6_prefix):
+    """The network of ``address`` (text) of ``ipv4_prefix`` or
+    ``ipv6_prefix`` bits, as the greylisting keys write it: 192.0.2.0/24;
+    ``address`` itself if it is no address."""
+    try:
+        address = ipaddress.ip_address(unmapped(address))
+    except ValueError:
+        return address
+    bits = ipv4_prefix if address.version == 4 else ipv6_prefix
+    return str(ipaddress.ip_network("%s/%d" % (address, bits),
+                                    strict=False))
+
+
+def parse_store_key(text, ipv4_prefix=24, ipv6_prefix=64, network=False):
+    """A key of the greylisting store as an administrator writes it, in
+    the form the proxy makes it: ``client sender recipient``, the client
+    an address or network (made the network of ``ipv4_prefix`` or
+    ``ipv6_prefix`` bits), the addresses with or without angle brackets
+    (``<>`` the null sender), the sender normalised; with ``network``, a
+    client network alone is a key too.  ValueError says what is wrong,
+    with an example."""
+    example = ("such as '192.0.2.7 sender@example.net user@example.org' "
+               "(an address becomes its network, 192.0.2.0/24)")
+    words = text.split()
+    if network and len(words) == 1 and _network_or_none(words[0]):
+        client = words[0]
+        return network_key(client.split("/")[0], ipv4_prefix, ipv6_prefix)
+    if len(words) != 3:
+        raise ValueError("expected three words, client sender recipient, "
+                         + example)
+    client, sender, recipient = words
+    if not _network_or_none(client):
+        raise ValueError("%r is no client address or network: a key is %s"
+                         % (client, example))
+    if "/" in client:
+        address, bits = client.split("/")
+        wanted = ipv6_prefix if ":" in address else ipv4_prefix
+        if int(bits) != wanted:
+            raise ValueError("%s: the store's keys hold /%d networks, as "
+                             "ipv4_prefix and ipv6_prefix say" % (client,
+                                                                  wanted))
+        client = address
+    addresses = []
+    for word, what in ((sender, "sender"), (recipient, "recipient")):
+        if word.startswith("<") and word.endswith(">"):
+            word = word[1:-1]
+        if word and (word.count("@") < 1 or re.search(r"[\x00-\x20]",
+                                                       word)):
+            if not (what == "recipient" and word.lower() == "postmaster"):
+                raise ValueError("%r is no %s address: a key is %s"
+                                 % (word, what, example))
+        if what == "recipient" and not word:
+            raise ValueError("the recipient cannot be empty: a key is %s"
+                             % example)
+        addresses.append(word)
+    return " ".join([network_key(client, ipv4_prefix, ipv6_prefix),
+                     normalise_sender(addresses[0]), addresses[1].lower()])
+
+
+def _network_or_none(text):
+    try:
+        if "/" in text:
+            return ipaddress.ip_network(text, strict=False)
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 _HOST_NAME_RE = re.compile(
@@ -4242,6 +4308,28 @@ def administer_store(handler_class, args):
         sys.stderr.write("smtpproxy: error: %s has no greylist_db\n"
                          % handler_class.__name__)
         return 2
+    path = os.path.abspath(path)
+    key = args.db_pass or args.db_delete
+    if key:
+        key = " ".join(key)     # quoted or not
+        prefixes = (getattr(handler_class, "ipv4_prefix", 24),
+                    getattr(handler_class, "ipv6_prefix", 64))
+        try:
+            key = parse_store_key(key, *prefixes,
+                                  network=bool(args.db_delete))
+        except ValueError as error:
+            if args.db_pass:
+                sys.stderr.write("smtpproxy: error: --db-pass: %s\n"
+                                 % error)
+                return 2
+            # --db-delete takes whatever a store holds, as it is.
+    if not os.path.exists(path) and not args.db_pass:
+        sys.stderr.write("smtpproxy: error: no greylisting store at %s: "
+                         "give the proxy's --config (or -o greylist_db="
+                         "PATH), or run from the directory it runs in\n"
+                         % path)
+        return 1
+    sys.stderr.write("smtpproxy: store %s\n" % path)
     try:
         store = GreylistStore(path)
         store.configure(handler_class)
@@ -4263,10 +4351,12 @@ def administer_store(handler_class, args):
         elif args.db_purge:
             print("purged %d" % store.purge(now))
         elif args.db_pass:
-            store.pass_key(args.db_pass, now)
-        elif not store.delete(args.db_delete):
-            sys.stderr.write("smtpproxy: no entry %s\n"
-                             % log_escape(args.db_delete))
+            store.pass_key(key, now)
+            print("passed %s" % log_escape(key))
+        elif store.delete(key):
+            print("deleted %s" % log_escape(key))
+        else:
+            sys.stderr.write("smtpproxy: no entry %s\n" % log_escape(key))
             return 1
     except sqlite3.Error as error:
         sys.stderr.write("smtpproxy: error: %s: %s\n" % (path, error))
@@ -4924,8 +5014,8 @@ def main(argv=None):
     store_commands.add_argument("--db-list", action="store_true")
     store_commands.add_argument("--db-stats", action="store_true")
     store_commands.add_argument("--db-purge", action="store_true")
-    store_commands.add_argument("--db-pass", metavar="KEY")
-    store_commands.add_argument("--db-delete", metavar="KEY")
+    store_commands.add_argument("--db-pass", metavar="KEY", nargs="+")
+    store_commands.add_argument("--db-delete", metavar="KEY", nargs="+")
     args = parser.parse_args(argv)
     if args.help:
         print(_usage())

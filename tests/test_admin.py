@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import smtpproxy
 from conftest import HERE, ROOT
 
@@ -85,3 +87,48 @@ def test_help_names_the_admin_commands(tmp_path):
     for option in ("--check-config", "--db-list", "--db-pass",
                    "--db-delete", "--db-purge", "--db-stats"):
         assert option in out
+
+
+def test_db_pass_takes_a_key_as_the_proxy_forms_it(tmp_path):
+    # A host address is its /24, brackets and case as the proxy drops
+    # them, the sender normalised; quoted in one argument or not.
+    code, out, err = run(tmp_path, "--db-pass", "192.0.2.7",
+                         "<A+tag@Example.NET>", "<User@Example.ORG>")
+    assert code == 0, err
+    assert "store %s" % (tmp_path / "admin.db") in err
+    key = "192.0.2.0/24 a@example.net user@example.org"
+    assert out == "passed %s\n" % key
+    store = smtpproxy.GreylistStore(str(tmp_path / "admin.db"))
+    assert [entry[:2] for entry in store.entries()] == [("WHITE", key)]
+    store.close()
+    code, out, err = run(tmp_path, "--db-pass",
+                         "2001:db8::1 <> postmaster@example.org")
+    assert code == 0, err
+    assert out == "passed 2001:db8::/64  postmaster@example.org\n"
+    code, out, err = run(tmp_path, "--db-delete", key)
+    assert (code, out) == (0, "deleted %s\n" % key)
+
+
+@pytest.mark.parametrize("key", [
+    "foo",
+    "127.0.0.2 b@example.net",
+    "mail.example.net a@example.net b@example.org",
+    "192.0.2.0/16 a@example.net b@example.org",
+    "192.0.2.7 a@example.net nobody",
+])
+def test_db_pass_refuses_a_malformed_key_with_an_example(tmp_path, key):
+    code, out, err = run(tmp_path, "--db-pass", key)
+    assert code == 2
+    assert "such as '192.0.2.7 sender@example.net user@example.org'" in err \
+        or "/24 networks" in err, err
+    assert not (tmp_path / "admin.db").exists()
+
+
+@pytest.mark.parametrize("command", ["--db-list", "--db-stats",
+                                     "--db-purge"])
+def test_read_commands_never_create_a_store(tmp_path, command):
+    code, out, err = run(tmp_path, command)
+    assert code == 1
+    assert "no greylisting store at %s" % (tmp_path / "admin.db") in err
+    assert "--config" in err
+    assert not (tmp_path / "admin.db").exists()
