@@ -2,6 +2,8 @@
 path, and the command line."""
 
 import os
+import pathlib
+import pwd
 import smtplib
 import subprocess
 import sys
@@ -463,3 +465,99 @@ def test_the_reference_file_drives_a_running_proxy(tmp_path, upstream):
     log_line = (tmp_path / "greylist.log").read_text().splitlines()[-1]
     assert " | client.example.net | 127.0.0.1 | <a@example.net> | " \
         "<x@elsewhere.example> | ACCEPTED | 250 " in log_line
+
+
+# ---------------------------------------------------------------------------
+# Values: what the service would not use is refused at once
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("port = 99999\n", "port from 1 to 65535"),
+    ("port = 0\n", "port from 1 to 65535"),
+    ("smtp_port = 70000\n", "port from 1 to 65535"),
+    ("allowed_senders:\n    not-an-ip\n", "IP address"),
+    ("allowed_sender_nets:\n    10.0.0.0/33\n", "192.0.2.0/24"),
+    ("allowed_sender_nets:\n    192.168.300\n", "whole octets"),
+    ("allowed_domains:\n    @example.org\n", "without '@': example.org"),
+    ("allowed_domains:\n    *.example.org\n", "no wildcards"),
+    ("allowed_domains:\n    exa mple.org\n", "one word"),
+    ("allowed_domains:\n    example..org\n", "domain name"),
+    ("proxy_protocol_from:\n    balancer\n", "network"),
+    ("whitelisted_triples:\n    host a@b.example <c@d.example>\n",
+     "IP address"),
+    ("whitelisted_triples:\n    192.0.2.1 a@b.example <c@d.example>\n",
+     "angle brackets"),
+    ("connection_ipv6_prefix = 129\n", "0 to 128"),
+    ("stress_threshold = 101\n", "percentage"),
+    ("defer_reply = 550 5.7.1 go away\n", "4xx reply"),
+])
+def test_malformed_values_are_errors_naming_the_right_form(tmp_path, text,
+                                                           expected):
+    path = write(tmp_path, text)
+    with pytest.raises(smtpproxy.ConfigError) as caught:
+        smtpproxy.read_config_file(path)
+    line = 2 if ":\n" in text else 1       # a list's item, or the key
+    assert "%s:%d:" % (path, line) in str(caught.value)
+    assert expected in str(caught.value), str(caught.value)
+
+
+def test_well_formed_lists_still_load(tmp_path):
+    values, _ = smtpproxy.read_config_file(write(tmp_path, (
+        "allowed_senders:\n    192.0.2.7\n    2001:db8::7\n"
+        "allowed_sender_nets:\n    10\n    192.168.2\n    192.168.2.\n"
+        "    10.0.0.0/8\n    192.0.2.7/24\n    2001:db8::/32\n"
+        "allowed_domains:\n    example.org\n    mail.example.org.\n"
+        "    b\u00fccher.example\n")))
+    assert values["allowed_sender_nets"][-2] == "192.0.2.7/24"
+    assert values["allowed_domains"][-1] == "b\u00fccher.example"
+
+
+def test_port_of_the_command_line_is_checked_too(tmp_path):
+    result = run_cli(["-o", "port=99999", "--check-config"], tmp_path)
+    assert result.returncode == 2
+    assert "port from 1 to 65535" in result.stderr
+
+
+def test_check_config_warns_that_no_domain_means_every_recipient_refused(
+        tmp_path):
+    result = run_cli(["-o", "run_as_root=yes", "--check-config", "-q"],
+                     tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "allowed_domains is empty: every recipient will be refused" in \
+        result.stderr
+
+
+@pytest.fixture
+def open_directory():
+    """A directory every user may pass through (pytest's are root's)."""
+    import shutil
+    import tempfile
+    base = tempfile.mkdtemp(prefix="smtpproxy-config-", dir="/tmp")
+    os.chmod(base, 0o755)
+    yield pathlib.Path(base)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_check_config_refuses_a_store_the_serving_user_cannot_write(
+        tmp_path, open_directory):
+    assert os.geteuid() == 0, "the tests run as root, as CI does"
+    private = open_directory / "private"
+    private.mkdir(mode=0o700)
+    result = run_cli(["--user", "nobody",
+                      "-o", "greylist_db=%s" % (private / "g.db"),
+                      "-o", "allowed_domains=example.org",
+                      "-o", "greylist_log=", "--check-config"], tmp_path)
+    assert result.returncode != 0
+    assert "user nobody cannot create it: its directory %s" % private in \
+        result.stderr, result.stderr
+    assert not (private / "g.db").exists()
+    # Once the user may, it passes, and still creates nothing.
+    os.chown(str(private), pwd.getpwnam("nobody").pw_uid, -1)
+    result = run_cli(["--user", "nobody",
+                      "-o", "greylist_db=%s" % (private / "g.db"),
+                      "-o", "allowed_domains=example.org",
+                      "-o", "greylist_log=", "--check-config", "-q"],
+                     tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not (private / "g.db").exists()
