@@ -55,7 +55,9 @@ def trial_script(directory, python_dir, modern):
     script = script.replace("/tmp/smtpproxy-trial", directory)
     script = script.replace("2525", str(free_port()))
     script = script.replace("8025", str(free_port()))
-    return ("export PATH=%s:$PATH\ncd %s\n%s"
+    # Unbuffered: the throwaway server prints to a pipe here, not to a
+    # terminal, and is killed at the end.
+    return ("export PATH=%s:$PATH PYTHONUNBUFFERED=1\ncd %s\n%s"
             % (python_dir, checkout, script))
 
 
