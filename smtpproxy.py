@@ -1424,6 +1424,116 @@ def format_reply(code, lines):
                        for i, text in enumerate(lines))
 
 
+class DataScanner(object):
+    """Finds the end of a message's data, and what is wrong with it, in
+    the bytes a client sends after DATA: no socket, no I/O, so that the
+    rule that matters most for safety is tested on its own.
+
+    ``feed(data)`` takes the next bytes read and returns those that may
+    go to the upstream as they are: the client's own lines, dot-stuffing
+    included, up to (not including) the final ``.``; nothing once the
+    message is bad.  Only CR LF . CR LF ends the data (the CR LF that
+    ended the DATA command counts), wherever the reads split it.
+    Attributes after each feed:
+
+    ended       the end was found; ``leftover`` is what came after it
+                (pipelined commands, to be read as such)
+    problem     the refusal, once the message is bad: a NUL, a bare CR
+                or LF (SMTP smuggling), a line over ``max_line`` octets
+                (the transparency dot not counted, RFC 5321 section
+                4.5.3.1.6), more than ``max_size`` octets; None if clean
+    size        octets of the message so far, dropped ones included
+    hopeless    more than twice ``max_size`` octets without the end: the
+                end is not worth waiting for
+    mid_line    the bytes so far end inside a line; ``new_line``: that
+                line began in the last feed (for each line's deadline)
+    """
+
+    def __init__(self, max_line=1000, max_size=50 * 1024 * 1024):
+        self.max_line = max_line
+        self.max_size = max_size
+        self.ended = False
+        self.leftover = b""
+        self.problem = None
+        self.size = 0
+        self.hopeless = False
+        self.mid_line = False
+        self.new_line = False
+        self._partial = b""         # an unfinished line, for the next feed
+        self._previous = b"\r\n"    # the two octets before ``_partial``
+
+    def feed(self, data):
+        """Scan the next ``data``; return what may be forwarded of it."""
+        window = self._partial + data
+        last_lf = window.rfind(b"\n")
+        self.mid_line = last_lf < len(window) - 1
+        self.new_line = last_lf >= 0
+        if last_lf < 0:
+            self._partial = window
+            if len(window) >= self.max_line + window.startswith(b"."):
+                self.problem = self.problem or self.line_too_long()
+                self.size += len(window)
+                # Keep what tells where the line ends, not the line.
+                self._previous, self._partial = window[-2:], b""
+                self.hopeless = self.size > 2 * self.max_size
+            return b""
+        lines = window[:last_lf + 1]
+        self._partial = window[last_lf + 1:]
+        # The end: the first CR LF . CR LF, its CR LF possibly in
+        # ``_previous``; ``end`` is where its "." is in ``lines``.
+        previous = self._previous
+        if previous == b"\r\n" and lines.startswith(b".\r\n"):
+            end = 0
+        elif previous[-1:] == b"\r" and lines.startswith(b"\n.\r\n"):
+            end = 1
+        else:
+            end = lines.find(b"\r\n.\r\n")
+            if end >= 0:
+                end += 2
+        if end >= 0:
+            self.ended = True
+            self.leftover = lines[end + 3:] + self._partial
+            self._partial = b""
+            self.mid_line = False
+            lines = lines[:end]
+        else:
+            self._previous = (previous + lines[-2:])[-2:]
+        self.size += len(lines)
+        if self.problem is None and lines:
+            self.problem = self.check_lines(lines)
+            if self.problem is None and self.size > self.max_size:
+                self.problem = self.too_big()
+        if not self.ended:
+            self.hopeless = self.size > 2 * self.max_size
+        return lines if self.problem is None else b""
+
+    def check_lines(self, lines):
+        """The refusal for a run of whole lines, or None if they are
+        clean: every line ends with CR LF and holds no other CR, LF or NUL,
+        and none is longer than ``max_line``."""
+        if b"\x00" in lines:
+            return "550 5.5.2 Error: NUL received"
+        line_ends = lines.count(b"\r\n")
+        if lines.count(b"\n") != line_ends:
+            return "550 5.5.2 Error: bare <LF> received"
+        if lines.count(b"\r") != line_ends:
+            return "550 5.5.2 Error: bare <CR> received"
+        limit = self.max_line
+        if len(lines) >= limit and max(
+                len(line) - line.startswith(b".")
+                for line in lines.split(b"\n")) >= limit:
+            return self.line_too_long()
+        return None
+
+    def line_too_long(self):
+        return ("552 5.5.6 Message line too long (%d octets at most)"
+                % self.max_line)
+
+    def too_big(self):
+        return ("552 5.3.4 Message size exceeds fixed limit of %d octets"
+                % self.max_size)
+
+
 # ---------------------------------------------------------------------------
 # The handlers
 # ---------------------------------------------------------------------------
@@ -2035,14 +2145,6 @@ class ConcreteMailHandler(MailHandler):
     upstream_tls_name = ""
     xclient = False
 
-    # (cert, key) -> (their mtimes, SSLContext); and the upstream's
-    _tls_contexts = {}
-
-    # (smtp_ip, smtp_port) -> (time learnt, the upstream's EHLO keywords
-    # as {KEYWORD: parameters}, or None if it could not be asked)
-    _upstream_capabilities = {}
-    _capabilities_lock = threading.Lock()
-    _capabilities_asking = set()
     # The extensions offered only when the upstream has them.
     upstream_dependent = ("8BITMIME", "SMTPUTF8", "DSN",
                           "ENHANCEDSTATUSCODES")
@@ -2176,42 +2278,22 @@ class ConcreteMailHandler(MailHandler):
         except UpstreamError as error:
             log.warning("upstream %s:%s: cannot learn its extensions: %s",
                         key[0], key[1], error)
-        with cls._capabilities_lock:
-            known = cls._upstream_capabilities.get(key)
-            if extensions is not None or known is None:
-                known = (time.time(), extensions)
-            else:
-                known = (time.time(), known[1])
-            cls._upstream_capabilities[key] = known
+        upstream_capabilities.remember(key, extensions)
         return extensions
 
     def remember_upstream(self, extensions):
         """Keep the EHLO keywords an upstream session announced."""
-        with self._capabilities_lock:
-            self._upstream_capabilities[(self.smtp_ip, self.smtp_port)] = (
-                time.time(), dict(extensions))
+        upstream_capabilities.remember((self.smtp_ip, self.smtp_port),
+                                       extensions)
 
     def upstream_extensions(self):
         """The upstream's EHLO keywords as last learnt, asking it first if
         that was more than ``upstream_capabilities_ttl`` seconds ago (one
         session asks; the others meanwhile use what is known); {} if they
         are not known."""
-        key = (self.smtp_ip, self.smtp_port)
-        with self._capabilities_lock:
-            known = self._upstream_capabilities.get(key)
-            stale = (known is None or time.time() - known[0]
-                     > self.upstream_capabilities_ttl)
-            ask = stale and key not in self._capabilities_asking
-            if ask:
-                self._capabilities_asking.add(key)
-        if ask:
-            try:
-                self.learn_upstream()
-            finally:
-                with self._capabilities_lock:
-                    self._capabilities_asking.discard(key)
-                    known = self._upstream_capabilities.get(key)
-        return dict(known[1] or {}) if known else {}
+        return upstream_capabilities.get((self.smtp_ip, self.smtp_port),
+                                         self.upstream_capabilities_ttl,
+                                         self.learn_upstream)
 
     def offered_extensions(self):
         """What our EHLO offers, {KEYWORD: parameters}: see the class
@@ -2369,7 +2451,7 @@ class ConcreteMailHandler(MailHandler):
         if not cls.tls_cert:
             return None
         paths = (cls.tls_cert, cls.tls_key or cls.tls_cert)
-        known = cls._tls_contexts.get(paths)
+        known = tls_contexts.get(paths)
         try:
             stamp = tuple(os.stat(path).st_mtime for path in paths)
         except PermissionError:
@@ -2384,18 +2466,14 @@ class ConcreteMailHandler(MailHandler):
                     raise
                 return known[1]
             known = (stamp, context)
-            cls._tls_contexts[paths] = known
+            tls_contexts.put(paths, known)
         return known[1]
 
     def upstream_tls_context(self):
         """The SSLContext for STARTTLS with the upstream."""
         key = ("upstream", self.upstream_tls_verify, self.upstream_tls_ca)
-        context = self._tls_contexts.get(key)
-        if context is None:
-            context = tls_client_context(self.upstream_tls_verify,
-                                         self.upstream_tls_ca)
-            self._tls_contexts[key] = context
-        return context
+        return tls_contexts.get(key, lambda: tls_client_context(
+            self.upstream_tls_verify, self.upstream_tls_ca))
 
     def upstream_parameters(self, params):
         """`` KEY=VALUE ...`` of the ``params`` whose extension the upstream
@@ -2770,86 +2848,44 @@ class ConcreteMailHandler(MailHandler):
         """Read the message to its real end, streaming it upstream; return
         the reply for the client.
 
-        Only CR LF . CR LF ends the data: the end is the first CR LF . CR LF
-        in the stream, counting the CR LF that ended the DATA command.  A
-        bare CR, a bare LF, a NUL, an overlong line or too many octets stop
-        the forwarding at once; the rest is read and dropped to the real
-        end, the upstream session is aborted without the final dot, and
-        the client is refused.  What is forwarded are the client's bytes,
-        dot-stuffing included, checked a buffer at a time.
+        A DataScanner finds the end and what is wrong (SMTP smuggling,
+        overlong lines, size); this loop only reads, keeps each line's
+        deadline, and forwards the clean lines in chunks.  A bad message
+        stops the forwarding at once; the rest is read and dropped to the
+        real end, the upstream session is aborted without the final dot,
+        and the client is refused.
         """
         reader = self.reader
-        limit = self.max_text_line
-        max_size = self.message_size_limit
-        too_big = ("552 5.3.4 Message size exceeds fixed limit of %d octets"
-                   % max_size)
-        problem = None          # the refusal, once the message is bad
-        size = 0                # octets so far, dropped ones included
-        partial = b""           # an unfinished line, kept for the next read
-        previous = b"\r\n"      # the two octets before ``partial``
-        mid_line = False        # the last read ended inside a line
+        scanner = DataScanner(self.max_text_line, self.message_size_limit)
         upstream = self.upstream
         outgoing = [("".join(line + "\r\n" for line in self.extra_headers())
                      .encode("ascii"))]
         outgoing_size = len(outgoing[0])
         try:
-            while True:
+            while not scanner.ended:
                 # Each line must be complete within its deadline, counted
                 # from its first octet, an overlong one's too.
-                if mid_line and reader.line_started is None:
+                if not scanner.mid_line:
+                    reader.line_started = None
+                elif scanner.new_line or reader.line_started is None:
                     reader.line_started = reader.received_at
                 data = reader.read_available()
                 if not data:
                     raise ClientGone("closed during DATA")
-                window = partial + data
-                last_lf = window.rfind(b"\n")
-                mid_line = last_lf < len(window) - 1
-                if last_lf < 0:
-                    partial = window
-                    if len(partial) >= limit + partial.startswith(b"."):
-                        problem = problem or self.line_too_long(limit)
-                        size += len(partial)
-                        # Keep what tells where the line ends, not the line.
-                        previous, partial = partial[-2:], b""
-                        if size > 2 * max_size:
-                            return self.give_up(too_big)
-                    continue
-                reader.line_started = None      # that line is complete
-                lines = window[:last_lf + 1]
-                partial = window[last_lf + 1:]
-                # The end: the first CR LF . CR LF, its CR LF possibly in
-                # ``previous``; ``end`` is where its "." is in ``lines``.
-                if previous == b"\r\n" and lines.startswith(b".\r\n"):
-                    end = 0
-                elif previous[-1:] == b"\r" and lines.startswith(b"\n.\r\n"):
-                    end = 1
-                else:
-                    end = lines.find(b"\r\n.\r\n")
-                    if end >= 0:
-                        end += 2
-                if end >= 0:
-                    reader.unread(lines[end + 3:] + partial)
-                    lines = lines[:end]
-                size += len(lines)
-                if problem is None and lines:
-                    problem = self.check_lines(lines, limit)
-                    if problem is None and size > max_size:
-                        problem = too_big
-                    if problem is None and upstream is not None:
-                        outgoing.append(lines)
-                        outgoing_size += len(lines)
-                        if outgoing_size >= self.data_chunk_size:
-                            try:
-                                upstream.send(b"".join(outgoing))
-                            except UpstreamError as error:
-                                self.upstream_failed(error)
-                                upstream = None
-                            outgoing, outgoing_size = [], 0
-                if end >= 0:
-                    break
-                if size > 2 * max_size:
-                    return self.give_up(too_big)
-                previous = (previous + lines[-2:])[-2:]
+                lines = scanner.feed(data)
+                if scanner.hopeless:
+                    return self.give_up(scanner.too_big())
+                if lines and upstream is not None:
+                    outgoing.append(lines)
+                    outgoing_size += len(lines)
+                    if outgoing_size >= self.data_chunk_size:
+                        try:
+                            upstream.send(b"".join(outgoing))
+                        except UpstreamError as error:
+                            self.upstream_failed(error)
+                            upstream = None
+                        outgoing, outgoing_size = [], 0
+            reader.unread(scanner.leftover)
         except (ClientGone, OSError):
             # Client gone or timed out mid-DATA: no final dot upstream.
             if self.upstream is not None:
@@ -2859,12 +2895,12 @@ class ConcreteMailHandler(MailHandler):
             raise
         finally:
             reader.line_started = None
-        if problem is not None:
-            self.log_dialogue("message refused: %s", problem)
+        if scanner.problem is not None:
+            self.log_dialogue("message refused: %s", scanner.problem)
             if self.upstream is not None:
                 self.upstream.abort()
                 self.upstream = None
-            return problem
+            return scanner.problem
         if upstream is None:
             return self.upstream_lost or LOST
         try:
@@ -2886,31 +2922,6 @@ class ConcreteMailHandler(MailHandler):
             self.upstream = None
         self.close_connection()
         return reply
-
-    @staticmethod
-    def check_lines(lines, limit):
-        """Return the refusal for a run of message lines, or None if they
-        are clean: every line ends with CR LF and holds no other CR, LF or
-        NUL (SMTP smuggling), and none is longer than ``limit`` octets,
-        the dot added for transparency not counted (RFC 5321 section
-        4.5.3.1.6)."""
-        if b"\x00" in lines:
-            return "550 5.5.2 Error: NUL received"
-        line_ends = lines.count(b"\r\n")
-        if lines.count(b"\n") != line_ends:
-            return "550 5.5.2 Error: bare <LF> received"
-        if lines.count(b"\r") != line_ends:
-            return "550 5.5.2 Error: bare <CR> received"
-        if len(lines) >= limit and max(
-                len(line) - line.startswith(b".")
-                for line in lines.split(b"\n")) >= limit:
-            return ConcreteMailHandler.line_too_long(limit)
-        return None
-
-    @staticmethod
-    def line_too_long(limit):
-        """The refusal of a message with a line over ``limit`` octets."""
-        return "552 5.5.6 Message line too long (%d octets at most)" % limit
 
     def handleStarttls(self, args):
         """STARTTLS (RFC 3207): 220, the TLS handshake, and the session
@@ -3070,29 +3081,12 @@ class GreyListingPolicy(ConcreteMailHandler):
     greylist_fail_mode = "accept"
     x_greylist_header = False
     whitelist_clients = ""
-
-    _stores = {}
-    _logged_errors = set()
-    _client_lists = {}
-    _stores_lock = threading.Lock()
+    # The engine that decides; a subclass of Greylister changes how.
+    greylister_class = None             # Greylister, set below it
 
     def now(self):
         """The time, in seconds since the epoch, that the policy reads."""
         return time.time()
-
-    def store(self):
-        """The greylisting store of ``greylist_db``, shared by every
-        session of the process, with this class's timings."""
-        settings = tuple(getattr(self, name)
-                         for name in GreylistStore.settings)
-        key = (self.greylist_db,) + settings
-        with self._stores_lock:
-            store = self._stores.get(key)
-            if store is None:
-                store = GreylistStore(self.greylist_db)
-                store.configure(self)
-                self._stores[key] = store
-        return store
 
     def store_failed(self, error):
         """The store cannot be used: the decision falls back to
@@ -3109,14 +3103,6 @@ class GreyListingPolicy(ConcreteMailHandler):
             log.error("greylisting store %s: %s; decisions fall back to %s",
                       log_escape(self.greylist_db), log_escape(error),
                       self.greylist_fail_mode)
-
-    def log_once(self, message):
-        """Log an error the first time this process meets it."""
-        with self._stores_lock:
-            if message in self._logged_errors:
-                return
-            self._logged_errors.add(message)
-        log.error("%s", log_escape(message))
 
     def _start_transaction(self):
         ConcreteMailHandler._start_transaction(self)
@@ -3136,107 +3122,132 @@ class GreyListingPolicy(ConcreteMailHandler):
                    time.strftime("%a, %d %b %Y %H:%M:%S +0000",
                                  time.gmtime(self.now())))]
 
-    def client_is_whitelisted(self):
-        """True if the client matches ``whitelist_clients``, a file of
-        addresses, networks (CIDR or whole-octet prefixes) and host-name
-        suffixes, one a line, '#' comments.  A name matches only when the
-        client's reverse name is confirmed by its forward lookup
-        (FCrDNS), so that nobody whitelists himself with a PTR record."""
-        if not self.whitelist_clients:
-            return False
-        networks, names = self.client_list()
-        if any(_in_network(self.peer, network) for network in networks):
-            return True
-        if not names:
-            return False
-        name = self.client_hostname()
-        return name is not None and any(
-            name == suffix or name.endswith("." + suffix)
-            for suffix in names)
-
-    def client_list(self):
-        """``(networks, name suffixes)`` of the whitelist_clients file,
-        read again when it changes."""
-        path = self.whitelist_clients
-        try:
-            mtime = os.stat(path).st_mtime
-            with self._stores_lock:
-                cached = self._client_lists.get(path)
-                if cached is not None and cached[0] == mtime:
-                    return cached[1]
-            with open(path, "rb") as client_file:
-                entries = client_file.read().decode("ascii").splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            self.log_once("whitelist_clients %s: %s; no client is "
-                          "whitelisted by it" % (path, error))
-            return [], []
-        networks, names = [], []
-        for line in entries:
-            entry = line.split("#", 1)[0].strip().lower()
-            if not entry:
-                continue
-            if re.match(r"\A[0-9.:/a-f]+\Z", entry) and (
-                    "/" in entry or ":" in entry
-                    or re.match(r"\A[0-9.]+\Z", entry)):
-                networks.append(entry)
-            else:
-                names.append(entry.strip("."))
-        with self._stores_lock:
-            self._client_lists[path] = (mtime, (networks, names))
-        return networks, names
-
     def shouldWeAcceptRecipient(self, recipient):
-        if self.client_may_relay():
-            self.log_dialogue("accept %s: client may relay", recipient)
-            return True
-        if not self.is_local_recipient(recipient):
-            self.log_dialogue("refuse %s: not one of our domains", recipient)
+        """The engine's decision (greylister_class, configured by this
+        handler's attributes) as a reply: True, relay_reply, False
+        (defer_reply), or 421 4.3.2 when the process is out of
+        descriptors."""
+        decision = self.greylister_class(self).decide(
+            self.peer, self.mail_from, recipient, self.now(),
+            helo=self.helo_name, hostname=self.client_hostname)
+        self.log_dialogue("%s %s: %s%s", decision.verdict, recipient,
+                          decision.rule, " " + decision.key
+                          if decision.key else "")
+        if decision.error is not None:
+            self.store_failed(decision.error)
+        if decision.delay is not None:
+            self.greylist_delay = max(self.greylist_delay or 0,
+                                      decision.delay)
+        if decision.verdict == "refuse":
             return self.relay_reply
-        if self.is_whitelisted(recipient):
-            self.log_dialogue("accept %s: whitelisted triple", recipient)
-            return True
-        if self.client_is_whitelisted():
-            self.log_dialogue("accept %s: client in %s", recipient,
-                              self.whitelist_clients)
-            return True
-        network = self.client_network()
-        key = " ".join([network, normalise_sender(self.mail_from),
-                        recipient.lower()])
+        if decision.verdict == "unavailable":
+            return OUT_OF_RESOURCES
+        return decision.accepted
+
+
+class Decision(object):
+    """What the greylisting engine decided for one recipient.
+
+    ``verdict``: "relay" (the client may send anywhere), "accept",
+    "refuse" (not a recipient of ours), "defer", or "unavailable" (the
+    store could not be opened: out of descriptors).  ``rule``: what
+    decided, such as "allowed_senders", "not-local",
+    "whitelisted_triples", "whitelist_clients", "auto-whitelist",
+    "network:192.0.2.0/24", "store-failed".  ``key``: the triplet's
+    key, when the store was asked; ``delay``: how long greylisting held
+    the triplet back, on the try that passed; ``error``: the store's
+    error, when it failed.
+    """
+
+    __slots__ = ("verdict", "rule", "key", "delay", "error")
+
+    def __init__(self, verdict, rule, key=None, delay=None, error=None):
+        self.verdict = verdict
+        self.rule = rule
+        self.key = key
+        self.delay = delay
+        self.error = error
+
+    @property
+    def accepted(self):
+        return self.verdict in ("relay", "accept")
+
+    def __repr__(self):
+        return "Decision(%r, %r, %r)" % (self.verdict, self.rule, self.key)
+
+
+class Greylister(object):
+    """The greylisting decisions, free of any socket.
+
+    ``decide(client, sender, recipient, now)`` answers for one recipient,
+    in this order: a client of ``allowed_senders`` or
+    ``allowed_sender_nets`` may relay; a recipient outside
+    ``allowed_domains`` is refused; a whitelisted triple, a client of
+    ``whitelist_clients`` or an auto-whitelisted client network is
+    accepted; otherwise the triplet (client network, normalised sender,
+    recipient) goes through the store (``greylist_db`` and its timings),
+    and, if the store fails, ``greylist_fail_mode`` decides.
+
+    ``settings`` is anything whose attributes are the configuration keys:
+    a GreyListingPolicy (class or instance), so that
+    ``class Ours(GreyListingPolicy): min_defer_time = 300`` configures
+    this engine too.  The stores are shared by the process (``stores``).
+    Methods that may be overridden: the rules, ``client_may_relay``,
+    ``is_local_recipient``, ``is_whitelisted``, ``client_is_whitelisted``,
+    ``client_network``, ``triplet_key``.
+    """
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def decide(self, client, sender, recipient, now, helo=None,
+               hostname=None):
+        """The Decision for ``recipient`` of a message from ``sender``
+        ("" for the null sender) sent by the client at address
+        ``client``, at ``now``.  ``helo`` is its HELO name; ``hostname``
+        its forward-confirmed host name, or a callable that looks it up
+        (called only if a rule needs it)."""
+        if self.client_may_relay(client):
+            return Decision("relay", "allowed_senders")
+        if not self.is_local_recipient(recipient):
+            return Decision("refuse", "not-local")
+        if self.is_whitelisted(client, helo, sender, recipient):
+            return Decision("accept", "whitelisted_triples")
+        if self.client_is_whitelisted(client, hostname):
+            return Decision("accept", "whitelist_clients")
+        network = self.client_network(client)
+        key = self.triplet_key(network, sender, recipient)
         try:
-            store, now = self.store(), self.now()
+            store = stores.get(self.settings)
             if store.client_is_trusted(network, now):
-                self.log_dialogue("accept %s: client %s auto-whitelisted",
-                                  recipient, network)
-                return True
+                return Decision("accept", "auto-whitelist", network)
             accepted, delay = store.check(key, now, client=network)
-            if delay is not None:
-                self.greylist_delay = max(self.greylist_delay or 0, delay)
         except ResourceShortage as error:
             # Not the fail mode: out of descriptors is no reason to let
             # mail through.
-            self.store_failed(error)
-            return OUT_OF_RESOURCES
+            return Decision("unavailable", "store", key, error=error)
         except sqlite3.Error as error:
-            accepted = self.greylist_fail_mode == "accept"
-            self.store_failed(error)
-        self.log_dialogue("%s %s: greylisting %s",
-                          "accept" if accepted else "defer", recipient, key)
-        return accepted
+            verdict = ("accept" if self.settings.greylist_fail_mode
+                       == "accept" else "defer")
+            return Decision(verdict, "store-failed", key, error=error)
+        return Decision("accept" if accepted else "defer",
+                        "network:" + network, key, delay)
 
-    def client_may_relay(self):
-        """True if the client is in allowed_senders or allowed_sender_nets."""
+    def client_may_relay(self, client):
+        """True if ``client`` is in allowed_senders or
+        allowed_sender_nets."""
         try:
-            address = ipaddress.ip_address(self.peer)
+            address = ipaddress.ip_address(client)
         except ValueError:
             return False
-        for allowed in self.allowed_senders:
+        for allowed in self.settings.allowed_senders:
             try:
                 if address == ipaddress.ip_address(allowed):
                     return True
             except ValueError:
                 continue
         return any(_in_network(address, net)
-                   for net in self.allowed_sender_nets)
+                   for net in self.settings.allowed_sender_nets)
 
     def is_local_recipient(self, recipient):
         """True for ``local@domain`` with a domain of allowed_domains and a
@@ -3248,27 +3259,56 @@ class GreyListingPolicy(ConcreteMailHandler):
             return False
         domain = _domain_key(domain)
         return any(domain == _domain_key(allowed)
-                   for allowed in self.allowed_domains)
+                   for allowed in self.settings.allowed_domains)
 
-    def is_whitelisted(self, recipient):
+    def is_whitelisted(self, client, helo, sender, recipient):
         """True for a whitelisted triple or non-standard triple."""
-        sender = "<%s>" % self.mail_from.lower()
+        sender = "<%s>" % sender.lower()
         target = "<%s>" % recipient.lower()
-        for ip, triple_sender, triple_recipient in self.whitelisted_triples:
-            if (ip == self.peer and triple_sender.lower() == sender
+        for ip, triple_sender, triple_recipient in \
+                self.settings.whitelisted_triples:
+            if (ip == client and triple_sender.lower() == sender
                     and triple_recipient.lower() == target):
                 return True
-        for helo, prefix, triple_recipient in \
-                self.whitelisted_nonstandard_triples:
-            if (helo.lower() == (self.helo_name or "").lower()
-                    and _in_network(self.peer, prefix)
+        for triple_helo, prefix, triple_recipient in \
+                self.settings.whitelisted_nonstandard_triples:
+            if (triple_helo.lower() == (helo or "").lower()
+                    and _in_network(client, prefix)
                     and triple_recipient.lower() == target):
                 return True
         return False
 
-    def client_network(self):
-        """The client's network, the greylisting key's first part."""
-        return network_key(self.peer, self.ipv4_prefix, self.ipv6_prefix)
+    def client_is_whitelisted(self, client, hostname=None):
+        """True if ``client`` matches ``whitelist_clients``, a file of
+        addresses, networks (CIDR or whole-octet prefixes) and host-name
+        suffixes, one a line, '#' comments.  A name matches only the
+        client's forward-confirmed name (``hostname``), so that nobody
+        whitelists himself with a PTR record."""
+        path = self.settings.whitelist_clients
+        if not path:
+            return False
+        networks, names = client_lists.get(path)
+        if any(_in_network(client, network) for network in networks):
+            return True
+        if not names:
+            return False
+        name = hostname() if callable(hostname) else hostname
+        return name is not None and any(
+            name == suffix or name.endswith("." + suffix)
+            for suffix in names)
+
+    def client_network(self, client):
+        """The client's network, the key's first part."""
+        return network_key(client, self.settings.ipv4_prefix,
+                           self.settings.ipv6_prefix)
+
+    def triplet_key(self, network, sender, recipient):
+        """The store's key: ``network normalised-sender recipient``."""
+        return " ".join([network, normalise_sender(sender),
+                         recipient.lower()])
+
+
+GreyListingPolicy.greylister_class = Greylister
 
 
 def network_key(address, ipv4_prefix, ipv6_prefix):
@@ -3700,6 +3740,171 @@ class GreylistStore(object):
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+
+# ---------------------------------------------------------------------------
+# Registries: what the sessions of a process share
+# ---------------------------------------------------------------------------
+
+class Cache(object):
+    """A process-wide dict with its own lock, so that no mutable class
+    attribute is shared by every subclass without its knowing."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._items = {}
+
+    def get(self, key, make=None):
+        """The item of ``key``; made by ``make()`` and kept if missing
+        and ``make`` is given, else None."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None and make is not None:
+                item = self._items[key] = make()
+            return item
+
+    def put(self, key, item):
+        with self._lock:
+            self._items[key] = item
+
+    def reset(self):
+        """Forget everything (tests; a reload needs nothing of it)."""
+        with self._lock:
+            items = list(self._items.values())
+            self._items.clear()
+        return items
+
+
+class UpstreamCapabilities(object):
+    """What each upstream (address, port) announced in its EHLO, and when,
+    for the EHLO the proxy offers its clients: {KEYWORD: parameters}, or
+    None while it could not be asked."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._known = {}            # address -> (time learnt, keywords)
+        self._asking = set()
+
+    def remember(self, address, extensions):
+        """Keep ``extensions``; None (it could not be asked) keeps what
+        was known, with a new time, so that it is not asked at once
+        again."""
+        with self._lock:
+            known = self._known.get(address)
+            if extensions is None and known is not None:
+                extensions = known[1]
+            self._known[address] = (time.time(),
+                                    None if extensions is None
+                                    else dict(extensions))
+
+    def get(self, address, ttl, ask):
+        """The keywords of ``address`` ({} if unknown); if they are older
+        than ``ttl`` seconds, ``ask()`` first, in one thread only (the
+        others use what is known meanwhile)."""
+        with self._lock:
+            known = self._known.get(address)
+            stale = known is None or time.time() - known[0] > ttl
+            asking = stale and address not in self._asking
+            if asking:
+                self._asking.add(address)
+        if asking:
+            try:
+                ask()
+            finally:
+                with self._lock:
+                    self._asking.discard(address)
+                    known = self._known.get(address)
+        return dict(known[1] or {}) if known else {}
+
+    def reset(self):
+        with self._lock:
+            self._known.clear()
+
+
+class Stores(object):
+    """The greylisting stores of the process, one per file and timings,
+    shared by every session and engine."""
+
+    def __init__(self):
+        self._cache = Cache()
+
+    def get(self, settings):
+        """The store of ``settings.greylist_db``, with its timings."""
+        key = (settings.greylist_db,) + tuple(
+            getattr(settings, name) for name in GreylistStore.settings)
+
+        def make():
+            store = GreylistStore(settings.greylist_db)
+            store.configure(settings)
+            return store
+        return self._cache.get(key, make)
+
+    def reset(self):
+        for store in self._cache.reset():
+            store.close()
+
+
+class ClientLists(object):
+    """The ``whitelist_clients`` files, read again when they change:
+    ``get(path)`` is ``(networks, name suffixes)``."""
+
+    def __init__(self):
+        self._cache = Cache()
+
+    def get(self, path):
+        try:
+            mtime = os.stat(path).st_mtime
+            cached = self._cache.get(path)
+            if cached is not None and cached[0] == mtime:
+                return cached[1]
+            with open(path, "rb") as client_file:
+                entries = client_file.read().decode("ascii").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            log_once("whitelist_clients %s: %s; no client is whitelisted "
+                     "by it" % (path, error))
+            return [], []
+        networks, names = [], []
+        for line in entries:
+            entry = line.split("#", 1)[0].strip().lower()
+            if not entry:
+                continue
+            if re.match(r"\A[0-9.:/a-f]+\Z", entry) and (
+                    "/" in entry or ":" in entry
+                    or re.match(r"\A[0-9.]+\Z", entry)):
+                networks.append(entry)
+            else:
+                names.append(entry.strip("."))
+        self._cache.put(path, (mtime, (networks, names)))
+        return networks, names
+
+    def reset(self):
+        self._cache.reset()
+
+
+_logged = Cache()
+
+
+def log_once(message):
+    """Log an error the first time this process meets it."""
+    first = []
+    _logged.get(message, lambda: first.append(True) or True)
+    if first:
+        log.error("%s", log_escape(message))
+
+
+# The registries (module-level, each with its lock).
+stores = Stores()                   # GreylistStore per file and timings
+client_lists = ClientLists()        # whitelist_clients files
+tls_contexts = Cache()              # SSLContexts, of clients and upstream
+upstream_capabilities = UpstreamCapabilities()
+
+
+def reset_registries():
+    """Forget what the process shared: stores (closed), whitelist files,
+    TLS contexts, upstream capabilities, errors logged.  For tests."""
+    for registry in (stores, client_lists, tls_contexts,
+                     upstream_capabilities, _logged):
+        registry.reset()
 
 
 # ---------------------------------------------------------------------------

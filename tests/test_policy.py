@@ -94,9 +94,8 @@ def test_greylisting_key_is_client_network_sender_recipient(
     ("2001:db8:1:2:3::4", "2001:db8:1:2::/64"),
 ])
 def test_client_network(peer, key):
-    handler = object.__new__(smtpproxy.GreyListingPolicy)
-    handler.peer = peer
-    assert handler.client_network() == key
+    engine = smtpproxy.Greylister(smtpproxy.GreyListingPolicy)
+    assert engine.client_network(peer) == key
 
 
 def test_sender_tags_do_not_make_a_new_sender(grey, clock):
