@@ -1424,6 +1424,212 @@ def format_reply(code, lines):
                        for i, text in enumerate(lines))
 
 
+class UpstreamRelay(object):
+    """One client session's forwarding to the upstream
+    (ConcreteMailHandler.relay_class): it owns the UpstreamSession, opened
+    at the first RCPT that passes the policy and kept for the session's
+    later transactions, and knows where the upstream's transaction is.
+
+    ``session``: the UpstreamSession, or None; ``in_transaction``: the
+    upstream has our MAIL; ``lost``: once the upstream broke, the 4xx (or
+    421) the transaction ends with.  What the client said and the
+    configuration come from ``handler`` (helo_name, esmtp, inbox_log,
+    mail_from, mail_params, smtputf8; smtp_ip, upstream_class, ...).  A
+    failure drops the session, sets ``lost``, tells
+    ``handler.upstream_failed()`` and raises the UpstreamError.
+    """
+
+    # MAIL and RCPT parameters, and the extension each belongs to.
+    parameter_extensions = {"SIZE": "SIZE", "BODY": "8BITMIME",
+                            "SMTPUTF8": "SMTPUTF8", "RET": "DSN",
+                            "ENVID": "DSN", "NOTIFY": "DSN", "ORCPT": "DSN"}
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.session = None
+        self.helo = None            # the HELO/EHLO line the session heard
+        self.in_transaction = False
+        self.lost = None
+
+    def new_transaction(self):
+        self.in_transaction = False
+        self.lost = None
+
+    def fail(self, error):
+        """The upstream broke: drop it; the transaction cannot complete."""
+        self.abort()
+        self.lost = error.reply
+        self.handler.upstream_failed(error)
+
+    def open(self):
+        """Open the session, or follow the client's new HELO/EHLO."""
+        handler = self.handler
+        if self.session is None:
+            self.session = self.connect()
+        elif self.helo != handler.inbox_log[0]:
+            # The client said HELO/EHLO again, with another name.
+            self.session.introduce(handler.helo_name, handler.esmtp)
+        else:
+            return
+        self.helo = handler.inbox_log[0]
+        # After XCLIENT the upstream answers as to this client alone.
+        if handler.esmtp and not self.session.xclient_done:
+            handler.remember_upstream(self.session.extensions)
+
+    def connect(self, tls=None):
+        """A new upstream session, ready for MAIL: greeted, turned to TLS
+        per ``upstream_tls``, told the real client with XCLIENT when
+        ``xclient`` is on and the upstream offers it, and introduced with
+        the client's HELO/EHLO name."""
+        handler = self.handler
+        tls = handler.upstream_tls if tls is None else tls
+        xclient = handler.xclient
+        session = handler.upstream_class(
+            (handler.smtp_ip, handler.smtp_port), handler.upstream_timeout)
+        # TLS and XCLIENT need EHLO; with XCLIENT, the first name is ours
+        # and the client's comes after it.
+        name = handler.servername if xclient else handler.helo_name
+        esmtp = handler.esmtp or tls != "no" or xclient
+        session.greet(name, esmtp)
+        if tls != "no" and "STARTTLS" in session.extensions:
+            try:
+                session.start_tls(handler.upstream_tls_context(),
+                                  handler.upstream_tls_name
+                                  or handler.smtp_ip, name)
+            except UpstreamTLSError as error:
+                if tls != "opportunistic":
+                    raise
+                log.warning("upstream %s:%s: %s; going on without TLS",
+                            handler.smtp_ip, handler.smtp_port, error)
+                return self.connect(tls="no")
+        if tls == "required" and not session.tls:
+            session.abort()
+            raise UpstreamError("the upstream offers no STARTTLS", NO_TLS)
+        if xclient and "XCLIENT" in session.extensions:
+            session.xclient(handler.client_attributes(
+                "XCLIENT", session.extensions["XCLIENT"]))
+            name, esmtp = None, None            # must be said again
+        if (name, esmtp) != (handler.helo_name, handler.esmtp):
+            session.introduce(handler.helo_name, handler.esmtp)
+        return session
+
+    def parameters(self, params):
+        """`` KEY=VALUE ...`` of the ``params`` whose extension the upstream
+        session announced."""
+        extensions = self.session.extensions
+        return "".join(
+            " %s=%s" % (keyword, value) if value is not None
+            else " " + keyword
+            for keyword, value in params
+            if self.parameter_extensions.get(keyword) in extensions)
+
+    def needs(self):
+        """The extensions the upstream must have for this transaction,
+        which cannot be passed on without them: SMTPUTF8 for MAIL ...
+        SMTPUTF8, 8BITMIME for BODY=8BITMIME."""
+        handler = self.handler
+        needs = ["SMTPUTF8"] if handler.smtputf8 else []
+        if any(keyword == "BODY" and value.upper() == "8BITMIME"
+               for keyword, value in handler.mail_params):
+            needs.append("8BITMIME")
+        return needs
+
+    def rcpt(self, recipient, params=()):
+        """Relay one RCPT; return the upstream's reply ``(code, lines)``.
+        Opens the session and replays MAIL FROM first if needed: MAIL and
+        the first RCPT go together (pipelined when the upstream can)."""
+        try:
+            return self._rcpt(recipient, params)
+        except UpstreamError as error:
+            self.fail(error)
+            raise
+
+    def _rcpt(self, recipient, params):
+        self.open()
+        session = self.session
+        for keyword in self.needs():
+            if keyword not in session.extensions:
+                # It had it when our EHLO offered it, no longer.
+                return 451, ["4.3.0 The upstream mail server lost %s, try "
+                             "again later" % keyword]
+        rcpt = "RCPT TO:<%s>%s" % (recipient, self.parameters(params))
+        if self.in_transaction:
+            return session.command(rcpt)
+        # If MAIL fails, the RCPT's reply (503) means nothing and the
+        # client hears MAIL's.  XFORWARD, which holds for one transaction,
+        # goes in front.
+        handler = self.handler
+        commands = ["MAIL FROM:<%s>%s" % (
+            handler.mail_from, self.parameters(handler.mail_params)), rcpt]
+        xforward = (handler.xclient and "XFORWARD" in session.extensions
+                    and not session.xclient_done)
+        if xforward:
+            commands.insert(0, "XFORWARD " + format_xattributes(
+                handler.client_attributes(
+                    "XFORWARD", session.extensions["XFORWARD"])))
+        replies = session.commands(commands)
+        if xforward and replies[0][0] != 250:
+            log.warning("upstream refused XFORWARD: %d %s", replies[0][0],
+                        " ".join(replies[0][1]))
+        mail_reply, rcpt_reply = replies[-2:]
+        if mail_reply[0] != 250:
+            return mail_reply
+        self.in_transaction = True
+        return rcpt_reply
+
+    def data(self):
+        """DATA: the upstream's reply ``(code, lines)``.  Its transaction
+        stays open after a refusal (Postfix's does): reset() ends it."""
+        try:
+            return self.session.command("DATA")
+        except UpstreamError as error:
+            self.fail(error)
+            raise
+
+    def send(self, data):
+        """Message data, as it is."""
+        try:
+            self.session.send(data)
+        except UpstreamError as error:
+            self.fail(error)
+            raise
+
+    def end(self, data=b""):
+        """The last ``data`` and the final dot: the upstream's reply to the
+        message, which ends its transaction."""
+        try:
+            self.session.send(data + b".\r\n")
+            reply = self.session.read_reply()
+        except UpstreamError as error:
+            self.fail(error)
+            raise
+        self.in_transaction = False
+        return reply
+
+    def reset(self):
+        """End the upstream's transaction, if it has one (RSET)."""
+        if self.session is not None and self.in_transaction:
+            try:
+                self.session.command("RSET")
+            except UpstreamError as error:
+                self.handler.log_dialogue("upstream: %s", error)
+                self.session = None
+        self.new_transaction()
+
+    def abort(self):
+        """Close the session at once, without QUIT: in the middle of DATA,
+        the upstream discards the partial message."""
+        if self.session is not None:
+            self.session.abort()
+            self.session = None
+
+    def quit(self):
+        """End the session politely."""
+        if self.session is not None:
+            self.session.quit()
+            self.session = None
+
+
 class DataScanner(object):
     """Finds the end of a message's data, and what is wrong with it, in
     the bytes a client sends after DATA: no socket, no I/O, so that the
@@ -2135,6 +2341,7 @@ class ConcreteMailHandler(MailHandler):
     max_recipients = 100
     defer_reply = "451 4.7.1 Please try again later"
     upstream_class = UpstreamSession
+    relay_class = UpstreamRelay
     upstream_capabilities_ttl = 600
     tls_cert = ""
     tls_key = ""
@@ -2149,9 +2356,7 @@ class ConcreteMailHandler(MailHandler):
     upstream_dependent = ("8BITMIME", "SMTPUTF8", "DSN",
                           "ENHANCEDSTATUSCODES")
     # MAIL and RCPT parameters, and the extension each belongs to.
-    parameter_extensions = {"SIZE": "SIZE", "BODY": "8BITMIME",
-                            "SMTPUTF8": "SMTPUTF8", "RET": "DSN",
-                            "ENVID": "DSN", "NOTIFY": "DSN", "ORCPT": "DSN"}
+    parameter_extensions = UpstreamRelay.parameter_extensions
 
     # Size of the chunks in which message data is written upstream.
     data_chunk_size = 65536
@@ -2160,8 +2365,7 @@ class ConcreteMailHandler(MailHandler):
         MailHandler.setup(self)
         self.helo_name = None
         self.esmtp = False
-        self.upstream = None
-        self.upstream_helo = None
+        self.relay = self.relay_class(self)
         self.final_reply = ""
         self.offered = {}
         self.message_size_limit = self.max_message_size
@@ -2175,8 +2379,7 @@ class ConcreteMailHandler(MailHandler):
         self.smtputf8 = False
         self.recipients = []
         self.rcpt_seen = []
-        self.upstream_in_transaction = False
-        self.upstream_lost = None      # the 4xx once the upstream broke
+        self.relay.new_transaction()
         self.final_reply = ""
         self.rcpt_outcome = None       # (status, reply): note_outcome()
         del self.inbox_log[1:]
@@ -2227,12 +2430,7 @@ class ConcreteMailHandler(MailHandler):
         """End the current transaction (RSET, HELO, after DATA): log it and
         reset the upstream's transaction too."""
         self.logResult()
-        if self.upstream is not None and self.upstream_in_transaction:
-            try:
-                self.upstream.command("RSET")
-            except UpstreamError as error:
-                self.log_dialogue("upstream: %s", error)
-                self.upstream = None
+        self.relay.reset()
         self._start_transaction()
 
     def handleTimeout(self):
@@ -2255,9 +2453,7 @@ class ConcreteMailHandler(MailHandler):
         """Log the open transaction, if any, and QUIT the upstream."""
         self.logResult()
         self.mail_from = None
-        if self.upstream is not None:
-            self.upstream.quit()
-            self.upstream = None
+        self.relay.quit()
 
     # -- what the upstream can carry -------------------------------------
 
@@ -2316,57 +2512,7 @@ class ConcreteMailHandler(MailHandler):
                 log.error("no STARTTLS: %s", error)
         return offered
 
-    # -- the upstream session --------------------------------------------
-
-    def open_upstream(self):
-        """Open the upstream session and replay the client's HELO/EHLO."""
-        if self.upstream is None:
-            self.upstream = self.connect_upstream()
-        elif self.upstream_helo != self.inbox_log[0]:
-            # The client said HELO/EHLO again, with another name.
-            self.upstream.introduce(self.helo_name, self.esmtp)
-        else:
-            return
-        self.upstream_helo = self.inbox_log[0]
-        # After XCLIENT the upstream answers as to this client alone.
-        if self.esmtp and not self.upstream.xclient_done:
-            self.remember_upstream(self.upstream.extensions)
-
-    def connect_upstream(self, tls=None):
-        """A new upstream session, ready for MAIL: greeted, turned to TLS
-        per ``upstream_tls``, told the real client with XCLIENT when
-        ``xclient`` is on and the upstream offers it, and introduced with
-        the client's HELO/EHLO name."""
-        tls = self.upstream_tls if tls is None else tls
-        xclient = self.xclient
-        session = self.upstream_class((self.smtp_ip, self.smtp_port),
-                                      self.upstream_timeout)
-        # TLS and XCLIENT need EHLO; with XCLIENT, the first name is ours
-        # and the client's comes after it.
-        name = self.servername if xclient else self.helo_name
-        esmtp = self.esmtp or tls != "no" or xclient
-        session.greet(name, esmtp)
-        if tls != "no" and "STARTTLS" in session.extensions:
-            try:
-                session.start_tls(self.upstream_tls_context(),
-                                  self.upstream_tls_name or self.smtp_ip,
-                                  name)
-            except UpstreamTLSError as error:
-                if tls != "opportunistic":
-                    raise
-                log.warning("upstream %s:%s: %s; going on without TLS",
-                            self.smtp_ip, self.smtp_port, error)
-                return self.connect_upstream(tls="no")
-        if tls == "required" and not session.tls:
-            session.abort()
-            raise UpstreamError("the upstream offers no STARTTLS", NO_TLS)
-        if xclient and "XCLIENT" in session.extensions:
-            session.xclient(self.client_attributes(
-                "XCLIENT", session.extensions["XCLIENT"]))
-            name, esmtp = None, None            # must be said again
-        if (name, esmtp) != (self.helo_name, self.esmtp):
-            session.introduce(self.helo_name, self.esmtp)
-        return session
+    # -- who the client is (XCLIENT, XFORWARD, whitelists) ---------------
 
     def client_attributes(self, command, announced=""):
         """The real client, as XCLIENT or XFORWARD name it: [(NAME,
@@ -2475,68 +2621,6 @@ class ConcreteMailHandler(MailHandler):
         return tls_contexts.get(key, lambda: tls_client_context(
             self.upstream_tls_verify, self.upstream_tls_ca))
 
-    def upstream_parameters(self, params):
-        """`` KEY=VALUE ...`` of the ``params`` whose extension the upstream
-        session announced."""
-        extensions = self.upstream.extensions
-        return "".join(
-            " %s=%s" % (keyword, value) if value is not None
-            else " " + keyword
-            for keyword, value in params
-            if self.parameter_extensions.get(keyword) in extensions)
-
-    def transaction_needs(self):
-        """The extensions the upstream must have for this transaction,
-        which cannot be passed on without them: SMTPUTF8 for MAIL ...
-        SMTPUTF8, 8BITMIME for BODY=8BITMIME."""
-        needs = ["SMTPUTF8"] if self.smtputf8 else []
-        if any(keyword == "BODY" and value.upper() == "8BITMIME"
-               for keyword, value in self.mail_params):
-            needs.append("8BITMIME")
-        return needs
-
-    def upstream_mail_command(self):
-        """The MAIL command replayed upstream: the client's, with only the
-        parameters the upstream announced."""
-        return "MAIL FROM:<%s>%s" % (self.mail_from,
-                                     self.upstream_parameters(
-                                         self.mail_params))
-
-    def relay_rcpt(self, recipient, params=()):
-        """Relay one RCPT to the upstream; return its reply ``(code, lines)``.
-
-        Opens the upstream session and replays MAIL FROM first if needed.
-        """
-        self.open_upstream()
-        for keyword in self.transaction_needs():
-            if keyword not in self.upstream.extensions:
-                # It had it when our EHLO offered it, no longer.
-                return 451, ["4.3.0 The upstream mail server lost %s, try "
-                             "again later" % keyword]
-        rcpt = "RCPT TO:<%s>%s" % (recipient,
-                                   self.upstream_parameters(params))
-        if self.upstream_in_transaction:
-            return self.upstream.command(rcpt)
-        # MAIL and the first RCPT go together; if MAIL fails, the RCPT's
-        # reply (503) means nothing and the client hears MAIL's.
-        # XFORWARD, which holds for one transaction, goes in front.
-        commands = [self.upstream_mail_command(), rcpt]
-        xforward = (self.xclient and "XFORWARD" in self.upstream.extensions
-                    and not self.upstream.xclient_done)
-        if xforward:
-            commands.insert(0, "XFORWARD " + format_xattributes(
-                self.client_attributes(
-                    "XFORWARD", self.upstream.extensions["XFORWARD"])))
-        replies = self.upstream.commands(commands)
-        if xforward and replies[0][0] != 250:
-            log.warning("upstream refused XFORWARD: %d %s", replies[0][0],
-                        " ".join(replies[0][1]))
-        mail_reply, rcpt_reply = replies[-2:]
-        if mail_reply[0] != 250:
-            return mail_reply
-        self.upstream_in_transaction = True
-        return rcpt_reply
-
     def end_message(self, reply):
         """``reply`` is the message's final reply (DATA's, or the one to
         its data): kept for the transaction's log line, and counted."""
@@ -2552,14 +2636,11 @@ class ConcreteMailHandler(MailHandler):
             self.count("%s_%s" % (what, outcome))
 
     def upstream_failed(self, error):
-        """The upstream broke: drop it; the transaction cannot complete."""
+        """The upstream broke (the relay dropped it; the transaction
+        cannot complete): count and log it."""
         self.count("upstream_errors")
         log.warning("upstream %s:%s: %s", self.smtp_ip, self.smtp_port, error)
         self.log_dialogue("upstream: %s", error)
-        if self.upstream is not None:
-            self.upstream.abort()
-        self.upstream = None
-        self.upstream_lost = error.reply
         if error.reply.startswith("421"):
             self.close_connection()     # 421: this session ends
 
@@ -2733,9 +2814,9 @@ class ConcreteMailHandler(MailHandler):
             return
         if len(self.rcpt_seen) < self.max_recipients:
             self.rcpt_seen.append(recipient)
-        if self.upstream_lost:
-            self.note_outcome(self.upstream_lost, failed=True)
-            self.netPrint(self.upstream_lost)
+        if self.relay.lost:
+            self.note_outcome(self.relay.lost, failed=True)
+            self.netPrint(self.relay.lost)
             return
         verdict = self.shouldWeAcceptRecipient(recipient)
         if verdict is not True:
@@ -2748,9 +2829,8 @@ class ConcreteMailHandler(MailHandler):
                 self.close_connection()     # 421: this session ends
             return
         try:
-            code, lines = self.relay_rcpt(recipient, params)
+            code, lines = self.relay.rcpt(recipient, params)
         except UpstreamError as error:
-            self.upstream_failed(error)
             self.count_reply("rcpt", error.reply)
             self.note_outcome(error.reply, failed=True)
             self.netPrint(error.reply)
@@ -2791,7 +2871,7 @@ class ConcreteMailHandler(MailHandler):
         any verdict (or left in the middle of the data)."""
         reply = self.final_reply
         if reply:
-            if self.upstream_lost and reply == self.upstream_lost:
+            if self.relay.lost and reply == self.relay.lost:
                 return "FAILED", reply
             status = {"2": "ACCEPTED", "4": "DEFERRED",
                       "5": "REFUSED"}.get(reply[:1], "")
@@ -2808,9 +2888,9 @@ class ConcreteMailHandler(MailHandler):
             self.refuse("503 5.5.1 Sender not yet given",
                         protocol_error=True)
             return
-        if self.upstream_lost:
-            self.end_message(self.upstream_lost)
-            self.netPrint(self.upstream_lost)
+        if self.relay.lost:
+            self.end_message(self.relay.lost)
+            self.netPrint(self.relay.lost)
             self.reset_transaction()
             return
         if not self.recipients:
@@ -2823,9 +2903,8 @@ class ConcreteMailHandler(MailHandler):
             self.close_connection()
             return
         try:
-            code, lines = self.upstream.command("DATA")
+            code, lines = self.relay.data()
         except UpstreamError as error:
-            self.upstream_failed(error)
             self.end_message(error.reply)
             self.netPrint(error.reply)
             self.reset_transaction()
@@ -2841,7 +2920,6 @@ class ConcreteMailHandler(MailHandler):
         self.netPrint("354 End data with <CR><LF>.<CR><LF>")
         self.end_message(self.receive_message())
         self.netPrint(self.final_reply)
-        self.upstream_in_transaction = False
         self.reset_transaction()
 
     def receive_message(self):
@@ -2857,7 +2935,7 @@ class ConcreteMailHandler(MailHandler):
         """
         reader = self.reader
         scanner = DataScanner(self.max_text_line, self.message_size_limit)
-        upstream = self.upstream
+        relay = self.relay
         outgoing = [("".join(line + "\r\n" for line in self.extra_headers())
                      .encode("ascii"))]
         outgoing_size = len(outgoing[0])
@@ -2875,40 +2953,32 @@ class ConcreteMailHandler(MailHandler):
                 lines = scanner.feed(data)
                 if scanner.hopeless:
                     return self.give_up(scanner.too_big())
-                if lines and upstream is not None:
+                if lines and relay.session is not None:
                     outgoing.append(lines)
                     outgoing_size += len(lines)
                     if outgoing_size >= self.data_chunk_size:
                         try:
-                            upstream.send(b"".join(outgoing))
-                        except UpstreamError as error:
-                            self.upstream_failed(error)
-                            upstream = None
+                            relay.send(b"".join(outgoing))
+                        except UpstreamError:
+                            pass        # the relay is lost; read on
                         outgoing, outgoing_size = [], 0
             reader.unread(scanner.leftover)
         except (ClientGone, OSError):
             # Client gone or timed out mid-DATA: no final dot upstream.
-            if self.upstream is not None:
-                self.upstream.abort()
-                self.upstream = None
+            relay.abort()
             self.final_reply = "(client lost during DATA)"
             raise
         finally:
             reader.line_started = None
         if scanner.problem is not None:
             self.log_dialogue("message refused: %s", scanner.problem)
-            if self.upstream is not None:
-                self.upstream.abort()
-                self.upstream = None
+            relay.abort()
             return scanner.problem
-        if upstream is None:
-            return self.upstream_lost or LOST
+        if relay.session is None:
+            return relay.lost or LOST
         try:
-            outgoing.append(b".\r\n")
-            upstream.send(b"".join(outgoing))
-            code, lines = upstream.read_reply()
+            code, lines = relay.end(b"".join(outgoing))
         except UpstreamError as error:
-            self.upstream_failed(error)
             return error.reply
         return format_reply(code, lines)
 
@@ -2917,9 +2987,7 @@ class ConcreteMailHandler(MailHandler):
         without its end: refuse it now and close, since nothing that
         follows can be read as commands."""
         self.log_dialogue("message refused, its end not found: %s", reply)
-        if self.upstream is not None:
-            self.upstream.abort()
-            self.upstream = None
+        self.relay.abort()
         self.close_connection()
         return reply
 
