@@ -5054,72 +5054,120 @@ class Service(object):
         return values
 
     def run(self):
-        report = None
+        """Start, serve until stopped, stop; return the exit status.  Each
+        step of the start is a method of its own, in this order."""
+        self.report = None          # the pipe to the waiting parent
         try:
             identity = find_user(self.values)
-            if self.values.get("pidfile"):
-                self.pidfile = lock_pidfile(self.values["pidfile"])
-            created = []
-            try:
-                configure_logging(self.values, created)
-            except OSError as error:
-                raise StartError("cannot open log: %s" % error, 2)
-            handler_class = handler_class_for(self.base, self.values)
-            check_proxy_protocol(handler_class)
-            check_tls(handler_class)
-            store = getattr(handler_class, "greylist_db", None)
-            if identity and store:
-                # The store is the service's alone: its files, made now if
-                # need be, go to the user, also when a root run made them.
-                if not os.path.exists(store):
-                    open(store, "ab").close()
-                created.extend(name for name in (store, store + "-wal",
-                                                 store + "-shm")
-                               if os.path.exists(name)
-                               and name not in created)
-            address = (self.values.get("listen_ip", ""),
-                       self.values.get("port", 25))
-            try:
-                self.server = SMTPProxyServer(address, handler_class)
-            except OSError as error:
-                raise StartError("cannot listen on [%s]:%s: %s"
-                                 % (address[0], address[1], error))
-            configure_server(self.server, self.values)
-            if self.start_dir == "/":
-                for key in self.relative:
-                    if key == "greylist_debuglog" and not self.values.get(
-                            "debug"):
-                        continue
-                    sys.stderr.write("smtpproxy: warning: %s is a relative "
-                                     "name, read from /: %s\n"
-                                     % (key, self.values[key]))
-            if self.args.daemon:
-                if not (self.values.get("syslog")
-                        or self.values.get("log_file")):
-                    sys.stderr.write("smtpproxy: warning: as a daemon, "
-                                     "set syslog or log_file to keep the "
-                                     "service's log\n")
-                report = daemonize()
-            if self.pidfile is not None:
-                write_pidfile(self.pidfile)
-            if identity:
-                drop_privileges(identity, created,
-                                lambda: check_store(handler_class))
-            else:
-                check_store(handler_class)
-            self.check_logs()
+            self.lock_pidfile()
+            created = self.open_logs()
+            handler_class = self.handler_class()
+            created += self.store_files(handler_class, identity)
+            self.listen(handler_class)
+            self.warn_of_relative_names()
+            self.detach()
+            self.become(identity, created, handler_class)
         except StartError as error:
             sys.stderr.write("smtpproxy: error: %s\n" % error)
-            if report is not None:
-                report_start(report, error.status)
+            if self.report is not None:
+                report_start(self.report, error.status)
             self.close()
             return error.status
+        self.serving(handler_class)
+        try:
+            self.server.serve_forever(poll_interval=0.25)
+            self.stop()
+        finally:
+            self.close()
+        return 0
+
+    def lock_pidfile(self):
+        """Lock the pidfile first: a running instance makes this start
+        fail before anything else is touched."""
+        if self.values.get("pidfile"):
+            self.pidfile = lock_pidfile(self.values["pidfile"])
+
+    def open_logs(self):
+        """Open the logs, as root if started so; return the files made."""
+        created = []
+        try:
+            configure_logging(self.values, created)
+        except OSError as error:
+            raise StartError("cannot open log: %s" % error, 2)
+        return created
+
+    def handler_class(self):
+        """The handler class of the configuration, its TLS pair read while
+        it may still be readable, its PROXY balancers checked."""
+        handler_class = handler_class_for(self.base, self.values)
+        check_proxy_protocol(handler_class)
+        check_tls(handler_class)
+        return handler_class
+
+    @staticmethod
+    def store_files(handler_class, identity):
+        """The store's files, to be given to the serving user: the store is
+        the service's alone, made now if need be, also when a root run
+        made them."""
+        store = getattr(handler_class, "greylist_db", None)
+        if not (identity and store):
+            return []
+        if not os.path.exists(store):
+            open(store, "ab").close()
+        return [name for name in (store, store + "-wal", store + "-shm")
+                if os.path.exists(name)]
+
+    def listen(self, handler_class):
+        """Bind the port (as root if port 25 needs it)."""
+        address = (self.values.get("listen_ip", ""),
+                   self.values.get("port", 25))
+        try:
+            self.server = SMTPProxyServer(address, handler_class)
+        except OSError as error:
+            raise StartError("cannot listen on [%s]:%s: %s"
+                             % (address[0], address[1], error))
+        configure_server(self.server, self.values)
+
+    def warn_of_relative_names(self):
+        """A daemon started in / reads relative names from there."""
+        if self.start_dir != "/":
+            return
+        for key in self.relative:
+            if key == "greylist_debuglog" and not self.values.get("debug"):
+                continue
+            sys.stderr.write("smtpproxy: warning: %s is a relative name, "
+                             "read from /: %s\n" % (key, self.values[key]))
+
+    def detach(self):
+        """With --daemon: fork away; the parent waits for report_start()."""
+        if not self.args.daemon:
+            return
+        if not (self.values.get("syslog") or self.values.get("log_file")):
+            sys.stderr.write("smtpproxy: warning: as a daemon, set syslog "
+                             "or log_file to keep the service's log\n")
+        self.report = daemonize()
+
+    def become(self, identity, created, handler_class):
+        """Write the pid, switch to the serving user for good (the files
+        made as root given to it), and check the store as that user."""
+        if self.pidfile is not None:
+            write_pidfile(self.pidfile)
+        if identity:
+            drop_privileges(identity, created,
+                            lambda: check_store(handler_class))
+        else:
+            check_store(handler_class)
+        self.check_logs()
+
+    def serving(self, handler_class):
+        """The start went well: signals, the parent told, warnings, the
+        start logged, the upstream asked what it offers."""
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                        signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(signum, self.on_signal)
         self.server.service_actions = self.on_service
-        if report is not None:
-            report_start(report, 0)
+        if self.report is not None:
+            report_start(self.report, 0)
         for warning in self.warnings + configuration_warnings(
                 handler_class):
             log.warning("%s", warning)
@@ -5131,17 +5179,15 @@ class Service(object):
                  self.args.handler_class, self.path or "none", os.getpid(),
                  _user_name(os.geteuid()))
         self.learn_upstream(handler_class)
-        try:
-            self.server.serve_forever(poll_interval=0.25)
-            log.info("stopping: waiting up to %s seconds for %d open "
-                     "session(s)", self.server.grace_period,
-                     len(self.server.sessions))
-            left = self.server.stop()
-            log.info("stopped%s", " (%d session(s) did not end)" % left
-                     if left else "")
-        finally:
-            self.close()
-        return 0
+
+    def stop(self):
+        """serve_forever() returned (SIGTERM): let open transactions end."""
+        log.info("stopping: waiting up to %s seconds for %d open "
+                 "session(s)", self.server.grace_period,
+                 len(self.server.sessions))
+        left = self.server.stop()
+        log.info("stopped%s", " (%d session(s) did not end)" % left
+                 if left else "")
 
     def check_logs(self):
         """Warn about log files the serving user could not open again (on
