@@ -54,6 +54,9 @@ Options:
         service would start, else the status of its failure, with why.
     --quiet, -q
         With --check-config: print only warnings and errors.
+    --sample-config
+        Print a configuration file of every key with its default and its
+        help (contrib/greylist.conf.dist is one), and exit.
 
 Working on the greylisting store (greylist_db) of the configuration, also
 while the proxy runs; keys are "client-network sender recipient":
@@ -390,177 +393,305 @@ def _helo_triple(item):
     return (helo, prefix, recipient)
 
 
-# key: (converter, kind, description).  kind is "scalar" or "list"; the
-# converter of a list converts one item.
-CONFIG_KEYS = {
-    "port": (_port, "scalar", "port to listen on (25)"),
-    "listen_ip": (_string, "scalar",
-                  "address to listen on; empty: all, IPv4 and IPv6 ('')"),
-    "servername": (_string, "scalar",
-                   "name in the greeting and replies (mail.example.com)"),
-    "serverid": (_string, "scalar",
-                 "software name in the greeting (smtpproxy VERSION)"),
-    "smtp_ip": (_string, "scalar", "the real mail server (127.0.0.1)"),
-    "smtp_port": (_port, "scalar", "the real mail server's port (8025)"),
-    "inactivity_timeout": (_integer, "scalar",
-                           "seconds a client may stay silent, and the "
-                           "deadline of each line from its first octet "
-                           "and of each write (60)"),
-    "upstream_timeout": (_integer, "scalar",
-                         "seconds to wait for the real server (120)"),
-    "greet_pause": (_integer, "scalar",
-                    "seconds to wait before the greeting; a client that "
-                    "talks first is dropped (0)"),
-    "strict": (_boolean, "scalar",
-               "close the connection after a protocol error (yes)"),
-    "max_message_size": (_integer, "scalar",
-                         "largest message in bytes, announced in SIZE "
-                         "(52428800)"),
-    "max_recipients": (_integer, "scalar",
-                       "recipients per message (100)"),
-    "max_errors": (_integer, "scalar",
-                   "refused commands before the client is dropped (20)"),
-    "proxy_protocol": (_proxy_mode, "scalar",
-                       "no, v1, v2 or any: connections begin with HAProxy's "
-                       "PROXY header, which gives the client's address "
-                       "(no)"),
-    "proxy_protocol_from": (_network, "list",
-                            "load balancers that may send the PROXY header: "
-                            "addresses or networks; needed with "
-                            "proxy_protocol (none)"),
-    "upstream_capabilities_ttl": (
-        _integer, "scalar",
-        "seconds the upstream's EHLO keywords are trusted before a "
-        "client's EHLO asks it again (600)"),
-    "tls_cert": (_string, "scalar",
-                 "certificate chain (PEM) for STARTTLS with clients; "
-                 "empty: no STARTTLS (none)"),
-    "tls_key": (_string, "scalar",
-                "its private key (PEM; empty: in tls_cert's file)"),
-    "tls_required": (_boolean, "scalar",
-                     "refuse MAIL before STARTTLS with 530 (no)"),
-    "upstream_tls": (_upstream_tls, "scalar",
-                     "STARTTLS with the upstream: no, opportunistic or "
-                     "required (opportunistic)"),
-    "upstream_tls_verify": (_boolean, "scalar",
-                            "check the upstream's certificate and name; "
-                            "only upstream_tls = required makes a failed "
-                            "check a 451 instead of plain text (no)"),
-    "upstream_tls_ca": (_string, "scalar",
-                        "authorities (PEM) the upstream's certificate is "
-                        "checked against (the system's)"),
-    "upstream_tls_name": (_string, "scalar",
-                          "the name its certificate must hold (smtp_ip)"),
-    "xclient": (_boolean, "scalar",
-                "tell the upstream the real client (address, port, HELO "
-                "and host names) with XCLIENT or XFORWARD when it offers "
-                "them; a refused XCLIENT is 451 (no)"),
-    "greylist_log": (_string, "scalar",
-                     "transaction log file, one line per transaction "
-                     "(greylist.log; empty: none)"),
-    "greylist_debuglog": (_string, "scalar",
-                          "dialogue log file, written when debug is on "
-                          "(greylist-debug.log)"),
-    "debug": (_boolean, "scalar", "log the SMTP dialogue (no)"),
-    # GreyListingPolicy's keys.
-    "greylist_db": (_string, "scalar",
-                    "greylisting store, an sqlite3 file (greylist.db)"),
-    "too_soon": (_integer, "scalar",
-                 "greylisting: a retry sooner than this many seconds "
-                 "after the first try restarts the clock (180)"),
-    "min_defer_time": (_integer, "scalar",
-                       "greylisting: a retry is accepted from this many "
-                       "seconds after the first try (3600)"),
-    "max_defer_time": (_integer, "scalar",
-                       "greylisting: a retry is accepted until this many "
-                       "seconds after the first try; later, the clock "
-                       "restarts (25000)"),
-    "max_grey": (_integer, "scalar",
-                 "greylisting: a passed triplet unseen this long is "
-                 "forgotten (3000000)"),
-    "ipv4_prefix": (_integer, "scalar",
-                    "greylisting: bits of an IPv4 client's network in the "
-                    "key (24; 32: exact address)"),
-    "ipv6_prefix": (_integer, "scalar",
-                    "greylisting: bits of an IPv6 client's network in the "
-                    "key (64; 128: exact address)"),
-    "auto_whitelist_clients": (_integer, "scalar",
-                               "greylisting: passes after which a client "
-                               "network is accepted at once (5; 0: off)"),
-    "x_greylist_header": (_boolean, "scalar",
-                          "greylisting: add X-Greylist: to delayed mail "
-                          "(no)"),
-    "whitelist_clients": (_string, "scalar",
-                          "greylisting: file of clients never greylisted: "
-                          "addresses, networks, host-name suffixes checked "
-                          "by forward-confirmed reverse DNS (none)"),
-    "defer_reply": (_defer_reply, "scalar",
-                    "the reply to a recipient greylisting defers (451 "
-                    "4.7.1 Greylisted, please try again later)"),
-    "greylist_fail_mode": (_fail_mode, "scalar",
-                           "when the store fails: accept or defer (accept)"),
-    "allowed_senders": (_address, "list",
-                        "client addresses that may relay (127.0.0.1)"),
-    "allowed_sender_nets": (_network, "list",
-                            "client networks that may relay: prefixes of "
-                            "whole octets (192.168.2) or CIDR"),
-    "allowed_domains": (_domain, "list",
-                        "domains mail is received for (none: every "
-                        "recipient is refused)"),
-    "whitelisted_triples": (_ip_triple, "list",
-                            "ip <sender> <recipient>, always accepted"),
-    "whitelisted_nonstandard_triples": (
-        _helo_triple, "list",
-        "helo-name ip-prefix <recipient>, always accepted"),
-    # The service's: SMTPProxyServer's and main()'s.
-    "max_connections": (_positive, "scalar",
-                        "clients served at once; more get 421 (500)"),
-    "max_connections_per_ip": (_integer, "scalar",
-                               "clients served at once from one client: an "
-                               "address, or a network of "
-                               "connection_ipv4_prefix or "
-                               "connection_ipv6_prefix bits (50; 0: no "
-                               "limit)"),
-    "connection_ipv4_prefix": (_prefix(32), "scalar",
-                               "bits of an IPv4 address that make one "
-                               "client for max_connections_per_ip (32)"),
-    "connection_ipv6_prefix": (_prefix(128), "scalar",
-                               "bits of an IPv6 address that make one "
-                               "client for max_connections_per_ip: a host "
-                               "has a /64 (64)"),
-    "stress_threshold": (_percent, "scalar",
-                         "percent of max_connections open at which the "
-                         "server is under stress: idle clients get "
-                         "stress_timeout seconds, and those waited for "
-                         "longer are closed (80; 0: never)"),
-    "stress_timeout": (_positive, "scalar",
-                       "seconds a client may stay silent under stress "
-                       "(10)"),
-    "max_session_time": (_integer, "scalar",
-                         "seconds a session may last, from the connection "
-                         "to its end (3600; 0: no limit)"),
-    "grace_period": (_integer, "scalar",
-                     "seconds a stopping server lets open transactions "
-                     "finish before closing them with 421 (30)"),
-    "pidfile": (_string, "scalar",
-                "file holding the process id, locked while it runs "
-                "(none)"),
-    "user": (_string, "scalar",
-             "user to switch to once the port is bound (none)"),
-    "group": (_string, "scalar",
-              "group to switch to (the user's own group)"),
-    "run_as_root": (_boolean, "scalar",
-                    "go on serving as root when no user is set (no)"),
-    "syslog": (_facility, "scalar",
-               "send the service's log (instead of log_file) and the "
-               "transaction lines (as well as greylist_log) to syslog, "
-               "with this facility, such as mail (no)"),
-    "syslog_socket": (_string, "scalar",
-                      "syslog's socket, or HOST:PORT for UDP (/dev/log)"),
-    "log_file": (_string, "scalar",
-                 "the service's own log (starts, stops, errors) when "
-                 "syslog is off; empty: standard error ('')"),
-}
+class Key(object):
+    """One configuration key, the one place that knows it: its name, how
+    a value is read (``parse``, of each item for a list), who owns it
+    ("handler": a class attribute of the handler, whose class holds the
+    default; "server": of SMTPProxyServer; "service": main()'s, with
+    ``default`` here), its section of the sample configuration, its help
+    (the --help line and the sample's comment), and whether it names a
+    file (``path``: made absolute at the start), takes a restart
+    (``restart``) or has an option of its own (``option``: --NAME).
+    ``shown`` is what the help says of a default that is no plain value;
+    ``examples`` are the commented items of a list in the sample."""
+
+    def __init__(self, name, parse, section, help, kind="scalar",
+                 owner="handler", default=None, shown=None, path=False,
+                 restart=False, option=False, examples=(), sample=None):
+        self.name = name
+        self.parse = parse
+        self.section = section
+        self.help = help
+        self.kind = kind
+        self.owner = owner
+        self.default = default
+        self.shown = shown
+        self.path = path
+        self.restart = restart
+        self.option = option
+        self.examples = examples
+        self.sample = sample        # the sample's value, if not the default
+
+    def default_value(self):
+        """The default, from the owner that holds it."""
+        if self.owner == "service":
+            return self.default
+        owner = SMTPProxyServer if self.owner == "server" else \
+            GreyListingPolicy
+        return getattr(owner, self.name)
+
+
+LISTENING = "Listening"
+UPSTREAM = "The real mail server"
+TLS = "TLS with clients"
+DIALOGUE = "The SMTP dialogue"
+LOGS = "Logs"
+SENDERS = "Who may send what"
+GREYLISTING = "Greylisting"
+SERVICE = "Service"
+
+KEYS = [
+    Key("port", _port, LISTENING, "port to listen on", owner="service",
+        default=25, restart=True),
+    Key("listen_ip", _string, LISTENING,
+        "address to listen on; empty: every IPv4 and IPv6 address",
+        owner="service", default="", restart=True),
+    Key("proxy_protocol", _proxy_mode, LISTENING,
+        "no, v1, v2 or any: every connection begins with HAProxy's PROXY "
+        "header, which gives the client's address"),
+    Key("proxy_protocol_from", _network, LISTENING,
+        "the load balancers that may send the PROXY header, addresses or "
+        "networks; needed with proxy_protocol (0.0.0.0/0 and ::/0 would "
+        "let anyone claim any address, 127.0.0.1 included)", kind="list",
+        examples=("192.0.2.10",)),
+    Key("servername", _string, LISTENING, "name in the greeting and "
+        "replies"),
+    Key("serverid", _string, LISTENING, "software name in the greeting",
+        shown="smtpproxy VERSION", sample="smtpproxy"),
+    Key("smtp_ip", _string, UPSTREAM, "the real mail server's address"),
+    Key("smtp_port", _port, UPSTREAM, "the real mail server's port"),
+    Key("upstream_timeout", _integer, UPSTREAM,
+        "seconds to wait for the real server to connect or answer; then "
+        "the client gets 451"),
+    Key("upstream_capabilities_ttl", _integer, UPSTREAM,
+        "seconds its EHLO keywords (SIZE, 8BITMIME, SMTPUTF8, DSN) are "
+        "trusted before a client's EHLO asks again; every session with it "
+        "renews them"),
+    Key("upstream_tls", _upstream_tls, UPSTREAM,
+        "STARTTLS with it: no, opportunistic (when it offers it; plain "
+        "text if the handshake fails) or required (else 451)"),
+    Key("upstream_tls_verify", _boolean, UPSTREAM,
+        "check its certificate and name; a failed check is a failed "
+        "handshake, so only upstream_tls = required makes it a 451"),
+    Key("upstream_tls_ca", _string, UPSTREAM,
+        "authorities (PEM) its certificate is checked against",
+        shown="the system's", path=True),
+    Key("upstream_tls_name", _string, UPSTREAM,
+        "the name its certificate must hold", shown="smtp_ip"),
+    Key("xclient", _boolean, UPSTREAM,
+        "tell it the real client (address, port, HELO and host names) with "
+        "XCLIENT or XFORWARD when it offers them (Postfix: "
+        "smtpd_authorized_xclient_hosts); an XCLIENT it refuses is 451"),
+    Key("tls_cert", _string, TLS,
+        "certificate chain (PEM) for STARTTLS with clients, read at the "
+        "start as root; empty: no STARTTLS", path=True),
+    Key("tls_key", _string, TLS, "its private key (PEM)",
+        shown="in tls_cert's file", path=True),
+    Key("tls_required", _boolean, TLS,
+        "refuse MAIL before STARTTLS (530 5.7.0)"),
+    Key("strict", _boolean, DIALOGUE,
+        "close the connection after a protocol error (unknown command, "
+        "command out of order, malformed MAIL or RCPT), as Kamaelia Grey "
+        "did; no: follow RFC 5321 and go on"),
+    Key("inactivity_timeout", _integer, DIALOGUE,
+        "seconds a client may stay silent before 421; also the deadline "
+        "of each line from its first octet (a client trickling a byte at "
+        "a time holds no slot), of the PROXY header, of the TLS "
+        "handshake, and of a write to a client that does not read"),
+    Key("max_session_time", _integer, DIALOGUE,
+        "seconds a whole session may last, from the connection; 0: no "
+        "limit"),
+    Key("greet_pause", _integer, DIALOGUE,
+        "seconds to wait before the greeting; a client that talks first "
+        "gets 554"),
+    Key("max_errors", _integer, DIALOGUE,
+        "refused commands before a client is dropped with 421"),
+    Key("max_message_size", _integer, DIALOGUE,
+        "largest message in octets, announced with SIZE; the octets of an "
+        "overlong line count too: a command line not ended within it, or "
+        "a refused message not ended within as many octets again, closes "
+        "the session"),
+    Key("max_recipients", _integer, DIALOGUE, "recipients per message"),
+    Key("greylist_log", _string, LOGS,
+        "transaction log, one line per transaction; empty: none",
+        owner="service", default="greylist.log", path=True),
+    Key("greylist_debuglog", _string, LOGS,
+        "the SMTP dialogue, written when debug is on",
+        owner="service", default="greylist-debug.log", path=True),
+    Key("debug", _boolean, LOGS, "log the SMTP dialogue (or --debug)",
+        owner="service", default=False),
+    Key("allowed_senders", _address, SENDERS,
+        "client addresses that may relay to any domain", kind="list"),
+    Key("allowed_sender_nets", _network, SENDERS,
+        "client networks that may relay to any domain: whole-octet "
+        "prefixes (192.168.2 is 192.168.2.x) or CIDR", kind="list",
+        examples=("192.168.2", "2001:db8::/32")),
+    Key("allowed_domains", _domain, SENDERS,
+        "domains mail is received for; any other recipient is refused "
+        "(550 5.7.1), so none: every recipient is", kind="list",
+        examples=("example.org",)),
+    Key("whitelisted_triples", _ip_triple, SENDERS,
+        "always accepted: ip <sender> <recipient>", kind="list",
+        examples=("192.0.2.7 <sender@example.net> <user@example.org>",)),
+    Key("whitelisted_nonstandard_triples", _helo_triple, SENDERS,
+        "always accepted: claimed-helo-name ip-prefix <recipient>",
+        kind="list",
+        examples=("mx-out.example.net 198.51.100 <user@example.org>",)),
+    Key("greylist_db", _string, GREYLISTING,
+        "the greylisting store, an sqlite3 file shared safely by threads "
+        "and processes", path=True),
+    Key("too_soon", _integer, GREYLISTING,
+        "a retry sooner than this many seconds after the first try "
+        "restarts the clock"),
+    Key("min_defer_time", _integer, GREYLISTING,
+        "a retry is accepted from this many seconds after the first try"),
+    Key("max_defer_time", _integer, GREYLISTING,
+        "a retry is accepted until this many seconds after the first "
+        "try; later, the clock restarts"),
+    Key("max_grey", _integer, GREYLISTING,
+        "a passed triplet unseen this many seconds is forgotten"),
+    Key("ipv4_prefix", _integer, GREYLISTING,
+        "bits of an IPv4 client's address in the key, so that a sender's "
+        "pool passes once per network; 32: the exact address, as "
+        "Kamaelia Grey"),
+    Key("ipv6_prefix", _integer, GREYLISTING,
+        "bits of an IPv6 client's address in the key; 128: the exact "
+        "address"),
+    Key("auto_whitelist_clients", _integer, GREYLISTING,
+        "passes after which a client network is accepted at once; 0: off"),
+    Key("x_greylist_header", _boolean, GREYLISTING,
+        "add 'X-Greylist: delayed N seconds ...' to mail greylisting "
+        "delayed"),
+    Key("whitelist_clients", _string, GREYLISTING,
+        "a file of clients never greylisted (but never allowed to relay): "
+        "one address, network or host-name suffix a line; a name counts "
+        "only if the client's reverse name resolves back to it",
+        path=True),
+    Key("defer_reply", _defer_reply, GREYLISTING,
+        "the reply to a recipient greylisting defers"),
+    Key("greylist_fail_mode", _fail_mode, GREYLISTING,
+        "when the store cannot be used (file gone, disk full, locked too "
+        "long): accept (as Kamaelia Grey) or defer; a process out of "
+        "descriptors never falls back to accept: 421 4.3.2"),
+    Key("max_connections", _positive, SERVICE,
+        "clients served at once; one more gets 421 4.7.0 and is closed at "
+        "once", owner="server", option=True),
+    Key("max_connections_per_ip", _integer, SERVICE,
+        "clients served at once from one client, an address with its "
+        "first connection_ipv4_prefix or connection_ipv6_prefix bits; "
+        "0: no limit", owner="server", option=True),
+    Key("connection_ipv4_prefix", _prefix(32), SERVICE,
+        "bits of an IPv4 address that make one client for "
+        "max_connections_per_ip", owner="server"),
+    Key("connection_ipv6_prefix", _prefix(128), SERVICE,
+        "bits of an IPv6 address that make one client for "
+        "max_connections_per_ip: an IPv6 host has a /64", owner="server"),
+    Key("stress_threshold", _percent, SERVICE,
+        "percent of max_connections open at which the server is under "
+        "stress: idle clients get stress_timeout seconds, those silent "
+        "longer are closed, a client sending its message is not; stress "
+        "ends below three quarters of it; 0: never", owner="server"),
+    Key("stress_timeout", _positive, SERVICE,
+        "seconds a client may stay silent under stress", owner="server"),
+    Key("grace_period", _integer, SERVICE,
+        "seconds a stopping server lets open transactions finish before "
+        "421 4.3.2", owner="server", option=True),
+    Key("pidfile", _string, SERVICE,
+        "file holding the process id, locked while it runs; empty: none",
+        owner="service", default="", path=True, restart=True, option=True),
+    Key("user", _string, SERVICE,
+        "user to serve as once the port is bound as root; it must be able "
+        "to write the store's directory", owner="service", default="",
+        restart=True, option=True),
+    Key("group", _string, SERVICE, "group to serve as",
+        owner="service", default="", shown="the user's own", restart=True,
+        option=True),
+    Key("run_as_root", _boolean, SERVICE,
+        "go on serving as root when no user is set", owner="service",
+        default=False, restart=True),
+    Key("syslog", _facility, SERVICE,
+        "send the service's log (instead of log_file) and the "
+        "transaction lines (as well as greylist_log) to syslog, with "
+        "this facility, such as mail; no: off", owner="service",
+        default="", shown="no", option=True),
+    Key("syslog_socket", _string, SERVICE,
+        "syslog's socket, or HOST:PORT for UDP", owner="service",
+        default="/dev/log"),
+    Key("log_file", _string, SERVICE,
+        "the service's own log (starts, stops, errors) when syslog is "
+        "off; empty: standard error", owner="service", default="",
+        path=True),
+]
+
+
+KEYS_BY_NAME = dict((key.name, key) for key in KEYS)
+# What the rest of the module reads, derived from KEYS.
+# name: (converter, kind, help); the converter of a list converts an item.
+CONFIG_KEYS = dict((key.name, (key.parse, key.kind, key.help))
+                   for key in KEYS)
+# The service's keys (main()'s), with their defaults; the server's
+# (SMTPProxyServer's attributes): none of them is copied onto the handler.
+SERVICE_DEFAULTS = dict((key.name, key.default) for key in KEYS
+                        if key.owner == "service")
+SERVER_SETTINGS = tuple(key.name for key in KEYS if key.owner == "server")
+SERVER_KEYS = tuple(sorted(SERVICE_DEFAULTS)) + SERVER_SETTINGS
+# Keys used once, at the start: a reload that changes them says so.
+RESTART_KEYS = tuple(key.name for key in KEYS if key.restart)
+# File names, made absolute at the start: a daemon runs in "/".
+PATH_KEYS = tuple(key.name for key in KEYS if key.path)
+# Options that set a key (--NAME); their values are read as in the file.
+KEY_OPTIONS = tuple(key.name for key in KEYS if key.option)
+
+
+def _format_value(value):
+    """A value as the configuration file writes it."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(item if isinstance(item, str) else " ".join(item)
+                         for item in value)
+    return str(value)
+
+
+def shown_default(key):
+    """The default of ``key`` (a Key) as the help says it."""
+    if key.shown:
+        return key.shown
+    return _format_value(key.default_value()) or "none"
+
+
+def sample_config():
+    """The sample configuration (contrib/greylist.conf.dist): every key
+    with its default, by section, its help as the comment."""
+    lines = ["# smtpproxy configuration (Kamaelia Grey's greylist.conf "
+             "format).", "#"]
+    lines.extend(textwrap.wrap(
+        "'#' starts a comment line; 'key = value' sets a value; 'key:' "
+        "starts a list whose items are the following indented lines.  The "
+        "values below are the defaults.  Made by 'smtpproxy "
+        "--sample-config'; 'smtpproxy --config FILE --check-config' checks "
+        "a file and prints the values in force.", 74, initial_indent="# ",
+        subsequent_indent="# "))
+    section = None
+    for key in KEYS:
+        if key.section != section:
+            section = key.section
+            lines.append("")
+            lines.append(("# -- %s " % section).ljust(76, "-"))
+        lines.extend(textwrap.wrap(key.help[0].upper() + key.help[1:] + ".",
+                                   74, initial_indent="# ",
+                                   subsequent_indent="# "))
+        value = key.default_value()
+        if key.kind == "list":
+            lines.append("%s:" % key.name)
+            lines.extend("    %s" % _format_value([item]) for item in value)
+            lines.extend("#    %s" % item for item in key.examples
+                         if not value)
+        else:
+            text = key.sample if key.sample is not None else (
+                _format_value(value))
+            lines.append(("%s = %s" % (key.name, text)).rstrip())
+    return "\n".join(lines) + "\n"
 
 
 def read_config_file(path):
@@ -4361,35 +4492,12 @@ def _ipv6_works():
 # ---------------------------------------------------------------------------
 
 DEFAULT_CLASS = "smtpproxy.GreyListingPolicy"
-# Keys of the service (main()), with their defaults, and of the server
-# (SMTPProxyServer's attributes): none of them is copied onto the handler.
-SERVICE_DEFAULTS = {
-    "port": 25, "listen_ip": "", "greylist_log": "greylist.log",
-    "greylist_debuglog": "greylist-debug.log", "debug": False,
-    "pidfile": "", "user": "", "group": "", "run_as_root": False,
-    "syslog": "", "syslog_socket": "/dev/log", "log_file": "",
-}
-SERVER_SETTINGS = ("max_connections", "max_connections_per_ip",
-                   "connection_ipv4_prefix", "connection_ipv6_prefix",
-                   "stress_threshold", "stress_timeout", "grace_period")
-SERVER_KEYS = tuple(sorted(SERVICE_DEFAULTS)) + SERVER_SETTINGS
-# Keys used once, at the start: a reload that changes them says so.
-RESTART_KEYS = ("port", "listen_ip", "pidfile", "user", "group",
-                "run_as_root")
-# File names, made absolute at the start: a daemon runs in "/".
-PATH_KEYS = ("greylist_log", "greylist_debuglog", "log_file", "pidfile",
-             "greylist_db", "whitelist_clients", "tls_cert", "tls_key",
-             "upstream_tls_ca")
-# Options that set a key; their values are read as in the file.
-KEY_OPTIONS = ("pidfile", "user", "group", "syslog", "grace_period",
-               "max_connections", "max_connections_per_ip")
-
-
 def _usage():
     keys = "\n".join(
-        textwrap.fill(description, 79, initial_indent="    %-32s " % key,
+        textwrap.fill("%s (%s)" % (key.help, shown_default(key)), 79,
+                      initial_indent="    %-32s " % key.name,
                       subsequent_indent=" " * 37)
-        for key, (_, kind, description) in sorted(CONFIG_KEYS.items()))
+        for key in sorted(KEYS, key=lambda key: key.name))
     search_path = "\n".join("            " + name
                             for name in CONFIG_SEARCH_PATH)
     return __doc__ % {"program": "smtpproxy", "default_class": DEFAULT_CLASS,
@@ -5329,6 +5437,7 @@ def main(argv=None):
     detach.add_argument("--foreground", action="store_false", dest="daemon")
     parser.add_argument("--check-config", action="store_true")
     parser.add_argument("-q", "--quiet", action="store_true")
+    parser.add_argument("--sample-config", action="store_true")
     store_commands = parser.add_mutually_exclusive_group()
     store_commands.add_argument("--db-list", action="store_true")
     store_commands.add_argument("--db-stats", action="store_true")
@@ -5338,6 +5447,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.help:
         print(_usage())
+        return 0
+    if args.sample_config:
+        sys.stdout.write(sample_config())
         return 0
     try:
         values, path, warnings = read_settings(args)

@@ -561,3 +561,30 @@ def test_check_config_refuses_a_store_the_serving_user_cannot_write(
                      tmp_path)
     assert result.returncode == 0, result.stderr
     assert not (private / "g.db").exists()
+
+
+def test_the_dist_file_is_the_sample_the_key_records_make():
+    # One record per key (smtpproxy.KEYS) makes --help, the checks and
+    # this file: regenerate it with 'smtpproxy.py --sample-config'.
+    path = os.path.join(ROOT, "contrib", "greylist.conf.dist")
+    with open(path) as dist:
+        assert dist.read() == smtpproxy.sample_config()
+
+
+def test_every_key_has_one_record_whose_default_its_owner_holds():
+    names = [key.name for key in smtpproxy.KEYS]
+    assert len(names) == len(set(names))
+    assert set(names) == set(smtpproxy.CONFIG_KEYS)
+    for key in smtpproxy.KEYS:
+        owner = {"server": smtpproxy.SMTPProxyServer,
+                 "handler": smtpproxy.GreyListingPolicy}.get(key.owner)
+        if owner is None:
+            assert key.name not in vars(smtpproxy.GreyListingPolicy)
+            assert smtpproxy.SERVICE_DEFAULTS[key.name] == key.default
+        else:
+            assert key.default is None, key.name     # one place only
+            assert key.default_value() == getattr(owner, key.name)
+    help_text = smtpproxy._usage()
+    for key in smtpproxy.KEYS:
+        assert "(%s)" % smtpproxy.shown_default(key) in " ".join(
+            help_text.split()), key.name
