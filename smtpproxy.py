@@ -125,10 +125,50 @@ per client.  Each thread runs a handler, a StreamRequestHandler subclass:
     MailHandler          reads client lines with enforced limits and
                          dispatches each command to handleHelo(),
                          handleMail(), ...; writes replies with netPrint().
-    ConcreteMailHandler  the strict SMTP state machine, and the forwarding
-                         through an UpstreamSession (a plain socket).
-    GreyListingPolicy    the default policy: allow-lists, relay refusal and
-                         greylisting in a GreylistStore (an sqlite3 file).
+    ConcreteMailHandler  the strict SMTP state machine and the hooks; its
+                         UpstreamRelay forwards through an UpstreamSession
+                         (a plain socket), its DataScanner finds the end of
+                         each message.
+    GreyListingPolicy    the default policy: asks a Greylister (allow-lists,
+                         relay refusal, greylisting in a GreylistStore, an
+                         sqlite3 file), which needs no socket.
+
+Hooks: what a subclass may override or call; everything else has a
+leading underscore.  Kamaelia Grey's names keep their camelCase; every
+name new in smtpproxy is PEP 8.
+
+  policy    shouldWeAcceptRecipient(recipient) -> True, False (defer) or
+            a reply string; shouldWeAcceptMail() -> bool (at DATA);
+            extra_headers() -> header lines put in front of the message;
+            GreyListingPolicy: now() -> the clock, greylister_class (a
+            Greylister subclass), store_failed(error)
+  lookups   reverse_lookup(address) -> [names]; forward_lookup(name) ->
+            {addresses}; client_names() -> (reverse, confirmed);
+            client_hostname() -> the confirmed name or None
+  replies   timeout_reply(), shutdown_reply() -> the 421 texts;
+            ehlo_lines() -> the lines of our EHLO reply; defer_reply and
+            relay_reply (attributes)
+  events    handleConnect(), handleTimeout(), handleShutdown(),
+            handleDisconnect(), logResult() (the transaction line),
+            upstream_failed(error)
+  verbs     handleHelo, handleEhlo, handleMail, handleRcpt, handleData,
+            handleQuit, handleRset, handleNoop, handleVrfy, handleHelp,
+            handleStarttls (args: the text after the verb);
+            handleUnknown(command); a new verb: add it to ``commands`` and
+            write handleVerb
+  plumbing  netPrint(reply), refuse(reply, protocol_error),
+            close_connection(), log_dialogue(message, *args),
+            count(counter), busy(); upstream_class (UpstreamSession),
+            relay_class (UpstreamRelay); learn_upstream() and
+            server_tls_context() (class methods, run at the start)
+
+The module reads top to bottom: configuration (KEYS, one record per key,
+and the file reader), helpers (escaping, envelope syntax, deadlines,
+TLS), the upstream (UpstreamSession, UpstreamRelay), DataScanner, the
+handlers, the greylisting engine (Greylister) and its store
+(GreylistStore), the registries of what the sessions of a process share,
+the server (SMTPProxyServer), and the command line (checks, Service,
+main()).
 
 Nothing reaches the upstream until a RCPT passes the local checks and the
 policy: then the upstream session is opened, the client's HELO/EHLO name
@@ -1605,7 +1645,7 @@ class UpstreamRelay(object):
         self.helo = handler.inbox_log[0]
         # After XCLIENT the upstream answers as to this client alone.
         if handler.esmtp and not self.session.xclient_done:
-            handler.remember_upstream(self.session.extensions)
+            handler._remember_upstream(self.session.extensions)
 
     def connect(self, tls=None):
         """A new upstream session, ready for MAIL: greeted, turned to TLS
@@ -1624,7 +1664,7 @@ class UpstreamRelay(object):
         session.greet(name, esmtp)
         if tls != "no" and "STARTTLS" in session.extensions:
             try:
-                session.start_tls(handler.upstream_tls_context(),
+                session.start_tls(handler._upstream_tls_context(),
                                   handler.upstream_tls_name
                                   or handler.smtp_ip, name)
             except UpstreamTLSError as error:
@@ -1637,7 +1677,7 @@ class UpstreamRelay(object):
             session.abort()
             raise UpstreamError("the upstream offers no STARTTLS", NO_TLS)
         if xclient and "XCLIENT" in session.extensions:
-            session.xclient(handler.client_attributes(
+            session.xclient(handler._client_attributes(
                 "XCLIENT", session.extensions["XCLIENT"]))
             name, esmtp = None, None            # must be said again
         if (name, esmtp) != (handler.helo_name, handler.esmtp):
@@ -1696,7 +1736,7 @@ class UpstreamRelay(object):
                     and not session.xclient_done)
         if xforward:
             commands.insert(0, "XFORWARD " + format_xattributes(
-                handler.client_attributes(
+                handler._client_attributes(
                     "XFORWARD", session.extensions["XFORWARD"])))
         replies = session.commands(commands)
         if xforward and replies[0][0] != 250:
@@ -1880,13 +1920,13 @@ class MailHandler(socketserver.StreamRequestHandler):
 
     One instance serves one client connection, in its own thread.  Each
     command line is checked (length, CRLF ending, no control or 8-bit
-    bytes, unless ``decode_utf8_command`` takes them) and passed to the
+    bytes, unless ``_decode_utf8_command`` takes them) and passed to the
     method named after its verb: ``handleHelo``, ``handleEhlo``,
     ``handleMail``, ``handleRcpt``, ``handleData``, ``handleQuit``,
     ``handleRset``, ``handleNoop``, ``handleVrfy``, ``handleHelp``,
     ``handleStarttls``; anything else to ``handleUnknown``.  Each method
     gets ``args``, the text after the verb and its space ("" if none).
-    With ``proxy_protocol``, ``read_proxy_header`` runs first.
+    With ``proxy_protocol``, the PROXY header is read first.
     ``handleConnect`` greets, ``handleTimeout`` says goodbye to a silent
     client, ``handleShutdown`` to one the stopping server closes,
     ``handleDisconnect`` runs when the client is gone.  Replies go out
@@ -1993,15 +2033,15 @@ class MailHandler(socketserver.StreamRequestHandler):
     def _reader(self, sock, **options):
         """A _LineReader of the client's socket, with this session's
         limits (and the server's stress, if it is under stress now)."""
-        reader = _LineReader(sock, before_wait=self.flush,
+        reader = _LineReader(sock, before_wait=self._flush,
                              idle=self.inactivity_timeout or None,
                              **options)
         reader.deadline = self.session_deadline
         if getattr(self.server, "stressed", False):
-            self.under_stress(True, reader)
+            self._under_stress(True, reader)
         return reader
 
-    def under_stress(self, stressed, reader=None):
+    def _under_stress(self, stressed, reader=None):
         """The server entered (or left) stress: idle waits are cut to its
         ``stress_timeout``, when that is shorter (Postfix's
         smtpd_timeout = ${stress?10})."""
@@ -2021,7 +2061,7 @@ class MailHandler(socketserver.StreamRequestHandler):
         if attach is not None:
             attach(self)
         try:
-            if self.proxy_protocol != "no" and not self.read_proxy_header():
+            if self.proxy_protocol != "no" and not self._read_proxy_header():
                 self.close_connection()
             else:
                 self.handleConnect()
@@ -2033,19 +2073,19 @@ class MailHandler(socketserver.StreamRequestHandler):
                     if self.interrupted:
                         self.handleShutdown()
                     break
-                self.handleLine(line)
+                self._handle_line(line)
         except socket.timeout as error:
-            self.timed_out(error)
+            self._timed_out(error)
         except (ClientGone, OSError) as error:
             if self.shed is not None:
-                self.timed_out(self.shed)
+                self._timed_out(self.shed)
             elif self.interrupted:
                 self.handleShutdown()
             else:
                 self.log_dialogue("connection lost: %s", error)
         if self.writable:
             try:
-                self.flush()
+                self._flush()
             except OSError:
                 pass
 
@@ -2063,7 +2103,7 @@ class MailHandler(socketserver.StreamRequestHandler):
                      "%(inactivity_timeout)s s",
     }
 
-    def timed_out(self, error):
+    def _timed_out(self, error):
         """A wait of this session reached a limit (``error``, socket.timeout
         or Expired): log which, in which phase, then handleTimeout()."""
         reason = getattr(error, "reason", "idle")
@@ -2097,7 +2137,7 @@ class MailHandler(socketserver.StreamRequestHandler):
         self.output.append(line + "\r\n")
         self.log_dialogue("> %s", line)
 
-    def flush(self):
+    def _flush(self):
         """Send the queued replies now, within ``inactivity_timeout``."""
         if self.output:
             data = "".join(self.output).encode("ascii", "replace")
@@ -2137,7 +2177,7 @@ class MailHandler(socketserver.StreamRequestHandler):
 
     # -- input ---------------------------------------------------------
 
-    def discard_rest_of_line(self, limit):
+    def _discard_rest_of_line(self, limit):
         """Read and drop, ``limit`` octets at a time, what is left of an
         overlong line; return False if ``max_message_size`` octets went
         without its end.  The line's deadline runs on meanwhile."""
@@ -2151,12 +2191,12 @@ class MailHandler(socketserver.StreamRequestHandler):
             budget -= len(chunk)
         return False
 
-    def decode_utf8_command(self, text):
+    def _decode_utf8_command(self, text):
         """A command line with octets beyond ASCII, as str if this session
         takes UTF-8 in it (see ConcreteMailHandler), else None."""
         return None
 
-    def server_stopping(self):
+    def _server_stopping(self):
         """True once the server was told to stop (SIGTERM)."""
         return getattr(self.server, "stopping", False)
 
@@ -2165,13 +2205,13 @@ class MailHandler(socketserver.StreamRequestHandler):
         finish, for up to its grace period.  Never, in MailHandler."""
         return False
 
-    def handleLine(self, line):
+    def _handle_line(self, line):
         """Check one raw command line and dispatch it."""
         if not line.endswith(b"\n"):
             if len(line) < self.max_command_line:
                 raise ClientGone("closed in mid-line")
             self.log_dialogue("< %s...", line[:80])
-            ended = self.discard_rest_of_line(self.max_command_line)
+            ended = self._discard_rest_of_line(self.max_command_line)
             self.refuse("500 5.5.6 Line too long (%d octets at most)"
                         % self.max_command_line)
             if not ended:
@@ -2185,7 +2225,7 @@ class MailHandler(socketserver.StreamRequestHandler):
             return
         text = line[:-2]
         if re.search(b"[^\x20-\x7e]", text):
-            text = self.decode_utf8_command(text)
+            text = self._decode_utf8_command(text)
             if text is None:
                 self.refuse("500 5.5.2 Syntax error: control or 8-bit "
                             "characters in command", protocol_error=True)
@@ -2195,7 +2235,7 @@ class MailHandler(socketserver.StreamRequestHandler):
         verb, _, args = text.partition(" ")
         verb = verb.upper()
         self.phase = verb if verb in self.commands else "UNKNOWN"
-        if verb != "QUIT" and not self.busy() and self.server_stopping():
+        if verb != "QUIT" and not self.busy() and self._server_stopping():
             # A transaction in progress may finish; none may start.
             self.handleShutdown()
             return
@@ -2206,7 +2246,7 @@ class MailHandler(socketserver.StreamRequestHandler):
 
     # -- the PROXY protocol --------------------------------------------
 
-    def read_proxy_header(self):
+    def _read_proxy_header(self):
         """Read the PROXY protocol header of ``proxy_protocol``; set
         ``peer`` and ``peerport`` from it.  Return False (after logging
         why) if the connection must be closed."""
@@ -2236,7 +2276,7 @@ class MailHandler(socketserver.StreamRequestHandler):
                     "" if self.proxy_protocol == "any"
                     else self.proxy_protocol, log_escape(start)))
         except Expired as error:
-            self.timed_out(error)
+            self._timed_out(error)
             return False
         except (ValueError, OSError) as error:
             log.warning("PROXY protocol from %s: %s", log_escape(balancer),
@@ -2322,10 +2362,10 @@ class MailHandler(socketserver.StreamRequestHandler):
     def handleConnect(self):
         """The client has connected: greet it, or drop it if it talks
         first (the pre-greet test of Postfix's postscreen)."""
-        if self.server_stopping():
+        if self._server_stopping():
             self.handleShutdown()
             return
-        if self.client_talks_first():
+        if self._client_talks_first():
             self.netPrint("554 5.5.1 %s Protocol error: talking before "
                           "the greeting" % self.servername)
             self.log_dialogue("dropped: talked before the greeting")
@@ -2334,7 +2374,7 @@ class MailHandler(socketserver.StreamRequestHandler):
         self.netPrint("220 %s ESMTP %s %s" % (self.servername, self.serverid,
                                                time.ctime()))
 
-    def client_talks_first(self):
+    def _client_talks_first(self):
         """True if the client sent anything (or hung up) before our
         greeting, waiting ``greet_pause`` seconds for it."""
         if self.reader.buffered():
@@ -2542,7 +2582,7 @@ class ConcreteMailHandler(MailHandler):
         ended the transaction before any verdict."""
         if self.mail_from is None:
             return
-        status, reply = self.transaction_status()
+        status, reply = self._transaction_status()
         now = time.time()
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
         fields = [
@@ -2557,7 +2597,7 @@ class ConcreteMailHandler(MailHandler):
         transaction_log.info("%s | ", " | ".join(
             log_escape(field).replace("|", "\\x7c") for field in fields))
 
-    def reset_transaction(self):
+    def _reset_transaction(self):
         """End the current transaction (RSET, HELO, after DATA): log it and
         reset the upstream's transaction too."""
         self.logResult()
@@ -2608,12 +2648,12 @@ class ConcreteMailHandler(MailHandler):
         upstream_capabilities.remember(key, extensions)
         return extensions
 
-    def remember_upstream(self, extensions):
+    def _remember_upstream(self, extensions):
         """Keep the EHLO keywords an upstream session announced."""
         upstream_capabilities.remember((self.smtp_ip, self.smtp_port),
                                        extensions)
 
-    def upstream_extensions(self):
+    def _upstream_extensions(self):
         """The upstream's EHLO keywords as last learnt, asking it first if
         that was more than ``upstream_capabilities_ttl`` seconds ago (one
         session asks; the others meanwhile use what is known); {} if they
@@ -2622,10 +2662,10 @@ class ConcreteMailHandler(MailHandler):
                                          self.upstream_capabilities_ttl,
                                          self.learn_upstream)
 
-    def offered_extensions(self):
+    def _offered_extensions(self):
         """What our EHLO offers, {KEYWORD: parameters}: see the class
         docstring."""
-        upstream = self.upstream_extensions()
+        upstream = self._upstream_extensions()
         offered = {"PIPELINING": ""}
         limit = self.max_message_size
         size = upstream.get("SIZE", "")
@@ -2645,7 +2685,7 @@ class ConcreteMailHandler(MailHandler):
 
     # -- who the client is (XCLIENT, XFORWARD, whitelists) ---------------
 
-    def client_attributes(self, command, announced=""):
+    def _client_attributes(self, command, announced=""):
         """The real client, as XCLIENT or XFORWARD name it: [(NAME,
         value)], of the names ``announced`` (the parameters of the
         upstream's EHLO keyword; all when it lists none).  NAME is the
@@ -2746,19 +2786,19 @@ class ConcreteMailHandler(MailHandler):
             tls_contexts.put(paths, known)
         return known[1]
 
-    def upstream_tls_context(self):
+    def _upstream_tls_context(self):
         """The SSLContext for STARTTLS with the upstream."""
         key = ("upstream", self.upstream_tls_verify, self.upstream_tls_ca)
         return tls_contexts.get(key, lambda: tls_client_context(
             self.upstream_tls_verify, self.upstream_tls_ca))
 
-    def end_message(self, reply):
+    def _end_message(self, reply):
         """``reply`` is the message's final reply (DATA's, or the one to
         its data): kept for the transaction's log line, and counted."""
         self.final_reply = reply
-        self.count_reply("messages", reply)
+        self._count_reply("messages", reply)
 
-    def count_reply(self, what, reply):
+    def _count_reply(self, what, reply):
         """Count a reply to RCPT ("rcpt") or to a message ("messages"):
         the counters what_accepted, what_deferred, what_refused."""
         outcome = {"2": "accepted", "4": "deferred", "5": "refused"}.get(
@@ -2779,24 +2819,24 @@ class ConcreteMailHandler(MailHandler):
 
     def handleHelo(self, args):
         """HELO name: 250 with the seed's wording."""
-        self.greet(args, esmtp=False)
+        self._greet(args, esmtp=False)
 
     def handleEhlo(self, args):
         """EHLO name: 250 with the extensions of ehlo_lines()."""
-        self.greet(args, esmtp=True)
+        self._greet(args, esmtp=True)
 
-    def greet(self, args, esmtp):
+    def _greet(self, args, esmtp):
         """HELO and EHLO: one argument; a repeated one resets like RSET."""
         if not _HELO_RE.match(args):
             verb = "EHLO" if esmtp else "HELO"
             self.refuse("501 5.5.4 Syntactically invalid %s argument(s)"
                         % verb, protocol_error=True)
             return
-        self.reset_transaction()
+        self._reset_transaction()
         self.helo_name = args
         self.esmtp = esmtp
         self.inbox_log[:] = [("EHLO " if esmtp else "HELO ") + args]
-        self.offered = self.offered_extensions() if esmtp else {}
+        self.offered = self._offered_extensions() if esmtp else {}
         self.message_size_limit = int(self.offered.get(
             "SIZE", self.max_message_size))
         if esmtp:
@@ -2850,7 +2890,7 @@ class ConcreteMailHandler(MailHandler):
             self.refuse("555 5.5.4 MAIL parameters need EHLO")
             return
         for keyword, value in params:
-            problem = self.check_parameter("MAIL", keyword, value)
+            problem = self._check_parameter("MAIL", keyword, value)
             if problem:
                 self.refuse(problem)
                 return
@@ -2860,7 +2900,7 @@ class ConcreteMailHandler(MailHandler):
         self.inbox_log.append("MAIL FROM:" + args[5:])
         self.netPrint("250 2.1.0 OK")
 
-    def decode_utf8_command(self, text):
+    def _decode_utf8_command(self, text):
         """MAIL and RCPT may hold UTF-8 when SMTPUTF8 was offered: valid
         UTF-8, and no control character (C0, DEL or C1) in it."""
         if "SMTPUTF8" not in self.offered or text[:5].upper() not in (
@@ -2874,7 +2914,7 @@ class ConcreteMailHandler(MailHandler):
             return None
         return text
 
-    def check_parameter(self, command, keyword, value):
+    def _check_parameter(self, command, keyword, value):
         """The refusal of a MAIL or RCPT parameter, or None if it is
         well-formed and belongs to an extension offered to this client."""
         if keyword not in self.parameter_extensions or (
@@ -2920,7 +2960,7 @@ class ConcreteMailHandler(MailHandler):
                         protocol_error=True)
             return
         if args[:3].upper() != "TO:":
-            self.rcpt_refused("501 5.5.4 Syntax: RCPT TO:<address>",
+            self._rcpt_refused("501 5.5.4 Syntax: RCPT TO:<address>",
                               protocol_error=True)
             return
         try:
@@ -2928,33 +2968,33 @@ class ConcreteMailHandler(MailHandler):
                 args[3:], postmaster_allowed=True,
                 utf8="SMTPUTF8" in self.offered)
         except EnvelopeSyntaxError as error:
-            self.rcpt_refused("501 5.1.3 Bad recipient address syntax: %s"
+            self._rcpt_refused("501 5.1.3 Bad recipient address syntax: %s"
                               % error, protocol_error=True)
             return
         if not self.smtputf8 and re.search(r"[^\x00-\x7f]", recipient):
-            self.rcpt_refused("553 5.6.7 Non-ASCII address without SMTPUTF8")
+            self._rcpt_refused("553 5.6.7 Non-ASCII address without SMTPUTF8")
             return
         for keyword, value in params:
-            problem = self.check_parameter("RCPT", keyword, value)
+            problem = self._check_parameter("RCPT", keyword, value)
             if problem:
-                self.rcpt_refused(problem)
+                self._rcpt_refused(problem)
                 return
         if len(self.recipients) >= self.max_recipients:
-            self.note_outcome("452 4.5.3 Too many recipients")
+            self._note_outcome("452 4.5.3 Too many recipients")
             self.netPrint("452 4.5.3 Too many recipients")
             return
         if len(self.rcpt_seen) < self.max_recipients:
             self.rcpt_seen.append(recipient)
         if self.relay.lost:
-            self.note_outcome(self.relay.lost, failed=True)
+            self._note_outcome(self.relay.lost, failed=True)
             self.netPrint(self.relay.lost)
             return
         verdict = self.shouldWeAcceptRecipient(recipient)
         if verdict is not True:
             self.log_dialogue("policy refused recipient %s", recipient)
             reply = verdict if isinstance(verdict, str) else self.defer_reply
-            self.count_reply("rcpt", reply)
-            self.note_outcome(reply, failed=reply == OUT_OF_RESOURCES)
+            self._count_reply("rcpt", reply)
+            self._note_outcome(reply, failed=reply == OUT_OF_RESOURCES)
             self.netPrint(reply)
             if reply.startswith("421"):
                 self.close_connection()     # 421: this session ends
@@ -2962,21 +3002,21 @@ class ConcreteMailHandler(MailHandler):
         try:
             code, lines = self.relay.rcpt(recipient, params)
         except UpstreamError as error:
-            self.count_reply("rcpt", error.reply)
-            self.note_outcome(error.reply, failed=True)
+            self._count_reply("rcpt", error.reply)
+            self._note_outcome(error.reply, failed=True)
             self.netPrint(error.reply)
             return
-        self.count_reply("rcpt", str(code))
+        self._count_reply("rcpt", str(code))
         self.netPrint(format_reply(code, lines))
         if code // 100 == 2:
             self.recipients.append(recipient)
             self.inbox_log.append("RCPT TO:" + args[3:])
         else:
-            self.note_outcome(format_reply(code, lines[-1:]))
+            self._note_outcome(format_reply(code, lines[-1:]))
 
-    def rcpt_refused(self, reply, protocol_error=False):
+    def _rcpt_refused(self, reply, protocol_error=False):
         """Refuse a RCPT of ours (syntax, parameters), for the log too."""
-        self.note_outcome(reply)
+        self._note_outcome(reply)
         self.refuse(reply, protocol_error)
 
     # The statuses of the transaction log, from the least to the most
@@ -2984,7 +3024,7 @@ class ConcreteMailHandler(MailHandler):
     # upstream fault more than either.
     outcomes = ("REFUSED", "DEFERRED", "FAILED")
 
-    def note_outcome(self, reply, failed=False):
+    def _note_outcome(self, reply, failed=False):
         """A recipient was not accepted with ``reply``: keep the most
         telling (``outcomes``) for the transaction's log line, should it
         end before its message does."""
@@ -2995,7 +3035,7 @@ class ConcreteMailHandler(MailHandler):
                              > self.outcomes.index(known[0])):
             self.rcpt_outcome = (status, reply)
 
-    def transaction_status(self):
+    def _transaction_status(self):
         """``(status, reply)`` of the transaction's log line: the final
         reply to its message, if it got that far, else the most telling
         refusal of a recipient; ("", "") when the client ended it before
@@ -3020,40 +3060,40 @@ class ConcreteMailHandler(MailHandler):
                         protocol_error=True)
             return
         if self.relay.lost:
-            self.end_message(self.relay.lost)
+            self._end_message(self.relay.lost)
             self.netPrint(self.relay.lost)
-            self.reset_transaction()
+            self._reset_transaction()
             return
         if not self.recipients:
             self.refuse("503 5.5.1 Valid RCPT command must precede DATA",
                         protocol_error=True)
             return
         if not self.shouldWeAcceptMail():
-            self.end_message(self.defer_reply)
+            self._end_message(self.defer_reply)
             self.netPrint(self.defer_reply)
             self.close_connection()
             return
         try:
             code, lines = self.relay.data()
         except UpstreamError as error:
-            self.end_message(error.reply)
+            self._end_message(error.reply)
             self.netPrint(error.reply)
-            self.reset_transaction()
+            self._reset_transaction()
             return
         if code != 354:
             # Its transaction stays open (Postfix's does): the RSET of
             # reset_transaction() ends it, or the next MAIL would be
             # refused as nested.
-            self.end_message(format_reply(code, lines[-1:]))
+            self._end_message(format_reply(code, lines[-1:]))
             self.netPrint(format_reply(code, lines))
-            self.reset_transaction()
+            self._reset_transaction()
             return
         self.netPrint("354 End data with <CR><LF>.<CR><LF>")
-        self.end_message(self.receive_message())
+        self._end_message(self._receive_message())
         self.netPrint(self.final_reply)
-        self.reset_transaction()
+        self._reset_transaction()
 
-    def receive_message(self):
+    def _receive_message(self):
         """Read the message to its real end, streaming it upstream; return
         the reply for the client.
 
@@ -3083,7 +3123,7 @@ class ConcreteMailHandler(MailHandler):
                     raise ClientGone("closed during DATA")
                 lines = scanner.feed(data)
                 if scanner.hopeless:
-                    return self.give_up(scanner.too_big())
+                    return self._give_up(scanner.too_big())
                 if lines and relay.session is not None:
                     outgoing.append(lines)
                     outgoing_size += len(lines)
@@ -3113,7 +3153,7 @@ class ConcreteMailHandler(MailHandler):
             return error.reply
         return format_reply(code, lines)
 
-    def give_up(self, reply):
+    def _give_up(self, reply):
         """A refused message went on for ``max_message_size`` octets more
         without its end: refuse it now and close, since nothing that
         follows can be read as commands."""
@@ -3149,7 +3189,7 @@ class ConcreteMailHandler(MailHandler):
             self.refuse("454 4.7.0 TLS not available now")
             return
         self.netPrint("220 2.0.0 Ready to start TLS")
-        self.flush()
+        self._flush()
         if self.reader.buffered():
             log.warning("client %s sent commands after STARTTLS, before "
                         "TLS: thrown away", self.peer)
@@ -3166,7 +3206,7 @@ class ConcreteMailHandler(MailHandler):
             self.connection.do_handshake()
         except (OSError, ValueError) as error:
             if isinstance(error, socket.timeout):
-                self.timed_out(Expired("handshake", seconds))
+                self._timed_out(Expired("handshake", seconds))
             self.log_dialogue("TLS handshake failed: %s", error)
             self.count("tls_failures")
             self.close_connection()
@@ -3191,7 +3231,7 @@ class ConcreteMailHandler(MailHandler):
         if args:
             self.refuse("501 5.5.4 Syntax: RSET")
             return
-        self.reset_transaction()
+        self._reset_transaction()
         self.netPrint("250 2.0.0 OK")
 
     def handleNoop(self, args):
@@ -3215,7 +3255,7 @@ class ConcreteMailHandler(MailHandler):
         if args:
             self.refuse("501 5.5.4 Syntax: QUIT")
             return
-        self.reset_transaction()
+        self._reset_transaction()
         MailHandler.handleQuit(self, args)
 
 
@@ -4392,7 +4432,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
             log.info("stress mode off: %d sessions open", open_now)
         for handler in self.sessions.values():
             if handler is not None:
-                handler.under_stress(stressed)
+                handler._under_stress(stressed)
 
     def service_actions(self):
         """Called by serve_forever() between accepts: under stress, shed
@@ -5137,14 +5177,14 @@ class Service(object):
         if path:
             args.config = self.path     # a reload reads the same file
         self.start_dir = os.getcwd()
-        self.values = self.absolute_paths(values)
+        self.values = self._absolute_paths(values)
         self.warnings = warnings
         self.server = None
         self.pidfile = None
         self.pending = []           # signals on_service() has to act on
         self.stop_asked = False     # SIGTERM or SIGINT came
 
-    def absolute_paths(self, values):
+    def _absolute_paths(self, values):
         """``values`` with the file names, given or default, made absolute
         from the directory the service started in (a daemon is in /)."""
         values = dict(values)
@@ -5167,35 +5207,35 @@ class Service(object):
         self.report = None          # the pipe to the waiting parent
         try:
             identity = find_user(self.values)
-            self.lock_pidfile()
-            created = self.open_logs()
-            handler_class = self.handler_class()
-            created += self.store_files(handler_class, identity)
-            self.listen(handler_class)
-            self.warn_of_relative_names()
-            self.detach()
-            self.become(identity, created, handler_class)
+            self._lock_pidfile()
+            created = self._open_logs()
+            handler_class = self._handler_class()
+            created += self._store_files(handler_class, identity)
+            self._listen(handler_class)
+            self._warn_of_relative_names()
+            self._detach()
+            self._become(identity, created, handler_class)
         except StartError as error:
             sys.stderr.write("smtpproxy: error: %s\n" % error)
             if self.report is not None:
                 report_start(self.report, error.status)
             self.close()
             return error.status
-        self.serving(handler_class)
+        self._serving(handler_class)
         try:
             self.server.serve_forever(poll_interval=0.25)
-            self.stop()
+            self._stop()
         finally:
             self.close()
         return 0
 
-    def lock_pidfile(self):
+    def _lock_pidfile(self):
         """Lock the pidfile first: a running instance makes this start
         fail before anything else is touched."""
         if self.values.get("pidfile"):
             self.pidfile = lock_pidfile(self.values["pidfile"])
 
-    def open_logs(self):
+    def _open_logs(self):
         """Open the logs, as root if started so; return the files made."""
         created = []
         try:
@@ -5204,7 +5244,7 @@ class Service(object):
             raise StartError("cannot open log: %s" % error, 2)
         return created
 
-    def handler_class(self):
+    def _handler_class(self):
         """The handler class of the configuration, its TLS pair read while
         it may still be readable, its PROXY balancers checked."""
         handler_class = handler_class_for(self.base, self.values)
@@ -5213,7 +5253,7 @@ class Service(object):
         return handler_class
 
     @staticmethod
-    def store_files(handler_class, identity):
+    def _store_files(handler_class, identity):
         """The store's files, to be given to the serving user: the store is
         the service's alone, made now if need be, also when a root run
         made them."""
@@ -5225,7 +5265,7 @@ class Service(object):
         return [name for name in (store, store + "-wal", store + "-shm")
                 if os.path.exists(name)]
 
-    def listen(self, handler_class):
+    def _listen(self, handler_class):
         """Bind the port (as root if port 25 needs it)."""
         address = (self.values.get("listen_ip", ""),
                    self.values.get("port", 25))
@@ -5236,7 +5276,7 @@ class Service(object):
                              % (address[0], address[1], error))
         configure_server(self.server, self.values)
 
-    def warn_of_relative_names(self):
+    def _warn_of_relative_names(self):
         """A daemon started in / reads relative names from there."""
         if self.start_dir != "/":
             return
@@ -5246,7 +5286,7 @@ class Service(object):
             sys.stderr.write("smtpproxy: warning: %s is a relative name, "
                              "read from /: %s\n" % (key, self.values[key]))
 
-    def detach(self):
+    def _detach(self):
         """With --daemon: fork away; the parent waits for report_start()."""
         if not self.args.daemon:
             return
@@ -5255,7 +5295,7 @@ class Service(object):
                              "or log_file to keep the service's log\n")
         self.report = daemonize()
 
-    def become(self, identity, created, handler_class):
+    def _become(self, identity, created, handler_class):
         """Write the pid, switch to the serving user for good (the files
         made as root given to it), and check the store as that user."""
         if self.pidfile is not None:
@@ -5265,9 +5305,9 @@ class Service(object):
                             lambda: check_store(handler_class))
         else:
             check_store(handler_class)
-        self.check_logs()
+        self._check_logs()
 
-    def serving(self, handler_class):
+    def _serving(self, handler_class):
         """The start went well: signals, the parent told, warnings, the
         start logged, the upstream asked what it offers."""
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
@@ -5288,7 +5328,7 @@ class Service(object):
                  _user_name(os.geteuid()))
         self.learn_upstream(handler_class)
 
-    def stop(self):
+    def _stop(self):
         """serve_forever() returned (SIGTERM): let open transactions end."""
         log.info("stopping: waiting up to %s seconds for %d open "
                  "session(s)", self.server.grace_period,
@@ -5297,7 +5337,7 @@ class Service(object):
         log.info("stopped%s", " (%d session(s) did not end)" % left
                  if left else "")
 
-    def check_logs(self):
+    def _check_logs(self):
         """Warn about log files the serving user could not open again (on
         SIGHUP, after logrotate): files made at the start were given to it,
         those that were there already are left as they are; and about a
@@ -5342,7 +5382,7 @@ class Service(object):
             self.pidfile = None
 
     @staticmethod
-    def reopen_logs(values):
+    def _reopen_logs(values):
         """Reopen the logs of ``values``; one that cannot be opened stays
         as it was, and the log says why."""
         for error in configure_logging(values, keep_failed=True):
@@ -5377,7 +5417,7 @@ class Service(object):
             elif signum == signal.SIGUSR1:
                 self.server.log_counters()
             elif signum == signal.SIGUSR2:
-                self.reopen_logs(self.values)
+                self._reopen_logs(self.values)
                 log.info("logs reopened")
 
     def reload(self):
@@ -5386,18 +5426,18 @@ class Service(object):
         the one in force, and the log says why."""
         try:
             values, path, warnings = read_settings(self.args)
-            values = self.absolute_paths(values)
+            values = self._absolute_paths(values)
             handler_class = handler_class_for(self.base, values)
             warnings += check_configuration(handler_class, values,
                                             files=False)
         except (ConfigError, ValueError, OSError, StartError) as error:
             # The logs are reopened all the same: logrotate sent the
             # signal for them, not for the file somebody broke meanwhile.
-            self.reopen_logs(self.values)
+            self._reopen_logs(self.values)
             log.error("reload failed, keeping the configuration in force: "
                       "%s", error)
             return
-        self.reopen_logs(values)
+        self._reopen_logs(values)
         for warning in warnings:
             log.warning("%s", warning)
         for key in RESTART_KEYS:
