@@ -389,6 +389,24 @@ def certificates(tmp_path_factory):
 
 
 @pytest.fixture
+def tls_proxy(proxy, certificates):
+    """``port = tls_proxy(**attributes)``: a proxy offering STARTTLS."""
+    def start(**attributes):
+        attributes.setdefault("tls_cert", certificates.cert)
+        attributes.setdefault("tls_key", certificates.key)
+        return proxy(**attributes)
+    return start
+
+
+def greeted(client):
+    """``client`` if it was greeted with 220, else None (closed)."""
+    if client.greeting[0] == 220:
+        return client
+    client.close()
+    return None
+
+
+@pytest.fixture
 def upstream():
     server = Upstream()
     yield server
@@ -542,7 +560,9 @@ class ProxyProcess(object):
     """smtpproxy.py run from its command line, as a subprocess."""
 
     def __init__(self, tmp_path, upstream_port, config="", args=(),
-                 handler="plainproxy.AcceptAll"):
+                 handler="plainproxy.AcceptAll", files=None):
+        """With ``files``, the process may open that many descriptors at
+        most (its RLIMIT_NOFILE, set before smtpproxy.py runs)."""
         listen = socket.socket()
         listen.bind(("127.0.0.1", 0))
         self.port = listen.getsockname()[1]
@@ -561,11 +581,17 @@ class ProxyProcess(object):
         # its standard error would block once the pipe is full.
         self.stderr_path = str(tmp_path / ("stderr-%d.txt" % self.port))
         self.stderr = open(self.stderr_path, "wb")
+        python = [sys.executable]
+        if files is not None:
+            python += ["-c", "import os, resource, sys; "
+                       "resource.setrlimit(resource.RLIMIT_NOFILE, "
+                       "(%d, %d)); os.execv(sys.executable, "
+                       "[sys.executable] + sys.argv[1:])" % (files, files)]
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "smtpproxy.py"),
-             "--config", self.config_path,
-             "--listen", "127.0.0.1:%d" % self.port,
-             "--upstream", "127.0.0.1:%d" % upstream_port]
+            python + [os.path.join(ROOT, "smtpproxy.py"),
+                      "--config", self.config_path,
+                      "--listen", "127.0.0.1:%d" % self.port,
+                      "--upstream", "127.0.0.1:%d" % upstream_port]
             + (["--class", handler] if handler else []) + list(args),
             env=env, stderr=self.stderr, cwd=str(tmp_path))
         wait_until(self._answers, what="the proxy to listen")

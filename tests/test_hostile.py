@@ -34,9 +34,9 @@ import time
 
 import pytest
 
-from conftest import (HERE, ROOT, ProxyProcess, RawClient, free_port,
-                      wait_until)
 import smtpproxy
+from conftest import (HERE, ROOT, ProxyProcess, RawClient, greeted,
+                      wait_until)
 
 # A slow client sends one octet this often.
 TRICKLE = 0.4
@@ -181,14 +181,6 @@ def logs(caplog):
     return caplog
 
 
-@pytest.fixture
-def tls_proxy(proxy, certificates):
-    """``port = tls_proxy(**attributes)``: a proxy offering STARTTLS."""
-    def start(**attributes):
-        attributes.setdefault("tls_cert", certificates.cert)
-        attributes.setdefault("tls_key", certificates.key)
-        return proxy(**attributes)
-    return start
 
 
 # ---------------------------------------------------------------------------
@@ -710,12 +702,6 @@ def test_connection_ipv4_prefix_from_the_configuration(proxy_process):
         client.close()
 
 
-def greeted(client):
-    """``client`` if it was greeted with 220, else None (closed)."""
-    if client.greeting[0] == 220:
-        return client
-    client.close()
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -948,36 +934,6 @@ def test_greylisted_sessions_leave_no_descriptors_behind(proxy_process,
                              % (descriptors(pid), baseline))
 
 
-class LimitedProxy(ProxyProcess):
-    """smtpproxy.py from its command line, in a process that may open at
-    most ``files`` descriptors (its RLIMIT_NOFILE, set before exec)."""
-
-    def __init__(self, tmp_path, upstream_port, config, files):
-        self.port = free_port()
-        self.config_path = str(tmp_path / "limited.conf")
-        with open(self.config_path, "w") as config_file:
-            config_file.write("greylist_log = %s\n"
-                              % (tmp_path / "greylist.log"))
-            config_file.write(config)
-            if os.geteuid() == 0:
-                config_file.write("\nrun_as_root = yes\n")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([HERE, ROOT])
-        self.stderr_path = str(tmp_path / "limited-stderr.txt")
-        self.stderr = open(self.stderr_path, "wb")
-        limit = ("import os, resource, sys; "
-                 "resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
-                 "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
-                 % (files, files))
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", limit, os.path.join(ROOT, "smtpproxy.py"),
-             "--config", self.config_path,
-             "--listen", "127.0.0.1:%d" % self.port,
-             "--upstream", "127.0.0.1:%d" % upstream_port],
-            env=env, stderr=self.stderr, cwd=str(tmp_path))
-        wait_until(self._answers, what="the proxy to listen")
-
-
 @pytest.mark.timeout(60)
 def test_out_of_descriptors_is_survived_and_never_fails_open(
         upstream, tmp_path):
@@ -988,9 +944,10 @@ def test_out_of_descriptors_is_survived_and_never_fails_open(
     a handful of log lines, not thousands; once the idle connections are
     gone it serves and greylists again."""
     files = 64
-    proxy = LimitedProxy(tmp_path, upstream.port, files=files, config=(
-        GREYLISTING % (tmp_path / "g.db")
-        + "inactivity_timeout = 30\ngreylist_fail_mode = accept\n"))
+    proxy = ProxyProcess(tmp_path, upstream.port, files=files, handler=None,
+                         config=GREYLISTING % (tmp_path / "g.db")
+                         + "inactivity_timeout = 30\n"
+                         "greylist_fail_mode = accept\n")
     pid = proxy.process.pid
     idle, pending, replies = [], [], []
     number = [0]

@@ -22,7 +22,8 @@ import threading
 
 import pytest
 
-from conftest import HERE, ROOT, RawClient, free_port, read, wait_until
+from conftest import (HERE, ROOT, RawClient, free_port, greeted, read,
+                      wait_until)
 from plainproxy import AcceptAll
 import smtpproxy
 
@@ -229,12 +230,6 @@ def test_connection_limits_from_the_command_line(proxy_process):
         client.close()
 
 
-def greeted(client):
-    """``client`` if it was greeted with 220, else None (closed)."""
-    if client.greeting[0] == 220:
-        return client
-    client.close()
-    return None
 
 
 def test_bad_limit_values_are_refused():

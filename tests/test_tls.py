@@ -20,14 +20,6 @@ import smtpproxy
 MESSAGE = b"Subject: test\r\n\r\nbody\r\n"
 
 
-@pytest.fixture
-def tls_proxy(proxy, certificates):
-    """``port = tls_proxy(**attributes)``: a proxy offering STARTTLS."""
-    def start(**attributes):
-        attributes.setdefault("tls_cert", certificates.cert)
-        attributes.setdefault("tls_key", certificates.key)
-        return proxy(**attributes)
-    return start
 
 
 def keywords(text):
