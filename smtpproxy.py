@@ -3699,9 +3699,12 @@ class GreylistStore(object):
     ``decide(key, now)`` applies Kamaelia Grey's timing table to one
     triplet key and records the outcome in the same transaction, so that
     threads and processes sharing the file get the decisions a serial run
-    would give.  Timings, in seconds, are attributes (and, on the policy,
-    configuration keys): ``too_soon``, ``min_defer_time``,
-    ``max_defer_time``, ``max_grey``.
+    would give.  Timings, in seconds, are attributes, taken from
+    ``settings`` (a GreyListingPolicy class or instance, whose
+    configuration keys they are) when given: ``too_soon``,
+    ``min_defer_time``, ``max_defer_time``, ``max_grey``,
+    ``auto_whitelist_clients``; their defaults are the policy's, written
+    there.
 
     | state of the triplet                    | decision | store change       |
     | passed less than max_grey ago           | accept   | passed := now      |
@@ -3730,16 +3733,18 @@ class GreylistStore(object):
     policy should fail open for a local shortage.
     """
 
-    too_soon = 180
-    min_defer_time = 3600
-    max_defer_time = 25000
-    max_grey = 3000000
-    auto_whitelist_clients = 5
+    too_soon = GreyListingPolicy.too_soon
+    min_defer_time = GreyListingPolicy.min_defer_time
+    max_defer_time = GreyListingPolicy.max_defer_time
+    max_grey = GreyListingPolicy.max_grey
+    auto_whitelist_clients = GreyListingPolicy.auto_whitelist_clients
     purge_interval = 3600
     busy_timeout = 10.0
 
-    def __init__(self, path):
+    def __init__(self, path, settings=None):
         self.path = path
+        if settings is not None:
+            self.configure(settings)
         self._lock = threading.Lock()
         self._db = None
         self.failing = None         # the error of an incident in progress
@@ -4073,9 +4078,7 @@ class Stores(object):
             getattr(settings, name) for name in GreylistStore.settings)
 
         def make():
-            store = GreylistStore(settings.greylist_db)
-            store.configure(settings)
-            return store
+            return GreylistStore(settings.greylist_db, settings)
         return self._cache.get(key, make)
 
     def reset(self):
@@ -4752,8 +4755,7 @@ def administer_store(handler_class, args):
         return 1
     sys.stderr.write("smtpproxy: store %s\n" % path)
     try:
-        store = GreylistStore(path)
-        store.configure(handler_class)
+        store = GreylistStore(path, handler_class)
         now = time.time()
         if args.db_list:
             def stamp(moment):
@@ -4990,8 +4992,7 @@ def check_store(handler_class, create=True):
                                 directory))
         return
     try:
-        store = GreylistStore(path)
-        store.configure(handler_class)
+        store = GreylistStore(path, handler_class)
         store.stats()
         if not create:
             store.pass_key("smtpproxy-check", 0)    # can it write?

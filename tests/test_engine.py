@@ -1,0 +1,121 @@
+"""The greylisting engine on its own: Greylister decides for a client
+address, a sender and a recipient at a given time, with no socket and no
+session around it; its configuration is a policy class's attributes."""
+
+import pytest
+
+import smtpproxy
+
+T0 = 1000000000.0
+
+
+@pytest.fixture
+def engine(tmp_path):
+    """``engine(**keys)``: a Greylister of a GreyListingPolicy subclass
+    with these keys, for example.org, on a store of its own."""
+    def make(**keys):
+        keys.setdefault("allowed_domains", ["example.org"])
+        keys.setdefault("greylist_db", str(tmp_path / "engine.db"))
+        settings = type("Settings", (smtpproxy.GreyListingPolicy,), keys)
+        return smtpproxy.Greylister(settings)
+    yield make
+    smtpproxy.reset_registries()
+
+
+def verdict(decision):
+    return decision.verdict, decision.rule
+
+
+def test_a_new_triplet_waits_then_passes_in_the_window(engine):
+    grey = engine()
+    first = grey.decide("192.0.2.7", "a+1@example.net", "B@example.org", T0)
+    assert verdict(first) == ("defer", "network:192.0.2.0/24")
+    assert first.key == "192.0.2.0/24 a@example.net b@example.org"
+    assert not first.accepted
+    # From another address of the network, with another tag: the same.
+    again = grey.decide("192.0.2.99", "a+2@example.net", "b@example.org",
+                        T0 + 3600)
+    assert verdict(again) == ("accept", "network:192.0.2.0/24")
+    assert again.delay == 3600 and again.accepted
+    later = grey.decide("192.0.2.7", "a@example.net", "b@example.org",
+                        T0 + 3700)
+    assert later.accepted and later.delay is None
+
+
+def test_the_policy_timings_are_the_engines(engine):
+    grey = engine(min_defer_time=300, too_soon=60)
+    grey.decide("192.0.2.7", "a@example.net", "b@example.org", T0)
+    assert grey.decide("192.0.2.7", "a@example.net", "b@example.org",
+                       T0 + 300).accepted
+
+
+@pytest.mark.parametrize("client, recipient, expected", [
+    ("127.0.0.1", "x@elsewhere.example", ("relay", "allowed_senders")),
+    ("10.1.2.3", "x@elsewhere.example", ("relay", "allowed_senders")),
+    ("192.0.2.7", "x@elsewhere.example", ("refuse", "not-local")),
+    ("192.0.2.7", "a%b@example.org", ("refuse", "not-local")),
+    ("192.0.2.7", "Postmaster", ("defer", "network:192.0.2.0/24")),
+])
+def test_relay_and_refusal_come_before_greylisting(engine, client,
+                                                   recipient, expected):
+    grey = engine(allowed_sender_nets=["10"])
+    assert verdict(grey.decide(client, "a@example.net", recipient,
+                               T0)) == expected
+
+
+def test_whitelisted_triples_pass_at_once(engine):
+    grey = engine(
+        whitelisted_triples=[("192.0.2.7", "<a@example.net>",
+                              "<b@example.org>")],
+        whitelisted_nonstandard_triples=[("mx.example.net", "198.51.100",
+                                          "<c@example.org>")])
+    assert verdict(grey.decide("192.0.2.7", "A@example.net",
+                               "b@example.org", T0)) == (
+        "accept", "whitelisted_triples")
+    assert verdict(grey.decide("198.51.100.9", "z@example.net",
+                               "c@example.org", T0,
+                               helo="MX.example.net")) == (
+        "accept", "whitelisted_triples")
+    assert grey.decide("198.51.100.9", "z@example.net", "c@example.org",
+                       T0, helo="other.example").verdict == "defer"
+
+
+def test_a_whitelist_file_name_is_looked_up_only_when_needed(engine,
+                                                             tmp_path):
+    listed = tmp_path / "clients"
+    listed.write_text("192.0.2.0/24\nout.example.com\n")
+    grey = engine(whitelist_clients=str(listed))
+    asked = []
+
+    def hostname():
+        asked.append(True)
+        return "mx1.out.example.com"
+    assert verdict(grey.decide("192.0.2.7", "a@example.net",
+                               "b@example.org", T0, hostname=hostname)) == (
+        "accept", "whitelist_clients")
+    assert asked == []                       # the network matched first
+    assert grey.decide("198.51.100.1", "a@example.net", "b@example.org",
+                       T0, hostname=hostname).verdict == "accept"
+    assert asked == [True]
+    assert grey.decide("198.51.100.1", "a@example.net", "b@example.org",
+                       T0, hostname=None).verdict == "defer"
+
+
+def test_an_auto_whitelisted_network_passes_at_once(engine):
+    grey = engine(auto_whitelist_clients=1)
+    grey.decide("192.0.2.7", "a@example.net", "b@example.org", T0)
+    grey.decide("192.0.2.7", "a@example.net", "b@example.org", T0 + 3600)
+    assert verdict(grey.decide("192.0.2.8", "new@example.net",
+                               "c@example.org", T0 + 3700)) == (
+        "accept", "auto-whitelist")
+
+
+@pytest.mark.parametrize("mode", ["accept", "defer"])
+def test_a_broken_store_decides_by_the_fail_mode(engine, tmp_path, mode):
+    unusable = tmp_path / "a-directory"
+    unusable.mkdir()
+    grey = engine(greylist_db=str(unusable), greylist_fail_mode=mode)
+    decision = grey.decide("192.0.2.7", "a@example.net", "b@example.org",
+                           T0)
+    assert verdict(decision) == (mode, "store-failed")
+    assert decision.error is not None
