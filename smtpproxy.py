@@ -349,6 +349,31 @@ def _defer_reply(text):
     return text
 
 
+def _choice(*choices):
+    def convert(text):
+        if text.lower() not in choices:
+            raise ValueError("expected %s, got %r"
+                             % (" or ".join(choices), text))
+        return text.lower()
+    return convert
+
+
+def _decimal(text):
+    if not re.match(r"\A[0-9]+(?:\.[0-9]+)?\Z", text) or not float(text):
+        raise ValueError("expected a number of seconds above 0, got %r"
+                         % text)
+    return float(text) if "." in text else int(text)
+
+
+def _zone(item):
+    """A DNS list's zone, such as zen.spamhaus.org."""
+    item = _word(item)
+    if not _DOMAIN_NAME_RE.match(item) or "." not in item.strip("."):
+        raise ValueError("expected a DNS list's zone such as "
+                         "zen.spamhaus.org, got %r" % item)
+    return item.lower().rstrip(".")
+
+
 def _prefix(bits):
     def convert(text):
         value = _integer(text)
@@ -599,13 +624,43 @@ KEYS = [
         "address"),
     Key("auto_whitelist_clients", _integer, GREYLISTING,
         "passes after which a client network is accepted at once; 0: off"),
+    Key("client_key", _choice("name", "network"), GREYLISTING,
+        "what a client is in the key: name, its forward-confirmed host "
+        "name minus the first label (mx1.out.example.com and "
+        "mx7.out.example.com are out.example.com, never shorter than the "
+        "registered domain) when it does not look generic, else its "
+        "network; network: always its network"),
+    Key("greylist_clients", _choice("all", "suspicious"), GREYLISTING,
+        "greylist all clients, or only suspicious ones: listed on a dnsbl "
+        "zone, without a forward-confirmed name, or with a generic name "
+        "(addresses in it, dyn, dsl, pool, ... and digits); the others "
+        "pass at once"),
+    Key("dnsbl", _zone, GREYLISTING,
+        "DNS block lists: a client they list is always greylisted, even "
+        "auto-whitelisted; only answers in 127.0.0.0/8 list, not the "
+        "'query refused' ones (127.255.255.252-255)", kind="list",
+        examples=("zen.spamhaus.org",)),
+    Key("dnswl", _zone, GREYLISTING,
+        "DNS allow lists: a client they list is never greylisted",
+        kind="list", examples=("list.dnswl.org",)),
+    Key("dns_timeout", _decimal, GREYLISTING,
+        "seconds one DNS lookup may take (reverse and forward names, DNS "
+        "lists, asked at once); one that takes longer counts as no "
+        "answer: no name, not listed"),
+    Key("dns_cache_time", _integer, GREYLISTING,
+        "seconds the answers of the DNS lists are kept"),
+    Key("whitelist_recipients", _string, GREYLISTING,
+        "a file of recipients never greylisted, in postgrey's format: "
+        "user@domain, user@, a domain (and its subdomains), /regex/",
+        path=True),
     Key("x_greylist_header", _boolean, GREYLISTING,
         "add 'X-Greylist: delayed N seconds ...' to mail greylisting "
         "delayed"),
     Key("whitelist_clients", _string, GREYLISTING,
-        "a file of clients never greylisted (but never allowed to relay): "
-        "one address, network or host-name suffix a line; a name counts "
-        "only if the client's reverse name resolves back to it",
+        "a file of clients never greylisted (but never allowed to relay), "
+        "in postgrey's format: one address, network, host-name suffix or "
+        "/regex/ a line; a name counts only if the client's reverse name "
+        "resolves back to it (contrib/whitelist_clients: sender pools)",
         path=True),
     Key("defer_reply", _defer_reply, GREYLISTING,
         "the reply to a recipient greylisting defers"),
@@ -630,7 +685,8 @@ KEYS = [
         "percent of max_connections open at which the server is under "
         "stress: idle clients get stress_timeout seconds, those silent "
         "longer are closed, a client sending its message is not; stress "
-        "ends below three quarters of it; 0: never", owner="server"),
+        "ends below three quarters of it, after twice stress_timeout at "
+        "least; 0: never", owner="server"),
     Key("stress_timeout", _positive, SERVICE,
         "seconds a client may stay silent under stress", owner="server"),
     Key("grace_period", _integer, SERVICE,
@@ -2522,6 +2578,9 @@ class ConcreteMailHandler(MailHandler):
     upstream_tls_ca = ""
     upstream_tls_name = ""
     xclient = False
+    dns_timeout = 5
+    # The reverse names whose forward lookup is tried, at most.
+    max_forward_lookups = 3
 
     # The extensions offered only when the upstream has them.
     upstream_dependent = ("8BITMIME", "SMTPUTF8", "DSN",
@@ -2725,12 +2784,19 @@ class ConcreteMailHandler(MailHandler):
         if known is not None and known[0] == self.peer:
             return known[1]
         # Names as a mail server takes them (a PTR record can hold any
-        # octets, or an address to pass for another client).
-        reverse = [name for name in self.reverse_lookup(self.peer)
-                   if _host_name(name)]
+        # octets, or an address to pass for another client).  Each lookup
+        # within dns_timeout; at most max_forward_lookups names tried.
+        done, names = call_with_deadline(self.reverse_lookup, (self.peer,),
+                                         self.dns_timeout or None)
+        if not done:
+            log.info("reverse lookup of %s: no answer within %s s",
+                     self.peer, _seconds(self.dns_timeout))
+        reverse = [name for name in names or () if _host_name(name)]
         confirmed = None
-        for name in reverse:
-            if self.peer in self.forward_lookup(name):
+        for name in reverse[:self.max_forward_lookups]:
+            done, addresses = call_with_deadline(
+                self.forward_lookup, (name,), self.dns_timeout or None)
+            if self.peer in (addresses or ()):
                 confirmed = name.lower().rstrip(".")
                 break
         names = (reverse[0].lower().rstrip(".") if reverse else None,
@@ -2749,12 +2815,9 @@ class ConcreteMailHandler(MailHandler):
 
     def forward_lookup(self, name):
         """Addresses of ``name``, a set of str, from the system's
-        resolver; override to ask another (the tests do)."""
-        try:
-            return set(unmapped(info[4][0]) for info in socket.getaddrinfo(
-                name, None, 0, socket.SOCK_STREAM))
-        except (OSError, UnicodeError):
-            return set()
+        resolver; override to ask another (the tests do).  The DNS
+        lists of GreyListingPolicy ask it too."""
+        return resolve_addresses(name)
 
     @classmethod
     def server_tls_context(cls):
@@ -3320,6 +3383,12 @@ class GreyListingPolicy(ConcreteMailHandler):
     greylist_fail_mode = "accept"
     x_greylist_header = False
     whitelist_clients = ""
+    whitelist_recipients = ""
+    client_key = "name"
+    greylist_clients = "all"
+    dnsbl = []
+    dnswl = []
+    dns_cache_time = 600
     # The engine that decides; a subclass of Greylister changes how.
     greylister_class = None             # Greylister, set below it
 
@@ -3346,6 +3415,7 @@ class GreyListingPolicy(ConcreteMailHandler):
     def _start_transaction(self):
         ConcreteMailHandler._start_transaction(self)
         self.greylist_delay = None
+        self.greylist_rule = None
 
     def shouldWeAcceptMail(self):
         """True once at least one recipient was accepted."""
@@ -3353,13 +3423,15 @@ class GreyListingPolicy(ConcreteMailHandler):
 
     def extra_headers(self):
         """With ``x_greylist_header``, an X-Greylist: header for a message
-        that greylisting delayed, saying for how long (as postgrey's)."""
+        that greylisting delayed, saying for how long (as postgrey's) and
+        by which rule (as name:out.example.com)."""
         if not self.x_greylist_header or self.greylist_delay is None:
             return []
-        return ["X-Greylist: delayed %d seconds by smtpproxy-%s at %s; %s"
-                % (self.greylist_delay, __version__, self.servername,
-                   time.strftime("%a, %d %b %Y %H:%M:%S +0000",
-                                 time.gmtime(self.now())))]
+        return ["X-Greylist: delayed %d seconds by smtpproxy-%s at %s (%s); "
+                "%s" % (self.greylist_delay, __version__, self.servername,
+                        self.greylist_rule,
+                        time.strftime("%a, %d %b %Y %H:%M:%S +0000",
+                                      time.gmtime(self.now())))]
 
     def shouldWeAcceptRecipient(self, recipient):
         """The engine's decision (greylister_class, configured by this
@@ -3368,15 +3440,17 @@ class GreyListingPolicy(ConcreteMailHandler):
         descriptors."""
         decision = self.greylister_class(self).decide(
             self.peer, self.mail_from, recipient, self.now(),
-            helo=self.helo_name, hostname=self.client_hostname)
+            helo=self.helo_name, hostname=self.client_hostname,
+            resolve=self.forward_lookup)
         self.log_dialogue("%s %s: %s%s", decision.verdict, recipient,
                           decision.rule, " " + decision.key
                           if decision.key else "")
         if decision.error is not None:
             self.store_failed(decision.error)
-        if decision.delay is not None:
-            self.greylist_delay = max(self.greylist_delay or 0,
-                                      decision.delay)
+        if decision.delay is not None and decision.delay > (
+                self.greylist_delay or -1):
+            self.greylist_delay = decision.delay
+            self.greylist_rule = decision.rule
         if decision.verdict == "refuse":
             return self.relay_reply
         if decision.verdict == "unavailable":
@@ -3440,37 +3514,98 @@ class Greylister(object):
         self.settings = settings
 
     def decide(self, client, sender, recipient, now, helo=None,
-               hostname=None):
+               hostname=None, resolve=None):
         """The Decision for ``recipient`` of a message from ``sender``
         ("" for the null sender) sent by the client at address
         ``client``, at ``now``.  ``helo`` is its HELO name; ``hostname``
         its forward-confirmed host name, or a callable that looks it up
-        (called only if a rule needs it)."""
+        (called only if a rule needs it); ``resolve(name)`` the
+        addresses of a name, for the DNS lists (the system's resolver by
+        default)."""
+        settings = self.settings
         if self.client_may_relay(client):
             return Decision("relay", "allowed_senders")
         if not self.is_local_recipient(recipient):
             return Decision("refuse", "not-local")
+        if self.recipient_is_whitelisted(recipient):
+            return Decision("accept", "whitelist_recipients")
         if self.is_whitelisted(client, helo, sender, recipient):
             return Decision("accept", "whitelisted_triples")
         if self.client_is_whitelisted(client, hostname):
             return Decision("accept", "whitelist_clients")
-        network = self.client_network(client)
-        key = self.triplet_key(network, sender, recipient)
+        listed = self.dns_listing(client, resolve or resolve_addresses)
+        allowed = [zone for zone in settings.dnswl if zone in listed]
+        if allowed:
+            return Decision("accept", "dnswl:" + allowed[0])
+        blocked = ([zone for zone in settings.dnsbl if zone in listed]
+                   or [None])[0]
+        name = hostname() if callable(hostname) else hostname
+        client_key, key_rule = self.client_identity(client, name)
+        key = self.triplet_key(client_key, sender, recipient)
+        suspicious = settings.greylist_clients == "suspicious"
+        suspicion = ("dnsbl:" + blocked if blocked
+                     else self.suspicion(client, name) if suspicious
+                     else None)
+        rule = key_rule if suspicion is None else "%s %s" % (suspicion,
+                                                             key_rule)
         try:
-            store = stores.get(self.settings)
-            if store.client_is_trusted(network, now):
-                return Decision("accept", "auto-whitelist", network)
-            accepted, delay = store.check(key, now, client=network)
+            store = stores.get(settings)
+            # A listed client is always greylisted, trusted or not.
+            if not blocked and store.client_is_trusted(client_key, now):
+                return Decision("accept", "auto-whitelist " + key_rule,
+                                client_key)
+            if suspicious and suspicion is None:
+                return Decision("accept", "not-suspicious " + key_rule)
+            accepted, delay = store.check(key, now, client=client_key)
         except ResourceShortage as error:
             # Not the fail mode: out of descriptors is no reason to let
             # mail through.
             return Decision("unavailable", "store", key, error=error)
         except sqlite3.Error as error:
-            verdict = ("accept" if self.settings.greylist_fail_mode
+            verdict = ("accept" if settings.greylist_fail_mode
                        == "accept" else "defer")
             return Decision(verdict, "store-failed", key, error=error)
-        return Decision("accept" if accepted else "defer",
-                        "network:" + network, key, delay)
+        return Decision("accept" if accepted else "defer", rule, key, delay)
+
+    def client_identity(self, client, name):
+        """``(the key's client part, the rule naming it)``: with
+        ``client_key = name``, a forward-confirmed ``name`` that does not
+        look generic is keyed by name_key() ("name:out.example.com"), so
+        that a sender's pool retrying from other networks passes once;
+        otherwise the client's network ("network:192.0.2.0/24")."""
+        if (self.settings.client_key == "name" and name
+                and not generic_name(name, client)):
+            key = name_key(name)
+            if key is not None:
+                return key, "name:" + key
+        network = self.client_network(client)
+        return network, "network:" + network
+
+    def suspicion(self, client, name):
+        """Why the client looks suspicious, or None: no forward-confirmed
+        name ("suspicious:no-name"), or a generic one
+        ("suspicious:generic-name")."""
+        if not name:
+            return "suspicious:no-name"
+        if generic_name(name, client):
+            return "suspicious:generic-name"
+        return None
+
+    def dns_listing(self, client, resolve):
+        """The zones of ``dnswl`` and ``dnsbl`` that list ``client``, all
+        asked at once."""
+        settings = self.settings
+        return dns_lists.listing(client, list(settings.dnswl)
+                                 + list(settings.dnsbl), resolve,
+                                 settings.dns_timeout,
+                                 settings.dns_cache_time)
+
+    def recipient_is_whitelisted(self, recipient):
+        """True if ``recipient`` is in the ``whitelist_recipients`` file
+        (postgrey's format: user@domain, user@, a domain, /regex/)."""
+        path = self.settings.whitelist_recipients
+        return bool(path) and list_files.get(
+            path, "whitelist_recipients").has_recipient(recipient)
 
     def client_may_relay(self, client):
         """True if ``client`` is in allowed_senders or
@@ -3524,30 +3659,32 @@ class Greylister(object):
         client's forward-confirmed name (``hostname``), so that nobody
         whitelists himself with a PTR record."""
         path = self.settings.whitelist_clients
-        if not path:
-            return False
-        networks, names = client_lists.get(path)
-        if any(_in_network(client, network) for network in networks):
-            return True
-        if not names:
-            return False
-        name = hostname() if callable(hostname) else hostname
-        return name is not None and any(
-            name == suffix or name.endswith("." + suffix)
-            for suffix in names)
+        return bool(path) and list_files.get(
+            path, "whitelist_clients").has_client(client, hostname)
 
     def client_network(self, client):
         """The client's network, the key's first part."""
         return network_key(client, self.settings.ipv4_prefix,
                            self.settings.ipv6_prefix)
 
-    def triplet_key(self, network, sender, recipient):
-        """The store's key: ``network normalised-sender recipient``."""
-        return " ".join([network, normalise_sender(sender),
+    def triplet_key(self, client, sender, recipient):
+        """The store's key: ``client normalised-sender recipient``, the
+        client its network or name key (client_identity())."""
+        return " ".join([client, normalise_sender(sender),
                          recipient.lower()])
 
 
 GreyListingPolicy.greylister_class = Greylister
+
+
+def resolve_addresses(name):
+    """The addresses of ``name`` (a set of str), from the system's
+    resolver (so /etc/hosts and nsswitch apply); empty if none."""
+    try:
+        return set(unmapped(info[4][0]) for info in socket.getaddrinfo(
+            name, None, 0, socket.SOCK_STREAM))
+    except (OSError, UnicodeError):
+        return set()
 
 
 def network_key(address, ipv4_prefix, ipv6_prefix):
@@ -3582,9 +3719,12 @@ def parse_store_key(text, ipv4_prefix=24, ipv6_prefix=64, network=False):
                          + example)
     client, sender, recipient = words
     if not _network_or_none(client):
-        raise ValueError("%r is no client address or network: a key is %s"
-                         % (client, example))
-    if "/" in client:
+        if _host_name(client) and not client.replace(".", "").isdigit():
+            client = client.lower().rstrip(".")     # a name key
+        else:
+            raise ValueError("%r is no client address, network or name: "
+                             "a key is %s" % (client, example))
+    elif "/" in client:
         address, bits = client.split("/")
         wanted = ipv6_prefix if ":" in address else ipv4_prefix
         if int(bits) != wanted:
@@ -3605,8 +3745,10 @@ def parse_store_key(text, ipv4_prefix=24, ipv6_prefix=64, network=False):
             raise ValueError("the recipient cannot be empty: a key is %s"
                              % example)
         addresses.append(word)
-    return " ".join([network_key(client, ipv4_prefix, ipv6_prefix),
-                     normalise_sender(addresses[0]), addresses[1].lower()])
+    if _network_or_none(client):
+        client = network_key(client, ipv4_prefix, ipv6_prefix)
+    return " ".join([client, normalise_sender(addresses[0]),
+                     addresses[1].lower()])
 
 
 def _network_or_none(text):
@@ -4086,41 +4228,307 @@ class Stores(object):
             store.close()
 
 
-class ClientLists(object):
-    """The ``whitelist_clients`` files, read again when they change:
-    ``get(path)`` is ``(networks, name suffixes)``."""
+class ListFiles(object):
+    """Lists read from files in postgrey's formats, read again when they
+    change: ``get(path)`` is a ListFile.  One entry a line, '#' starts a
+    comment; an entry is an address or network (CIDR or whole-octet
+    prefix), a name (a domain: it and its subdomains), ``user@domain``,
+    ``user@``, or ``/regular expression/`` (case-insensitive, searched)."""
 
     def __init__(self):
         self._cache = Cache()
 
-    def get(self, path):
+    def get(self, path, what="whitelist"):
         try:
             mtime = os.stat(path).st_mtime
             cached = self._cache.get(path)
             if cached is not None and cached[0] == mtime:
                 return cached[1]
-            with open(path, "rb") as client_file:
-                entries = client_file.read().decode("ascii").splitlines()
+            with open(path, "rb") as list_file:
+                lines = list_file.read().decode("utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as error:
-            log_once("whitelist_clients %s: %s; no client is whitelisted "
-                     "by it" % (path, error))
-            return [], []
-        networks, names = [], []
-        for line in entries:
-            entry = line.split("#", 1)[0].strip().lower()
-            if not entry:
-                continue
-            if re.match(r"\A[0-9.:/a-f]+\Z", entry) and (
-                    "/" in entry or ":" in entry
-                    or re.match(r"\A[0-9.]+\Z", entry)):
-                networks.append(entry)
-            else:
-                names.append(entry.strip("."))
-        self._cache.put(path, (mtime, (networks, names)))
-        return networks, names
+            log_once("%s %s: %s; nothing is whitelisted by it"
+                     % (what, path, error))
+            return ListFile([])
+        listed = ListFile(lines, path)
+        self._cache.put(path, (mtime, listed))
+        return listed
 
     def reset(self):
         self._cache.reset()
+
+
+class ListFile(object):
+    """The entries of one list file, by kind: ``networks``, ``names``
+    (domains, matched with their subdomains), ``addresses``
+    (``user@domain``), ``locals`` (``user@``), ``patterns`` (compiled
+    regular expressions)."""
+
+    def __init__(self, lines, path="-"):
+        self.networks, self.names, self.addresses = [], [], set()
+        self.locals, self.patterns = set(), []
+        for number, line in enumerate(lines, 1):
+            entry = line.split("#", 1)[0].strip()
+            if not entry:
+                continue
+            if len(entry) > 1 and entry.startswith("/") and \
+                    entry.endswith("/"):
+                try:
+                    self.patterns.append(re.compile(entry[1:-1], re.I))
+                except re.error as error:
+                    log_once("%s:%d: bad regular expression: %s"
+                             % (path, number, error))
+                continue
+            entry = entry.lower()
+            if "@" in entry:
+                if entry.endswith("@"):
+                    self.locals.add(entry[:-1])
+                else:
+                    self.addresses.add(entry)
+            elif re.match(r"\A[0-9.:/a-f]+\Z", entry) and (
+                    "/" in entry or ":" in entry
+                    or re.match(r"\A[0-9.]+\Z", entry)):
+                self.networks.append(entry)
+            else:
+                self.names.append(entry.strip("."))
+
+    def has_client(self, address, hostname):
+        """``address`` is in a network, or ``hostname()`` (a callable:
+        looked up only if needed) under a name or a pattern."""
+        if any(_in_network(address, network) for network in self.networks):
+            return True
+        if not (self.names or self.patterns):
+            return False
+        name = hostname() if callable(hostname) else hostname
+        return name is not None and self.has_name(name)
+
+    def has_name(self, name):
+        name = name.lower()
+        return (any(name == suffix or name.endswith("." + suffix)
+                    for suffix in self.names)
+                or any(pattern.search(name) for pattern in self.patterns))
+
+    def has_recipient(self, recipient):
+        """``user@domain``, ``user@``, the domain (or a parent), or a
+        pattern."""
+        recipient = recipient.lower()
+        local, _, domain = recipient.rpartition("@")
+        return (recipient in self.addresses or local in self.locals
+                or (domain and self.has_name(domain))
+                or any(pattern.search(recipient)
+                       for pattern in self.patterns))
+
+
+def call_with_deadline(function, args, seconds):
+    """``(True, function(*args))``, or ``(False, None)`` if it did not
+    return within ``seconds``: for the system's resolver, which has no
+    timeout of its own that a caller can set.  The call goes on in a
+    daemon thread until the resolver gives up."""
+    result = []
+
+    def run():
+        try:
+            result.append(function(*args))
+        except Exception as error:          # a resolver's failure: none
+            result.append(error)
+    thread = threading.Thread(target=run, name="lookup")
+    thread.daemon = True
+    thread.start()
+    thread.join(seconds)
+    if not result:
+        return False, None
+    if isinstance(result[0], Exception):
+        return True, None
+    return True, result[0]
+
+
+def dns_list_query(address, zone):
+    """The name asked of a DNSBL or DNSWL ``zone`` for ``address``: the
+    IPv4 octets reversed, or the IPv6 nibbles reversed, under it."""
+    address = ipaddress.ip_address(unmapped(address))
+    if address.version == 4:
+        labels = str(address).split(".")[::-1]
+    else:
+        labels = address.exploded.replace(":", "")[::-1]
+    return "%s.%s" % (".".join(labels), zone.strip(".").lower())
+
+
+# The answers of the big lists that mean "query refused" (Spamhaus: from
+# a public resolver, or over the free limit), not "listed".
+REFUSED_QUERY = ("127.255.255.252", "127.255.255.253", "127.255.255.254",
+                 "127.255.255.255")
+
+
+class DNSLists(object):
+    """DNSBL and DNSWL lookups through the system's resolver: each with a
+    deadline, all of one client at once, the answers cached for
+    ``dns_cache_time``.  ``listing(address, zones, resolve, timeout,
+    cache_time)`` is the set of the zones that list it."""
+
+    def __init__(self):
+        self._cache = Cache()
+
+    def listing(self, address, zones, resolve, timeout, cache_time):
+        if not zones:
+            return set()
+        try:
+            queries = [(zone, dns_list_query(address, zone))
+                       for zone in zones]
+        except ValueError:
+            return set()                    # no address: nothing to ask
+        now = time.monotonic()
+        answers, asking = {}, []
+        for zone, query in queries:
+            cached = self._cache.get(query)
+            if cached is not None and cached[0] > now:
+                answers[zone] = cached[1]
+            else:
+                asking.append((zone, query))
+        results = {}
+        threads = []
+        for zone, query in asking:
+            def run(zone=zone, query=query):
+                try:
+                    results[zone] = set(resolve(query) or ())
+                except Exception:           # a resolver's failure: none
+                    results[zone] = set()
+            thread = threading.Thread(target=run, name="dnslist")
+            thread.daemon = True
+            thread.start()
+            threads.append((zone, query, thread))
+        deadline = time.monotonic() + timeout
+        for zone, query, thread in threads:
+            thread.join(max(0, deadline - time.monotonic()))
+            if zone not in results:
+                self._log(zone, "lookup of %s timed out after %s s: not "
+                          "listed" % (query, _seconds(timeout)))
+                answers[zone] = set()
+                # Not asked again for a minute: a list that is down must
+                # not hold every session for its timeout.
+                self._cache.put(query, (now + min(60, cache_time), set()))
+                continue
+            answers[zone] = results[zone]
+            self._cache.put(query, (now + cache_time, results[zone]))
+        return set(zone for zone, query in queries
+                   if self.is_listing(zone, answers.get(zone, ())))
+
+    def is_listing(self, zone, addresses):
+        """An answer in 127.0.0.0/8 lists; a "query refused" one does not
+        (and is logged once); none does not."""
+        listing = False
+        for address in addresses:
+            if address in REFUSED_QUERY:
+                log_once("DNS list %s refuses our queries (it answered "
+                         "%s): its answers count as not listed" % (zone,
+                                                                   address))
+            elif address.startswith("127."):
+                listing = True
+        return listing
+
+    def _log(self, zone, message):
+        """A lookup that timed out, logged once a minute per zone."""
+        now = time.monotonic()
+        last = self._cache.get(("logged", zone))
+        if last is None or now - last > 60:
+            self._cache.put(("logged", zone), now)
+            log.warning("DNS list %s: %s", zone, message)
+
+    def reset(self):
+        self._cache.reset()
+
+
+# Dynamic words of generic host names (access networks, pools), each
+# followed by digits: "dsl-12", "pool123", "dyn.4".
+_DYNAMIC_WORDS = ("dyn", "dynamic", "dhcp", "dsl", "adsl", "vdsl", "xdsl",
+                  "pool", "ppp", "pppoe", "cable", "cpe", "dialup", "dial",
+                  "broadband", "client", "host", "ip", "static", "cust",
+                  "customer", "user", "res", "mobile", "wireless", "nat",
+                  "ftth", "fttx")
+_DYNAMIC_RE = re.compile(r"(?:^|[^a-z])(?:%s)[-_.]?[0-9]"
+                         % "|".join(_DYNAMIC_WORDS))
+
+
+def generic_name(name, address):
+    """True if host ``name`` looks given to an address, not to a mail
+    server: it holds the address's octets in a common form (1-2-3-4,
+    1.2.3.4 or 4.3.2.1, with - . _ or nothing between them, zero-padded,
+    in hex), or a dynamic word followed by digits."""
+    name = name.lower().rstrip(".")
+    if _DYNAMIC_RE.search(name):
+        return True
+    try:
+        address = ipaddress.ip_address(unmapped(address))
+    except ValueError:
+        return False
+    if address.version == 6:
+        # The interface identifier's hex, or a long run of hex digits.
+        return bool(re.search(r"[0-9a-f]{12,}", name.replace("-", "")))
+    octets = str(address).split(".")
+    forms = set()
+    for order in (octets, octets[::-1]):
+        for separator in ("-", ".", "_", ""):
+            forms.add(separator.join(order))
+            forms.add(separator.join(octet.zfill(3) for octet in order))
+    forms.add("%08x" % int(address))
+    flat = re.sub(r"[^0-9a-f._-]", " ", name)
+    return any(re.search(r"(?:^|[^0-9])%s(?:[^0-9]|$)" % re.escape(form),
+                         flat) for form in forms)
+
+
+# Suffixes under which registrations are made (a small list of those that
+# matter for mail): a key is never one of them alone, nor shorter than a
+# name registered under them.  Single labels (com, de, ...) are suffixes
+# anyway.
+PUBLIC_SUFFIXES = frozenset("""
+    co.uk org.uk ac.uk gov.uk ltd.uk plc.uk me.uk net.uk sch.uk nhs.uk
+    com.au net.au org.au edu.au gov.au asn.au id.au
+    co.nz net.nz org.nz ac.nz govt.nz
+    co.jp ne.jp or.jp ac.jp ad.jp ed.jp go.jp gr.jp lg.jp
+    co.kr ne.kr or.kr ac.kr go.kr
+    com.br net.br org.br gov.br edu.br
+    com.cn net.cn org.cn gov.cn edu.cn ac.cn
+    com.tw net.tw org.tw edu.tw idv.tw
+    com.hk net.hk org.hk edu.hk
+    co.in net.in org.in firm.in gen.in ind.in ac.in
+    co.za org.za net.za ac.za gov.za
+    com.mx net.mx org.mx gob.mx edu.mx
+    com.ar net.ar org.ar gob.ar
+    com.tr net.tr org.tr gov.tr
+    com.sg net.sg org.sg edu.sg
+    co.il org.il net.il ac.il
+    com.ua net.ua org.ua
+    com.pl net.pl org.pl
+    co.id or.id ac.id web.id
+    com.my net.my org.my
+    co.th or.th ac.th in.th
+    com.ru net.ru org.ru
+""".split())
+
+
+def registrable_domain(name):
+    """The name registered under a public suffix that ``name`` belongs
+    to (mx.example.co.uk: example.co.uk), or None if it has none
+    (localhost, co.uk)."""
+    labels = name.lower().rstrip(".").split(".")
+    size = 3 if ".".join(labels[-2:]) in PUBLIC_SUFFIXES else 2
+    if len(labels) < size:
+        return None
+    return ".".join(labels[-size:])
+
+
+def name_key(name):
+    """The client part of a greylisting key for a forward-confirmed host
+    name: the name minus its first label (mx-a1.out.example.com and
+    mx-b7.out.example.com share out.example.com), never shorter than its
+    registrable domain; None for a name that has none."""
+    registrable = registrable_domain(name)
+    if registrable is None:
+        return None
+    name = name.lower().rstrip(".")
+    parent = name.split(".", 1)[1] if "." in name else name
+    if len(parent) < len(registrable):
+        return registrable
+    return parent
 
 
 _logged = Cache()
@@ -4136,7 +4544,8 @@ def log_once(message):
 
 # The registries (module-level, each with its lock).
 stores = Stores()                   # GreylistStore per file and timings
-client_lists = ClientLists()        # whitelist_clients files
+list_files = ListFiles()           # whitelist_clients, _recipients
+dns_lists = DNSLists()              # DNSBL and DNSWL answers
 tls_contexts = Cache()              # SSLContexts, of clients and upstream
 upstream_capabilities = UpstreamCapabilities()
 
@@ -4144,7 +4553,7 @@ upstream_capabilities = UpstreamCapabilities()
 def reset_registries():
     """Forget what the process shared: stores (closed), whitelist files,
     TLS contexts, upstream capabilities, errors logged.  For tests."""
-    for registry in (stores, client_lists, tls_contexts,
+    for registry in (stores, list_files, dns_lists, tls_contexts,
                      upstream_capabilities, _logged):
         registry.reset()
 
@@ -4182,7 +4591,8 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
                             with 421 4.4.2, so that idle and trickling
                             clients go first and a client sending data
                             does not; stress ends below three quarters of
-                            the threshold; entering and leaving are logged
+                            the threshold, after twice stress_timeout at
+                            least; entering and leaving are logged
     grace_period            seconds stop() lets open transactions finish
 
     When accept() fails for want of descriptors (EMFILE, ENFILE), the
@@ -4242,6 +4652,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         self.stopping = False
         self.stop_now = False       # set during stop(): end the grace now
         self.stressed = False
+        self._stress_began = 0.0
         self._refusals = 0
         self._refusals_logged = 0.0
         self._accept_failures = 0
@@ -4415,16 +4826,22 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     def _check_stress(self):
         """Enter stress when the sessions reach stress_threshold percent
         of max_connections, leave it when they fall below three quarters
-        of that (so that shedding a few does not end it, and the log does
-        not flap); with sessions_changed held."""
+        of that and twice stress_timeout has passed (so that shedding a
+        few does not end it before the sessions idle since before it are
+        shed, and the log does not flap); with sessions_changed held."""
         open_now = len(self.sessions)
         threshold = self.stress_threshold * self.max_connections
         if not self.stressed:
             stressed = bool(threshold) and open_now * 100 >= threshold
         else:
-            stressed = bool(threshold) and open_now * 400 >= threshold * 3
+            stressed = bool(threshold) and (
+                open_now * 400 >= threshold * 3
+                or time.monotonic() - self._stress_began
+                < 2 * self.stress_timeout)
         if stressed == self.stressed:
             return
+        if stressed:
+            self._stress_began = time.monotonic()
         self.stressed = stressed
         if stressed:
             log.warning("stress mode on: %d sessions open (stress_threshold "
@@ -4445,6 +4862,9 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
             return
         now = time.monotonic()
         with self.sessions_changed:
+            self._check_stress()            # it may end, in time
+            if not self.stressed:
+                return
             for request, handler in self.sessions.items():
                 if handler is None or handler.shed is not None:
                     continue

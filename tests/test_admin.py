@@ -107,12 +107,18 @@ def test_db_pass_takes_a_key_as_the_proxy_forms_it(tmp_path):
     assert out == "passed 2001:db8::/64  postmaster@example.org\n"
     code, out, err = run(tmp_path, "--db-delete", key)
     assert (code, out) == (0, "deleted %s\n" % key)
+    # A name key (client_key = name), as --db-list shows them.
+    code, out, err = run(tmp_path, "--db-pass", "Out.Example.COM",
+                         "a@example.net", "b@example.org")
+    assert (code, out) == (0, "passed out.example.com a@example.net "
+                              "b@example.org\n"), err
 
 
 @pytest.mark.parametrize("key", [
     "foo",
     "127.0.0.2 b@example.net",
-    "mail.example.net a@example.net b@example.org",
+    "999.1.2.3 a@example.net b@example.org",
+    "not/a/name a@example.net b@example.org",
     "192.0.2.0/16 a@example.net b@example.org",
     "192.0.2.7 a@example.net nobody",
 ])

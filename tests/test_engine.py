@@ -107,7 +107,7 @@ def test_an_auto_whitelisted_network_passes_at_once(engine):
     grey.decide("192.0.2.7", "a@example.net", "b@example.org", T0 + 3600)
     assert verdict(grey.decide("192.0.2.8", "new@example.net",
                                "c@example.org", T0 + 3700)) == (
-        "accept", "auto-whitelist")
+        "accept", "auto-whitelist network:192.0.2.0/24")
 
 
 @pytest.mark.parametrize("mode", ["accept", "defer"])

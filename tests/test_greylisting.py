@@ -1,0 +1,359 @@
+"""Greylisting that real mail survives: clients keyed by their confirmed
+names, suspicious-only greylisting, DNS block and allow lists, recipients
+never greylisted.  The engine is asked directly where no socket is
+needed; a resolver stands in for DNS (as the FCrDNS tests do), and the
+pool test runs through the proxy from two loopback networks."""
+
+import logging
+import os
+import threading
+import time
+
+import pytest
+
+import smtpproxy
+from conftest import RawClient
+
+T0 = 1000000000.0
+BL, WL = "bl.example", "wl.example"
+
+
+class Resolver(object):
+    """DNS as a test says it is: PTR names of addresses, addresses of
+    names (DNS list queries included); ``slow`` names answer late."""
+
+    def __init__(self, reverse=None, forward=None, slow=(), delay=5.0):
+        self.reverse = reverse or {}
+        self.forward = forward or {}
+        self.slow, self.delay = set(slow), delay
+        self.asked = []
+
+    def ptr(self, address):
+        return list(self.reverse.get(address, ()))
+
+    def addresses(self, name):
+        self.asked.append(name)
+        if name in self.slow:
+            time.sleep(self.delay)
+        return set(self.forward.get(name, ()))
+
+
+@pytest.fixture
+def engine(tmp_path):
+    """``engine(**keys)``: a Greylister for example.org on its own store."""
+    def make(**keys):
+        keys.setdefault("allowed_domains", ["example.org"])
+        keys.setdefault("allowed_senders", [])
+        keys.setdefault("greylist_db", str(tmp_path / "grey.db"))
+        keys.setdefault("dns_timeout", 0.5)
+        return smtpproxy.Greylister(
+            type("Settings", (smtpproxy.GreyListingPolicy,), keys))
+    yield make
+    smtpproxy.reset_registries()
+
+
+def decide(grey, client, name=None, resolver=None, now=T0,
+           recipient="b@example.org", sender="a@example.net"):
+    return grey.decide(client, sender, recipient, now, hostname=name,
+                       resolve=(resolver or Resolver()).addresses)
+
+
+# -- client_key = name | network ----------------------------------------------
+
+def test_a_pool_retrying_from_another_network_passes_keyed_by_name(
+        proxy, upstream, tmp_path):
+    """The first try from 127.0.0.2, the retry an hour later from
+    127.0.1.2 (another /24), both forward-confirmed in out.example.com:
+    accepted with client_key = name, deferred again with network."""
+    resolver = Resolver(
+        reverse={"127.0.0.2": ["mx-a1.out.example.com"],
+                 "127.0.1.2": ["mx-b7.out.example.com"]},
+        forward={"mx-a1.out.example.com": {"127.0.0.2"},
+                 "mx-b7.out.example.com": {"127.0.1.2"}})
+    clock = [T0]
+    replies = {}
+    for mode in ("name", "network"):
+        port = proxy(handler=smtpproxy.GreyListingPolicy,
+                     greylist_db=str(tmp_path / ("%s.db" % mode)),
+                     allowed_senders=[], allowed_domains=["example.org"],
+                     client_key=mode, x_greylist_header=True,
+                     now=lambda self: clock[0],
+                     reverse_lookup=lambda self, ip: resolver.ptr(ip),
+                     forward_lookup=lambda self, name:
+                     resolver.addresses(name))
+        clock[0] = T0
+        first = send(port, "127.0.0.2")
+        clock[0] = T0 + 3600
+        replies[mode] = (first, send(port, "127.0.1.2"))
+    assert replies["name"] == (451, 250)
+    assert replies["network"] == (451, 451)
+    [delivered] = upstream.messages
+    assert delivered.content.startswith(
+        b"X-Greylist: delayed 3600 seconds by smtpproxy-")
+    assert b"(name:out.example.com)" in delivered.content.split(b"\r\n")[0]
+
+
+def send(port, source):
+    """A message to b@example.org from ``source``: the RCPT's code."""
+    client = RawClient(port, source=source)
+    client.cmd("EHLO mx.out.example.com")
+    client.cmd("MAIL FROM:<a@example.net>")
+    code = client.cmd("RCPT TO:<b@example.org>")[0]
+    if code == 250:
+        assert client.cmd("DATA")[0] == 354
+        client.send(b"Subject: pool\r\n\r\nhello\r\n.\r\n")
+        assert client.reply()[0] == 250
+    client.cmd("QUIT")
+    client.close()
+    return code
+
+
+@pytest.mark.parametrize("name", [
+    "1-2-3-4.pool.isp.example", "4-3-2-1.isp.example",
+    "1.2.3.4.isp.example", "4.3.2.1.isp.example", "1_2_3_4.isp.example",
+    "host1234.isp.example", "h001002003004.isp.example",
+    "01020304.isp.example", "dyn-77.isp.example", "dynamic99.isp.example",
+    "dhcp-1.isp.example", "dsl12.isp.example", "adsl-9.isp.example",
+    "pool-3.isp.example", "ppp5.isp.example", "cable-7.isp.example",
+    "cpe-2.isp.example", "dialup-8.isp.example", "broadband1.isp.example",
+    "client-4.isp.example", "host-6.isp.example", "ip-42.isp.example",
+    "static-11.isp.example",
+])
+def test_generic_names_are_never_grouped(engine, name):
+    grey = engine()
+    assert smtpproxy.generic_name(name, "1.2.3.4")
+    assert grey.client_identity("1.2.3.4", name) == (
+        "1.2.3.0/24", "network:1.2.3.0/24")
+
+
+@pytest.mark.parametrize("name, key", [
+    ("mx-a1.out.example.com", "out.example.com"),
+    ("mail.example.com", "example.com"),
+    ("example.com", "example.com"),
+    ("mx.example.co.uk", "example.co.uk"),
+    ("a.b.example.co.uk", "b.example.co.uk"),
+    ("mail-wr1-f51.google.com", "google.com"),
+])
+def test_a_name_key_is_never_shorter_than_the_registered_domain(
+        engine, name, key):
+    assert engine().client_identity("192.0.2.7", name) == (key,
+                                                           "name:" + key)
+
+
+@pytest.mark.parametrize("name", ["localhost", "co.uk", "com", None])
+def test_no_registered_domain_no_name_key(engine, name):
+    assert engine().client_identity("192.0.2.7", name)[1] == \
+        "network:192.0.2.0/24"
+
+
+def test_a_lying_ptr_falls_back_to_the_network(proxy, tmp_path):
+    """The PTR says out.example.com, its forward lookup does not give the
+    client back: the name is not confirmed, the key is the network."""
+    port = proxy(handler=smtpproxy.GreyListingPolicy,
+                 greylist_db=str(tmp_path / "liar.db"), allowed_senders=[],
+                 allowed_domains=["example.org"],
+                 reverse_lookup=lambda self, ip: ["mx1.out.example.com"],
+                 forward_lookup=lambda self, name: {"192.0.2.99"})
+    assert send(port, "127.0.0.2") == 451
+    store = smtpproxy.GreylistStore(str(tmp_path / "liar.db"))
+    assert [entry[1] for entry in store.entries()] == [
+        "127.0.0.0/24 a@example.net b@example.org"]
+    store.close()
+
+
+def test_client_key_network_keys_every_client_by_network(engine):
+    grey = engine(client_key="network")
+    assert grey.client_identity("192.0.2.7", "mx1.out.example.com") == (
+        "192.0.2.0/24", "network:192.0.2.0/24")
+
+
+# -- greylist_clients = suspicious ---------------------------------------------
+
+@pytest.mark.parametrize("name, listed, expected", [
+    ("mx1.out.example.com", False,
+     ("accept", "not-suspicious name:out.example.com")),
+    (None, False, ("defer", "suspicious:no-name network:192.0.2.0/24")),
+    ("4-3-2-1.dyn.isp.example", False,
+     ("defer", "suspicious:generic-name network:192.0.2.0/24")),
+    ("mx1.out.example.com", True,
+     ("defer", "dnsbl:bl.example name:out.example.com")),
+])
+def test_only_suspicious_clients_are_greylisted(engine, name, listed,
+                                                expected):
+    grey = engine(greylist_clients="suspicious", dnsbl=[BL])
+    client = "192.0.2.7" if name != "4-3-2-1.dyn.isp.example" else \
+        "1.2.3.4"
+    if client == "1.2.3.4":
+        expected = (expected[0], expected[1].replace("192.0.2.0/24",
+                                                     "1.2.3.0/24"))
+    resolver = Resolver(forward={
+        smtpproxy.dns_list_query(client, BL): {"127.0.0.2"}}
+        if listed else {})
+    decision = decide(grey, client, name, resolver)
+    assert (decision.verdict, decision.rule) == expected
+
+
+def test_all_clients_are_greylisted_by_default(engine):
+    decision = decide(engine(), "192.0.2.7", "mx1.out.example.com")
+    assert (decision.verdict, decision.rule) == ("defer",
+                                                 "name:out.example.com")
+
+
+# -- DNS lists -----------------------------------------------------------------
+
+def listing(client, zone, *answers):
+    return Resolver(forward={smtpproxy.dns_list_query(client, zone):
+                             set(answers)})
+
+
+def test_dns_list_queries_are_reversed_under_the_zone():
+    assert smtpproxy.dns_list_query("192.0.2.7", "Zen.Spamhaus.org.") == \
+        "7.2.0.192.zen.spamhaus.org"
+    assert smtpproxy.dns_list_query("2001:db8::1", "bl.example") == (
+        "1.0.0.0." + "0.0.0.0." * 5 + "8.b.d.0.1.0.0.2.bl.example")
+    assert smtpproxy.dns_list_query("::ffff:192.0.2.7", "x.example") == \
+        "7.2.0.192.x.example"
+
+
+def test_a_client_listed_on_a_dnswl_is_never_greylisted(engine):
+    grey = engine(dnswl=[WL])
+    decision = decide(grey, "192.0.2.7", None,
+                      listing("192.0.2.7", WL, "127.0.10.2"))
+    assert (decision.verdict, decision.rule) == ("accept", "dnswl:" + WL)
+    assert decide(grey, "192.0.2.8").verdict == "defer"
+
+
+@pytest.mark.parametrize("answers, listed", [
+    (("127.0.0.2",), True),
+    (("127.0.0.4", "127.0.0.10"), True),
+    ((), False),                          # NXDOMAIN
+    (("192.0.2.1",), False),              # outside 127.0.0.0/8
+    (("127.255.255.254",), False),        # Spamhaus: query refused
+    (("127.255.255.252",), False),
+])
+def test_only_answers_in_127_list_and_refusals_do_not(engine, caplog,
+                                                      answers, listed):
+    grey = engine(dnsbl=[BL], auto_whitelist_clients=1, dns_cache_time=0)
+    # Passed and auto-whitelisted: only a listing greylists it again.
+    decide(grey, "192.0.2.7", None, now=T0)
+    decide(grey, "192.0.2.7", None, now=T0 + 3600)
+    with caplog.at_level(logging.ERROR, logger="smtpproxy"):
+        decision = decide(grey, "192.0.2.7", None,
+                          listing("192.0.2.7", BL, *answers),
+                          recipient="new@example.org", now=T0 + 3700)
+    assert (decision.verdict == "defer") is listed, decision
+    if listed:
+        assert decision.rule == "dnsbl:%s network:192.0.2.0/24" % BL
+    refused = [r for r in caplog.records if "refuses our queries" in
+               r.getMessage()]
+    assert len(refused) == (1 if answers and answers[0].startswith(
+        "127.255") else 0)
+
+
+def test_a_dnsbl_listing_beats_the_auto_whitelist(engine):
+    grey = engine(dnsbl=[BL], auto_whitelist_clients=1, dns_cache_time=0)
+    decide(grey, "192.0.2.7", now=T0)
+    decide(grey, "192.0.2.7", now=T0 + 3600)
+    assert decide(grey, "192.0.2.7", recipient="c@example.org",
+                  now=T0 + 3700).rule.startswith("auto-whitelist")
+    listed = listing("192.0.2.7", BL, "127.0.0.2")
+    assert decide(grey, "192.0.2.7", None, listed, recipient="d@example.org",
+                  now=T0 + 3800).verdict == "defer"
+
+
+def test_a_lookup_that_times_out_is_not_listed_and_logged(engine, caplog):
+    grey = engine(dnsbl=[BL], dnswl=[WL], dns_timeout=0.3)
+    slow = Resolver(slow={smtpproxy.dns_list_query("192.0.2.7", BL),
+                          smtpproxy.dns_list_query("192.0.2.7", WL)},
+                    delay=3)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="smtpproxy"):
+        decision = decide(grey, "192.0.2.7", None, slow)
+    elapsed = time.monotonic() - start
+    assert decision.verdict == "defer"
+    assert decision.rule == "network:192.0.2.0/24"       # not dnsbl:
+    # Both lists asked at once: one timeout, not two.
+    assert elapsed < 0.3 * 2, elapsed
+    timeouts = [r for r in caplog.records if "timed out" in r.getMessage()]
+    assert len(timeouts) == 2
+    # The answer that never came is not asked again for a while.
+    asked = len(slow.asked)
+    decide(grey, "192.0.2.7", None, slow, recipient="c@example.org")
+    assert len(slow.asked) == asked
+
+
+def test_dns_list_answers_are_cached(engine):
+    grey = engine(dnsbl=[BL], dns_cache_time=600)
+    resolver = listing("192.0.2.7", BL, "127.0.0.2")
+    decide(grey, "192.0.2.7", None, resolver)
+    decide(grey, "192.0.2.7", None, resolver, recipient="c@example.org")
+    assert len(resolver.asked) == 1
+
+
+def test_a_slow_resolver_holds_a_session_for_bounded_time(proxy, tmp_path):
+    """PTR, forward and list lookups that never answer: the RCPT is
+    answered within dns_timeout per lookup (1 reverse, up to 3 forward,
+    the lists at once), not after the resolver's own timeouts."""
+    never = threading.Event()
+    port = proxy(handler=smtpproxy.GreyListingPolicy,
+                 greylist_db=str(tmp_path / "slow.db"), allowed_senders=[],
+                 allowed_domains=["example.org"], dns_timeout=0.5,
+                 dnsbl=[BL], dnswl=[WL],
+                 reverse_lookup=lambda self, ip: never.wait(10) or
+                 ["a.out.example.com", "b.out.example.com",
+                  "c.out.example.com", "d.out.example.com"],
+                 forward_lookup=lambda self, name: never.wait(10) or set())
+    client = RawClient(port, source="127.0.0.2")
+    client.cmd("EHLO mx.example.net")
+    client.cmd("MAIL FROM:<a@example.net>")
+    start = time.monotonic()
+    code, _ = client.cmd("RCPT TO:<b@example.org>")
+    elapsed = time.monotonic() - start
+    never.set()
+    client.close()
+    assert code == 451
+    assert elapsed < 0.5 * 2 + 1, elapsed      # PTR, then the lists
+
+
+# -- whitelist_recipients ------------------------------------------------------
+
+def test_whitelisted_recipients_are_never_greylisted(engine, tmp_path):
+    path = tmp_path / "recipients"
+    path.write_text("# postgrey's format\npostmaster@\n"
+                    "abuse@example.org\notp.example.org\n"
+                    "/^login-[0-9]+@example\\.org$/\n")
+    grey = engine(whitelist_recipients=str(path),
+                  allowed_domains=["example.org", "otp.example.org",
+                                   "mx.otp.example.org", "otp2.example.org"])
+    for recipient in ("postmaster@example.org", "Abuse@Example.org",
+                      "x@otp.example.org", "y@mx.otp.example.org",
+                      "login-42@example.org"):
+        decision = decide(grey, "192.0.2.7", recipient=recipient)
+        assert (decision.verdict, decision.rule) == (
+            "accept", "whitelist_recipients"), recipient
+    for recipient in ("abuse@otp2.example.org", "b@example.org",
+                      "login-x@example.org"):
+        assert decide(grey, "192.0.2.7",
+                      recipient=recipient).verdict == "defer", recipient
+    # Read again when it changes.
+    path.write_text("b@example.org\n")
+    stamp = os.stat(str(path)).st_mtime + 2
+    os.utime(str(path), (stamp, stamp))
+    assert decide(grey, "192.0.2.7").rule == "whitelist_recipients"
+    assert decide(grey, "192.0.2.7",
+                  recipient="abuse@example.org").verdict == "defer"
+
+
+def test_the_shipped_whitelist_of_sender_pools_loads(engine):
+    path = os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "contrib", "whitelist_clients")
+    listed = smtpproxy.ListFile(open(path).read().splitlines(), path)
+    assert listed.has_name("mail-am5eur02lp2051.outbound.protection."
+                           "outlook.com")
+    assert listed.has_name("a27-50.smtp-out.us-west-2.amazonses.com")
+    assert not listed.has_name("outlook.com.evil.example")
+    # A name counts only when forward-confirmed: the engine asks hostname.
+    grey = engine(whitelist_clients=path)
+    assert decide(grey, "192.0.2.7", None).verdict == "defer"
+    assert decide(grey, "192.0.2.7",
+                  "mail-wr1-f51.google.com").rule == "whitelist_clients"
