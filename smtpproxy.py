@@ -3323,10 +3323,12 @@ class ConcreteMailHandler(MailHandler):
 
 
 class GreyListingPolicy(ConcreteMailHandler):
-    """Greylisting on (client network, sender, recipient), per recipient.
+    """Greylisting on (client, sender, recipient), per recipient.
 
-    ``shouldWeAcceptRecipient`` decides, in this order, so that the
-    upstream never sees a recipient that is refused or deferred:
+    ``shouldWeAcceptRecipient`` asks the engine, ``greylister_class``
+    (Greylister), configured by this class's attributes, so that the
+    upstream never sees a recipient that is refused or deferred.  In
+    order:
 
     1. a client in ``allowed_senders`` (addresses) or ``allowed_sender_nets``
        (Kamaelia's textual prefixes such as ``192.168.2``, read as whole
@@ -3336,32 +3338,30 @@ class GreyListingPolicy(ConcreteMailHandler):
        gets ``relay_reply``: source routes, ``%`` and ``!`` paths, quoted
        local-parts, address literals are all refused; the bare
        ``<Postmaster>`` (RFC 5321 section 4.5.1) is ours and accepted;
-    3. a triple of ``whitelisted_triples`` (ip sender recipient) or of
+    3. a recipient of ``whitelist_recipients``, a triple of
+       ``whitelisted_triples`` (ip sender recipient) or of
        ``whitelisted_nonstandard_triples`` (HELO name, IP prefix,
-       recipient), or a client of the ``whitelist_clients`` file
-       (``client_is_whitelisted``), or a client network auto-whitelisted
-       by the store, is accepted;
-    4. otherwise the triplet goes through the greylisting store
+       recipient), a client of the ``whitelist_clients`` file, or a client
+       listed on a ``dnswl`` zone is accepted;
+    4. the client is keyed (``client_key``) by its forward-confirmed,
+       non-generic name minus its first label, or by its network of
+       ``ipv4_prefix`` (24) or ``ipv6_prefix`` (64) bits; a client that
+       passed ``auto_whitelist_clients`` times (0: never) is accepted, but
+       not one listed on a ``dnsbl`` zone; with ``greylist_clients =
+       suspicious``, a client that is not listed and has a confirmed,
+       non-generic name is accepted;
+    5. otherwise the triplet goes through the greylisting store
        (``greylist_db``, timings ``too_soon``, ``min_defer_time``,
        ``max_defer_time``, ``max_grey``): accepted, or ``defer_reply``.
        If the store fails, ``greylist_fail_mode`` decides ("accept" or
-       "defer") and the error is logged once.
+       "defer") and the error is logged once per incident; out of
+       descriptors, the session ends with 421 4.3.2.
 
-    ``shouldWeAcceptMail()`` is true once a recipient was accepted.
-
-    The client is keyed by its network, ``ipv4_prefix`` (24) and
-    ``ipv6_prefix`` (64) bits, so that senders with pools of outgoing
-    servers pass once; 32 and 128 give Kamaelia's exact-IP keys.  The
+    ``shouldWeAcceptMail()`` is true once a recipient was accepted.  The
     sender is keyed without case, brackets, ``+extension``, BATV
     (``prvs=...=``), SRS and VERP-style numbers (``normalise_sender``).
-
-    A client network that passed greylisting ``auto_whitelist_clients``
-    times (0: never) is accepted without delay until unseen for
-    ``max_grey``.
-
     With ``x_greylist_header``, mail that greylisting delayed gets an
-    ``X-Greylist:`` header saying for how long.
-
+    ``X-Greylist:`` header saying for how long, and by which rule.
     ``now()`` is the clock the policy reads; tests override it.
     """
 
@@ -3493,21 +3493,20 @@ class Greylister(object):
     """The greylisting decisions, free of any socket.
 
     ``decide(client, sender, recipient, now)`` answers for one recipient,
-    in this order: a client of ``allowed_senders`` or
-    ``allowed_sender_nets`` may relay; a recipient outside
-    ``allowed_domains`` is refused; a whitelisted triple, a client of
-    ``whitelist_clients`` or an auto-whitelisted client network is
-    accepted; otherwise the triplet (client network, normalised sender,
-    recipient) goes through the store (``greylist_db`` and its timings),
-    and, if the store fails, ``greylist_fail_mode`` decides.
+    in the order GreyListingPolicy's docstring gives: allow-lists, our
+    domains, the administrator's whitelists, DNSWL, the client's key
+    (name or network), DNSBL, the auto-whitelist, suspicious-only, the
+    store's timings, and the fail mode if the store fails.
 
     ``settings`` is anything whose attributes are the configuration keys:
     a GreyListingPolicy (class or instance), so that
     ``class Ours(GreyListingPolicy): min_defer_time = 300`` configures
     this engine too.  The stores are shared by the process (``stores``).
     Methods that may be overridden: the rules, ``client_may_relay``,
-    ``is_local_recipient``, ``is_whitelisted``, ``client_is_whitelisted``,
-    ``client_network``, ``triplet_key``.
+    ``is_local_recipient``, ``recipient_is_whitelisted``,
+    ``is_whitelisted``, ``client_is_whitelisted``, ``dns_listing``,
+    ``client_identity``, ``suspicion``, ``client_network``,
+    ``triplet_key``.
     """
 
     def __init__(self, settings):
