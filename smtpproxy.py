@@ -1067,24 +1067,16 @@ def set_timeout(sock, seconds):
     sock.settimeout(None)
     if not seconds:
         return
-    try:
-        whole = int(seconds)
-        timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-    except (AttributeError, OSError, struct.error):
+    if not (_kernel_timeout(sock, socket.SO_RCVTIMEO, seconds)
+            and _kernel_timeout(sock, socket.SO_SNDTIMEO, seconds)):
         sock.settimeout(seconds)
 
 
 def clear_timeout(sock):
     """Undo set_timeout()'s kernel timeouts: a TLS socket needs Python's
     own (a kernel timeout would look like a TLS error to it)."""
-    try:
-        zero = struct.pack("@ll", 0, 0)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, zero)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, zero)
-    except (AttributeError, OSError, struct.error):
-        pass
+    _kernel_timeout(sock, socket.SO_RCVTIMEO, None)
+    _kernel_timeout(sock, socket.SO_SNDTIMEO, None)
 
 
 def tls_server_context(cert, key=None):
@@ -1243,9 +1235,7 @@ class _LineReader(object):
                         self.sock.settimeout(seconds)
                     self.applied = seconds
                 data = self.sock.recv(self.bufsize)
-        except (BlockingIOError, socket.timeout) as error:
-            if isinstance(error, Expired):
-                raise
+        except (BlockingIOError, socket.timeout):
             # SO_RCVTIMEO (BlockingIOError) or Python's timeout expired.
             raise Expired(reason, limit if limit is not None else seconds)
         finally:
