@@ -1,7 +1,9 @@
 """Installs smtpproxy: one module, and the `smtpproxy` command.
 
 smtpproxy has no runtime dependency outside the standard library; copying
-smtpproxy.py onto a host works as well as installing it.  `pip install .`
+smtpproxy.py onto a host works as well as installing it.  The one option:
+a greylisting store in PostgreSQL, shared by several MX hosts, needs a
+driver, `pip install .[postgresql]` (psycopg 3; psycopg2 on Python 3.6).  `pip install .`
 also puts the example configuration, the init script, its defaults file
 and the systemd unit under PREFIX/share/smtpproxy/.
 """
@@ -24,6 +26,10 @@ setup(
     py_modules=["smtpproxy"],
     python_requires=">=3.6",
     entry_points={"console_scripts": ["smtpproxy = smtpproxy:main"]},
+    extras_require={
+        "postgresql": ['psycopg[binary]; python_version >= "3.7"',
+                       'psycopg2-binary; python_version < "3.7"'],
+    },
     # Under the installation prefix (/usr/local with pip as root): to be
     # copied to /etc by the administrator, never overwritten by pip.
     data_files=[

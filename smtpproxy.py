@@ -131,7 +131,8 @@ per client.  Each thread runs a handler, a StreamRequestHandler subclass:
                          each message.
     GreyListingPolicy    the default policy: asks a Greylister (allow-lists,
                          relay refusal, greylisting in a GreylistStore, an
-                         sqlite3 file), which needs no socket.
+                         sqlite3 file, or a PostgreSQLStore shared by
+                         several MX hosts), which needs no socket.
 
 Hooks: what a subclass may override or call; everything else has a
 leading underscore.  Kamaelia Grey's names keep their camelCase; every
@@ -165,8 +166,9 @@ name new in smtpproxy is PEP 8.
 The module reads top to bottom: configuration (KEYS, one record per key,
 and the file reader), helpers (escaping, envelope syntax, deadlines,
 TLS), the upstream (UpstreamSession, UpstreamRelay), DataScanner, the
-handlers, the greylisting engine (Greylister) and its store
-(GreylistStore), the registries of what the sessions of a process share,
+handlers, the greylisting engine (Greylister) and its stores
+(triplet_step, the timing table; GreylistStore; PostgreSQLStore,
+whose driver is imported only when one is used), the registries of what the sessions of a process share,
 the server (SMTPProxyServer), and the command line (checks, Service,
 main()).
 
@@ -199,6 +201,7 @@ import importlib
 import ipaddress
 import logging
 import logging.handlers
+import math
 import os
 import pwd
 import re
@@ -420,6 +423,30 @@ def _string(text):
     return text
 
 
+def is_database_uri(location):
+    """True if the store ``location`` (greylist_db) names a PostgreSQL
+    database (postgresql:// or postgres://), not an sqlite file."""
+    return location.lower().startswith(("postgresql:", "postgres:"))
+
+
+def _store_location(text):
+    if is_database_uri(text) and not text.lower().startswith(
+            ("postgresql://", "postgres://")):
+        raise ValueError("%s: a PostgreSQL URI begins postgresql://"
+                         % redact_uri(text))
+    return text
+
+
+def redact_uri(location):
+    """The store ``location`` with the password of a URI hidden, for logs
+    and messages."""
+    if not is_database_uri(location):
+        return location
+    location = re.sub(r"(?i)\A(postgres(?:ql)?://[^:@/?]*):[^@/?]*@",
+                      r"\1:***@", location)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", location)
+
+
 def _fail_mode(text):
     if text.lower() not in ("accept", "defer"):
         raise ValueError("expected accept or defer, got %r" % text)
@@ -468,7 +495,8 @@ class Key(object):
     file (``path``: made absolute at the start), takes a restart
     (``restart``) or has an option of its own (``option``: --NAME).
     ``shown`` is what the help says of a default that is no plain value;
-    ``examples`` are the commented items of a list in the sample."""
+    ``examples`` are the commented items of a list in the sample, or
+    commented other values of a scalar."""
 
     def __init__(self, name, parse, section, help, kind="scalar",
                  owner="handler", default=None, shown=None, path=False,
@@ -602,9 +630,18 @@ KEYS = [
         "always accepted: claimed-helo-name ip-prefix <recipient>",
         kind="list",
         examples=("mx-out.example.net 198.51.100 <user@example.org>",)),
-    Key("greylist_db", _string, GREYLISTING,
-        "the greylisting store, an sqlite3 file shared safely by threads "
-        "and processes", path=True),
+    Key("greylist_db", _store_location, GREYLISTING,
+        "the greylisting store: an sqlite3 file, shared safely by the "
+        "threads and processes of one host, or a PostgreSQL database "
+        "shared by several MX hosts, as a libpq URI "
+        "(postgresql://user:password@host:port/dbname, or "
+        "postgresql:///dbname?host=/run/postgresql for a local socket; "
+        "needs pip install smtpproxy[postgresql])", path=True,
+        examples=("postgresql://greylist:secret@db.example.org/greylist",)),
+    Key("greylist_db_timeout", _decimal, GREYLISTING,
+        "the longest a decision waits for the store (its turn in this "
+        "process; with PostgreSQL, connecting and each statement) before "
+        "greylist_fail_mode decides"),
     Key("too_soon", _integer, GREYLISTING,
         "a retry sooner than this many seconds after the first try "
         "restarts the clock"),
@@ -787,6 +824,8 @@ def sample_config():
             text = key.sample if key.sample is not None else (
                 _format_value(value))
             lines.append(("%s = %s" % (key.name, text)).rstrip())
+            lines.extend("#%s = %s" % (key.name, item)
+                         for item in key.examples)
     return "\n".join(lines) + "\n"
 
 
@@ -3371,6 +3410,7 @@ class GreyListingPolicy(ConcreteMailHandler):
     relay_reply = "550 5.7.1 Relaying denied"
     defer_reply = "451 4.7.1 Greylisted, please try again later"
     greylist_fail_mode = "accept"
+    greylist_db_timeout = 5
     x_greylist_header = False
     whitelist_clients = ""
     whitelist_recipients = ""
@@ -3399,8 +3439,8 @@ class GreyListingPolicy(ConcreteMailHandler):
             log.error("%s; sessions end with 421 4.3.2", log_escape(error))
         else:
             log.error("greylisting store %s: %s; decisions fall back to %s",
-                      log_escape(self.greylist_db), log_escape(error),
-                      self.greylist_fail_mode)
+                      log_escape(redact_uri(self.greylist_db)),
+                      log_escape(error), self.greylist_fail_mode)
 
     def _start_transaction(self):
         ConcreteMailHandler._start_transaction(self)
@@ -3528,7 +3568,13 @@ class Greylister(object):
             return Decision("accept", "dnswl:" + allowed[0])
         blocked = ([zone for zone in settings.dnsbl if zone in listed]
                    or [None])[0]
-        name = hostname() if callable(hostname) else hostname
+        name = hostname
+        if callable(hostname):
+            # Looked up only for the rules that read it: a network key
+            # with greylist_clients = all needs no DNS.
+            name = hostname() if (settings.client_key == "name" or
+                                  settings.greylist_clients ==
+                                  "suspicious") else None
         client_key, key_rule = self.client_identity(client, name)
         key = self.triplet_key(client_key, sender, recipient)
         suspicious = settings.greylist_clients == "suspicious"
@@ -3824,6 +3870,52 @@ def normalise_sender(sender):
 # The greylisting store
 # ---------------------------------------------------------------------------
 
+class StoreError(sqlite3.Error):
+    """The greylisting store cannot be used: not reached within
+    ``greylist_db_timeout``, or a PostgreSQL store's error (its driver's
+    exception is ``__cause__``).  A subclass of sqlite3.Error, so that
+    code written for the sqlite store, which raises sqlite3.Error, catches
+    it too."""
+
+
+# The changes triplet_step() asks of a store.
+RESTART = "restart"     # seen now: first_seen := now, no pass, 0 passes
+PASS = "pass"           # passed now: passed := now, passes + 1
+
+
+def triplet_step(first_seen, passed, now, timings):
+    """One decision of Kamaelia Grey's timing table, with no store: the
+    triplet was first seen at ``first_seen`` (None: never) and last passed
+    at ``passed`` (None: never); ``timings`` has ``too_soon``,
+    ``min_defer_time``, ``max_defer_time`` and ``max_grey``.  Return
+    ``(outcome, change)``: outcome True (accept), False (defer), or, for
+    the try that passes, the seconds it waited; change None, RESTART or
+    PASS, which the store applies in the same transaction.
+
+    | state of the triplet                    | outcome  | change            |
+    | passed less than max_grey ago           | accept   | PASS              |
+    | passed more than max_grey ago           | defer    | RESTART (as new)  |
+    | never seen                              | defer    | RESTART           |
+    | seen less than too_soon ago             | defer    | RESTART           |
+    | seen less than min_defer_time ago       | defer    | none              |
+    | seen more than max_defer_time ago       | defer    | RESTART           |
+    | otherwise (retried inside the window)   | waited   | PASS              |
+    """
+    if first_seen is None:
+        return False, RESTART
+    if passed is not None:
+        if now - passed < timings.max_grey:
+            return True, PASS
+        return False, RESTART               # forgotten: as if never seen
+    waited = now - first_seen
+    if waited < timings.too_soon or waited > timings.max_defer_time:
+        # Too hasty, or too late: the retry clock starts again.
+        return False, RESTART
+    if waited < timings.min_defer_time:
+        return False, None
+    return waited, PASS
+
+
 class GreylistStore(object):
     """The greylisting triplets, in an sqlite3 database file.
 
@@ -3837,14 +3929,8 @@ class GreylistStore(object):
     ``auto_whitelist_clients``; their defaults are the policy's, written
     there.
 
-    | state of the triplet                    | decision | store change       |
-    | passed less than max_grey ago           | accept   | passed := now      |
-    | passed more than max_grey ago           | (as if never seen: forgotten) |
-    | never seen                              | defer    | seen := now        |
-    | seen less than too_soon ago             | defer    | seen := now        |
-    | seen less than min_defer_time ago       | defer    | none               |
-    | seen more than max_defer_time ago       | defer    | seen := now        |
-    | otherwise (retried inside the window)   | accept   | passed := now      |
+    The table is triplet_step()'s, a pure function; the store reads the
+    triplet, asks it, and writes the change it names.
 
     Client networks that passed ``auto_whitelist_clients`` times (0: never)
     are trusted (``client_is_trusted``) until unseen for ``max_grey``.
@@ -3862,6 +3948,10 @@ class GreylistStore(object):
     once per session.  A store that cannot be opened because the process
     is out of descriptors raises ResourceShortage, not sqlite3.Error: no
     policy should fail open for a local shortage.
+
+    A decision waits at most ``greylist_db_timeout`` seconds for its turn
+    in this process (then StoreError), and sqlite's lock at most
+    ``busy_timeout``.
     """
 
     too_soon = GreyListingPolicy.too_soon
@@ -3869,6 +3959,7 @@ class GreylistStore(object):
     max_defer_time = GreyListingPolicy.max_defer_time
     max_grey = GreyListingPolicy.max_grey
     auto_whitelist_clients = GreyListingPolicy.auto_whitelist_clients
+    greylist_db_timeout = GreyListingPolicy.greylist_db_timeout
     purge_interval = 3600
     busy_timeout = 10.0
 
@@ -3878,7 +3969,7 @@ class GreylistStore(object):
             self.configure(settings)
         self._lock = threading.Lock()
         self._db = None
-        self.failing = None         # the error of an incident in progress
+        self.failing = None     # texts of the errors of an incident
         self.last_purge = None
         try:
             with self._lock:
@@ -3888,7 +3979,10 @@ class GreylistStore(object):
 
     # The attributes a policy sets on its store (configure()).
     settings = ("too_soon", "min_defer_time", "max_defer_time", "max_grey",
-                "auto_whitelist_clients")
+                "auto_whitelist_clients", "greylist_db_timeout")
+
+    def __str__(self):
+        return self.path
 
     def configure(self, source):
         """Take the ``settings`` from ``source`` (a policy class or
@@ -3929,7 +4023,11 @@ class GreylistStore(object):
         writes at once (BEGIN IMMEDIATE) unless ``read_only``."""
         # The threads of this process queue on a lock: waiting for sqlite's
         # write lock instead means its busy handler's sleeps of up to 100 ms.
-        with self._lock:
+        if not self._lock.acquire(timeout=self.greylist_db_timeout):
+            raise self._incident(StoreError(
+                "no turn within greylist_db_timeout (%s s)"
+                % self.greylist_db_timeout))
+        try:
             try:
                 connection = self._connection()
                 if options.get("read_only"):
@@ -3953,14 +4051,30 @@ class GreylistStore(object):
                     error = ResourceShortage("greylisting store %s: %s (out "
                                              "of descriptors)"
                                              % (self.path, error))
-                error.first_of_incident = self.failing is None
-                self.failing = error
-                raise error
-            if self.failing is not None:
-                log.warning("greylisting store %s: usable again",
-                            self.path)
-                self.failing = None
+                raise self._incident(error)
+            self._recovered()
+        finally:
+            self._lock.release()
         return result
+
+    def _incident(self, error):
+        """``error``, marked ``first_of_incident`` if it is the first of
+        its kind since the store last worked: each distinct error is
+        logged once (store_failed()), not once per session."""
+        text = str(error)
+        if self.failing is None:
+            self.failing = []
+        error.first_of_incident = (text not in self.failing
+                                   and len(self.failing) < 10)
+        if error.first_of_incident:
+            self.failing.append(text)
+        return error
+
+    def _recovered(self):
+        """The store worked: an incident in progress ends, logged."""
+        if self.failing is not None:
+            log.warning("greylisting store %s: usable again", self)
+            self.failing = None
 
     def decide(self, key, now, client=None):
         """Return True to accept the triplet ``key`` at time ``now``; an
@@ -3974,8 +4088,12 @@ class GreylistStore(object):
         if self.last_purge is None or now - self.last_purge > \
                 self.purge_interval:
             self.last_purge = now
-            self.purge(now)
+            self._purge_when_due(now)
         return self._use(self._decide_and_count, key, now, client)
+
+    def _purge_when_due(self, now):
+        # Once every purge_interval, in the decision that comes then.
+        self.purge(now)
 
     def _decide_and_count(self, connection, key, now, client):
         accept = self._decide(connection, key, now)
@@ -4028,35 +4146,17 @@ class GreylistStore(object):
         # True or False; for the try that passes, the seconds it waited.
         row = connection.execute(
             "SELECT first_seen, passed FROM triplets WHERE key = ?",
-            (key,)).fetchone()
-        if row is not None and row[1] is not None:
-            if now - row[1] < self.max_grey:
-                connection.execute(
-                    "UPDATE triplets SET passed = ?, last_seen = ?,"
-                    " passes = passes + 1 WHERE key = ?",
-                    (now, now, key))
-                return True
-            connection.execute("DELETE FROM triplets WHERE key = ?",
-                               (key,))
-            row = None
-        if row is None:
+            (key,)).fetchone() or (None, None)
+        outcome, change = triplet_step(row[0], row[1], now, self)
+        if change == RESTART:
             connection.execute(
-                "INSERT INTO triplets (key, first_seen, last_seen)"
+                "INSERT OR REPLACE INTO triplets (key, first_seen, last_seen)"
                 " VALUES (?, ?, ?)", (key, now, now))
-            return False
-        waited = now - row[0]
-        if waited < self.too_soon or waited > self.max_defer_time:
-            # Too hasty, or too late: the retry clock starts again.
+        elif change == PASS:
             connection.execute(
-                "UPDATE triplets SET first_seen = ?, last_seen = ?"
-                " WHERE key = ?", (now, now, key))
-            return False
-        if waited < self.min_defer_time:
-            return False
-        connection.execute(
-            "UPDATE triplets SET passed = ?, last_seen = ?, passes = 1"
-            " WHERE key = ?", (now, now, key))
-        return waited          # passed now, after waiting this long
+                "UPDATE triplets SET passed = ?, last_seen = ?,"
+                " passes = passes + 1 WHERE key = ?", (now, now, key))
+        return outcome
 
     # -- administration (smtpproxy --db-...) ------------------------------
 
@@ -4115,6 +4215,372 @@ class GreylistStore(object):
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+
+def open_store(location, settings=None):
+    """The greylisting store at ``location`` (greylist_db), with the
+    timings of ``settings``: a PostgreSQLStore for a postgresql:// URI,
+    else a GreylistStore (an sqlite3 file)."""
+    if is_database_uri(location):
+        return PostgreSQLStore(location, settings)
+    return GreylistStore(location, settings)
+
+
+def postgresql_driver(name=None):
+    """The PostgreSQL driver module, imported now: ``name`` ("psycopg",
+    version 3, or "psycopg2"), or the first of them that is installed.
+    None installed: StoreError, saying what to install."""
+    for candidate in [name] if name else ["psycopg", "psycopg2"]:
+        try:
+            return importlib.import_module(candidate)
+        except ImportError:
+            continue
+    raise StoreError(
+        "greylist_db is a PostgreSQL database, but %s is not installed "
+        "for %s: pip install 'smtpproxy[postgresql]' (or pip install %s)"
+        % (name or "no PostgreSQL driver (psycopg or psycopg2)",
+           sys.executable, {"psycopg2": "psycopg2-binary"}.get(
+               name, "'psycopg[binary]'")))
+
+
+def _one_line(error):
+    """A driver's message on one line (libpq's have several)."""
+    return " ".join(str(error).split()) or error.__class__.__name__
+
+
+# PostgreSQL's clock, in seconds since the epoch, unless a time is given.
+_PG_CLOCK = "COALESCE(%s::float8, EXTRACT(EPOCH FROM CURRENT_TIMESTAMP)::float8)"
+
+
+class PostgreSQLStore(GreylistStore):
+    """The greylisting triplets in a PostgreSQL database, shared by the MX
+    hosts of a domain: a client deferred by one and retrying on another
+    is accepted there after the delay.  ``greylist_db`` is a libpq URI
+    (postgresql://user:password@host:port/dbname, or
+    postgresql:///dbname?host=/run/postgresql for a local socket).  The
+    decisions are the sqlite store's (triplet_step), with the same
+    attributes and methods, and:
+
+    - time is the database's clock, so hosts whose clocks differ agree;
+      the ``now`` given is used only with ``database_clock`` false (tests
+      that drive time);
+    - a decision locks its triplet's row (SELECT ... FOR UPDATE; a first
+      sighting is INSERT ... ON CONFLICT DO NOTHING), so that decisions
+      from any number of processes and hosts are those of a serial run;
+    - expired entries are purged by one instance at a time (an advisory
+      lock), once per ``purge_interval`` for all instances together (the
+      last purge's time is in the database); an error of that purge is
+      logged and decides nothing;
+    - the tables (smtpproxy_triplets, smtpproxy_clients) are made at the
+      first use, under an advisory lock, with the schema's version in
+      smtpproxy_schema, so that a later version can migrate them
+      (``_migrate``); a schema newer than ``schema_version`` is refused.
+      Made by the database's administrator, they need no CREATE right.
+
+    The process has one connection, used by one thread at a time, as the
+    sqlite store's.  ``greylist_db_timeout`` bounds every wait: the turn
+    in this process, connecting (connect_timeout, 2 s at least, libpq's
+    floor), each statement (statement_timeout, also row locks), and TCP
+    keepalives find a server that vanished.  While the database cannot
+    be reached, decisions fail at once (StoreError) until the next try to
+    connect, ``retry_min`` seconds after a failure, doubling up to
+    ``retry_max``; each distinct error is marked ``first_of_incident``
+    once.  A connection the server closed (a restart, a fail-over, an
+    idle timeout) is opened again at once and the decision tried once
+    more.
+
+    ``driver``: the driver module, "psycopg" (3) or "psycopg2"; None: the
+    first installed, psycopg first.  It is imported by the constructor,
+    never by the module's import: smtpproxy without PostgreSQL needs
+    nothing outside the standard library.
+    """
+
+    schema_version = 1
+    database_clock = True
+    retry_min = 0.5
+    retry_max = 30.0
+    driver = None
+    application_name = "smtpproxy"
+    _SCHEMA_LOCK = 0x736d7470           # advisory lock keys: "smtp"
+    _PURGE_LOCK = 0x736d7471            # and one more
+
+    def __init__(self, uri, settings=None):
+        # No connection yet: the first use makes it, and says why not.
+        self._module = postgresql_driver(self.driver)
+        self.path = uri
+        if settings is not None:
+            self.configure(settings)
+        self._lock = threading.Lock()
+        self._db = None
+        self.failing = None
+        self.last_purge = None
+        self._retry_at = 0.0
+        self._retry_delay = 0.0
+        self._last_error = None
+
+    def __str__(self):
+        return redact_uri(self.path)
+
+    # -- the connection -----------------------------------------------------
+
+    def _connection(self):
+        """The connection, opened (and the schema made or checked) if need
+        be, unless the last try failed less than the retry delay ago; with
+        ``_lock`` held.  StoreError if there is none."""
+        if self._db is not None:
+            return self._db
+        if time.monotonic() < self._retry_at:
+            raise StoreError(self._last_error)
+        connection = None
+        try:
+            timeout = self.greylist_db_timeout
+            connection = self._module.connect(
+                self.path, connect_timeout=max(2, int(math.ceil(timeout))),
+                application_name=self.application_name, keepalives=1,
+                keepalives_idle=max(1, int(timeout)),
+                keepalives_interval=1, keepalives_count=3)
+            self._prepare(connection)
+        except Exception as error:
+            if connection is not None:
+                connection.close()
+            self._retry_delay = min(self.retry_max, max(
+                self.retry_min, 2 * self._retry_delay))
+            self._retry_at = time.monotonic() + self._retry_delay
+            if out_of_descriptors():
+                raise ResourceShortage("greylisting store %s: %s (out of "
+                                       "descriptors)"
+                                       % (self, _one_line(error)))
+            if isinstance(error, StoreError):
+                self._last_error = str(error)
+                raise
+            if not isinstance(error, self._module.Error):
+                raise
+            self._last_error = _one_line(error)
+            raise StoreError(self._last_error) from error
+        self._retry_delay = 0.0
+        self._db = connection
+        return connection
+
+    def _prepare(self, connection):
+        """Bound each statement, and make the tables or check their
+        version, under the schema's advisory lock."""
+        cursor = connection.cursor()
+        cursor.execute("SET statement_timeout = %d"
+                       % max(1, int(self.greylist_db_timeout * 1000)))
+        cursor.execute("SELECT pg_advisory_xact_lock(%d),"
+                       " to_regclass('smtpproxy_schema') IS NOT NULL"
+                       % self._SCHEMA_LOCK)
+        if not cursor.fetchone()[1]:
+            for statement in (
+                    "CREATE TABLE smtpproxy_schema ("
+                    " version integer NOT NULL,"
+                    " last_purge double precision)",
+                    "CREATE TABLE smtpproxy_triplets ("
+                    " key text PRIMARY KEY,"
+                    " first_seen double precision NOT NULL,"
+                    " last_seen double precision NOT NULL,"
+                    " passed double precision,"
+                    " passes integer NOT NULL DEFAULT 0)",
+                    "CREATE TABLE smtpproxy_clients ("
+                    " network text PRIMARY KEY,"
+                    " passes integer NOT NULL,"
+                    " last_seen double precision NOT NULL)"):
+                cursor.execute(statement)
+            cursor.execute("INSERT INTO smtpproxy_schema (version)"
+                           " VALUES (%d)" % self.schema_version)
+        else:
+            cursor.execute("SELECT version FROM smtpproxy_schema")
+            version = cursor.fetchone()[0]
+            if version > self.schema_version:
+                raise StoreError(
+                    "the tables are of schema version %d, newer than this "
+                    "smtpproxy's (%d): upgrade smtpproxy on this host too"
+                    % (version, self.schema_version))
+            if version < self.schema_version:
+                self._migrate(cursor, version)
+        connection.commit()
+        cursor.close()
+
+    def _migrate(self, cursor, version):
+        """Bring the tables from schema ``version`` to
+        ``schema_version``, in the transaction that holds the schema's
+        lock.  Version 1 is the first: nothing to do yet."""
+        cursor.execute("UPDATE smtpproxy_schema SET version = %d"
+                       % self.schema_version)
+
+    def _use(self, work, *args, **options):
+        """Run ``work(cursor, *args)`` in one transaction, alone in this
+        process; a connection the server closed is replaced and the work
+        tried once more."""
+        if not self._lock.acquire(timeout=self.greylist_db_timeout):
+            raise self._incident(StoreError(
+                "no turn within greylist_db_timeout (%s s)"
+                % self.greylist_db_timeout))
+        try:
+            for attempt in (1, 2):
+                fresh = self._db is None
+                try:
+                    connection = self._connection()
+                except (StoreError, ResourceShortage) as error:
+                    raise self._incident(error)
+                try:
+                    cursor = connection.cursor()
+                    result = work(cursor, *args)
+                    connection.commit()
+                    cursor.close()
+                except self._module.Error as error:
+                    if not self._discard(connection) and attempt == 1 \
+                            and not fresh:
+                        continue        # a stale connection: once more
+                    raise self._incident(StoreError(_one_line(error))) \
+                        from error
+                except BaseException:
+                    self._discard(connection)
+                    raise
+                self._recovered()
+                return result
+        finally:
+            self._lock.release()
+
+    def _discard(self, connection):
+        """After an error: roll back, and close a connection that broke.
+        True if the connection is still good."""
+        try:
+            if not connection.closed:
+                connection.rollback()
+                return True
+        except self._module.Error:
+            pass
+        try:
+            connection.close()
+        except self._module.Error:
+            pass
+        self._db = None
+        return False
+
+    def _clock(self, now):
+        # None: the database's clock (_PG_CLOCK).
+        return None if self.database_clock else now
+
+    # -- decisions ----------------------------------------------------------
+
+    def _decide_and_count(self, cursor, key, now, client):
+        clock = self._clock(now)
+        select = ("SELECT first_seen, passed, " + _PG_CLOCK +
+                  " FROM smtpproxy_triplets WHERE key = %s FOR UPDATE")
+        cursor.execute(select, (clock, key))
+        row = cursor.fetchone()
+        if row is None:
+            cursor.execute(
+                "INSERT INTO smtpproxy_triplets (key, first_seen, last_seen)"
+                " SELECT %s, t, t FROM (SELECT " + _PG_CLOCK + " AS t) AS c"
+                " ON CONFLICT (key) DO NOTHING RETURNING key", (key, clock))
+            if cursor.fetchone() is not None:
+                return False, None              # first seen now
+            cursor.execute(select, (clock, key))    # seen meanwhile
+            row = cursor.fetchone()
+        first_seen, passed, now = row
+        outcome, change = triplet_step(first_seen, passed, now, self)
+        if change == RESTART:
+            cursor.execute(
+                "UPDATE smtpproxy_triplets SET first_seen = %s,"
+                " last_seen = %s, passed = NULL, passes = 0 WHERE key = %s",
+                (now, now, key))
+        elif change == PASS:
+            cursor.execute(
+                "UPDATE smtpproxy_triplets SET passed = %s, last_seen = %s,"
+                " passes = passes + 1 WHERE key = %s", (now, now, key))
+        if outcome is False:
+            return False, None
+        if client is not None:
+            cursor.execute(
+                "INSERT INTO smtpproxy_clients (network, passes, last_seen)"
+                " VALUES (%s, 1, %s) ON CONFLICT (network) DO UPDATE"
+                " SET passes = smtpproxy_clients.passes + 1,"
+                " last_seen = EXCLUDED.last_seen", (client, now))
+        if outcome is True:
+            return True, None
+        return True, outcome
+
+    def _client_is_trusted(self, cursor, client, now):
+        cursor.execute(
+            "UPDATE smtpproxy_clients SET last_seen = c.t FROM (SELECT "
+            + _PG_CLOCK + " AS t) AS c WHERE network = %s AND passes >= %s"
+            " AND last_seen > c.t - %s RETURNING network",
+            (self._clock(now), client, self.auto_whitelist_clients,
+             self.max_grey))
+        return cursor.fetchone() is not None
+
+    def _purge_when_due(self, now):
+        # Only if no instance purged within purge_interval; its failure
+        # is no reason to fail the decision that comes after it.
+        try:
+            self._use(self._purge, now, True)
+        except (sqlite3.Error, ResourceShortage) as error:
+            log.warning("greylisting store %s: purge: %s", self,
+                        log_escape(error))
+
+    def _purge(self, cursor, now, when_due=False):
+        cursor.execute(
+            "SELECT %s(%d), " % ("pg_try_advisory_xact_lock" if when_due
+                                 else "pg_advisory_xact_lock",
+                                 self._PURGE_LOCK)
+            + _PG_CLOCK + ", last_purge FROM smtpproxy_schema",
+            (self._clock(now),))
+        locked, now, last = cursor.fetchone()
+        if locked is False or when_due and last is not None and (
+                now - last < self.purge_interval):
+            return 0                    # another instance purges, or did
+        cursor.execute(
+            "DELETE FROM smtpproxy_triplets WHERE (passed IS NULL AND"
+            " first_seen < %s) OR passed < %s",
+            (now - self.max_defer_time, now - self.max_grey))
+        deleted = cursor.rowcount
+        cursor.execute("DELETE FROM smtpproxy_clients WHERE last_seen < %s",
+                       (now - self.max_grey,))
+        deleted += cursor.rowcount
+        cursor.execute("UPDATE smtpproxy_schema SET last_purge = %s",
+                       (now,))
+        return deleted
+
+    # -- administration -----------------------------------------------------
+
+    def _entries(self, cursor):
+        cursor.execute("SELECT key, first_seen, last_seen, passed, passes"
+                       " FROM smtpproxy_triplets ORDER BY key")
+        triplets = cursor.fetchall()
+        cursor.execute("SELECT network, passes, last_seen"
+                       " FROM smtpproxy_clients ORDER BY network")
+        return triplets, cursor.fetchall()
+
+    def _pass_key(self, cursor, key, now):
+        cursor.execute(
+            "INSERT INTO smtpproxy_triplets"
+            " (key, first_seen, last_seen, passed, passes)"
+            " SELECT %s, t, t, t, 1 FROM (SELECT " + _PG_CLOCK + " AS t) AS c"
+            " ON CONFLICT (key) DO UPDATE SET passed = EXCLUDED.passed,"
+            " last_seen = EXCLUDED.last_seen,"
+            " passes = smtpproxy_triplets.passes + 1",
+            (key, self._clock(now)))
+
+    def _delete(self, cursor, key):
+        cursor.execute("DELETE FROM smtpproxy_triplets WHERE key = %s",
+                       (key,))
+        deleted = cursor.rowcount
+        cursor.execute("DELETE FROM smtpproxy_clients WHERE network = %s",
+                       (key,))
+        return deleted + cursor.rowcount > 0
+
+    def stats(self):
+        return self._use(self._stats)
+
+    def _stats(self, cursor):
+        cursor.execute("SELECT count(*) FILTER (WHERE passed IS NULL),"
+                       " count(*) FILTER (WHERE passed IS NOT NULL),"
+                       " (SELECT count(*) FROM smtpproxy_clients)"
+                       " FROM smtpproxy_triplets")
+        grey, white, clients = cursor.fetchone()
+        return {"GREY": grey, "WHITE": white, "CLIENT": clients}
 
 
 # ---------------------------------------------------------------------------
@@ -4209,7 +4675,7 @@ class Stores(object):
             getattr(settings, name) for name in GreylistStore.settings)
 
         def make():
-            return GreylistStore(settings.greylist_db, settings)
+            return open_store(settings.greylist_db, settings)
         return self._cache.get(key, make)
 
     def reset(self):
@@ -5122,6 +5588,8 @@ def format_config(handler_class, values):
             value = getattr(handler_class, key, None)
         if value is None:
             continue
+        if key == "greylist_db":
+            value = redact_uri(value)
         if kind == "list":
             lines.append("%s:" % key)
             lines.extend("    %s" % (item if isinstance(item, str)
@@ -5141,7 +5609,9 @@ def administer_store(handler_class, args):
         sys.stderr.write("smtpproxy: error: %s has no greylist_db\n"
                          % handler_class.__name__)
         return 2
-    path = os.path.abspath(path)
+    database = is_database_uri(path)
+    if not database:
+        path = os.path.abspath(path)
     key = args.db_pass or args.db_delete
     if key:
         key = " ".join(key)     # quoted or not
@@ -5156,15 +5626,15 @@ def administer_store(handler_class, args):
                                  % error)
                 return 2
             # --db-delete takes whatever a store holds, as it is.
-    if not os.path.exists(path) and not args.db_pass:
+    if not database and not os.path.exists(path) and not args.db_pass:
         sys.stderr.write("smtpproxy: error: no greylisting store at %s: "
                          "give the proxy's --config (or -o greylist_db="
                          "PATH), or run from the directory it runs in\n"
                          % path)
         return 1
-    sys.stderr.write("smtpproxy: store %s\n" % path)
+    sys.stderr.write("smtpproxy: store %s\n" % redact_uri(path))
     try:
-        store = GreylistStore(path, handler_class)
+        store = open_store(path, handler_class)
         now = time.time()
         if args.db_list:
             def stamp(moment):
@@ -5190,8 +5660,9 @@ def administer_store(handler_class, args):
         else:
             sys.stderr.write("smtpproxy: no entry %s\n" % log_escape(key))
             return 1
-    except sqlite3.Error as error:
-        sys.stderr.write("smtpproxy: error: %s: %s\n" % (path, error))
+    except (sqlite3.Error, ResourceShortage) as error:
+        sys.stderr.write("smtpproxy: error: %s: %s\n"
+                         % (redact_uri(path), error))
         return 1
     return 0
 
@@ -5390,6 +5861,8 @@ def check_store(handler_class, create=True):
     path = getattr(handler_class, "greylist_db", None)
     if not path:
         return
+    if is_database_uri(path):
+        return check_database(handler_class, write=not create)
     user = _user_name(os.geteuid())
     directory = os.path.dirname(os.path.abspath(path))
     if not create and not os.path.exists(path):
@@ -5412,6 +5885,41 @@ def check_store(handler_class, create=True):
                          "write the file and its directory %s, where sqlite "
                          "makes its -wal and -shm files (chown %s %s)"
                          % (path, error, user, directory, user, directory))
+
+
+def check_database(handler_class, write=True, notes=None):
+    """A PostgreSQL store: its driver must be installed (else StartError),
+    and the database is asked once (the tables made or checked, and with
+    ``write`` a row written and deleted).  Return the warnings: one if it
+    cannot be used now, for the service starts anyway, as it goes on when
+    the database goes away, and greylist_fail_mode decides until it is
+    back.  ``notes`` gets a line saying it is usable."""
+    location = handler_class.greylist_db
+    try:
+        store = open_store(location, handler_class)
+    except StoreError as error:
+        raise StartError("greylisting store %s: %s"
+                         % (redact_uri(location), error))
+    try:
+        counts = store.stats()
+        if write:
+            store.pass_key("smtpproxy-check", 0)    # may it write?
+            store.delete("smtpproxy-check")
+    except (sqlite3.Error, ResourceShortage) as error:
+        return ["greylisting store %s is not usable now: %s; the service "
+                "starts, and decisions fall back to greylist_fail_mode "
+                "(%s) until it is: check the URI, that the server runs, "
+                "and that its user may connect (and create tables the "
+                "first time)" % (redact_uri(location), error,
+                                 handler_class.greylist_fail_mode)]
+    finally:
+        store.close()
+    if notes is not None:
+        notes.append("greylisting store %s: usable (%s): %d GREY, %d WHITE, "
+                     "%d CLIENT" % (redact_uri(location),
+                                    store._module.__name__, counts["GREY"],
+                                    counts["WHITE"], counts["CLIENT"]))
+    return []
 
 
 def check_files(values):
@@ -5455,20 +5963,25 @@ def configuration_warnings(handler_class):
     return warnings
 
 
-def check_configuration(handler_class, values, files=True):
+def check_configuration(handler_class, values, files=True, notes=None):
     """Every check of the start that needs no port, as --check-config
     and a reload run them: the user and group (and root without one),
     the PROXY protocol's balancers, the TLS certificate and key, the
-    greylisting store as the user serving, and with ``files`` the
-    pidfile, the logs and syslog.  Raise StartError; return the
-    warnings."""
+    greylisting store as the user serving (a PostgreSQL store: asked,
+    saying so in ``notes``), and with ``files`` the pidfile, the logs and
+    syslog.  Raise StartError; return the warnings."""
     identity = find_user(values)
     check_proxy_protocol(handler_class)
     check_tls(handler_class)
     if files:
         check_files(values)
-    check_as(identity, lambda: check_store(handler_class, create=False))
-    return configuration_warnings(handler_class)
+    warnings = []
+    store = getattr(handler_class, "greylist_db", None)
+    if store and is_database_uri(store):
+        warnings += check_database(handler_class, notes=notes)
+    else:
+        check_as(identity, lambda: check_store(handler_class, create=False))
+    return warnings + configuration_warnings(handler_class)
 
 
 def check_as(identity, check):
@@ -5605,7 +6118,8 @@ class Service(object):
             else:
                 value = SERVICE_DEFAULTS.get(key,
                                              getattr(self.base, key, None))
-            if value:
+            if value and not (key == "greylist_db"
+                              and is_database_uri(value)):
                 if not os.path.isabs(value):
                     self.relative.append(key)
                 values[key] = os.path.join(self.start_dir, value)
@@ -5668,7 +6182,7 @@ class Service(object):
         the service's alone, made now if need be, also when a root run
         made them."""
         store = getattr(handler_class, "greylist_db", None)
-        if not (identity and store):
+        if not (identity and store) or is_database_uri(store):
             return []
         if not os.path.exists(store):
             open(store, "ab").close()
@@ -5710,11 +6224,12 @@ class Service(object):
         made as root given to it), and check the store as that user."""
         if self.pidfile is not None:
             write_pidfile(self.pidfile)
+        def check():
+            self.warnings += check_store(handler_class) or []
         if identity:
-            drop_privileges(identity, created,
-                            lambda: check_store(handler_class))
+            drop_privileges(identity, created, check)
         else:
-            check_store(handler_class)
+            check()
         self._check_logs()
 
     def _serving(self, handler_class):
@@ -5914,8 +6429,10 @@ def main(argv=None):
         return 2
     handler_class = handler_class_for(base, values)
     if args.check_config:
+        notes = []
         try:
-            warnings += check_configuration(handler_class, values)
+            warnings += check_configuration(handler_class, values,
+                                            notes=notes)
         except StartError as error:
             sys.stderr.write("smtpproxy: error: %s\n" % error)
             return error.status
@@ -5924,6 +6441,8 @@ def main(argv=None):
         if not args.quiet:
             print("# config file: %s; class: %s"
                   % (path or "none", args.handler_class))
+            for note in notes:
+                print("# " + note)
             print(format_config(handler_class, values))
         return 0
     if (args.db_list or args.db_stats or args.db_purge or args.db_pass

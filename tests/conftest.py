@@ -25,9 +25,30 @@ sys.path.insert(0, HERE)
 
 import smtpproxy  # noqa: E402
 from plainproxy import AcceptAll  # noqa: E402
+from pg import PostgreSQL  # noqa: E402
 # A private, real Postfix (fixture postfix_factory), as the upstream of the
 # XCLIENT tests.
 pytest_plugins = ["postfix"]
+
+# The PostgreSQL drivers the store is tested with: both wherever they
+# install (psycopg 3 needs Python 3.7).  CI installs them (tox.ini); one
+# missing is an error of the tests that use it, never a skip.
+PG_DRIVERS = ["psycopg2"] + (["psycopg"] if sys.version_info >= (3, 7)
+                             else [])
+
+
+@pytest.fixture(scope="session")
+def postgresql():
+    """A private PostgreSQL cluster (tests/pg.py), one for the session."""
+    cluster = PostgreSQL()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def pg_uri(postgresql):
+    """The URI of a new, empty database of the private cluster."""
+    return postgresql.database()
 
 
 def free_port():

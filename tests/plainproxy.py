@@ -1,5 +1,7 @@
 """Handler classes for the tests (and --class in subprocess tests)."""
 
+import time
+
 import smtpproxy
 
 
@@ -8,3 +10,10 @@ class AcceptAll(smtpproxy.ConcreteMailHandler):
 
     def shouldWeAcceptMail(self):
         return True
+
+
+class FastClock(smtpproxy.GreyListingPolicy):
+    """The greylisting policy on a host whose clock is two hours fast."""
+
+    def now(self):
+        return time.time() + 7200

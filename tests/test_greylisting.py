@@ -167,6 +167,22 @@ def test_client_key_network_keys_every_client_by_network(engine):
         "192.0.2.0/24", "network:192.0.2.0/24")
 
 
+def test_network_keys_look_up_no_name(engine):
+    # A network key, all clients greylisted: no rule reads the client's
+    # name, so no DNS is asked (a lookup can take dns_timeout).
+    looked_up = []
+
+    def hostname():
+        looked_up.append(True)
+        return "mx1.out.example.com"
+    decision = decide(engine(client_key="network"), "192.0.2.7", hostname)
+    assert (decision.verdict, decision.rule) == ("defer",
+                                                 "network:192.0.2.0/24")
+    assert looked_up == []
+    decision = decide(engine(), "192.0.2.7", hostname)
+    assert looked_up == [True]
+
+
 # -- greylist_clients = suspicious ---------------------------------------------
 
 @pytest.mark.parametrize("name, listed, expected", [

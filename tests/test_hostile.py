@@ -870,7 +870,8 @@ def cpu_seconds(pid):
 
 GREYLISTING = ("allowed_domains:\n    example.org\n"
                "greylist_db = %s\n"
-               "max_connections_per_ip = 0\n")
+               "max_connections_per_ip = 0\n"
+               "client_key = network\n")
 
 
 def greylisted_session(port, number, timeout=10):

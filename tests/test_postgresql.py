@@ -1,0 +1,450 @@
+"""The PostgreSQL store as a shared greylist: several proxy processes on
+one database (as several MX hosts), concurrent decisions, the database
+going away and coming back, clocks that differ, the admin commands and
+--check-config.  The database is a private cluster (tests/pg.py).  The
+store's decision table is tested on both stores by tests/test_store.py."""
+
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import smtpproxy
+from conftest import PG_DRIVERS, ROOT, ProxyProcess, free_port, wait_until
+
+SENDERS = ["%s@example.net" % name
+           for name in ("alice", "bob", "carol", "dave", "erin")]
+
+
+def config(uri, **keys):
+    """A greylisting configuration on ``uri``: example.org's, no client
+    allowed, keyed by network (no DNS), a one-second delay, no
+    auto-whitelist, fail mode defer, one second for the store."""
+    values = {"greylist_db": uri, "too_soon": 0, "min_defer_time": 1,
+              "max_defer_time": 3600, "auto_whitelist_clients": 0,
+              "client_key": "network", "greylist_fail_mode": "defer",
+              "greylist_db_timeout": 1}
+    values.update(keys)
+    return ("allowed_senders:\nallowed_domains:\n    example.org\n"
+            + "".join("%s = %s\n" % item for item in values.items()))
+
+
+def start(tmp_path, name, upstream, uri, handler=None, **keys):
+    directory = tmp_path / name
+    directory.mkdir()
+    return ProxyProcess(directory, upstream.port, config=config(uri, **keys),
+                        handler=handler)
+
+
+def rcpt(proxy, sender=SENDERS[0], recipient="user@example.org"):
+    """One session: the reply code to RCPT."""
+    client = smtplib.SMTP("127.0.0.1", proxy.port, timeout=30)
+    try:
+        client.ehlo("client.example.net")
+        client.mail(sender)
+        return client.rcpt(recipient)[0]
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def proxies(tmp_path, upstream):
+    started = []
+
+    def make(uri, name, handler=None, **keys):
+        proxy = start(tmp_path, name, upstream, uri, handler, **keys)
+        started.append(proxy)
+        upstream.forget_probe()
+        return proxy
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+def test_deferred_by_one_host_accepted_by_the_other(proxies, pg_uri):
+    first, second = proxies(pg_uri, "mx1"), proxies(pg_uri, "mx2")
+    assert rcpt(first) == 451
+    assert rcpt(second) == 451          # too soon: min_defer_time is 1 s
+    time.sleep(1.1)                     # greylisting's delay, not a poll
+    assert rcpt(second) == 250
+    assert rcpt(first) == 250           # and the pass is known to both
+
+
+def test_two_processes_fifty_sessions_give_serial_results(proxies, pg_uri):
+    hosts = [proxies(pg_uri, "mx1"), proxies(pg_uri, "mx2")]
+
+    def wave():
+        codes = []
+        lock = threading.Lock()
+
+        def session(number):
+            code = rcpt(hosts[number % 2], SENDERS[number % 5])
+            with lock:
+                codes.append(code)
+        threads = [threading.Thread(target=session, args=(n,))
+                   for n in range(50)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        return sorted(codes)
+
+    # 25 sessions per process, 10 per triplet, at once: every first
+    # sighting is deferred, and there is one row per triplet.
+    assert wave() == [451] * 50
+    store = smtpproxy.PostgreSQLStore(pg_uri)
+    assert store.stats() == {"GREY": 5, "WHITE": 0, "CLIENT": 0}
+    time.sleep(1.1)
+    # After the delay: every retry accepted, every pass counted once.
+    assert wave() == [250] * 50
+    entries = list(store.entries())
+    assert [(state, passes) for state, _, _, _, passes in entries] == (
+        [("WHITE", 10)] * 5 + [("CLIENT", 50)])
+    store.close()
+
+
+def test_clocks_that_differ_do_not_change_decisions(proxies, pg_uri):
+    # One host's clock is two hours fast: the store keeps the database's
+    # time, so the slow host's retry is in the window all the same.
+    fast = proxies(pg_uri, "fast", handler="plainproxy.FastClock")
+    slow = proxies(pg_uri, "slow")
+    assert rcpt(fast) == 451
+    time.sleep(1.1)
+    assert rcpt(slow) == 250
+    assert rcpt(fast, SENDERS[1]) == 451
+    time.sleep(1.1)
+    assert rcpt(fast, SENDERS[1]) == 250
+    # The times stored are the database's, now, not two hours ahead.
+    store = smtpproxy.PostgreSQLStore(pg_uri)
+    for _, _, first, last, _ in store.entries():
+        assert abs(last - time.time()) < 60
+    store.close()
+
+
+def test_database_stopped_and_started_under_load(proxies, pg_uri,
+                                                 postgresql):
+    proxy = proxies(pg_uri, "mx1")
+    # Pass the senders' triplets: with the store, they are accepted.
+    store = smtpproxy.PostgreSQLStore(pg_uri)
+    for sender in SENDERS:
+        store.pass_key("127.0.0.0/24 %s user@example.org" % sender, 0)
+    store.close()
+    results = []                        # (time, code, seconds taken)
+    stop = threading.Event()
+
+    def client(number):
+        while not stop.is_set():
+            began = time.monotonic()
+            code = rcpt(proxy, SENDERS[number % 5])
+            results.append((began, code, time.monotonic() - began))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(5)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(results) > 20, what="load")
+        down = time.monotonic()
+        postgresql.stop()
+        wait_until(lambda: any(code == 451 and began > down
+                               for began, code, _ in results),
+                   what="the fail mode")
+        time.sleep(2)                   # the outage lasts a while
+        up = time.monotonic()
+        postgresql.start()
+        wait_until(lambda: any(code == 250 and began > up + 0.01
+                               for began, code, _ in results), timeout=40,
+                   what="service to resume")
+        resumed = len(results)
+        wait_until(lambda: len(results) > resumed + 20, what="more load")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert proxy.process.poll() is None
+    during = [code for began, code, _ in results if down + 0.5 < began < up]
+    assert during and set(during) == {451}     # greylist_fail_mode = defer
+    # No session waited long: greylist_db_timeout is 1 s.
+    assert max(taken for _, _, taken in results) < 3
+    assert [code for _, code, _ in results[-20:]] == [250] * 20
+    log = proxy.stderr_text()
+    assert log.count("usable again") == 1
+    fallbacks = [line for line in log.splitlines()
+                 if "decisions fall back to defer" in line]
+    # Each distinct error once, not once per session.
+    assert 1 <= len(fallbacks) <= 3 < len(during)
+    assert len(set(fallbacks)) == len(fallbacks)
+    assert "secret" not in log
+
+
+def test_a_connection_the_server_closed_is_replaced_at_once(pg_uri,
+                                                          postgresql):
+    store = smtpproxy.PostgreSQLStore(pg_uri)
+    assert store.decide("k", 0) is False
+    postgresql.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                   " WHERE application_name = 'smtpproxy'")
+    assert store.decide("k2", 0) is False       # no error, no fail mode
+    assert store.failing is None
+    assert store.stats()["GREY"] == 2
+    store.close()
+
+
+@pytest.fixture
+def driver_connection(pg_uri):
+    module = smtpproxy.postgresql_driver()
+    connection = module.connect(pg_uri)
+    yield connection
+    connection.close()
+
+
+def test_a_decision_waits_at_most_greylist_db_timeout(pg_uri,
+                                                      driver_connection):
+    class Quick(smtpproxy.PostgreSQLStore):
+        greylist_db_timeout = 1
+    store = Quick(pg_uri)
+    store.decide("locked", 0)
+    # Another transaction holds the triplet's row.
+    cursor = driver_connection.cursor()
+    cursor.execute("SELECT * FROM smtpproxy_triplets WHERE key = 'locked'"
+                   " FOR UPDATE")
+    errors = []
+
+    def decide(key):
+        began = time.monotonic()
+        try:
+            store.decide(key, 0)
+        except smtpproxy.StoreError as error:
+            errors.append((key, str(error), time.monotonic() - began))
+    blocked = threading.Thread(target=decide, args=("locked",))
+    blocked.start()
+    wait_until(lambda: store._lock.locked(), what="the blocked decision")
+    decide("other")                 # waits for its turn, in vain
+    blocked.join(10)
+    driver_connection.rollback()
+    assert sorted(key for key, _, _ in errors) == ["locked", "other"]
+    for key, text, seconds in errors:
+        assert seconds < 1.9, (key, text, seconds)
+    assert any("statement timeout" in text for _, text, _ in errors)
+    assert any("no turn within greylist_db_timeout" in text
+               for _, text, _ in errors)
+    assert store.decide("other", 0) is False    # and it works again
+    store.close()
+
+
+def test_an_outage_is_one_error_then_fails_fast_then_recovers(pg_uri,
+                                                              postgresql):
+    class Quick(smtpproxy.PostgreSQLStore):
+        greylist_db_timeout = 1
+        retry_min = 0.2
+    store = Quick(pg_uri)
+    assert store.decide("k", 0) is False
+    postgresql.stop()
+    try:
+        marks = []
+        for _ in range(5):
+            began = time.monotonic()
+            with pytest.raises(smtpproxy.StoreError) as caught:
+                store.decide("k", 0)
+            marks.append((caught.value.first_of_incident,
+                          time.monotonic() - began))
+        assert [first for first, _ in marks].count(True) <= 2
+        assert marks[0][0] is True
+        assert max(seconds for _, seconds in marks) < 2.5
+    finally:
+        postgresql.start()
+    wait_until(lambda: _works(store), timeout=20, what="the store")
+    assert store.failing is None
+    store.close()
+
+
+def _works(store):
+    try:
+        store.decide("k", 0)
+        return True
+    except smtpproxy.StoreError:
+        return False
+
+
+def test_expired_entries_are_purged_by_one_instance_per_interval(pg_uri):
+    class Store(smtpproxy.PostgreSQLStore):
+        database_clock = False
+        purge_interval = 100
+    first, second = Store(pg_uri), Store(pg_uri)
+    t0 = 1e9
+
+    def keys():
+        return [entry[1] for entry in second.entries()]
+    second.decide("old", t0)                    # second purges, at t0
+    first.decide("a", t0 + 25010)               # first's first: purges
+    assert keys() == ["a"]
+    second.decide("older", t0 - 100)
+    # Due for second (150 s since its purge), not for the database (40 s
+    # since first's): no purge, though "older" has expired.
+    second.decide("b", t0 + 25050)
+    assert "older" in keys()
+    second.decide("b", t0 + 25200)
+    assert "older" not in keys()
+    first.close()
+    second.close()
+
+
+def test_a_purge_in_progress_elsewhere_is_not_waited_for(pg_uri,
+                                                         driver_connection):
+    store = smtpproxy.PostgreSQLStore(pg_uri)
+    store.decide("k", 0)
+    cursor = driver_connection.cursor()
+    cursor.execute("SELECT pg_advisory_lock(%d)"
+                   % smtpproxy.PostgreSQLStore._PURGE_LOCK)
+    driver_connection.commit()
+    began = time.monotonic()
+    store.last_purge = None             # a purge is due
+    assert store.decide("k2", 0) is False
+    assert time.monotonic() - began < 0.5
+    assert store.failing is None
+    store.close()
+
+
+def test_the_schema_is_made_once_and_versioned(pg_uri, postgresql):
+    name = pg_uri.rsplit("/", 1)[1]
+    stores = [smtpproxy.PostgreSQLStore(pg_uri) for _ in range(8)]
+    threads = [threading.Thread(target=store.decide, args=("k", 0))
+               for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert [store.failing for store in stores] == [None] * 8
+    assert postgresql.sql("SELECT version FROM smtpproxy_schema", name) == "1"
+    postgresql.sql("UPDATE smtpproxy_schema SET version = 2", name)
+    later = smtpproxy.PostgreSQLStore(pg_uri)
+    with pytest.raises(smtpproxy.StoreError) as caught:
+        later.decide("k", 0)
+    assert "schema version 2, newer than this smtpproxy's (1)" in str(
+        caught.value)
+    for store in stores + [later]:
+        store.close()
+
+
+def test_tables_made_by_the_administrator_need_no_create_right(pg_uri,
+                                                               postgresql):
+    name = pg_uri.rsplit("/", 1)[1]
+    smtpproxy.PostgreSQLStore(pg_uri).stats()       # makes the tables
+    postgresql.sql("CREATE ROLE mx2 LOGIN PASSWORD 'mx2'; GRANT SELECT, "
+                   "INSERT, UPDATE, DELETE ON smtpproxy_schema, "
+                   "smtpproxy_triplets, smtpproxy_clients TO mx2", name)
+    try:
+        store = smtpproxy.PostgreSQLStore(
+            pg_uri.replace("greylist:secret@", "mx2:mx2@"))
+        assert store.decide("k", 0) is False
+        store.close()
+    finally:
+        postgresql.sql("DROP OWNED BY mx2; DROP ROLE mx2", name)
+
+
+def test_a_local_socket_uri(postgresql, pg_uri):
+    name = pg_uri.rsplit("/", 1)[1]
+    store = smtpproxy.PostgreSQLStore(postgresql.socket_uri(name))
+    assert store.decide("k", 0) is False
+    store.close()
+
+
+@pytest.mark.parametrize("driver", PG_DRIVERS)
+def test_each_driver_is_used_when_asked(pg_uri, driver):
+    store = type("S", (smtpproxy.PostgreSQLStore,), {"driver": driver})(
+        pg_uri)
+    assert store._module.__name__ == driver
+    assert store.decide("k", 0) is False
+    store.close()
+
+
+def test_the_password_is_never_shown():
+    redact = smtpproxy.redact_uri
+    assert redact("postgresql://u:pw@h:5/db") == "postgresql://u:***@h:5/db"
+    assert redact("postgres://u:p%40w@h/db?sslmode=require") == (
+        "postgres://u:***@h/db?sslmode=require")
+    assert redact("postgresql:///db?host=/run&password=pw&x=1") == (
+        "postgresql:///db?host=/run&password=***&x=1")
+    assert redact("greylist.db") == "greylist.db"
+
+
+# -- the command line -------------------------------------------------------
+
+BLOCK_DRIVERS = ("import sys; sys.modules['psycopg'] = None; "
+                 "sys.modules['psycopg2'] = None; ")
+
+
+def run(tmp_path, uri, *args, **options):
+    code = ("import sys; sys.path.insert(0, %r); %s import smtpproxy; "
+            "sys.exit(smtpproxy.main(sys.argv[1:]))"
+            % (ROOT, BLOCK_DRIVERS if options.get("no_driver") else ""))
+    (tmp_path / "pg.conf").write_text(config(uri) + "run_as_root = yes\n")
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--config", str(tmp_path / "pg.conf")]
+        + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, cwd=str(tmp_path))
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_check_config_says_the_store_is_usable(tmp_path, pg_uri):
+    code, out, err = run(tmp_path, pg_uri, "--check-config")
+    assert code == 0, err
+    assert "# greylisting store postgresql://greylist:***@127.0.0.1:" in out
+    assert ": usable (psycopg" in out
+    assert "secret" not in out + err
+    assert "greylist_db = postgresql://greylist:***@" in out
+
+
+def test_check_config_warns_of_a_database_that_is_down(tmp_path, pg_uri,
+                                                       postgresql):
+    postgresql.stop()
+    try:
+        code, out, err = run(tmp_path, pg_uri, "--check-config")
+    finally:
+        postgresql.start()
+    assert code == 0
+    assert "is not usable now" in err
+    assert "decisions fall back to greylist_fail_mode (defer)" in err
+    assert "secret" not in out + err
+
+
+def test_without_a_driver_the_start_says_what_to_install(tmp_path, pg_uri):
+    for args in (["--check-config"], ["--db-stats"],
+                 ["--listen", "127.0.0.1:%d" % free_port(),
+                  "--upstream", "127.0.0.1:9"]):
+        code, out, err = run(tmp_path, pg_uri, *args, no_driver=True)
+        assert code == 1, (args, err)
+        assert "pip install 'smtpproxy[postgresql]'" in err, args
+        assert "secret" not in err
+
+
+def test_the_module_needs_no_driver(tmp_path):
+    code, out, err = run(tmp_path, str(tmp_path / "grey.db"),
+                         "--check-config", "-q", no_driver=True)
+    assert (code, err) == (0, "")
+
+
+def test_db_commands_on_postgresql(tmp_path, pg_uri):
+    store = smtpproxy.PostgreSQLStore(pg_uri)
+    store.decide("192.0.2.0/24 a@example.net b@example.org", 0)
+    store.close()
+    code, out, err = run(tmp_path, pg_uri, "--db-stats")
+    assert (code, out.split()) == (0, ["CLIENT", "0", "GREY", "1",
+                                       "WHITE", "0"]), err
+    assert "store postgresql://greylist:***@" in err
+    code, out, _ = run(tmp_path, pg_uri, "--db-pass", "192.0.2.7",
+                       "c@example.net", "b@example.org")
+    assert out == "passed 192.0.2.0/24 c@example.net b@example.org\n"
+    code, out, _ = run(tmp_path, pg_uri, "--db-list")
+    assert [line.split(" | ")[0] for line in out.splitlines()[1:]] == [
+        "GREY    192.0.2.0/24 a@example.net b@example.org",
+        "WHITE   192.0.2.0/24 c@example.net b@example.org"]
+    code, out, _ = run(tmp_path, pg_uri, "--db-purge")
+    assert (code, out) == (0, "purged 0\n")
+    code, out, _ = run(tmp_path, pg_uri, "--db-delete",
+                       "192.0.2.0/24 a@example.net b@example.org")
+    assert (code, out) == (0, "deleted 192.0.2.0/24 a@example.net "
+                              "b@example.org\n")
+    code, out, _ = run(tmp_path, pg_uri, "--db-stats")
+    assert out.split() == ["CLIENT", "0", "GREY", "0", "WHITE", "1"]
