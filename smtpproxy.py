@@ -4252,6 +4252,46 @@ def _one_line(error):
 _PG_CLOCK = "COALESCE(%s::float8, EXTRACT(EPOCH FROM CURRENT_TIMESTAMP)::float8)"
 
 
+class _Transaction(object):
+    """One transaction of a PostgreSQLStore on its autocommit connection,
+    in as few round trips as its statements allow: BEGIN goes with the
+    first statement and COMMIT with the last (``last``), in one query
+    string (the drivers bind parameters on the client side).  A statement
+    run ``alone`` is a transaction by itself."""
+
+    def __init__(self, cursor, several_results):
+        self.cursor = cursor
+        self._several = several_results     # psycopg 3: one per statement
+        self.begun = self.ended = False
+
+    def execute(self, sql, params=(), last=False, alone=False):
+        if not (alone or self.begun):
+            sql = "BEGIN; " + sql
+            self.begun = True
+        if last:
+            sql += "; COMMIT"
+            self.ended = True
+        self.cursor.execute(sql, params)
+        if self._several and ";" in sql:
+            while self.cursor.nextset():    # to the last statement's
+                pass
+
+    def fetchone(self):
+        return self.cursor.fetchone()
+
+    def fetchall(self):
+        return self.cursor.fetchall()
+
+    @property
+    def rowcount(self):
+        return self.cursor.rowcount
+
+    def commit(self):
+        if self.begun and not self.ended:
+            self.cursor.execute("COMMIT")
+            self.ended = True
+
+
 class PostgreSQLStore(GreylistStore):
     """The greylisting triplets in a PostgreSQL database, shared by the MX
     hosts of a domain: a client deferred by one and retrying on another
@@ -4297,6 +4337,7 @@ class PostgreSQLStore(GreylistStore):
 
     schema_version = 1
     database_clock = True
+    synchronous_commit = False
     retry_min = 0.5
     retry_max = 30.0
     driver = None
@@ -4339,6 +4380,11 @@ class PostgreSQLStore(GreylistStore):
                 application_name=self.application_name, keepalives=1,
                 keepalives_idle=max(1, int(timeout)),
                 keepalives_interval=1, keepalives_count=3)
+            # Transactions are _Transaction's: BEGIN and COMMIT travel
+            # with the statements, parameters bound by the driver.
+            connection.autocommit = True
+            if hasattr(self._module, "ClientCursor"):
+                connection.cursor_factory = self._module.ClientCursor
             self._prepare(connection)
         except Exception as error:
             if connection is not None:
@@ -4367,6 +4413,9 @@ class PostgreSQLStore(GreylistStore):
         cursor = connection.cursor()
         cursor.execute("SET statement_timeout = %d"
                        % max(1, int(self.greylist_db_timeout * 1000)))
+        if not self.synchronous_commit:
+            cursor.execute("SET synchronous_commit = off")
+        cursor.execute("BEGIN")
         cursor.execute("SELECT pg_advisory_xact_lock(%d),"
                        " to_regclass('smtpproxy_schema') IS NOT NULL"
                        % self._SCHEMA_LOCK)
@@ -4398,7 +4447,7 @@ class PostgreSQLStore(GreylistStore):
                     % (version, self.schema_version))
             if version < self.schema_version:
                 self._migrate(cursor, version)
-        connection.commit()
+        cursor.execute("COMMIT")
         cursor.close()
 
     def _migrate(self, cursor, version):
@@ -4409,9 +4458,9 @@ class PostgreSQLStore(GreylistStore):
                        % self.schema_version)
 
     def _use(self, work, *args, **options):
-        """Run ``work(cursor, *args)`` in one transaction, alone in this
-        process; a connection the server closed is replaced and the work
-        tried once more."""
+        """Run ``work(transaction, *args)`` (a _Transaction), alone in
+        this process; a connection the server closed is replaced and the
+        work tried once more."""
         if not self._lock.acquire(timeout=self.greylist_db_timeout):
             raise self._incident(StoreError(
                 "no turn within greylist_db_timeout (%s s)"
@@ -4425,8 +4474,11 @@ class PostgreSQLStore(GreylistStore):
                     raise self._incident(error)
                 try:
                     cursor = connection.cursor()
-                    result = work(cursor, *args)
-                    connection.commit()
+                    transaction = _Transaction(
+                        cursor, hasattr(cursor, "nextset") and
+                        self._module.__name__ == "psycopg")
+                    result = work(transaction, *args)
+                    transaction.commit()
                     cursor.close()
                 except self._module.Error as error:
                     if not self._discard(connection) and attempt == 1 \
@@ -4447,7 +4499,9 @@ class PostgreSQLStore(GreylistStore):
         True if the connection is still good."""
         try:
             if not connection.closed:
-                connection.rollback()
+                cursor = connection.cursor()
+                cursor.execute("ROLLBACK")
+                cursor.close()
                 return True
         except self._module.Error:
             pass
@@ -4464,52 +4518,67 @@ class PostgreSQLStore(GreylistStore):
 
     # -- decisions ----------------------------------------------------------
 
-    def _decide_and_count(self, cursor, key, now, client):
+    def _decide_and_count(self, tx, key, now, client):
+        # Round trips: BEGIN and the triplet (inserted if new, else read
+        # and locked) in one, the change and COMMIT in the other.  Both
+        # halves of the union see the same snapshot: at most one row.
         clock = self._clock(now)
-        select = ("SELECT first_seen, passed, " + _PG_CLOCK +
-                  " FROM smtpproxy_triplets WHERE key = %s FOR UPDATE")
-        cursor.execute(select, (clock, key))
-        row = cursor.fetchone()
+        tx.execute(
+            "WITH new AS (INSERT INTO smtpproxy_triplets"
+            " (key, first_seen, last_seen) SELECT %s, t, t FROM (SELECT "
+            + _PG_CLOCK + " AS t) AS c ON CONFLICT (key) DO NOTHING"
+            " RETURNING first_seen)"
+            " SELECT first_seen, NULL::float8, first_seen, true FROM new"
+            " UNION ALL SELECT first_seen, passed, " + _PG_CLOCK + ", false"
+            " FROM (SELECT first_seen, passed FROM smtpproxy_triplets"
+            " WHERE key = %s FOR UPDATE) AS known",
+            (key, clock, clock, key))
+        row = tx.fetchone()
         if row is None:
-            cursor.execute(
-                "INSERT INTO smtpproxy_triplets (key, first_seen, last_seen)"
-                " SELECT %s, t, t FROM (SELECT " + _PG_CLOCK + " AS t) AS c"
-                " ON CONFLICT (key) DO NOTHING RETURNING key", (key, clock))
-            if cursor.fetchone() is not None:
-                return False, None              # first seen now
-            cursor.execute(select, (clock, key))    # seen meanwhile
-            row = cursor.fetchone()
-        first_seen, passed, now = row
+            # Inserted meanwhile by another decision, which held us back
+            # until it committed: now it can be read.
+            tx.execute("SELECT first_seen, passed, " + _PG_CLOCK + ", false"
+                       " FROM smtpproxy_triplets WHERE key = %s FOR UPDATE",
+                       (clock, key))
+            row = tx.fetchone()
+        first_seen, passed, now, inserted = row
+        if inserted:
+            return False, None                  # first seen now
         outcome, change = triplet_step(first_seen, passed, now, self)
+        statements, params = [], []
         if change == RESTART:
-            cursor.execute(
+            statements.append(
                 "UPDATE smtpproxy_triplets SET first_seen = %s,"
-                " last_seen = %s, passed = NULL, passes = 0 WHERE key = %s",
-                (now, now, key))
+                " last_seen = %s, passed = NULL, passes = 0 WHERE key = %s")
+            params += [now, now, key]
         elif change == PASS:
-            cursor.execute(
+            statements.append(
                 "UPDATE smtpproxy_triplets SET passed = %s, last_seen = %s,"
-                " passes = passes + 1 WHERE key = %s", (now, now, key))
-        if outcome is False:
-            return False, None
-        if client is not None:
-            cursor.execute(
+                " passes = passes + 1 WHERE key = %s")
+            params += [now, now, key]
+        if outcome is not False and client is not None:
+            statements.append(
                 "INSERT INTO smtpproxy_clients (network, passes, last_seen)"
                 " VALUES (%s, 1, %s) ON CONFLICT (network) DO UPDATE"
                 " SET passes = smtpproxy_clients.passes + 1,"
-                " last_seen = EXCLUDED.last_seen", (client, now))
+                " last_seen = EXCLUDED.last_seen")
+            params += [client, now]
+        if statements:
+            tx.execute("; ".join(statements), params, last=True)
+        if outcome is False:
+            return False, None
         if outcome is True:
             return True, None
         return True, outcome
 
-    def _client_is_trusted(self, cursor, client, now):
-        cursor.execute(
+    def _client_is_trusted(self, tx, client, now):
+        tx.execute(
             "UPDATE smtpproxy_clients SET last_seen = c.t FROM (SELECT "
             + _PG_CLOCK + " AS t) AS c WHERE network = %s AND passes >= %s"
             " AND last_seen > c.t - %s RETURNING network",
             (self._clock(now), client, self.auto_whitelist_clients,
-             self.max_grey))
-        return cursor.fetchone() is not None
+             self.max_grey), alone=True)
+        return tx.fetchone() is not None
 
     def _purge_when_due(self, now):
         # Only if no instance purged within purge_interval; its failure
@@ -4520,41 +4589,41 @@ class PostgreSQLStore(GreylistStore):
             log.warning("greylisting store %s: purge: %s", self,
                         log_escape(error))
 
-    def _purge(self, cursor, now, when_due=False):
-        cursor.execute(
+    def _purge(self, tx, now, when_due=False):
+        tx.execute(
             "SELECT %s(%d), " % ("pg_try_advisory_xact_lock" if when_due
                                  else "pg_advisory_xact_lock",
                                  self._PURGE_LOCK)
             + _PG_CLOCK + ", last_purge FROM smtpproxy_schema",
             (self._clock(now),))
-        locked, now, last = cursor.fetchone()
+        locked, now, last = tx.fetchone()
         if locked is False or when_due and last is not None and (
                 now - last < self.purge_interval):
             return 0                    # another instance purges, or did
-        cursor.execute(
+        tx.execute(
             "DELETE FROM smtpproxy_triplets WHERE (passed IS NULL AND"
             " first_seen < %s) OR passed < %s",
             (now - self.max_defer_time, now - self.max_grey))
-        deleted = cursor.rowcount
-        cursor.execute("DELETE FROM smtpproxy_clients WHERE last_seen < %s",
+        deleted = tx.rowcount
+        tx.execute("DELETE FROM smtpproxy_clients WHERE last_seen < %s",
                        (now - self.max_grey,))
-        deleted += cursor.rowcount
-        cursor.execute("UPDATE smtpproxy_schema SET last_purge = %s",
+        deleted += tx.rowcount
+        tx.execute("UPDATE smtpproxy_schema SET last_purge = %s",
                        (now,))
         return deleted
 
     # -- administration -----------------------------------------------------
 
-    def _entries(self, cursor):
-        cursor.execute("SELECT key, first_seen, last_seen, passed, passes"
+    def _entries(self, tx):
+        tx.execute("SELECT key, first_seen, last_seen, passed, passes"
                        " FROM smtpproxy_triplets ORDER BY key")
-        triplets = cursor.fetchall()
-        cursor.execute("SELECT network, passes, last_seen"
+        triplets = tx.fetchall()
+        tx.execute("SELECT network, passes, last_seen"
                        " FROM smtpproxy_clients ORDER BY network")
-        return triplets, cursor.fetchall()
+        return triplets, tx.fetchall()
 
-    def _pass_key(self, cursor, key, now):
-        cursor.execute(
+    def _pass_key(self, tx, key, now):
+        tx.execute(
             "INSERT INTO smtpproxy_triplets"
             " (key, first_seen, last_seen, passed, passes)"
             " SELECT %s, t, t, t, 1 FROM (SELECT " + _PG_CLOCK + " AS t) AS c"
@@ -4563,23 +4632,23 @@ class PostgreSQLStore(GreylistStore):
             " passes = smtpproxy_triplets.passes + 1",
             (key, self._clock(now)))
 
-    def _delete(self, cursor, key):
-        cursor.execute("DELETE FROM smtpproxy_triplets WHERE key = %s",
+    def _delete(self, tx, key):
+        tx.execute("DELETE FROM smtpproxy_triplets WHERE key = %s",
                        (key,))
-        deleted = cursor.rowcount
-        cursor.execute("DELETE FROM smtpproxy_clients WHERE network = %s",
+        deleted = tx.rowcount
+        tx.execute("DELETE FROM smtpproxy_clients WHERE network = %s",
                        (key,))
-        return deleted + cursor.rowcount > 0
+        return deleted + tx.rowcount > 0
 
     def stats(self):
         return self._use(self._stats)
 
-    def _stats(self, cursor):
-        cursor.execute("SELECT count(*) FILTER (WHERE passed IS NULL),"
+    def _stats(self, tx):
+        tx.execute("SELECT count(*) FILTER (WHERE passed IS NULL),"
                        " count(*) FILTER (WHERE passed IS NOT NULL),"
                        " (SELECT count(*) FROM smtpproxy_clients)"
                        " FROM smtpproxy_triplets")
-        grey, white, clients = cursor.fetchone()
+        grey, white, clients = tx.fetchone()
         return {"GREY": grey, "WHITE": white, "CLIENT": clients}
 
 
