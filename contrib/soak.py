@@ -34,7 +34,9 @@ What it runs:
 - smtpproxy.py from its command line, with smtpproxy.GreyListingPolicy
   for example.org and greylisting timings short enough for mail to pass
   within a second (``min_defer_time = 1``), keyed by the exact client
-  address (``ipv4_prefix = 32``), ``inactivity_timeout = 5``.
+  address (``ipv4_prefix = 32``), ``inactivity_timeout = 5``; its store
+  an sqlite file, or the PostgreSQL database of ``--greylist-db URI``,
+  or with ``--postgresql`` one in a private cluster (tests/pg.py).
 - ``--clients`` threads, each a series of SMTP sessions from 127.0.0.2 to
   127.0.0.30 (127.0.0.1 may relay: it is never greylisted): messages of
   1 KB to 200 KB (dot lines, 8-bit text, lines of 998 octets, the most
@@ -804,8 +806,10 @@ class ProxyProcess(object):
 
     start_timeout = 30
 
-    def __init__(self, python, directory, upstream_port):
+    def __init__(self, python, directory, upstream_port, greylist_db=None):
         self.directory = directory
+        self.greylist_db = greylist_db or os.path.join(directory,
+                                                       "greylist.db")
         self.port = free_port()
         self.config_path = os.path.join(directory, "smtpproxy.conf")
         self.stderr_path = os.path.join(directory, "proxy-stderr.txt")
@@ -824,7 +828,7 @@ class ProxyProcess(object):
         lines = [
             "# Written by contrib/soak.py.",
             "servername = proxy.soak.test",
-            "greylist_db = %s" % os.path.join(self.directory, "greylist.db"),
+            "greylist_db = %s" % self.greylist_db,
             "greylist_log = %s" % os.path.join(self.directory,
                                                "greylist.log"),
             "allowed_domains:",
@@ -1422,7 +1426,8 @@ class Soak(object):
         try:
             try:
                 self.proxy = ProxyProcess(self.args.python, self.directory,
-                                          self.upstream.port)
+                                          self.upstream.port,
+                                          self.args.greylist_db)
             except OSError as error:
                 print("FAIL: cannot run %s: %s" % (self.args.python, error))
                 return 1
@@ -1691,6 +1696,12 @@ def parse_args(argv):
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter that runs the proxy (%s)"
                         % sys.executable)
+    parser.add_argument("--greylist-db", metavar="LOCATION",
+                        help="the greylisting store: a PostgreSQL URI "
+                        "(an sqlite file in the run's directory)")
+    parser.add_argument("--postgresql", action="store_true",
+                        help="greylist in a private PostgreSQL cluster "
+                        "(tests/pg.py), stopped at the end")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory")
     parser.add_argument("--verbose", action="store_true",
@@ -1706,9 +1717,17 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     directory = tempfile.mkdtemp(prefix="smtpproxy-soak-")
+    cluster = None
     try:
+        if args.postgresql:
+            sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+            import pg
+            cluster = pg.PostgreSQL()
+            args.greylist_db = cluster.database()
         return Soak(args, directory).run()
     finally:
+        if cluster is not None:
+            cluster.close()
         if args.keep:
             print("kept %s" % directory)
         else:
