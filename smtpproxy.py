@@ -4317,6 +4317,15 @@ class PostgreSQLStore(GreylistStore):
       (``_migrate``); a schema newer than ``schema_version`` is refused.
       Made by the database's administrator, they need no CREATE right.
 
+    A decision takes two round trips: BEGIN with the triplet's row
+    (inserted, or read and locked, in one statement), then its change
+    with COMMIT.  With ``synchronous_commit`` false (the default; true
+    keeps the server's own setting), the store's sessions commit without
+    waiting for the server's disk: a
+    crash of the database server may forget the decisions of its last
+    fraction of a second, whose triplets are then greylisted once more;
+    no mail is lost, and no decision waits for an fsync.
+
     The process has one connection, used by one thread at a time, as the
     sqlite store's.  ``greylist_db_timeout`` bounds every wait: the turn
     in this process, connecting (connect_timeout, 2 s at least, libpq's

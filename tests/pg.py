@@ -110,7 +110,6 @@ class PostgreSQL(object):
                        "max_connections = 120\n"
                        "shared_buffers = 16MB\n"
                        "fsync = off\n"
-                       "synchronous_commit = off\n"
                        "full_page_writes = off\n"
                        % (self.port, self.socket_dir))
             for name, value in (settings or {}).items():

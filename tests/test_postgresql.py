@@ -350,6 +350,20 @@ def test_a_local_socket_uri(postgresql, pg_uri):
     store.close()
 
 
+@pytest.mark.parametrize("synchronous", [False, True])
+def test_commits_wait_for_the_disk_only_when_asked(pg_uri, synchronous):
+    store = type("S", (smtpproxy.PostgreSQLStore,),
+                 {"synchronous_commit": synchronous})(pg_uri)
+    store.stats()
+    cursor = store._db.cursor()
+    cursor.execute("SHOW synchronous_commit")
+    assert cursor.fetchone()[0] == ("on" if synchronous else "off")
+    cursor.execute("SHOW statement_timeout")
+    assert cursor.fetchone()[0] == "5s"     # greylist_db_timeout
+    cursor.close()
+    store.close()
+
+
 @pytest.mark.parametrize("driver", PG_DRIVERS)
 def test_each_driver_is_used_when_asked(pg_uri, driver):
     store = type("S", (smtpproxy.PostgreSQLStore,), {"driver": driver})(
