@@ -37,7 +37,8 @@ Options:
         Set any configuration key, over the file (list items separated by
         commas).  These set a key too: --pidfile FILE, --user NAME,
         --group NAME, --syslog FACILITY, --grace-period SECONDS,
-        --max-connections N, --max-connections-per-ip N.
+        --max-connections N, --max-connections-per-ip N,
+        --policy-listen HOST:PORT|unix:/PATH.
     --daemon
         Detach (double fork, new session, umask 022, working directory /,
         standard streams to /dev/null).  The command returns once the
@@ -157,6 +158,9 @@ name new in smtpproxy is PEP 8.
             handleStarttls (args: the text after the verb);
             handleUnknown(command); a new verb: add it to ``commands`` and
             write handleVerb
+  Postfix   PolicyHandler (check_policy_service): answer(request) -> the
+            action, now(), greylister(), store_failed(error);
+            PolicyServer and UnixPolicyServer (policy_* attributes)
   plumbing  netPrint(reply), refuse(reply, protocol_error),
             close_connection(), log_dialogue(message, *args),
             count(counter), busy(); upstream_class (UpstreamSession),
@@ -180,6 +184,12 @@ streamed to the upstream line by line, in constant memory, and the
 upstream's reply to the final dot is the client's reply.  If the client
 goes away before the end of the data, the upstream session is closed
 without the final dot, so that the upstream discards what it got.
+
+With policy_listen, the same process also answers Postfix's
+check_policy_service (SMTPD_POLICY_README), for sites that keep Postfix on
+port 25: PolicyServer (or UnixPolicyServer) and PolicyHandler apply the
+same greylisting, with the same store; with smtp_proxy = no, that is all
+it serves.
 
 What EHLO offers follows the upstream (SIZE, 8BITMIME, SMTPUTF8, DSN:
 only what it can carry, learnt from its own EHLO).  STARTTLS is offered to
@@ -210,6 +220,7 @@ import socket
 import socketserver
 import sqlite3
 import ssl
+import stat
 import struct
 import sys
 import textwrap
@@ -447,6 +458,23 @@ def redact_uri(location):
     return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", location)
 
 
+def _policy_listen(text):
+    if text.startswith("unix:"):
+        if not text[5:].startswith("/"):
+            raise ValueError("expected unix:/ABSOLUTE/PATH, got %r" % text)
+        return text
+    if text:
+        _split_host_port(text)
+    return text
+
+
+def _octal_mode(text):
+    if not re.match(r"\A0?[0-7]{3}\Z", text):
+        raise ValueError("expected an octal mode such as 0660, got %r"
+                         % text)
+    return text
+
+
 def _fail_mode(text):
     if text.lower() not in ("accept", "defer"):
         raise ValueError("expected accept or defer, got %r" % text)
@@ -519,8 +547,8 @@ class Key(object):
         """The default, from the owner that holds it."""
         if self.owner == "service":
             return self.default
-        owner = SMTPProxyServer if self.owner == "server" else \
-            GreyListingPolicy
+        owner = {"server": SMTPProxyServer, "policy": _PolicyServing}.get(
+            self.owner, GreyListingPolicy)
         return getattr(owner, self.name)
 
 
@@ -531,6 +559,7 @@ DIALOGUE = "The SMTP dialogue"
 LOGS = "Logs"
 SENDERS = "Who may send what"
 GREYLISTING = "Greylisting"
+POLICY = "Postfix's policy service (check_policy_service)"
 SERVICE = "Service"
 
 KEYS = [
@@ -705,6 +734,33 @@ KEYS = [
         "when the store cannot be used (file gone, disk full, locked too "
         "long): accept (as Kamaelia Grey) or defer; a process out of "
         "descriptors never falls back to accept: 421 4.3.2"),
+    Key("policy_listen", _policy_listen, POLICY,
+        "also answer Postfix's check_policy_service here, with the same "
+        "greylisting and store: HOST:PORT (PORT alone: 127.0.0.1), or "
+        "unix:/PATH; empty: no policy service", owner="service",
+        default="", restart=True, option=True,
+        examples=("127.0.0.1:10023",
+                  "unix:/var/spool/postfix/private/smtpproxy")),
+    Key("policy_clients", _network, POLICY,
+        "who may ask the policy service on TCP, addresses and networks; "
+        "others are closed at once, for it believes what it is told",
+        kind="list", owner="policy"),
+    Key("policy_max_idle", _positive, POLICY,
+        "seconds a policy connection may stay idle (Postfix's own "
+        "max_idle is 300)", owner="policy"),
+    Key("policy_max_connections", _positive, POLICY,
+        "policy connections at once; Postfix opens one per smtpd process",
+        owner="policy"),
+    Key("policy_socket_mode", _octal_mode, POLICY,
+        "mode of the policy service's UNIX socket", owner="service",
+        default="0660", restart=True),
+    Key("policy_socket_group", _string, POLICY,
+        "group of the policy service's UNIX socket (postfix, for "
+        "Postfix's smtpd); its owner is the serving user", owner="service",
+        default="", shown="the user's own", restart=True),
+    Key("smtp_proxy", _boolean, POLICY,
+        "serve SMTP on listen_ip and port; no: run the policy service "
+        "alone", owner="service", default=True, restart=True),
     Key("max_connections", _positive, SERVICE,
         "clients served at once; one more gets 421 4.7.0 and is closed at "
         "once", owner="server", option=True),
@@ -767,7 +823,10 @@ CONFIG_KEYS = dict((key.name, (key.parse, key.kind, key.help))
 SERVICE_DEFAULTS = dict((key.name, key.default) for key in KEYS
                         if key.owner == "service")
 SERVER_SETTINGS = tuple(key.name for key in KEYS if key.owner == "server")
-SERVER_KEYS = tuple(sorted(SERVICE_DEFAULTS)) + SERVER_SETTINGS
+# The policy servers' (PolicyServer's attributes).
+POLICY_SETTINGS = tuple(key.name for key in KEYS if key.owner == "policy")
+SERVER_KEYS = (tuple(sorted(SERVICE_DEFAULTS)) + SERVER_SETTINGS
+               + POLICY_SETTINGS)
 # Keys used once, at the start: a reload that changes them says so.
 RESTART_KEYS = tuple(key.name for key in KEYS if key.restart)
 # File names, made absolute at the start: a daemon runs in "/".
@@ -3433,14 +3492,7 @@ class GreyListingPolicy(ConcreteMailHandler):
         (ResourceShortage), the session ends with 421 4.3.2.  Logged once
         per incident, not per message: the store says when it works
         again."""
-        if not getattr(error, "first_of_incident", True):
-            return
-        if isinstance(error, ResourceShortage):
-            log.error("%s; sessions end with 421 4.3.2", log_escape(error))
-        else:
-            log.error("greylisting store %s: %s; decisions fall back to %s",
-                      log_escape(redact_uri(self.greylist_db)),
-                      log_escape(error), self.greylist_fail_mode)
+        log_store_failure(self, error, "sessions end with 421 4.3.2")
 
     def _start_transaction(self):
         ConcreteMailHandler._start_transaction(self)
@@ -3457,11 +3509,8 @@ class GreyListingPolicy(ConcreteMailHandler):
         by which rule (as name:out.example.com)."""
         if not self.x_greylist_header or self.greylist_delay is None:
             return []
-        return ["X-Greylist: delayed %d seconds by smtpproxy-%s at %s (%s); "
-                "%s" % (self.greylist_delay, __version__, self.servername,
-                        self.greylist_rule,
-                        time.strftime("%a, %d %b %Y %H:%M:%S +0000",
-                                      time.gmtime(self.now())))]
+        return [x_greylist(self.greylist_delay, self.servername,
+                           self.greylist_rule, self.now())]
 
     def shouldWeAcceptRecipient(self, recipient):
         """The engine's decision (greylister_class, configured by this
@@ -3710,6 +3759,29 @@ class Greylister(object):
 
 
 GreyListingPolicy.greylister_class = Greylister
+
+
+def x_greylist(delay, servername, rule, now):
+    """The X-Greylist: header line of a message that greylisting delayed
+    ``delay`` seconds, by ``rule``, at ``now``."""
+    return ("X-Greylist: delayed %d seconds by smtpproxy-%s at %s (%s); %s"
+            % (delay, __version__, servername, rule,
+               time.strftime("%a, %d %b %Y %H:%M:%S +0000",
+                             time.gmtime(now))))
+
+
+def log_store_failure(settings, error, shortage):
+    """Log a store's failure once per incident (first_of_incident): what
+    decisions fall back to (``settings.greylist_fail_mode``), or, for
+    ResourceShortage, ``shortage``: what happens instead."""
+    if not getattr(error, "first_of_incident", True):
+        return
+    if isinstance(error, ResourceShortage):
+        log.error("%s; %s", log_escape(error), shortage)
+    else:
+        log.error("greylisting store %s: %s; decisions fall back to %s",
+                  log_escape(redact_uri(settings.greylist_db)),
+                  log_escape(error), settings.greylist_fail_mode)
 
 
 def resolve_addresses(name):
@@ -5474,6 +5546,297 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
             return len(self.sessions)
 
 
+# ---------------------------------------------------------------------------
+# Postfix's access policy service (check_policy_service)
+# ---------------------------------------------------------------------------
+
+class PolicyRequestError(Exception):
+    """A request that breaks the policy protocol: logged, and the
+    connection closed without an answer, as Postfix's servers do."""
+
+
+class PolicyHandler(socketserver.BaseRequestHandler):
+    """One connection of Postfix's SMTPD access policy delegation
+    (SMTPD_POLICY_README): many requests, each ``name=value`` lines ended
+    by LF and an empty line, each answered ``action=...`` and an empty
+    line.  Only ``protocol_state=RCPT`` is greylisted, by the engine of the
+    server's ``settings`` (the configured GreyListingPolicy class, the
+    proxy's own): a triplet that must wait gets ``DEFER_IF_PERMIT`` and
+    the text of ``defer_reply`` (its enhanced code, not its reply code:
+    Postfix says 450); one that passes ``DUNNO``, or, with
+    ``x_greylist_header``, ``PREPEND X-Greylist: ...`` on the pass after a
+    delay, once per message (``instance``).  Allowed clients, recipients
+    outside ``allowed_domains`` (Postfix's relay control decides those)
+    and every other state get ``DUNNO``.  Postfix's ``client_name`` (its
+    forward-confirmed name, or "unknown") is the client's name: the
+    service looks up nothing Postfix looked up already.
+
+    Limits, class attributes: ``max_line_length`` (4096 octets) and
+    ``max_attributes`` (100) of a request, which must be complete within
+    ``request_timeout`` (10 s) of its first octet; an answer must be
+    written within ``write_timeout`` (10 s); a connection idle for the
+    server's ``policy_max_idle`` (300 s, Postfix's own max_idle) is
+    closed.  A line without "=", a control octet (NUL, CR, ...), a line
+    or a request over its limit, a request without
+    ``request=smtpd_access_policy``, or the end of input inside a request
+    is logged once (escaped) and closes that connection; the others go
+    on.  A store the process cannot open for want of descriptors also
+    closes it without an answer: Postfix retries, then applies its
+    default_action.
+
+    Hooks: ``answer(request)`` -> the action; ``now()`` -> the clock;
+    ``store_failed(error)``; ``greylister()`` -> the engine.
+    """
+
+    max_line_length = 4096
+    max_attributes = 100
+    request_timeout = 10
+    write_timeout = 10
+
+    def setup(self):
+        self.reader = _LineReader(self.request,
+                                  idle=self.server.policy_max_idle)
+        self.reader.deadline_reason = "request"
+        self.prepended = None       # the instance given its X-Greylist
+        peer = self.client_address
+        self.peer = ("%s:%s" % (unmapped(peer[0]), peer[1])
+                     if isinstance(peer, tuple) else "unix socket")
+
+    def handle(self):
+        try:
+            while True:
+                request = self.read_request()
+                if request is None:
+                    return
+                action = self.answer(request)
+                self.server.count("policy_" + action.split()[0].lower())
+                send_within(self.request, b"action=" + action.encode(
+                    "utf-8", "surrogateescape") + b"\n\n",
+                    self.write_timeout)
+        except PolicyRequestError as error:
+            self.server.count("policy_bad_requests")
+            log.warning("policy client %s: %s; connection closed",
+                        self.peer, error)
+        except ResourceShortage:
+            pass                    # logged by store_failed()
+        except Expired as expired:
+            if expired.reason == "idle":
+                return              # policy_max_idle: Postfix reconnects
+            self.server.count("policy_bad_requests")
+            log.warning("policy client %s: %s; connection closed", self.peer,
+                        "request not complete within %s s"
+                        % _seconds(self.request_timeout)
+                        if expired.reason == "request" else expired)
+        except OSError:
+            pass                    # Postfix went away
+
+    def read_request(self):
+        """The next request, a dict; None at the end of input between
+        requests.  PolicyRequestError for what breaks the protocol."""
+        reader = self.reader
+        request = {}
+        count = 0
+        while True:
+            line = reader.readline(self.max_line_length + 1)
+            if count == 0:
+                if not line:
+                    return None
+                reader.deadline = time.monotonic() + self.request_timeout
+            if not line.endswith(b"\n"):
+                if len(line) > self.max_line_length:
+                    raise PolicyRequestError(
+                        "a line over %d octets" % self.max_line_length)
+                raise PolicyRequestError("end of input inside a request")
+            line = line[:-1]
+            if not line:
+                break
+            count += 1
+            if count > self.max_attributes:
+                raise PolicyRequestError("over %d attributes in a request"
+                                         % self.max_attributes)
+            if _CONTROL_OCTET_RE.search(line):
+                raise PolicyRequestError("a control octet in %s"
+                                         % log_escape(line))
+            name, equals, value = line.partition(b"=")
+            if not equals:
+                raise PolicyRequestError("a line without '=': %s"
+                                         % log_escape(line))
+            request[name.decode("utf-8", "surrogateescape")] = value.decode(
+                "utf-8", "surrogateescape")
+        reader.deadline = None
+        if request.get("request") != "smtpd_access_policy":
+            raise PolicyRequestError(
+                "no request=smtpd_access_policy (request=%s)"
+                % log_escape(request.get("request", "")))
+        return request
+
+    def now(self):
+        """The time the engine reads."""
+        return time.time()
+
+    def greylister(self):
+        """The engine, configured by the server's ``settings``."""
+        settings = self.server.settings
+        return settings.greylister_class(settings)
+
+    def store_failed(self, error):
+        """As GreyListingPolicy.store_failed: logged once per incident."""
+        log_store_failure(self.server.settings, error,
+                          "policy connections are closed unanswered")
+
+    def answer(self, request):
+        """The action for ``request`` (a dict of its attributes)."""
+        if request.get("protocol_state", "").upper() != "RCPT":
+            return "DUNNO"
+        settings = self.server.settings
+        client = unmapped(request.get("client_address", ""))
+        try:
+            ipaddress.ip_address(client)
+        except ValueError:
+            raise PolicyRequestError("client_address %s is not an address"
+                                     % log_escape(client))
+        name = request.get("client_name", "")
+        sender = request.get("sender", "")
+        recipient = request.get("recipient", "")
+        now = self.now()
+        decision = self.greylister().decide(
+            client, sender, recipient, now,
+            helo=request.get("helo_name") or None,
+            hostname=None if name.lower() in ("", "unknown") else name)
+        if decision.error is not None:
+            self.store_failed(decision.error)
+        log.info("policy %s: %s (%s); client %s, sender <%s>, recipient "
+                 "<%s>", decision.verdict, decision.rule, decision.key or "-",
+                 client, log_escape(sender), log_escape(recipient))
+        if decision.verdict == "unavailable":
+            raise decision.error
+        if decision.verdict == "defer":
+            return "DEFER_IF_PERMIT " + _reply_text(settings.defer_reply)
+        instance = request.get("instance")
+        if (decision.verdict == "accept" and decision.delay is not None
+                and settings.x_greylist_header
+                and (instance is None or instance != self.prepended)):
+            self.prepended = instance
+            return "PREPEND " + x_greylist(decision.delay,
+                                           settings.servername,
+                                           decision.rule, now)
+        return "DUNNO"
+
+
+_CONTROL_OCTET_RE = re.compile(b"[\\x00-\\x1f\\x7f]")
+
+
+def _reply_text(reply):
+    """A reply's text without its code: "451 4.7.1 Greylisted" gives
+    "4.7.1 Greylisted"."""
+    return re.sub(r"\A[0-9]{3}[ -]", "", reply)
+
+
+class _PolicyServing(object):
+    """What the policy servers (TCP and UNIX) share: who may connect
+    (``policy_clients``, on TCP; the socket's mode and group on UNIX), at
+    most ``policy_max_connections`` at once, the counters, and a stop
+    that closes every connection."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+    policy_clients = ["127.0.0.1", "::1"]
+    policy_max_idle = 300
+    policy_max_connections = 100
+
+    def _init_policy(self, settings):
+        self.settings = settings
+        self.connections = set()
+        self.counters = {}
+        self.refused_logged = {}        # address: time.monotonic()
+        self.lock = threading.Lock()
+
+    def count(self, name):
+        with self.lock:
+            self.counters[name] = self.counters.get(name, 0) + 1
+
+    def counter_text(self):
+        with self.lock:
+            return " ".join("%s=%d" % item for item in sorted(
+                self.counters.items()))
+
+    def allowed(self, address):
+        """True if a TCP client at ``address`` may ask."""
+        address = unmapped(address)
+        return any(_in_network(address, network)
+                   for network in self.policy_clients)
+
+    def verify_request(self, request, client_address):
+        refused = None
+        if isinstance(client_address, tuple) and client_address and \
+                not self.allowed(client_address[0]):
+            refused = "%s is not in policy_clients" % unmapped(
+                client_address[0])
+        with self.lock:
+            if refused is None and len(self.connections) >= \
+                    self.policy_max_connections:
+                refused = ("policy_max_connections (%d) connections open"
+                           % self.policy_max_connections)
+            if refused is None:
+                self.connections.add(request)
+                return True
+            self.counters["policy_connections_refused"] = \
+                self.counters.get("policy_connections_refused", 0) + 1
+            now = time.monotonic()
+            due = now - self.refused_logged.get(refused, -60) >= 60
+            if due:
+                self.refused_logged[refused] = now
+        if due:
+            log.warning("policy service: connection refused: %s (logged "
+                        "once a minute)", refused)
+        return False
+
+    def shutdown_request(self, request):
+        with self.lock:
+            self.connections.discard(request)
+        socketserver.BaseServer.shutdown_request(self, request)
+
+    def close_connections(self):
+        """End every connection (the stop): Postfix opens new ones to the
+        next instance."""
+        with self.lock:
+            connections = list(self.connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address):
+        log.exception("policy service: unexpected error")
+
+
+class PolicyServer(_PolicyServing, socketserver.ThreadingTCPServer):
+    """The policy service on TCP: ``PolicyServer((host, port), settings)``,
+    ``settings`` the GreyListingPolicy class whose keys it applies; a
+    thread per connection, as SMTPProxyServer."""
+
+    def __init__(self, address, settings, handler_class=PolicyHandler):
+        host = address[0]
+        self.address_family = (socket.AF_INET6 if ":" in host
+                               else socket.AF_INET)
+        self._init_policy(settings)
+        socketserver.ThreadingTCPServer.__init__(self, address,
+                                                 handler_class)
+
+
+class UnixPolicyServer(_PolicyServing,
+                       socketserver.ThreadingUnixStreamServer):
+    """The policy service on a UNIX socket: ``UnixPolicyServer(path,
+    settings)``; who may connect is the socket's mode and group."""
+
+    def __init__(self, path, settings, handler_class=PolicyHandler):
+        self._init_policy(settings)
+        socketserver.ThreadingUnixStreamServer.__init__(self, path,
+                                                        handler_class)
+
+
 def _ipv6_works():
     try:
         probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -5662,6 +6025,8 @@ def format_config(handler_class, values):
             value = SERVICE_DEFAULTS[key]
         elif key in SERVER_SETTINGS:
             value = getattr(SMTPProxyServer, key)
+        elif key in POLICY_SETTINGS:
+            value = getattr(_PolicyServing, key)
         else:
             value = getattr(handler_class, key, None)
         if value is None:
@@ -6051,6 +6416,7 @@ def check_configuration(handler_class, values, files=True, notes=None):
     identity = find_user(values)
     check_proxy_protocol(handler_class)
     check_tls(handler_class)
+    check_policy(handler_class, values)
     if files:
         check_files(values)
     warnings = []
@@ -6150,14 +6516,89 @@ def handler_class_for(base, values):
     return type(base.__name__, (base,), attributes)
 
 
-def configure_server(server, values):
-    """Set the server's keys (limits, grace period) from ``values``."""
-    for key in SERVER_SETTINGS:
+def configure_server(server, values, keys=SERVER_SETTINGS):
+    """Set the server's keys (limits, grace period) from ``values``; a
+    policy server's are POLICY_SETTINGS."""
+    for key in keys:
         if key in values:
             setattr(server, key, values[key])
         else:
             # Back to the default, also when a reload removed the key.
             server.__dict__.pop(key, None)
+
+
+def _remove_stale_socket(path):
+    """Remove the UNIX socket ``path`` left by an instance that is gone;
+    StartError if it is in use, or not a socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartError("%s is there and is no socket" % path)
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)         # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise StartError("%s is in use: is another instance running?" % path)
+
+
+def open_policy_server(values, settings, identity=None):
+    """Bind the policy service of ``values["policy_listen"]`` (as root if
+    need be) for ``settings`` (the GreyListingPolicy class): a
+    PolicyServer, or a UnixPolicyServer whose socket gets
+    ``policy_socket_mode``, the serving user (``identity``) as owner and
+    ``policy_socket_group`` (else that user's group).  StartError if it
+    cannot."""
+    where = values["policy_listen"]
+    try:
+        if where.startswith("unix:"):
+            path = where[5:]
+            _remove_stale_socket(path)
+            server = UnixPolicyServer(path, settings)
+            os.chmod(path, int(values.get("policy_socket_mode", "0660"), 8))
+            uid, gid = identity[:2] if identity else (-1, -1)
+            if values.get("policy_socket_group"):
+                gid = grp.getgrnam(values["policy_socket_group"]).gr_gid
+            if (uid, gid) != (-1, -1):
+                os.chown(path, uid, gid)
+        else:
+            host, port = _split_host_port(where)
+            server = PolicyServer((host or "127.0.0.1", port), settings)
+    except KeyError:
+        raise StartError("policy_socket_group %s: no such group"
+                         % values["policy_socket_group"], 2)
+    except OSError as error:
+        raise StartError("cannot listen for policy requests on %s: %s"
+                         % (where, error))
+    configure_server(server, values, POLICY_SETTINGS)
+    return server
+
+
+def check_policy(handler_class, values):
+    """What the policy service needs: a greylisting class to apply, a
+    group that exists, and something to serve."""
+    if values.get("policy_listen"):
+        if not (isinstance(handler_class, type) and issubclass(
+                handler_class, GreyListingPolicy)):
+            raise StartError("policy_listen: the policy service applies "
+                             "greylisting: --class must be GreyListingPolicy "
+                             "or a subclass, not %s" % handler_class.__name__,
+                             2)
+        group = values.get("policy_socket_group")
+        if group and values["policy_listen"].startswith("unix:"):
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                raise StartError("policy_socket_group %s: no such group"
+                                 % group, 2)
+    elif values.get("smtp_proxy") is False:
+        raise StartError("smtp_proxy = no, and no policy_listen: nothing "
+                         "to serve", 2)
 
 
 class Service(object):
@@ -6184,6 +6625,8 @@ class Service(object):
         self.pidfile = None
         self.pending = []           # signals on_service() has to act on
         self.stop_asked = False     # SIGTERM or SIGINT came
+        self.policy = None          # the policy service's server
+        self.stopped = threading.Event()    # the policy service alone
 
     def _absolute_paths(self, values):
         """``values`` with the file names, given or default, made absolute
@@ -6213,7 +6656,7 @@ class Service(object):
             created = self._open_logs()
             handler_class = self._handler_class()
             created += self._store_files(handler_class, identity)
-            self._listen(handler_class)
+            self._listen(handler_class, identity)
             self._warn_of_relative_names()
             self._detach()
             self._become(identity, created, handler_class)
@@ -6225,7 +6668,13 @@ class Service(object):
             return error.status
         self._serving(handler_class)
         try:
-            self.server.serve_forever(poll_interval=0.25)
+            if self.server is not None:
+                self.server.serve_forever(poll_interval=0.25)
+            else:
+                # The policy service alone: its thread serves; this one
+                # handles the signals.
+                while not self.stopped.wait(0.25):
+                    self.on_service()
             self._stop()
         finally:
             self.close()
@@ -6252,6 +6701,7 @@ class Service(object):
         handler_class = handler_class_for(self.base, self.values)
         check_proxy_protocol(handler_class)
         check_tls(handler_class)
+        check_policy(handler_class, self.values)
         return handler_class
 
     @staticmethod
@@ -6267,16 +6717,21 @@ class Service(object):
         return [name for name in (store, store + "-wal", store + "-shm")
                 if os.path.exists(name)]
 
-    def _listen(self, handler_class):
-        """Bind the port (as root if port 25 needs it)."""
-        address = (self.values.get("listen_ip", ""),
-                   self.values.get("port", 25))
-        try:
-            self.server = SMTPProxyServer(address, handler_class)
-        except OSError as error:
-            raise StartError("cannot listen on [%s]:%s: %s"
-                             % (address[0], address[1], error))
-        configure_server(self.server, self.values)
+    def _listen(self, handler_class, identity):
+        """Bind the port (as root if port 25 needs it), and the policy
+        service's, if asked."""
+        if self.values.get("smtp_proxy", True):
+            address = (self.values.get("listen_ip", ""),
+                       self.values.get("port", 25))
+            try:
+                self.server = SMTPProxyServer(address, handler_class)
+            except OSError as error:
+                raise StartError("cannot listen on [%s]:%s: %s"
+                                 % (address[0], address[1], error))
+            configure_server(self.server, self.values)
+        if self.values.get("policy_listen"):
+            self.policy = open_policy_server(self.values, handler_class,
+                                             identity)
 
     def _warn_of_relative_names(self):
         """A daemon started in / reads relative names from there."""
@@ -6316,23 +6771,43 @@ class Service(object):
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                        signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(signum, self.on_signal)
-        self.server.service_actions = self.on_service
+        if self.server is not None:
+            self.server.service_actions = self.on_service
+        if self.policy is not None:
+            threading.Thread(target=self.policy.serve_forever,
+                             kwargs={"poll_interval": 0.25},
+                             name="policy service", daemon=True).start()
         if self.report is not None:
             report_start(self.report, 0)
         for warning in self.warnings + configuration_warnings(
                 handler_class):
             log.warning("%s", warning)
-        log.info("smtpproxy %s listening on [%s]:%s, forwarding to %s:%s "
-                 "(class %s, config %s, pid %d, user %s)", __version__,
-                 self.server.server_address[0],
-                 self.server.server_address[1],
-                 handler_class.smtp_ip, handler_class.smtp_port,
-                 self.args.handler_class, self.path or "none", os.getpid(),
-                 _user_name(os.geteuid()))
-        self.learn_upstream(handler_class)
+        details = ("class %s, config %s, pid %d, user %s"
+                   % (self.args.handler_class, self.path or "none",
+                      os.getpid(), _user_name(os.geteuid())))
+        if self.server is not None:
+            log.info("smtpproxy %s listening on [%s]:%s, forwarding to "
+                     "%s:%s (%s)", __version__,
+                     self.server.server_address[0],
+                     self.server.server_address[1],
+                     handler_class.smtp_ip, handler_class.smtp_port,
+                     details)
+        if self.policy is not None:
+            log.info("smtpproxy %s answering policy requests on %s (%s)",
+                     __version__, self.values["policy_listen"], details)
+        if self.server is not None:
+            self.learn_upstream(handler_class)
 
     def _stop(self):
-        """serve_forever() returned (SIGTERM): let open transactions end."""
+        """serve_forever() returned (SIGTERM): the policy service's
+        connections end at once (Postfix asks the next instance), open
+        SMTP transactions get their grace period."""
+        if self.policy is not None:
+            self.policy.shutdown()
+            self.policy.close_connections()
+        if self.server is None:
+            log.info("stopped")
+            return
         log.info("stopping: waiting up to %s seconds for %d open "
                  "session(s)", self.server.grace_period,
                  len(self.server.sessions))
@@ -6376,6 +6851,14 @@ class Service(object):
     def close(self):
         if self.server is not None:
             self.server.server_close()
+        if self.policy is not None:
+            self.policy.server_close()
+            if isinstance(self.policy, UnixPolicyServer):
+                try:
+                    os.unlink(self.policy.server_address)
+                except OSError:
+                    pass    # the serving user may not: the next start does
+            self.policy = None
         if self.pidfile is not None:
             try:
                 os.unlink(self.values["pidfile"])
@@ -6396,7 +6879,7 @@ class Service(object):
         """Only note the signal: on_service() acts on it, in the main
         thread, outside whatever the signal interrupted."""
         if signum in (signal.SIGTERM, signal.SIGINT):
-            if self.stop_asked:
+            if self.stop_asked and self.server is not None:
                 # Twice, even before on_service() saw the first: end the
                 # grace period.
                 self.server.stop_now = True
@@ -6404,12 +6887,18 @@ class Service(object):
         self.pending.append(signum)
 
     def on_service(self):
-        """Called by serve_forever() at least every quarter second."""
-        SMTPProxyServer.service_actions(self.server)
+        """Called by serve_forever() at least every quarter second (or by
+        the policy service's main loop)."""
+        if self.server is not None:
+            SMTPProxyServer.service_actions(self.server)
         while self.pending:
             signum = self.pending.pop(0)
             if signum in (signal.SIGTERM, signal.SIGINT):
-                if not self.server.stopping:
+                if self.server is None:
+                    if not self.stopped.is_set():
+                        log.info("signal %d: stopping", signum)
+                    self.stopped.set()
+                elif not self.server.stopping:
                     log.info("signal %d: stopping", signum)
                     self.server.stopping = True
                     # shutdown() waits for serve_forever() to return: it
@@ -6418,7 +6907,12 @@ class Service(object):
             elif signum == signal.SIGHUP:
                 self.reload()
             elif signum == signal.SIGUSR1:
-                self.server.log_counters()
+                if self.server is not None:
+                    self.server.log_counters()
+                if self.policy is not None:
+                    log.info("policy counters: connections_open=%d %s",
+                             len(self.policy.connections),
+                             self.policy.counter_text())
             elif signum == signal.SIGUSR2:
                 self._reopen_logs(self.values)
                 log.info("logs reopened")
@@ -6449,8 +6943,12 @@ class Service(object):
                             key)
                 values[key] = self.values.get(key)
         self.values = values
-        self.server.RequestHandlerClass = handler_class
-        configure_server(self.server, values)
+        if self.server is not None:
+            self.server.RequestHandlerClass = handler_class
+            configure_server(self.server, values)
+        if self.policy is not None:
+            self.policy.settings = handler_class
+            configure_server(self.policy, values, POLICY_SETTINGS)
         log.info("reloaded the configuration from %s", path or "nowhere")
 
 

@@ -581,9 +581,10 @@ class ProxyProcess(object):
     """smtpproxy.py run from its command line, as a subprocess."""
 
     def __init__(self, tmp_path, upstream_port, config="", args=(),
-                 handler="plainproxy.AcceptAll", files=None):
+                 handler="plainproxy.AcceptAll", files=None, ready=None):
         """With ``files``, the process may open that many descriptors at
-        most (its RLIMIT_NOFILE, set before smtpproxy.py runs)."""
+        most (its RLIMIT_NOFILE, set before smtpproxy.py runs).  It is
+        ready when it answers SMTP, or when ``ready()`` is true."""
         listen = socket.socket()
         listen.bind(("127.0.0.1", 0))
         self.port = listen.getsockname()[1]
@@ -615,7 +616,15 @@ class ProxyProcess(object):
                       "--upstream", "127.0.0.1:%d" % upstream_port]
             + (["--class", handler] if handler else []) + list(args),
             env=env, stderr=self.stderr, cwd=str(tmp_path))
-        wait_until(self._answers, what="the proxy to listen")
+        wait_until(self._answers if ready is None else self._running(ready),
+                   what="the proxy to listen")
+
+    def _running(self, ready):
+        def check():
+            if self.process.poll() is not None:
+                raise AssertionError("proxy exited: %s" % self.stderr_text())
+            return ready()
+        return check
 
     def _answers(self):
         if self.process.poll() is not None:

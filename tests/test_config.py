@@ -434,6 +434,8 @@ def test_the_dist_file_documents_every_key_with_its_default():
             assert smtpproxy.SERVICE_DEFAULTS[key] == value, key
         elif key in smtpproxy.SERVER_SETTINGS:
             assert getattr(smtpproxy.SMTPProxyServer, key) == value, key
+        elif key in smtpproxy.POLICY_SETTINGS:
+            assert getattr(smtpproxy.PolicyServer, key) == value, key
         elif key != "serverid":
             assert getattr(handler, key) == value, key
 
@@ -577,6 +579,7 @@ def test_every_key_has_one_record_whose_default_its_owner_holds():
     assert set(names) == set(smtpproxy.CONFIG_KEYS)
     for key in smtpproxy.KEYS:
         owner = {"server": smtpproxy.SMTPProxyServer,
+                 "policy": smtpproxy.PolicyServer,
                  "handler": smtpproxy.GreyListingPolicy}.get(key.owner)
         if owner is None:
             assert key.name not in vars(smtpproxy.GreyListingPolicy)

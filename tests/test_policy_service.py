@@ -1,0 +1,630 @@
+"""The policy service: Postfix's SMTPD access policy delegation
+(check_policy_service), answered by the proxy's greylisting engine and
+store.  The protocol with raw sockets (persistent connections, every kind
+of bad input, who may ask, a UNIX socket, limits); then a real Postfix
+asking a real service process, alone or beside the SMTP proxy on one
+store; and postgrey's files, loaded as they are."""
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import smtpproxy
+from conftest import ROOT, ProxyProcess, RawClient, free_port, read, \
+    wait_until
+
+RCPT = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
+        "protocol_name": "ESMTP", "client_address": "192.0.2.7",
+        "client_name": "unknown", "reverse_client_name": "unknown",
+        "helo_name": "client.example.net", "sender": "alice@example.net",
+        "recipient": "user@example.org", "instance": "1a2b.5f3c.1",
+        "queue_id": "", "size": "0"}
+DEFER = "DEFER_IF_PERMIT 4.7.1 Greylisted, please try again later"
+
+
+def settings_class(tmp_path, **keys):
+    keys.setdefault("allowed_domains", ["example.org"])
+    keys.setdefault("allowed_senders", [])
+    keys.setdefault("greylist_db", str(tmp_path / "policy.db"))
+    keys.setdefault("client_key", "network")
+    keys.setdefault("too_soon", 0)
+    keys.setdefault("min_defer_time", 1)
+    return type("Settings", (smtpproxy.GreyListingPolicy,), keys)
+
+
+@pytest.fixture
+def policy(tmp_path):
+    """``policy(**keys)``: a PolicyServer on 127.0.0.1 (a free port)
+    serving in a thread, greylisting example.org with ``keys``."""
+    servers = []
+
+    def start(server_class=smtpproxy.PolicyServer, address=None,
+              handler_class=smtpproxy.PolicyHandler, server_keys=None,
+              **keys):
+        server = server_class(address or ("127.0.0.1", 0),
+                              settings_class(tmp_path, **keys),
+                              handler_class)
+        for name, value in (server_keys or {}).items():
+            setattr(server, name, value)
+        threading.Thread(target=server.serve_forever,
+                         kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.close_connections()
+        server.server_close()
+    smtpproxy.reset_registries()
+
+
+class PolicyClient(object):
+    """A raw connection to a policy service, as Postfix's."""
+
+    def __init__(self, server, source=None):
+        if isinstance(server.server_address, str):
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.connect(server.server_address)
+        else:
+            self.sock = socket.create_connection(
+                server.server_address[:2], timeout=10,
+                source_address=(source, 0) if source else None)
+        self.sock.settimeout(10)
+        self.buffer = b""
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def ask(self, **changes):
+        """Send RCPT (changed by ``changes``; None removes an attribute);
+        return the action."""
+        request = dict(RCPT)
+        request.update(changes)
+        self.send(b"".join(("%s=%s\n" % (name, value)).encode()
+                           for name, value in request.items()
+                           if value is not None) + b"\n")
+        return self.answer()
+
+    def answer(self):
+        """The action of the next answer; None if the connection closed
+        without one."""
+        while b"\n\n" not in self.buffer:
+            data = self.sock.recv(4096)
+            if not data:
+                return None
+            self.buffer += data
+        answer, self.buffer = self.buffer.split(b"\n\n", 1)
+        assert answer.startswith(b"action="), answer
+        assert b"\n" not in answer
+        return answer[len(b"action="):].decode()
+
+    def is_closed(self):
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self):
+        self.sock.close()
+
+
+# -- the protocol ------------------------------------------------------------
+
+def test_one_connection_many_requests(policy):
+    server = policy()
+    client = PolicyClient(server)
+    # Only RCPT is greylisted; a new triplet waits, the others too.
+    for state in ("CONNECT", "EHLO", "HELO", "MAIL", "VRFY", "ETRN",
+                  "DATA", "END-OF-MESSAGE"):
+        assert client.ask(protocol_state=state) == "DUNNO"
+    assert client.ask() == DEFER
+    for number in range(20):
+        assert client.ask(sender="s%s@example.net" % chr(97 + number)) \
+            == DEFER
+    time.sleep(1.1)                     # min_defer_time: the retry passes
+    assert client.ask() == "DUNNO"
+    assert client.ask() == "DUNNO"
+    client.close()
+    assert server.counters["policy_dunno"] == 10
+    assert server.counters["policy_defer_if_permit"] == 21
+
+
+def test_unknown_attributes_are_ignored_and_order_is_free(policy):
+    client = PolicyClient(policy())
+    request = b"".join(b"%s=%s\n" % item for item in reversed([
+        (b"request", b"smtpd_access_policy"), (b"protocol_state", b"RCPT"),
+        (b"client_address", b"192.0.2.7"), (b"sender", b"a@example.net"),
+        (b"recipient", b"b@example.org"), (b"ccert_subject", b""),
+        (b"policy_context", b"x=y=z"), (b"a_future_attribute", b"1")]))
+    client.send(request + b"\n")
+    assert client.answer() == DEFER
+    client.close()
+
+
+def test_the_defer_text_is_defer_reply_without_its_code(policy):
+    client = PolicyClient(policy(defer_reply="450 4.2.0 Try later, sorry"))
+    assert client.ask() == "DEFER_IF_PERMIT 4.2.0 Try later, sorry"
+    client.close()
+
+
+def test_x_greylist_is_prepended_once_per_message(policy):
+    client = PolicyClient(policy(x_greylist_header=True))
+    assert client.ask() == DEFER
+    assert client.ask(recipient="other@example.org") == DEFER
+    time.sleep(1.1)
+    action = client.ask()
+    assert action.startswith("PREPEND X-Greylist: delayed 1 seconds by "
+                             "smtpproxy-"), action
+    assert "(network:192.0.2.0/24)" in action
+    # The second recipient of the same message passed after waiting too:
+    # no second header.
+    assert client.ask(recipient="other@example.org") == "DUNNO"
+    # A passed triplet gets no header at all.
+    assert client.ask(instance="next") == "DUNNO"
+    client.close()
+
+
+@pytest.mark.parametrize("changes", [
+    {"client_address": "198.51.100.7"},          # allowed_sender_nets
+    {"recipient": "user@elsewhere.example"},     # relay control: Postfix's
+    {"client_address": "192.0.2.99"},            # whitelist_clients
+    {"recipient": "postmaster@example.org"},     # whitelist_recipients
+])
+def test_what_greylisting_lets_through_is_dunno_at_once(policy, tmp_path,
+                                                        changes):
+    (tmp_path / "clients").write_text("192.0.2.99\n")
+    (tmp_path / "recipients").write_text("postmaster@\n")
+    client = PolicyClient(policy(
+        allowed_sender_nets=["198.51.100.0/24"],
+        whitelist_clients=str(tmp_path / "clients"),
+        whitelist_recipients=str(tmp_path / "recipients")))
+    assert client.ask(**changes) == "DUNNO"
+    assert client.ask() == DEFER                # and the rest is greylisted
+    client.close()
+
+
+def test_postfix_client_name_is_the_clients_name(policy):
+    # Keyed by name: client_name (Postfix's forward-confirmed name) groups
+    # the pool; "unknown" is no name.
+    client = PolicyClient(policy(client_key="name"))
+    assert client.ask(client_name="mx-a1.out.example.com") == DEFER
+    time.sleep(1.1)
+    assert client.ask(client_address="198.51.100.9",
+                      client_name="mx-b7.out.example.com") == "DUNNO"
+    assert client.ask(client_address="198.51.100.9",
+                      client_name="unknown") == DEFER
+    client.close()
+
+
+def test_a_store_that_fails_falls_back_to_the_fail_mode(policy, tmp_path,
+                                                         caplog):
+    client = PolicyClient(policy(
+        greylist_db=str(tmp_path / "missing" / "dir" / "g.db"),
+        greylist_fail_mode="defer"))
+    assert client.ask() == DEFER
+    assert client.ask(sender="b@example.net") == DEFER
+    client.close()
+    assert len([r for r in caplog.records
+                if "decisions fall back to defer" in r.getMessage()]) == 1
+
+
+def test_out_of_descriptors_closes_the_connection_unanswered(policy,
+                                                              caplog):
+    # Postfix retries, then applies its default_action: never DUNNO for
+    # a shortage of the service's own.
+    class Short(smtpproxy.Greylister):
+        def decide(self, *args, **keywords):
+            error = smtpproxy.ResourceShortage("greylisting store x: out "
+                                               "of descriptors")
+            return smtpproxy.Decision("unavailable", "store", "k",
+                                      error=error)
+    client = PolicyClient(policy(greylister_class=Short))
+    assert client.ask(protocol_state="DATA") == "DUNNO"
+    assert client.ask() is None
+    client.close()
+    assert "out of descriptors; policy connections are closed " \
+        "unanswered" in caplog.text
+
+
+BAD = [
+    (b"request=smtpd_access_policy\nno equals sign\n\n",
+     "a line without '=': no equals sign"),
+    (b"request=smtpd_access_policy\nsender=a\x00b\n\n",
+     "a control octet in sender=a\\x00b"),
+    (b"request=smtpd_access_policy\r\nprotocol_state=RCPT\r\n\r\n",
+     "a control octet in request=smtpd_access_policy\\x0d"),
+    (b"request=smtpd_access_policy\nsender=\x1b[2J\n\n",
+     "a control octet in sender=\\x1b[2J"),
+    (b"request=smtpd_access_policy\nsender=" + b"a" * 5000 + b"\n\n",
+     "a line over 4096 octets"),
+    (b"request=smtpd_access_policy\n" + b"x=1\n" * 100 + b"\n",
+     "over 100 attributes in a request"),
+    (b"protocol_state=RCPT\nrequest=junk\n\n",
+     "no request=smtpd_access_policy (request=junk)"),
+    (b"protocol_state=RCPT\n\n", "no request=smtpd_access_policy"),
+    (b"request=smtpd_access_policy\nprotocol_state=RCPT\n",
+     "end of input inside a request"),
+    (b"request=smtpd_access_policy\nprotocol_state=RC",
+     "end of input inside a request"),
+]
+
+
+@pytest.mark.parametrize("data, logged", BAD)
+def test_bad_input_is_logged_once_and_closes_that_connection_only(
+        policy, caplog, data, logged):
+    server = policy()
+    other = PolicyClient(server)
+    assert other.ask(protocol_state="DATA") == "DUNNO"
+    client = PolicyClient(server)
+    client.send(data)
+    if data.endswith(b"\n\n") is False:
+        client.sock.shutdown(socket.SHUT_WR)        # end of input
+    assert client.answer() is None                  # closed, unanswered
+    client.close()
+    warnings = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("policy client")]
+    assert len(warnings) == 1, warnings
+    assert logged in warnings[0]
+    assert warnings[0].endswith("; connection closed")
+    assert "\x00" not in warnings[0] and "\x1b" not in warnings[0]
+    assert other.ask(protocol_state="DATA") == "DUNNO"   # others go on
+    other.close()
+    assert server.counters["policy_bad_requests"] == 1
+
+
+def test_a_trickled_request_is_cut_at_its_deadline(policy, caplog):
+    class Quick(smtpproxy.PolicyHandler):
+        request_timeout = 0.5
+    client = PolicyClient(policy(handler_class=Quick))
+    began = time.monotonic()
+    client.send(b"request=smtpd_access_policy\n")
+    try:
+        while time.monotonic() - began < 3:     # a byte every 0.1 s
+            client.send(b"x")
+            time.sleep(0.1)
+    except OSError:
+        pass                                    # closed by the service
+    assert client.answer() is None
+    assert time.monotonic() - began < 1.5
+    client.close()
+    assert "request not complete within 0.5 s; connection closed" in \
+        caplog.text
+
+
+def test_an_idle_connection_is_closed_after_policy_max_idle(policy):
+    client = PolicyClient(policy(server_keys={"policy_max_idle": 0.5}))
+    assert client.ask(protocol_state="DATA") == "DUNNO"
+    began = time.monotonic()
+    assert client.answer() is None
+    assert 0.4 < time.monotonic() - began < 2
+    client.close()
+
+
+def test_only_policy_clients_may_ask(policy, caplog):
+    server = policy(server_keys={"policy_clients": ["127.0.0.2"]})
+    refused = PolicyClient(server)
+    assert refused.is_closed()
+    refused.close()
+    for _ in range(3):
+        PolicyClient(server).close()
+    allowed = PolicyClient(server, source="127.0.0.2")
+    assert allowed.ask() == DEFER
+    allowed.close()
+    lines = [r.getMessage() for r in caplog.records
+             if "connection refused" in r.getMessage()]
+    assert lines == ["policy service: connection refused: 127.0.0.1 is "
+                     "not in policy_clients (logged once a minute)"]
+    assert server.counters["policy_connections_refused"] == 4
+
+
+def test_policy_clients_default_to_the_loopback_addresses():
+    assert smtpproxy.PolicyServer.policy_clients == ["127.0.0.1", "::1"]
+    assert smtpproxy.PolicyServer.policy_max_idle == 300
+
+
+def test_policy_max_connections(policy):
+    server = policy(server_keys={"policy_max_connections": 2})
+    first, second = PolicyClient(server), PolicyClient(server)
+    assert first.ask(protocol_state="DATA") == "DUNNO"
+    assert second.ask(protocol_state="DATA") == "DUNNO"
+    third = PolicyClient(server)
+    assert third.is_closed()
+    first.close()
+    wait_until(lambda: len(server.connections) < 2, what="a free slot")
+    fourth = PolicyClient(server)
+    assert fourth.ask(protocol_state="DATA") == "DUNNO"
+    for client in (second, third, fourth):
+        client.close()
+
+
+def test_a_unix_socket(policy, tmp_path):
+    path = str(tmp_path / "policy.sock")
+    server = policy(server_class=smtpproxy.UnixPolicyServer, address=path)
+    client = PolicyClient(server)
+    assert client.ask() == DEFER
+    assert client.ask(protocol_state="DATA") == "DUNNO"
+    client.close()
+
+
+# -- postgrey's files ----------------------------------------------------------
+
+POSTGREY_CLIENTS = """\
+# postgrey whitelist for mail server clients
+# --------------------------------------------
+# put this file in /etc/postfix or specify its path
+# with --whitelist-clients=xxx
+#
+# postgrey version: 1.37
+
+# a comment, blank lines
+
+# greylisting.org: southwest airlines (unique sender, no retry)
+southwest.com
+# a pool matched by a regular expression
+/^mail[0-9]+\\.pool\\.example\\.com$/
+# addresses, a partial address and networks
+192.0.2.99
+198.51.100
+203.0.113.0/28
+2001:db8:1::/48
+"""
+
+POSTGREY_RECIPIENTS = """\
+# postgrey whitelist for mail recipients
+# --------------------------------------
+postmaster@
+abuse@
+/^otp-[0-9]+@example\\.org$/
+lists.example.org
+"""
+
+
+@pytest.mark.parametrize("changes, action", [
+    ({"client_name": "mx.southwest.com"}, "DUNNO"),
+    ({"client_name": "mail17.pool.example.com"}, "DUNNO"),
+    ({"client_name": "mail17.other.example.com"}, DEFER),
+    ({"client_address": "192.0.2.99"}, "DUNNO"),
+    ({"client_address": "198.51.100.200"}, "DUNNO"),
+    ({"client_address": "203.0.113.15"}, "DUNNO"),
+    ({"client_address": "203.0.113.16"}, DEFER),
+    ({"client_address": "2001:db8:1::25"}, "DUNNO"),
+    ({"recipient": "postmaster@example.org"}, "DUNNO"),
+    ({"recipient": "abuse@example.org"}, "DUNNO"),
+    ({"recipient": "otp-123@example.org"}, "DUNNO"),
+    ({"recipient": "someone@lists.example.org"}, "DUNNO"),
+    ({"recipient": "otp-x@example.org"}, DEFER),
+])
+def test_postgreys_files_load_unchanged(policy, tmp_path, changes, action):
+    (tmp_path / "postgrey_whitelist_clients").write_text(POSTGREY_CLIENTS)
+    (tmp_path / "postgrey_whitelist_recipients").write_text(
+        POSTGREY_RECIPIENTS)
+    client = PolicyClient(policy(
+        allowed_domains=["example.org", "lists.example.org"],
+        whitelist_clients=str(tmp_path / "postgrey_whitelist_clients"),
+        whitelist_recipients=str(
+            tmp_path / "postgrey_whitelist_recipients")))
+    assert client.ask(**changes) == action
+    client.close()
+
+
+# -- the service, asked by a real Postfix ------------------------------------
+
+SERVICE_CONFIG = """\
+allowed_senders:
+allowed_sender_nets:
+    198.51.100.0/24
+allowed_domains:
+    example.org
+client_key = network
+too_soon = 0
+min_defer_time = 1
+policy_listen = %s
+"""
+
+
+def listening(port):
+    def check():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+    return check
+
+
+@pytest.fixture
+def service(tmp_path, upstream):
+    """``service(config, smtp=True)``: smtpproxy.py, greylisting
+    example.org, with its policy service on a free port (``.policy``)."""
+    started = []
+
+    def start(config="", smtp=True, policy_listen=None):
+        port = free_port()
+        where = policy_listen or "127.0.0.1:%d" % port
+        text = SERVICE_CONFIG % where + config
+        if not smtp:
+            text += "smtp_proxy = no\n"
+        directory = tmp_path / ("service%d" % len(started))
+        directory.mkdir()
+        process = ProxyProcess(
+            directory, upstream.port, config=text, handler=None,
+            ready=None if smtp else (
+                listening(port) if policy_listen is None else
+                lambda: os.path.exists(where[5:])))
+        process.policy = port
+        started.append(process)
+        if smtp:
+            upstream.forget_probe()
+        return process
+    yield start
+    for process in started:
+        process.stop()
+
+
+def through_postfix(postfix, address, sender="alice@example.net",
+                    recipient="user@example.org", message=None):
+    """A session through Postfix from client ``address`` (XCLIENT): the
+    RCPT reply, and the reply to the message if there is one and RCPT
+    passed."""
+    smtp = smtplib.SMTP("127.0.0.1", postfix.port, timeout=20)
+    try:
+        smtp.ehlo("proxy.example")
+        code, text = smtp.docmd("XCLIENT", "ADDR=%s NAME=[UNAVAILABLE] "
+                                "HELO=client.example.net" % address)
+        assert code == 220, text
+        smtp.ehlo("client.example.net")
+        assert smtp.mail(sender)[0] == 250
+        reply = smtp.rcpt(recipient)
+        if reply[0] == 250 and message is not None:
+            code, _ = smtp.data(message)
+            return reply, code
+        return reply, None
+    finally:
+        smtp.close()
+
+
+def asking_postfix(postfix_factory, upstream, port):
+    return postfix_factory(upstream.port, settings={
+        "smtpd_recipient_restrictions":
+            "check_policy_service inet:127.0.0.1:%d" % port})
+
+
+def test_postfix_greylists_through_the_service_alone(service, upstream,
+                                                     postfix_factory):
+    process = service("x_greylist_header = yes\n", smtp=False)
+    postfix = asking_postfix(postfix_factory, upstream, process.policy)
+    (code, text), _ = through_postfix(postfix, "192.0.2.7")
+    assert code == 450
+    assert text.endswith(b"Recipient address rejected: Greylisted, please "
+                         b"try again later"), text
+    assert text.startswith(b"4.7.1 ")
+    time.sleep(1.1)                         # greylisting's delay
+    (code, _), delivered = through_postfix(
+        postfix, "192.0.2.7", message=b"Subject: hi\r\n\r\nhello\r\n")
+    assert (code, delivered) == (250, 250)
+    wait_until(lambda: upstream.messages, what="the message")
+    content = upstream.messages[0].content
+    # PREPEND: Postfix puts the header on top.
+    assert content.startswith(b"X-Greylist: delayed 1 seconds by "
+                              b"smtpproxy-"), content
+    # An allowed client passes at once.
+    (code, _), _ = through_postfix(postfix, "198.51.100.7",
+                                   sender="bob@example.net")
+    assert code == 250
+    log = process.stderr_text()
+    assert "answering policy requests on 127.0.0.1:%d" % process.policy \
+        in log
+    assert "listening on" not in log        # no SMTP listener
+
+
+def test_the_proxy_and_the_service_share_one_store(service, upstream,
+                                                   postfix_factory):
+    process = service()
+    postfix = asking_postfix(postfix_factory, upstream, process.policy)
+    # Deferred through Postfix, passed through the proxy...
+    assert through_postfix(postfix, "127.0.0.2")[0][0] == 450
+    direct = RawClient(process.port, source="127.0.0.2")
+    direct.cmd("EHLO client.example.net")
+    direct.cmd("MAIL FROM:<carol@example.net>")
+    assert direct.cmd("RCPT TO:<user@example.org>")[0] == 451
+    time.sleep(1.1)
+    direct.cmd("RSET")
+    direct.cmd("MAIL FROM:<alice@example.net>")
+    assert direct.cmd("RCPT TO:<user@example.org>")[0] == 250
+    direct.close()
+    # ... and the other way round.
+    assert through_postfix(postfix, "127.0.0.2",
+                           sender="carol@example.net")[0][0] == 250
+
+
+def test_reload_counters_and_stop(service, upstream, tmp_path):
+    process = service(smtp=False)
+    client = socket.create_connection(("127.0.0.1", process.policy),
+                                      timeout=10)
+
+    def ask(sender):
+        request = dict(RCPT, sender=sender)
+        client.sendall(b"".join(("%s=%s\n" % item).encode()
+                                for item in request.items()) + b"\n")
+        return client.recv(4096)
+    assert ask("a@example.net") == ("action=%s\n\n" % DEFER).encode()
+    with open(process.config_path, "a") as config:
+        config.write("defer_reply = 450 4.7.1 Come back later\n")
+    process.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded the configuration" in
+               process.stderr_text(), what="the reload")
+    assert ask("b@example.net") == \
+        b"action=DEFER_IF_PERMIT 4.7.1 Come back later\n\n"
+    process.process.send_signal(signal.SIGUSR1)
+    wait_until(lambda: "policy counters:" in process.stderr_text(),
+               what="the counters")
+    assert "policy_defer_if_permit=2" in process.stderr_text()
+    began = time.monotonic()
+    process.process.send_signal(signal.SIGTERM)
+    assert client.recv(4096) == b""         # closed at once
+    assert process.process.wait(10) == 0
+    assert time.monotonic() - began < 3
+    client.close()
+
+
+def test_a_unix_socket_with_its_mode_and_group(service, tmp_path):
+    import grp
+    import stat
+    path = str(tmp_path / "policy.sock")
+    group = "nogroup" if os.geteuid() == 0 else grp.getgrgid(
+        os.getgid()).gr_name
+    stale = socket.socket(socket.AF_UNIX)   # left by a killed instance
+    stale.bind(path)
+    stale.close()
+    process = service("policy_socket_mode = 0666\npolicy_socket_group = %s\n"
+                      % group, smtp=False, policy_listen="unix:" + path)
+    wait_until(lambda: "answering policy requests" in process.stderr_text(),
+               what="the service")
+    status = os.stat(path)
+    assert stat.S_IMODE(status.st_mode) == 0o666
+    assert grp.getgrgid(status.st_gid).gr_name == group
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    client.sendall(b"request=smtpd_access_policy\nprotocol_state=DATA\n\n")
+    assert client.recv(4096) == b"action=DUNNO\n\n"
+    client.close()
+    # A second instance on the same socket is refused: it is in use.
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "smtpproxy.py"), "--config",
+         process.config_path], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True)
+    assert result.returncode == 1
+    assert "is in use: is another instance running?" in result.stderr
+
+
+@pytest.mark.parametrize("config, handler, message", [
+    ("policy_listen = 127.0.0.1:10023\n", "plainproxy.AcceptAll",
+     "policy_listen: the policy service applies greylisting"),
+    ("smtp_proxy = no\n", None, "smtp_proxy = no, and no policy_listen"),
+    ("policy_listen = unix:relative/path\n", None,
+     "expected unix:/ABSOLUTE/PATH"),
+    ("policy_listen = unix:/tmp/x.sock\npolicy_socket_group = no-such-grp\n",
+     None, "policy_socket_group no-such-grp: no such group"),
+])
+def test_check_config_refuses_what_the_service_would(tmp_path, config,
+                                                     handler, message):
+    (tmp_path / "p.conf").write_text(config + "run_as_root = yes\n")
+    args = [sys.executable, os.path.join(ROOT, "smtpproxy.py"), "--config",
+            str(tmp_path / "p.conf")]
+    if handler:
+        args += ["--class", handler]
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
+    for extra in (["--check-config"], ["--listen", "127.0.0.1:%d"
+                                       % free_port()]):
+        result = subprocess.run(args + extra, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env,
+                                universal_newlines=True, timeout=20)
+        assert result.returncode == 2, (extra, result.stderr)
+        assert message in result.stderr
