@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""Policy requests per second, and their latency, of smtpproxy's policy
+service (check_policy_service), as Postfix's smtpd processes ask it.
+
+Usage (from the repository root)::
+
+    python3 contrib/bench_policy.py                 # about half a minute
+    python3 contrib/bench_policy.py --quick         # some seconds
+    python3 contrib/bench_policy.py --postgresql    # the store in PostgreSQL
+
+smtpproxy.py runs as its own process with the policy service alone
+(``smtp_proxy = no``, ``policy_listen`` on 127.0.0.1, greylisting
+example.org, keyed by network, no DNS), on an sqlite store in a temporary
+directory, or with ``--postgresql`` on a private cluster (tests/pg.py).
+``--connections`` threads (20, as many smtpd processes) each keep one
+connection and send ``--requests`` RCPT requests on it, one after the
+other, as Postfix does, in two runs:
+
+- new triplets: a sender never seen, every time (the store inserts; the
+  answer is DEFER_IF_PERMIT);
+- known triplets: one of 20 triplets per connection that passed before
+  the run (the store renews the pass; the answer is DUNNO).
+
+Printed for each: requests per second (all connections together) and the
+median and 99th percentile latency of one request, in milliseconds, from
+the request's first byte sent to its answer's last byte received.  Every
+answer is checked; a wrong one fails the run (exit status 1).
+"""
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import smtpproxy  # noqa: E402
+
+DEFER = b"action=DEFER_IF_PERMIT 4.7.1 Greylisted, please try again later\n\n"
+DUNNO = b"action=DUNNO\n\n"
+
+
+def request(sender, recipient):
+    return ("request=smtpd_access_policy\nprotocol_state=RCPT\n"
+            "protocol_name=ESMTP\nclient_address=192.0.2.7\n"
+            "client_name=unknown\nreverse_client_name=unknown\n"
+            "helo_name=client.example.net\nsender=%s\nrecipient=%s\n"
+            "instance=1.2.3\nqueue_id=\nsize=0\n\n"
+            % (sender, recipient)).encode()
+
+
+def free_port():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+def connection(port, requests, expected, latencies, errors):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    mine = []
+    try:
+        for data in requests:
+            start = time.perf_counter()
+            sock.sendall(data)
+            answer = b""
+            while not answer.endswith(b"\n\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise OSError("closed")
+                answer += chunk
+            mine.append(time.perf_counter() - start)
+            if answer != expected:
+                errors.append(answer)
+                return
+    except OSError as error:
+        errors.append(repr(error))
+    finally:
+        sock.close()
+        latencies.extend(mine)
+
+
+def run(port, batches, expected):
+    latencies, errors = [], []
+    threads = [threading.Thread(target=connection, args=(
+        port, batch, expected, latencies, errors)) for batch in batches]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError("wrong answers: %r" % errors[:3])
+    latencies.sort()
+    return (len(latencies) / elapsed, 1000 * statistics.median(latencies),
+            1000 * latencies[int(len(latencies) * 0.99) - 1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--connections", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=500,
+                        help="requests per connection and run (500)")
+    parser.add_argument("--quick", action="store_true",
+                        help="50 requests per connection")
+    parser.add_argument("--postgresql", action="store_true",
+                        help="the store in a private PostgreSQL cluster")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests = 50
+    workdir = tempfile.mkdtemp(prefix="bench-policy-")
+    cluster = process = None
+    try:
+        if args.postgresql:
+            sys.path.insert(0, os.path.join(REPO, "tests"))
+            import pg
+            cluster = pg.PostgreSQL(settings={"fsync": "on"})
+            store = cluster.database()
+        else:
+            store = os.path.join(workdir, "greylist.db")
+        recipients = ["r%d@example.org" % n for n in range(20)]
+        # The known triplets passed before the run.
+        known = smtpproxy.open_store(store)
+        for number in range(args.connections):
+            for recipient in recipients:
+                known.pass_key("192.0.2.0/24 known%s@example.net %s"
+                               % (chr(97 + number % 26) * (1 + number // 26),
+                                  recipient), time.time())
+        known.close()
+        port = free_port()
+        config = os.path.join(workdir, "smtpproxy.conf")
+        with open(config, "w") as stream:
+            stream.write("smtp_proxy = no\npolicy_listen = 127.0.0.1:%d\n"
+                         "allowed_domains:\n    example.org\n"
+                         "allowed_senders:\nclient_key = network\n"
+                         "greylist_db = %s\ngreylist_log = %s\n"
+                         "policy_max_connections = %d\n%s"
+                         % (port, store, os.path.join(workdir, "g.log"),
+                            args.connections + 10,
+                            "run_as_root = yes\n" if os.geteuid() == 0
+                            else ""))
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "smtpproxy.py"), "--config",
+             config], stderr=open(os.path.join(workdir, "stderr"), "wb"),
+            cwd=workdir)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                if process.poll() is not None or \
+                        time.monotonic() > deadline:
+                    raise RuntimeError("the service did not start")
+                time.sleep(0.05)
+        # Digits in senders are normalised away: they differ in letters.
+        new = [[request("new%s%s@example.net" % (
+            chr(97 + c % 26) * (1 + c // 26), _letters(n)),
+            recipients[n % 20]) for n in range(args.requests)]
+            for c in range(args.connections)]
+        passed = [[request("known%s@example.net" % (
+            chr(97 + c % 26) * (1 + c // 26)), recipients[n % 20])
+            for n in range(args.requests)] for c in range(args.connections)]
+        rows = [("new triplets",) + run(port, new, DEFER),
+                ("known triplets",) + run(port, passed, DUNNO)]
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(20)
+        if cluster is not None:
+            cluster.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print("policy service: %d connections, %d requests each per run, store "
+          "%s; Python %s" % (args.connections, args.requests,
+                             "PostgreSQL" if args.postgresql else "sqlite",
+                             sys.version.split()[0]))
+    print("%-16s %12s %8s %8s" % ("requests", "requests/s", "p50 ms",
+                                  "p99 ms"))
+    for row in rows:
+        print("%-16s %12.0f %8.2f %8.2f" % row)
+    return 0
+
+
+def _letters(number):
+    """``number`` written in letters (a sender's digits are normalised)."""
+    text = ""
+    while True:
+        number, digit = divmod(number, 26)
+        text = chr(97 + digit) + text
+        if not number:
+            return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())
