@@ -143,6 +143,9 @@ STORE_SESSIONS = 50
 STORE_DECISIONS = 200          # per session
 STORE_PAUSE = 0.05             # between a session's decisions, when paced
 STORE_PACED_DECISIONS = 60     # per session, when paced
+MODES = ('one', 'many')
+MODE_NAMES = {'one': 'one message per connection',
+              'many': 'many messages per connection'}
 FLOOD_CONNECTIONS = 5000
 TLS_SESSIONS = 500
 BANNER_TIMEOUT = 30.0
@@ -247,6 +250,9 @@ class Server(object):
     @property
     def pid(self):
         return self.proc.pid
+
+    def cpu(self):
+        return cpu_seconds(self.pid)
 
     def describe_failure(self, message):
         rc = self.proc.poll()
@@ -372,6 +378,76 @@ def cpu_seconds(pid):
     # fields[0] is field 3 (state) of proc(5); utime and stime are 14, 15.
     ticks = int(fields[11]) + int(fields[12])
     return ticks / float(os.sysconf('SC_CLK_TCK'))
+
+
+def tree_cpu_seconds(pid):
+    """CPU time of process ``pid`` and all its descendants, living or
+    reaped (cutime, cstime)."""
+    parents, times = {}, {}
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % name) as fileobj:
+                fields = fileobj.read().rpartition(')')[2].split()
+        except OSError:
+            continue
+        parents[int(name)] = int(fields[1])
+        times[int(name)] = sum(int(value) for value in fields[11:15])
+    tree, changed = {pid}, True
+    while changed:
+        changed = False
+        for child, parent in parents.items():
+            if parent in tree and child not in tree:
+                tree.add(child)
+                changed = True
+    return sum(times.get(member, 0) for member in tree) / float(
+        os.sysconf('SC_CLK_TCK'))
+
+
+def postfix_missing():
+    """Why Postfix's before-queue proxy cannot run here, or None."""
+    if os.geteuid() != 0:
+        return 'needs root (Postfix drops to its own user)'
+    for tool in ('postfix', 'postconf'):
+        if shutil.which(tool) is None and not os.path.exists(
+                '/usr/sbin/' + tool):
+            return 'Postfix is not installed (apt-get install postfix)'
+    return None
+
+
+class PostfixPeer(object):
+    """A private Postfix instance (tests/postfix.py) whose smtpd passes
+    each session live to the sink (smtpd_proxy_filter), as a target."""
+
+    def __init__(self, instance):
+        self.instance = instance
+        self.port = instance.port
+        self.pid = instance.process.pid     # its reaper, over master
+
+    def cpu(self):
+        return tree_cpu_seconds(self.pid)
+
+    def check_alive(self):
+        if self.instance.process is None or \
+                self.instance.process.poll() is not None:
+            raise BenchError('Postfix died:\n%s' % self.instance.log()[-2000:])
+
+    def describe_failure(self, message):
+        return 'Postfix: %s\n%s' % (message, _indent(
+            self.instance.log()[-2000:]))
+
+    def stop(self):
+        self.instance.stop()
+
+
+def postfix_settings(host, port):
+    """main.cf for the peer: smtpd proxies to the sink before the queue;
+    as little else as a site would run."""
+    return {'smtpd_proxy_filter': '%s:%d' % (host, port),
+            'smtpd_client_connection_count_limit': '0',
+            'smtpd_client_connection_rate_limit': '0',
+            'default_process_limit': '200'}
 
 
 def raise_nofile(wanted):
@@ -520,12 +596,12 @@ def close_all(sockets):
 
 # ---------------------------------------------------------------- phases
 
-def run_source(tool, port, args, count):
+def run_source(tool, port, args, count, one_per_session):
     """Run smtp-source once; return elapsed seconds."""
     argv = [tool, '-s', str(args.sessions), '-l', str(args.size),
             '-m', str(count), '-f', 'from@example.org',
             '-t', 'to@example.org', '-M', 'bench.example.org']
-    if not args.one_per_session:
+    if not one_per_session:
         argv.insert(1, '-d')
     argv.append('%s:%d' % (HOST, port))
     timeout = 60 + count * 0.05
@@ -549,7 +625,7 @@ def run_source(tool, port, args, count):
     return elapsed
 
 
-def measure_throughput(label, server, sink, tool, args):
+def measure_throughput(label, server, sink, tool, args, one_per_session):
     """Warm-up plus args.repeat timed runs; return a result dict."""
     result = {'label': label, 'rates': [], 'sent': 0, 'delivered': 0,
               'cpu': 0.0, 'wall': 0.0}
@@ -557,9 +633,10 @@ def measure_throughput(label, server, sink, tool, args):
     runs = [('warm-up', warmup)] + [('run', args.messages)] * args.repeat
     for kind, count in runs:
         before = sink.wait_count(0)
-        cpu_before = cpu_seconds(server.pid)
+        cpu_before = server.cpu()
         try:
-            elapsed = run_source(tool, server.port, args, count)
+            elapsed = run_source(tool, server.port, args, count,
+                                 one_per_session)
         except BenchError:
             sink.check_alive()
             server.check_alive()
@@ -574,7 +651,7 @@ def measure_throughput(label, server, sink, tool, args):
                    'messages lost' if delivered < count else 'duplicates',
                    server.describe_failure('log tail')))
         if kind == 'run':
-            result['cpu'] += cpu_seconds(server.pid) - cpu_before
+            result['cpu'] += server.cpu() - cpu_before
             result['wall'] += elapsed
             result['rates'].append(count / elapsed)
             result['sent'] += count
@@ -583,6 +660,30 @@ def measure_throughput(label, server, sink, tool, args):
     result['best'] = max(result['rates'])
     result['median'] = statistics.median(result['rates'])
     return result
+
+
+def transaction_latency(port, count):
+    """One client, one session, ``count`` transactions one after the
+    other (MAIL, RCPT, DATA, a 1 KB message), each timed from MAIL sent to
+    the reply to its final dot; return the sorted seconds."""
+    import smtplib
+    message = ('From: from@example.org\r\nTo: to@example.org\r\n'
+               'Subject: latency\r\n\r\n' + 'x' * 1000 + '\r\n')
+    client = smtplib.SMTP(HOST, port, timeout=SMTP_TIMEOUT)
+    client.ehlo('bench.example.org')
+    times = []
+    try:
+        for _ in range(count + 20):
+            start = time.perf_counter()
+            client.sendmail('from@example.org', ['to@example.org'], message)
+            times.append(time.perf_counter() - start)
+    finally:
+        client.quit()
+    return sorted(times[20:])           # the first 20 warm up
+
+
+def percentile(values, share):
+    return values[max(0, int(len(values) * share) - 1)]
 
 
 def measure_memory(proxy, sink, args):
@@ -814,54 +915,81 @@ def print_service(figures, args):
 
 def print_throughput(results, args):
     print('Throughput: smtp-source -> [proxy ->] smtp-sink, %d messages '
-          'x %d bytes, %d parallel sessions, %s;'
-          % (args.messages, args.size, args.sessions,
-             'one message per session' if args.one_per_session
-             else 'several messages per session (smtp-source -d)'))
-    print('best and median of %d timed run(s) after a warm-up; every '
-          'message checked on the sink.' % args.repeat)
-    print('"/ direct": best/best and median/median.  "server CPU": CPU '
-          'time of the target process')
-    print('(smtp-sink itself for "direct") per message, and as a share of '
-          'one CPU, over the timed runs.')
+          'x %d bytes, %d parallel sessions; best of %d timed run(s) after '
+          'a warm-up, every message checked on the sink.'
+          % (args.messages, args.size, args.sessions, args.repeat))
+    print('Columns: one message per connection (what an MX mostly sees), '
+          'and many per connection (smtp-source -d).  Each cell: msg/s, '
+          '(its share of direct; of Postfix), and the target\'s CPU per '
+          'message.')
     print()
-    print('  %-22s %10s %10s %15s %11s %16s'
-          % ('target', 'best', 'median', 'delivered/sent', '/ direct',
-             'server CPU'))
-    print('  %-22s %10s %10s %15s %11s %16s'
-          % ('', 'msg/s', 'msg/s', '', 'best  med', 'ms/msg    %'))
-    direct = results.get('direct')
-    for key in ('direct', 'smtpproxy', 'greylisting', 'aiosmtpd'):
-        res = results.get(key)
-        if res is None:
+    print('  %-27s %-36s %-36s' % ('through', 'one message per connection',
+                                   'many messages per connection'))
+    for key in ('direct', 'postfix', 'smtpproxy', 'greylisting',
+                'aiosmtpd'):
+        cells = []
+        label = None
+        for mode in MODES:
+            res = results.get((key, mode))
+            if res is None:
+                cells.append('-')
+                continue
+            label = res['label']
+            if 'skipped' in res:
+                cells.append('skipped: %s' % res['skipped'])
+                continue
+            if 'failed' in res:
+                cells.append('FAILED: %s' % res['failed'].splitlines()[0])
+                continue
+            text = '%6.0f' % res['best']
+            shares = []
+            for peer in ('direct', 'postfix'):
+                other = results.get((peer, mode), {})
+                if peer != key and 'best' in other:
+                    shares.append('%.2f' % (res['best'] / other['best']))
+                elif peer != key:
+                    shares.append('-')
+            if shares:
+                text += ' (%s)' % '; '.join(shares)
+            text += ' %.2f ms' % (1000.0 * res['cpu'] / res['sent'])
+            cells.append(text)
+        if label is not None:
+            print('  %-27s %-36s %-36s' % (label, cells[0], cells[1]))
+    for mode in MODES:
+        proxy = results.get(('smtpproxy', mode), {})
+        postfix = results.get(('postfix', mode), {})
+        grey = results.get(('greylisting', mode), {})
+        if 'best' in proxy and 'best' in postfix:
+            print('  %s: smtpproxy / Postfix %.2f (goal >= 1: %s)%s'
+                  % (MODE_NAMES[mode], proxy['best'] / postfix['best'],
+                     'met' if proxy['best'] >= postfix['best'] else
+                     'MISSED', '; greylisting / smtpproxy %.2f (goal >= '
+                     '0.9)' % (grey['best'] / proxy['best'])
+                     if 'best' in grey else ''))
+    print()
+
+
+def print_latency(latencies, args):
+    if 'direct' not in latencies:
+        return
+    print('Latency: one session, %d transactions one after the other '
+          '(MAIL, RCPT, DATA, 1 KB), ms from MAIL to the reply to the dot:'
+          % args.latency)
+    direct = latencies['direct']
+    base = (percentile(direct, 0.5), percentile(direct, 0.99))
+    for key, label in (('direct', 'direct to smtp-sink'),
+                       ('postfix', 'Postfix smtpd_proxy_filter'),
+                       ('smtpproxy', 'smtpproxy'),
+                       ('greylisting', 'smtpproxy greylisting')):
+        if key not in latencies:
             continue
-        if 'skipped' in res:
-            print('  %-22s skipped: %s' % (res['label'], res['skipped']))
-            continue
-        if 'failed' in res:
-            print('  %-22s FAILED: %s' % (res['label'],
-                                          res['failed'].splitlines()[0]))
-            continue
-        ratio = ''
-        if direct is not None and 'best' in direct:
-            ratio = '%.2f  %.2f' % (res['best'] / direct['best'],
-                                    res['median'] / direct['median'])
-        goal = ''
-        if key == 'smtpproxy' and ratio:
-            met = res['best'] / direct['best'] >= PROXY_GOAL
-            goal = '  goal >= %.2f: %s' % (PROXY_GOAL,
-                                           'met' if met else 'MISSED')
-        cpu = '%6.2f %5.0f' % (1000.0 * res['cpu'] / res['sent'],
-                               100.0 * res['cpu'] / res['wall'])
-        print('  %-22s %10.0f %10.0f %15s %11s %16s%s'
-              % (res['label'], res['best'], res['median'],
-                 '%d/%d' % (res['delivered'], res['sent']), ratio, cpu,
-                 goal))
-    proxy = results.get('smtpproxy', {})
-    aio = results.get('aiosmtpd', {})
-    if 'best' in proxy and 'best' in aio:
-        print('  smtpproxy / aiosmtpd Proxy (best): %.2f'
-              % (proxy['best'] / aio['best']))
+        times = latencies[key]
+        p50, p99 = percentile(times, 0.5), percentile(times, 0.99)
+        added = '' if key == 'direct' else (
+            '; added: p50 %.2f, p99 %.2f' % (1000 * (p50 - base[0]),
+                                             1000 * (p99 - base[1])))
+        print('  %-27s p50 %.2f, p99 %.2f%s' % (label, 1000 * p50,
+                                                1000 * p99, added))
     print()
 
 
@@ -917,9 +1045,15 @@ def parse_args(argv=None):
                         help='message payload bytes (default 10240)')
     parser.add_argument('--repeat', type=int,
                         help='timed runs per target (default 3; --quick: 1)')
+    parser.add_argument('--mode', choices=('both', 'one', 'many'),
+                        default='both',
+                        help='one message per connection, many (smtp-source '
+                             '-d), or both columns (default)')
     parser.add_argument('--one-per-session', action='store_true',
-                        help='new SMTP session for every message (no '
-                             'smtp-source -d)')
+                        help='the same as --mode one')
+    parser.add_argument('--latency', type=int,
+                        help='transactions of the latency run (default '
+                             '1000; --quick: 200)')
     parser.add_argument('--skip-big', action='store_true',
                         help='skip the big-message memory test')
     parser.add_argument('--big-size', type=int,
@@ -945,16 +1079,19 @@ def parse_args(argv=None):
                              '(default: %(default)s)')
     args = parser.parse_args(argv)
     quick = {'messages': 500, 'repeat': 1, 'big_size': 20,
-             'idle_sessions': 100}
+             'idle_sessions': 100, 'latency': 200}
     full = {'messages': 5000, 'repeat': 3, 'big_size': 100,
-            'idle_sessions': 1000}
+            'idle_sessions': 1000, 'latency': 1000}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     for key in ('messages', 'sessions', 'size', 'repeat', 'big_size',
-                'idle_sessions'):
+                'idle_sessions', 'latency'):
         if getattr(args, key) < 1:
             parser.error('--%s must be at least 1' % key.replace('_', '-'))
+    if args.one_per_session:
+        args.mode = 'one'
+    args.modes = MODES if args.mode == 'both' else (args.mode,)
     return args
 
 
@@ -1006,6 +1143,8 @@ def main(argv=None):
 
     workdir = tempfile.mkdtemp(prefix='smtpproxy-bench-')
     servers = []
+    postfixes = []
+    latencies = {}
     results = {}
     failures = []
     missing = []
@@ -1061,21 +1200,25 @@ def main(argv=None):
             targets.append(('greylisting', 'smtpproxy greylisting',
                             start_greylisting))
         else:
-            results['smtpproxy'] = {'label': 'smtpproxy',
-                                    'skipped': 'not found: %s'
-                                    % proxy_script}
+            for mode in MODES:
+                results['smtpproxy', mode] = {
+                    'label': 'smtpproxy',
+                    'skipped': 'not found: %s' % proxy_script}
             missing.append(proxy_script)
         aio_version = None
         if args.no_aiosmtpd:
-            results['aiosmtpd'] = {'label': 'aiosmtpd Proxy',
-                                   'skipped': '--no-aiosmtpd'}
+            for mode in MODES:
+                results['aiosmtpd', mode] = {'label': 'aiosmtpd Proxy',
+                                             'skipped': '--no-aiosmtpd'}
         else:
             aio_version = has_aiosmtpd(args.aiosmtpd_python)
             if aio_version is None:
-                results['aiosmtpd'] = {
-                    'label': 'aiosmtpd Proxy',
-                    'skipped': 'not installed for %s (see --aiosmtpd-python)'
-                               % args.aiosmtpd_python}
+                for mode in MODES:
+                    results['aiosmtpd', mode] = {
+                        'label': 'aiosmtpd Proxy',
+                        'skipped': 'not installed for %s (see '
+                                   '--aiosmtpd-python)'
+                                   % args.aiosmtpd_python}
             else:
                 def start_aiosmtpd():
                     port = free_port()
@@ -1088,20 +1231,45 @@ def main(argv=None):
                 label = 'aiosmtpd %s Proxy' % aio_version
                 targets.append(('aiosmtpd', label, start_aiosmtpd))
 
+        postfix_reason = postfix_missing()
+        if postfix_reason is None:
+            def start_postfix():
+                sys.path.insert(0, os.path.join(repo, 'tests'))
+                import postfix
+                instance = postfix.Postfix(sink.port, xclient=False,
+                                           settings=postfix_settings(
+                                               HOST, sink.port))
+                postfixes.append(instance)
+                return PostfixPeer(instance)
+            targets.insert(1, ('postfix', 'Postfix smtpd_proxy_filter',
+                               start_postfix))
+        else:
+            for mode in MODES:
+                results['postfix', mode] = {
+                    'label': 'Postfix smtpd_proxy_filter',
+                    'skipped': postfix_reason}
         for key, label, starter in targets:
             print('running: %s ...' % label, file=sys.stderr)
             server = None
             try:
                 server = starter()
-                results[key] = measure_throughput(label, server, sink,
-                                                  source_tool, args)
+                for mode in args.modes:
+                    results[key, mode] = measure_throughput(
+                        label, server, sink, source_tool, args,
+                        mode == 'one')
+                if key in ('direct', 'postfix', 'smtpproxy', 'greylisting'):
+                    latencies[key] = transaction_latency(server.port,
+                                                         args.latency)
             except (BenchError, OSError) as exc:
-                results[key] = {'label': label, 'failed': str(exc)}
+                for mode in args.modes:
+                    results.setdefault((key, mode), {'label': label,
+                                                     'failed': str(exc)})
                 failures.append(str(exc))
             finally:
                 if server is not None and server is not sink:
                     server.stop()
-                    servers.remove(server)
+                    if server in servers:
+                        servers.remove(server)
 
         # -- the greylisting store on its own
         if os.path.exists(proxy_script):
@@ -1168,9 +1336,12 @@ def main(argv=None):
     finally:
         for server in reversed(servers):
             server.stop()
+        for instance in postfixes:
+            instance.stop()
         sys.stderr.flush()
 
     print_throughput(results, args)
+    print_latency(latencies, args)
     if store_figures is not None:
         flat_out, paced, alone = store_figures
         print('Greylisting store: %d threads x %d decisions, each a '

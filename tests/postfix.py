@@ -56,7 +56,10 @@ import sys
 import tempfile
 import time
 
-import pytest
+try:
+    import pytest
+except ImportError:             # contrib/bench.py uses Postfix alone
+    pytest = None
 
 DOMAIN = "example.org"
 START_TIMEOUT = 20.0
@@ -604,7 +607,6 @@ def _kill_group_of(queue_dir):
         pass
 
 
-@pytest.fixture
 def postfix_factory(tmp_path):
     """Start private Postfixes: ``postfix = postfix_factory(relay_port,
     xclient=True, settings=None)``.  All are stopped at teardown, and
@@ -625,3 +627,7 @@ def postfix_factory(tmp_path):
     for number, instance in enumerate(started):
         log_path = tmp_path / ("postfix%d.maillog" % number)
         log_path.write_text(instance.log())
+
+
+if pytest is not None:
+    postfix_factory = pytest.fixture(postfix_factory)

@@ -17,7 +17,7 @@ import time
 import pytest
 
 import smtpproxy
-from conftest import ROOT, ProxyProcess, RawClient, free_port, read, \
+from conftest import ROOT, ProxyProcess, RawClient, free_port, \
     wait_until
 
 RCPT = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
