@@ -214,6 +214,7 @@ import logging.handlers
 import math
 import os
 import pwd
+import queue
 import re
 import signal
 import socket
@@ -585,6 +586,13 @@ KEYS = [
     Key("upstream_timeout", _integer, UPSTREAM,
         "seconds to wait for the real server to connect or answer; then "
         "the client gets 451"),
+    Key("upstream_pool_size", _integer, UPSTREAM,
+        "upstream sessions kept open when their client has gone, for the "
+        "next clients (a new EHLO, no new connection); never one that "
+        "failed, in a transaction, with TLS or XCLIENT; 0: none"),
+    Key("upstream_pool_idle", _positive, UPSTREAM,
+        "seconds an upstream session may wait in the pool: less than the "
+        "upstream's own idle timeout (Postfix: 300)"),
     Key("upstream_capabilities_ttl", _integer, UPSTREAM,
         "seconds its EHLO keywords (SIZE, 8BITMIME, SMTPUTF8, DSN) are "
         "trusted before a client's EHLO asks again; every session with it "
@@ -1699,6 +1707,20 @@ class UpstreamSession(object):
         self.extensions = {}
         self.xclient_done = True
 
+    def reusable(self):
+        """True if another client may have this session: plain, not told
+        of a client by XCLIENT, nothing unread, and nothing come from the
+        upstream meanwhile (a 421, the end of the connection)."""
+        if self.tls or self.xclient_done or self.reader.buffered():
+            return False
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True             # nothing to read: still ours
+        except OSError:
+            return False
+        return False                # a reply nobody asked for, or the end
+
     def quit(self):
         """End the session politely; errors are of no interest any more."""
         try:
@@ -1799,6 +1821,10 @@ class UpstreamRelay(object):
         handler = self.handler
         tls = handler.upstream_tls if tls is None else tls
         xclient = handler.xclient
+        if self._poolable(tls):
+            session = self._from_pool()
+            if session is not None:
+                return session
         session = handler.upstream_class(
             (handler.smtp_ip, handler.smtp_port), handler.upstream_timeout)
         # TLS and XCLIENT need EHLO; with XCLIENT, the first name is ours
@@ -1939,10 +1965,58 @@ class UpstreamRelay(object):
             self.session = None
 
     def quit(self):
-        """End the session politely."""
-        if self.session is not None:
-            self.session.quit()
-            self.session = None
+        """End the session: into the pool if another client may have it
+        (``upstream_pool_size``), else politely (QUIT)."""
+        session, self.session = self.session, None
+        if session is None:
+            return
+        if (not self.in_transaction and self.lost is None
+                and self._poolable(self.handler.upstream_tls)
+                and session.reusable()
+                and upstream_pool.put(self._pool_key(), session,
+                                      self.handler.upstream_pool_size,
+                                      self.handler.upstream_pool_idle)):
+            return
+        session.quit()
+
+    # -- warm sessions ---------------------------------------------------
+
+    def _poolable(self, tls):
+        # Only plain sessions are pooled: never for upstream_tls =
+        # required, nor with XCLIENT, which makes a session one client's.
+        handler = self.handler
+        return bool(handler.upstream_pool_size and tls != "required"
+                    and not handler.xclient)
+
+    def _pool_key(self):
+        handler = self.handler
+        return (handler.upstream_class, handler.smtp_ip, handler.smtp_port,
+                handler.upstream_timeout)
+
+    def _from_pool(self):
+        """A pooled session introduced with this client's HELO/EHLO name
+        (which resets it, and tells what the upstream offers now), or
+        None.  One that went away while pooled is closed and the next one
+        tried: the client never hears of it."""
+        handler = self.handler
+        while True:
+            session = upstream_pool.take(self._pool_key())
+            if session is None:
+                return None
+            try:
+                session.introduce(handler.helo_name, handler.esmtp)
+            except UpstreamError as error:
+                handler.log_dialogue("pooled upstream session lost: %s",
+                                     error)
+                session.abort()
+                continue
+            if (handler.upstream_tls == "opportunistic"
+                    and "STARTTLS" in session.extensions):
+                # It offers TLS now: a new session will use it.
+                session.quit()
+                return None
+            handler.count("upstream_reused")
+            return session
 
 
 class DataScanner(object):
@@ -2653,6 +2727,8 @@ class ConcreteMailHandler(MailHandler):
     smtp_ip = "127.0.0.1"
     smtp_port = 8025
     upstream_timeout = 120
+    upstream_pool_size = 20
+    upstream_pool_idle = 30
     max_recipients = 100
     defer_reply = "451 4.7.1 Please try again later"
     upstream_class = UpstreamSession
@@ -5155,11 +5231,75 @@ tls_contexts = Cache()              # SSLContexts, of clients and upstream
 upstream_capabilities = UpstreamCapabilities()
 
 
+class UpstreamPool(object):
+    """Warm upstream sessions, kept when their client session ended
+    cleanly, for the next clients of the same upstream (``upstream_pool``,
+    used by UpstreamRelay): a session costs a new EHLO instead of a new
+    connection, its greeting and a QUIT.  At most ``size`` per upstream,
+    each for at most ``idle`` seconds (the upstream_pool_* keys): expire()
+    closes older ones with QUIT, before the upstream's own idle timeout;
+    the warmest is taken first."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pooled = {}           # key -> [(session, expires), ...]
+
+    def put(self, key, session, size, idle):
+        """Keep ``session``; False if the pool of ``key`` is full."""
+        with self._lock:
+            pooled = self._pooled.setdefault(key, [])
+            if len(pooled) >= size:
+                return False
+            pooled.append((session, time.monotonic() + idle))
+            return True
+
+    def take(self, key):
+        """The warmest pooled session of ``key`` that has not expired and
+        still looks usable, or None."""
+        while True:
+            with self._lock:
+                pooled = self._pooled.get(key)
+                if not pooled:
+                    return None
+                session, expires = pooled.pop()
+            if expires > time.monotonic() and session.reusable():
+                return session
+            session.abort()
+
+    def expire(self):
+        """Close (QUIT) the sessions that waited too long."""
+        now = time.monotonic()
+        expired = []
+        with self._lock:
+            for key, pooled in self._pooled.items():
+                expired += [session for session, expires in pooled
+                            if expires <= now]
+                pooled[:] = [entry for entry in pooled if entry[1] > now]
+        for session in expired:
+            session.quit()
+
+    def reset(self):
+        """Close every pooled session (QUIT)."""
+        with self._lock:
+            pooled, self._pooled = self._pooled, {}
+        for sessions in pooled.values():
+            for session, _ in sessions:
+                session.quit()
+
+    def __len__(self):
+        with self._lock:
+            return sum(len(pooled) for pooled in self._pooled.values())
+
+
+upstream_pool = UpstreamPool()
+
+
 def reset_registries():
     """Forget what the process shared: stores (closed), whitelist files,
-    TLS contexts, upstream capabilities, errors logged.  For tests."""
+    TLS contexts, upstream capabilities, pooled upstream sessions
+    (closed), errors logged.  For tests."""
     for registry in (stores, list_files, dns_lists, tls_contexts,
-                     upstream_capabilities, _logged):
+                     upstream_capabilities, upstream_pool, _logged):
         registry.reset()
 
 
@@ -5204,6 +5344,12 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     server waits, longer each time up to ``accept_backoff_max`` seconds,
     instead of trying again at once, and logs it once per incident.
 
+    Session threads are reused: a thread whose session ended waits up to
+    ``thread_idle_time`` seconds (60) for the next client, and at most
+    ``spare_threads`` (50) wait at once; a client finds a waiting thread
+    or gets a new one, so that a new connection costs no thread start in
+    the common case.  No thread holds anything of the session it served.
+
     Counters (``counters``, a dict; logged by log_counters(), which the
     command line runs on SIGUSR1): connections, connections_refused,
     rcpt_accepted, rcpt_deferred, rcpt_refused (replies to RCPT, ours or
@@ -5231,6 +5377,8 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     close_wait = 5
     # Refused connections are logged at most once per this many seconds.
     refusal_log_interval = 60
+    spare_threads = 50
+    thread_idle_time = 60
 
     def __init__(self, server_address, RequestHandlerClass,
                  bind_and_activate=True):
@@ -5261,6 +5409,12 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         self._refusals = 0
         self._refusals_logged = 0.0
         self._accept_failures = 0
+        # Waiting session threads (_idle of them, none promised a client
+        # yet) take clients from _clients; None tells one to end.
+        self._clients = queue.Queue()
+        self._idle = 0
+        self._closed = False
+        self._pool_lock = threading.Lock()
         socketserver.ThreadingTCPServer.__init__(
             self, server_address, RequestHandlerClass, bind_and_activate)
 
@@ -5348,12 +5502,50 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         if refused:
             self.refuse_connection(request, address)
             return
+        with self._pool_lock:
+            waiting = self._idle > 0
+            if waiting:
+                self._idle -= 1             # that thread is promised it
+        if waiting:
+            self._clients.put((request, client_address))
+            return
         try:
-            socketserver.ThreadingTCPServer.process_request(
-                self, request, client_address)
+            threading.Thread(target=self._session_thread,
+                             args=((request, client_address),),
+                             name="smtpproxy session", daemon=True).start()
         except BaseException:
             self._forget(request)
             raise
+
+    def _session_thread(self, client):
+        """Serve ``client``, then wait for the next one (thread reuse)."""
+        while client is not None:
+            self.process_request_thread(*client)
+            client = None               # nothing of it kept while waiting
+            with self._pool_lock:
+                if self._closed or self._idle >= self.spare_threads:
+                    return
+                self._idle += 1
+            try:
+                client = self._clients.get(timeout=self.thread_idle_time)
+            except queue.Empty:
+                with self._pool_lock:
+                    if self._idle > 0:
+                        self._idle -= 1     # not promised: end
+                        return
+                # Promised a client that is on its way.
+                client = self._clients.get()
+
+    def server_close(self):
+        """Close the listening socket, and end the waiting session
+        threads: no client will come."""
+        socketserver.ThreadingTCPServer.server_close(self)
+        upstream_pool.reset()           # no client will need them
+        with self._pool_lock:
+            self._closed = True
+            idle, self._idle = self._idle, 0
+        for _ in range(idle):
+            self._clients.put(None)
 
     def refuse_connection(self, request, address):
         """Say 421 4.7.0 to a client over the limits (421 4.3.2 when
@@ -5460,9 +5652,11 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
                 handler._under_stress(stressed)
 
     def service_actions(self):
-        """Called by serve_forever() between accepts: under stress, shed
-        the sessions that have waited for their client longer than
+        """Called by serve_forever() between accepts: close the pooled
+        upstream sessions that waited too long; under stress, shed the
+        sessions that have waited for their client longer than
         stress_timeout (they began to wait before the stress)."""
+        upstream_pool.expire()
         if not (self.stressed and self.stress_timeout):
             return
         now = time.monotonic()

@@ -501,8 +501,8 @@ def test_an_upstream_gone_in_an_overlong_reply_line_is_lost_not_spun_on(
         proxy):
     """The upstream sends "250-" and 2000 octets without LF to RCPT and
     hangs up: the client gets 451 4.4.2 within a few seconds, and the
-    session's thread ends once the client quits (no thread left spinning
-    on the end of input)."""
+    session's thread ends its session once the client quits (no thread
+    left spinning on the end of input)."""
     hostile = HostileUpstream()
     port = proxy(smtp_port=hostile.port, upstream_timeout=5)
     server = proxy.servers[-1]
@@ -521,8 +521,11 @@ def test_an_upstream_gone_in_an_overlong_reply_line_is_lost_not_spun_on(
         assert (code, text[:6]) == (451, "4.4.2 "), (code, text)
         assert client.cmd("QUIT")[0] == 221
         client.close()
-        wait_until(lambda: threading.active_count() <= threads, timeout=5,
-                   what="the session's thread to end")
+        # Its session over, the thread waits for the next client (it is
+        # reused), not spinning on the end of input.
+        wait_until(lambda: not server.sessions and server._idle == 1
+                   and threading.active_count() <= threads + 1, timeout=5,
+                   what="the session's thread to end its session")
     finally:
         client.close()
         # Never leave a thread spinning behind (for the tests that follow

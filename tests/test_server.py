@@ -104,3 +104,81 @@ def test_full_disk_for_the_log_loses_no_mail(proxy_process, upstream):
         client.sendmail("a@example.net", ["c@example.org"], MESSAGE)
     assert [m.rcpt_tos for m in upstream.messages] == [
         ["b@example.org"], ["c@example.org"]]
+
+
+# -- session threads are reused ----------------------------------------------
+
+def pooled_server(upstream, **attributes):
+    handler = type("Pooled", (AcceptAll,), {
+        "smtp_ip": "127.0.0.1", "smtp_port": upstream.port,
+        "inactivity_timeout": 10})
+    server_class = type("PoolServer", (smtpproxy.SMTPProxyServer,),
+                        attributes)
+    server = server_class(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,),
+                     daemon=True).start()
+    return server
+
+
+def session_threads():
+    return [thread for thread in threading.enumerate()
+            if thread.name == "smtpproxy session"]
+
+
+def one_session(port):
+    client = smtplib.SMTP("127.0.0.1", port, timeout=10)
+    client.sendmail("a@example.net", ["b@example.org"], b"Subject: x\r\n\r\nx")
+    client.quit()
+
+
+def wait_for(predicate):
+    import time
+    deadline = time.monotonic() + 10
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_session_threads_serve_client_after_client(upstream):
+    server = pooled_server(upstream)
+    port = server.server_address[1]
+    before = set(session_threads())
+    for _ in range(20):
+        one_session(port)
+        # The thread that served it waits for the next client.
+        wait_for(lambda: server._idle == 1)
+    assert len(set(session_threads()) - before) == 1
+    assert len(upstream.messages) == 20
+    server.shutdown()
+    server.server_close()
+    wait_for(lambda: not set(session_threads()) - before)
+
+
+def test_at_most_spare_threads_wait_and_idle_ones_end(upstream):
+    server = pooled_server(upstream, spare_threads=3, thread_idle_time=0.5)
+    port = server.server_address[1]
+    before = set(session_threads())
+    clients = [RawClient(port) for _ in range(8)]      # 8 at once
+    wait_for(lambda: len(set(session_threads()) - before) == 8)
+    for client in clients:
+        client.cmd("QUIT")
+        client.close()
+    wait_for(lambda: len(set(session_threads()) - before) == 3)
+    assert server._idle == 3
+    # Unused for thread_idle_time: they end too.
+    wait_for(lambda: not set(session_threads()) - before)
+    assert server._idle == 0
+    one_session(port)                   # and a client still gets a thread
+    assert len(upstream.messages) == 1
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_stop_ends_the_waiting_threads(upstream):
+    server = pooled_server(upstream)
+    before = set(session_threads())
+    one_session(server.server_address[1])
+    wait_for(lambda: server._idle == 1)
+    server.shutdown()
+    assert server.stop(grace_period=1) == 0
+    wait_for(lambda: not set(session_threads()) - before)
