@@ -890,6 +890,8 @@ def test_a_store_the_user_cannot_write_stops_the_start(tmp_path, detach):
 def test_relative_names_read_from_the_root_directory_are_warned_about(
         tmp_path, daemons):
     port = free_port()
+    # Its own name: the suites of two interpreters may run at once.
+    relative = "relative-%d.log" % os.getpid()
     result = run(["--daemon", "--listen", "127.0.0.1:%d" % port,
                   "--pidfile", str(tmp_path / "p.pid"),
                   "-o", "greylist_log=", "-o", "run_as_root=yes",
@@ -907,11 +909,11 @@ def test_relative_names_read_from_the_root_directory_are_warned_about(
                   "--pidfile", str(tmp_path / "p.pid"),
                   "-o", "greylist_log=", "-o", "run_as_root=yes",
                   "--class", "smtpproxy.ConcreteMailHandler",
-                  "-o", "log_file=relative.log"], cwd="/")
+                  "-o", "log_file=%s" % relative], cwd="/")
     assert result.returncode == 0, result.stderr
     pid = daemons.read_pid(tmp_path / "p.pid")
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not pid_alive(pid), what="the daemon to stop")
     assert ("warning: log_file is a relative name, read from /: "
-            "/relative.log") in result.stderr
-    os.unlink("/relative.log")
+            "/%s" % relative) in result.stderr
+    os.unlink("/" + relative)
