@@ -469,6 +469,9 @@ class ProxyFactory(object):
         handler_class = type("Test" + handler.__name__, (handler,),
                              attributes)
         if handler_class.smtp_port == self.upstream.port:
+            # Warm sessions of the proxies started before (closed with
+            # QUIT) would keep the probe from looking like the last one.
+            smtpproxy.upstream_pool.reset()
             handler_class.learn_upstream()
             forget = getattr(self.upstream, "forget_probe", None)
             if forget is not None:

@@ -373,3 +373,45 @@ def test_the_shipped_whitelist_of_sender_pools_loads(engine):
     assert decide(grey, "192.0.2.7", None).verdict == "defer"
     assert decide(grey, "192.0.2.7",
                   "mail-wr1-f51.google.com").rule == "whitelist_clients"
+
+
+# -- lookup threads ------------------------------------------------------------
+
+def test_lookups_reuse_their_threads():
+    before = smtpproxy.lookup_threads.count
+    for number in range(50):
+        assert smtpproxy.call_with_deadline(lambda n: n * 2, (number,),
+                                            5) == (True, number * 2)
+    assert smtpproxy.lookup_threads.count - before <= 1
+    assert smtpproxy.call_with_deadline(
+        lambda: 1 / 0, (), 5) == (True, None)      # a failure: no answer
+
+
+def test_lookup_threads_are_bounded_and_deadlines_kept(caplog):
+    import threading
+    import time
+    threads = type("Few", (smtpproxy.LookupThreads,), {"limit": 2})()
+    original, smtpproxy.lookup_threads = smtpproxy.lookup_threads, threads
+    stuck = threading.Event()
+    try:
+        for _ in range(2):              # two lookups stuck in the resolver
+            began = time.monotonic()
+            assert smtpproxy.call_with_deadline(stuck.wait, (), 0.2) == (
+                False, None)
+            assert 0.15 < time.monotonic() - began < 1
+        began = time.monotonic()
+        assert smtpproxy.call_with_deadline(lambda: "x", (), 5) == (
+            False, None)                # none free: at once, not made
+        assert time.monotonic() - began < 0.1
+        assert "lookup threads: all 2 busy" in caplog.text
+        stuck.set()                     # the resolver answers at last
+        deadline = time.monotonic() + 5
+        while threads._idle < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert smtpproxy.call_with_deadline(lambda: "x", (), 5) == (
+            True, "x")
+        assert threads.count == 2
+    finally:
+        smtpproxy.lookup_threads = original
+        stuck.set()

@@ -32,7 +32,7 @@ def send(port, helo="client.example.net", sender="a@example.net"):
 
 
 def test_the_next_clients_reuse_one_upstream_session(proxy, upstream):
-    port = proxy()
+    port = proxy(upstream_pool_size=20)
     for number in range(3):
         assert send(port, helo="client%d.example.net" % number) == {}
         wait_until(lambda: len(smtpproxy.upstream_pool) == 1,
@@ -59,7 +59,7 @@ def test_a_pooled_session_the_upstream_dropped_is_replaced_unseen(proxy):
     # session is found gone, and the client gets a new one.
     short = Upstream(timeout=1)
     try:
-        port = proxy(smtp_port=short.port)
+        port = proxy(smtp_port=short.port, upstream_pool_size=20)
         assert send(port) == {}
         wait_until(lambda: short.open_connections == 0, timeout=5,
                    what="the upstream to drop the idle session")
@@ -73,7 +73,7 @@ def test_a_pooled_session_the_upstream_dropped_is_replaced_unseen(proxy):
 
 def test_a_pooled_session_that_breaks_on_its_ehlo_is_replaced(proxy,
                                                              upstream):
-    port = proxy()
+    port = proxy(upstream_pool_size=20)
     assert send(port) == {}
     wait_until(lambda: len(smtpproxy.upstream_pool) == 1, what="the pool")
     # Looks fine (nothing to read), but cannot be written to any more.
@@ -87,7 +87,7 @@ def test_a_pooled_session_that_breaks_on_its_ehlo_is_replaced(proxy,
 
 def test_a_session_that_waited_too_long_is_closed_with_quit(proxy,
                                                             upstream):
-    port = proxy(upstream_pool_idle=0.3)
+    port = proxy(upstream_pool_size=20, upstream_pool_idle=0.3)
     assert send(port) == {}
     # The server's service_actions() expire it (it polls every 0.05 s).
     wait_until(lambda: upstream.open_connections == 0, timeout=5,
@@ -98,7 +98,7 @@ def test_a_session_that_waited_too_long_is_closed_with_quit(proxy,
 
 
 def test_a_changed_capability_set_is_learnt_on_reuse(proxy, raw_upstream):
-    port = proxy(smtp_port=raw_upstream.port)
+    port = proxy(smtp_port=raw_upstream.port, upstream_pool_size=20)
     client = RawClient(port)
     client.cmd("EHLO client.example.net")
     client.cmd("MAIL FROM:<a@example.net>")
@@ -125,7 +125,7 @@ def test_a_changed_capability_set_is_learnt_on_reuse(proxy, raw_upstream):
 
 
 def test_a_session_left_in_a_transaction_is_not_reused(proxy, upstream):
-    port = proxy()
+    port = proxy(upstream_pool_size=20)
     client = RawClient(port)
     client.cmd("EHLO client.example.net")
     client.cmd("MAIL FROM:<a@example.net>")
@@ -139,7 +139,7 @@ def test_a_session_left_in_a_transaction_is_not_reused(proxy, upstream):
 
 
 def test_a_session_that_failed_is_not_reused(proxy, upstream):
-    port = proxy()
+    port = proxy(upstream_pool_size=20)
     client = RawClient(port)
     client.cmd("EHLO client.example.net")
     client.cmd("MAIL FROM:<a@example.net>")
@@ -155,7 +155,7 @@ def test_a_session_that_failed_is_not_reused(proxy, upstream):
 
 
 def test_sessions_with_xclient_are_never_pooled(proxy, upstream):
-    port = proxy(xclient=True)
+    port = proxy(xclient=True, upstream_pool_size=20)
     for _ in range(2):
         assert send(port) == {}
     wait_until(lambda: upstream.open_connections == 0, what="QUITs")
@@ -164,7 +164,7 @@ def test_sessions_with_xclient_are_never_pooled(proxy, upstream):
 
 
 def test_the_stop_closes_the_pooled_sessions(proxy, upstream):
-    port = proxy()
+    port = proxy(upstream_pool_size=20)
     assert send(port) == {}
     wait_until(lambda: len(smtpproxy.upstream_pool) == 1, what="the pool")
     proxy.servers[-1].shutdown()
