@@ -5004,14 +5004,14 @@ class ListFile(object):
 class LookupThreads(object):
     """The threads that make the system resolver's calls for
     call_with_deadline() (``lookup_threads``): reused, so that a lookup
-    costs no thread start; one that has had nothing to do for
-    ``idle_time`` seconds (60) ends.  At most ``limit`` (100) at once,
+    costs no thread start while lookups come; one that has had nothing to
+    do for ``idle_time`` seconds (1) ends.  At most ``limit`` (100) at once,
     those stuck in a resolver that does not answer included: past it, a
     lookup is not made (as if it had timed out), and that is logged (the
     first time)."""
 
     limit = 100
-    idle_time = 60
+    idle_time = 1
 
     def __init__(self):
         self._jobs = queue.Queue()
@@ -5405,11 +5405,13 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     server waits, longer each time up to ``accept_backoff_max`` seconds,
     instead of trying again at once, and logs it once per incident.
 
-    Session threads are reused: a thread whose session ended waits up to
-    ``thread_idle_time`` seconds (60) for the next client, and at most
-    ``spare_threads`` (50) wait at once; a client finds a waiting thread
-    or gets a new one, so that a new connection costs no thread start in
-    the common case.  No thread holds anything of the session it served.
+    Session threads may be reused: a thread whose session ended waits up
+    to ``thread_idle_time`` seconds (60) for the next client, and at most
+    ``spare_threads`` wait at once; a client finds a waiting thread or
+    gets a new one, so that a new connection costs no thread start.  No
+    thread holds anything of the session it served.  ``spare_threads``
+    is 0 (a thread per client) for now: with 50, a ten-minute soak's
+    memory grew by half, which is not explained yet.
 
     Counters (``counters``, a dict; logged by log_counters(), which the
     command line runs on SIGUSR1): connections, connections_refused,
@@ -5438,7 +5440,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     close_wait = 5
     # Refused connections are logged at most once per this many seconds.
     refusal_log_interval = 60
-    spare_threads = 50
+    spare_threads = 0
     thread_idle_time = 60
 
     def __init__(self, server_address, RequestHandlerClass,

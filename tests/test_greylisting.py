@@ -390,7 +390,8 @@ def test_lookups_reuse_their_threads():
 def test_lookup_threads_are_bounded_and_deadlines_kept(caplog):
     import threading
     import time
-    threads = type("Few", (smtpproxy.LookupThreads,), {"limit": 2})()
+    threads = type("Few", (smtpproxy.LookupThreads,),
+                   {"limit": 2, "idle_time": 30})()
     original, smtpproxy.lookup_threads = smtpproxy.lookup_threads, threads
     stuck = threading.Event()
     try:

@@ -109,6 +109,7 @@ def test_full_disk_for_the_log_loses_no_mail(proxy_process, upstream):
 # -- session threads are reused ----------------------------------------------
 
 def pooled_server(upstream, **attributes):
+    attributes.setdefault("spare_threads", 50)
     handler = type("Pooled", (AcceptAll,), {
         "smtp_ip": "127.0.0.1", "smtp_port": upstream.port,
         "inactivity_timeout": 10})
