@@ -100,6 +100,13 @@ the greylisting store.  Signals:
     SIGUSR2          Reopen the logs, whatever the configuration (for
                      logrotate).
 
+With ``workers`` above 1, the process started is the master: it binds the
+port, writes the pidfile, forks that many workers (after the privilege
+drop), which serve the port and share its limits, starts again one that
+dies, and passes each signal on to them (SIGUSR1: each logs its own
+counters); it serves no client itself.  A worker whose master is gone
+stops by itself.
+
 Exit status: 0 after a stop, 1 when the service could not start (port in
 use, already running, store not writable), 2 for a bad configuration.
 
@@ -770,13 +777,30 @@ KEYS = [
     Key("smtp_proxy", _boolean, POLICY,
         "serve SMTP on listen_ip and port; no: run the policy service "
         "alone", owner="service", default=True, restart=True),
+    Key("workers", _positive, SERVICE,
+        "processes serving SMTP clients on the one port, each with its "
+        "threads, its upstream sessions and its share of max_connections "
+        "and max_connections_per_ip; more than one also on a host with "
+        "fewer cores (one process's threads take turns), see the README",
+        owner="service", default=1, restart=True, option=True,
+        examples=("4",)),
+    Key("spare_threads", _integer, SERVICE,
+        "session threads (of each worker) that, their client gone, wait "
+        "for the next one instead of ending: a new connection then costs "
+        "no thread start; 0: a new thread for every client",
+        owner="server"),
+    Key("thread_idle_time", _positive, SERVICE,
+        "seconds a spare session thread waits for a client before it "
+        "ends", owner="server"),
     Key("max_connections", _positive, SERVICE,
         "clients served at once; one more gets 421 4.7.0 and is closed at "
-        "once", owner="server", option=True),
+        "once; with workers, the whole service's", owner="server",
+        option=True),
     Key("max_connections_per_ip", _integer, SERVICE,
         "clients served at once from one client, an address with its "
         "first connection_ipv4_prefix or connection_ipv6_prefix bits; "
-        "0: no limit", owner="server", option=True),
+        "0: no limit; with workers, each has its share, rounded up",
+        owner="server", option=True),
     Key("connection_ipv4_prefix", _prefix(32), SERVICE,
         "bits of an IPv4 address that make one client for "
         "max_connections_per_ip", owner="server"),
@@ -5442,6 +5466,8 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     refusal_log_interval = 60
     spare_threads = 0
     thread_idle_time = 60
+    # The number of the worker process serving (the workers key), or None.
+    worker = None
 
     def __init__(self, server_address, RequestHandlerClass,
                  bind_and_activate=True):
@@ -5541,8 +5567,9 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         with self.sessions_changed:
             counters = sorted(self.counters.items())
             active = len(self.sessions)
-        log.info("counters: sessions_open=%d %s", active,
-                 " ".join("%s=%d" % item for item in counters))
+        log.info("counters: %ssessions_open=%d %s",
+                 "" if self.worker is None else "worker=%d " % self.worker,
+                 active, " ".join("%s=%d" % item for item in counters))
 
     def process_request(self, request, client_address):
         """Start a session thread, unless a limit is reached: then the
@@ -6884,6 +6911,11 @@ class Service(object):
         self.stop_asked = False     # SIGTERM or SIGINT came
         self.policy = None          # the policy service's server
         self.stopped = threading.Event()    # the policy service alone
+        self.worker = None          # in a worker process: its number
+        self.master = None          # in a worker process: the master's pid
+        self.workers = {}           # in the master: pid -> (number, start)
+        self._restarts = {}         # worker number -> when to start it
+        self._quick_ends = {}       # worker number -> quick ends in a row
 
     def _absolute_paths(self, values):
         """``values`` with the file names, given or default, made absolute
@@ -6923,6 +6955,8 @@ class Service(object):
                 report_start(self.report, error.status)
             self.close()
             return error.status
+        if self.server is not None and self.values.get("workers", 1) > 1:
+            return self._supervise(handler_class)
         self._serving(handler_class)
         try:
             if self.server is not None:
@@ -7025,15 +7059,28 @@ class Service(object):
     def _serving(self, handler_class):
         """The start went well: signals, the parent told, warnings, the
         start logged, the upstream asked what it offers."""
+        self._catch_signals()
+        self._start_serving()
+        self._started(handler_class)
+        if self.server is not None:
+            self.learn_upstream(handler_class)
+
+    def _catch_signals(self):
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                        signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(signum, self.on_signal)
+
+    def _start_serving(self):
+        """The SMTP server's hook, and the policy service's thread."""
         if self.server is not None:
             self.server.service_actions = self.on_service
         if self.policy is not None:
             threading.Thread(target=self.policy.serve_forever,
                              kwargs={"poll_interval": 0.25},
                              name="policy service", daemon=True).start()
+
+    def _started(self, handler_class):
+        """Tell the waiting parent, log the warnings and the start."""
         if self.report is not None:
             report_start(self.report, 0)
         for warning in self.warnings + configuration_warnings(
@@ -7042,6 +7089,8 @@ class Service(object):
         details = ("class %s, config %s, pid %d, user %s"
                    % (self.args.handler_class, self.path or "none",
                       os.getpid(), _user_name(os.geteuid())))
+        if self.workers:
+            details += ", %d workers" % len(self.workers)
         if self.server is not None:
             log.info("smtpproxy %s listening on [%s]:%s, forwarding to "
                      "%s:%s (%s)", __version__,
@@ -7052,8 +7101,167 @@ class Service(object):
         if self.policy is not None:
             log.info("smtpproxy %s answering policy requests on %s (%s)",
                      __version__, self.values["policy_listen"], details)
-        if self.server is not None:
-            self.learn_upstream(handler_class)
+
+    # -- several processes (workers) -------------------------------------
+
+    def _supervise(self, handler_class):
+        """``workers`` > 1: fork that many worker processes, which serve
+        the port bound here (and, the first of them, the policy service),
+        and watch them until stopped; return the exit status.
+
+        This process, the master, serves no client and starts no thread,
+        so that a fork never copies a lock held by another thread.  A
+        worker that ends when it should not is started again, at once, or
+        after 1, 2, 4 ... 60 seconds when it ends again within
+        ``worker_quick_end`` seconds of its start.  Signals: SIGTERM and
+        SIGINT are passed to the workers, which stop as a single process
+        does, and this one ends when the last has; SIGHUP reloads here and
+        is passed on; SIGUSR1 logs the workers and is passed on (each logs
+        its counters); SIGUSR2 reopens the logs here and is passed on.  A
+        worker whose master is gone stops by itself."""
+        stores.reset()          # no store connection crosses a fork
+        # A worker that loses the race for a new connection must go back
+        # to its loop, not wait in accept() for the next one.
+        self.server.socket.setblocking(False)
+        self._catch_signals()
+        for number in range(self.values["workers"]):
+            self._fork_worker(number, handler_class)
+        self._started(handler_class)
+        try:
+            while self.workers or not self.stop_asked:
+                self._reap_workers()
+                self._master_signals()
+                now = time.monotonic()
+                for number, when in sorted(self._restarts.items()):
+                    if when <= now and not self.stop_asked:
+                        del self._restarts[number]
+                        self._fork_worker(number, handler_class)
+                if self.workers or not self.stop_asked:
+                    time.sleep(0.1)
+        finally:
+            self.close()
+        log.info("stopped")
+        return 0
+
+    worker_quick_end = 10
+
+    def _fork_worker(self, number, handler_class):
+        """Start worker ``number``; in the child, serve and exit."""
+        try:
+            pid = os.fork()
+        except OSError as error:
+            log.error("cannot start worker %d: %s; trying again in a "
+                      "second", number, error)
+            self._restarts[number] = time.monotonic() + 1
+            return
+        if pid:
+            self.workers[pid] = (number, time.monotonic())
+            return
+        status = 70                 # EX_SOFTWARE, if serving raised
+        try:
+            status = self._work(number, handler_class)
+        except BaseException:
+            log.exception("worker %d failed", number)
+        finally:
+            os._exit(status)
+
+    def _work(self, number, handler_class):
+        """A worker: serve as a single process would, until stopped."""
+        self.worker = number
+        self.master = os.getppid()
+        self.workers = {}
+        self._restarts = {}
+        self.pending = []
+        self.report = None
+        # Out of the terminal's process group: a ^C reaches the master,
+        # which passes it on once.
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+        if self.pidfile is not None:
+            os.close(self.pidfile)      # the lock stays the master's
+            self.pidfile = None
+        if self.policy is not None and number != 0:
+            self.policy.server_close()
+            self.policy = None
+        self._configure_server(self.values)
+        self._start_serving()
+        self.learn_upstream(handler_class, quiet=number != 0)
+        self.server.serve_forever(poll_interval=0.25)
+        self._stop()
+        self.close()
+        return 0
+
+    def _configure_server(self, values):
+        """Set the server's keys; a worker's connection limits are its
+        share of the service's."""
+        configure_server(self.server, values)
+        workers = values.get("workers", 1)
+        if self.worker is not None and workers > 1:
+            self.server.worker = self.worker
+            for key in ("max_connections", "max_connections_per_ip"):
+                value = getattr(self.server, key)
+                if value:
+                    setattr(self.server, key, -(-value // workers))
+
+    def _reap_workers(self):
+        """Note the workers that ended; plan their restart unless the
+        service is stopping."""
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.workers.clear()
+                return
+            if not pid:
+                return
+            number, started = self.workers.pop(pid, (None, 0))
+            if number is None or self.stop_asked:
+                continue
+            if os.WIFSIGNALED(status):
+                how = "was killed by signal %d" % os.WTERMSIG(status)
+            else:
+                how = "exited with status %d" % os.WEXITSTATUS(status)
+            if time.monotonic() - started < self.worker_quick_end:
+                quick = self._quick_ends.get(number, 0) + 1
+            else:
+                quick = 0
+            self._quick_ends[number] = quick
+            # The first quick end may be chance; a second one in a row
+            # is a worker that cannot serve: wait 1, 2, 4 ... 60 s.
+            delay = min(60, 2 ** (quick - 2)) if quick > 1 else 0
+            log.error("worker %d (pid %d) %s; starting another%s", number,
+                      pid, how, " in %d s" % delay if delay else "")
+            self._restarts[number] = time.monotonic() + delay
+
+    def _master_signals(self):
+        """Act on the signals the master got, and pass them on."""
+        while self.pending:
+            signum = self.pending.pop(0)
+            forward = signum
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                forward = signal.SIGTERM
+                if not getattr(self, "_stop_logged", False):
+                    self._stop_logged = True
+                    log.info("signal %d: stopping %d workers", signum,
+                             len(self.workers))
+                    # The port closes at once, as a single process's does
+                    # (the workers close their copies as they stop).
+                    self.server.socket.close()
+                    self._restarts.clear()
+            elif signum == signal.SIGHUP:
+                self.reload()
+            elif signum == signal.SIGUSR1:
+                log.info("workers: %d running (pids %s)", len(self.workers),
+                         " ".join(str(pid) for pid in sorted(self.workers)))
+            elif signum == signal.SIGUSR2:
+                self._reopen_logs(self.values)
+            for pid in list(self.workers):
+                try:
+                    os.kill(pid, forward)
+                except OSError:
+                    pass        # ended meanwhile: reaped next time
 
     def _stop(self):
         """serve_forever() returned (SIGTERM): the policy service's
@@ -7094,12 +7302,12 @@ class Service(object):
                                  % (key, path, _user_name(os.geteuid())))
 
     @staticmethod
-    def learn_upstream(handler_class):
+    def learn_upstream(handler_class, quiet=False):
         """Ask the upstream what it offers, for the first clients' EHLO."""
         learn = getattr(handler_class, "learn_upstream", None)
         if learn is not None:
             extensions = learn()
-            if extensions is not None:
+            if extensions is not None and not quiet:
                 log.info("upstream %s:%s offers: %s", handler_class.smtp_ip,
                          handler_class.smtp_port, log_escape(" ".join(
                              ("%s %s" % item).rstrip()
@@ -7110,7 +7318,8 @@ class Service(object):
             self.server.server_close()
         if self.policy is not None:
             self.policy.server_close()
-            if isinstance(self.policy, UnixPolicyServer):
+            if (isinstance(self.policy, UnixPolicyServer)
+                    and self.worker is None):
                 try:
                     os.unlink(self.policy.server_address)
                 except OSError:
@@ -7148,6 +7357,12 @@ class Service(object):
         the policy service's main loop)."""
         if self.server is not None:
             SMTPProxyServer.service_actions(self.server)
+        if (self.master is not None and os.getppid() != self.master
+                and not self.stop_asked):
+            log.warning("worker %d: the master process (pid %d) is gone: "
+                        "stopping", self.worker, self.master)
+            self.stop_asked = True
+            self.pending.append(signal.SIGTERM)
         while self.pending:
             signum = self.pending.pop(0)
             if signum in (signal.SIGTERM, signal.SIGINT):
@@ -7202,7 +7417,7 @@ class Service(object):
         self.values = values
         if self.server is not None:
             self.server.RequestHandlerClass = handler_class
-            configure_server(self.server, values)
+            self._configure_server(values)
         if self.policy is not None:
             self.policy.settings = handler_class
             configure_server(self.policy, values, POLICY_SETTINGS)

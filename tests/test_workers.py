@@ -1,0 +1,268 @@
+"""Several processes on one port (the workers key, issue 16): a master that
+binds and watches, workers that serve, each with its share of the limits;
+nothing lost when one dies, when the service stops, or when the master is
+killed.
+
+Each proxy runs from its command line (``proxy_process``); processes are
+found in /proc and polled for, never slept for.
+"""
+
+import os
+import re
+import signal
+import smtplib
+import socket
+
+import pytest
+
+from conftest import RawClient, read, wait_until
+from test_service import (connection_refused, pid_alive, start_transaction,
+                          wait_for_log)
+
+
+def children(pid):
+    """The live processes whose parent is ``pid``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                # gone meanwhile
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(name))
+    return sorted(found)
+
+
+def workers_of(process, count):
+    """Wait until the master ``process`` has ``count`` workers; return
+    their pids."""
+    return wait_until(lambda: len(children(process.process.pid)) == count
+                      and children(process.process.pid),
+                      what="%d workers" % count)
+
+
+def send(port, number):
+    smtp = smtplib.SMTP("127.0.0.1", port, timeout=10)
+    smtp.sendmail("a@example.net", ["b@example.org"],
+                  "Subject: %d\r\n\r\nmessage %d\r\n" % (number, number))
+    smtp.quit()
+
+
+def counters_lines(path):
+    return [dict((key, int(value)) for key, value
+                 in re.findall(r"(\w+)=(\d+)", line))
+            for line in read(path).splitlines() if "counters: " in line]
+
+
+def test_workers_serve_the_port_and_each_counts_its_own(proxy_process,
+                                                        tmp_path, upstream):
+    service_log = tmp_path / "service.log"
+    process = proxy_process(config="workers = 3\nlog_file = %s\n"
+                            % service_log)
+    master = process.process.pid
+    pids = workers_of(process, 3)
+    for pid in pids:
+        # Each in its own process group: a ^C on the terminal reaches
+        # the master only, which passes it on once.
+        assert os.getpgid(pid) != os.getpgid(master)
+    assert re.search(r"listening on .*pid %d.*3 workers" % master,
+                     read(service_log))
+    for number in range(30):
+        send(process.port, number)
+    assert sorted(message.content.split(b"message ")[1].strip()
+                  for message in upstream.messages) == sorted(
+        str(number).encode() for number in range(30))
+    process.process.send_signal(signal.SIGUSR1)
+    wait_until(lambda: len(counters_lines(service_log)) == 3,
+               what="three counters lines")
+    assert "workers: 3 running (pids %s)" % " ".join(map(str, pids)) \
+        in read(service_log)
+    lines = counters_lines(service_log)
+    assert sorted(line["worker"] for line in lines) == [0, 1, 2]
+    # The readiness probe and the 30 sessions, each counted by the worker
+    # that served it, once.
+    assert sum(line["connections"] for line in lines) == 31
+    assert sum(line["messages_accepted"] for line in lines) == 30
+
+
+def test_max_connections_is_the_whole_services(proxy_process):
+    # Two workers, two clients at once in all: one each.
+    process = proxy_process(config="workers = 2\nmax_connections = 2\n"
+                            "max_connections_per_ip = 0\n")
+    workers_of(process, 2)
+    clients = [RawClient(process.port) for _ in range(20)]
+    codes = [client.greeting[0] for client in clients]
+    assert codes.count(220) <= 2
+    assert codes.count(220) >= 1 and codes.count(421) >= 18
+    for client in clients:
+        client.close()
+
+
+def test_max_connections_per_ip_is_shared_rounded_up(proxy_process):
+    # 3 per client, two workers: 2 each, 4 at most in all.
+    process = proxy_process(config="workers = 2\nmax_connections = 100\n"
+                            "max_connections_per_ip = 3\n")
+    workers_of(process, 2)
+    clients = [RawClient(process.port) for _ in range(20)]
+    codes = [client.greeting[0] for client in clients]
+    assert 2 <= codes.count(220) <= 4
+    for client in clients:
+        client.close()
+
+
+def test_a_worker_that_dies_is_replaced_and_nothing_is_lost(
+        proxy_process, tmp_path, upstream):
+    service_log = tmp_path / "service.log"
+    process = proxy_process(config="workers = 2\nlog_file = %s\n"
+                            % service_log)
+    first = workers_of(process, 2)
+    os.kill(first[0], signal.SIGKILL)
+    wait_for_log(service_log, r"worker \d \(pid %d\) was killed by signal "
+                 r"9; starting another\n" % first[0])
+    second = wait_until(lambda: len(children(process.process.pid)) == 2
+                        and first[0] not in children(process.process.pid)
+                        and children(process.process.pid),
+                        what="a new worker")
+    assert first[1] in second
+    # A worker that ends again soon after its start is started again
+    # later, not at once: a worker that cannot serve must not spin.
+    new = [pid for pid in second if pid not in first][0]
+    os.kill(new, signal.SIGKILL)
+    wait_for_log(service_log, r"worker \d \(pid %d\) was killed by signal "
+                 r"9; starting another in 1 s\n" % new)
+    workers_of(process, 2)
+    for number in range(10):
+        send(process.port, number)
+    assert len(upstream.messages) == 10
+
+
+def test_sigterm_stops_every_worker_after_their_transactions(
+        proxy_process, tmp_path, upstream):
+    service_log = tmp_path / "service.log"
+    pidfile = tmp_path / "smtpproxy.pid"
+    process = proxy_process(config="workers = 2\ngrace_period = 30\n"
+                            "log_file = %s\npidfile = %s\n"
+                            % (service_log, pidfile))
+    pids = workers_of(process, 2)
+    assert read(pidfile) == "%d\n" % process.process.pid
+    busy = RawClient(process.port)
+    start_transaction(busy)
+    busy.send("Subject: half\r\n\r\nfirst half\r\n")
+    idle = RawClient(process.port)
+    assert idle.cmd("EHLO client.example.net")[0] == 250
+    process.process.send_signal(signal.SIGTERM)
+    # The port closes at once; the idle session hears 421 at once.
+    wait_until(lambda: connection_refused(process.port),
+               what="the listening socket to close")
+    code, text = idle.reply()
+    assert code == 421 and text.startswith("4.3.2 ")
+    # The open transaction finishes and is delivered.
+    busy.send("second half\r\n.\r\n")
+    assert busy.reply()[0] == 250
+    assert upstream.messages[-1].content.endswith(b"second half\r\n")
+    assert process.process.wait(10) == 0
+    for pid in pids:
+        assert not pid_alive(pid)
+    assert not pidfile.exists()
+    log = read(service_log)
+    assert "signal 15: stopping 2 workers" in log
+    # Stopping, the master starts no worker again.
+    assert "starting another" not in log
+    assert log.rstrip().endswith("stopped")
+
+
+def test_workers_stop_by_themselves_when_the_master_is_killed(
+        proxy_process, tmp_path):
+    service_log = tmp_path / "service.log"
+    process = proxy_process(config="workers = 2\nlog_file = %s\n"
+                            % service_log)
+    pids = workers_of(process, 2)
+    idle = RawClient(process.port)
+    assert idle.cmd("EHLO client.example.net")[0] == 250
+    process.process.kill()
+    process.process.wait()
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids),
+               what="the workers to stop")
+    code, text = idle.reply()
+    assert code == 421 and text.startswith("4.3.2 ")
+    assert connection_refused(process.port)
+    assert "the master process (pid %d) is gone: stopping" \
+        % process.process.pid in read(service_log)
+
+
+def test_sighup_reaches_every_worker(proxy_process, tmp_path):
+    process = proxy_process(config="workers = 2\nservername = one.example\n")
+    workers_of(process, 2)
+    with open(process.config_path, "a") as config:
+        config.write("servername = two.example\n")
+    process.process.send_signal(signal.SIGHUP)
+
+    def greeting():
+        client = RawClient(process.port)
+        client.close()
+        return client.greeting[1]
+    wait_until(lambda: greeting().startswith("two.example "),
+               what="the new name")
+    # Every worker has it (twenty sessions land on both).
+    assert all(greeting().startswith("two.example ") for _ in range(20))
+
+
+def test_the_first_worker_answers_the_policy_service(proxy_process,
+                                                     tmp_path):
+    path = tmp_path / "policy.sock"
+    process = proxy_process(
+        config="workers = 2\npolicy_listen = unix:%s\n"
+               "greylist_db = %s\nallowed_domains:\n    example.org\n"
+               % (path, tmp_path / "greylist.db"),
+        handler="smtpproxy.GreyListingPolicy")
+    pids = workers_of(process, 2)
+    assert path.exists()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(10)
+    sock.connect(str(path))
+    sock.sendall(b"request=smtpd_access_policy\nprotocol_state=RCPT\n"
+                 b"client_address=192.0.2.7\nclient_name=unknown\n"
+                 b"sender=a@example.net\nrecipient=b@example.org\n\n")
+    answer = b""
+    while not answer.endswith(b"\n\n"):
+        data = sock.recv(4096)
+        assert data
+        answer += data
+    assert answer.startswith(b"action=DEFER_IF_PERMIT ")
+    sock.close()
+    # A worker's stop leaves the socket to the master, which removes it.
+    os.kill(pids[0], signal.SIGKILL)
+    workers_of(process, 2)
+    assert path.exists()
+    process.process.send_signal(signal.SIGTERM)
+    assert process.process.wait(10) == 0
+    assert not path.exists()
+
+
+def test_workers_is_a_positive_number_and_takes_a_restart(proxy_process,
+                                                         tmp_path):
+    from test_service import run
+    result = run(["--check-config", "-o", "workers=0"])
+    assert result.returncode == 2
+    assert "workers" in result.stderr
+    service_log = tmp_path / "service.log"
+    process = proxy_process(config="workers = 2\nlog_file = %s\n"
+                            % service_log)
+    workers_of(process, 2)
+    with open(process.config_path, "a") as config:
+        config.write("workers = 3\n")
+    process.process.send_signal(signal.SIGHUP)
+    wait_for_log(service_log, "workers changed, which takes a restart")
+    assert len(children(process.process.pid)) == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_worker_is_a_single_process(proxy_process, workers):
+    process = proxy_process(config="workers = %d\n" % workers)
+    if workers == 1:
+        assert children(process.process.pid) == []
+    else:
+        assert len(workers_of(process, 2)) == 2
