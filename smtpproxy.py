@@ -1195,7 +1195,8 @@ def set_timeout(sock, seconds):
     the socket stays blocking and a timeout surfaces as BlockingIOError
     (EAGAIN), which the readers here turn into socket.timeout.
     """
-    sock.settimeout(None)
+    if sock.gettimeout() is not None:
+        sock.settimeout(None)       # a system call: only when it changes
     if not seconds:
         return
     if not (_kernel_timeout(sock, socket.SO_RCVTIMEO, seconds)
@@ -2622,6 +2623,14 @@ class MailHandler(socketserver.StreamRequestHandler):
         greeting, waiting ``greet_pause`` seconds for it."""
         if self.reader.buffered():
             return True         # sent along with the PROXY header
+        if not self.greet_pause:
+            # A look at what came with the connection, nothing waited
+            # for: no timeout to set and set back.
+            try:
+                return self.connection.recv(
+                    1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
+            except (BlockingIOError, InterruptedError):
+                return False
         self.connection.settimeout(self.greet_pause)
         try:
             self.connection.recv(1, socket.MSG_PEEK)

@@ -17,16 +17,27 @@ All traffic stays on 127.0.0.1 (ports chosen by the kernel); every process
 started is stopped at the end.  What is measured:
 
 1. Throughput.  ``smtp-source`` sends ``--messages`` messages of ``--size``
-   bytes over ``--sessions`` parallel SMTP sessions, several messages per
-   session (``smtp-source -d``; ``--one-per-session`` opens a new session
-   for every message instead), (a) directly to ``smtp-sink``, (b) through
-   smtpproxy in front of the same sink, (c) through aiosmtpd's ``Proxy``
-   handler in front of the same sink.  Each target gets one untimed warm-up
-   run, then ``--repeat`` timed runs; best and median messages/second are
-   printed, and the ratio smtpproxy/direct (best runs) beside its goal
-   (>= 0.50).  After every run the sink's own counters (``smtp-sink -c``)
-   must show exactly the number of messages sent, so a proxy that drops
-   mail cannot look fast.
+   bytes over ``--sessions`` parallel SMTP sessions, in two columns: one
+   message per connection (what an MX mostly sees), and many per
+   connection (``smtp-source -d``); ``--mode one|many`` runs one column.
+   Targets, each in front of the same ``smtp-sink``: (a) the sink itself
+   (direct), (b) Postfix's before-queue proxy (a private Postfix instance,
+   tests/postfix.py, whose smtpd has ``smtpd_proxy_filter`` pointing at
+   the sink; as root only), (c) smtpproxy with its defaults, (d) the same
+   greylisting (GreyListingPolicy asking its sqlite store at every RCPT,
+   the triplet passed beforehand), (e) and (f) the same two "tuned": the
+   speed keys of the README (``workers`` = ``--workers``, 2 by default,
+   ``spare_threads`` 50, ``upstream_pool_size`` 20), (g) aiosmtpd's
+   ``Proxy`` handler.  ``--targets direct,postfix,...`` runs some of them.
+   Each target gets one untimed warm-up run, then ``--repeat`` timed runs;
+   the best is printed with its share of direct and of Postfix, and the
+   CPU time per message of the target's processes (smtpproxy's workers
+   and Postfix's daemons included).  After every run the sink's own
+   counters (``smtp-sink -c``) must show exactly the number of messages
+   sent, so a proxy that drops mail cannot look fast.  Then a single
+   session's latency per transaction (MAIL to the reply to the dot; p50,
+   p99, and what the proxy adds to direct), and the greylisting store's
+   decision latency under 50 sessions.
 
 2. Memory of the smtpproxy process (VmRSS and VmHWM = peak RSS, from
    /proc/PID/status) on a fresh proxy: idle after start, after one 1 MB
@@ -139,11 +150,22 @@ GREYLIST_CONFIG = ('allowed_senders:\n'
                    'auto_whitelist_clients = 0\n'
                    'greylist_db = %s\n')
 GREYLIST_KEY = '127.0.0.0/24 from@example.org to@example.org'
+# The speed keys (README, "Speed"), off by default: worker processes,
+# session threads reused, warm upstream sessions.
+TUNED_CONFIG = ('workers = %d\n'
+                'spare_threads = 50\n'
+                'upstream_pool_size = 20\n')
 STORE_SESSIONS = 50
 STORE_DECISIONS = 200          # per session
 STORE_PAUSE = 0.05             # between a session's decisions, when paced
 STORE_PACED_DECISIONS = 60     # per session, when paced
 MODES = ('one', 'many')
+LATENCY_TARGETS = (('direct', 'direct to smtp-sink'),
+                   ('postfix', 'Postfix smtpd_proxy_filter'),
+                   ('smtpproxy', 'smtpproxy'),
+                   ('greylisting', 'smtpproxy greylisting'),
+                   ('tuned', 'smtpproxy tuned'),
+                   ('greylisting-tuned', 'smtpproxy tuned grey'))
 MODE_NAMES = {'one': 'one message per connection',
               'many': 'many messages per connection'}
 FLOOD_CONNECTIONS = 5000
@@ -252,7 +274,8 @@ class Server(object):
         return self.proc.pid
 
     def cpu(self):
-        return cpu_seconds(self.pid)
+        # With its children: smtpproxy's workers (the workers key).
+        return tree_cpu_seconds(self.pid)
 
     def describe_failure(self, message):
         rc = self.proc.poll()
@@ -925,8 +948,8 @@ def print_throughput(results, args):
     print()
     print('  %-27s %-36s %-36s' % ('through', 'one message per connection',
                                    'many messages per connection'))
-    for key in ('direct', 'postfix', 'smtpproxy', 'greylisting',
-                'aiosmtpd'):
+    for key in ('direct', 'postfix', 'smtpproxy', 'greylisting', 'tuned',
+                'greylisting-tuned', 'aiosmtpd'):
         cells = []
         label = None
         for mode in MODES:
@@ -955,17 +978,23 @@ def print_throughput(results, args):
             cells.append(text)
         if label is not None:
             print('  %-27s %-36s %-36s' % (label, cells[0], cells[1]))
+    print('  (tuned: %s)' % TUNED_CONFIG.replace('\n', ', ').rstrip(', ')
+          % args.workers)
     for mode in MODES:
-        proxy = results.get(('smtpproxy', mode), {})
         postfix = results.get(('postfix', mode), {})
-        grey = results.get(('greylisting', mode), {})
-        if 'best' in proxy and 'best' in postfix:
-            print('  %s: smtpproxy / Postfix %.2f (goal >= 1: %s)%s'
-                  % (MODE_NAMES[mode], proxy['best'] / postfix['best'],
-                     'met' if proxy['best'] >= postfix['best'] else
-                     'MISSED', '; greylisting / smtpproxy %.2f (goal >= '
-                     '0.9)' % (grey['best'] / proxy['best'])
-                     if 'best' in grey else ''))
+        for key, grey_key, name in (
+                ('smtpproxy', 'greylisting', 'smtpproxy'),
+                ('tuned', 'greylisting-tuned', 'smtpproxy tuned')):
+            proxy = results.get((key, mode), {})
+            grey = results.get((grey_key, mode), {})
+            if 'best' in proxy and 'best' in postfix:
+                print('  %s: %s / Postfix %.2f (goal >= 1: %s)%s'
+                      % (MODE_NAMES[mode], name,
+                         proxy['best'] / postfix['best'],
+                         'met' if proxy['best'] >= postfix['best'] else
+                         'MISSED', '; greylisting / plain %.2f (goal >= '
+                         '0.9)' % (grey['best'] / proxy['best'])
+                         if 'best' in grey else ''))
     print()
 
 
@@ -977,10 +1006,7 @@ def print_latency(latencies, args):
           % args.latency)
     direct = latencies['direct']
     base = (percentile(direct, 0.5), percentile(direct, 0.99))
-    for key, label in (('direct', 'direct to smtp-sink'),
-                       ('postfix', 'Postfix smtpd_proxy_filter'),
-                       ('smtpproxy', 'smtpproxy'),
-                       ('greylisting', 'smtpproxy greylisting')):
+    for key, label in LATENCY_TARGETS:
         if key not in latencies:
             continue
         times = latencies[key]
@@ -1062,6 +1088,14 @@ def parse_args(argv=None):
     parser.add_argument('--idle-sessions', type=int,
                         help='concurrent idle sessions (default 1000; '
                              '--quick: 100)')
+    parser.add_argument('--workers', type=int, default=2,
+                        help='workers of the tuned smtpproxy rows '
+                             '(default 2)')
+    parser.add_argument('--targets',
+                        help='comma-separated throughput targets to run '
+                             '(direct, postfix, smtpproxy, greylisting, '
+                             'tuned, greylisting-tuned, aiosmtpd; default '
+                             'all)')
     parser.add_argument('--quick', action='store_true',
                         help='small numbers for a smoke run')
     parser.add_argument('--python', default=sys.executable,
@@ -1172,16 +1206,19 @@ def main(argv=None):
                 '--class', handler, '--config', config]
         return start(Server(name, argv, port, workdir, env=env, cwd=workdir))
 
-    def start_greylisting():
-        grey_config = os.path.join(workdir, 'greylist.conf')
+    def start_greylisting(tuned=False):
+        name = 'greylisting-tuned' if tuned else 'greylisting'
+        grey_config = os.path.join(workdir, name + '.conf')
         with open(grey_config, 'w') as fileobj:
             fileobj.write(PROXY_CONFIG % 500)
             fileobj.write(GREYLIST_CONFIG
-                          % os.path.join(workdir, 'greylist.db'))
+                          % os.path.join(workdir, name + '.db'))
+            if tuned:
+                fileobj.write(TUNED_CONFIG % args.workers)
         subprocess.check_call([args.python, proxy_script, '--config',
                                grey_config, '--db-pass', GREYLIST_KEY],
                               cwd=workdir)
-        return start_proxy('smtpproxy-greylisting', grey_config,
+        return start_proxy('smtpproxy-' + name, grey_config,
                            'smtpproxy.GreyListingPolicy')
 
     try:
@@ -1194,11 +1231,20 @@ def main(argv=None):
 
         # -- throughput (the sink itself is the 'direct' target)
         targets = [('direct', 'direct to smtp-sink', lambda: sink)]
+        tuned_config = os.path.join(workdir, 'tuned.conf')
+        with open(tuned_config, 'w') as fileobj:
+            fileobj.write(PROXY_CONFIG % 500)
+            fileobj.write(TUNED_CONFIG % args.workers)
         if os.path.exists(proxy_script):
             targets.append(('smtpproxy', 'smtpproxy',
                             lambda: start_proxy('smtpproxy', config)))
             targets.append(('greylisting', 'smtpproxy greylisting',
                             start_greylisting))
+            targets.append(('tuned', 'smtpproxy tuned',
+                            lambda: start_proxy('smtpproxy-tuned',
+                                                tuned_config)))
+            targets.append(('greylisting-tuned', 'smtpproxy tuned grey',
+                            lambda: start_greylisting(tuned=True)))
         else:
             for mode in MODES:
                 results['smtpproxy', mode] = {
@@ -1248,6 +1294,9 @@ def main(argv=None):
                 results['postfix', mode] = {
                     'label': 'Postfix smtpd_proxy_filter',
                     'skipped': postfix_reason}
+        if args.targets:
+            wanted = args.targets.split(',')
+            targets = [target for target in targets if target[0] in wanted]
         for key, label, starter in targets:
             print('running: %s ...' % label, file=sys.stderr)
             server = None
@@ -1257,7 +1306,7 @@ def main(argv=None):
                     results[key, mode] = measure_throughput(
                         label, server, sink, source_tool, args,
                         mode == 'one')
-                if key in ('direct', 'postfix', 'smtpproxy', 'greylisting'):
+                if key in LATENCY_TARGETS:
                     latencies[key] = transaction_latency(server.port,
                                                          args.latency)
             except (BenchError, OSError) as exc:

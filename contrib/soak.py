@@ -12,6 +12,9 @@ Usage (by hand, not in CI; Linux, as it binds client sockets to
 Options: ``--duration SECONDS`` of load (600), ``--clients N`` client
 threads (20), ``--seed N`` (random by default; the report names it),
 ``--python PATH`` the interpreter that runs the proxy (this one),
+``--set KEY=VALUE`` a configuration key of the proxy (repeatable; with
+``workers``, the descriptors, threads and RSS are the master's and its
+workers' together),
 ``--keep`` keeps the temporary directory (configuration, store, the
 proxy's log), ``--verbose`` prints progress and every failure's details.
 It needs nothing beyond the standard library, and sends nothing beyond
@@ -806,8 +809,10 @@ class ProxyProcess(object):
 
     start_timeout = 30
 
-    def __init__(self, python, directory, upstream_port, greylist_db=None):
+    def __init__(self, python, directory, upstream_port, greylist_db=None,
+                 settings=()):
         self.directory = directory
+        self.settings = list(settings)     # "key = value" lines
         self.greylist_db = greylist_db or os.path.join(directory,
                                                        "greylist.db")
         self.port = free_port()
@@ -847,6 +852,7 @@ class ProxyProcess(object):
         ]
         if os.geteuid() == 0:
             lines.append("run_as_root = yes")
+        lines += self.settings
         return "\n".join(lines) + "\n"
 
     def wait_ready(self):
@@ -875,17 +881,35 @@ class ProxyProcess(object):
             self.start_timeout)
 
     def sample(self):
-        """Its open descriptors, threads and RSS (bytes) now; None once it
-        has gone."""
-        try:
-            fds = len(os.listdir("/proc/%d/fd" % self.pid))
-            with open("/proc/%d/status" % self.pid) as status:
-                fields = dict(line.split(":", 1) for line in status
-                              if ":" in line)
-            return Sample(time.monotonic(), fds, int(fields["Threads"]),
-                          int(fields["VmRSS"].split()[0]) * 1024)
-        except (OSError, KeyError, ValueError):
-            return None
+        """Its open descriptors, threads and RSS (bytes) now, those of its
+        worker processes (``workers``) added; None once it has gone."""
+        fds = threads = rss = 0
+        for pid in [self.pid] + self.workers():
+            try:
+                fds += len(os.listdir("/proc/%d/fd" % pid))
+                with open("/proc/%d/status" % pid) as status:
+                    fields = dict(line.split(":", 1) for line in status
+                                  if ":" in line)
+                threads += int(fields["Threads"])
+                rss += int(fields["VmRSS"].split()[0]) * 1024
+            except (OSError, KeyError, ValueError):
+                if pid == self.pid:
+                    return None
+        return Sample(time.monotonic(), fds, threads, rss)
+
+    def workers(self):
+        """The pids of its worker processes (none unless ``workers``)."""
+        found = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open("/proc/%s/stat" % name) as stat:
+                        fields = stat.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == self.pid and fields[0] != "Z":
+                    found.append(int(name))
+        return found
 
     def descriptors(self):
         """What its open descriptors point to (files, sockets, pipes)."""
@@ -1425,9 +1449,10 @@ class Soak(object):
         self.upstream = FaultyUpstream(self.seed, self.problems)
         try:
             try:
-                self.proxy = ProxyProcess(self.args.python, self.directory,
-                                          self.upstream.port,
-                                          self.args.greylist_db)
+                self.proxy = ProxyProcess(
+                    self.args.python, self.directory, self.upstream.port,
+                    self.args.greylist_db,
+                    [item.replace("=", " = ", 1) for item in self.args.set])
             except OSError as error:
                 print("FAIL: cannot run %s: %s" % (self.args.python, error))
                 return 1
@@ -1702,6 +1727,9 @@ def parse_args(argv):
     parser.add_argument("--postgresql", action="store_true",
                         help="greylist in a private PostgreSQL cluster "
                         "(tests/pg.py), stopped at the end")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append",
+                        default=[], help="a configuration key of the proxy "
+                        "(repeatable), such as --set workers=2")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory")
     parser.add_argument("--verbose", action="store_true",
