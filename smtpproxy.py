@@ -687,6 +687,11 @@ KEYS = [
         "the longest a decision waits for the store (its turn in this "
         "process; with PostgreSQL, connecting and each statement) before "
         "greylist_fail_mode decides"),
+    Key("greylist_cache_time", _integer, GREYLISTING,
+        "seconds a process accepts a triplet it saw pass, and a client it "
+        "saw trusted, without asking the store again: the store's pass "
+        "counts and last-seen times lag by as much, and a --db-delete "
+        "reaches a running proxy after as long; 0: ask every time"),
     Key("too_soon", _integer, GREYLISTING,
         "a retry sooner than this many seconds after the first try "
         "restarts the clock"),
@@ -3580,6 +3585,7 @@ class GreyListingPolicy(ConcreteMailHandler):
     defer_reply = "451 4.7.1 Greylisted, please try again later"
     greylist_fail_mode = "accept"
     greylist_db_timeout = 5
+    greylist_cache_time = 60
     x_greylist_header = False
     whitelist_clients = ""
     whitelist_recipients = ""
@@ -4134,6 +4140,17 @@ class GreylistStore(object):
     A decision waits at most ``greylist_db_timeout`` seconds for its turn
     in this process (then StoreError), and sqlite's lock at most
     ``busy_timeout``.
+
+    Decisions that would change nothing that matters write nothing: a
+    triplet this store saw pass (or a client it saw trusted) less than
+    ``greylist_cache_time`` seconds ago is accepted (trusted) from memory,
+    without a turn or a transaction.  What that leaves out is a renewal
+    of a pass or a trust that has months to run, and a pass count (so a
+    triplet counts at most one pass, and its client one pass towards
+    ``auto_whitelist_clients``, per greylist_cache_time).  At most
+    ``cache_size`` entries are kept (then they are all forgotten);
+    delete() and pass_key() on this store take effect at once, another
+    process's after greylist_cache_time at most.
     """
 
     too_soon = GreyListingPolicy.too_soon
@@ -4142,6 +4159,8 @@ class GreylistStore(object):
     max_grey = GreyListingPolicy.max_grey
     auto_whitelist_clients = GreyListingPolicy.auto_whitelist_clients
     greylist_db_timeout = GreyListingPolicy.greylist_db_timeout
+    greylist_cache_time = GreyListingPolicy.greylist_cache_time
+    cache_size = 100000
     purge_interval = 3600
     busy_timeout = 10.0
 
@@ -4151,6 +4170,10 @@ class GreylistStore(object):
             self.configure(settings)
         self._lock = threading.Lock()
         self._db = None
+        # ("triplet", key) or ("client", network) -> when it was written
+        # as passed (trusted); read and written without a lock (single
+        # dict operations).
+        self._known = {}
         self.failing = None     # texts of the errors of an incident
         self.last_purge = None
         try:
@@ -4161,7 +4184,8 @@ class GreylistStore(object):
 
     # The attributes a policy sets on its store (configure()).
     settings = ("too_soon", "min_defer_time", "max_defer_time", "max_grey",
-                "auto_whitelist_clients", "greylist_db_timeout")
+                "auto_whitelist_clients", "greylist_db_timeout",
+                "greylist_cache_time")
 
     def __str__(self):
         return self.path
@@ -4267,11 +4291,35 @@ class GreylistStore(object):
         """Like decide(), but return ``(accepted, delay)``: ``delay`` is
         how long the triplet was held back when this try is the one that
         passed greylisting, else None."""
+        if self._cached(("triplet", key), now):
+            return True, None
         if self.last_purge is None or now - self.last_purge > \
                 self.purge_interval:
             self.last_purge = now
             self._purge_when_due(now)
-        return self._use(self._decide_and_count, key, now, client)
+        accepted, delay = self._use(self._decide_and_count, key, now,
+                                    client)
+        if accepted:
+            self._remember(("triplet", key), now)
+        return accepted, delay
+
+    def _cached(self, entry, now):
+        """True if ``entry`` was written as passed (trusted) less than
+        greylist_cache_time ago (and not in the future: tests and clocks
+        go back)."""
+        written = self._known.get(entry)
+        return (written is not None
+                and 0 <= now - written < self.greylist_cache_time)
+
+    def _remember(self, entry, now):
+        if self.greylist_cache_time > 0:
+            if len(self._known) >= self.cache_size:
+                self._known.clear()
+            self._known[entry] = now
+
+    def forget(self):
+        """Forget every pass and trust kept in memory."""
+        self._known.clear()
 
     def _purge_when_due(self, now):
         # Once every purge_interval, in the decision that comes then.
@@ -4297,7 +4345,12 @@ class GreylistStore(object):
         being trusted counts as being seen."""
         if not self.auto_whitelist_clients:
             return False
-        return self._use(self._client_is_trusted, client, now)
+        if self._cached(("client", client), now):
+            return True
+        trusted = self._use(self._client_is_trusted, client, now)
+        if trusted:
+            self._remember(("client", client), now)
+        return trusted
 
     def _client_is_trusted(self, connection, client, now):
         row = connection.execute(
@@ -4364,6 +4417,7 @@ class GreylistStore(object):
     def pass_key(self, key, now):
         """Mark the triplet ``key`` as passed now (whitelist it)."""
         self._use(self._pass_key, key, now)
+        self._known.pop(("triplet", key), None)
 
     def _pass_key(self, connection, key, now):
         connection.execute(
@@ -4376,6 +4430,8 @@ class GreylistStore(object):
     def delete(self, key):
         """Forget the triplet or client network ``key``; True if it was
         there."""
+        self._known.pop(("triplet", key), None)
+        self._known.pop(("client", key), None)
         return self._use(self._delete, key)
 
     def _delete(self, connection, key):
@@ -4545,6 +4601,7 @@ class PostgreSQLStore(GreylistStore):
         self._lock = threading.Lock()
         self._db = None
         self.failing = None
+        self._known = {}            # see GreylistStore
         self.last_purge = None
         self._retry_at = 0.0
         self._retry_delay = 0.0

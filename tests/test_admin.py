@@ -8,7 +8,7 @@ import time
 import pytest
 
 import smtpproxy
-from conftest import HERE, ROOT
+from conftest import HERE, ROOT, RawClient, wait_until
 
 
 def run(tmp_path, *args, **kwargs):
@@ -138,3 +138,34 @@ def test_read_commands_never_create_a_store(tmp_path, command):
     assert "no greylisting store at %s" % (tmp_path / "admin.db") in err
     assert "--config" in err
     assert not (tmp_path / "admin.db").exists()
+
+
+def test_a_db_delete_reaches_a_running_proxy_within_the_cache_time(
+        tmp_path, proxy_process):
+    # The proxy keeps what passed in memory for greylist_cache_time (1 s
+    # here): a --db-delete meanwhile is seen once that has run out.
+    db = tmp_path / "admin.db"
+    key = "127.0.0.0/24 a@example.net b@example.org"
+    assert run(tmp_path, "--db-pass", key)[0] == 0
+    process = proxy_process(
+        config="greylist_db = %s\nallowed_senders:\nallowed_domains:\n"
+               "    example.org\nclient_key = network\n"
+               "auto_whitelist_clients = 0\ngreylist_cache_time = 1\n" % db,
+        handler="smtpproxy.GreyListingPolicy")
+
+    def rcpt():
+        client = RawClient(process.port)
+        client.cmd("EHLO client.example.net")
+        client.cmd("MAIL FROM:<a@example.net>")
+        code = client.cmd("RCPT TO:<b@example.org>")[0]
+        client.close()
+        return code
+    assert rcpt() == 250
+    passes = [entry[4] for entry in smtpproxy.GreylistStore(str(db))
+              .entries() if entry[0] == "WHITE"]
+    assert run(tmp_path, "--db-delete", key)[0] == 0
+    deleted = time.monotonic()
+    # In memory still, or greylisted: never an error.
+    wait_until(lambda: rcpt() == 451, what="the delete to be seen")
+    assert time.monotonic() - deleted < 5
+    assert passes == [2]            # the --db-pass and the RCPT's

@@ -74,7 +74,9 @@ def test_deferred_by_one_host_accepted_by_the_other(proxies, pg_uri):
 
 
 def test_two_processes_fifty_sessions_give_serial_results(proxies, pg_uri):
-    hosts = [proxies(pg_uri, "mx1"), proxies(pg_uri, "mx2")]
+    # Every pass counted: nothing kept in memory.
+    hosts = [proxies(pg_uri, "mx1", greylist_cache_time=0),
+             proxies(pg_uri, "mx2", greylist_cache_time=0)]
 
     def wave():
         codes = []
@@ -126,7 +128,8 @@ def test_clocks_that_differ_do_not_change_decisions(proxies, pg_uri):
 
 def test_database_stopped_and_started_under_load(proxies, pg_uri,
                                                  postgresql):
-    proxy = proxies(pg_uri, "mx1")
+    # Passes not kept in memory: every RCPT asks the store.
+    proxy = proxies(pg_uri, "mx1", greylist_cache_time=0)
     # Pass the senders' triplets: with the store, they are accepted.
     store = smtpproxy.PostgreSQLStore(pg_uri)
     for sender in SENDERS:
@@ -177,6 +180,26 @@ def test_database_stopped_and_started_under_load(proxies, pg_uri,
     assert 1 <= len(fallbacks) <= 3 < len(during)
     assert len(set(fallbacks)) == len(fallbacks)
     assert "secret" not in log
+
+
+def test_passes_kept_in_memory_are_accepted_while_the_database_is_down(
+        pg_uri, postgresql):
+    store = type("S", (smtpproxy.PostgreSQLStore,), {
+        "greylist_cache_time": 60, "database_clock": False,
+        "greylist_db_timeout": 1})(pg_uri)
+    store.decide("k", 0)
+    assert store.decide("k", 3600) is True
+    postgresql.stop()
+    try:
+        assert store.check("k", 3630) == (True, None)
+        with pytest.raises(smtpproxy.StoreError):
+            store.check("new", 3630)
+        # Past the cache time, the store is asked: it is down.
+        with pytest.raises(smtpproxy.StoreError):
+            store.check("k", 3660 + 1)
+    finally:
+        postgresql.start()
+    store.close()
 
 
 def test_a_connection_the_server_closed_is_replaced_at_once(pg_uri,

@@ -32,6 +32,8 @@ class Maker(object):
         self.made = []
 
     def cls(self, **attributes):
+        # Every decision asks the store, unless a test is about the cache.
+        attributes.setdefault("greylist_cache_time", 0)
         if self.kind == "sqlite":
             base = smtpproxy.GreylistStore
         else:
@@ -252,6 +254,70 @@ def test_admin_methods(store):
     assert store.delete("k") is True
     assert store.delete("k") is False
     assert store.stats() == {"GREY": 1, "WHITE": 0, "CLIENT": 0}
+
+
+# -- what a process keeps in memory (greylist_cache_time) --------------------
+
+def test_a_pass_seen_recently_is_accepted_without_a_write(make):
+    store = make(greylist_cache_time=60)
+    store.decide("k", T0)
+    passed = T0 + MIN_DEFER
+    assert store.check("k", passed) == (True, MIN_DEFER)
+    assert rows(store) == [("k", T0, passed, 1)]
+    # Within the cache time: accepted, the store not even asked.
+    assert store.check("k", passed + 59.9) == (True, None)
+    assert rows(store) == [("k", T0, passed, 1)]
+    # After it: asked, and the pass renewed.
+    assert store.check("k", passed + 60) == (True, None)
+    assert rows(store) == [("k", T0, passed + 60, 2)]
+    # A clock that went back asks the store.
+    assert store.check("k", passed) == (True, None)
+    assert rows(store)[0][3] == 3
+
+
+def test_a_triplet_deleted_elsewhere_is_greylisted_after_the_cache_time(
+        make):
+    store = make(greylist_cache_time=60)
+    admin = make()                      # another process: --db-delete
+    store.decide("k", T0)
+    passed = T0 + MIN_DEFER
+    assert store.decide("k", passed) is True
+    assert admin.delete("k") is True
+    assert store.decide("k", passed + 30) is True       # still in memory
+    assert store.decide("k", passed + 60) is False      # as never seen
+    assert rows(store) == [("k", passed + 60, None, 0)]
+    # Deleted through the store itself: at once.
+    store.decide("j", T0)
+    assert store.decide("j", passed) is True
+    assert store.delete("j") is True
+    assert store.decide("j", passed + 1) is False
+
+
+def test_a_trusted_client_is_kept_in_memory_for_the_cache_time(make):
+    store = make(greylist_cache_time=60)
+    admin = make()
+    passes(store, "192.0.2.0/24", 5)
+    now = T0 + MIN_DEFER + 10
+    assert store.client_is_trusted("192.0.2.0/24", now)
+    assert admin.delete("192.0.2.0/24") is True
+    assert store.client_is_trusted("192.0.2.0/24", now + 59)
+    assert not store.client_is_trusted("192.0.2.0/24", now + 60)
+    passes(store, "198.51.100.0/24", 5)
+    assert store.client_is_trusted("198.51.100.0/24", now)
+    assert store.delete("198.51.100.0/24") is True
+    assert not store.client_is_trusted("198.51.100.0/24", now + 1)
+
+
+def test_what_is_kept_in_memory_is_bounded(make):
+    store = make(greylist_cache_time=60, cache_size=3)
+    for number in range(10):
+        key = "k%d" % number
+        store.decide(key, T0)
+        assert store.decide(key, T0 + MIN_DEFER) is True
+        assert len(store._known) <= 3
+    # Forgotten is asked again, and still passed.
+    assert store.check("k0", T0 + MIN_DEFER + 1) == (True, None)
+    assert rows(store)[0] == ("k0", T0, T0 + MIN_DEFER + 1, 2)
 
 
 def test_the_decision_table_is_one_pure_function():
