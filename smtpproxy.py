@@ -213,6 +213,7 @@ upstream could read as an end of data.
 import argparse
 import errno
 import fcntl
+import functools
 import grp
 import importlib
 import ipaddress
@@ -3910,6 +3911,9 @@ def resolve_addresses(name):
         return set()
 
 
+# Pure functions of a client's address and name that the greylisting of
+# each RCPT asks: their last answers are kept (functools.lru_cache).
+@functools.lru_cache(maxsize=1024)
 def network_key(address, ipv4_prefix, ipv6_prefix):
     """The network of ``address`` (text) of ``ipv4_prefix`` or
     ``ipv6_prefix`` bits, as the greylisting keys write it: 192.0.2.0/24;
@@ -5280,6 +5284,7 @@ _DYNAMIC_RE = re.compile(r"(?:^|[^a-z])(?:%s)[-_.]?[0-9]"
                          % "|".join(_DYNAMIC_WORDS))
 
 
+@functools.lru_cache(maxsize=1024)
 def generic_name(name, address):
     """True if host ``name`` looks given to an address, not to a mail
     server: it holds the address's octets in a common form (1-2-3-4,
@@ -5303,8 +5308,10 @@ def generic_name(name, address):
             forms.add(separator.join(octet.zfill(3) for octet in order))
     forms.add("%08x" % int(address))
     flat = re.sub(r"[^0-9a-f._-]", " ", name)
-    return any(re.search(r"(?:^|[^0-9])%s(?:[^0-9]|$)" % re.escape(form),
-                         flat) for form in forms)
+    # One search for all the forms (longest first: "001" before "1").
+    return bool(re.search(r"(?:^|[^0-9])(?:%s)(?:[^0-9]|$)" % "|".join(
+        re.escape(form) for form in sorted(forms, key=len, reverse=True)),
+        flat))
 
 
 # Suffixes under which registrations are made (a small list of those that
