@@ -1306,7 +1306,7 @@ def main(argv=None):
                     results[key, mode] = measure_throughput(
                         label, server, sink, source_tool, args,
                         mode == 'one')
-                if key in LATENCY_TARGETS:
+                if key in dict(LATENCY_TARGETS):
                     latencies[key] = transaction_latency(server.port,
                                                          args.latency)
             except (BenchError, OSError) as exc:
