@@ -2,6 +2,8 @@
 address, a sender and a recipient at a given time, with no socket and no
 session around it; its configuration is a policy class's attributes."""
 
+import time
+
 import pytest
 
 import smtpproxy
@@ -119,3 +121,59 @@ def test_a_broken_store_decides_by_the_fail_mode(engine, tmp_path, mode):
                            T0)
     assert verdict(decision) == (mode, "store-failed")
     assert decision.error is not None
+
+
+# -- the client's names: FCrDNS in one lookup job (confirmed_names) ----------
+
+def slow(answer, seconds):
+    def lookup(_):
+        time.sleep(seconds)             # a resolver taking its time
+        return answer
+    return lookup
+
+
+def test_confirmed_names_take_the_first_name_that_resolves_back():
+    forward = {"a.example.net": {"192.0.2.9"},
+               "b.example.net": {"192.0.2.7"}}
+    assert smtpproxy.confirmed_names(
+        "192.0.2.7", lambda _: ["192.0.2.7", "A.example.net.", "b.example.net"],
+        forward.get, 3, 5) == (
+        True, ["A.example.net.", "b.example.net"], "b.example.net")
+    # Only ``tries`` names are looked up.
+    assert smtpproxy.confirmed_names(
+        "192.0.2.7", lambda _: ["a.example.net", "b.example.net"],
+        forward.get, 1, 5)[2] is None
+
+
+def test_confirmed_names_give_each_lookup_its_own_deadline():
+    # 0.3 s each, 0.5 s allowed each: confirmed, after 0.6 s in all.
+    start = time.monotonic()
+    assert smtpproxy.confirmed_names(
+        "192.0.2.7", slow(["a.example.net"], 0.3),
+        slow({"192.0.2.7"}, 0.3), 3, 0.5) == (
+        True, ["a.example.net"], "a.example.net")
+    assert time.monotonic() - start >= 0.6
+
+
+def test_confirmed_names_stop_at_a_lookup_that_does_not_answer():
+    start = time.monotonic()
+    assert smtpproxy.confirmed_names(
+        "192.0.2.7", slow(["a.example.net"], 5), slow(set(), 0), 3,
+        0.3) == (False, [], None)
+    assert time.monotonic() - start < 1
+    start = time.monotonic()
+    assert smtpproxy.confirmed_names(
+        "192.0.2.7", slow(["a.example.net", "b.example.net"], 0),
+        slow({"192.0.2.7"}, 5), 3, 0.3) == (
+        True, ["a.example.net", "b.example.net"], None)
+    assert time.monotonic() - start < 1
+
+
+def test_confirmed_names_take_a_failing_resolver_for_no_answer():
+    def broken(_):
+        raise OSError("resolver gone")
+    assert smtpproxy.confirmed_names("192.0.2.7", broken, broken, 3,
+                                     1) == (True, [], None)
+    assert smtpproxy.confirmed_names(
+        "192.0.2.7", lambda _: ["a.example.net"], broken, 3, 1) == (
+        True, ["a.example.net"], None)
