@@ -5120,6 +5120,10 @@ class LookupThreads(object):
                              daemon=True).start()
         return True
 
+    def after_fork(self):
+        """In a child process: the parent's threads are not there."""
+        self.__init__()
+
     def _work(self, job):
         while True:
             job()
@@ -7304,6 +7308,7 @@ class Service(object):
         """A worker: serve as a single process would, until stopped."""
         self.worker = number
         self.master = os.getppid()
+        lookup_threads.after_fork()
         self.workers = {}
         self._restarts = {}
         self.pending = []
