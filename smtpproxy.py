@@ -4120,7 +4120,12 @@ class GreylistStore(object):
     expired (``purge``): it would be decided as never seen anyway.
 
     The file is in WAL mode (readers never block the writer, and a killed
-    process leaves no corrupt state).  The process has one connection to
+    process leaves no corrupt state).  Copying the WAL back into the file
+    (a checkpoint, which waits for the disk) is kept off the decisions:
+    the server calls checkpoint() about once a second (stores.maintain(),
+    from service_actions()), on a connection of its own, which decisions
+    do not wait for; a decision checkpoints only when the WAL has grown
+    to ``checkpoint_pages`` without one (a store used without a server).  The process has one connection to
     it, opened at the first use and used by one thread at a time (the
     decisions of a process are serial anyway): its descriptors do not
     grow with the sessions served.  After an error the connection is
@@ -4157,6 +4162,9 @@ class GreylistStore(object):
     cache_size = 100000
     purge_interval = 3600
     busy_timeout = 10.0
+    # WAL pages after which a decision itself checkpoints (sqlite's
+    # wal_autocheckpoint): only if checkpoint() was not called meanwhile.
+    checkpoint_pages = 10000
 
     def __init__(self, path, settings=None):
         self.path = path
@@ -4164,6 +4172,9 @@ class GreylistStore(object):
             self.configure(settings)
         self._lock = threading.Lock()
         self._db = None
+        self._checkpointer = None   # checkpoint()'s own connection
+        self.written = False        # by a decision since the checkpoint
+        self.checkpoints = 0
         # ("triplet", key) or ("client", network) -> when it was written
         # as passed (trusted); read and written without a lock (single
         # dict operations).
@@ -4200,6 +4211,8 @@ class GreylistStore(object):
             try:
                 connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute("PRAGMA synchronous=NORMAL")
+                connection.execute("PRAGMA wal_autocheckpoint=%d"
+                                   % self.checkpoint_pages)
                 connection.execute(
                     "CREATE TABLE IF NOT EXISTS triplets ("
                     " key TEXT PRIMARY KEY,"
@@ -4243,6 +4256,7 @@ class GreylistStore(object):
                             connection.execute("ROLLBACK")
                         raise
                     connection.execute("COMMIT")
+                    self.written = True
             except sqlite3.Error as error:
                 if self._db is not None:
                     self._db.close()
@@ -4441,12 +4455,34 @@ class GreylistStore(object):
             counts[entry[0]] += 1
         return counts
 
+    def checkpoint(self):
+        """Copy what the decisions wrote to the WAL into the file (PASSIVE:
+        no decision waits for it), if they wrote since the last time;
+        errors are for the decisions to meet and log."""
+        if not self.written:
+            return
+        self.written = False
+        try:
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(
+                    self.path, timeout=0, isolation_level=None,
+                    check_same_thread=False)
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self.checkpoints += 1
+        except sqlite3.Error:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
+
     def close(self):
-        """Close the connection (the next use opens it again)."""
+        """Close the connections (the next use opens them again)."""
         with self._lock:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
 
 
 def open_store(location, settings=None):
@@ -4596,6 +4632,9 @@ class PostgreSQLStore(GreylistStore):
         self._db = None
         self.failing = None
         self._known = {}            # see GreylistStore
+        self._checkpointer = None   # none: PostgreSQL checkpoints itself
+        self.written = False
+        self.checkpoints = 0
         self.last_purge = None
         self._retry_at = 0.0
         self._retry_delay = 0.0
@@ -4735,6 +4774,9 @@ class PostgreSQLStore(GreylistStore):
                 return result
         finally:
             self._lock.release()
+
+    def checkpoint(self):
+        """Nothing: the database server checkpoints by itself."""
 
     def _discard(self, connection):
         """After an error: roll back, and close a connection that broke.
@@ -4919,6 +4961,11 @@ class Cache(object):
         with self._lock:
             self._items[key] = item
 
+    def items(self):
+        """The items kept now."""
+        with self._lock:
+            return list(self._items.values())
+
     def reset(self):
         """Forget everything (tests; a reload needs nothing of it)."""
         with self._lock:
@@ -4979,6 +5026,7 @@ class Stores(object):
 
     def __init__(self):
         self._cache = Cache()
+        self._maintained = 0.0
 
     def get(self, settings):
         """The store of ``settings.greylist_db``, with its timings."""
@@ -4992,6 +5040,17 @@ class Stores(object):
     def reset(self):
         for store in self._cache.reset():
             store.close()
+
+    def maintain(self):
+        """What the stores do between decisions (a server's
+        service_actions() calls it, at most once a second): their
+        checkpoints."""
+        now = time.monotonic()
+        if now - self._maintained < 1:
+            return
+        self._maintained = now
+        for store in self._cache.items():
+            store.checkpoint()
 
 
 class ListFiles(object):
@@ -5884,8 +5943,10 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         """Called by serve_forever() between accepts: close the pooled
         upstream sessions that waited too long; under stress, shed the
         sessions that have waited for their client longer than
-        stress_timeout (they began to wait before the stress)."""
+        stress_timeout (they began to wait before the stress); the
+        greylisting stores' checkpoints."""
         upstream_pool.expire()
+        stores.maintain()
         if not (self.stressed and self.stress_timeout):
             return
         now = time.monotonic()
@@ -7497,6 +7558,8 @@ class Service(object):
         the policy service's main loop)."""
         if self.server is not None:
             SMTPProxyServer.service_actions(self.server)
+        else:
+            stores.maintain()           # the policy service alone
         if (self.master is not None and os.getppid() != self.master
                 and not self.stop_asked):
             log.warning("worker %d: the master process (pid %d) is gone: "

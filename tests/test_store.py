@@ -320,6 +320,59 @@ def test_what_is_kept_in_memory_is_bounded(make):
     assert rows(store)[0] == ("k0", T0, T0 + MIN_DEFER + 1, 2)
 
 
+# -- checkpoints, off the decisions ------------------------------------------
+
+def test_checkpoints_are_the_servers_not_the_decisions(make):
+    store = make()
+    for number in range(20):
+        store.decide("k%d" % number, T0)
+    store.checkpoint()
+    store.checkpoint()                  # nothing written since: nothing
+    store.decide("k0", T0 + MIN_DEFER)
+    if make.kind == "sqlite":
+        assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone() \
+            == (10000,)
+        assert store.checkpoints == 1
+        store.checkpoint()
+        assert store.checkpoints == 2
+    else:
+        assert store.checkpoints == 0   # PostgreSQL checkpoints itself
+    assert store.stats() == {"GREY": 19, "WHITE": 1, "CLIENT": 0}
+
+
+def test_without_a_server_a_decision_still_bounds_the_wal(tmp_path):
+    path = tmp_path / "greylist.db"
+    store = type("S", (smtpproxy.GreylistStore,), {
+        "checkpoint_pages": 10, "greylist_cache_time": 0})(str(path))
+    for number in range(300):
+        store.decide("k%d" % number, T0)
+    # 300 transactions of a page or more each: a WAL that was never
+    # checkpointed would hold them all (over a megabyte).
+    assert (tmp_path / "greylist.db-wal").stat().st_size < 200 * 1024
+    assert store.checkpoints == 0
+    store.close()
+
+
+def test_the_server_checkpoints_its_stores(tmp_path):
+    settings = type("Settings", (smtpproxy.GreyListingPolicy,), {
+        "greylist_db": str(tmp_path / "server.db")})
+    store = smtpproxy.stores.get(settings)
+    server = smtpproxy.SMTPProxyServer(("127.0.0.1", 0),
+                                       smtpproxy.ConcreteMailHandler)
+    try:
+        store.decide("k", T0)
+        smtpproxy.stores._maintained = 0.0
+        server.service_actions()
+        assert store.checkpoints == 1
+        # At most once a second.
+        store.decide("j", T0)
+        server.service_actions()
+        assert store.checkpoints == 1
+    finally:
+        server.server_close()
+        smtpproxy.reset_registries()
+
+
 def test_the_decision_table_is_one_pure_function():
     class Timings(object):
         too_soon, min_defer_time, max_defer_time, max_grey = 10, 100, 1000, \
