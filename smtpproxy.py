@@ -4147,7 +4147,8 @@ class GreylistStore(object):
     of a pass or a trust that has months to run, and a pass count (so a
     triplet counts at most one pass, and its client one pass towards
     ``auto_whitelist_clients``, per greylist_cache_time).  At most
-    ``cache_size`` entries are kept (then they are all forgotten);
+    ``cache_size`` entries are kept (then they are all forgotten), and
+    checkpoint() drops those older than greylist_cache_time;
     delete() and pass_key() on this store take effect at once, another
     process's after greylist_cache_time at most.
     """
@@ -4159,7 +4160,7 @@ class GreylistStore(object):
     auto_whitelist_clients = GreyListingPolicy.auto_whitelist_clients
     greylist_db_timeout = GreyListingPolicy.greylist_db_timeout
     greylist_cache_time = GreyListingPolicy.greylist_cache_time
-    cache_size = 100000
+    cache_size = 10000
     purge_interval = 3600
     busy_timeout = 10.0
     # WAL pages after which a decision itself checkpoints (sqlite's
@@ -4229,6 +4230,13 @@ class GreylistStore(object):
                 connection.close()
                 raise
             self._db = connection
+            if self._checkpointer is None:
+                try:
+                    self._checkpointer = sqlite3.connect(
+                        self.path, timeout=0, isolation_level=None,
+                        check_same_thread=False)
+                except sqlite3.Error:
+                    pass                # checkpoint() tries again
         return self._db
 
     def _use(self, work, *args, **options):
@@ -4328,6 +4336,21 @@ class GreylistStore(object):
     def forget(self):
         """Forget every pass and trust kept in memory."""
         self._known.clear()
+
+    def _forget_old(self):
+        """Drop what is kept longer than greylist_cache_time (by the
+        clock of the decisions: the newest time written)."""
+        known = self._known
+        if not known:
+            return
+        try:
+            newest = max(known.values())
+            old = [entry for entry, written in list(known.items())
+                   if newest - written >= self.greylist_cache_time]
+        except RuntimeError:            # changed meanwhile: next time
+            return
+        for entry in old:
+            known.pop(entry, None)
 
     def _purge_when_due(self, now):
         # Once every purge_interval, in the decision that comes then.
@@ -4459,6 +4482,7 @@ class GreylistStore(object):
         """Copy what the decisions wrote to the WAL into the file (PASSIVE:
         no decision waits for it), if they wrote since the last time;
         errors are for the decisions to meet and log."""
+        self._forget_old()
         if not self.written:
             return
         self.written = False
@@ -4776,7 +4800,9 @@ class PostgreSQLStore(GreylistStore):
             self._lock.release()
 
     def checkpoint(self):
-        """Nothing: the database server checkpoints by itself."""
+        """Only forget old passes kept in memory: the database server
+        checkpoints by itself."""
+        self._forget_old()
 
     def _discard(self, connection):
         """After an error: roll back, and close a connection that broke.
@@ -7387,6 +7413,14 @@ class Service(object):
             self.policy.server_close()
             self.policy = None
         self._configure_server(self.values)
+        # The store now, not at the first RCPT (the master closed its own
+        # before the fork): what a worker holds is there from its start.
+        if getattr(handler_class, "greylister_class", None) is not None \
+                and getattr(handler_class, "greylist_db", None):
+            try:
+                stores.get(handler_class)
+            except (sqlite3.Error, OSError):
+                pass                    # the first decision says why
         self._start_serving()
         self.learn_upstream(handler_class, quiet=number != 0)
         self.server.serve_forever(poll_interval=0.25)

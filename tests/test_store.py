@@ -320,6 +320,17 @@ def test_what_is_kept_in_memory_is_bounded(make):
     assert rows(store)[0] == ("k0", T0, T0 + MIN_DEFER + 1, 2)
 
 
+def test_what_is_kept_longer_than_the_cache_time_goes_at_the_checkpoint(
+        make):
+    store = make(greylist_cache_time=60)
+    for key, start in (("old", T0), ("new", T0 + 100)):
+        store.decide(key, start)
+        assert store.decide(key, start + MIN_DEFER) is True
+    assert sorted(store._known) == [("triplet", "new"), ("triplet", "old")]
+    store.checkpoint()
+    assert sorted(store._known) == [("triplet", "new")]
+
+
 # -- checkpoints, off the decisions ------------------------------------------
 
 def test_checkpoints_are_the_servers_not_the_decisions(make):
