@@ -69,6 +69,36 @@ def read(path):
         return ""
 
 
+def processes_where(field, value, zombies=True):
+    """The pids of the processes whose /proc/PID/stat field number
+    ``field`` (after the command: 0 state, 1 parent, 3 session) is
+    ``value``."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IOError):
+            continue                # gone meanwhile
+        if int(fields[field]) == value and (zombies or fields[0] != "Z"):
+            pids.append(int(name))
+    return sorted(pids)
+
+
+def rcpt_code(port, recipient="b@example.org", sender="a@example.net",
+              helo="EHLO client.example.net"):
+    """The reply code to RCPT of a new session that says ``helo`` and
+    MAIL FROM ``sender``; the session is then closed."""
+    client = RawClient(port)
+    client.cmd(helo)
+    client.cmd("MAIL FROM:<%s>" % sender)
+    code = client.cmd("RCPT TO:<%s>" % recipient)[0]
+    client.close()
+    return code
+
+
 def wait_until(predicate, timeout=10.0, what="condition"):
     """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import smtpproxy
-from conftest import HERE, ROOT, RawClient, wait_until
+from conftest import HERE, ROOT, rcpt_code, wait_until
 
 
 def run(tmp_path, *args, **kwargs):
@@ -154,12 +154,7 @@ def test_a_db_delete_reaches_a_running_proxy_within_the_cache_time(
         handler="smtpproxy.GreyListingPolicy")
 
     def rcpt():
-        client = RawClient(process.port)
-        client.cmd("EHLO client.example.net")
-        client.cmd("MAIL FROM:<a@example.net>")
-        code = client.cmd("RCPT TO:<b@example.org>")[0]
-        client.close()
-        return code
+        return rcpt_code(process.port)
     assert rcpt() == 250
     passes = [entry[4] for entry in smtpproxy.GreylistStore(str(db))
               .entries() if entry[0] == "WHITE"]

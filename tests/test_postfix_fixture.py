@@ -7,7 +7,7 @@ import smtplib
 import pytest
 
 import postfix
-from conftest import wait_until
+from conftest import processes_where, wait_until
 
 MESSAGE = b"Subject: test\r\n\r\nHello.\r\n"
 
@@ -22,18 +22,7 @@ def received_headers(content):
 
 def session_processes(sid):
     """The pids of the processes (zombies too) of session ``sid``."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name) as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except (OSError, IOError):
-            continue
-        if int(fields[3]) == sid:
-            pids.append(int(name))
-    return pids
+    return processes_where(3, sid)
 
 
 def test_xclient_sets_the_client_address(upstream, postfix_factory):

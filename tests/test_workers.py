@@ -15,25 +15,14 @@ import socket
 
 import pytest
 
-from conftest import RawClient, read, wait_until
+from conftest import RawClient, processes_where, read, wait_until
 from test_service import (connection_refused, pid_alive, start_transaction,
                           wait_for_log)
 
 
 def children(pid):
     """The live processes whose parent is ``pid``."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name) as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue                # gone meanwhile
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(name))
-    return sorted(found)
+    return processes_where(1, pid, zombies=False)
 
 
 def workers_of(process, count):
@@ -88,27 +77,20 @@ def test_workers_serve_the_port_and_each_counts_its_own(proxy_process,
     assert sum(line["messages_accepted"] for line in lines) == 30
 
 
-def test_max_connections_is_the_whole_services(proxy_process):
+@pytest.mark.parametrize("limits, fewest, most", [
     # Two workers, two clients at once in all: one each.
-    process = proxy_process(config="workers = 2\nmax_connections = 2\n"
-                            "max_connections_per_ip = 0\n")
-    workers_of(process, 2)
-    clients = [RawClient(process.port) for _ in range(20)]
-    codes = [client.greeting[0] for client in clients]
-    assert codes.count(220) <= 2
-    assert codes.count(220) >= 1 and codes.count(421) >= 18
-    for client in clients:
-        client.close()
-
-
-def test_max_connections_per_ip_is_shared_rounded_up(proxy_process):
+    ("max_connections = 2\nmax_connections_per_ip = 0\n", 1, 2),
     # 3 per client, two workers: 2 each, 4 at most in all.
-    process = proxy_process(config="workers = 2\nmax_connections = 100\n"
-                            "max_connections_per_ip = 3\n")
+    ("max_connections = 100\nmax_connections_per_ip = 3\n", 2, 4),
+])
+def test_the_connection_limits_are_the_whole_services(proxy_process, limits,
+                                                      fewest, most):
+    process = proxy_process(config="workers = 2\n" + limits)
     workers_of(process, 2)
     clients = [RawClient(process.port) for _ in range(20)]
     codes = [client.greeting[0] for client in clients]
-    assert 2 <= codes.count(220) <= 4
+    assert fewest <= codes.count(220) <= most
+    assert codes.count(421) == 20 - codes.count(220)
     for client in clients:
         client.close()
 
