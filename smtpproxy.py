@@ -5170,60 +5170,97 @@ class ListFile(object):
                        for pattern in self.patterns))
 
 
-class LookupThreads(object):
+class ReusedThreads(object):
+    """Daemon threads that run jobs and, a job done, wait up to
+    ``idle_time`` seconds for the next instead of ending, so that a job
+    costs no thread start while jobs come.  At most ``spare`` wait at once
+    (None: no bound; 0: a thread per job) and at most ``limit`` are alive
+    (None: no bound; past it submit() refuses).  ``count`` threads are
+    alive, ``idle`` of them waiting.  close() ends the waiting ones and
+    every thread after its job."""
+
+    limit = None
+    spare = None
+    idle_time = 60
+
+    def __init__(self, name="worker"):
+        self.name = name
+        self._jobs = queue.Queue()
+        self._lock = threading.Lock()
+        self.idle = 0               # waiting for a job, none promised
+        self.count = 0
+        self._closed = False
+
+    def submit(self, job):
+        """Run ``job()`` in a thread; False if none may take it (limit)."""
+        with self._lock:
+            waiting = self.idle > 0
+            if waiting:
+                self.idle -= 1      # that thread is promised this job
+            elif self.limit is not None and self.count >= self.limit:
+                return False
+            else:
+                self.count += 1
+        if waiting:
+            self._jobs.put(job)
+            return True
+        try:
+            threading.Thread(target=self._work, args=(job,), name=self.name,
+                             daemon=True).start()
+        except BaseException:
+            with self._lock:
+                self.count -= 1
+            raise
+        return True
+
+    def close(self):
+        """End the waiting threads; the busy ones end after their job."""
+        with self._lock:
+            self._closed = True
+            idle, self.idle = self.idle, 0
+        for _ in range(idle):
+            self._jobs.put(None)
+
+    def after_fork(self):
+        """In a child process: the parent's threads are not there."""
+        self.__init__(self.name)
+
+    def _work(self, job):
+        try:
+            while job is not None:
+                job()
+                job = None          # nothing of it kept while waiting
+                with self._lock:
+                    if self._closed or (self.spare is not None
+                                        and self.idle >= self.spare):
+                        return
+                    self.idle += 1
+                try:
+                    job = self._jobs.get(timeout=self.idle_time)
+                except queue.Empty:
+                    with self._lock:
+                        if self.idle > 0:
+                            self.idle -= 1      # not promised: end
+                            return
+                    job = self._jobs.get()      # promised: on its way
+        finally:
+            with self._lock:
+                self.count -= 1
+
+
+class LookupThreads(ReusedThreads):
     """The threads that make the system resolver's calls for
-    call_with_deadline() (``lookup_threads``): reused, so that a lookup
-    costs no thread start while lookups come; one that has had nothing to
-    do for ``idle_time`` seconds (1) ends.  At most ``limit`` (100) at once,
-    those stuck in a resolver that does not answer included: past it, a
-    lookup is not made (as if it had timed out), and that is logged (the
-    first time)."""
+    call_with_deadline() and confirmed_names() (``lookup_threads``): one
+    that has had nothing to do for ``idle_time`` seconds (1) ends.  At
+    most ``limit`` (100) at once, those stuck in a resolver that does not
+    answer included: past it, a lookup is not made (as if it had timed
+    out), and that is logged (the first time)."""
 
     limit = 100
     idle_time = 1
 
-    def __init__(self):
-        self._jobs = queue.Queue()
-        self._lock = threading.Lock()
-        self._idle = 0              # waiting for a job, none promised
-        self.count = 0              # threads alive
-
-    def submit(self, job):
-        """Run ``job()`` in a lookup thread; False if none can take it."""
-        with self._lock:
-            waiting = self._idle > 0
-            if waiting:
-                self._idle -= 1
-            elif self.count < self.limit:
-                self.count += 1
-            else:
-                return False
-        if waiting:
-            self._jobs.put(job)
-        else:
-            threading.Thread(target=self._work, args=(job,), name="lookup",
-                             daemon=True).start()
-        return True
-
-    def after_fork(self):
-        """In a child process: the parent's threads are not there."""
-        self.__init__()
-
-    def _work(self, job):
-        while True:
-            job()
-            job = None
-            with self._lock:
-                self._idle += 1
-            try:
-                job = self._jobs.get(timeout=self.idle_time)
-            except queue.Empty:
-                with self._lock:
-                    if self._idle > 0:
-                        self._idle -= 1
-                        self.count -= 1
-                        return
-                job = self._jobs.get()      # promised: on its way
+    def __init__(self, name="lookup"):
+        ReusedThreads.__init__(self, name)
 
 
 lookup_threads = LookupThreads()
@@ -5722,12 +5759,8 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         self._refusals = 0
         self._refusals_logged = 0.0
         self._accept_failures = 0
-        # Waiting session threads (_idle of them, none promised a client
-        # yet) take clients from _clients; None tells one to end.
-        self._clients = queue.Queue()
-        self._idle = 0
-        self._closed = False
-        self._pool_lock = threading.Lock()
+        # Session threads, reused per spare_threads and thread_idle_time.
+        self._session_threads = ReusedThreads("smtpproxy session")
         socketserver.ThreadingTCPServer.__init__(
             self, server_address, RequestHandlerClass, bind_and_activate)
 
@@ -5816,50 +5849,23 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         if refused:
             self.refuse_connection(request, address)
             return
-        with self._pool_lock:
-            waiting = self._idle > 0
-            if waiting:
-                self._idle -= 1             # that thread is promised it
-        if waiting:
-            self._clients.put((request, client_address))
-            return
+        # The keys may change on reload: the threads read them after
+        # their next job.
+        self._session_threads.spare = self.spare_threads
+        self._session_threads.idle_time = self.thread_idle_time
         try:
-            threading.Thread(target=self._session_thread,
-                             args=((request, client_address),),
-                             name="smtpproxy session", daemon=True).start()
+            self._session_threads.submit(functools.partial(
+                self.process_request_thread, request, client_address))
         except BaseException:
             self._forget(request)
             raise
-
-    def _session_thread(self, client):
-        """Serve ``client``, then wait for the next one (thread reuse)."""
-        while client is not None:
-            self.process_request_thread(*client)
-            client = None               # nothing of it kept while waiting
-            with self._pool_lock:
-                if self._closed or self._idle >= self.spare_threads:
-                    return
-                self._idle += 1
-            try:
-                client = self._clients.get(timeout=self.thread_idle_time)
-            except queue.Empty:
-                with self._pool_lock:
-                    if self._idle > 0:
-                        self._idle -= 1     # not promised: end
-                        return
-                # Promised a client that is on its way.
-                client = self._clients.get()
 
     def server_close(self):
         """Close the listening socket, and end the waiting session
         threads: no client will come."""
         socketserver.ThreadingTCPServer.server_close(self)
         upstream_pool.reset()           # no client will need them
-        with self._pool_lock:
-            self._closed = True
-            idle, self._idle = self._idle, 0
-        for _ in range(idle):
-            self._clients.put(None)
+        self._session_threads.close()
 
     def refuse_connection(self, request, address):
         """Say 421 4.7.0 to a client over the limits (421 4.3.2 when
@@ -7142,6 +7148,7 @@ class Service(object):
         self.workers = {}           # in the master: pid -> (number, start)
         self._restarts = {}         # worker number -> when to start it
         self._quick_ends = {}       # worker number -> quick ends in a row
+        self._workers_stopping = False  # the master passed a stop on
 
     def _absolute_paths(self, values):
         """``values`` with the file names, given or default, made absolute
@@ -7477,8 +7484,8 @@ class Service(object):
             forward = signum
             if signum in (signal.SIGTERM, signal.SIGINT):
                 forward = signal.SIGTERM
-                if not getattr(self, "_stop_logged", False):
-                    self._stop_logged = True
+                if not self._workers_stopping:
+                    self._workers_stopping = True
                     log.info("signal %d: stopping %d workers", signum,
                              len(self.workers))
                     # The port closes at once, as a single process's does

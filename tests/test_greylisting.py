@@ -407,7 +407,7 @@ def test_lookup_threads_are_bounded_and_deadlines_kept(caplog):
         assert "lookup threads: all 2 busy" in caplog.text
         stuck.set()                     # the resolver answers at last
         deadline = time.monotonic() + 5
-        while threads._idle < 2:
+        while threads.idle < 2:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert smtpproxy.call_with_deadline(lambda: "x", (), 5) == (

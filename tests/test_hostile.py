@@ -524,7 +524,7 @@ def test_an_upstream_gone_in_an_overlong_reply_line_is_lost_not_spun_on(
         # Its session over, the thread ends, or waits for the next client
         # if threads are reused: it is not spinning on the end of input.
         wait_until(lambda: not server.sessions and threading.active_count()
-                   <= threads + server._idle, timeout=5,
+                   <= threads + server._session_threads.idle, timeout=5,
                    what="the session's thread to end its session")
     finally:
         client.close()

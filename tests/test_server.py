@@ -147,7 +147,7 @@ def test_session_threads_serve_client_after_client(upstream):
     for _ in range(20):
         one_session(port)
         # The thread that served it waits for the next client.
-        wait_for(lambda: server._idle == 1)
+        wait_for(lambda: server._session_threads.idle == 1)
     assert len(set(session_threads()) - before) == 1
     assert len(upstream.messages) == 20
     server.shutdown()
@@ -165,10 +165,10 @@ def test_at_most_spare_threads_wait_and_idle_ones_end(upstream):
         client.cmd("QUIT")
         client.close()
     wait_for(lambda: len(set(session_threads()) - before) == 3)
-    assert server._idle == 3
+    assert server._session_threads.idle == 3
     # Unused for thread_idle_time: they end too.
     wait_for(lambda: not set(session_threads()) - before)
-    assert server._idle == 0
+    assert server._session_threads.idle == 0
     one_session(port)                   # and a client still gets a thread
     assert len(upstream.messages) == 1
     server.shutdown()
@@ -179,7 +179,7 @@ def test_the_stop_ends_the_waiting_threads(upstream):
     server = pooled_server(upstream)
     before = set(session_threads())
     one_session(server.server_address[1])
-    wait_for(lambda: server._idle == 1)
+    wait_for(lambda: server._session_threads.idle == 1)
     server.shutdown()
     assert server.stop(grace_period=1) == 0
     wait_for(lambda: not set(session_threads()) - before)

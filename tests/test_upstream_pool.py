@@ -99,22 +99,20 @@ def test_a_session_that_waited_too_long_is_closed_with_quit(proxy,
 
 def test_a_changed_capability_set_is_learnt_on_reuse(proxy, raw_upstream):
     port = proxy(smtp_port=raw_upstream.port, upstream_pool_size=20)
-    client = RawClient(port)
-    client.cmd("EHLO client.example.net")
-    client.cmd("MAIL FROM:<a@example.net>")
-    assert client.cmd("RCPT TO:<b@example.org>")[0] == 250
-    client.cmd("QUIT")
-    client.close()
+
+    def rcpt_then_quit():
+        client = RawClient(port)
+        client.cmd("EHLO client.example.net")
+        client.cmd("MAIL FROM:<a@example.net>")
+        assert client.cmd("RCPT TO:<b@example.org>")[0] == 250
+        client.cmd("QUIT")
+        client.close()
+    rcpt_then_quit()
     wait_until(lambda: len(smtpproxy.upstream_pool) == 1, what="the pool")
     # The upstream now offers SMTPUTF8: the warm session's new EHLO says
     # so, and the proxy learns it.
     raw_upstream.ehlo = ["raw", "SMTPUTF8", "8BITMIME"]
-    client = RawClient(port)
-    client.cmd("EHLO client.example.net")
-    client.cmd("MAIL FROM:<a@example.net>")
-    assert client.cmd("RCPT TO:<b@example.org>")[0] == 250
-    client.cmd("QUIT")
-    client.close()
+    rcpt_then_quit()
     assert len([c for c in raw_upstream.commands
                 if c.startswith(b"EHLO client")]) == 2
     assert proxy.servers[-1].counters["upstream_reused"] == 1
