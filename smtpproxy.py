@@ -767,12 +767,20 @@ KEYS = [
         "who may ask the policy service on TCP, addresses and networks; "
         "others are closed at once, for it believes what it is told",
         kind="list", owner="policy"),
+    Key("policy_first_idle", _positive, POLICY,
+        "seconds a new policy connection may wait before its first "
+        "request (Postfix sends it as it connects); then policy_max_idle",
+        owner="policy"),
     Key("policy_max_idle", _positive, POLICY,
-        "seconds a policy connection may stay idle (Postfix's own "
-        "max_idle is 300)", owner="policy"),
+        "seconds a policy connection may stay idle between requests "
+        "(Postfix's own max_idle is 300)", owner="policy"),
     Key("policy_max_connections", _positive, POLICY,
         "policy connections at once; Postfix opens one per smtpd process",
         owner="policy"),
+    Key("policy_max_connections_per_peer", _positive, POLICY,
+        "policy connections at once of one peer: a TCP client's address, "
+        "or on a UNIX socket the user id that connected (100: Postfix's "
+        "default_process_limit)", owner="policy"),
     Key("policy_socket_mode", _octal_mode, POLICY,
         "mode of the policy service's UNIX socket", owner="service",
         default="0660", restart=True),
@@ -6081,18 +6089,23 @@ class PolicyHandler(socketserver.BaseRequestHandler):
     the text of ``defer_reply`` (its enhanced code, not its reply code:
     Postfix says 450); one that passes ``DUNNO``, or, with
     ``x_greylist_header``, ``PREPEND X-Greylist: ...`` on the pass after a
-    delay, once per message (``instance``).  Allowed clients, recipients
-    outside ``allowed_domains`` (Postfix's relay control decides those)
-    and every other state get ``DUNNO``.  Postfix's ``client_name`` (its
+    delay, once per message (``instance``).  Allowed clients and every
+    other state get ``DUNNO``.  Which recipients are greylisted is
+    ``greylisted_recipient()``'s: Postfix did its relay control before it
+    asked, so every one, or with ``allowed_domains`` only those of its
+    domains (the others get ``DUNNO``).  Postfix's ``client_name`` (its
     forward-confirmed name, or "unknown") is the client's name: the
-    service looks up nothing Postfix looked up already.
+    service looks up nothing Postfix looked up already.  An attribute
+    that is not UTF-8 is data all the same: each invalid octet is read as
+    its escape (\\xff), so that it can be stored and logged.
 
     Limits, class attributes: ``max_line_length`` (4096 octets) and
     ``max_attributes`` (100) of a request, which must be complete within
     ``request_timeout`` (10 s) of its first octet; an answer must be
-    written within ``write_timeout`` (10 s); a connection idle for the
-    server's ``policy_max_idle`` (300 s, Postfix's own max_idle) is
-    closed.  A line without "=", a control octet (NUL, CR, ...), a line
+    written within ``write_timeout`` (10 s); a new connection must send
+    its first request within the server's ``policy_first_idle`` (5 s:
+    Postfix writes it as it connects), then may stay idle between
+    requests for ``policy_max_idle`` (300 s, Postfix's own max_idle).  A line without "=", a control octet (NUL, CR, ...), a line
     or a request over its limit, a request without
     ``request=smtpd_access_policy``, or the end of input inside a request
     is logged once (escaped) and closes that connection; the others go
@@ -6101,7 +6114,8 @@ class PolicyHandler(socketserver.BaseRequestHandler):
     default_action.
 
     Hooks: ``answer(request)`` -> the action; ``now()`` -> the clock;
-    ``store_failed(error)``; ``greylister()`` -> the engine.
+    ``store_failed(error)``; ``greylister()`` -> the engine;
+    ``greylisted_recipient(recipient)``.
     """
 
     max_line_length = 4096
@@ -6112,6 +6126,9 @@ class PolicyHandler(socketserver.BaseRequestHandler):
     def setup(self):
         self.reader = _LineReader(self.request,
                                   idle=self.server.policy_max_idle)
+        # Until the first request: Postfix sends it as it connects, and a
+        # connection that says nothing only holds a slot.
+        self.reader.idle = self.server.policy_first_idle
         self.reader.deadline_reason = "request"
         self.prepended = None       # the instance given its X-Greylist
         peer = self.client_address
@@ -6124,6 +6141,7 @@ class PolicyHandler(socketserver.BaseRequestHandler):
                 request = self.read_request()
                 if request is None:
                     return
+                self.reader.idle = self.server.policy_max_idle
                 action = self.answer(request)
                 self.server.count("policy_" + action.split()[0].lower())
                 send_within(self.request, b"action=" + action.encode(
@@ -6137,7 +6155,8 @@ class PolicyHandler(socketserver.BaseRequestHandler):
             pass                    # logged by store_failed()
         except Expired as expired:
             if expired.reason == "idle":
-                return              # policy_max_idle: Postfix reconnects
+                # policy_first_idle or policy_max_idle: Postfix reconnects
+                return
             self.server.count("policy_bad_requests")
             log.warning("policy client %s: %s; connection closed", self.peer,
                         "request not complete within %s s"
@@ -6177,8 +6196,9 @@ class PolicyHandler(socketserver.BaseRequestHandler):
             if not equals:
                 raise PolicyRequestError("a line without '=': %s"
                                          % log_escape(line))
-            request[name.decode("utf-8", "surrogateescape")] = value.decode(
-                "utf-8", "surrogateescape")
+            # Not surrogateescape: a lone surrogate cannot be stored.
+            request[name.decode("utf-8", "backslashreplace")] = \
+                value.decode("utf-8", "backslashreplace")
         reader.deadline = None
         if request.get("request") != "smtpd_access_policy":
             raise PolicyRequestError(
@@ -6191,9 +6211,25 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         return time.time()
 
     def greylister(self):
-        """The engine, configured by the server's ``settings``."""
+        """The engine, configured by the server's ``settings``, with
+        ``greylisted_recipient()`` for its relay control: Postfix's."""
         settings = self.server.settings
-        return settings.greylister_class(settings)
+        engine = settings.greylister_class(settings)
+        engine.is_local_recipient = self.greylisted_recipient
+        return engine
+
+    def greylisted_recipient(self, recipient):
+        """True if ``recipient`` is greylisted.  Postfix did its relay
+        control before it asked (reject_unauth_destination comes first),
+        so that every recipient is, as postgrey greylists every one;
+        ``allowed_domains``, if not empty, restricts greylisting to its
+        domains (compared as the SMTP proxy does) and the bare Postmaster,
+        whatever the local-part: Postfix judged that."""
+        domains = self.server.settings.allowed_domains
+        if not domains or recipient.lower() == "postmaster":
+            return True
+        domain = _domain_key(recipient.rpartition("@")[2])
+        return any(domain == _domain_key(allowed) for allowed in domains)
 
     def store_failed(self, error):
         """As GreyListingPolicy.store_failed: logged once per incident."""
@@ -6204,7 +6240,6 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         """The action for ``request`` (a dict of its attributes)."""
         if request.get("protocol_state", "").upper() != "RCPT":
             return "DUNNO"
-        settings = self.server.settings
         client = unmapped(request.get("client_address", ""))
         try:
             ipaddress.ip_address(client)
@@ -6221,14 +6256,27 @@ class PolicyHandler(socketserver.BaseRequestHandler):
             hostname=None if name.lower() in ("", "unknown") else name)
         if decision.error is not None:
             self.store_failed(decision.error)
+        action = self._action(decision, request.get("instance"), now)
+        # "refuse" is the engine's word for a recipient it does not
+        # greylist: here Postfix decides, and the answer is DUNNO.
+        rule = ("outside allowed_domains" if decision.verdict == "refuse"
+                else decision.rule)
         log.info("policy %s: %s (%s); client %s, sender <%s>, recipient "
-                 "<%s>", decision.verdict, decision.rule, decision.key or "-",
-                 client, log_escape(sender), log_escape(recipient))
-        if decision.verdict == "unavailable":
+                 "<%s>", action.split()[0].lower() if action
+                 else "unanswered", log_escape(rule),
+                 log_escape(decision.key or "-"), log_escape(client),
+                 log_escape(sender), log_escape(recipient))
+        if action is None:
             raise decision.error
+        return action
+
+    def _action(self, decision, instance, now):
+        """The action answering ``decision``; None: no answer."""
+        settings = self.server.settings
+        if decision.verdict == "unavailable":
+            return None
         if decision.verdict == "defer":
             return "DEFER_IF_PERMIT " + _reply_text(settings.defer_reply)
-        instance = request.get("instance")
         if (decision.verdict == "accept" and decision.delay is not None
                 and settings.x_greylist_header
                 and (instance is None or instance != self.prepended)):
@@ -6251,19 +6299,25 @@ def _reply_text(reply):
 class _PolicyServing(object):
     """What the policy servers (TCP and UNIX) share: who may connect
     (``policy_clients``, on TCP; the socket's mode and group on UNIX), at
-    most ``policy_max_connections`` at once, the counters, and a stop
-    that closes every connection."""
+    most ``policy_max_connections`` at once and
+    ``policy_max_connections_per_peer`` of one peer, the counters, and a
+    stop that closes every connection.  A peer is a TCP client's address,
+    or on a UNIX socket the user id of the process that connected
+    (SO_PEERCRED, where the system tells it): one local user holding
+    connections leaves the others theirs."""
 
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
     policy_clients = ["127.0.0.1", "::1"]
+    policy_first_idle = 5
     policy_max_idle = 300
-    policy_max_connections = 100
+    policy_max_connections = 200
+    policy_max_connections_per_peer = 100
 
     def _init_policy(self, settings):
         self.settings = settings
-        self.connections = set()
+        self.connections = {}           # socket: its peer
         self.counters = {}
         self.refused_logged = {}        # address: time.monotonic()
         self.lock = threading.Lock()
@@ -6289,13 +6343,21 @@ class _PolicyServing(object):
                 not self.allowed(client_address[0]):
             refused = "%s is not in policy_clients" % unmapped(
                 client_address[0])
+        peer = _policy_peer(request, client_address)
         with self.lock:
             if refused is None and len(self.connections) >= \
                     self.policy_max_connections:
                 refused = ("policy_max_connections (%d) connections open"
                            % self.policy_max_connections)
+            if refused is None and peer is not None and sum(
+                    1 for other in self.connections.values()
+                    if other == peer) >= \
+                    self.policy_max_connections_per_peer:
+                refused = ("%s has policy_max_connections_per_peer (%d) "
+                           "connections open" % (
+                               peer, self.policy_max_connections_per_peer))
             if refused is None:
-                self.connections.add(request)
+                self.connections[request] = peer
                 return True
             self.counters["policy_connections_refused"] = \
                 self.counters.get("policy_connections_refused", 0) + 1
@@ -6310,7 +6372,7 @@ class _PolicyServing(object):
 
     def shutdown_request(self, request):
         with self.lock:
-            self.connections.discard(request)
+            self.connections.pop(request, None)
         socketserver.BaseServer.shutdown_request(self, request)
 
     def close_connections(self):
@@ -6326,6 +6388,21 @@ class _PolicyServing(object):
 
     def handle_error(self, request, client_address):
         log.exception("policy service: unexpected error")
+
+
+def _policy_peer(request, client_address):
+    """The peer a policy connection counts against: "192.0.2.7" on TCP,
+    "uid 1000" on a UNIX socket (SO_PEERCRED: Linux), None where the
+    system does not say."""
+    if isinstance(client_address, tuple) and client_address:
+        return unmapped(client_address[0])
+    try:
+        credentials = request.getsockopt(socket.SOL_SOCKET,
+                                         socket.SO_PEERCRED,
+                                         struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return None
+    return "uid %d" % struct.unpack("3i", credentials)[1]
 
 
 class PolicyServer(_PolicyServing, socketserver.ThreadingTCPServer):
@@ -6905,21 +6982,55 @@ def check_files(values):
             raise StartError("syslog: %s" % error, 2)
 
 
-def configuration_warnings(handler_class):
-    """What a configuration may say without meaning it."""
+def configuration_warnings(handler_class, values=None):
+    """What a configuration (``handler_class``, and the service's
+    ``values``) may say without meaning it."""
+    values = values or {}
     warnings = []
-    if (isinstance(handler_class, type)
+    # Only the SMTP proxy refuses recipients outside allowed_domains: the
+    # policy service leaves relay control to Postfix and greylists them.
+    if (values.get("smtp_proxy", True)
+            and isinstance(handler_class, type)
             and issubclass(handler_class, GreyListingPolicy)
             and not handler_class.allowed_domains):
-        warnings.append("allowed_domains is empty: every recipient will be "
-                        "refused (550 5.7.1), but for clients of "
-                        "allowed_senders and allowed_sender_nets")
+        warnings.append(
+            "allowed_domains is empty: every recipient will be refused "
+            "(550 5.7.1) by the SMTP proxy, but for clients of "
+            "allowed_senders and allowed_sender_nets%s"
+            % ("; the policy service greylists every recipient Postfix "
+               "asks about" if values.get("policy_listen") else ""))
+    warnings += _policy_tcp_warnings(values)
     if (getattr(handler_class, "upstream_tls_verify", False)
             and handler_class.upstream_tls != "required"):
         warnings.append("upstream_tls_verify without upstream_tls = "
                         "required: a certificate that fails the check, or "
                         "no STARTTLS, means plain text to the upstream")
     return warnings
+
+
+def _policy_tcp_warnings(values):
+    """A policy service on TCP that local users can reach: they cannot be
+    told from Postfix, and may hold its connections."""
+    where = values.get("policy_listen") or ""
+    if not where or where.startswith("unix:"):
+        return []
+    try:
+        host = _split_host_port(where)[0] or "127.0.0.1"
+        address = ipaddress.ip_address(
+            "127.0.0.1" if host.lower() == "localhost" else host)
+    except ValueError:
+        return []
+    clients = values.get("policy_clients", _PolicyServing.policy_clients)
+    local = address.is_loopback or (address.is_unspecified and any(
+        _in_network(loopback, client) for client in clients
+        for loopback in ("127.0.0.1", "::1")))
+    if not local:
+        return []
+    return ["policy_listen = %s is TCP on this host: every local user may "
+            "connect, and policy_clients cannot tell one from Postfix; "
+            "with Postfix on this host, use a UNIX socket: policy_listen = "
+            "unix:/var/spool/postfix/private/smtpproxy and "
+            "policy_socket_group = postfix" % where]
 
 
 def check_configuration(handler_class, values, files=True, notes=None):
@@ -6941,7 +7052,7 @@ def check_configuration(handler_class, values, files=True, notes=None):
         warnings += check_database(handler_class, notes=notes)
     else:
         check_as(identity, lambda: check_store(handler_class, create=False))
-    return warnings + configuration_warnings(handler_class)
+    return warnings + configuration_warnings(handler_class, values)
 
 
 def check_as(identity, check):
@@ -7317,7 +7428,7 @@ class Service(object):
         if self.report is not None:
             report_start(self.report, 0)
         for warning in self.warnings + configuration_warnings(
-                handler_class):
+                handler_class, self.values):
             log.warning("%s", warning)
         details = ("class %s, config %s, pid %d, user %s"
                    % (self.args.handler_class, self.path or "none",

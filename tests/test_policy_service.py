@@ -190,6 +190,68 @@ def test_what_greylisting_lets_through_is_dunno_at_once(policy, tmp_path,
     client.close()
 
 
+class Clock(smtpproxy.PolicyHandler):
+    """A handler whose clock the test moves on: greylisting's delay
+    without a sleep."""
+    offset = 0
+
+    def now(self):
+        return time.time() + Clock.offset
+
+
+@pytest.fixture
+def clock():
+    Clock.offset = 0
+    yield Clock
+    Clock.offset = 0
+
+
+@pytest.mark.parametrize("recipient", [
+    "user@example.org", "user@elsewhere.example", "postmaster",
+    '"odd local"@elsewhere.example'])
+def test_without_allowed_domains_every_recipient_is_greylisted(
+        policy, clock, recipient):
+    # What a postgrey user writes: Postfix did its relay control before
+    # it asked, so the service greylists whatever it is asked about.
+    client = PolicyClient(policy(handler_class=clock, allowed_domains=[]))
+    assert client.ask(recipient=recipient) == DEFER
+    clock.offset = 2                        # past min_defer_time (1)
+    assert client.ask(recipient=recipient) == "DUNNO"
+    client.close()
+
+
+@pytest.mark.parametrize("recipient, action", [
+    ("user@example.org", DEFER),
+    ("user@EXAMPLE.ORG.", DEFER),
+    # Whatever the local-part: Postfix judged it, and let it through.
+    ('"odd local"@example.org', DEFER),
+    ("user%other@example.org", DEFER),
+    ("user@elsewhere.example", "DUNNO"),
+    ("user@sub.example.org", "DUNNO"),
+])
+def test_allowed_domains_restricts_greylisting_to_its_domains(
+        policy, recipient, action):
+    client = PolicyClient(policy(allowed_domains=["example.org"]))
+    assert client.ask(recipient=recipient) == action
+    client.close()
+
+
+def test_the_log_says_the_action_answered(policy, caplog):
+    caplog.set_level("INFO", logger="smtpproxy")
+    client = PolicyClient(policy(allowed_senders=["198.51.100.7"]))
+    assert client.ask(recipient="user@elsewhere.example") == "DUNNO"
+    assert client.ask(client_address="198.51.100.7") == "DUNNO"
+    assert client.ask() == DEFER
+    client.close()
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("policy ")]
+    assert [line.split(";")[0] for line in lines] == [
+        "policy dunno: outside allowed_domains (-)",
+        "policy dunno: allowed_senders (-)",
+        "policy defer_if_permit: network:192.0.2.0/24 (192.0.2.0/24 "
+        "alice@example.net user@example.org)"]
+
+
 def test_postfix_client_name_is_the_clients_name(policy):
     # Keyed by name: client_name (Postfix's forward-confirmed name) groups
     # the pool; "unknown" is no name.
@@ -420,8 +482,6 @@ SERVICE_CONFIG = """\
 allowed_senders:
 allowed_sender_nets:
     198.51.100.0/24
-allowed_domains:
-    example.org
 client_key = network
 too_soon = 0
 min_defer_time = 1
@@ -445,10 +505,13 @@ def service(tmp_path, upstream):
     example.org, with its policy service on a free port (``.policy``)."""
     started = []
 
-    def start(config="", smtp=True, policy_listen=None):
+    def start(config="", smtp=True, policy_listen=None,
+              domains="example.org"):
         port = free_port()
         where = policy_listen or "127.0.0.1:%d" % port
         text = SERVICE_CONFIG % where + config
+        if domains:
+            text += "allowed_domains:\n    %s\n" % domains
         if not smtp:
             text += "smtp_proxy = no\n"
         directory = tmp_path / ("service%d" % len(started))
@@ -522,6 +585,50 @@ def test_postfix_greylists_through_the_service_alone(service, upstream,
     assert "answering policy requests on 127.0.0.1:%d" % process.policy \
         in log
     assert "listening on" not in log        # no SMTP listener
+
+
+def test_postfix_greylists_every_recipient_without_allowed_domains(
+        service, upstream, postfix_factory):
+    # postgrey's configuration: no domains; Postfix's relay control
+    # comes first, the service greylists what it is asked about.
+    process = service(smtp=False, domains=None)
+    postfix = asking_postfix(postfix_factory, upstream, process.policy)
+    (code, _), _ = through_postfix(postfix, "192.0.2.7")
+    assert code == 450
+    time.sleep(1.1)                         # greylisting's delay
+    (code, _), delivered = through_postfix(
+        postfix, "192.0.2.7", message=b"Subject: hi\r\n\r\nhello\r\n")
+    assert (code, delivered) == (250, 250)
+    log = process.stderr_text()
+    assert "policy defer_if_permit: network:192.0.2.0/24" in log
+    assert "policy dunno: network:192.0.2.0/24" in log
+    # No SMTP proxy, nothing refused: no warning saying so.
+    assert "allowed_domains" not in log
+    assert "refuse" not in log
+
+
+@pytest.mark.parametrize("config, warning", [
+    ("smtp_proxy = no\n", None),
+    ("", "allowed_domains is empty: every recipient will be refused "
+     "(550 5.7.1) by the SMTP proxy, but for clients of allowed_senders "
+     "and allowed_sender_nets; the policy service greylists every "
+     "recipient Postfix asks about"),
+])
+def test_the_start_warns_of_what_no_allowed_domains_does(tmp_path, config,
+                                                        warning):
+    (tmp_path / "p.conf").write_text(
+        config + "policy_listen = unix:%s\ngreylist_db = %s\n"
+        "run_as_root = yes\n" % (tmp_path / "p.sock", tmp_path / "g.db"))
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "smtpproxy.py"), "--config",
+         str(tmp_path / "p.conf"), "--check-config", "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines()
+                if "allowed_domains" in line]
+    assert warnings == ([] if warning is None
+                        else ["smtpproxy: warning: " + warning])
 
 
 def test_the_proxy_and_the_service_share_one_store(service, upstream,
