@@ -5,6 +5,7 @@ of bad input, who may ask, a UNIX socket, limits); then a real Postfix
 asking a real service process, alone or beside the SMTP proxy on one
 store; and postgrey's files, loaded as they are."""
 
+import logging
 import os
 import signal
 import smtplib
@@ -106,9 +107,11 @@ class PolicyClient(object):
         return answer[len(b"action="):].decode()
 
     def is_closed(self):
+        """True if the service closed the connection: a request gets no
+        answer (not merely policy_first_idle's end)."""
         try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
+            return self.ask(protocol_state="DATA") is None
+        except (BrokenPipeError, ConnectionResetError):
             return True
 
     def close(self):
@@ -341,6 +344,59 @@ def test_bad_input_is_logged_once_and_closes_that_connection_only(
     assert server.counters["policy_bad_requests"] == 1
 
 
+@pytest.fixture
+def log_file(tmp_path):
+    """The path of a file that gets the service's log, as log_file would,
+    tracebacks included."""
+    path = tmp_path / "service.log"
+    handler = logging.FileHandler(str(path), encoding="utf-8")
+    logger = logging.getLogger("smtpproxy")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield path
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+    handler.close()
+
+
+def raw_request(**changes):
+    """RCPT as Postfix would write it, ``changes`` given as octets."""
+    request = dict((name, value.encode()) for name, value in RCPT.items())
+    request.update(changes)
+    return b"".join(name.encode() + b"=" + value + b"\n"
+                    for name, value in request.items()) + b"\n"
+
+
+@pytest.mark.parametrize("changes, logged", [
+    ({"sender": b"\xff\xfe@example.net"}, "sender <\\\\xff\\\\xfe@"),
+    ({"recipient": b"user\xc3@example.org"}, "recipient <user\\\\xc3@"),
+    # U+009B, the C1 control sequence introducer, as valid UTF-8.
+    ({"recipient": "user\u009b[2J@example.org".encode()},
+     "recipient <user\\x9b[2J@"),
+    ({"sender": "\u009b".encode(), "recipient": b"\x9b@example.org"},
+     "sender <\\x9b>"),
+])
+def test_octets_that_are_not_utf8_or_c1_controls_are_data_logged_escaped(
+        policy, clock, log_file, changes, logged):
+    client = PolicyClient(policy(handler_class=clock))
+    client.send(raw_request(**changes))
+    assert client.answer() == DEFER         # a clean answer: greylisted
+    clock.offset = 2
+    client.send(raw_request(**changes))
+    assert client.answer() == "DUNNO"       # the same octets pass later
+    client.close()
+    data = log_file.read_bytes()
+    # Printable ASCII lines: no C0 or C1 control, no raw 8-bit octet.
+    assert all(0x20 <= octet <= 0x7e or octet == 0x0a for octet in data), \
+        data
+    assert b"Traceback" not in data
+    lines = data.decode().splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "policy defer_if_permit", "policy dunno"], lines
+    assert logged in lines[0], lines[0]
+
+
 def test_a_trickled_request_is_cut_at_its_deadline(policy, caplog):
     class Quick(smtpproxy.PolicyHandler):
         request_timeout = 0.5
@@ -404,6 +460,103 @@ def test_policy_max_connections(policy):
     assert fourth.ask(protocol_state="DATA") == "DUNNO"
     for client in (second, third, fourth):
         client.close()
+
+
+def test_a_new_connection_must_ask_within_policy_first_idle(policy):
+    server = policy(server_keys={"policy_first_idle": 0.3})
+    silent = PolicyClient(server)
+    # Closed by the service (the client's own timeout is 10 s).
+    assert silent.answer() is None
+    silent.close()
+    # Postfix asks as it connects; between its requests, the longer
+    # policy_max_idle applies.
+    asking = PolicyClient(server)
+    assert asking.ask(protocol_state="DATA") == "DUNNO"
+    time.sleep(0.6)                         # twice policy_first_idle
+    assert asking.ask(protocol_state="DATA") == "DUNNO"
+    asking.close()
+
+
+def test_policy_first_idle_and_the_shares_by_default():
+    assert smtpproxy.PolicyServer.policy_first_idle == 5
+    # One peer may have as many as Postfix's default_process_limit of
+    # smtpd processes, each with its connection; another as many again.
+    assert smtpproxy.PolicyServer.policy_max_connections_per_peer == 100
+    assert smtpproxy.PolicyServer.policy_max_connections == 200
+
+
+def test_a_tcp_peer_beyond_its_share_is_closed_others_are_served(
+        policy, caplog):
+    server = policy(server_keys={
+        "policy_clients": ["127.0.0.1", "127.0.0.2"],
+        "policy_max_connections_per_peer": 2})
+    held = [PolicyClient(server), PolicyClient(server)]
+    for client in held:
+        assert client.ask(protocol_state="DATA") == "DUNNO"
+    beyond = PolicyClient(server)
+    assert beyond.is_closed()
+    beyond.close()
+    other = PolicyClient(server, source="127.0.0.2")
+    assert other.ask() == DEFER
+    other.close()
+    assert "policy service: connection refused: 127.0.0.1 has " \
+        "policy_max_connections_per_peer (2) connections open" in caplog.text
+    held[0].close()
+    wait_until(lambda: len(server.connections) < 2, what="a free slot")
+    again = PolicyClient(server)
+    assert again.ask(protocol_state="DATA") == "DUNNO"
+    for client in held[1:] + [again]:
+        client.close()
+
+
+ASK_AS_NOBODY = """\
+import os, socket, sys
+os.setgid(65534)
+os.setuid(65534)
+client = socket.socket(socket.AF_UNIX)
+client.settimeout(10)
+client.connect(sys.argv[1].encode("latin-1").replace(b"@", b"\\0"))
+client.sendall(b"request=smtpd_access_policy\\nprotocol_state=DATA\\n\\n")
+answer = b""
+while not answer.endswith(b"\\n\\n"):
+    data = client.recv(4096)
+    if not data:
+        break
+    answer += data
+sys.stdout.write(answer.decode())
+"""
+
+
+def test_a_unix_peer_is_its_user_id(policy):
+    assert os.geteuid() == 0, "the tests run as root, as CI does"
+    # An abstract socket: no file whose mode keeps nobody out.
+    name = "\0smtpproxy-test-%d" % os.getpid()
+    server = policy(server_class=smtpproxy.UnixPolicyServer, address=name,
+                    server_keys={"policy_max_connections_per_peer": 1})
+
+    def connect():
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(10)
+        sock.connect(name)
+        return sock
+    held = connect()                        # root's one connection
+    held.sendall(b"request=smtpd_access_policy\nprotocol_state=DATA\n\n")
+    assert held.recv(4096) == b"action=DUNNO\n\n"
+    beyond = connect()                      # root's second: closed
+    try:
+        beyond.sendall(b"request=smtpd_access_policy\n"
+                       b"protocol_state=DATA\n\n")
+        assert beyond.recv(4096) == b""
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    beyond.close()
+    result = subprocess.run(
+        [sys.executable, "-c", ASK_AS_NOBODY, name.replace("\0", "@")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "action=DUNNO\n\n"     # another user's
+    held.close()
 
 
 def test_a_unix_socket(policy, tmp_path):
@@ -629,6 +782,31 @@ def test_the_start_warns_of_what_no_allowed_domains_does(tmp_path, config,
                 if "allowed_domains" in line]
     assert warnings == ([] if warning is None
                         else ["smtpproxy: warning: " + warning])
+
+
+@pytest.mark.parametrize("values, warned", [
+    ({"policy_listen": "127.0.0.1:10023"}, True),
+    ({"policy_listen": "10023"}, True),                 # 127.0.0.1
+    ({"policy_listen": "localhost:10023"}, True),
+    ({"policy_listen": "[::1]:10023"}, True),
+    ({"policy_listen": "0.0.0.0:10023"}, True),         # loopback clients
+    ({"policy_listen": "[::]:10023",
+      "policy_clients": ["::1", "192.0.2.25"]}, True),
+    ({"policy_listen": "0.0.0.0:10023",
+      "policy_clients": ["192.0.2.0/24"]}, False),     # other hosts only
+    ({"policy_listen": "192.0.2.1:10023"}, False),
+    ({"policy_listen": "unix:/var/spool/postfix/private/smtpproxy"}, False),
+    ({}, False),
+])
+def test_tcp_that_local_users_reach_is_warned_of(tmp_path, values, warned):
+    warnings = [warning for warning in smtpproxy.configuration_warnings(
+        settings_class(tmp_path), dict(values, smtp_proxy=False))]
+    assert warnings == ([
+        "policy_listen = %s is TCP on this host: every local user may "
+        "connect, and policy_clients cannot tell one from Postfix; with "
+        "Postfix on this host, use a UNIX socket: policy_listen = "
+        "unix:/var/spool/postfix/private/smtpproxy and policy_socket_group "
+        "= postfix" % values["policy_listen"]] if warned else [])
 
 
 def test_the_proxy_and_the_service_share_one_store(service, upstream,
