@@ -667,7 +667,10 @@ KEYS = [
         examples=("192.168.2", "2001:db8::/32")),
     Key("allowed_domains", _domain, SENDERS,
         "domains mail is received for; any other recipient is refused "
-        "(550 5.7.1), so none: every recipient is", kind="list",
+        "(550 5.7.1), so none: every recipient is.  The policy service "
+        "leaves relay control to Postfix: none, it greylists every "
+        "recipient it is asked about; else only those of these domains "
+        "(DUNNO for others)", kind="list",
         examples=("example.org",)),
     Key("whitelisted_triples", _ip_triple, SENDERS,
         "always accepted: ip <sender> <recipient>", kind="list",
