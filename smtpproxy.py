@@ -6108,8 +6108,9 @@ class PolicyHandler(socketserver.BaseRequestHandler):
     written within ``write_timeout`` (10 s); a new connection must send
     its first request within the server's ``policy_first_idle`` (5 s:
     Postfix writes it as it connects), then may stay idle between
-    requests for ``policy_max_idle`` (300 s, Postfix's own max_idle).  A line without "=", a control octet (NUL, CR, ...), a line
-    or a request over its limit, a request without
+    requests for ``policy_max_idle`` (300 s, Postfix's own max_idle).
+    A line without "=", a control octet (NUL, CR, ...), a line or a
+    request over its limit, a request without
     ``request=smtpd_access_policy``, or the end of input inside a request
     is logged once (escaped) and closes that connection; the others go
     on.  A store the process cannot open for want of descriptors also
@@ -6400,12 +6401,13 @@ def _policy_peer(request, client_address):
     if isinstance(client_address, tuple) and client_address:
         return unmapped(client_address[0])
     try:
+        # struct ucred: pid_t pid, uid_t uid, gid_t gid.
         credentials = request.getsockopt(socket.SOL_SOCKET,
                                          socket.SO_PEERCRED,
-                                         struct.calcsize("3i"))
+                                         struct.calcsize("iII"))
     except (AttributeError, OSError):
         return None
-    return "uid %d" % struct.unpack("3i", credentials)[1]
+    return "uid %d" % struct.unpack("iII", credentials)[1]
 
 
 class PolicyServer(_PolicyServing, socketserver.ThreadingTCPServer):
