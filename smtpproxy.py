@@ -1557,12 +1557,30 @@ class UpstreamSession(object):
     the client is told is clean.  ``start_tls()`` turns the session to TLS
     (``tls`` is then true), ``xclient()`` tells Postfix who the client
     really is (``xclient_done``).
+
+    ``undelivered`` counts what the upstream may hold against the session
+    since its last delivered message (``delivered()`` sets it back to 0):
+    each of the ``junk_commands`` and each command answered 4xx or 5xx.
+    Postfix keeps such counts per connection and forgives them only when
+    a message is delivered (smtpd_junk_command_limit, then
+    smtpd_soft_error_limit: a delay of smtpd_error_sleep_time before every
+    reply, smtpd_hard_error_limit: 421), so a pooled session must not
+    carry many of them to its next client: UpstreamRelay pools it again
+    only while ``undelivered`` is below ``max_undelivered``.
     """
 
     max_reply_lines = 100
     max_reply_line_length = 512
     # Commands that Postfix takes after a HELO as well as after an EHLO.
     session_commands = ("XFORWARD",)
+    # The commands Postfix's smtpd counts against smtpd_junk_command_limit
+    # (its SMTPD_CMD_FLAG_LIMIT).
+    junk_commands = ("HELO", "EHLO", "RSET", "NOOP", "VRFY", "ETRN",
+                     "XCLIENT", "XFORWARD")
+    # Far below Postfix's smallest default limit (smtpd_soft_error_limit
+    # = 10; the junk limit is 100): the next client of a pooled session
+    # starts with fewer than 5 things counted against it.
+    max_undelivered = 5
 
     def __init__(self, address, timeout):
         self.address = address
@@ -1570,6 +1588,7 @@ class UpstreamSession(object):
         self.extensions = {}
         self.tls = False
         self.xclient_done = False
+        self.undelivered = 0
         try:
             # A timeout of 0 is no limit, as for set_timeout(); to Python
             # it would mean a non-blocking socket.
@@ -1649,7 +1668,9 @@ class UpstreamSession(object):
         if re.search(r"[\r\n\x00]", line):
             raise ValueError("refusing to send a line break upstream")
         self.send(line.encode("utf-8") + b"\r\n")
-        return self.read_reply()
+        reply = self.read_reply()
+        self._tally(line, reply[0])
+        return reply
 
     def commands(self, lines):
         """Send several commands and return their replies, in one write
@@ -1660,7 +1681,25 @@ class UpstreamSession(object):
             if re.search(r"[\r\n\x00]", line):
                 raise ValueError("refusing to send a line break upstream")
         self.send("".join(line + "\r\n" for line in lines).encode("utf-8"))
-        return [self.read_reply() for _ in lines]
+        replies = [self.read_reply() for _ in lines]
+        for line, reply in zip(lines, replies):
+            self._tally(line, reply[0])
+        return replies
+
+    def _tally(self, line, code):
+        # What Postfix counts: a junk command, a command that failed.
+        if code >= 400 or line.split(" ", 1)[0].upper() in (
+                self.junk_commands):
+            self.undelivered += 1
+
+    def delivered(self, code):
+        """The upstream answered ``code`` to a message's final dot: a
+        delivery forgives the session everything (as Postfix does), a
+        refusal counts like any failed command."""
+        if code < 400:
+            self.undelivered = 0
+        else:
+            self.undelivered += 1
 
     def greet(self, helo_name, esmtp):
         """Read the greeting and introduce ourselves with the client's name.
@@ -1976,6 +2015,7 @@ class UpstreamRelay(object):
         except UpstreamError as error:
             self.fail(error)
             raise
+        self.session.delivered(reply[0])
         self.in_transaction = False
         return reply
 
@@ -1998,17 +2038,26 @@ class UpstreamRelay(object):
 
     def quit(self):
         """End the session: into the pool if another client may have it
-        (``upstream_pool_size``), else politely (QUIT)."""
+        (``upstream_pool_size``), else politely (QUIT).  One with too much
+        counted against it since its last delivered message
+        (UpstreamSession.max_undelivered) is retired instead, since the
+        upstream would hold that against the next client (counter
+        ``upstream_retired``)."""
         session, self.session = self.session, None
         if session is None:
             return
         if (not self.in_transaction and self.lost is None
                 and self._poolable(self.handler.upstream_tls)
-                and session.reusable()
-                and upstream_pool.put(self._pool_key(), session,
-                                      self.handler.upstream_pool_size,
-                                      self.handler.upstream_pool_idle)):
-            return
+                and session.reusable()):
+            if session.undelivered >= session.max_undelivered:
+                self.handler.count("upstream_retired")
+                self.handler.log_dialogue(
+                    "upstream session retired: %s commands counted since "
+                    "its last delivered message", str(session.undelivered))
+            elif upstream_pool.put(self._pool_key(), session,
+                                   self.handler.upstream_pool_size,
+                                   self.handler.upstream_pool_idle):
+                return
         session.quit()
 
     # -- warm sessions ---------------------------------------------------
