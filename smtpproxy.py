@@ -235,6 +235,7 @@ import sys
 import textwrap
 import threading
 import time
+import unicodedata
 
 __version__ = "0.1.0"
 
@@ -347,14 +348,37 @@ def _domain(item):
                          "is received for, on a line of its own" % item[2:])
     name = item
     if re.search(r"[^\x00-\x7f]", name):
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
-            name = "!"
+        name = _a_labels(name)
     if len(name) > 253 or not _DOMAIN_NAME_RE.match(name):
         raise ValueError("expected a domain name such as example.org, got "
                          "%r" % item)
     return item
+
+
+def _a_labels(name):
+    """``name``, a domain written with U-labels, in A-labels (xn--...,
+    RFC 3492 Punycode without IDNA 2003's nameprep), for its syntax
+    check; "!" if a label is not as mail to it would be written: in NFC
+    and lower case, of letters, marks, digits and "-" only.  A recipient
+    domain is local only if it is listed as written (_domain_key()), so
+    an entry that nameprep would have mapped (fullwidth letters, an
+    invisible soft hyphen, capitals) could never match: it is refused
+    here instead of lying unused."""
+    labels = []
+    for label in name.split("."):
+        if re.match(r"[\x00-\x7f]*\Z", label):
+            labels.append(label)
+            continue
+        if (unicodedata.normalize("NFKC", label) != label
+                or label.lower() != label
+                or not all(char == "-" or unicodedata.category(char)[0]
+                           in "LMN" for char in label)):
+            return "!"
+        try:
+            labels.append("xn--" + label.encode("punycode").decode("ascii"))
+        except UnicodeError:
+            return "!"
+    return ".".join(labels)
 
 
 def _bracketed(word, what):
@@ -3577,7 +3601,9 @@ class GreyListingPolicy(ConcreteMailHandler):
        (Kamaelia's textual prefixes such as ``192.168.2``, read as whole
        octets, or CIDR networks) is accepted: it may relay anywhere;
     2. a recipient that is not a plain ``local@domain`` for a domain of
-       ``allowed_domains`` (case-insensitive; a subdomain only if listed)
+       ``allowed_domains`` (ASCII letters case-insensitive, a name with
+       non-ASCII letters only as listed: _domain_key(); a subdomain only
+       if listed)
        gets ``relay_reply``: source routes, ``%`` and ``!`` paths, quoted
        local-parts, address literals are all refused; the bare
        ``<Postmaster>`` (RFC 5321 section 4.5.1) is ours and accepted;
@@ -3878,17 +3904,17 @@ class Greylister(object):
     def is_whitelisted(self, client, helo, sender, recipient):
         """True for a whitelisted triple or non-standard triple."""
         sender = "<%s>" % sender.lower()
-        target = "<%s>" % recipient.lower()
+        target = "<%s>" % _recipient_key(recipient)
         for ip, triple_sender, triple_recipient in \
                 self.settings.whitelisted_triples:
             if (ip == client and triple_sender.lower() == sender
-                    and triple_recipient.lower() == target):
+                    and _recipient_key(triple_recipient) == target):
                 return True
         for triple_helo, prefix, triple_recipient in \
                 self.settings.whitelisted_nonstandard_triples:
             if (triple_helo.lower() == (helo or "").lower()
                     and _in_network(client, prefix)
-                    and triple_recipient.lower() == target):
+                    and _recipient_key(triple_recipient) == target):
                 return True
         return False
 
@@ -3911,7 +3937,7 @@ class Greylister(object):
         """The store's key: ``client normalised-sender recipient``, the
         client its network or name key (client_identity())."""
         return " ".join([client, normalise_sender(sender),
-                         recipient.lower()])
+                         _recipient_key(recipient)])
 
 
 GreyListingPolicy.greylister_class = Greylister
@@ -4043,15 +4069,30 @@ def _host_name(name):
 
 
 def _domain_key(domain):
-    """A domain as compared: lower case, no final dot, A-labels (IDNA) for
-    a name written with U-labels (SMTPUTF8)."""
-    domain = domain.lower().rstrip(".")
-    if re.search(r"[^\x00-\x7f]", domain):
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            pass
-    return domain
+    """A domain as compared, by the rule the upstream applies to the
+    address that is forwarded as it was written: ASCII letters in lower
+    case (RFC 5321 section 2.4), no final dot, and nothing else mapped.
+    A name with U-labels (SMTPUTF8) is itself: not folded by IDNA 2003's
+    nameprep (which read class.org written in fullwidth letters, U+FF43
+    ..., as class.org, dropped a soft hyphen, U+00AD, and made sharp s,
+    U+00DF, "ss"), nor by Unicode case or NFC, so
+    it is ours only if listed exactly so; an A-label (xn--...) matches
+    only an A-label."""
+    return domain.translate(_ASCII_LOWER).rstrip(".")
+
+
+_ASCII_LOWER = dict((code, code + 32) for code in range(ord("A"),
+                                                        ord("Z") + 1))
+
+
+def _recipient_key(recipient):
+    """A recipient as whitelists and greylisting keys compare it: the
+    local-part in lower case, the domain by _domain_key()'s rule, so that
+    no two domains the relay check tells apart are one here."""
+    local, at, domain = recipient.rpartition("@")
+    if not at:
+        return recipient.lower()
+    return local.lower() + at + _domain_key(domain)
 
 
 def _in_network(address, network):
@@ -5202,8 +5243,8 @@ class ListFile(object):
         name = hostname() if callable(hostname) else hostname
         return name is not None and self.has_name(name)
 
-    def has_name(self, name):
-        name = name.lower()
+    def has_name(self, name, key=str.lower):
+        name = key(name)
         return (any(name == suffix or name.endswith("." + suffix)
                     for suffix in self.names)
                 or any(pattern.search(name) for pattern in self.patterns))
@@ -5211,10 +5252,10 @@ class ListFile(object):
     def has_recipient(self, recipient):
         """``user@domain``, ``user@``, the domain (or a parent), or a
         pattern."""
-        recipient = recipient.lower()
+        recipient = _recipient_key(recipient)
         local, _, domain = recipient.rpartition("@")
         return (recipient in self.addresses or local in self.locals
-                or (domain and self.has_name(domain))
+                or (domain and self.has_name(domain, _domain_key))
                 or any(pattern.search(recipient)
                        for pattern in self.patterns))
 
