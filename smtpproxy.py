@@ -1119,6 +1119,14 @@ def unmapped(address):
     return address
 
 
+# The client of a connection whose address nobody knows (a PROXY header
+# that names none; Postfix's own word for it in XCLIENT and policy
+# requests): it matches no address or network, whitelists nothing by
+# address, is never auto-whitelisted, and is greylisted under this key,
+# which no network ("192.0.2.0/24") or host-name key can be.
+UNKNOWN_CLIENT = "unknown"
+
+
 class EnvelopeSyntaxError(ValueError):
     """An envelope command that is not RFC 5321 syntax; ``str()`` says why."""
 
@@ -2301,7 +2309,11 @@ class MailHandler(socketserver.StreamRequestHandler):
                         begin with a PROXY protocol header (HAProxy's, of
                         that version), whose client address and port
                         become ``peer`` and ``peerport``; a connection
-                        without a valid one is closed without a word
+                        without a valid one is closed without a word.  A
+                        header that names no TCP client (v1 UNKNOWN, v2
+                        LOCAL, AF_UNSPEC, AF_UNIX) makes ``peer``
+                        UNKNOWN_CLIENT ("unknown", ``peerport`` 0): not
+                        the balancer's address, which may be trusted
     proxy_protocol_from the load balancers' addresses or networks allowed
                         to send the header; empty: any (then whoever can
                         reach the port can claim any address: the command
@@ -2609,26 +2621,35 @@ class MailHandler(socketserver.StreamRequestHandler):
             reader.deadline = self.session_deadline
             reader.deadline_reason = "session"
             self.phase = "CONNECT"
-        if address is not None:
-            peer, peerport = address
-            move = getattr(self.server, "move_session", None)
-            if move is not None and not move(self, peer):
-                self.netPrint(TOO_MANY_CONNECTIONS % self.servername)
-                return False
-            self.peer, self.peerport = peer, peerport
+        if not isinstance(address, tuple):
+            # No client address: the connection's own is the balancer's,
+            # which may be in allowed_senders (127.0.0.1 by default) and
+            # would relay anywhere.  The client is unknown and trusted
+            # with nothing; it stays counted under the balancer.
+            (log.info if address != "v2 LOCAL" else self.log_dialogue)(
+                "PROXY %s through %s: an unknown client, trusted with "
+                "nothing", address, log_escape(balancer))
+            self.peer, self.peerport = UNKNOWN_CLIENT, 0
+            return True
+        peer, peerport = address
+        move = getattr(self.server, "move_session", None)
+        if move is not None and not move(self, peer):
+            self.netPrint(TOO_MANY_CONNECTIONS % self.servername)
+            return False
+        self.peer, self.peerport = peer, peerport
         self.log_dialogue("PROXY: client %s:%s, through %s", self.peer,
                           self.peerport, balancer)
         return True
 
     def _proxy_v1(self, start):
-        """The rest of a version 1 header: ``(address, port)``, or None for
-        PROXY UNKNOWN (the connection's own addresses stand)."""
+        """The rest of a version 1 header: ``(address, port)``, or "v1
+        UNKNOWN" for PROXY UNKNOWN (no client address)."""
         line = start + self.reader.readline(107 - len(start))
         if not line.endswith(b"\r\n"):
             raise ValueError("PROXY v1 line without CRLF within 107 octets")
         words = line[6:-2].decode("ascii", "replace").split(" ")
         if words[0] == "UNKNOWN":
-            return None
+            return "v1 UNKNOWN"
         if words[0] not in ("TCP4", "TCP6") or len(words) != 5:
             raise ValueError("bad PROXY v1 line: %s" % log_escape(line))
         version = 4 if words[0] == "TCP4" else 6
@@ -2650,8 +2671,9 @@ class MailHandler(socketserver.StreamRequestHandler):
 
     def _proxy_v2(self):
         """The rest of a version 2 header (RFC-like spec of HAProxy,
-        section 2.2): ``(address, port)``, or None for LOCAL and for
-        families other than TCP over IPv4 or IPv6."""
+        section 2.2): ``(address, port)``; for LOCAL and for families
+        other than TCP over IPv4 or IPv6, which give no client address,
+        what it was ("v2 LOCAL", "v2 AF_UNSPEC", "v2 AF_UNIX", ...)."""
         rest = self.reader.read_exact(10)
         if len(rest) < 10 or rest[:6] != b"\nQUIT\n":
             raise ValueError("bad PROXY v2 signature")
@@ -2669,7 +2691,7 @@ class MailHandler(socketserver.StreamRequestHandler):
         if len(body) < length:
             raise ValueError("PROXY v2 header cut short")
         if command & 0x0f == 0:             # LOCAL: the balancer's own
-            return None
+            return "v2 LOCAL"
         if family == 0x11 and length >= 12:
             return (unmapped(ipaddress.IPv4Address(body[:4])),
                     struct.unpack("!H", body[8:10])[0])
@@ -2678,7 +2700,9 @@ class MailHandler(socketserver.StreamRequestHandler):
                     struct.unpack("!H", body[32:34])[0])
         if family in (0x11, 0x21):
             raise ValueError("PROXY v2 addresses cut short")
-        return None
+        return "v2 %s%s" % (
+            {0: "AF_UNSPEC", 1: "AF_INET", 2: "AF_INET6", 3: "AF_UNIX"}[
+                family >> 4], " over DGRAM" if family & 0x0f == 2 else "")
 
     # -- the commands: overridden by ConcreteMailHandler ---------------
 
@@ -3031,10 +3055,11 @@ class ConcreteMailHandler(MailHandler):
         if ":" in address:
             address = "IPV6:" + address
         unknown = "[UNAVAILABLE]"
+        known = self.peer != UNKNOWN_CLIENT
         reverse_name, confirmed_name = self.client_names()
         attributes = [("NAME", confirmed_name or unknown),
-                      ("ADDR", address),
-                      ("PORT", str(self.peerport)),
+                      ("ADDR", address if known else unknown),
+                      ("PORT", str(self.peerport) if known else unknown),
                       ("HELO", self.helo_name or unknown),
                       ("PROTO", "ESMTP" if self.esmtp else "SMTP")]
         if command == "XCLIENT":
@@ -3060,6 +3085,8 @@ class ConcreteMailHandler(MailHandler):
         known = self._client_names
         if known is not None and known[0] == self.peer:
             return known[1]
+        if self.peer == UNKNOWN_CLIENT:
+            return None, None           # no address to look up
         answered, reverse, confirmed = confirmed_names(
             self.peer, self.reverse_lookup, self.forward_lookup,
             self.max_forward_lookups, self.dns_timeout or None)
@@ -3781,8 +3808,12 @@ class Greylister(object):
         its forward-confirmed host name, or a callable that looks it up
         (called only if a rule needs it); ``resolve(name)`` the
         addresses of a name, for the DNS lists (the system's resolver by
-        default)."""
+        default).  A ``client`` of UNKNOWN_CLIENT has no name either, and
+        is greylisted under that key, never auto-whitelisted."""
         settings = self.settings
+        unknown = client == UNKNOWN_CLIENT
+        if unknown:
+            hostname = None
         if self.client_may_relay(client):
             return Decision("relay", "allowed_senders")
         if not self.is_local_recipient(recipient):
@@ -3806,7 +3837,9 @@ class Greylister(object):
             name = hostname() if (settings.client_key == "name" or
                                   settings.greylist_clients ==
                                   "suspicious") else None
-        client_key, key_rule = self.client_identity(client, name)
+        client_key, key_rule = ((UNKNOWN_CLIENT, "unknown-client")
+                                if unknown
+                                else self.client_identity(client, name))
         key = self.triplet_key(client_key, sender, recipient)
         suspicious = settings.greylist_clients == "suspicious"
         suspicion = ("dnsbl:" + blocked if blocked
@@ -3816,13 +3849,16 @@ class Greylister(object):
                                                              key_rule)
         try:
             store = stores.get(settings)
-            # A listed client is always greylisted, trusted or not.
-            if not blocked and store.client_is_trusted(client_key, now):
+            # A listed client is always greylisted, trusted or not; one
+            # whose address is unknown is never trusted, nor counted.
+            if (not blocked and not unknown
+                    and store.client_is_trusted(client_key, now)):
                 return Decision("accept", "auto-whitelist " + key_rule,
                                 client_key)
             if suspicious and suspicion is None:
                 return Decision("accept", "not-suspicious " + key_rule)
-            accepted, delay = store.check(key, now, client=client_key)
+            accepted, delay = store.check(
+                key, now, client=None if unknown else client_key)
         except ResourceShortage as error:
             # Not the fail mode: out of descriptors is no reason to let
             # mail through.
