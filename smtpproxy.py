@@ -4076,7 +4076,7 @@ def parse_store_key(text, ipv4_prefix=24, ipv6_prefix=64, network=False):
     if _network_or_none(client):
         client = network_key(client, ipv4_prefix, ipv6_prefix)
     return " ".join([client, normalise_sender(addresses[0]),
-                     addresses[1].lower()])
+                     _recipient_key(addresses[1])])
 
 
 def _network_or_none(text):

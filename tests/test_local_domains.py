@@ -124,3 +124,12 @@ def test_a_fullwidth_domain_is_refused_end_to_end(tmp_path):
     finally:
         proxies.stop()
         upstream.stop()
+
+
+def test_a_key_written_by_the_administrator_is_the_proxys():
+    # As the proxy writes it: capital U with diaeresis stays one.
+    policy = engine("b\u00fccher.example")
+    recipient = "J\u00fcrgen@B\u00dccher.example"
+    assert smtpproxy.parse_store_key(
+        "192.0.2.7 a@example.net " + recipient) == policy.triplet_key(
+            "192.0.2.0/24", "a@example.net", recipient)
