@@ -235,6 +235,7 @@ import sys
 import textwrap
 import threading
 import time
+import unicodedata
 
 __version__ = "0.1.0"
 
@@ -347,14 +348,37 @@ def _domain(item):
                          "is received for, on a line of its own" % item[2:])
     name = item
     if re.search(r"[^\x00-\x7f]", name):
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
-            name = "!"
+        name = _a_labels(name)
     if len(name) > 253 or not _DOMAIN_NAME_RE.match(name):
         raise ValueError("expected a domain name such as example.org, got "
                          "%r" % item)
     return item
+
+
+def _a_labels(name):
+    """``name``, a domain written with U-labels, in A-labels (xn--...,
+    RFC 3492 Punycode without IDNA 2003's nameprep), for its syntax
+    check; "!" if a label is not as mail to it would be written: in NFC
+    and lower case, of letters, marks, digits and "-" only.  A recipient
+    domain is local only if it is listed as written (_domain_key()), so
+    an entry that nameprep would have mapped (fullwidth letters, an
+    invisible soft hyphen, capitals) could never match: it is refused
+    here instead of lying unused."""
+    labels = []
+    for label in name.split("."):
+        if re.match(r"[\x00-\x7f]*\Z", label):
+            labels.append(label)
+            continue
+        if (unicodedata.normalize("NFKC", label) != label
+                or label.lower() != label
+                or not all(char == "-" or unicodedata.category(char)[0]
+                           in "LMN" for char in label)):
+            return "!"
+        try:
+            labels.append("xn--" + label.encode("punycode").decode("ascii"))
+        except UnicodeError:
+            return "!"
+    return ".".join(labels)
 
 
 def _bracketed(word, what):
@@ -1106,6 +1130,14 @@ def unmapped(address):
     return address
 
 
+# The client of a connection whose address nobody knows (a PROXY header
+# that names none; Postfix's own word for it in XCLIENT and policy
+# requests): it matches no address or network, whitelists nothing by
+# address, is never auto-whitelisted, and is greylisted under this key,
+# which no network ("192.0.2.0/24") or host-name key can be.
+UNKNOWN_CLIENT = "unknown"
+
+
 class EnvelopeSyntaxError(ValueError):
     """An envelope command that is not RFC 5321 syntax; ``str()`` says why."""
 
@@ -1568,12 +1600,30 @@ class UpstreamSession(object):
     the client is told is clean.  ``start_tls()`` turns the session to TLS
     (``tls`` is then true), ``xclient()`` tells Postfix who the client
     really is (``xclient_done``).
+
+    ``undelivered`` counts what the upstream may hold against the session
+    since its last delivered message (``delivered()`` sets it back to 0):
+    each of the ``junk_commands`` and each command answered 4xx or 5xx.
+    Postfix keeps such counts per connection and forgives them only when
+    a message is delivered (smtpd_junk_command_limit, then
+    smtpd_soft_error_limit: a delay of smtpd_error_sleep_time before every
+    reply, smtpd_hard_error_limit: 421), so a pooled session must not
+    carry many of them to its next client: UpstreamRelay pools it again
+    only while ``undelivered`` is below ``max_undelivered``.
     """
 
     max_reply_lines = 100
     max_reply_line_length = 512
     # Commands that Postfix takes after a HELO as well as after an EHLO.
     session_commands = ("XFORWARD",)
+    # The commands Postfix's smtpd counts against smtpd_junk_command_limit
+    # (its SMTPD_CMD_FLAG_LIMIT).
+    junk_commands = ("HELO", "EHLO", "RSET", "NOOP", "VRFY", "ETRN",
+                     "XCLIENT", "XFORWARD")
+    # Far below Postfix's smallest default limit (smtpd_soft_error_limit
+    # = 10; the junk limit is 100): the next client of a pooled session
+    # starts with fewer than 5 things counted against it.
+    max_undelivered = 5
 
     def __init__(self, address, timeout):
         self.address = address
@@ -1581,6 +1631,7 @@ class UpstreamSession(object):
         self.extensions = {}
         self.tls = False
         self.xclient_done = False
+        self.undelivered = 0
         try:
             # A timeout of 0 is no limit, as for set_timeout(); to Python
             # it would mean a non-blocking socket.
@@ -1660,7 +1711,9 @@ class UpstreamSession(object):
         if re.search(r"[\r\n\x00]", line):
             raise ValueError("refusing to send a line break upstream")
         self.send(line.encode("utf-8") + b"\r\n")
-        return self.read_reply()
+        reply = self.read_reply()
+        self._tally(line, reply[0])
+        return reply
 
     def commands(self, lines):
         """Send several commands and return their replies, in one write
@@ -1671,7 +1724,25 @@ class UpstreamSession(object):
             if re.search(r"[\r\n\x00]", line):
                 raise ValueError("refusing to send a line break upstream")
         self.send("".join(line + "\r\n" for line in lines).encode("utf-8"))
-        return [self.read_reply() for _ in lines]
+        replies = [self.read_reply() for _ in lines]
+        for line, reply in zip(lines, replies):
+            self._tally(line, reply[0])
+        return replies
+
+    def _tally(self, line, code):
+        # What Postfix counts: a junk command, a command that failed.
+        if code >= 400 or line.split(" ", 1)[0].upper() in (
+                self.junk_commands):
+            self.undelivered += 1
+
+    def delivered(self, code):
+        """The upstream answered ``code`` to a message's final dot: a
+        delivery forgives the session everything (as Postfix does), a
+        refusal counts like any failed command."""
+        if code < 400:
+            self.undelivered = 0
+        else:
+            self.undelivered += 1
 
     def greet(self, helo_name, esmtp):
         """Read the greeting and introduce ourselves with the client's name.
@@ -1987,6 +2058,7 @@ class UpstreamRelay(object):
         except UpstreamError as error:
             self.fail(error)
             raise
+        self.session.delivered(reply[0])
         self.in_transaction = False
         return reply
 
@@ -2009,17 +2081,26 @@ class UpstreamRelay(object):
 
     def quit(self):
         """End the session: into the pool if another client may have it
-        (``upstream_pool_size``), else politely (QUIT)."""
+        (``upstream_pool_size``), else politely (QUIT).  One with too much
+        counted against it since its last delivered message
+        (UpstreamSession.max_undelivered) is retired instead, since the
+        upstream would hold that against the next client (counter
+        ``upstream_retired``)."""
         session, self.session = self.session, None
         if session is None:
             return
         if (not self.in_transaction and self.lost is None
                 and self._poolable(self.handler.upstream_tls)
-                and session.reusable()
-                and upstream_pool.put(self._pool_key(), session,
-                                      self.handler.upstream_pool_size,
-                                      self.handler.upstream_pool_idle)):
-            return
+                and session.reusable()):
+            if session.undelivered >= session.max_undelivered:
+                self.handler.count("upstream_retired")
+                self.handler.log_dialogue(
+                    "upstream session retired: %s commands counted since "
+                    "its last delivered message", str(session.undelivered))
+            elif upstream_pool.put(self._pool_key(), session,
+                                   self.handler.upstream_pool_size,
+                                   self.handler.upstream_pool_idle):
+                return
         session.quit()
 
     # -- warm sessions ---------------------------------------------------
@@ -2239,7 +2320,11 @@ class MailHandler(socketserver.StreamRequestHandler):
                         begin with a PROXY protocol header (HAProxy's, of
                         that version), whose client address and port
                         become ``peer`` and ``peerport``; a connection
-                        without a valid one is closed without a word
+                        without a valid one is closed without a word.  A
+                        header that names no TCP client (v1 UNKNOWN, v2
+                        LOCAL, AF_UNSPEC, AF_UNIX) makes ``peer``
+                        UNKNOWN_CLIENT ("unknown", ``peerport`` 0): not
+                        the balancer's address, which may be trusted
     proxy_protocol_from the load balancers' addresses or networks allowed
                         to send the header; empty: any (then whoever can
                         reach the port can claim any address: the command
@@ -2547,26 +2632,35 @@ class MailHandler(socketserver.StreamRequestHandler):
             reader.deadline = self.session_deadline
             reader.deadline_reason = "session"
             self.phase = "CONNECT"
-        if address is not None:
-            peer, peerport = address
-            move = getattr(self.server, "move_session", None)
-            if move is not None and not move(self, peer):
-                self.netPrint(TOO_MANY_CONNECTIONS % self.servername)
-                return False
-            self.peer, self.peerport = peer, peerport
+        if not isinstance(address, tuple):
+            # No client address: the connection's own is the balancer's,
+            # which may be in allowed_senders (127.0.0.1 by default) and
+            # would relay anywhere.  The client is unknown and trusted
+            # with nothing; it stays counted under the balancer.
+            (log.info if address != "v2 LOCAL" else self.log_dialogue)(
+                "PROXY %s through %s: an unknown client, trusted with "
+                "nothing", address, log_escape(balancer))
+            self.peer, self.peerport = UNKNOWN_CLIENT, 0
+            return True
+        peer, peerport = address
+        move = getattr(self.server, "move_session", None)
+        if move is not None and not move(self, peer):
+            self.netPrint(TOO_MANY_CONNECTIONS % self.servername)
+            return False
+        self.peer, self.peerport = peer, peerport
         self.log_dialogue("PROXY: client %s:%s, through %s", self.peer,
                           self.peerport, balancer)
         return True
 
     def _proxy_v1(self, start):
-        """The rest of a version 1 header: ``(address, port)``, or None for
-        PROXY UNKNOWN (the connection's own addresses stand)."""
+        """The rest of a version 1 header: ``(address, port)``, or "v1
+        UNKNOWN" for PROXY UNKNOWN (no client address)."""
         line = start + self.reader.readline(107 - len(start))
         if not line.endswith(b"\r\n"):
             raise ValueError("PROXY v1 line without CRLF within 107 octets")
         words = line[6:-2].decode("ascii", "replace").split(" ")
         if words[0] == "UNKNOWN":
-            return None
+            return "v1 UNKNOWN"
         if words[0] not in ("TCP4", "TCP6") or len(words) != 5:
             raise ValueError("bad PROXY v1 line: %s" % log_escape(line))
         version = 4 if words[0] == "TCP4" else 6
@@ -2588,8 +2682,9 @@ class MailHandler(socketserver.StreamRequestHandler):
 
     def _proxy_v2(self):
         """The rest of a version 2 header (RFC-like spec of HAProxy,
-        section 2.2): ``(address, port)``, or None for LOCAL and for
-        families other than TCP over IPv4 or IPv6."""
+        section 2.2): ``(address, port)``; for LOCAL and for families
+        other than TCP over IPv4 or IPv6, which give no client address,
+        what it was ("v2 LOCAL", "v2 AF_UNSPEC", "v2 AF_UNIX", ...)."""
         rest = self.reader.read_exact(10)
         if len(rest) < 10 or rest[:6] != b"\nQUIT\n":
             raise ValueError("bad PROXY v2 signature")
@@ -2607,7 +2702,7 @@ class MailHandler(socketserver.StreamRequestHandler):
         if len(body) < length:
             raise ValueError("PROXY v2 header cut short")
         if command & 0x0f == 0:             # LOCAL: the balancer's own
-            return None
+            return "v2 LOCAL"
         if family == 0x11 and length >= 12:
             return (unmapped(ipaddress.IPv4Address(body[:4])),
                     struct.unpack("!H", body[8:10])[0])
@@ -2616,7 +2711,9 @@ class MailHandler(socketserver.StreamRequestHandler):
                     struct.unpack("!H", body[32:34])[0])
         if family in (0x11, 0x21):
             raise ValueError("PROXY v2 addresses cut short")
-        return None
+        return "v2 %s%s" % (
+            {0: "AF_UNSPEC", 1: "AF_INET", 2: "AF_INET6", 3: "AF_UNIX"}[
+                family >> 4], " over DGRAM" if family & 0x0f == 2 else "")
 
     # -- the commands: overridden by ConcreteMailHandler ---------------
 
@@ -2969,10 +3066,11 @@ class ConcreteMailHandler(MailHandler):
         if ":" in address:
             address = "IPV6:" + address
         unknown = "[UNAVAILABLE]"
+        known = self.peer != UNKNOWN_CLIENT
         reverse_name, confirmed_name = self.client_names()
         attributes = [("NAME", confirmed_name or unknown),
-                      ("ADDR", address),
-                      ("PORT", str(self.peerport)),
+                      ("ADDR", address if known else unknown),
+                      ("PORT", str(self.peerport) if known else unknown),
                       ("HELO", self.helo_name or unknown),
                       ("PROTO", "ESMTP" if self.esmtp else "SMTP")]
         if command == "XCLIENT":
@@ -2998,6 +3096,8 @@ class ConcreteMailHandler(MailHandler):
         known = self._client_names
         if known is not None and known[0] == self.peer:
             return known[1]
+        if self.peer == UNKNOWN_CLIENT:
+            return None, None           # no address to look up
         answered, reverse, confirmed = confirmed_names(
             self.peer, self.reverse_lookup, self.forward_lookup,
             self.max_forward_lookups, self.dns_timeout or None)
@@ -3539,7 +3639,9 @@ class GreyListingPolicy(ConcreteMailHandler):
        (Kamaelia's textual prefixes such as ``192.168.2``, read as whole
        octets, or CIDR networks) is accepted: it may relay anywhere;
     2. a recipient that is not a plain ``local@domain`` for a domain of
-       ``allowed_domains`` (case-insensitive; a subdomain only if listed)
+       ``allowed_domains`` (ASCII letters case-insensitive, a name with
+       non-ASCII letters only as listed: _domain_key(); a subdomain only
+       if listed)
        gets ``relay_reply``: source routes, ``%`` and ``!`` paths, quoted
        local-parts, address literals are all refused; the bare
        ``<Postmaster>`` (RFC 5321 section 4.5.1) is ours and accepted;
@@ -3717,8 +3819,12 @@ class Greylister(object):
         its forward-confirmed host name, or a callable that looks it up
         (called only if a rule needs it); ``resolve(name)`` the
         addresses of a name, for the DNS lists (the system's resolver by
-        default)."""
+        default).  A ``client`` of UNKNOWN_CLIENT has no name either, and
+        is greylisted under that key, never auto-whitelisted."""
         settings = self.settings
+        unknown = client == UNKNOWN_CLIENT
+        if unknown:
+            hostname = None
         if self.client_may_relay(client):
             return Decision("relay", "allowed_senders")
         if not self.is_local_recipient(recipient):
@@ -3742,7 +3848,9 @@ class Greylister(object):
             name = hostname() if (settings.client_key == "name" or
                                   settings.greylist_clients ==
                                   "suspicious") else None
-        client_key, key_rule = self.client_identity(client, name)
+        client_key, key_rule = ((UNKNOWN_CLIENT, "unknown-client")
+                                if unknown
+                                else self.client_identity(client, name))
         key = self.triplet_key(client_key, sender, recipient)
         suspicious = settings.greylist_clients == "suspicious"
         suspicion = ("dnsbl:" + blocked if blocked
@@ -3752,13 +3860,16 @@ class Greylister(object):
                                                              key_rule)
         try:
             store = stores.get(settings)
-            # A listed client is always greylisted, trusted or not.
-            if not blocked and store.client_is_trusted(client_key, now):
+            # A listed client is always greylisted, trusted or not; one
+            # whose address is unknown is never trusted, nor counted.
+            if (not blocked and not unknown
+                    and store.client_is_trusted(client_key, now)):
                 return Decision("accept", "auto-whitelist " + key_rule,
                                 client_key)
             if suspicious and suspicion is None:
                 return Decision("accept", "not-suspicious " + key_rule)
-            accepted, delay = store.check(key, now, client=client_key)
+            accepted, delay = store.check(
+                key, now, client=None if unknown else client_key)
         except ResourceShortage as error:
             # Not the fail mode: out of descriptors is no reason to let
             # mail through.
@@ -3840,17 +3951,17 @@ class Greylister(object):
     def is_whitelisted(self, client, helo, sender, recipient):
         """True for a whitelisted triple or non-standard triple."""
         sender = "<%s>" % sender.lower()
-        target = "<%s>" % recipient.lower()
+        target = "<%s>" % _recipient_key(recipient)
         for ip, triple_sender, triple_recipient in \
                 self.settings.whitelisted_triples:
             if (ip == client and triple_sender.lower() == sender
-                    and triple_recipient.lower() == target):
+                    and _recipient_key(triple_recipient) == target):
                 return True
         for triple_helo, prefix, triple_recipient in \
                 self.settings.whitelisted_nonstandard_triples:
             if (triple_helo.lower() == (helo or "").lower()
                     and _in_network(client, prefix)
-                    and triple_recipient.lower() == target):
+                    and _recipient_key(triple_recipient) == target):
                 return True
         return False
 
@@ -3873,7 +3984,7 @@ class Greylister(object):
         """The store's key: ``client normalised-sender recipient``, the
         client its network or name key (client_identity())."""
         return " ".join([client, normalise_sender(sender),
-                         recipient.lower()])
+                         _recipient_key(recipient)])
 
 
 GreyListingPolicy.greylister_class = Greylister
@@ -3976,7 +4087,7 @@ def parse_store_key(text, ipv4_prefix=24, ipv6_prefix=64, network=False):
     if _network_or_none(client):
         client = network_key(client, ipv4_prefix, ipv6_prefix)
     return " ".join([client, normalise_sender(addresses[0]),
-                     addresses[1].lower()])
+                     _recipient_key(addresses[1])])
 
 
 def _network_or_none(text):
@@ -4005,15 +4116,30 @@ def _host_name(name):
 
 
 def _domain_key(domain):
-    """A domain as compared: lower case, no final dot, A-labels (IDNA) for
-    a name written with U-labels (SMTPUTF8)."""
-    domain = domain.lower().rstrip(".")
-    if re.search(r"[^\x00-\x7f]", domain):
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            pass
-    return domain
+    """A domain as compared, by the rule the upstream applies to the
+    address that is forwarded as it was written: ASCII letters in lower
+    case (RFC 5321 section 2.4), no final dot, and nothing else mapped.
+    A name with U-labels (SMTPUTF8) is itself: not folded by IDNA 2003's
+    nameprep (which read class.org written in fullwidth letters, U+FF43
+    ..., as class.org, dropped a soft hyphen, U+00AD, and made sharp s,
+    U+00DF, "ss"), nor by Unicode case or NFC, so
+    it is ours only if listed exactly so; an A-label (xn--...) matches
+    only an A-label."""
+    return domain.translate(_ASCII_LOWER).rstrip(".")
+
+
+_ASCII_LOWER = dict((code, code + 32) for code in range(ord("A"),
+                                                        ord("Z") + 1))
+
+
+def _recipient_key(recipient):
+    """A recipient as whitelists and greylisting keys compare it: the
+    local-part in lower case, the domain by _domain_key()'s rule, so that
+    no two domains the relay check tells apart are one here."""
+    local, at, domain = recipient.rpartition("@")
+    if not at:
+        return recipient.lower()
+    return local.lower() + at + _domain_key(domain)
 
 
 def _in_network(address, network):
@@ -5164,8 +5290,8 @@ class ListFile(object):
         name = hostname() if callable(hostname) else hostname
         return name is not None and self.has_name(name)
 
-    def has_name(self, name):
-        name = name.lower()
+    def has_name(self, name, key=str.lower):
+        name = key(name)
         return (any(name == suffix or name.endswith("." + suffix)
                     for suffix in self.names)
                 or any(pattern.search(name) for pattern in self.patterns))
@@ -5173,10 +5299,10 @@ class ListFile(object):
     def has_recipient(self, recipient):
         """``user@domain``, ``user@``, the domain (or a parent), or a
         pattern."""
-        recipient = recipient.lower()
+        recipient = _recipient_key(recipient)
         local, _, domain = recipient.rpartition("@")
         return (recipient in self.addresses or local in self.locals
-                or (domain and self.has_name(domain))
+                or (domain and self.has_name(domain, _domain_key))
                 or any(pattern.search(recipient)
                        for pattern in self.patterns))
 

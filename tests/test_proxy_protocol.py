@@ -53,10 +53,11 @@ def balanced(proxy):
 @pytest.mark.parametrize("header, address", [
     (b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 25\r\n", "203.0.113.7"),
     (b"PROXY TCP6 2001:db8::7 2001:db8::1 40001 25\r\n", "2001:db8::7"),
-    (b"PROXY UNKNOWN\r\n", "127.0.0.1"),
-    (b"PROXY UNKNOWN ff:: 1.2.3.4 whatever\r\n", "127.0.0.1"),
+    # No client address: an unknown client, not the balancer.
+    (b"PROXY UNKNOWN\r\n", "unknown"),
+    (b"PROXY UNKNOWN ff:: 1.2.3.4 whatever\r\n", "unknown"),
     # The longest line of the specification: 107 octets with its CRLF.
-    (b"PROXY UNKNOWN " + b"x" * 91 + b"\r\n", "127.0.0.1"),
+    (b"PROXY UNKNOWN " + b"x" * 91 + b"\r\n", "unknown"),
 ])
 def test_v1_header_gives_the_client_address(balanced, header, address):
     port = balanced("v1")
@@ -72,12 +73,11 @@ def test_v1_header_gives_the_client_address(balanced, header, address):
     (v2("::ffff:203.0.113.9", 40001, "::ffff:192.0.2.1"), "203.0.113.9"),
     # TLVs after the addresses (AWS, Azure) are skipped.
     (v2("198.51.100.4", 5, tlvs=b"\x04\x00\x03abc" * 20), "198.51.100.4"),
-    # LOCAL (a health check): the connection's own address.
-    (v2("203.0.113.7", 40001, command=0x20), "127.0.0.1"),
-    # UNSPEC family: the connection's own address too.
-    (V2_SIGNATURE + b"\x21\x00\x00\x00", "127.0.0.1"),
-    # UNIX stream sockets (216 octets of paths): no IP address in them.
-    (V2_SIGNATURE + b"\x21\x31\x00\xd8" + b"/" * 216, "127.0.0.1"),
+    # LOCAL (a health check), the UNSPEC family, UNIX stream sockets
+    # (216 octets of paths): no client address, an unknown client.
+    (v2("203.0.113.7", 40001, command=0x20), "unknown"),
+    (V2_SIGNATURE + b"\x21\x00\x00\x00", "unknown"),
+    (V2_SIGNATURE + b"\x21\x31\x00\xd8" + b"/" * 216, "unknown"),
 ])
 def test_v2_header_gives_the_client_address(balanced, header, address):
     port = balanced("v2")
@@ -222,3 +222,105 @@ def test_the_service_needs_the_balancers_named(tmp_path):
         universal_newlines=True, env=env, cwd=str(tmp_path), timeout=30)
     assert result.returncode == 2
     assert "proxy_protocol needs proxy_protocol_from" in result.stderr
+
+
+# Headers that name no client, from a balancer at 127.0.0.1, which the
+# default allowed_senders lets relay anywhere.
+NO_CLIENT = {
+    "v1 UNKNOWN": b"PROXY UNKNOWN\r\n",
+    "v2 AF_UNSPEC": V2_SIGNATURE + b"\x21\x00\x00\x00",
+    "v2 AF_UNIX": V2_SIGNATURE + b"\x21\x31\x00\xd8" + b"/" * 216,
+    "v2 LOCAL": v2("203.0.113.7", 40001, command=0x20),
+}
+
+
+class Clock(object):
+    now = 1000000000.0
+
+
+@pytest.fixture
+def greylisting(proxy, tmp_path):
+    """A GreyListingPolicy proxy behind a balancer, with the default
+    allowed_senders (127.0.0.1) and its clock set by the test."""
+    clock = Clock()
+
+    def start(**attributes):
+        attributes.setdefault("greylist_db", str(tmp_path / "grey.db"))
+        attributes.setdefault("allowed_domains", ["example.org"])
+        attributes["now"] = lambda self: clock.now
+        return proxy(handler=smtpproxy.GreyListingPolicy,
+                     proxy_protocol="any", **attributes), clock
+    return start
+
+
+def rcpt_through(port, header, recipient, sender="a@example.net"):
+    client = connect(port, header)
+    assert client.cmd("EHLO client.example.net")[0] == 250
+    assert client.cmd("MAIL FROM:<%s>" % sender)[0] == 250
+    reply = client.cmd("RCPT TO:<%s>" % recipient)
+    client.cmd("QUIT")
+    client.close()
+    return reply
+
+
+@pytest.mark.parametrize("kind", sorted(NO_CLIENT))
+def test_a_client_the_header_does_not_name_may_not_relay(
+        greylisting, upstream, caplog, kind):
+    caplog.set_level(logging.DEBUG)
+    port, _ = greylisting()
+    assert smtpproxy.GreyListingPolicy.allowed_senders == ["127.0.0.1"]
+    header = NO_CLIENT[kind]
+    assert rcpt_through(port, header, "b@elsewhere.example") == (
+        550, "5.7.1 Relaying denied")
+    # Our domain: greylisted like any stranger, not whitelisted by the
+    # balancer's address.
+    assert rcpt_through(port, header, "b@example.org")[0] == 451
+    assert upstream.connections == 0
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("PROXY %s through 127.0.0.1:" % kind in message
+               and "an unknown client, trusted with nothing" in message
+               for message in messages), messages
+    assert any(" | unknown | <a@example.net> | <b@example.org> | "
+               in message for message in messages), messages
+
+
+def test_an_unknown_client_is_greylisted_and_never_auto_whitelisted(
+        greylisting):
+    port, clock = greylisting(auto_whitelist_clients=1, allowed_senders=[])
+    header = NO_CLIENT["v1 UNKNOWN"]
+    assert rcpt_through(port, header, "b@example.org")[0] == 451
+    clock.now += 3600
+    assert rcpt_through(port, header, "b@example.org")[0] == 250
+    # Its passes count for nothing: a new triplet waits again.
+    assert rcpt_through(port, header, "b@example.org",
+                        sender="new@example.net")[0] == 451
+
+
+def test_the_unknown_clients_key_is_no_network(tmp_path):
+    # Network keys hold a "/", host-name keys a ".": no client shares it.
+    class Policy(smtpproxy.GreyListingPolicy):
+        allowed_domains = ["example.org"]
+        greylist_db = str(tmp_path / "grey.db")
+    engine = smtpproxy.Greylister(Policy)
+    assert not engine.client_may_relay(smtpproxy.UNKNOWN_CLIENT)
+    decision = engine.decide(smtpproxy.UNKNOWN_CLIENT, "a@example.net",
+                             "b@example.org", 1000000000.0,
+                             hostname=lambda: "mx.example.net")
+    assert decision.rule == "unknown-client"
+    assert decision.key.split(" ")[0] == "unknown"
+
+
+def test_xclient_tells_the_upstream_the_client_is_unavailable(
+        proxy, raw_upstream):
+    port = proxy(proxy_protocol="v1", xclient=True,
+                 smtp_port=raw_upstream.port)
+    raw_upstream.ehlo = ["raw", "XCLIENT NAME ADDR PORT HELO PROTO"]
+    client = connect(port, NO_CLIENT["v1 UNKNOWN"])
+    client.cmd("EHLO client.example.net")
+    client.cmd("MAIL FROM:<a@example.net>")
+    client.cmd("RCPT TO:<b@example.org>")
+    client.close()
+    xclient = [command for command in raw_upstream.commands
+               if command.startswith(b"XCLIENT ")]
+    assert xclient and b" ADDR=[UNAVAILABLE] PORT=[UNAVAILABLE] " in (
+        xclient[0])

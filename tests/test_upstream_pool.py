@@ -5,13 +5,14 @@ upstream drops a pooled session or says 421 meanwhile, a session that
 waited too long, a capability set that changed, sessions that must never
 be reused (an open transaction, a failure, TLS, XCLIENT), the stop."""
 
+import re
 import smtplib
 import socket
 
 import pytest
 
 import smtpproxy
-from conftest import RawClient, Upstream, wait_until
+from conftest import ProxyFactory, RawClient, Upstream, wait_until
 
 MESSAGE = b"Subject: pooled\r\n\r\nhello\r\n"
 
@@ -170,3 +171,70 @@ def test_the_stop_closes_the_pooled_sessions(proxy, upstream):
     wait_until(lambda: upstream.open_connections == 0,
                what="the pooled session's QUIT")
     assert upstream.handler.commands[-1][0] == "QUIT"
+
+
+def test_delivered_messages_keep_one_session_pooled(proxy, upstream):
+    # Each delivery forgives the session its EHLO: it serves client
+    # after client, however many.
+    port = proxy(upstream_pool_size=20)
+    for number in range(3 * smtpproxy.UpstreamSession.max_undelivered):
+        assert send(port) == {}
+        wait_until(lambda: len(smtpproxy.upstream_pool) == 1,
+                   what="the session in the pool")
+    assert upstream.connections == 1
+    assert proxy.servers[-1].counters.get("upstream_retired", 0) == 0
+
+
+# Postfix's commands that count against smtpd_junk_command_limit, as its
+# "disconnect from" line names them.
+POSTFIX_JUNK = ("helo", "ehlo", "rset", "noop", "vrfy", "etrn")
+
+
+def postfix_sessions(postfix):
+    """The command counts of each finished Postfix session: a list of
+    dicts ({"ehlo": 3, "rset": 2, ...}), from its "disconnect" lines."""
+    sessions = []
+    for line in postfix.log_lines(" disconnect from "):
+        counts = re.findall(r" ([a-z]+)=([0-9]+)(?:/[0-9]+)?", line)
+        sessions.append(dict((name, int(count)) for name, count in counts))
+    return sessions
+
+
+def test_a_session_is_retired_before_postfix_counts_it_as_junk(
+        upstream, postfix_factory):
+    # The issue's scenario: 56 sessions of EHLO, MAIL, RCPT postmaster,
+    # RSET, QUIT, each of which Postfix counts two junk commands for and
+    # forgives only after a delivered message.  Pooled without a bound,
+    # they left one Postfix session past smtpd_junk_command_limit (100)
+    # and smtpd_soft_error_limit (10): a delay before every reply of the
+    # next legitimate message.  Retired in time, no Postfix session
+    # carries more than max_undelivered, plus one client's own.
+    postfix = postfix_factory(upstream.port, xclient=False)
+    factory = ProxyFactory(postfix)
+    try:
+        port = factory(upstream_pool_size=20)
+        server = factory.servers[-1]
+        for _ in range(56):
+            client = RawClient(port)
+            assert client.cmd("EHLO client.example.net")[0] == 250
+            assert client.cmd("MAIL FROM:<a@example.net>")[0] == 250
+            assert client.cmd("RCPT TO:<postmaster>")[0] == 250
+            assert client.cmd("RSET")[0] == 250
+            assert client.cmd("QUIT")[0] == 221
+            client.close()
+        assert send(port) == {}
+        wait_until(lambda: upstream.messages, timeout=20,
+                   what="Postfix to relay the message")
+    finally:
+        factory.stop()              # QUITs the pooled sessions
+    wait_until(lambda: len(postfix_sessions(postfix))
+               == len(postfix.log_lines(" connect from ")),
+               what="every Postfix session to end")
+    sessions = postfix_sessions(postfix)
+    limit = smtpproxy.UpstreamSession.max_undelivered
+    assert server.counters["upstream_reused"] > 0
+    assert server.counters["upstream_retired"] >= 56 * 2 // (limit + 2)
+    for counts in sessions:
+        junk = sum(counts.get(name, 0) for name in POSTFIX_JUNK)
+        assert junk <= limit + 2, counts
+    assert not postfix.log_lines("too many errors")
