@@ -260,10 +260,124 @@ def test_only_answers_in_127_list_and_refusals_do_not(engine, caplog,
     assert (decision.verdict == "defer") is listed, decision
     if listed:
         assert decision.rule == "dnsbl:%s network:192.0.2.0/24" % BL
-    refused = [r for r in caplog.records if "refuses our queries" in
-               r.getMessage()]
-    assert len(refused) == (1 if answers and answers[0].startswith(
-        "127.255") else 0)
+    # A refusal, or an answer no list gives: an error, logged.
+    errors = [r for r in caplog.records if "is no listing" in
+              r.getMessage()]
+    assert len(errors) == (0 if listed or not answers else 1)
+
+
+ONE = ((127, 127),)
+ZERO = ((0, 0),)
+
+
+@pytest.mark.parametrize("entry, parsed", [
+    ("zen.spamhaus.org", ("zen.spamhaus.org", None)),
+    ("Zen.Spamhaus.ORG.", ("zen.spamhaus.org", None)),
+    ("bl.example=127.0.0.2", ("bl.example", (ONE, ZERO, ZERO, ((2, 2),)))),
+    ("list.dnswl.org=127.0.[0..255].[1..3]",
+     ("list.dnswl.org", (ONE, ZERO, ((0, 255),), ((1, 3),)))),
+    ("bl.example=127.0.0.[2;4;9..11]",
+     ("bl.example", (ONE, ZERO, ZERO, ((2, 2), (4, 4), (9, 11))))),
+])
+def test_dns_list_entries_are_read_in_postfixs_syntax(entry, parsed):
+    assert smtpproxy.parse_dns_list(entry) == parsed
+
+
+@pytest.mark.parametrize("entry, says", [
+    ("bl.example=127.0.0", "four octets"),
+    ("bl.example=127.0.0.2.1", "four octets"),
+    ("bl.example=127.0.0.256", "is no octet"),
+    ("bl.example=127.0.0.[9..2]", "is no octet"),
+    ("bl.example=127.0.0.2..4", "four octets"),
+    ("bl.example=127.0.0.[2;;4]", "is no octet"),
+    ("bl.example=127.0.0.x", "is no octet"),
+    ("bl.example=127.0.0.2*3", "postscreen"),
+    ("bl.example=", "four octets"),
+    ("nodot=127.0.0.2", "zone such as"),
+    ("bad_zone.example", "zone such as"),
+])
+def test_a_bad_dns_list_entry_says_what_to_write(entry, says):
+    with pytest.raises(ValueError) as caught:
+        smtpproxy.parse_dns_list(entry)
+    assert says in str(caught.value)
+    assert "such as" in str(caught.value)
+
+
+@pytest.mark.parametrize("entry, answers, expected", [
+    # dnswl.org: trust levels low, medium, high list; "none" does not;
+    # .255, "query blocked", is an error.
+    ("list.dnswl.org", ["127.0.15.1"], (True, None)),
+    ("list.dnswl.org", ["127.0.15.3"], (True, None)),
+    ("list.dnswl.org", ["127.0.15.0"], (False, None)),
+    ("list.dnswl.org", ["127.0.0.255"], (False, "127.0.0.255")),
+    ("list.dnswl.org=127.0.[0..255].[2..3]", ["127.0.15.1"], (False, None)),
+    ("list.dnswl.org=127.0.[0..255].[0..255]", ["127.0.0.255"],
+     (False, "127.0.0.255")),
+    # Spamhaus: 127.0.0.2 to 11 list, 127.255.255.252 to 255 refuse.
+    ("zen.spamhaus.org", ["127.0.0.4", "127.0.0.10"], (True, None)),
+    ("zen.spamhaus.org", ["127.255.255.254"], (False, "127.255.255.254")),
+    ("key.zen.dq.spamhaus.net", ["127.255.255.252"],
+     (False, "127.255.255.252")),
+    ("zen.spamhaus.org=127.0.0.[10..11]", ["127.0.0.4"], (False, None)),
+    # Other zones: 127.0.0.0/8, but the refusals; nothing else.
+    ("bl.example", ["127.0.0.2"], (True, None)),
+    ("bl.example", ["127.1.2.3"], (True, None)),
+    ("bl.example", ["127.255.255.255"], (False, "127.255.255.255")),
+    ("bl.example", ["198.51.100.7"], (False, "198.51.100.7")),
+    ("bl.example", ["2001:db8::1"], (False, "2001:db8::1")),
+    ("bl.example", [], (False, None)),
+    # An error beside a listing: the answer is not to be trusted.
+    ("bl.example", ["127.0.0.2", "198.51.100.7"], (False, "198.51.100.7")),
+])
+def test_what_a_dns_list_answer_says(entry, answers, expected):
+    assert smtpproxy.dns_list_answer(entry, answers) == expected
+
+
+def test_a_blocked_dnswl_greylists_every_client_and_is_logged_once(
+        engine, caplog):
+    """list.dnswl.org answers 127.0.0.255 to a resolver it blocks: that
+    whitelists nobody; the admin hears it once."""
+    zone = "list.dnswl.org"
+    grey = engine(dnswl=[zone])
+    blocked = Resolver(forward=dict(
+        (smtpproxy.dns_list_query("192.0.2.%d" % host, zone),
+         {"127.0.0.255"}) for host in range(1, 6)))
+    with caplog.at_level(logging.WARNING, logger="smtpproxy"):
+        decisions = [decide(grey, "192.0.2.%d" % host, None, blocked)
+                     for host in range(1, 6)]
+    assert [(d.verdict, d.rule) for d in decisions] == [
+        ("defer", "network:192.0.2.0/24")] * 5
+    [line] = [r.getMessage() for r in caplog.records
+              if zone in r.getMessage()]
+    assert "answered 127.0.0.255, which is no listing" in line
+    assert "use a resolver of your own" in line
+
+
+def test_dnswls_none_trust_level_whitelists_nobody(engine):
+    zone = "list.dnswl.org"
+    grey = engine(dnswl=[zone])
+    assert decide(grey, "192.0.2.7", None,
+                  listing("192.0.2.7", zone, "127.0.15.0")).verdict == \
+        "defer"
+    assert decide(grey, "192.0.2.8", None,
+                  listing("192.0.2.8", zone, "127.0.15.1")).rule == \
+        "dnswl:" + zone
+
+
+def test_one_zone_as_allow_and_block_list_by_its_answers(engine):
+    """One zone that answers both ways (127.0.0.1 good, 127.0.0.2 bad),
+    written twice with its filters."""
+    zone = "karma.example"
+    grey = engine(dnswl=[zone + "=127.0.0.1"], dnsbl=[zone + "=127.0.0.2"],
+                  greylist_clients="suspicious")
+    good = decide(grey, "192.0.2.7", "mx.out.example.com",
+                  listing("192.0.2.7", zone, "127.0.0.1"))
+    bad = decide(grey, "192.0.2.8", "mx.out.example.com",
+                 listing("192.0.2.8", zone, "127.0.0.2"))
+    assert (good.verdict, good.rule) == ("accept", "dnswl:" + zone)
+    assert (bad.verdict, bad.rule) == ("defer",
+                                       "dnsbl:%s name:out.example.com"
+                                       % zone)
 
 
 def test_a_dnsbl_listing_beats_the_auto_whitelist(engine):
