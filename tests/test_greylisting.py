@@ -530,3 +530,171 @@ def test_lookup_threads_are_bounded_and_deadlines_kept(caplog):
     finally:
         smtpproxy.lookup_threads = original
         stuck.set()
+
+
+@pytest.fixture
+def pool():
+    """``pool(**attributes)``: LookupThreads of their own in place of the
+    process's, for one test."""
+    original = smtpproxy.lookup_threads
+    made = []
+
+    def make(**attributes):
+        attributes.setdefault("idle_time", 30)
+        threads = type("Pool", (smtpproxy.LookupThreads,), attributes)()
+        smtpproxy.lookup_threads = threads
+        made.append(threads)
+        return threads
+    yield make
+    smtpproxy.lookup_threads = original
+    for threads in made:
+        threads.close()
+
+
+class Callers(object):
+    """Threads that each run ``target(*args)``; ``wait_finished(n)`` until
+    n of them have returned (False if not within a deadline)."""
+
+    def __init__(self, target, argument_list):
+        self.finished = 0
+        self.condition = threading.Condition()
+        self.results = []
+
+        def run(*args):
+            result = target(*args)
+            with self.condition:
+                self.finished += 1
+                self.results.append(result)
+                self.condition.notify_all()
+        self.threads = [threading.Thread(target=run, args=args, daemon=True)
+                        for args in argument_list]
+        for thread in self.threads:
+            thread.start()
+
+    def wait_finished(self, count):
+        with self.condition:
+            return self.condition.wait_for(lambda: self.finished >= count,
+                                           timeout=10)
+
+    def join(self):
+        for thread in self.threads:
+            thread.join(10)
+            assert not thread.is_alive()
+
+
+class Hanging(object):
+    """A resolver call that hangs until ``release`` is set; ``entered``
+    counts the calls under way."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def __call__(self, *args):
+        self.entered.release()
+        self.release.wait(30)
+        return []
+
+    def wait_entered(self, count):
+        return all(self.entered.acquire(timeout=10) for _ in range(count))
+
+
+def test_the_dns_list_cache_keeps_its_bound():
+    """50,000 addresses of one /64, two zones: the cache keeps its
+    ``cache_size`` answers, not 100,000."""
+    lists = smtpproxy.DNSLists()
+    for number in range(50000):
+        lists.listing("2001:db8::%x" % number, [BL, WL], lambda name: (),
+                      5, 600)
+    assert len(lists) == lists.cache_size == 10000
+    # The last answers asked are those kept.
+    resolver = Resolver()
+    lists.listing("2001:db8::%x" % 49999, [BL, WL], resolver.addresses, 5,
+                  600)
+    assert resolver.asked == []
+
+
+def test_list_lookups_run_on_the_bounded_lookup_threads(pool):
+    """40 clients against a zone that never answers: 4 lookup threads
+    (the limit), no thread of its own per query; the others are not
+    asked (not listed) and return at once."""
+    threads = pool(limit=4)
+    resolver = Hanging()
+    lists = smtpproxy.DNSLists()
+    before = set(threading.enumerate())
+    callers = Callers(lists.listing, [("192.0.%d.7" % n, [BL], resolver, 30,
+                                       600) for n in range(40)])
+    try:
+        assert resolver.wait_entered(4)
+        assert callers.wait_finished(36)
+        assert callers.results == [set()] * 36
+        started = set(threading.enumerate()) - before - set(callers.threads)
+        assert len(started) == threads.count == 4
+        assert set(thread.name for thread in started) == {"lookup"}
+    finally:
+        resolver.release.set()
+    callers.join()
+
+
+def test_lookup_owners_are_networks():
+    assert smtpproxy.lookup_owner("192.0.2.7") == "192.0.2.0/24"
+    assert smtpproxy.lookup_owner("::ffff:192.0.2.7") == "192.0.2.0/24"
+    assert smtpproxy.lookup_owner("2001:db8:1:2::7") == "2001:db8:1::/48"
+
+
+def test_a_network_whose_lookups_hang_leaves_threads_to_the_others(
+        pool, caplog):
+    """30 sessions of 198.51.100.0/24, whose reverse zone never answers,
+    against 20 lookup threads: that network holds its share (5), its
+    other lookups fail at once, logged once; a client of another network
+    gets its names."""
+    threads = pool(limit=20, share=5)
+    hanging = Hanging()
+
+    def reverse(address):
+        if address.startswith("198.51.100."):
+            return hanging(address)
+        return ["mx.out.example.com"]
+
+    def forward(name):
+        return {"192.0.2.7"}
+    with caplog.at_level(logging.WARNING, logger="smtpproxy"):
+        callers = Callers(smtpproxy.confirmed_names, [
+            ("198.51.100.%d" % n, reverse, forward, 3, 30)
+            for n in range(1, 31)])
+        try:
+            assert hanging.wait_entered(5)
+            assert callers.wait_finished(25)
+            assert callers.results == [(False, [], None)] * 25
+            assert threads.held("198.51.100.0/24") == 5
+            assert smtpproxy.confirmed_names(
+                "192.0.2.7", reverse, forward, 3, 30) == (
+                    True, ["mx.out.example.com"], "mx.out.example.com")
+        finally:
+            hanging.release.set()
+        callers.join()
+    shares = [r for r in caplog.records if "its share" in r.getMessage()]
+    assert len(shares) == 1
+    assert "client network 198.51.100.0/24 holds 5" in shares[0].getMessage()
+
+
+@pytest.mark.parametrize("silent_time, asked", [(60, 1), (0, 2)])
+def test_a_network_whose_lookup_timed_out_is_not_asked_for_a_while(
+        pool, silent_time, asked):
+    """A reverse lookup of 198.51.100.7 that times out: for
+    ``silent_time`` seconds, 198.51.100.8 (same /24) gets no names at
+    once, its lookup not made; 192.0.2.7 is asked as ever."""
+    pool(silent_time=silent_time)
+    hanging = Hanging()
+    try:
+        for address in ("198.51.100.7", "198.51.100.8"):
+            assert smtpproxy.confirmed_names(
+                address, hanging, lambda name: set(), 3, 0.2) == (
+                    False, [], None)
+        assert hanging.wait_entered(asked)
+        assert not hanging.entered.acquire(blocking=False)
+    finally:
+        hanging.release.set()
+    assert smtpproxy.confirmed_names(
+        "192.0.2.7", lambda address: ["mx.out.example.com"],
+        lambda name: {"192.0.2.7"}, 3, 0.2)[2] == "mx.out.example.com"
