@@ -5289,10 +5289,10 @@ class LookupThreads(ReusedThreads):
 
     A lookup made for a client (``submit(job, owner)``, the owner its
     network, lookup_owner()) may take a thread only while that network
-    holds fewer than ``share`` (10) of them, so that clients whose
-    reverse zone never answers cannot take every thread from the others:
-    past it, that network's lookups fail at once, logged at most once a
-    minute.  A network whose lookup timed out (``timed_out(owner)``) is
+    holds fewer than ``share`` (10) of them, and the last ``reserve``
+    (20) only if it holds none, so that clients whose reverse zone never
+    answers cannot take every thread from the others: past it, that
+    network's lookups fail at once, logged at most once a minute.  A network whose lookup timed out (``timed_out(owner)``) is
     ``silent(owner)`` for ``silent_time`` seconds (60), so that its next
     sessions need not take a thread each to learn the same (at most
     ``silent_size`` networks are remembered)."""
@@ -5300,6 +5300,7 @@ class LookupThreads(ReusedThreads):
     limit = 100
     idle_time = 1
     share = 10
+    reserve = 20
     silent_time = 60
     silent_size = 10000
 
@@ -5315,18 +5316,25 @@ class LookupThreads(ReusedThreads):
         if owner is not None:
             with self._lock:
                 held = self._held.get(owner, 0)
-                if held < self.share:
+                # The last ``reserve`` threads are for networks that
+                # hold none: many networks that each hang leave them.
+                refused = held >= self.share or held and (
+                    self.limit is not None and
+                    self.count - self.idle >= self.limit - self.reserve)
+                if not refused:
                     self._held[owner] = held + 1
-            if held >= self.share:
+            if refused:
                 now = time.monotonic()
                 if (self._share_logged is None
                         or now - self._share_logged > 60):
                     self._share_logged = now
                     log.warning("lookup threads: client network %s holds "
-                                "%d, its share; its lookups fail at once "
-                                "until one is free (a reverse zone that "
-                                "never answers?)", log_escape(owner),
-                                self.share)
+                                "%d (its share: %d, and only networks "
+                                "holding none take the last %d); its "
+                                "lookups fail at once until one is free (a "
+                                "reverse zone that never answers?)",
+                                log_escape(owner), held, self.share,
+                                self.reserve)
                 return False
             unowned = job
 
@@ -5694,6 +5702,10 @@ class DNSLists(object):
                           "listed on it until it answers again; use a "
                           "resolver of your own" % refusal, log.error)
         return listed
+
+    def __len__(self):
+        """The answers kept now."""
+        return len(self._cache)
 
     def _log(self, zone, what, message, level=None):
         """Logged at most once per ``log_interval`` per zone and what."""

@@ -648,7 +648,7 @@ def test_a_network_whose_lookups_hang_leaves_threads_to_the_others(
     against 20 lookup threads: that network holds its share (5), its
     other lookups fail at once, logged once; a client of another network
     gets its names."""
-    threads = pool(limit=20, share=5)
+    threads = pool(limit=20, share=5, reserve=0)
     hanging = Hanging()
 
     def reverse(address):
@@ -698,3 +698,20 @@ def test_a_network_whose_lookup_timed_out_is_not_asked_for_a_while(
     assert smtpproxy.confirmed_names(
         "192.0.2.7", lambda address: ["mx.out.example.com"],
         lambda name: {"192.0.2.7"}, 3, 0.2)[2] == "mx.out.example.com"
+
+
+def test_the_last_lookup_threads_are_kept_for_networks_holding_none(pool):
+    """10 threads, a share of 5, 4 kept in reserve: network A takes 5;
+    B one, not two (only 4 free); C to F one each; then none is left."""
+    threads = pool(limit=10, share=5, reserve=4)
+    hanging = Hanging()
+    taken = []
+    try:
+        for network, tries in (("A", 6), ("B", 2), ("C", 1), ("D", 1),
+                               ("E", 1), ("F", 1), ("G", 1)):
+            taken.append(sum(threads.submit(hanging, network)
+                             for _ in range(tries)))
+        assert taken == [5, 1, 1, 1, 1, 1, 0]
+        assert threads.count == 10
+    finally:
+        hanging.release.set()
