@@ -5292,7 +5292,8 @@ class LookupThreads(ReusedThreads):
     holds fewer than ``share`` (10) of them, and the last ``reserve``
     (20) only if it holds none, so that clients whose reverse zone never
     answers cannot take every thread from the others: past it, that
-    network's lookups fail at once, logged at most once a minute.  A network whose lookup timed out (``timed_out(owner)``) is
+    network's lookups fail at once, logged at most once a minute.  A
+    network whose lookup timed out (``timed_out(owner)``) is
     ``silent(owner)`` for ``silent_time`` seconds (60), so that its next
     sessions need not take a thread each to learn the same (at most
     ``silent_size`` networks are remembered)."""
@@ -7178,7 +7179,10 @@ def configuration_warnings(handler_class):
                         "refused (550 5.7.1), but for clients of "
                         "allowed_senders and allowed_sender_nets")
     for entry in getattr(handler_class, "dnswl", None) or ():
-        zone, written = parse_dns_list(entry)
+        try:
+            zone, written = parse_dns_list(entry)
+        except ValueError:                  # check_dns_lists() says so
+            continue
         if written is None and not _dns_list_defaults(zone)[0]:
             warnings.append("dnswl %s: no answers written, so any answer "
                             "in 127.0.0.0/8 whitelists a client; write "
@@ -7203,6 +7207,7 @@ def check_configuration(handler_class, values, files=True, notes=None):
     check_proxy_protocol(handler_class)
     check_tls(handler_class)
     check_policy(handler_class, values)
+    check_dns_lists(handler_class)
     if files:
         check_files(values)
     warnings = []
@@ -7212,6 +7217,17 @@ def check_configuration(handler_class, values, files=True, notes=None):
     else:
         check_as(identity, lambda: check_store(handler_class, create=False))
     return warnings + configuration_warnings(handler_class)
+
+
+def check_dns_lists(handler_class):
+    """The ``dnsbl`` and ``dnswl`` entries of a handler's own attributes
+    (those of the configuration were read by _zone()) parse."""
+    for key in ("dnsbl", "dnswl"):
+        for entry in getattr(handler_class, key, None) or ():
+            try:
+                parse_dns_list(entry)
+            except ValueError as error:
+                raise StartError("%s: %s" % (key, error), 2)
 
 
 def check_as(identity, check):

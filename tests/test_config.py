@@ -545,6 +545,16 @@ def test_check_config_refuses_a_bad_dns_list_filter(tmp_path):
     assert "expected four octets" in result.stderr
 
 
+def test_a_handlers_own_bad_dns_list_filter_stops_the_start():
+    handler = type("Lists", (smtpproxy.GreyListingPolicy,),
+                   {"dnsbl": ["zen.spamhaus.org", "bl.example=127.0.0"]})
+    with pytest.raises(smtpproxy.StartError) as caught:
+        smtpproxy.check_dns_lists(handler)
+    assert caught.value.status == 2
+    assert "dnsbl: 'bl.example=127.0.0': expected four octets" in str(
+        caught.value)
+
+
 def test_check_config_warns_of_a_dnswl_without_its_answers(tmp_path):
     result = run_cli(["-o", "run_as_root=yes", "-o", "allowed_domains="
                       "example.org", "-o", "dnswl=list.dnswl.org,"
