@@ -5378,6 +5378,10 @@ class LookupThreads(ReusedThreads):
         until = self._silent.get(owner)
         return until is not None and until > time.monotonic()
 
+    def forget_timeouts(self):
+        """No network is silent any more (tests)."""
+        self._silent.reset()
+
 
 def lookup_owner(address):
     """Whose lookups a lookup for ``address`` counts as (LookupThreads'
