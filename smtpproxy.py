@@ -211,6 +211,7 @@ upstream could read as an end of data.
 """
 
 import argparse
+import collections
 import errno
 import fcntl
 import functools
@@ -413,12 +414,12 @@ def _decimal(text):
 
 
 def _zone(item):
-    """A DNS list's zone, such as zen.spamhaus.org."""
-    item = _word(item)
-    if not _DOMAIN_NAME_RE.match(item) or "." not in item.strip("."):
-        raise ValueError("expected a DNS list's zone such as "
-                         "zen.spamhaus.org, got %r" % item)
-    return item.lower().rstrip(".")
+    """A DNS list's zone, such as zen.spamhaus.org, with the answers that
+    list if written: zen.spamhaus.org=127.0.0.[2..11] (parse_dns_list)."""
+    zone, written = parse_dns_list(_word(item))
+    if written is None:
+        return zone
+    return "%s=%s" % (zone, item.partition("=")[2].strip())
 
 
 def _prefix(bits):
@@ -752,18 +753,29 @@ KEYS = [
         "pass at once"),
     Key("dnsbl", _zone, GREYLISTING,
         "DNS block lists: a client they list is always greylisted, even "
-        "auto-whitelisted; only answers in 127.0.0.0/8 list, not the "
-        "'query refused' ones (127.255.255.252-255)", kind="list",
-        examples=("zen.spamhaus.org",)),
+        "auto-whitelisted; zone=d.d.d.d (Postfix's syntax, each d a "
+        "number, [n..m] or [a;b]) names the answers that list; without "
+        "it, zen.spamhaus.org and other Spamhaus zones list with "
+        "127.0.0.[2..255], other zones with any answer in 127.0.0.0/8; "
+        "answers that refuse our queries (127.255.255.252-255) or lie "
+        "outside 127.0.0.0/8 never list and are logged", kind="list",
+        examples=("zen.spamhaus.org", "bl.example.net=127.0.0.[2;4..11]")),
     Key("dnswl", _zone, GREYLISTING,
-        "DNS allow lists: a client they list is never greylisted",
-        kind="list", examples=("list.dnswl.org",)),
+        "DNS allow lists: a client they list is never greylisted; "
+        "zone=d.d.d.d as for dnsbl; without it, list.dnswl.org lists "
+        "with 127.0.[0..255].[1..3] (trust low, medium, high; not .0, "
+        "none), and its 127.0.0.255 (query blocked) never lists and is "
+        "logged; other zones: any answer in 127.0.0.0/8, so write the "
+        "answers their operator documents",
+        kind="list", examples=("list.dnswl.org",
+                               "list.dnswl.org=127.0.[0..255].[2..3]")),
     Key("dns_timeout", _decimal, GREYLISTING,
         "seconds one DNS lookup may take (reverse and forward names, DNS "
         "lists, asked at once); one that takes longer counts as no "
         "answer: no name, not listed"),
     Key("dns_cache_time", _integer, GREYLISTING,
-        "seconds the answers of the DNS lists are kept"),
+        "seconds the answers of the DNS lists are kept (the last 10000 "
+        "asked at most)"),
     Key("whitelist_recipients", _string, GREYLISTING,
         "a file of recipients never greylisted, in postgrey's format: "
         "user@domain, user@, a domain (and its subdomains), /regex/",
@@ -3836,11 +3848,11 @@ class Greylister(object):
         if self.client_is_whitelisted(client, hostname):
             return Decision("accept", "whitelist_clients")
         listed = self.dns_listing(client, resolve or resolve_addresses)
-        allowed = [zone for zone in settings.dnswl if zone in listed]
+        allowed = [entry for entry in settings.dnswl if entry in listed]
         if allowed:
-            return Decision("accept", "dnswl:" + allowed[0])
-        blocked = ([zone for zone in settings.dnsbl if zone in listed]
-                   or [None])[0]
+            return Decision("accept", "dnswl:" + dns_list_zone(allowed[0]))
+        blocked = ([dns_list_zone(entry) for entry in settings.dnsbl
+                    if entry in listed] or [None])[0]
         name = hostname
         if callable(hostname):
             # Looked up only for the rules that read it: a network key
@@ -3905,8 +3917,9 @@ class Greylister(object):
         return None
 
     def dns_listing(self, client, resolve):
-        """The zones of ``dnswl`` and ``dnsbl`` that list ``client``, all
-        asked at once."""
+        """The entries of ``dnswl`` and ``dnsbl`` that list ``client``
+        (their zones, with the filter if one is written), all asked at
+        once (DNSLists)."""
         settings = self.settings
         return dns_lists.listing(client, list(settings.dnswl)
                                  + list(settings.dnsbl), resolve,
@@ -5105,11 +5118,14 @@ class PostgreSQLStore(GreylistStore):
 
 class Cache(object):
     """A process-wide dict with its own lock, so that no mutable class
-    attribute is shared by every subclass without its knowing."""
+    attribute is shared by every subclass without its knowing.  With a
+    ``size``, it keeps at most that many items, the least recently used
+    going first: for caches whose keys clients choose."""
 
-    def __init__(self):
+    def __init__(self, size=None):
         self._lock = threading.Lock()
-        self._items = {}
+        self._items = collections.OrderedDict()
+        self.size = size
 
     def get(self, key, make=None):
         """The item of ``key``; made by ``make()`` and kept if missing
@@ -5118,11 +5134,25 @@ class Cache(object):
             item = self._items.get(key)
             if item is None and make is not None:
                 item = self._items[key] = make()
+                self._trim()
+            elif item is not None and self.size is not None:
+                self._items.move_to_end(key)
             return item
 
     def put(self, key, item):
         with self._lock:
             self._items[key] = item
+            if self.size is not None:
+                self._items.move_to_end(key)
+                self._trim()
+
+    def _trim(self):
+        while self.size is not None and len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __len__(self):
+        with self._lock:
+            return len(self._items)
 
     def items(self):
         """The items kept now."""
@@ -5387,27 +5417,125 @@ class ReusedThreads(object):
 
 class LookupThreads(ReusedThreads):
     """The threads that make the system resolver's calls for
-    call_with_deadline() and confirmed_names() (``lookup_threads``): one
-    that has had nothing to do for ``idle_time`` seconds (1) ends.  At
-    most ``limit`` (100) at once, those stuck in a resolver that does not
-    answer included: past it, a lookup is not made (as if it had timed
-    out), and that is logged (the first time)."""
+    call_with_deadline(), confirmed_names() and the DNS lists
+    (``lookup_threads``): one that has had nothing to do for
+    ``idle_time`` seconds (1) ends.  At most ``limit`` (100) at once,
+    those stuck in a resolver that does not answer included: past it, a
+    lookup is not made (as if it had timed out), and that is logged (the
+    first time).
+
+    A lookup made for a client (``submit(job, owner)``, the owner its
+    network, lookup_owner()) may take a thread only while that network
+    holds fewer than ``share`` (10) of them, and the last ``reserve``
+    (20) only if it holds none, so that clients whose reverse zone never
+    answers cannot take every thread from the others: past it, that
+    network's lookups fail at once, logged at most once a minute.  A
+    network whose lookup timed out (``timed_out(owner)``) is
+    ``silent(owner)`` for ``silent_time`` seconds (60), so that its next
+    sessions need not take a thread each to learn the same (at most
+    ``silent_size`` networks are remembered)."""
 
     limit = 100
     idle_time = 1
+    share = 10
+    reserve = 20
+    silent_time = 60
+    silent_size = 10000
 
     def __init__(self, name="lookup"):
         ReusedThreads.__init__(self, name)
+        self._held = {}             # owner -> threads busy for it
+        self._silent = Cache(self.silent_size)  # owner -> silent until
+        self._share_logged = None
+
+    def submit(self, job, owner=None):
+        """Run ``job()`` in a thread; False (logged) if none may take it:
+        all busy, or ``owner`` holds its share."""
+        if owner is not None:
+            with self._lock:
+                held = self._held.get(owner, 0)
+                # The last ``reserve`` threads are for networks that
+                # hold none: many networks that each hang leave them.
+                refused = held >= self.share or held and (
+                    self.limit is not None and
+                    self.count - self.idle >= self.limit - self.reserve)
+                if not refused:
+                    self._held[owner] = held + 1
+            if refused:
+                now = time.monotonic()
+                if (self._share_logged is None
+                        or now - self._share_logged > 60):
+                    self._share_logged = now
+                    log.warning("lookup threads: client network %s holds "
+                                "%d (its share: %d, and only networks "
+                                "holding none take the last %d); its "
+                                "lookups fail at once until one is free (a "
+                                "reverse zone that never answers?)",
+                                log_escape(owner), held, self.share,
+                                self.reserve)
+                return False
+            unowned = job
+
+            def job():
+                try:
+                    unowned()
+                finally:
+                    self._release(owner)
+        try:
+            submitted = ReusedThreads.submit(self, job)
+        except BaseException:
+            if owner is not None:
+                self._release(owner)
+            raise
+        if not submitted:
+            if owner is not None:
+                self._release(owner)
+            log_once("lookup threads: all %d busy (a resolver that does "
+                     "not answer?); lookups fail until one is free"
+                     % self.limit)
+        return submitted
+
+    def _release(self, owner):
+        with self._lock:
+            held = self._held.pop(owner) - 1
+            if held:
+                self._held[owner] = held
+
+    def held(self, owner):
+        """The threads busy for ``owner`` now."""
+        with self._lock:
+            return self._held.get(owner, 0)
+
+    def timed_out(self, owner):
+        """A lookup for ``owner`` got no answer in time."""
+        self._silent.put(owner, time.monotonic() + self.silent_time)
+
+    def silent(self, owner):
+        """True while a timeout of ``owner``'s lookups is recent."""
+        until = self._silent.get(owner)
+        return until is not None and until > time.monotonic()
+
+    def forget_timeouts(self):
+        """No network is silent any more (tests)."""
+        self._silent.reset()
+
+
+def lookup_owner(address):
+    """Whose lookups a lookup for ``address`` counts as (LookupThreads'
+    share): its /24, or its /48 for IPv6 (the reverse zones of a site:
+    one client's addresses are many /64s)."""
+    return network_key(address, 24, 48)
 
 
 lookup_threads = LookupThreads()
 
 
-def call_with_deadline(function, args, seconds):
+def call_with_deadline(function, args, seconds, owner=None):
     """``(True, function(*args))``, or ``(False, None)`` if it did not
     return within ``seconds``: for the system's resolver, which has no
     timeout of its own that a caller can set.  The call goes on in a
-    lookup thread (LookupThreads) until the resolver gives up."""
+    lookup thread (LookupThreads, for ``owner``) until the resolver gives
+    up."""
     result = []
     done = threading.Lock()
     done.acquire()
@@ -5418,10 +5546,7 @@ def call_with_deadline(function, args, seconds):
         except Exception as error:          # a resolver's failure: none
             result.append(error)
         done.release()
-    if not lookup_threads.submit(run):
-        log_once("lookup threads: all %d busy (a resolver that does not "
-                 "answer?); lookups fail until one is free"
-                 % lookup_threads.limit)
+    if not lookup_threads.submit(run, owner):
         return False, None
     done.acquire(timeout=-1 if seconds is None else seconds)
     if not result:
@@ -5444,10 +5569,15 @@ def confirmed_names(address, reverse_lookup, forward_lookup, tries,
 
     All of it is one job of a lookup thread, which the caller waits for
     once: two lookups that answer at once cost one hand-over between
-    threads each way, not two."""
+    threads each way, not two.  The job counts against the share of the
+    address's network (lookup_owner()); a network whose lookup timed out
+    lately is not asked (LookupThreads.silent()): no answer."""
     condition = threading.Condition(threading.Lock())
     state = {"names": None, "confirmed": None, "steps": [],
              "finished": False}
+    owner = lookup_owner(address)
+    if lookup_threads.silent(owner):
+        return False, [], None
 
     def run():
         try:
@@ -5475,10 +5605,7 @@ def confirmed_names(address, reverse_lookup, forward_lookup, tries,
                 condition.notify()
 
     began = time.monotonic()
-    if not lookup_threads.submit(run):
-        log_once("lookup threads: all %d busy (a resolver that does not "
-                 "answer?); lookups fail until one is free"
-                 % lookup_threads.limit)
+    if not lookup_threads.submit(run, owner):
         return False, [], None
     with condition:
         while not state["finished"]:
@@ -5495,9 +5622,11 @@ def confirmed_names(address, reverse_lookup, forward_lookup, tries,
             condition.wait(left)
         if state["finished"]:
             return True, state["names"], state["confirmed"]
-        if state["names"] is None:
-            return False, [], None
-        return True, list(state["names"]), None
+        names = state["names"]
+    lookup_threads.timed_out(owner)
+    if names is None:
+        return False, [], None
+    return True, list(names), None
 
 
 def dns_list_query(address, zone):
@@ -5511,88 +5640,227 @@ def dns_list_query(address, zone):
     return "%s.%s" % (".".join(labels), zone.strip(".").lower())
 
 
-# The answers of the big lists that mean "query refused" (Spamhaus: from
-# a public resolver, or over the free limit), not "listed".
-REFUSED_QUERY = ("127.255.255.252", "127.255.255.253", "127.255.255.254",
-                 "127.255.255.255")
+def parse_dns_list(entry):
+    """A ``dnsbl`` or ``dnswl`` entry, in Postfix's syntax
+    (reject_rbl_client, permit_dnswl_client): ``zone`` or
+    ``zone=d.d.d.d``, the filter of the answers that list, each ``d`` a
+    number, or ``[...]`` of numbers and ranges ``n..m`` separated by
+    ``;`` (``127.0.[0..255].[1..3]``, ``127.0.0.[2;4;9..11]``).  Returns
+    ``(zone, filter)``: the zone in lower case without a final dot, the
+    filter a tuple of four tuples of (low, high) octets, or None if none
+    is written.  ValueError says what is wrong."""
+    zone, equals, written = entry.partition("=")
+    zone = zone.strip().lower().rstrip(".")
+    if not _DOMAIN_NAME_RE.match(zone) or "." not in zone:
+        raise ValueError("expected a DNS list's zone such as "
+                         "zen.spamhaus.org, got %r" % entry)
+    if not equals:
+        return zone, None
+    example = ("such as %s=127.0.0.2 or %s=127.0.[0..255].[1..3]"
+               % (zone, zone))
+    if "*" in written:
+        raise ValueError("%r: a weight (*n) is postscreen's; write the "
+                         "answers alone, %s" % (entry, example))
+    octets = re.findall(r"\[[^\]]*\]|[^.\[\]]+", written.strip())
+    if len(octets) != 4 or ".".join(octets) != written.strip():
+        raise ValueError("%r: expected four octets after '=', %s"
+                         % (entry, example))
+    parsed = []
+    for octet in octets:
+        if octet.startswith("[") and octet.endswith("]"):
+            parts = octet[1:-1].split(";")
+        else:
+            parts = [octet]
+        ranges = []
+        for part in parts:
+            low, dots, high = part.partition("..")
+            if not dots:
+                high = low
+            if not (re.match(r"\A[0-9]{1,3}\Z", low)
+                    and re.match(r"\A[0-9]{1,3}\Z", high)
+                    and int(low) <= int(high) <= 255):
+                raise ValueError("%r: %r is no octet, [n..m] range or "
+                                 "[a;b] list of them, %s"
+                                 % (entry, octet, example))
+            ranges.append((int(low), int(high)))
+        parsed.append(tuple(ranges))
+    return zone, tuple(parsed)
+
+
+def dns_list_zone(entry):
+    """The zone of a ``dnsbl`` or ``dnswl`` entry, as rules name it."""
+    return entry.partition("=")[0].strip().lower().rstrip(".")
+
+
+def _answer_matches(address_filter, address):
+    try:
+        octets = [int(octet) for octet in address.split(".")]
+    except ValueError:
+        return False
+    return len(octets) == 4 and all(
+        any(low <= octet <= high for low, high in ranges)
+        for octet, ranges in zip(octets, address_filter))
+
+
+# What the answers of a zone mean when its entry writes no filter, by
+# zone suffix: (the answers that list, those that say our queries are
+# refused).  dnswl.org: 127.0.X.1 to 3 are its trust levels (low,
+# medium, high), 127.0.X.0 is "none", 127.0.0.255 "query blocked"
+# (public resolvers, sites over the free limit).  Spamhaus: 127.0.0.2 to
+# 11 list; 127.255.255.252 to 255 refuse (a bad DQS key, a public
+# resolver, too many queries).  Other zones: any answer in 127.0.0.0/8
+# lists (Postfix's rule), but for Spamhaus's refusals, which other lists
+# copy.
+DNS_LIST_ANSWERS = (
+    ("list.dnswl.org", "127.0.[0..255].[1..3]", "127.0.[0..255].255"),
+    ("spamhaus.org", "127.0.0.[2..255]", "127.255.255.[252..255]"),
+    ("spamhaus.net", "127.0.0.[2..255]", "127.255.255.[252..255]"),
+    ("", "127.[0..255].[0..255].[0..255]", "127.255.255.[252..255]"),
+)
+
+
+def _dns_list_defaults(zone):
+    """The row of DNS_LIST_ANSWERS for ``zone`` (its suffix "": none
+    known)."""
+    for row in DNS_LIST_ANSWERS:
+        if zone == row[0] or zone.endswith("." + row[0]) or not row[0]:
+            return row
+
+
+@functools.lru_cache(maxsize=256)
+def _dns_list_rules(entry):
+    """``(zone, answers that list, answers that refuse)`` of an entry."""
+    zone, written = parse_dns_list(entry)
+    _, listing, refusing = _dns_list_defaults(zone)
+    return (zone, written or parse_dns_list("x.x=" + listing)[1],
+            parse_dns_list("x.x=" + refusing)[1])
+
+
+def dns_list_answer(entry, answers):
+    """What the addresses ``answers`` of a DNS list's ``entry`` (a
+    ``dnsbl`` or ``dnswl`` item, see parse_dns_list()) say:
+    ``(listed, refusal)``.  ``listed`` is True if one is accepted by the
+    entry's filter, or, for an entry without one, by the zone's
+    (DNS_LIST_ANSWERS).  ``refusal`` is the first answer that is not a
+    listing but an error, or None: one that refuses our queries (dnswl's
+    127.0.0.255, Spamhaus's 127.255.255.254), or one outside
+    127.0.0.0/8, which no list gives (a resolver that makes up answers
+    for names that do not exist).  An error never lists, whatever the
+    filter: a list that refuses our queries must not whitelist every
+    client, nor greylist them as listed."""
+    zone, listing, refusing = _dns_list_rules(entry)
+    listed, refusal = False, None
+    for address in sorted(answers):
+        if (not address.startswith("127.")
+                or _answer_matches(refusing, address)):
+            refusal = refusal or address
+        elif _answer_matches(listing, address):
+            listed = True
+    return listed and refusal is None, refusal
 
 
 class DNSLists(object):
-    """DNSBL and DNSWL lookups through the system's resolver: each with a
-    deadline, all of one client at once, the answers cached for
-    ``dns_cache_time``.  ``listing(address, zones, resolve, timeout,
-    cache_time)`` is the set of the zones that list it."""
+    """DNSBL and DNSWL lookups through the system's resolver: each a job
+    of the lookup threads (``lookup_threads``, counted for the client's
+    network), with a deadline, all of one client at once, the answers
+    cached for ``dns_cache_time``, at most ``cache_size`` (10000) of
+    them, the least recently used going first.  ``listing(address,
+    entries, resolve, timeout, cache_time)`` is the set of the entries
+    that list it (dns_list_answer()).  Timeouts, refusals and errors are
+    logged at most once per zone and ``log_interval`` (600 s)."""
+
+    cache_size = 10000
+    log_interval = 600
 
     def __init__(self):
-        self._cache = Cache()
+        self._cache = Cache(self.cache_size)
+        self._logged = Cache()      # (zone, what) -> last logged
 
-    def listing(self, address, zones, resolve, timeout, cache_time):
-        if not zones:
+    def listing(self, address, entries, resolve, timeout, cache_time):
+        if not entries:
             return set()
         try:
-            queries = [(zone, dns_list_query(address, zone))
-                       for zone in zones]
+            queries = dict((entry, dns_list_query(address,
+                                                  dns_list_zone(entry)))
+                           for entry in entries)
         except ValueError:
             return set()                    # no address: nothing to ask
+        zones = dict((query, dns_list_zone(entry))
+                     for entry, query in queries.items())
         now = time.monotonic()
-        answers, asking = {}, []
-        for zone, query in queries:
+        answers = {}
+        for query in set(queries.values()):
             cached = self._cache.get(query)
             if cached is not None and cached[0] > now:
-                answers[zone] = cached[1]
-            else:
-                asking.append((zone, query))
+                answers[query] = cached[1]
+        asking = set(queries.values()) - set(answers)
+        condition = threading.Condition(threading.Lock())
         results = {}
-        threads = []
-        for zone, query in asking:
-            def run(zone=zone, query=query):
+        asked = []
+        for query in sorted(asking):
+            def run(query=query):
                 try:
-                    results[zone] = set(resolve(query) or ())
+                    answer = frozenset(resolve(query) or ())
                 except Exception:           # a resolver's failure: none
-                    results[zone] = set()
-            thread = threading.Thread(target=run, name="dnslist")
-            thread.daemon = True
-            thread.start()
-            threads.append((zone, query, thread))
+                    answer = frozenset()
+                with condition:
+                    results[query] = answer
+                    condition.notify()
+            # Busy threads or the network's share used: not asked, not
+            # listed, nothing kept (LookupThreads logs it).
+            if lookup_threads.submit(run, lookup_owner(address)):
+                asked.append(query)
         deadline = time.monotonic() + timeout
-        for zone, query, thread in threads:
-            thread.join(max(0, deadline - time.monotonic()))
-            if zone not in results:
-                self._log(zone, "lookup of %s timed out after %s s: not "
-                          "listed" % (query, _seconds(timeout)))
-                answers[zone] = set()
+        with condition:
+            while len(results) < len(asked):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                condition.wait(left)
+            results = dict(results)
+        for query in asked:
+            zone = zones[query]
+            if query not in results:
+                self._log(zone, "timeout", "lookup of %s timed out after "
+                          "%s s: not listed" % (query, _seconds(timeout)))
                 # Not asked again for a minute: a list that is down must
                 # not hold every session for its timeout.
-                self._cache.put(query, (now + min(60, cache_time), set()))
+                self._cache.put(query, (now + min(60, cache_time),
+                                        frozenset()))
                 continue
-            answers[zone] = results[zone]
-            self._cache.put(query, (now + cache_time, results[zone]))
-        return set(zone for zone, query in queries
-                   if self.is_listing(zone, answers.get(zone, ())))
+            answers[query] = results[query]
+            self._cache.put(query, (now + cache_time, results[query]))
+        listed = set()
+        for entry, query in queries.items():
+            found, refusal = dns_list_answer(entry, answers.get(query, ()))
+            if found:
+                listed.add(entry)
+            if refusal is not None:
+                self._log(dns_list_zone(entry), "refusal",
+                          "it answered %s, which is no listing: it "
+                          "refuses our queries (a public resolver, or "
+                          "over its free limit?) or the resolver made "
+                          "the answer up; every client counts as not "
+                          "listed on it until it answers again; use a "
+                          "resolver of your own" % refusal, log.error)
+        return listed
 
-    def is_listing(self, zone, addresses):
-        """An answer in 127.0.0.0/8 lists; a "query refused" one does not
-        (and is logged once); none does not."""
-        listing = False
-        for address in addresses:
-            if address in REFUSED_QUERY:
-                log_once("DNS list %s refuses our queries (it answered "
-                         "%s): its answers count as not listed" % (zone,
-                                                                   address))
-            elif address.startswith("127."):
-                listing = True
-        return listing
+    def __len__(self):
+        """The answers kept now."""
+        return len(self._cache)
 
-    def _log(self, zone, message):
-        """A lookup that timed out, logged once a minute per zone."""
+    def _log(self, zone, what, message, level=None):
+        """Logged at most once per ``log_interval`` per zone and what."""
         now = time.monotonic()
-        last = self._cache.get(("logged", zone))
-        if last is None or now - last > 60:
-            self._cache.put(("logged", zone), now)
-            log.warning("DNS list %s: %s", zone, message)
+        last = self._logged.get((zone, what))
+        if last is None or now - last > self.log_interval:
+            self._logged.put((zone, what), now)
+            (level or log.warning)("DNS list %s: %s", zone,
+                                   log_escape(message))
 
     def reset(self):
         self._cache.reset()
+        self._logged.reset()
 
 
 # Dynamic words of generic host names (access networks, pools), each
@@ -7131,6 +7399,16 @@ def configuration_warnings(handler_class, values=None):
             % ("; the policy service greylists every recipient Postfix "
                "asks about" if values.get("policy_listen") else ""))
     warnings += _policy_tcp_warnings(values)
+    for entry in getattr(handler_class, "dnswl", None) or ():
+        try:
+            zone, written = parse_dns_list(entry)
+        except ValueError:                  # check_dns_lists() says so
+            continue
+        if written is None and not _dns_list_defaults(zone)[0]:
+            warnings.append("dnswl %s: no answers written, so any answer "
+                            "in 127.0.0.0/8 whitelists a client; write "
+                            "those its operator documents, as in %s="
+                            "127.0.0.[2..3]" % (zone, zone))
     if (getattr(handler_class, "upstream_tls_verify", False)
             and handler_class.upstream_tls != "required"):
         warnings.append("upstream_tls_verify without upstream_tls = "
@@ -7175,6 +7453,7 @@ def check_configuration(handler_class, values, files=True, notes=None):
     check_proxy_protocol(handler_class)
     check_tls(handler_class)
     check_policy(handler_class, values)
+    check_dns_lists(handler_class)
     if files:
         check_files(values)
     warnings = []
@@ -7184,6 +7463,17 @@ def check_configuration(handler_class, values, files=True, notes=None):
     else:
         check_as(identity, lambda: check_store(handler_class, create=False))
     return warnings + configuration_warnings(handler_class, values)
+
+
+def check_dns_lists(handler_class):
+    """The ``dnsbl`` and ``dnswl`` entries of a handler's own attributes
+    (those of the configuration were read by _zone()) parse."""
+    for key in ("dnsbl", "dnswl"):
+        for entry in getattr(handler_class, key, None) or ():
+            try:
+                parse_dns_list(entry)
+            except ValueError as error:
+                raise StartError("%s: %s" % (key, error), 2)
 
 
 def check_as(identity, check):

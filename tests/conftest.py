@@ -37,6 +37,15 @@ PG_DRIVERS = ["psycopg2"] + (["psycopg"] if sys.version_info >= (3, 7)
                              else [])
 
 
+@pytest.fixture(autouse=True)
+def lookups_forget_their_timeouts():
+    """A lookup that timed out leaves its client network (127.0.0.0/24,
+    say) without names for a minute (LookupThreads.silent()): not in
+    the next test."""
+    yield
+    smtpproxy.lookup_threads.forget_timeouts()
+
+
 @pytest.fixture(scope="session")
 def postgresql():
     """A private PostgreSQL cluster (tests/pg.py), one for the session."""

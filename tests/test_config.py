@@ -520,6 +520,52 @@ def test_port_of_the_command_line_is_checked_too(tmp_path):
     assert "port from 1 to 65535" in result.stderr
 
 
+def test_a_bad_dns_list_filter_is_an_error_naming_its_line(tmp_path):
+    text = ("dnswl:\n"
+            "    list.dnswl.org=127.0.[0..255].[1..3]\n"
+            "dnsbl:\n"
+            "    zen.spamhaus.org\n"
+            "    bl.example.net=127.0.0.[11..2]\n")
+    path = write(tmp_path, text)
+    with pytest.raises(smtpproxy.ConfigError) as caught:
+        smtpproxy.read_config_file(path)
+    assert "%s:5: dnsbl:" % path in str(caught.value)
+    assert "such as bl.example.net=127.0.0.2" in str(caught.value)
+    values, _ = smtpproxy.read_config_file(write(tmp_path, text.replace(
+        "[11..2]", "[2;4..11]")))
+    assert values["dnswl"] == ["list.dnswl.org=127.0.[0..255].[1..3]"]
+    assert values["dnsbl"] == ["zen.spamhaus.org",
+                               "bl.example.net=127.0.0.[2;4..11]"]
+
+
+def test_check_config_refuses_a_bad_dns_list_filter(tmp_path):
+    result = run_cli(["-o", "dnswl=list.dnswl.org=127.0.[0..255]",
+                      "--check-config"], tmp_path)
+    assert result.returncode == 2
+    assert "expected four octets" in result.stderr
+
+
+def test_a_handlers_own_bad_dns_list_filter_stops_the_start():
+    handler = type("Lists", (smtpproxy.GreyListingPolicy,),
+                   {"dnsbl": ["zen.spamhaus.org", "bl.example=127.0.0"]})
+    with pytest.raises(smtpproxy.StartError) as caught:
+        smtpproxy.check_dns_lists(handler)
+    assert caught.value.status == 2
+    assert "dnsbl: 'bl.example=127.0.0': expected four octets" in str(
+        caught.value)
+
+
+def test_check_config_warns_of_a_dnswl_without_its_answers(tmp_path):
+    result = run_cli(["-o", "run_as_root=yes", "-o", "allowed_domains="
+                      "example.org", "-o", "dnswl=list.dnswl.org,"
+                      "wl.example.net,wl.example.com=127.0.0.2",
+                      "--check-config", "-q"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    [warning] = [line for line in result.stderr.splitlines()
+                 if "dnswl" in line]
+    assert "dnswl wl.example.net: no answers written" in warning
+
+
 def test_check_config_warns_that_no_domain_means_every_recipient_refused(
         tmp_path):
     result = run_cli(["-o", "run_as_root=yes", "--check-config", "-q"],

@@ -260,10 +260,124 @@ def test_only_answers_in_127_list_and_refusals_do_not(engine, caplog,
     assert (decision.verdict == "defer") is listed, decision
     if listed:
         assert decision.rule == "dnsbl:%s network:192.0.2.0/24" % BL
-    refused = [r for r in caplog.records if "refuses our queries" in
-               r.getMessage()]
-    assert len(refused) == (1 if answers and answers[0].startswith(
-        "127.255") else 0)
+    # A refusal, or an answer no list gives: an error, logged.
+    errors = [r for r in caplog.records if "is no listing" in
+              r.getMessage()]
+    assert len(errors) == (0 if listed or not answers else 1)
+
+
+ONE = ((127, 127),)
+ZERO = ((0, 0),)
+
+
+@pytest.mark.parametrize("entry, parsed", [
+    ("zen.spamhaus.org", ("zen.spamhaus.org", None)),
+    ("Zen.Spamhaus.ORG.", ("zen.spamhaus.org", None)),
+    ("bl.example=127.0.0.2", ("bl.example", (ONE, ZERO, ZERO, ((2, 2),)))),
+    ("list.dnswl.org=127.0.[0..255].[1..3]",
+     ("list.dnswl.org", (ONE, ZERO, ((0, 255),), ((1, 3),)))),
+    ("bl.example=127.0.0.[2;4;9..11]",
+     ("bl.example", (ONE, ZERO, ZERO, ((2, 2), (4, 4), (9, 11))))),
+])
+def test_dns_list_entries_are_read_in_postfixs_syntax(entry, parsed):
+    assert smtpproxy.parse_dns_list(entry) == parsed
+
+
+@pytest.mark.parametrize("entry, says", [
+    ("bl.example=127.0.0", "four octets"),
+    ("bl.example=127.0.0.2.1", "four octets"),
+    ("bl.example=127.0.0.256", "is no octet"),
+    ("bl.example=127.0.0.[9..2]", "is no octet"),
+    ("bl.example=127.0.0.2..4", "four octets"),
+    ("bl.example=127.0.0.[2;;4]", "is no octet"),
+    ("bl.example=127.0.0.x", "is no octet"),
+    ("bl.example=127.0.0.2*3", "postscreen"),
+    ("bl.example=", "four octets"),
+    ("nodot=127.0.0.2", "zone such as"),
+    ("bad_zone.example", "zone such as"),
+])
+def test_a_bad_dns_list_entry_says_what_to_write(entry, says):
+    with pytest.raises(ValueError) as caught:
+        smtpproxy.parse_dns_list(entry)
+    assert says in str(caught.value)
+    assert "such as" in str(caught.value)
+
+
+@pytest.mark.parametrize("entry, answers, expected", [
+    # dnswl.org: trust levels low, medium, high list; "none" does not;
+    # .255, "query blocked", is an error.
+    ("list.dnswl.org", ["127.0.15.1"], (True, None)),
+    ("list.dnswl.org", ["127.0.15.3"], (True, None)),
+    ("list.dnswl.org", ["127.0.15.0"], (False, None)),
+    ("list.dnswl.org", ["127.0.0.255"], (False, "127.0.0.255")),
+    ("list.dnswl.org=127.0.[0..255].[2..3]", ["127.0.15.1"], (False, None)),
+    ("list.dnswl.org=127.0.[0..255].[0..255]", ["127.0.0.255"],
+     (False, "127.0.0.255")),
+    # Spamhaus: 127.0.0.2 to 11 list, 127.255.255.252 to 255 refuse.
+    ("zen.spamhaus.org", ["127.0.0.4", "127.0.0.10"], (True, None)),
+    ("zen.spamhaus.org", ["127.255.255.254"], (False, "127.255.255.254")),
+    ("key.zen.dq.spamhaus.net", ["127.255.255.252"],
+     (False, "127.255.255.252")),
+    ("zen.spamhaus.org=127.0.0.[10..11]", ["127.0.0.4"], (False, None)),
+    # Other zones: 127.0.0.0/8, but the refusals; nothing else.
+    ("bl.example", ["127.0.0.2"], (True, None)),
+    ("bl.example", ["127.1.2.3"], (True, None)),
+    ("bl.example", ["127.255.255.255"], (False, "127.255.255.255")),
+    ("bl.example", ["198.51.100.7"], (False, "198.51.100.7")),
+    ("bl.example", ["2001:db8::1"], (False, "2001:db8::1")),
+    ("bl.example", [], (False, None)),
+    # An error beside a listing: the answer is not to be trusted.
+    ("bl.example", ["127.0.0.2", "198.51.100.7"], (False, "198.51.100.7")),
+])
+def test_what_a_dns_list_answer_says(entry, answers, expected):
+    assert smtpproxy.dns_list_answer(entry, answers) == expected
+
+
+def test_a_blocked_dnswl_greylists_every_client_and_is_logged_once(
+        engine, caplog):
+    """list.dnswl.org answers 127.0.0.255 to a resolver it blocks: that
+    whitelists nobody; the admin hears it once."""
+    zone = "list.dnswl.org"
+    grey = engine(dnswl=[zone])
+    blocked = Resolver(forward=dict(
+        (smtpproxy.dns_list_query("192.0.2.%d" % host, zone),
+         {"127.0.0.255"}) for host in range(1, 6)))
+    with caplog.at_level(logging.WARNING, logger="smtpproxy"):
+        decisions = [decide(grey, "192.0.2.%d" % host, None, blocked)
+                     for host in range(1, 6)]
+    assert [(d.verdict, d.rule) for d in decisions] == [
+        ("defer", "network:192.0.2.0/24")] * 5
+    [line] = [r.getMessage() for r in caplog.records
+              if zone in r.getMessage()]
+    assert "answered 127.0.0.255, which is no listing" in line
+    assert "use a resolver of your own" in line
+
+
+def test_dnswls_none_trust_level_whitelists_nobody(engine):
+    zone = "list.dnswl.org"
+    grey = engine(dnswl=[zone])
+    assert decide(grey, "192.0.2.7", None,
+                  listing("192.0.2.7", zone, "127.0.15.0")).verdict == \
+        "defer"
+    assert decide(grey, "192.0.2.8", None,
+                  listing("192.0.2.8", zone, "127.0.15.1")).rule == \
+        "dnswl:" + zone
+
+
+def test_one_zone_as_allow_and_block_list_by_its_answers(engine):
+    """One zone that answers both ways (127.0.0.1 good, 127.0.0.2 bad),
+    written twice with its filters."""
+    zone = "karma.example"
+    grey = engine(dnswl=[zone + "=127.0.0.1"], dnsbl=[zone + "=127.0.0.2"],
+                  greylist_clients="suspicious")
+    good = decide(grey, "192.0.2.7", "mx.out.example.com",
+                  listing("192.0.2.7", zone, "127.0.0.1"))
+    bad = decide(grey, "192.0.2.8", "mx.out.example.com",
+                 listing("192.0.2.8", zone, "127.0.0.2"))
+    assert (good.verdict, good.rule) == ("accept", "dnswl:" + zone)
+    assert (bad.verdict, bad.rule) == ("defer",
+                                       "dnsbl:%s name:out.example.com"
+                                       % zone)
 
 
 def test_a_dnsbl_listing_beats_the_auto_whitelist(engine):
@@ -416,3 +530,188 @@ def test_lookup_threads_are_bounded_and_deadlines_kept(caplog):
     finally:
         smtpproxy.lookup_threads = original
         stuck.set()
+
+
+@pytest.fixture
+def pool():
+    """``pool(**attributes)``: LookupThreads of their own in place of the
+    process's, for one test."""
+    original = smtpproxy.lookup_threads
+    made = []
+
+    def make(**attributes):
+        attributes.setdefault("idle_time", 30)
+        threads = type("Pool", (smtpproxy.LookupThreads,), attributes)()
+        smtpproxy.lookup_threads = threads
+        made.append(threads)
+        return threads
+    yield make
+    smtpproxy.lookup_threads = original
+    for threads in made:
+        threads.close()
+
+
+class Callers(object):
+    """Threads that each run ``target(*args)``; ``wait_finished(n)`` until
+    n of them have returned (False if not within a deadline)."""
+
+    def __init__(self, target, argument_list):
+        self.finished = 0
+        self.condition = threading.Condition()
+        self.results = []
+
+        def run(*args):
+            result = target(*args)
+            with self.condition:
+                self.finished += 1
+                self.results.append(result)
+                self.condition.notify_all()
+        self.threads = [threading.Thread(target=run, args=args, daemon=True)
+                        for args in argument_list]
+        for thread in self.threads:
+            thread.start()
+
+    def wait_finished(self, count):
+        with self.condition:
+            return self.condition.wait_for(lambda: self.finished >= count,
+                                           timeout=10)
+
+    def join(self):
+        for thread in self.threads:
+            thread.join(10)
+            assert not thread.is_alive()
+
+
+class Hanging(object):
+    """A resolver call that hangs until ``release`` is set; ``entered``
+    counts the calls under way."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def __call__(self, *args):
+        self.entered.release()
+        self.release.wait(30)
+        return []
+
+    def wait_entered(self, count):
+        return all(self.entered.acquire(timeout=10) for _ in range(count))
+
+
+def test_the_dns_list_cache_keeps_its_bound():
+    """50,000 addresses of one /64, two zones: the cache keeps its
+    ``cache_size`` answers, not 100,000."""
+    lists = smtpproxy.DNSLists()
+    for number in range(50000):
+        lists.listing("2001:db8::%x" % number, [BL, WL], lambda name: (),
+                      5, 600)
+    assert len(lists) == lists.cache_size == 10000
+    # The last answers asked are those kept.
+    resolver = Resolver()
+    lists.listing("2001:db8::%x" % 49999, [BL, WL], resolver.addresses, 5,
+                  600)
+    assert resolver.asked == []
+
+
+def test_list_lookups_run_on_the_bounded_lookup_threads(pool):
+    """40 clients against a zone that never answers: 4 lookup threads
+    (the limit), no thread of its own per query; the others are not
+    asked (not listed) and return at once."""
+    threads = pool(limit=4)
+    resolver = Hanging()
+    lists = smtpproxy.DNSLists()
+    before = set(threading.enumerate())
+    callers = Callers(lists.listing, [("192.0.%d.7" % n, [BL], resolver, 30,
+                                       600) for n in range(40)])
+    try:
+        assert resolver.wait_entered(4)
+        assert callers.wait_finished(36)
+        assert callers.results == [set()] * 36
+        started = set(threading.enumerate()) - before - set(callers.threads)
+        assert len(started) == threads.count == 4
+        assert set(thread.name for thread in started) == {"lookup"}
+    finally:
+        resolver.release.set()
+    callers.join()
+
+
+def test_lookup_owners_are_networks():
+    assert smtpproxy.lookup_owner("192.0.2.7") == "192.0.2.0/24"
+    assert smtpproxy.lookup_owner("::ffff:192.0.2.7") == "192.0.2.0/24"
+    assert smtpproxy.lookup_owner("2001:db8:1:2::7") == "2001:db8:1::/48"
+
+
+def test_a_network_whose_lookups_hang_leaves_threads_to_the_others(
+        pool, caplog):
+    """30 sessions of 198.51.100.0/24, whose reverse zone never answers,
+    against 20 lookup threads: that network holds its share (5), its
+    other lookups fail at once, logged once; a client of another network
+    gets its names."""
+    threads = pool(limit=20, share=5, reserve=0)
+    hanging = Hanging()
+
+    def reverse(address):
+        if address.startswith("198.51.100."):
+            return hanging(address)
+        return ["mx.out.example.com"]
+
+    def forward(name):
+        return {"192.0.2.7"}
+    with caplog.at_level(logging.WARNING, logger="smtpproxy"):
+        callers = Callers(smtpproxy.confirmed_names, [
+            ("198.51.100.%d" % n, reverse, forward, 3, 30)
+            for n in range(1, 31)])
+        try:
+            assert hanging.wait_entered(5)
+            assert callers.wait_finished(25)
+            assert callers.results == [(False, [], None)] * 25
+            assert threads.held("198.51.100.0/24") == 5
+            assert smtpproxy.confirmed_names(
+                "192.0.2.7", reverse, forward, 3, 30) == (
+                    True, ["mx.out.example.com"], "mx.out.example.com")
+        finally:
+            hanging.release.set()
+        callers.join()
+    shares = [r for r in caplog.records if "its share" in r.getMessage()]
+    assert len(shares) == 1
+    assert "client network 198.51.100.0/24 holds 5" in shares[0].getMessage()
+
+
+@pytest.mark.parametrize("silent_time, asked", [(60, 1), (0, 2)])
+def test_a_network_whose_lookup_timed_out_is_not_asked_for_a_while(
+        pool, silent_time, asked):
+    """A reverse lookup of 198.51.100.7 that times out: for
+    ``silent_time`` seconds, 198.51.100.8 (same /24) gets no names at
+    once, its lookup not made; 192.0.2.7 is asked as ever."""
+    pool(silent_time=silent_time)
+    hanging = Hanging()
+    try:
+        for address in ("198.51.100.7", "198.51.100.8"):
+            assert smtpproxy.confirmed_names(
+                address, hanging, lambda name: set(), 3, 0.2) == (
+                    False, [], None)
+        assert hanging.wait_entered(asked)
+        assert not hanging.entered.acquire(blocking=False)
+    finally:
+        hanging.release.set()
+    assert smtpproxy.confirmed_names(
+        "192.0.2.7", lambda address: ["mx.out.example.com"],
+        lambda name: {"192.0.2.7"}, 3, 0.2)[2] == "mx.out.example.com"
+
+
+def test_the_last_lookup_threads_are_kept_for_networks_holding_none(pool):
+    """10 threads, a share of 5, 4 kept in reserve: network A takes 5;
+    B one, not two (only 4 free); C to F one each; then none is left."""
+    threads = pool(limit=10, share=5, reserve=4)
+    hanging = Hanging()
+    taken = []
+    try:
+        for network, tries in (("A", 6), ("B", 2), ("C", 1), ("D", 1),
+                               ("E", 1), ("F", 1), ("G", 1)):
+            taken.append(sum(threads.submit(hanging, network)
+                             for _ in range(tries)))
+        assert taken == [5, 1, 1, 1, 1, 1, 0]
+        assert threads.count == 10
+    finally:
+        hanging.release.set()
