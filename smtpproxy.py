@@ -2234,9 +2234,10 @@ class MailHandler(socketserver.StreamRequestHandler):
                         RFC 5321 and go on
     max_errors          refused or deferred commands before the client
                         gets 421 4.7.0 and is dropped: every refuse(), so
-                        in ConcreteMailHandler every RCPT not accepted (by
-                        the policy, the upstream or max_recipients), as
-                        Postfix counts smtpd_hard_error_limit; pipelined
+                        in ConcreteMailHandler every RCPT the policy or
+                        the upstream did not accept (not the 452 of
+                        max_recipients), as Postfix counts
+                        smtpd_hard_error_limit; pipelined
                         commands after the 421 are not read.  A delivered
                         message starts the count again ("errors without
                         delivering mail", Postfix's words)
@@ -3261,7 +3262,11 @@ class ConcreteMailHandler(MailHandler):
                 self._rcpt_refused(problem)
                 return
         if len(self.recipients) >= self.max_recipients:
-            self._rcpt_refused("452 4.5.3 Too many recipients")
+            # Not an error (RFC 5321 4.5.3.1.10: the client sends the
+            # message and the rest later), as Postfix's recipient
+            # overshoot; and it adds nothing to the store.
+            self._note_outcome("452 4.5.3 Too many recipients")
+            self.netPrint("452 4.5.3 Too many recipients")
             return
         if len(self.rcpt_seen) < self.max_recipients:
             self.rcpt_seen.append(recipient)
