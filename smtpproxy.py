@@ -3573,8 +3573,9 @@ class GreyListingPolicy(ConcreteMailHandler):
     4. the client is keyed (``client_key``) by its forward-confirmed,
        non-generic name minus its first label, or by its network of
        ``ipv4_prefix`` (24) or ``ipv6_prefix`` (64) bits; a client that
-       passed ``auto_whitelist_clients`` times (0: never) is accepted, but
-       not one listed on a ``dnsbl`` zone; with ``greylist_clients =
+       passed greylisting ``auto_whitelist_clients`` times (0: never;
+       each triplet once, the client at most once an hour) is accepted,
+       but not one listed on a ``dnsbl`` zone; with ``greylist_clients =
        suspicious``, a client that is not listed and has a confirmed,
        non-generic name is accepted;
     5. otherwise the triplet goes through the greylisting store
