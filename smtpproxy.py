@@ -3586,9 +3586,10 @@ class GreyListingPolicy(ConcreteMailHandler):
        ``max_new_triplets_per_network`` an hour from a client network
        (NewTriplets); past either, it is deferred without a row (each
        bound logged once per session, or per network and hour).  Every
-       deferral counts towards ``max_errors``.  If the store fails, ``greylist_fail_mode`` decides ("accept" or
-       "defer") and the error is logged once per incident; out of
-       descriptors, the session ends with 421 4.3.2.
+       deferral counts towards ``max_errors``.  If the store fails,
+       ``greylist_fail_mode`` decides ("accept" or "defer") and the
+       error is logged once per incident; out of descriptors, the
+       session ends with 421 4.3.2.
 
     ``shouldWeAcceptMail()`` is true once a recipient was accepted.  The
     sender is keyed without case, brackets, ``+extension``, BATV
