@@ -5229,7 +5229,10 @@ class NewTriplets(object):
     adding one more first drops those whose hour is over, then, if need
     be, the one whose hour started first; a client that holds more
     networks than that is not bounded per network anyway.  The time is
-    the decisions' ``now`` (tests drive it)."""
+    the decisions' ``now`` (tests drive it).  A bound is asked before the
+    store's decision and counted after it: decisions of one network in
+    flight at once (its sessions, max_connections_per_ip) may pass it by
+    as many."""
 
     window = 3600
     max_networks = 10000
