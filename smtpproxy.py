@@ -669,7 +669,10 @@ KEYS = [
         "seconds to wait before the greeting; a client that talks first "
         "gets 554"),
     Key("max_errors", _integer, DIALOGUE,
-        "refused commands before a client is dropped with 421"),
+        "refused or deferred commands, RCPTs that the policy refused or "
+        "deferred included, before a client is dropped with 421 4.7.0 "
+        "(Postfix's smtpd_hard_error_limit); a delivered message starts "
+        "the count again"),
     Key("max_message_size", _integer, DIALOGUE,
         "largest message in octets, announced with SIZE; the octets of an "
         "overlong line count too: a command line not ended within it, or "
@@ -739,7 +742,17 @@ KEYS = [
         "bits of an IPv6 client's address in the key; 128: the exact "
         "address"),
     Key("auto_whitelist_clients", _integer, GREYLISTING,
-        "passes after which a client network is accepted at once; 0: off"),
+        "greylisting passes (a triplet that waited and came back, each "
+        "once) after which a client is accepted at once; its count grows "
+        "at most once an hour, as postgrey's; 0: off"),
+    Key("max_new_triplets_per_session", _integer, GREYLISTING,
+        "new triplets (first sightings, each a row in the store) one "
+        "session may add; more RCPTs that would add one are deferred "
+        "without a row; 0: no limit"),
+    Key("max_new_triplets_per_network", _integer, GREYLISTING,
+        "new triplets one client network (ipv4_prefix, ipv6_prefix) may "
+        "add per hour, counted by each process; more are deferred "
+        "without a row; 0: no limit"),
     Key("client_key", _choice("name", "network"), GREYLISTING,
         "what a client is in the key: name, its forward-confirmed host "
         "name minus the first label (mx1.out.example.com and "
@@ -2322,8 +2335,15 @@ class MailHandler(socketserver.StreamRequestHandler):
                         of order, malformed MAIL or RCPT) close the
                         connection, as Kamaelia Grey did; with False follow
                         RFC 5321 and go on
-    max_errors          refused commands before the client gets 421 4.7.0
-                        and is dropped
+    max_errors          refused or deferred commands before the client
+                        gets 421 4.7.0 and is dropped: every refuse(), so
+                        in ConcreteMailHandler every RCPT the policy or
+                        the upstream did not accept (not the 452 of
+                        max_recipients), as Postfix counts
+                        smtpd_hard_error_limit; pipelined
+                        commands after the 421 are not read.  A delivered
+                        message starts the count again ("errors without
+                        delivering mail", Postfix's words)
     max_command_line    longest command line in octets, CRLF included
                         (RFC 5321: 512)
     max_text_line       longest line of message text, CRLF included
@@ -3174,9 +3194,13 @@ class ConcreteMailHandler(MailHandler):
 
     def _end_message(self, reply):
         """``reply`` is the message's final reply (DATA's, or the one to
-        its data): kept for the transaction's log line, and counted."""
+        its data): kept for the transaction's log line, and counted.  A
+        delivered message clears the session's errors, as Postfix's
+        smtpd_hard_error_limit counts errors "without delivering mail"."""
         self.final_reply = reply
         self._count_reply("messages", reply)
+        if reply.startswith("2"):
+            self.errors = 0
 
     def _count_reply(self, what, reply):
         """Count a reply to RCPT ("rcpt") or to a message ("messages"):
@@ -3360,6 +3384,9 @@ class ConcreteMailHandler(MailHandler):
                 self._rcpt_refused(problem)
                 return
         if len(self.recipients) >= self.max_recipients:
+            # Not an error (RFC 5321 4.5.3.1.10: the client sends the
+            # message and the rest later), as Postfix's recipient
+            # overshoot; and it adds nothing to the store.
             self._note_outcome("452 4.5.3 Too many recipients")
             self.netPrint("452 4.5.3 Too many recipients")
             return
@@ -3367,7 +3394,7 @@ class ConcreteMailHandler(MailHandler):
             self.rcpt_seen.append(recipient)
         if self.relay.lost:
             self._note_outcome(self.relay.lost, failed=True)
-            self.netPrint(self.relay.lost)
+            self.refuse(self.relay.lost)
             return
         verdict = self.shouldWeAcceptRecipient(recipient)
         if verdict is not True:
@@ -3375,24 +3402,29 @@ class ConcreteMailHandler(MailHandler):
             reply = verdict if isinstance(verdict, str) else self.defer_reply
             self._count_reply("rcpt", reply)
             self._note_outcome(reply, failed=reply == OUT_OF_RESOURCES)
-            self.netPrint(reply)
             if reply.startswith("421"):
+                self.netPrint(reply)
                 self.close_connection()     # 421: this session ends
+            else:
+                # A deferral is an error too: one session must not
+                # greylist (and add to the store) without end.
+                self.refuse(reply)
             return
         try:
             code, lines = self.relay.rcpt(recipient, params)
         except UpstreamError as error:
             self._count_reply("rcpt", error.reply)
             self._note_outcome(error.reply, failed=True)
-            self.netPrint(error.reply)
+            self.refuse(error.reply)
             return
         self._count_reply("rcpt", str(code))
-        self.netPrint(format_reply(code, lines))
         if code // 100 == 2:
+            self.netPrint(format_reply(code, lines))
             self.recipients.append(recipient)
             self.inbox_log.append("RCPT TO:" + args[3:])
         else:
             self._note_outcome(format_reply(code, lines[-1:]))
+            self.refuse(format_reply(code, lines))
 
     def _rcpt_refused(self, reply, protocol_error=False):
         """Refuse a RCPT of ours (syntax, parameters), for the log too."""
@@ -3665,16 +3697,23 @@ class GreyListingPolicy(ConcreteMailHandler):
     4. the client is keyed (``client_key``) by its forward-confirmed,
        non-generic name minus its first label, or by its network of
        ``ipv4_prefix`` (24) or ``ipv6_prefix`` (64) bits; a client that
-       passed ``auto_whitelist_clients`` times (0: never) is accepted, but
-       not one listed on a ``dnsbl`` zone; with ``greylist_clients =
+       passed greylisting ``auto_whitelist_clients`` times (0: never;
+       each triplet once, the client at most once an hour) is accepted,
+       but not one listed on a ``dnsbl`` zone; with ``greylist_clients =
        suspicious``, a client that is not listed and has a confirmed,
        non-generic name is accepted;
     5. otherwise the triplet goes through the greylisting store
        (``greylist_db``, timings ``too_soon``, ``min_defer_time``,
        ``max_defer_time``, ``max_grey``): accepted, or ``defer_reply``.
-       If the store fails, ``greylist_fail_mode`` decides ("accept" or
-       "defer") and the error is logged once per incident; out of
-       descriptors, the session ends with 421 4.3.2.
+       A triplet seen for the first time adds a row, at most
+       ``max_new_triplets_per_session`` in a session and
+       ``max_new_triplets_per_network`` an hour from a client network
+       (NewTriplets); past either, it is deferred without a row (each
+       bound logged once per session, or per network and hour).  Every
+       deferral counts towards ``max_errors``.  If the store fails,
+       ``greylist_fail_mode`` decides ("accept" or "defer") and the
+       error is logged once per incident; out of descriptors, the
+       session ends with 421 4.3.2.
 
     ``shouldWeAcceptMail()`` is true once a recipient was accepted.  The
     sender is keyed without case, brackets, ``+extension``, BATV
@@ -3695,6 +3734,13 @@ class GreyListingPolicy(ConcreteMailHandler):
     max_defer_time = 25000
     max_grey = 3000000
     auto_whitelist_clients = 5
+    # A session's first sightings: one message's worth of recipients (RFC
+    # 5321 section 4.5.3.1.8: 100 at least), and max_errors cuts a
+    # session that delivers nothing at 20 anyway.  A network's, an hour:
+    # more than a list server new to us sends to one site at once; the
+    # rest of such a burst waits for the sender's next retry.
+    max_new_triplets_per_session = 100
+    max_new_triplets_per_network = 1000
     ipv4_prefix = 24
     ipv6_prefix = 64
     relay_reply = "550 5.7.1 Relaying denied"
@@ -3726,6 +3772,11 @@ class GreyListingPolicy(ConcreteMailHandler):
         again."""
         log_store_failure(self, error, "sessions end with 421 4.3.2")
 
+    def setup(self):
+        ConcreteMailHandler.setup(self)
+        self.new_triplets = 0       # rows this session added to the store
+        self.triplets_bounded = False   # max_new_triplets_per_session hit
+
     def _start_transaction(self):
         ConcreteMailHandler._start_transaction(self)
         self.greylist_delay = None
@@ -3752,10 +3803,19 @@ class GreyListingPolicy(ConcreteMailHandler):
         decision = self.greylister_class(self).decide(
             self.peer, self.mail_from, recipient, self.now(),
             helo=self.helo_name, hostname=self.client_hostname,
-            resolve=self.forward_lookup)
+            resolve=self.forward_lookup, session_added=self.new_triplets)
         self.log_dialogue("%s %s: %s%s", decision.verdict, recipient,
                           decision.rule, " " + decision.key
                           if decision.key else "")
+        if decision.added:
+            self.new_triplets += 1
+        elif (decision.rule == "max_new_triplets_per_session"
+              and not self.triplets_bounded):
+            self.triplets_bounded = True
+            log.warning("client %s: %d new triplets in one session "
+                        "(max_new_triplets_per_session); further new ones "
+                        "are deferred without a row", log_escape(self.peer),
+                        self.new_triplets)
         if decision.error is not None:
             self.store_failed(decision.error)
         if decision.delay is not None and decision.delay > (
@@ -3780,17 +3840,22 @@ class Decision(object):
     "network:192.0.2.0/24", "store-failed".  ``key``: the triplet's
     key, when the store was asked; ``delay``: how long greylisting held
     the triplet back, on the try that passed; ``error``: the store's
-    error, when it failed.
+    error, when it failed; ``added``: True when the triplet was new and
+    its row was added to the store (a deferral past a bound of new
+    triplets, rule "max_new_triplets_per_session" or
+    "max_new_triplets_per_network", added none).
     """
 
-    __slots__ = ("verdict", "rule", "key", "delay", "error")
+    __slots__ = ("verdict", "rule", "key", "delay", "error", "added")
 
-    def __init__(self, verdict, rule, key=None, delay=None, error=None):
+    def __init__(self, verdict, rule, key=None, delay=None, error=None,
+                 added=False):
         self.verdict = verdict
         self.rule = rule
         self.key = key
         self.delay = delay
         self.error = error
+        self.added = added
 
     @property
     def accepted(self):
@@ -3817,22 +3882,25 @@ class Greylister(object):
     ``is_local_recipient``, ``recipient_is_whitelisted``,
     ``is_whitelisted``, ``client_is_whitelisted``, ``dns_listing``,
     ``client_identity``, ``suspicion``, ``client_network``,
-    ``triplet_key``.
+    ``triplet_key``, ``new_triplet_bound``.
     """
 
     def __init__(self, settings):
         self.settings = settings
 
     def decide(self, client, sender, recipient, now, helo=None,
-               hostname=None, resolve=None):
+               hostname=None, resolve=None, session_added=None):
         """The Decision for ``recipient`` of a message from ``sender``
         ("" for the null sender) sent by the client at address
         ``client``, at ``now``.  ``helo`` is its HELO name; ``hostname``
         its forward-confirmed host name, or a callable that looks it up
         (called only if a rule needs it); ``resolve(name)`` the
         addresses of a name, for the DNS lists (the system's resolver by
-        default).  A ``client`` of UNKNOWN_CLIENT has no name either, and
-        is greylisted under that key, never auto-whitelisted."""
+        default); ``session_added``: how many triplets the client's
+        session added so far, for max_new_triplets_per_session (None: no
+        session, no such bound).  A ``client`` of UNKNOWN_CLIENT has no
+        name either, and is greylisted under that key, never
+        auto-whitelisted."""
         settings = self.settings
         unknown = client == UNKNOWN_CLIENT
         if unknown:
@@ -3880,8 +3948,11 @@ class Greylister(object):
                                 client_key)
             if suspicious and suspicion is None:
                 return Decision("accept", "not-suspicious " + key_rule)
-            accepted, delay = store.check(
-                key, now, client=None if unknown else client_key)
+            network = self.client_network(client)
+            bound = self.new_triplet_bound(network, now, session_added)
+            accepted, delay, new = store.step(
+                key, now, client=None if unknown else client_key,
+                add=bound is None)
         except ResourceShortage as error:
             # Not the fail mode: out of descriptors is no reason to let
             # mail through.
@@ -3890,7 +3961,31 @@ class Greylister(object):
             verdict = ("accept" if settings.greylist_fail_mode
                        == "accept" else "defer")
             return Decision(verdict, "store-failed", key, error=error)
-        return Decision("accept" if accepted else "defer", rule, key, delay)
+        if new and bound is not None:
+            if bound == "max_new_triplets_per_network":
+                new_triplets.refused(network, now,
+                                     settings.max_new_triplets_per_network)
+                bound += " " + network
+            return Decision("defer", bound, key)
+        if new and settings.max_new_triplets_per_network:
+            new_triplets.added(network, now)
+        return Decision("accept" if accepted else "defer", rule, key, delay,
+                        added=new)
+
+    def new_triplet_bound(self, network, now, session_added):
+        """None if a new triplet of the client ``network`` (its session
+        added ``session_added``, or None) may add a row to the store at
+        ``now``; else the bound that forbids it,
+        "max_new_triplets_per_session" or "max_new_triplets_per_network"
+        (NewTriplets: per hour, per process)."""
+        settings = self.settings
+        limit = settings.max_new_triplets_per_session
+        if limit and session_added is not None and session_added >= limit:
+            return "max_new_triplets_per_session"
+        if not new_triplets.allows(network, now,
+                                   settings.max_new_triplets_per_network):
+            return "max_new_triplets_per_network"
+        return None
 
     def client_identity(self, client, name):
         """``(the key's client part, the rule naming it)``: with
@@ -4264,8 +4359,13 @@ class GreylistStore(object):
     The table is triplet_step()'s, a pure function; the store reads the
     triplet, asks it, and writes the change it names.
 
-    Client networks that passed ``auto_whitelist_clients`` times (0: never)
-    are trusted (``client_is_trusted``) until unseen for ``max_grey``.
+    Clients (networks or name keys) that passed greylisting
+    ``auto_whitelist_clients`` times (0: never) are trusted
+    (``client_is_trusted``) until unseen for ``max_grey``.  Only a
+    greylisting pass counts (a triplet that waited and came back: once
+    per triplet, not its resends), and a client's count grows at most
+    once per ``client_pass_interval`` seconds (an hour, as postgrey's
+    auto-whitelist): a sender's burst of retries is one pass.
     Every ``purge_interval`` seconds a decision also purges what has
     expired (``purge``): it would be decided as never seen anyway.
 
@@ -4294,9 +4394,8 @@ class GreylistStore(object):
     triplet this store saw pass (or a client it saw trusted) less than
     ``greylist_cache_time`` seconds ago is accepted (trusted) from memory,
     without a turn or a transaction.  What that leaves out is a renewal
-    of a pass or a trust that has months to run, and a pass count (so a
-    triplet counts at most one pass, and its client one pass towards
-    ``auto_whitelist_clients``, per greylist_cache_time).  At most
+    of a pass or a trust that has months to run, and the triplet's own
+    pass count.  At most
     ``cache_size`` entries are kept (then they are all forgotten), and
     checkpoint() drops those older than greylist_cache_time;
     delete() and pass_key() on this store take effect at once, another
@@ -4312,6 +4411,7 @@ class GreylistStore(object):
     greylist_cache_time = GreyListingPolicy.greylist_cache_time
     cache_size = 10000
     purge_interval = 3600
+    client_pass_interval = 3600
     busy_timeout = 10.0
     # WAL pages after which a decision itself checkpoints (sqlite's
     # wal_autocheckpoint): only if checkpoint() was not called meanwhile.
@@ -4457,17 +4557,25 @@ class GreylistStore(object):
         """Like decide(), but return ``(accepted, delay)``: ``delay`` is
         how long the triplet was held back when this try is the one that
         passed greylisting, else None."""
+        return self.step(key, now, client)[:2]
+
+    def step(self, key, now, client=None, add=True):
+        """Like check(), but return ``(accepted, delay, new)``: ``new`` is
+        True when the triplet was unknown (a first sighting, deferred).
+        Its row is added only if ``add`` is true: with ``add`` false a new
+        triplet is deferred and nothing is written (the bounds of new
+        triplets, Greylister.new_triplet_bound)."""
         if self._cached(("triplet", key), now):
-            return True, None
+            return True, None, False
         if self.last_purge is None or now - self.last_purge > \
                 self.purge_interval:
             self.last_purge = now
             self._purge_when_due(now)
-        accepted, delay = self._use(self._decide_and_count, key, now,
-                                    client)
+        accepted, delay, new = self._use(self._decide_and_count, key, now,
+                                         client, add)
         if accepted:
             self._remember(("triplet", key), now)
-        return accepted, delay
+        return accepted, delay, new
 
     def _cached(self, entry, now):
         """True if ``entry`` was written as passed (trusted) less than
@@ -4506,19 +4614,28 @@ class GreylistStore(object):
         # Once every purge_interval, in the decision that comes then.
         self.purge(now)
 
-    def _decide_and_count(self, connection, key, now, client):
-        accept = self._decide(connection, key, now)
+    def _decide_and_count(self, connection, key, now, client, add=True):
+        accept, new = self._decide(connection, key, now, add)
         delay = None
         if accept is not True and accept is not False:
             accept, delay = True, accept
-        if accept and client is not None:
-            connection.execute(
-                "INSERT OR IGNORE INTO clients (network, passes, last_seen)"
-                " VALUES (?, 0, ?)", (client, now))
-            connection.execute(
-                "UPDATE clients SET passes = passes + 1, last_seen = ?"
-                " WHERE network = ?", (now, client))
-        return accept, delay
+        if delay is not None and client is not None:
+            # A greylisting pass (not a resend of a passed triplet): it
+            # counts, if the client's last one is client_pass_interval
+            # old.  last_seen is when it last counted: being trusted
+            # renews it, but then the count no longer matters.
+            row = connection.execute(
+                "SELECT last_seen FROM clients WHERE network = ?",
+                (client,)).fetchone()
+            if row is None:
+                connection.execute(
+                    "INSERT INTO clients (network, passes, last_seen)"
+                    " VALUES (?, 1, ?)", (client, now))
+            elif now - row[0] >= self.client_pass_interval:
+                connection.execute(
+                    "UPDATE clients SET passes = passes + 1, last_seen = ?"
+                    " WHERE network = ?", (now, client))
+        return accept, delay, new
 
     def client_is_trusted(self, client, now):
         """True if the network ``client`` passed greylisting
@@ -4558,12 +4675,17 @@ class GreylistStore(object):
             (now - self.max_grey,)).rowcount
         return deleted
 
-    def _decide(self, connection, key, now):
-        # True or False; for the try that passes, the seconds it waited.
+    def _decide(self, connection, key, now, add=True):
+        # (outcome, new): the outcome True or False, or for the try that
+        # passes the seconds it waited; new: the triplet was unknown (its
+        # row added only if add).
         row = connection.execute(
             "SELECT first_seen, passed FROM triplets WHERE key = ?",
-            (key,)).fetchone() or (None, None)
-        outcome, change = triplet_step(row[0], row[1], now, self)
+            (key,)).fetchone()
+        if row is None and not add:
+            return False, True
+        first_seen, passed = row or (None, None)
+        outcome, change = triplet_step(first_seen, passed, now, self)
         if change == RESTART:
             connection.execute(
                 "INSERT OR REPLACE INTO triplets (key, first_seen, last_seen)"
@@ -4572,7 +4694,7 @@ class GreylistStore(object):
             connection.execute(
                 "UPDATE triplets SET passed = ?, last_seen = ?,"
                 " passes = passes + 1 WHERE key = ?", (now, now, key))
-        return outcome
+        return outcome, row is None
 
     # -- administration (smtpproxy --db-...) ------------------------------
 
@@ -4978,11 +5100,20 @@ class PostgreSQLStore(GreylistStore):
 
     # -- decisions ----------------------------------------------------------
 
-    def _decide_and_count(self, tx, key, now, client):
+    def _decide_and_count(self, tx, key, now, client, add=True):
         # Round trips: BEGIN and the triplet (inserted if new, else read
         # and locked) in one, the change and COMMIT in the other.  Both
         # halves of the union see the same snapshot: at most one row.
         clock = self._clock(now)
+        if not add:
+            # A new triplet may not be added: only read (and lock).
+            tx.execute("SELECT first_seen, passed, " + _PG_CLOCK + ", false"
+                       " FROM smtpproxy_triplets WHERE key = %s FOR UPDATE",
+                       (clock, key))
+            row = tx.fetchone()
+            if row is None:
+                return False, None, True
+            return self._decide_row(tx, key, client, row)
         tx.execute(
             "WITH new AS (INSERT INTO smtpproxy_triplets"
             " (key, first_seen, last_seen) SELECT %s, t, t FROM (SELECT "
@@ -5001,9 +5132,13 @@ class PostgreSQLStore(GreylistStore):
                        " FROM smtpproxy_triplets WHERE key = %s FOR UPDATE",
                        (clock, key))
             row = tx.fetchone()
+        return self._decide_row(tx, key, client, row)
+
+    def _decide_row(self, tx, key, client, row):
+        # The rest of _decide_and_count, for the triplet's row.
         first_seen, passed, now, inserted = row
         if inserted:
-            return False, None                  # first seen now
+            return False, None, True            # first seen now
         outcome, change = triplet_step(first_seen, passed, now, self)
         statements, params = [], []
         if change == RESTART:
@@ -5016,20 +5151,24 @@ class PostgreSQLStore(GreylistStore):
                 "UPDATE smtpproxy_triplets SET passed = %s, last_seen = %s,"
                 " passes = passes + 1 WHERE key = %s")
             params += [now, now, key]
-        if outcome is not False and client is not None:
+        if outcome is not False and outcome is not True \
+                and client is not None:
+            # A greylisting pass: counted as the sqlite store counts it.
             statements.append(
                 "INSERT INTO smtpproxy_clients (network, passes, last_seen)"
                 " VALUES (%s, 1, %s) ON CONFLICT (network) DO UPDATE"
                 " SET passes = smtpproxy_clients.passes + 1,"
-                " last_seen = EXCLUDED.last_seen")
-            params += [client, now]
+                " last_seen = EXCLUDED.last_seen"
+                " WHERE smtpproxy_clients.last_seen"
+                " <= EXCLUDED.last_seen - %s")
+            params += [client, now, self.client_pass_interval]
         if statements:
             tx.execute("; ".join(statements), params, last=True)
         if outcome is False:
-            return False, None
+            return False, None, False
         if outcome is True:
-            return True, None
-        return True, outcome
+            return True, None, False
+        return True, outcome, False
 
     def _client_is_trusted(self, tx, client, now):
         tx.execute(
@@ -5244,6 +5383,84 @@ class Stores(object):
         self._maintained = now
         for store in self._cache.items():
             store.checkpoint()
+
+
+class NewTriplets(object):
+    """How many triplets each client network added to the store in its
+    current hour, for max_new_triplets_per_network: a flood from one
+    network grows the store by at most that many rows an hour (per
+    process; with ``workers``, per worker).
+
+    A network's hour starts with the first triplet it adds.  At most
+    ``max_networks`` networks are kept (a few hundred octets each):
+    adding one more first drops those whose hour is over, then, if need
+    be, the one whose hour started first; a client that holds more
+    networks than that is not bounded per network anyway.  The time is
+    the decisions' ``now`` (tests drive it).  A bound is asked before the
+    store's decision and counted after it: decisions of one network in
+    flight at once (its sessions, max_connections_per_ip) may pass it by
+    as many."""
+
+    window = 3600
+    max_networks = 10000
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        # network -> [hour's start, triplets added, refusal logged], in
+        # the order the hours started.
+        self._networks = collections.OrderedDict()
+
+    def _current(self, network, now):
+        """The network's entry, if its hour is not over (with the lock)."""
+        entry = self._networks.get(network)
+        if entry is not None and not 0 <= now - entry[0] < self.window:
+            del self._networks[network]
+            entry = None
+        return entry
+
+    def allows(self, network, now, limit):
+        """True if ``network`` added fewer than ``limit`` triplets (0: no
+        limit) in its current hour."""
+        if not limit:
+            return True
+        with self._lock:
+            entry = self._current(network, now)
+            return entry is None or entry[1] < limit
+
+    def added(self, network, now):
+        """``network`` added a triplet at ``now``."""
+        with self._lock:
+            entry = self._current(network, now)
+            if entry is None:
+                networks = self._networks
+                while networks and (
+                        len(networks) >= self.max_networks
+                        or not 0 <= now - next(iter(networks.values()))[0]
+                        < self.window):
+                    networks.popitem(last=False)
+                entry = networks[network] = [now, 0, False]
+            entry[1] += 1
+
+    def refused(self, network, now, limit):
+        """A new triplet of ``network`` was deferred past ``limit``:
+        logged once per network and hour."""
+        with self._lock:
+            entry = self._current(network, now)
+            if entry is None or entry[2]:
+                return
+            entry[2] = True
+        log.warning("client network %s: %d new triplets within an hour "
+                    "(max_new_triplets_per_network); further new ones are "
+                    "deferred without a row until %s", log_escape(network),
+                    limit, time.strftime("%H:%M:%S", time.localtime(
+                        entry[0] + self.window)))
+
+    def __len__(self):
+        return len(self._networks)
+
+    def reset(self):
+        with self._lock:
+            self._networks.clear()
 
 
 class ListFiles(object):
@@ -5973,6 +6190,7 @@ def log_once(message):
 
 # The registries (module-level, each with its lock).
 stores = Stores()                   # GreylistStore per file and timings
+new_triplets = NewTriplets()        # per client network, for the store
 list_files = ListFiles()           # whitelist_clients, _recipients
 dns_lists = DNSLists()              # DNSBL and DNSWL answers
 tls_contexts = Cache()              # SSLContexts, of clients and upstream
@@ -6043,11 +6261,13 @@ upstream_pool = UpstreamPool()
 
 
 def reset_registries():
-    """Forget what the process shared: stores (closed), whitelist files,
+    """Forget what the process shared: stores (closed), the networks' new
+    triplets, whitelist files,
     TLS contexts, upstream capabilities, pooled upstream sessions
     (closed), errors logged.  For tests."""
-    for registry in (stores, list_files, dns_lists, tls_contexts,
-                     upstream_capabilities, upstream_pool, _logged):
+    for registry in (stores, new_triplets, list_files, dns_lists,
+                     tls_contexts, upstream_capabilities, upstream_pool,
+                     _logged):
         registry.reset()
 
 

@@ -6,6 +6,8 @@ Usage (by hand; Linux: it binds clients to 127.0.0.2 ... and reads /proc)::
 
     python3 contrib/hostile.py greylisted [--sessions 1500] [--parallel 20]
     python3 contrib/hostile.py slowloris [--clients 200] [--timeout 5]
+    python3 contrib/hostile.py rcptflood [--rcpts 5000] [--connections 1]
+                                         [-o KEY=VALUE ...]
 
 Each scenario starts smtpproxy.py from its command line (the default
 class, greylisting for example.org, a store in a temporary directory) in
@@ -21,6 +23,14 @@ slowloris   ``--clients`` clients each trickling one byte every
             while a normal client sends a message; every trickler must be
             dropped within ``timeout + 1`` seconds of its first byte, and
             the message must be delivered.
+rcptflood   ``--connections`` connections, one after the other, from
+            addresses of one /24 (127.0.0.2, .3, ...), each pipelining
+            ``--rcpts`` RCPTs to new recipients in one write; prints the
+            replies, the rows the store gained and its size (file + WAL).
+            ``-o`` sets a key of the proxy (max_errors=100000 shows the
+            session's bound alone).  The check: the store gained at most
+            ``--bound`` rows, and every connection was cut off (421) or,
+            with ``--no-cut``, was not.
 
 Exit status: 0 if the scenario's check passed, 1 otherwise.  Traffic goes
 to loopback addresses only; every loop is bounded.
@@ -277,6 +287,94 @@ def slowloris(arguments, directory):
     return ok
 
 
+def store_size(directory):
+    """(rows, octets of the file and its WAL) of the proxy's store."""
+    import sqlite3
+    path = os.path.join(directory, "g.db")
+    sizes = [os.path.getsize(name) for name in (path, path + "-wal")
+             if os.path.exists(name)]
+    if not sizes:
+        return 0, 0
+    connection = sqlite3.connect("file:%s?mode=ro" % path, uri=True,
+                                 timeout=30)
+    try:
+        rows = connection.execute("SELECT count(*) FROM triplets").fetchone()
+    except sqlite3.OperationalError:    # no table yet
+        rows = (0,)
+    finally:
+        connection.close()
+    return rows[0], sum(sizes)
+
+
+def flood_session(port, source, number, rcpts):
+    """One connection pipelining ``rcpts`` RCPTs to new recipients; the
+    codes of the RCPT replies it got, and whether it heard a 421."""
+    with socket.create_connection(("127.0.0.1", port), 60,
+                                  source_address=(source, 0)) as sock:
+        stream = sock.makefile("rb")
+        reply(stream)
+        sock.sendall(b"EHLO flood.example\r\n")
+        reply(stream)
+        sock.sendall(b"MAIL FROM:<flood@example.net>\r\n")
+        reply(stream)
+        lines = b"".join(b"RCPT TO:<n%d-%d@example.org>\r\n" % (number, n)
+                         for n in range(rcpts)) + b"QUIT\r\n"
+        codes = []
+
+        def read():
+            for _ in range(rcpts + 2):              # bounded
+                try:
+                    code = reply(stream)
+                except OSError:
+                    return
+                if code is None:
+                    return
+                codes.append(code)
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            sock.sendall(lines)
+        except OSError:
+            pass                                    # cut off: expected
+        reader.join(120)
+        return codes
+
+
+def rcptflood(arguments, directory):
+    sink = Sink()
+    options = []
+    for option in arguments.option:
+        options += ["-o", option]
+    proxy = Proxy(sink.port, directory, options)
+    rows_before, size_before = store_size(directory)
+    tally = {}
+    cut = 0
+    start = time.monotonic()
+    for number in range(arguments.connections):
+        codes = flood_session(proxy.port, "127.0.0.%d" % (2 + number % 200),
+                              number, arguments.rcpts)
+        cut += 421 in codes
+        for code in codes:
+            tally[code] = tally.get(code, 0) + 1
+    elapsed = time.monotonic() - start
+    time.sleep(1.5)             # the server's checkpoint
+    rows, size = store_size(directory)
+    proxy.stop()
+    print("rcptflood: %d connection(s) from one /24, %d pipelined RCPTs "
+          "each, in %.2f s; replies %s" % (arguments.connections,
+                                           arguments.rcpts, elapsed,
+                                           dict(sorted(tally.items()))))
+    print("connections cut off with 421: %d of %d"
+          % (cut, arguments.connections))
+    print("store: %d rows added (%d before); file + WAL %.1f MB (%.1f MB "
+          "before)" % (rows - rows_before, rows_before, size / 1e6,
+                       size_before / 1e6))
+    ok = rows - rows_before <= arguments.bound and \
+        cut == (0 if arguments.no_cut else arguments.connections)
+    print("PASS" if ok else "FAIL")
+    return ok
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="scenario")
@@ -286,13 +384,23 @@ def main():
     slow = commands.add_parser("slowloris")
     slow.add_argument("--clients", type=int, default=200)
     slow.add_argument("--timeout", type=int, default=5)
+    flood = commands.add_parser("rcptflood")
+    flood.add_argument("--rcpts", type=int, default=5000)
+    flood.add_argument("--connections", type=int, default=1)
+    flood.add_argument("--bound", type=int, default=1000,
+                       help="most rows the store may gain (the default "
+                            "max_new_triplets_per_network)")
+    flood.add_argument("--no-cut", action="store_true",
+                       help="the connections are not expected to be cut")
+    flood.add_argument("-o", dest="option", action="append", default=[],
+                       metavar="KEY=VALUE", help="a key of the proxy")
     arguments = parser.parse_args()
     if arguments.scenario is None:
-        parser.error("name a scenario: greylisted or slowloris")
+        parser.error("name a scenario: greylisted, slowloris or rcptflood")
     directory = tempfile.mkdtemp(prefix="smtpproxy-hostile-")
     try:
-        scenario = greylisted if arguments.scenario == "greylisted" \
-            else slowloris
+        scenario = {"greylisted": greylisted, "slowloris": slowloris,
+                    "rcptflood": rcptflood}[arguments.scenario]
         return 0 if scenario(arguments, directory) else 1
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -112,6 +112,36 @@ def test_an_auto_whitelisted_network_passes_at_once(engine):
         "accept", "auto-whitelist network:192.0.2.0/24")
 
 
+def test_resends_of_one_passed_triplet_never_trust_the_network(engine):
+    # The case: one triplet passed, then resent four times a
+    # minute apart (and once more an hour later); with the default five
+    # passes, the network is not trusted: only greylisting passes count,
+    # each triplet once.
+    grey = engine()
+    grey.decide("192.0.2.7", "a@example.net", "b@example.org", T0)
+    passed = T0 + 3600
+    for resend in (0, 60, 120, 180, 240, 3600):
+        assert grey.decide("192.0.2.7", "a@example.net", "b@example.org",
+                           passed + resend).accepted
+    assert verdict(grey.decide("192.0.2.8", "new@example.net",
+                               "c@example.org", passed + 3700)) == (
+        "defer", "network:192.0.2.0/24")
+
+
+def test_five_passes_within_a_second_count_as_one(engine):
+    grey = engine(auto_whitelist_clients=2)
+    senders = ["%s@example.net" % name for name in "abcde"]
+    for sender in senders:
+        grey.decide("192.0.2.7", sender, "b@example.org", T0)
+    for number, sender in enumerate(senders):
+        assert grey.decide("192.0.2.7", sender, "b@example.org",
+                           T0 + 3600 + number * 0.2).delay == \
+            pytest.approx(3600 + number * 0.2)
+    assert verdict(grey.decide("192.0.2.8", "new@example.net",
+                               "c@example.org", T0 + 3601)) == (
+        "defer", "network:192.0.2.0/24")
+
+
 @pytest.mark.parametrize("mode", ["accept", "defer"])
 def test_a_broken_store_decides_by_the_fail_mode(engine, tmp_path, mode):
     unusable = tmp_path / "a-directory"

@@ -162,7 +162,8 @@ def test_fifty_threads_decide_as_a_serial_run_would(store):
     assert errors == []
     assert sorted(results) == list(range(50))
     # First tries all deferred; the 25 retries all passed, 5 of them
-    # after waiting, 20 as passed triplets; no pass lost or doubled.
+    # after waiting, 20 as passed triplets; no pass lost or doubled.  The
+    # client's five greylisting passes, at one time, count once.
     assert [results[n][0] for n in range(25)] == [False] * 25
     assert [results[n][0] for n in range(25, 50)] == [True] * 25
     assert sorted(delay for accepted, delay in results.values()
@@ -170,7 +171,7 @@ def test_fifty_threads_decide_as_a_serial_run_would(store):
     assert [row[3] for row in rows(store)] == [5] * 5
     assert store.stats() == {"GREY": 0, "WHITE": 5, "CLIENT": 1}
     assert [entry[4] for entry in store.entries()
-            if entry[0] == "CLIENT"] == [25]
+            if entry[0] == "CLIENT"] == [1]
 
 
 def test_another_process_sees_the_passes(make):
@@ -192,29 +193,86 @@ def test_another_process_sees_the_passes(make):
     assert [row[0] for row in rows(store)] == ["k", "other"]
 
 
+HOUR = 3600      # client_pass_interval
+
+
 def passes(store, client, times, start=T0):
+    """``times`` greylisting passes of new triplets of ``client``, an hour
+    apart (a client's count grows at most once an hour), the first
+    seen at ``start``; the time of the last pass."""
     for number in range(times):
-        key = "%s s%d r" % (client, number)
-        store.decide(key, start, client=client)
-        assert store.decide(key, start + MIN_DEFER, client=client) is True
+        first = start + number * HOUR
+        key = "%s s%d r" % (client, first)
+        store.decide(key, first, client=client)
+        assert store.decide(key, first + MIN_DEFER, client=client) is True
+    return first + MIN_DEFER
 
 
 def test_client_trusted_after_auto_whitelist_clients_passes(store):
-    passes(store, "192.0.2.0/24", 4)
-    assert store.client_is_trusted("192.0.2.0/24", T0 + MIN_DEFER) is False
-    passes(store, "192.0.2.0/24", 1, start=T0 + 10)
-    assert store.client_is_trusted("192.0.2.0/24", T0 + MIN_DEFER + 20)
-    assert not store.client_is_trusted("198.51.100.0/24", T0 + MIN_DEFER)
+    last = passes(store, "192.0.2.0/24", 4)
+    assert store.client_is_trusted("192.0.2.0/24", last) is False
+    last = passes(store, "192.0.2.0/24", 1, start=last)
+    assert store.client_is_trusted("192.0.2.0/24", last + 10)
+    assert not store.client_is_trusted("198.51.100.0/24", last)
     # Unseen for max_grey: no longer trusted.
     assert not store.client_is_trusted("192.0.2.0/24",
-                                       T0 + 2 * MIN_DEFER + 20 + MAX_GREY)
+                                       last + 20 + MAX_GREY)
 
 
 def test_being_trusted_counts_as_being_seen(store):
-    passes(store, "192.0.2.0/24", 5)
-    later = T0 + MIN_DEFER + MAX_GREY - 10
+    later = passes(store, "192.0.2.0/24", 5) + MAX_GREY - 10
     assert store.client_is_trusted("192.0.2.0/24", later)
     assert store.client_is_trusted("192.0.2.0/24", later + MAX_GREY - 10)
+
+
+def client_passes(store, client):
+    return [entry[4] for entry in store.entries()
+            if entry[0] == "CLIENT" and entry[1] == client]
+
+
+def test_resends_of_a_passed_triplet_do_not_count_towards_the_client(store):
+    # The issue's case: one triplet passes, then is resent four times a
+    # minute apart, then four times an hour apart: one pass, not five.
+    key = "192.0.2.0/24 a@example.net b@example.org"
+    store.decide(key, T0, client="192.0.2.0/24")
+    now = T0 + MIN_DEFER
+    assert store.decide(key, now, client="192.0.2.0/24") is True
+    for resend in [60, 120, 180, 240, 2 * HOUR, 3 * HOUR, 4 * HOUR,
+                   5 * HOUR]:
+        assert store.decide(key, now + resend, client="192.0.2.0/24")
+    assert client_passes(store, "192.0.2.0/24") == [1]
+    assert not store.client_is_trusted("192.0.2.0/24", now + 5 * HOUR)
+
+
+def test_a_clients_passes_count_at_most_once_an_hour(store):
+    # Five triplets that waited and came back within a second: one pass;
+    # the next greylisting pass an hour after the first counts again.
+    for number in range(5):
+        store.decide("net s%d r" % number, T0 + number * 0.2, client="net")
+    for number in range(5):
+        assert store.decide("net s%d r" % number, T0 + MIN_DEFER
+                            + number * 0.2, client="net") is True
+    assert client_passes(store, "net") == [1]
+    store.decide("net late r", T0 + 10, client="net")
+    assert store.decide("net late r", T0 + MIN_DEFER + HOUR - 1,
+                        client="net") is True
+    assert client_passes(store, "net") == [1]
+    store.decide("net later r", T0 + 20, client="net")
+    assert store.decide("net later r", T0 + MIN_DEFER + HOUR,
+                        client="net") is True
+    assert client_passes(store, "net") == [2]
+
+
+def test_a_new_triplet_is_not_added_when_the_decision_may_not_add(store):
+    assert store.step("new", T0, add=False) == (False, None, True)
+    assert rows(store) == []
+    assert store.step("known", T0) == (False, None, True)
+    # A known triplet is decided as ever, whether or not one may add.
+    assert store.step("known", T0 + MIN_DEFER, add=False) == (
+        True, MIN_DEFER, False)
+    assert store.step("known", T0 + MIN_DEFER + 1, add=False) == (
+        True, None, False)
+    assert [row[0] for row in rows(store)] == ["known"]
 
 
 def test_auto_whitelist_off(make):
@@ -296,13 +354,12 @@ def test_a_triplet_deleted_elsewhere_is_greylisted_after_the_cache_time(
 def test_a_trusted_client_is_kept_in_memory_for_the_cache_time(make):
     store = make(greylist_cache_time=60)
     admin = make()
-    passes(store, "192.0.2.0/24", 5)
-    now = T0 + MIN_DEFER + 10
+    now = passes(store, "192.0.2.0/24", 5) + 10
     assert store.client_is_trusted("192.0.2.0/24", now)
     assert admin.delete("192.0.2.0/24") is True
     assert store.client_is_trusted("192.0.2.0/24", now + 59)
     assert not store.client_is_trusted("192.0.2.0/24", now + 60)
-    passes(store, "198.51.100.0/24", 5)
+    passes(store, "198.51.100.0/24", 5, start=now - MIN_DEFER - 4 * HOUR)
     assert store.client_is_trusted("198.51.100.0/24", now)
     assert store.delete("198.51.100.0/24") is True
     assert not store.client_is_trusted("198.51.100.0/24", now + 1)
