@@ -6490,9 +6490,11 @@ def _shared_directory(directory):
             info = os.lstat(current)
             continue
         entry = os.lstat(os.path.join(current, part))
-        if changeable(info) and not (info.st_mode & stat.S_ISVTX
-                                     and entry.st_uid == 0):
-            return current
+        if changeable(info):
+            if not info.st_mode & stat.S_ISVTX:
+                return current
+            if entry.st_uid != 0:       # its owner may replace it
+                return os.path.join(current, part)
         if stat.S_ISLNK(entry.st_mode):
             links += 1
             if links > 40:
