@@ -7069,11 +7069,13 @@ def check_store(handler_class, create=True):
     # Files of the store that are there but not the user's (made by root:
     # an earlier version, an admin command) would fail every decision.
     for name in (path, path + "-wal", path + "-shm"):
+        if not os.path.lexists(name):       # (or out of the user's reach)
+            continue
         try:
             os.close(os.open(name, os.O_RDWR | os.O_NONBLOCK
                              | os.O_CLOEXEC))
         except FileNotFoundError:
-            pass
+            pass                # a dangling link: sqlite makes it, as the user
         except PermissionError:
             if os.path.islink(name):
                 raise StartError("greylisting store %s: %s is a symbolic "
