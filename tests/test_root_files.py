@@ -141,11 +141,11 @@ def test_a_store_file_linked_to_a_root_file_leaves_it_as_it_was(
         started, user_dir, root_dir, victim, nobody, name):
     plant(os.path.join(user_dir, name), victim, nobody)
     result = started.start(user_dir, root_dir)
+    assert_untouched(victim)
     assert result.returncode == 1, result.stderr
     assert ("greylisting store %s/grey.db: %s/%s is a symbolic link to a "
             "file user nobody cannot write: remove the link"
             % (user_dir, user_dir, name)) in result.stderr
-    assert_untouched(victim)
 
 
 def test_a_store_root_made_is_refused_with_what_to_run(
@@ -203,17 +203,17 @@ def test_a_log_linked_into_roots_directory_is_refused(
                                                             "x.sh")
     link = os.path.join(user_dir, "link.log")
     plant(link, goal, nobody)
-    for command in (["--check-config"], []):
+    for command in ([], ["--check-config"]):
         result = started.start(user_dir, root_dir, "--debug",
                                "-o", "%s=%s" % (key, link), *command)
+        if target == "existing":
+            assert_untouched(victim)
+        else:
+            assert not os.path.lexists(goal)
         assert result.returncode == 2, result.stderr
         assert ("%s %s is a symbolic link: started as root, smtpproxy opens "
                 "no link (another user may have planted it): name the file "
                 "itself" % (key, link)) in result.stderr
-    if target == "existing":
-        assert_untouched(victim)
-    else:
-        assert not os.path.lexists(goal)
     assert not os.path.exists(os.path.join(root_dir, "p.pid"))
 
 
@@ -234,14 +234,14 @@ def test_a_log_the_user_could_not_open_is_refused(
     # protected_hardlinks would not even let it make).
     log = os.path.join(user_dir, "service.log")
     os.link(victim, log)
-    for command in (["--check-config"], []):
+    for command in ([], ["--check-config"]):
         result = started.start(user_dir, root_dir, *command)
+        assert_untouched(victim)
         assert result.returncode == 2, result.stderr
         assert ("cannot open log_file %s as nobody (other users than root "
                 "can change %s, so it is opened as the serving user): "
                 "Permission denied: chown nobody %s"
                 % (log, user_dir, log)) in result.stderr
-    assert_untouched(victim)
 
 
 def test_a_failed_first_start_leaves_no_root_log_behind(
@@ -272,18 +272,18 @@ def test_a_failed_first_start_leaves_no_root_log_behind(
 def test_a_pidfile_link_is_refused(started, user_dir, root_dir, victim):
     pidfile = os.path.join(root_dir, "p.pid")
     os.symlink(victim, pidfile)
-    for command in (["--check-config"], []):
+    for command in ([], ["--check-config"]):
         result = started.start(user_dir, root_dir, *command)
+        assert_untouched(victim)
+        assert os.path.islink(pidfile)
         assert result.returncode == 2, result.stderr
         assert "pidfile %s is a symbolic link" % pidfile in result.stderr
-    assert_untouched(victim)
-    assert os.path.islink(pidfile)
 
 
 def test_a_pidfile_in_a_directory_the_user_can_write_is_refused(
         started, user_dir, root_dir):
     pidfile = os.path.join(user_dir, "p.pid")
-    for command in (["--check-config"], []):
+    for command in ([], ["--check-config"]):
         result = started.start(user_dir, root_dir, *command,
                                pidfile=pidfile)
         assert result.returncode == 2, result.stderr
@@ -331,13 +331,13 @@ def test_db_pass_as_root_on_a_dangling_store_link_creates_nothing(
     if user:
         args = ["--user", user] + args
     result = run(args, cwd=root_dir)
+    for name in ("made.db", "made.db-wal", "made.db-shm"):
+        assert not os.path.lexists(os.path.join(root_dir, name))
     assert result.returncode != 0
     if not user:
         assert ("greylisting store %s/grey.db: %s can be changed by a user "
                 "other than root, whose links root would follow: set user"
                 % (user_dir, user_dir)) in result.stderr
-    for name in ("made.db", "made.db-wal", "made.db-shm"):
-        assert not os.path.lexists(os.path.join(root_dir, name))
 
 
 def test_db_commands_as_root_work_as_the_serving_user(user_dir, root_dir,
