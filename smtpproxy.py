@@ -78,11 +78,13 @@ one where there is none.
         Print this message and exit.
 
 As a service: the pidfile is locked first (a running instance makes the
-start fail; a stale pidfile is replaced), then the logs are opened and the
-port bound, as root if port 25 needs it; then the process detaches
-(--daemon), writes its pid, switches to ``user`` and ``group`` (serving as
-root is refused unless run_as_root is set) and checks that it can use
-the greylisting store.  Signals:
+start fail; a stale pidfile is replaced), then the logs are opened (never
+through a link; in a directory another user can write, as the serving
+user) and the port bound, as root if port 25 needs it; then the process
+detaches (--daemon), writes its pid, switches to ``user`` and ``group``
+(serving as root is refused unless run_as_root is set) and checks, as that
+user, that it can use the greylisting store (made 0640 the first time).
+Signals:
 
     SIGTERM, SIGINT  Stop: the port closes at once, sessions without a
                      transaction get 421 4.3.2, open transactions get
@@ -779,7 +781,8 @@ KEYS = [
         default="0660", restart=True),
     Key("policy_socket_group", _string, POLICY,
         "group of the policy service's UNIX socket (postfix, for "
-        "Postfix's smtpd); its owner is the serving user", owner="service",
+        "Postfix's smtpd); its owner is the user that starts the service "
+        "(root)", owner="service",
         default="", shown="the user's own", restart=True),
     Key("smtp_proxy", _boolean, POLICY,
         "serve SMTP on listen_ip and port; no: run the policy service "
@@ -826,7 +829,8 @@ KEYS = [
         "seconds a stopping server lets open transactions finish before "
         "421 4.3.2", owner="server", option=True),
     Key("pidfile", _string, SERVICE,
-        "file holding the process id, locked while it runs; empty: none",
+        "file holding the process id, locked while it runs; empty: none. "
+        "Started as root: in a directory only root can write (/run)",
         owner="service", default="", path=True, restart=True, option=True),
     Key("user", _string, SERVICE,
         "user to serve as once the port is bound as root; it must be able "
