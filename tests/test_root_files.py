@@ -372,3 +372,31 @@ def test_check_config_refuses_a_store_link_and_changes_nothing(
     # Nothing was made: no log, no pidfile.
     assert sorted(os.listdir(user_dir)) == ["grey.db"]
     assert os.listdir(root_dir) == ["shadow"]
+
+
+# -- the policy service's socket ---------------------------------------------------
+
+@pytest.mark.parametrize("setgid", [False, True])
+def test_the_policy_socket_is_made_with_its_mode_and_group(
+        started, user_dir, root_dir, setgid):
+    import grp
+    # A set-group-ID directory gives its group to what is made in it,
+    # whatever the effective group: then the group is changed on the
+    # name (never through a link).
+    sockets = os.path.join(root_dir, "sockets")
+    os.mkdir(sockets)
+    if setgid:
+        os.chown(sockets, 0, grp.getgrnam("daemon").gr_gid)
+        os.chmod(sockets, 0o2755)
+    path = os.path.join(sockets, "policy")
+    result = started.start(user_dir, root_dir, "-o", "smtp_proxy=no",
+                           "-o", "policy_listen=unix:%s" % path,
+                           "-o", "policy_socket_mode=0620",
+                           "-o", "policy_socket_group=nogroup")
+    assert result.returncode == 0, result.stderr
+    info = os.lstat(path)
+    assert stat.S_ISSOCK(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o620
+    assert info.st_gid == grp.getgrnam("nogroup").gr_gid
+    assert info.st_uid == 0                 # made by root's bind()
+    started.stop()
