@@ -6540,6 +6540,20 @@ def _effective_user(identity):
         os.setgroups(groups)
 
 
+def _hand_over(user, *paths):
+    """What to do, for an error message, so that ``user`` may write
+    ``paths``: a chown, unless one has other names (a hard link: a chown
+    would give away the file elsewhere too)."""
+    for path in paths:
+        try:
+            if os.lstat(path).st_nlink > 1:
+                return ("%s has other names (hard links), and a chown would "
+                        "give them away too: remove it" % path)
+        except OSError:
+            pass
+    return "give it to %s: chown %s %s" % (user, user, " ".join(paths))
+
+
 def open_service_file(key, path, identity=None, create=True):
     """Open the pidfile or a log (``key`` names which, ``path`` where) at
     the start: the pidfile read-only, a log for appending; return the
@@ -6600,9 +6614,9 @@ def open_service_file(key, path, identity=None, create=True):
                 raise StartError(
                     "cannot open %s %s as %s (other users than root can "
                     "change %s, so it is opened as the serving user): %s: "
-                    "chown %s %s, or name a file in a directory only root "
-                    "can write" % (key, path, opener[2], shared,
-                                   error.strerror, opener[2], path), 2)
+                    "%s, or name a file in a directory only root can write"
+                    % (key, path, opener[2], shared, error.strerror,
+                       _hand_over(opener[2], path)), 2)
             raise StartError("cannot open %s %s: %s"
                              % (key, path, error.strerror), 2)
 
@@ -7086,9 +7100,8 @@ def check_store(handler_class, create=True):
                                  "link to a file user %s cannot write: "
                                  "remove the link" % (path, name, user))
             raise StartError("greylisting store %s: user %s cannot write "
-                             "%s: give the store's files to it: chown %s "
-                             "%s %s-wal %s-shm" % (path, user, name, user,
-                                                   path, path, path))
+                             "%s: %s" % (path, user, name, _hand_over(
+                                 user, path, path + "-wal", path + "-shm")))
         except OSError as error:
             raise StartError("greylisting store %s: %s: %s"
                              % (path, name, error.strerror))

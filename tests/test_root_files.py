@@ -156,8 +156,8 @@ def test_a_store_root_made_is_refused_with_what_to_run(
     result = started.start(user_dir, root_dir)
     assert result.returncode == 1
     store = os.path.join(user_dir, "grey.db")
-    assert ("greylisting store {0}: user nobody cannot write {0}: give the "
-            "store's files to it: chown nobody {0} {0}-wal {0}-shm"
+    assert ("greylisting store {0}: user nobody cannot write {0}: give it "
+            "to nobody: chown nobody {0} {0}-wal {0}-shm"
             .format(store)) in result.stderr
     assert os.stat(store).st_uid == 0       # not given away by the start
     assert not os.path.exists(os.path.join(root_dir, "p.pid"))
@@ -230,8 +230,9 @@ def test_a_log_link_in_roots_own_directory_is_refused_too(
 def test_a_log_the_user_could_not_open_is_refused(
         started, user_dir, root_dir, victim):
     # In the user's directory, a log is opened as the user: the kernel
-    # says what it may open (here a hard link to root's file, which
-    # protected_hardlinks would not even let it make).
+    # says what it may open.  A hard link to root's file (which
+    # protected_hardlinks would not even let the user make): the message
+    # says to remove it, not to chown it (which would give root's away).
     log = os.path.join(user_dir, "service.log")
     os.link(victim, log)
     for command in ([], ["--check-config"]):
@@ -240,8 +241,17 @@ def test_a_log_the_user_could_not_open_is_refused(
         assert result.returncode == 2, result.stderr
         assert ("cannot open log_file %s as nobody (other users than root "
                 "can change %s, so it is opened as the serving user): "
-                "Permission denied: chown nobody %s"
+                "Permission denied: %s has other names (hard links), and a "
+                "chown would give them away too: remove it"
                 % (log, user_dir, log)) in result.stderr
+    # Root's own file, left by an earlier version: chown it.
+    os.unlink(log)
+    open(log, "w").close()
+    result = started.start(user_dir, root_dir, "--check-config")
+    assert result.returncode == 2
+    assert ("Permission denied: give it to nobody: chown nobody %s, or name "
+            "a file in a directory only root can write" % log) \
+        in result.stderr
 
 
 def test_a_failed_first_start_leaves_no_root_log_behind(
