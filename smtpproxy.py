@@ -6480,8 +6480,9 @@ def _shared_directory(directory):
     def changeable(info):
         return info.st_uid != 0 or info.st_mode & (stat.S_IWGRP
                                                     | stat.S_IWOTH)
-    pending = [part for part in reversed(os.path.abspath(directory)
-                                         .split("/")) if part]
+    # Not abspath(): ".." after a link is the link's target's parent.
+    pending = [part for part in reversed(os.path.join(
+        os.getcwd(), directory).split("/")) if part]
     current, info, links = "/", os.lstat("/"), 0
     if changeable(info):
         return current
@@ -6589,7 +6590,7 @@ def open_service_file(key, path, identity=None, create=True):
             raise StartError("%s %s: %s is not writable by %s" % (
                 key, path, target, _user_name(os.geteuid())), 2)
         return None
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = os.path.dirname(os.path.join(os.getcwd(), path))
     try:
         shared = _shared_directory(directory)
     except OSError as error:
@@ -6641,8 +6642,9 @@ def _open_nofollow(key, path, flags, mode, create, owner, shared):
             if create:
                 raise
             # --check-config: can it be made there?
-            if not os.access(os.path.dirname(os.path.abspath(path)),
-                             os.W_OK | os.X_OK, effective_ids=True):
+            directory = os.path.dirname(os.path.join(os.getcwd(), path))
+            if not os.access(directory, os.W_OK | os.X_OK,
+                             effective_ids=True):
                 raise PermissionError(errno.EACCES,
                                       os.strerror(errno.EACCES), path)
             return None
@@ -7134,7 +7136,7 @@ def check_root_store(path):
     its names lead.  StartError otherwise."""
     if os.geteuid() != 0:
         return
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = os.path.dirname(os.path.join(os.getcwd(), path))
     try:
         shared = _shared_directory(directory)
     except OSError as error:

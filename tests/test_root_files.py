@@ -21,6 +21,7 @@ import tempfile
 import pytest
 
 from conftest import HERE, ROOT, free_port, rcpt_code, read, wait_until
+import smtpproxy
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="what root does: needs root")
@@ -134,7 +135,39 @@ def started():
     started.kill()
 
 
-# -- the store -----------------------------------------------------------------
+# -- who may change a directory -----------------------------------------------
+
+def test_shared_directory_names_the_first_one_another_user_can_change(
+        user_dir, root_dir, nobody, tmp_path):
+    shared = smtpproxy._shared_directory
+    assert shared(root_dir) is None
+    # pytest's base is in /tmp (sticky, everyone's), and root's.
+    assert shared(str(tmp_path)) is None
+    assert shared("/tmp") == "/tmp"         # anyone may make a name there
+    assert shared(user_dir) == user_dir     # the user's, in sticky /tmp
+    inner = os.path.join(root_dir, "inner")
+    os.mkdir(inner)
+    os.chmod(inner, 0o775)                  # its group may write
+    assert shared(os.path.join(inner, ".")) == inner
+    os.chmod(inner, 0o755)
+    assert shared(inner) is None
+    # A link is followed, and judged as its directory: root's link, in
+    # root's directory, to the user's directory; and a link of the user's.
+    os.symlink(user_dir, os.path.join(root_dir, "to-user"))
+    assert shared(os.path.join(root_dir, "to-user")) == user_dir
+    os.symlink(inner, os.path.join(root_dir, "to-inner"))
+    assert shared(os.path.join(root_dir, "to-inner")) is None
+    os.mkdir(os.path.join(user_dir, "sub"))
+    plant(os.path.join(user_dir, "sub", "back"), inner, nobody)
+    assert shared(os.path.join(user_dir, "sub", "back")) == user_dir
+    # ".." goes back from where a link led, as the kernel does.
+    assert shared(os.path.join(root_dir, "to-user", "..")) == user_dir
+    os.symlink(os.path.join(user_dir, "sub"), os.path.join(inner, "to-sub"))
+    assert shared(os.path.join(inner, "to-sub", "..", "..")) == user_dir
+    assert shared(os.path.join(root_dir, "to-inner", "..")) is None
+
+
+# -- the store ----------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["grey.db", "grey.db-wal", "grey.db-shm"])
 def test_a_store_file_linked_to_a_root_file_leaves_it_as_it_was(
@@ -190,7 +223,7 @@ def test_files_are_created_0640_and_the_serving_users(
     started.stop()
 
 
-# -- logs ------------------------------------------------------------------------
+# -- logs ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("key", ["greylist_log", "log_file",
                                  "greylist_debuglog"])
@@ -277,7 +310,7 @@ def test_a_failed_first_start_leaves_no_root_log_behind(
     started.stop()
 
 
-# -- the pidfile -----------------------------------------------------------------
+# -- the pidfile --------------------------------------------------------------
 
 def test_a_pidfile_link_is_refused(started, user_dir, root_dir, victim):
     pidfile = os.path.join(root_dir, "p.pid")
@@ -329,7 +362,7 @@ def test_the_service_holds_its_pidfile_read_only(started, user_dir,
     started.stop()
 
 
-# -- the admin commands ------------------------------------------------------------
+# -- the admin commands -------------------------------------------------------
 
 @pytest.mark.parametrize("user", ["nobody", None])
 def test_db_pass_as_root_on_a_dangling_store_link_creates_nothing(
@@ -369,7 +402,7 @@ def test_db_commands_as_root_work_as_the_serving_user(user_dir, root_dir,
     assert "192.0.2.0/24 a@example.net b@example.org" in result.stdout
 
 
-# -- --check-config --------------------------------------------------------------
+# -- --check-config -----------------------------------------------------------
 
 def test_check_config_refuses_a_store_link_and_changes_nothing(
         started, user_dir, root_dir, victim, nobody):
@@ -384,7 +417,7 @@ def test_check_config_refuses_a_store_link_and_changes_nothing(
     assert os.listdir(root_dir) == ["shadow"]
 
 
-# -- the policy service's socket ---------------------------------------------------
+# -- the policy service's socket ----------------------------------------------
 
 @pytest.mark.parametrize("setgid", [False, True])
 def test_the_policy_socket_is_made_with_its_mode_and_group(
