@@ -196,6 +196,23 @@ def test_a_store_root_made_is_refused_with_what_to_run(
     assert not os.path.exists(os.path.join(root_dir, "p.pid"))
 
 
+def test_serving_as_root_refuses_a_store_another_user_can_reach(
+        started, user_dir, root_dir, nobody):
+    # run_as_root: root itself opens the store, and sqlite follows links:
+    # only in a directory no other user can change.
+    goal = os.path.join(root_dir, "made.db")
+    plant(os.path.join(user_dir, "grey.db"), goal, nobody)
+    started.pidfiles.append(os.path.join(root_dir, "p.pid"))
+    result = run(["--daemon", "--listen", "127.0.0.1:%d" % free_port(),
+                  "--pidfile", started.pidfiles[-1],
+                  "-o", "run_as_root=yes", "-o", "greylist_log=",
+                  "-o", "greylist_db=%s/grey.db" % user_dir], cwd=root_dir)
+    assert not os.path.lexists(goal)
+    assert result.returncode == 2
+    assert ("greylisting store %s/grey.db: %s can be changed by a user "
+            "other than root" % (user_dir, user_dir)) in result.stderr
+
+
 def test_files_are_created_0640_and_the_serving_users(
         started, user_dir, root_dir, nobody, upstream):
     # The service's log in root's directory (root makes it and gives it to
