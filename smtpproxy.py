@@ -78,11 +78,13 @@ one where there is none.
         Print this message and exit.
 
 As a service: the pidfile is locked first (a running instance makes the
-start fail; a stale pidfile is replaced), then the logs are opened and the
-port bound, as root if port 25 needs it; then the process detaches
-(--daemon), writes its pid, switches to ``user`` and ``group`` (serving as
-root is refused unless run_as_root is set) and checks that it can use
-the greylisting store.  Signals:
+start fail; a stale pidfile is replaced), then the logs are opened (never
+through a link; in a directory another user can write, as the serving
+user) and the port bound, as root if port 25 needs it; then the process
+detaches (--daemon), writes its pid, switches to ``user`` and ``group``
+(serving as root is refused unless run_as_root is set) and checks, as that
+user, that it can use the greylisting store (made 0640 the first time).
+Signals:
 
     SIGTERM, SIGINT  Stop: the port closes at once, sessions without a
                      transaction get 421 4.3.2, open transactions get
@@ -212,6 +214,7 @@ upstream could read as an end of data.
 
 import argparse
 import collections
+import contextlib
 import errno
 import fcntl
 import functools
@@ -838,7 +841,8 @@ KEYS = [
         default="0660", restart=True),
     Key("policy_socket_group", _string, POLICY,
         "group of the policy service's UNIX socket (postfix, for "
-        "Postfix's smtpd); its owner is the serving user", owner="service",
+        "Postfix's smtpd); its owner is the user that starts the service "
+        "(root)", owner="service",
         default="", shown="the user's own", restart=True),
     Key("smtp_proxy", _boolean, POLICY,
         "serve SMTP on listen_ip and port; no: run the policy service "
@@ -885,7 +889,8 @@ KEYS = [
         "seconds a stopping server lets open transactions finish before "
         "421 4.3.2", owner="server", option=True),
     Key("pidfile", _string, SERVICE,
-        "file holding the process id, locked while it runs; empty: none",
+        "file holding the process id, locked while it runs; empty: none. "
+        "Started as root: in a directory only root can write (/run)",
         owner="service", default="", path=True, restart=True, option=True),
     Key("user", _string, SERVICE,
         "user to serve as once the port is bound as root; it must be able "
@@ -4456,6 +4461,16 @@ class GreylistStore(object):
         """The connection, opened (and the tables made) if need be; with
         ``_lock`` held."""
         if self._db is None:
+            if self.path not in ("", ":memory:"):
+                # Made here, not by sqlite (0644): who reads it reads every
+                # sender and recipient.  sqlite gives its -wal and -shm
+                # files the mode of this one.  Never through a link.
+                try:
+                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT
+                                     | os.O_EXCL | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC, 0o640))
+                except OSError:
+                    pass            # there already, or sqlite says why
             connection = sqlite3.connect(
                 self.path, timeout=self.busy_timeout, isolation_level=None,
                 check_same_thread=False)
@@ -7149,7 +7164,225 @@ def _syslog_handler(values):
     return handler
 
 
-def configure_logging(values, created=None, keep_failed=False):
+def _shared_directory(directory):
+    """The first directory on the way to ``directory`` that a user other
+    than root could change, or None if only root can: every directory
+    passed, and every symbolic link followed on the way, is root's, and
+    no directory is writable by its group or others, but for a sticky
+    one (such as /tmp) whose entry on the way is root's, which nobody
+    else may rename or remove.  ``directory`` itself must not be
+    writable by others even with the sticky bit: they could make the
+    name first.  OSError if the way is broken."""
+    def changeable(info):
+        return info.st_uid != 0 or info.st_mode & (stat.S_IWGRP
+                                                    | stat.S_IWOTH)
+    # Not abspath(): ".." after a link is the link's target's parent.
+    pending = [part for part in reversed(os.path.join(
+        os.getcwd(), directory).split("/")) if part]
+    current, info, links = "/", os.lstat("/"), 0
+    if changeable(info):
+        return current
+    while pending:
+        part = pending.pop()
+        if part == ".":
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            info = os.lstat(current)
+            continue
+        entry = os.lstat(os.path.join(current, part))
+        if changeable(info):
+            if not info.st_mode & stat.S_ISVTX:
+                return current
+            if entry.st_uid != 0:       # its owner may replace it
+                return os.path.join(current, part)
+        if stat.S_ISLNK(entry.st_mode):
+            links += 1
+            if links > 40:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP),
+                              directory)
+            target = os.readlink(os.path.join(current, part))
+            if target.startswith("/"):
+                current, info = "/", os.lstat("/")
+            pending.extend(part for part in reversed(target.split("/"))
+                           if part)
+            continue
+        if not stat.S_ISDIR(entry.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR,
+                                     os.strerror(errno.ENOTDIR), directory)
+        current, info = os.path.join(current, part), entry
+        if entry.st_uid != 0:
+            return current
+    return current if changeable(info) else None
+
+
+@contextlib.contextmanager
+def _effective_user(identity):
+    """Within it, the effective ids and groups are ``identity``'s (uid,
+    gid, name), so that the kernel checks what is opened as that user
+    would be checked; root again after.  Nothing with None."""
+    if identity is None:
+        yield
+        return
+    uid, gid, name = identity
+    groups, egid = os.getgroups(), os.getegid()
+    os.setgroups(os.getgrouplist(name, gid))
+    os.setegid(gid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(egid)
+        os.setgroups(groups)
+
+
+def _hand_over(user, *paths):
+    """What to do, for an error message, so that ``user`` may write
+    ``paths``: a chown, unless one has other names (a hard link: a chown
+    would give away the file elsewhere too)."""
+    for path in paths:
+        try:
+            if os.lstat(path).st_nlink > 1:
+                return ("%s has other names (hard links), and a chown would "
+                        "give them away too: remove it" % path)
+        except OSError:
+            pass
+    return "give it to %s: chown %s %s" % (user, user, " ".join(paths))
+
+
+def open_service_file(key, path, identity=None, create=True):
+    """Open the pidfile or a log (``key`` names which, ``path`` where) at
+    the start: the pidfile read-only, a log for appending; return the
+    descriptor.  Without ``create`` (--check-config) nothing is made or
+    kept open: the same refusals, and None.  Raise StartError.
+
+    Started as root, nothing is opened through a link that another user
+    could have planted.  A symbolic link as the file is refused, and so is
+    anything but a regular file.  In a directory only root can change
+    (see _shared_directory) root opens the file; one this run creates is
+    made 0640 (the pidfile 0644) and, a log, given to ``identity`` (the
+    serving user: uid, gid, name) through its descriptor, so that the user
+    can reopen it after a rotation; nothing that was there is given away.
+    In a directory another user can change, a log is opened as the
+    serving user (the kernel checks what that user may do), and the
+    pidfile is refused: the root init script signals the pid it reads.
+    Not started as root, the file is opened as it is named.
+    """
+    pidfile = key == "pidfile"
+    flags = os.O_CLOEXEC | (os.O_RDONLY if pidfile
+                            else os.O_WRONLY | os.O_APPEND)
+    mode = 0o644 if pidfile else 0o640
+    if os.geteuid() != 0:
+        if create:
+            try:
+                return os.open(path, flags | os.O_CREAT, mode)
+            except OSError as error:
+                raise StartError("cannot open %s %s: %s"
+                                 % (key, path, error.strerror), 2)
+        target = path if os.path.exists(path) else (
+            os.path.dirname(os.path.abspath(path)))
+        if not os.access(target, os.W_OK):
+            raise StartError("%s %s: %s is not writable by %s" % (
+                key, path, target, _user_name(os.geteuid())), 2)
+        return None
+    directory = os.path.dirname(os.path.join(os.getcwd(), path))
+    try:
+        shared = _shared_directory(directory)
+    except OSError as error:
+        raise StartError("cannot open %s %s: %s: %s" % (
+            key, path, error.filename or directory, error.strerror), 2)
+    opener = None
+    if shared is not None:
+        if pidfile:
+            raise StartError(
+                "pidfile %s: %s can be changed by a user other than root, "
+                "who could make the pid one the init script signals: put "
+                "the pidfile in a directory only root can write, such as "
+                "/run" % (path, shared), 2)
+        opener = identity
+    with _effective_user(opener):
+        try:
+            return _open_nofollow(key, path, flags, mode, create,
+                                  None if opener or pidfile else identity,
+                                  shared is not None and opener is None)
+        except OSError as error:
+            if opener and error.errno in (errno.EACCES, errno.EPERM):
+                raise StartError(
+                    "cannot open %s %s as %s (other users than root can "
+                    "change %s, so it is opened as the serving user): %s: "
+                    "%s, or name a file in a directory only root can write"
+                    % (key, path, opener[2], shared, error.strerror,
+                       _hand_over(opener[2], path)), 2)
+            raise StartError("cannot open %s %s: %s"
+                             % (key, path, error.strerror), 2)
+
+
+def _open_nofollow(key, path, flags, mode, create, owner, shared):
+    """open_service_file()'s opening, as whoever is effective: create the
+    file (given to ``owner`` if so) or open the one there, never through a
+    link; with ``shared`` (root, in a directory another user can write),
+    a file with other names (hard links) is refused as well."""
+    created = False
+    if create:
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL
+                         | os.O_NOFOLLOW, mode)
+            created = True
+        except FileExistsError:
+            pass
+    if not created:
+        try:
+            fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            if create:
+                raise
+            # --check-config: can it be made there?
+            directory = os.path.dirname(os.path.join(os.getcwd(), path))
+            if not os.access(directory, os.W_OK | os.X_OK,
+                             effective_ids=True):
+                raise PermissionError(errno.EACCES,
+                                      os.strerror(errno.EACCES), path)
+            return None
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise StartError(
+                    "%s %s is a symbolic link: started as root, smtpproxy "
+                    "opens no link (another user may have planted it): "
+                    "name the file itself" % (key, path), 2)
+            raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StartError("%s %s is not a regular file: name a file"
+                             % (key, path), 2)
+        if shared and info.st_nlink != 1:
+            raise StartError("%s %s has other names (hard links), in a "
+                             "directory other users can write: name a "
+                             "file of its own" % (key, path), 2)
+        if created and owner is not None:
+            os.fchown(fd, owner[0], owner[1])
+        fcntl.fcntl(fd, fcntl.F_SETFL,
+                    fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not create:
+        os.close(fd)
+        return None
+    return fd
+
+
+class _OpenedFileHandler(logging.FileHandler):
+    """A FileHandler on a file open_service_file() opened."""
+
+    def __init__(self, fd, path):
+        logging.FileHandler.__init__(self, path, delay=True)
+        self.stream = open(fd, "a", encoding=self.encoding,
+                           errors=getattr(self, "errors", None))
+
+
+def configure_logging(values, identity=None, keep_failed=False):
     """Set up the logs from the configuration, or set them up again (on
     SIGHUP: files are reopened, which is what logrotate needs).
 
@@ -7161,13 +7394,12 @@ def configure_logging(values, created=None, keep_failed=False):
     if a log cannot be opened, OSError is raised and the logs in place
     stay as they were; with ``keep_failed`` (a reload), the others are
     replaced all the same, the one in place of each that failed stays,
-    and the errors are returned.  The names of files created are
-    appended to ``created``.
+    and the errors are returned.  Started as root, the files are opened
+    as open_service_file() says, ``identity`` being the serving user.
     """
-    def open_file(path, layout):
-        if created is not None and not os.path.exists(path):
-            created.append(path)
-        handler = logging.FileHandler(path)
+    def open_file(key, path, layout):
+        fd = open_service_file(key, path, identity)
+        handler = _OpenedFileHandler(fd, path)
         handler.setFormatter(logging.Formatter(layout))
         return handler
 
@@ -7184,24 +7416,25 @@ def configure_logging(values, created=None, keep_failed=False):
                        lambda: _syslog_handler(values)))
     elif values.get("log_file"):
         wanted.append(("service", log, lambda: open_file(
-            values["log_file"], SERVICE_LOG_FORMAT)))
+            "log_file", values["log_file"], SERVICE_LOG_FORMAT)))
     else:
         wanted.append(("service", log, stderr))
     path = values.get("greylist_log", "greylist.log")
     if path:
         wanted.append(("transactions", transaction_log,
-                       lambda: open_file(path, "%(message)s")))
+                       lambda: open_file("greylist_log", path,
+                                         "%(message)s")))
     debug_path = values.get("greylist_debuglog", "greylist-debug.log")
     if values.get("debug") and debug_path:
         wanted.append(("dialogue", dialogue_log, lambda: open_file(
-            debug_path, "%(asctime)s %(message)s")))
+            "greylist_debuglog", debug_path, "%(asctime)s %(message)s")))
     old = dict((role, (logger, handler))
                for role, logger, handler in _installed_log_handlers)
     new, kept, errors = [], set(), []
     for role, logger, make in wanted:
         try:
             new.append((role, logger, make()))
-        except OSError as error:
+        except (OSError, StartError) as error:
             if not keep_failed:
                 for _, _, handler in new:
                     handler.close()
@@ -7256,9 +7489,15 @@ def format_config(handler_class, values):
     return "\n".join(lines)
 
 
-def administer_store(handler_class, args):
+def administer_store(handler_class, args, identity=None):
     """The --db-* commands, on the greylisting store of the configuration,
-    like OpenBSD's spamdb; return the exit status."""
+    like OpenBSD's spamdb; return the exit status.
+
+    Run as root, an sqlite store is worked on as the serving user
+    ``identity`` (uid, gid, name): this process switches to it for good
+    first, so that a link in the store's directory leads only where that
+    user may go, and what is made is the user's.  With no user, root
+    works only on a store in a directory no other user can change."""
     path = getattr(handler_class, "greylist_db", None)
     if not path:
         sys.stderr.write("smtpproxy: error: %s has no greylist_db\n"
@@ -7267,6 +7506,16 @@ def administer_store(handler_class, args):
     database = is_database_uri(path)
     if not database:
         path = os.path.abspath(path)
+        try:
+            if identity is not None and os.geteuid() == 0:
+                uid, gid, name = identity
+                os.setgid(gid)
+                os.initgroups(name, gid)
+                os.setuid(uid)
+            check_root_store(path)
+        except StartError as error:
+            sys.stderr.write("smtpproxy: error: %s\n" % error)
+            return error.status
     key = args.db_pass or args.db_delete
     if key:
         key = " ".join(key)     # quoted or not
@@ -7335,14 +7584,13 @@ def lock_pidfile(path):
 
     The lock (flock) is held for as long as the process runs, so that a
     pidfile left by a dead process is recognised and replaced, and one of
-    a running process makes this start fail, whatever pid it holds.
+    a running process makes this start fail, whatever pid it holds.  It
+    is held on a read-only descriptor (opened as open_service_file()
+    says): the process that serves, once unprivileged, cannot change the
+    pid the init script signals.
     """
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:
-            raise StartError("cannot open pidfile %s: %s"
-                             % (path, error.strerror))
+        fd = open_service_file("pidfile", path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -7359,15 +7607,31 @@ def lock_pidfile(path):
         except OSError:
             pass
         os.close(fd)
-    fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
     return fd
 
 
-def write_pidfile(fd):
-    """Write this process's id into the locked pidfile."""
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, ("%d\n" % os.getpid()).encode("ascii"))
+def write_pidfile(fd, path):
+    """Write this process's id into the pidfile ``path``, locked on
+    ``fd``, through a descriptor of its own, closed at once; never
+    through a link (as root), nor into another file than the locked
+    one."""
+    flags = os.O_WRONLY | os.O_CLOEXEC
+    if os.geteuid() == 0:
+        flags |= os.O_NOFOLLOW
+    try:
+        writer = os.open(path, flags)
+    except OSError as error:
+        raise StartError("cannot write pidfile %s: %s"
+                         % (path, error.strerror))
+    try:
+        named, held = os.fstat(writer), os.fstat(fd)
+        if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+            raise StartError("pidfile %s was replaced during the start: "
+                             "is another instance starting?" % path)
+        os.ftruncate(writer, 0)
+        os.write(writer, ("%d\n" % os.getpid()).encode("ascii"))
+    finally:
+        os.close(writer)
 
 
 def daemonize():
@@ -7452,25 +7716,20 @@ def _user_name(uid):
         return str(uid)
 
 
-def drop_privileges(identity, files, check=None):
-    """Switch to ``identity`` (uid, gid, name) for good, after handing it
-    ``files`` (the logs and the store that were created as root).
+def drop_privileges(identity, check=None):
+    """Switch to ``identity`` (uid, gid, name) for good.
 
     ``check``, if given, is called first with only the effective ids
     switched: if it raises, the process is root again, and can still
-    clean up (its pidfile) before it exits.
+    clean up (its pidfile) before it exits.  Nothing is given to the user
+    here: the files it needs were made its own as they were created (see
+    open_service_file), or by the user itself (the store).
     """
     uid, gid, name = identity
     if os.geteuid() != 0:
         if check is not None:
             check()
         return
-    for path in files:
-        try:
-            os.chown(path, uid, gid)
-        except OSError as error:
-            raise StartError("cannot give %s to %s: %s"
-                             % (path, name, error.strerror))
     os.initgroups(name, gid)
     if check is not None:
         os.setegid(gid)
@@ -7512,7 +7771,9 @@ def check_store(handler_class, create=True):
     """Open the greylisting store once, as the user serving: one it cannot
     write stops the start rather than every decision later.  Without
     ``create`` (--check-config), a store that is not there yet is only
-    checked for a directory the user can write."""
+    checked for a directory the user can write.  Root (run_as_root) is
+    held to a store in a directory only root can change
+    (check_root_store)."""
     path = getattr(handler_class, "greylist_db", None)
     if not path:
         return
@@ -7520,6 +7781,28 @@ def check_store(handler_class, create=True):
         return check_database(handler_class, write=not create)
     user = _user_name(os.geteuid())
     directory = os.path.dirname(os.path.abspath(path))
+    check_root_store(path)
+    # Files of the store that are there but not the user's (made by root:
+    # an earlier version, an admin command) would fail every decision.
+    for name in (path, path + "-wal", path + "-shm"):
+        if not os.path.lexists(name):       # (or out of the user's reach)
+            continue
+        try:
+            os.close(os.open(name, os.O_RDWR | os.O_NONBLOCK
+                             | os.O_CLOEXEC))
+        except FileNotFoundError:
+            pass                # a dangling link: sqlite makes it, as the user
+        except PermissionError:
+            if os.path.islink(name):
+                raise StartError("greylisting store %s: %s is a symbolic "
+                                 "link to a file user %s cannot write: "
+                                 "remove the link" % (path, name, user))
+            raise StartError("greylisting store %s: user %s cannot write "
+                             "%s: %s" % (path, user, name, _hand_over(
+                                 user, path, path + "-wal", path + "-shm")))
+        except OSError as error:
+            raise StartError("greylisting store %s: %s: %s"
+                             % (path, name, error.strerror))
     if not create and not os.path.exists(path):
         if not os.access(directory, os.W_OK | os.X_OK):
             raise StartError("greylisting store %s: user %s cannot create "
@@ -7540,6 +7823,27 @@ def check_store(handler_class, create=True):
                          "write the file and its directory %s, where sqlite "
                          "makes its -wal and -shm files (chown %s %s)"
                          % (path, error, user, directory, user, directory))
+
+
+def check_root_store(path):
+    """Root (serving with run_as_root, or an admin command with no user)
+    opens the sqlite store ``path`` only in a directory no other user can
+    change: sqlite follows links, and makes -wal and -shm files, wherever
+    its names lead.  StartError otherwise."""
+    if os.geteuid() != 0:
+        return
+    directory = os.path.dirname(os.path.join(os.getcwd(), path))
+    try:
+        shared = _shared_directory(directory)
+    except OSError as error:
+        raise StartError("greylisting store %s: %s: %s" % (
+            path, error.filename or directory, error.strerror), 2)
+    if shared is not None:
+        raise StartError("greylisting store %s: %s can be changed by a user "
+                         "other than root, whose links root would follow: "
+                         "set user (the serving user, which then opens the "
+                         "store), or put the store in a directory only root "
+                         "can write" % (path, shared), 2)
 
 
 def check_database(handler_class, write=True, notes=None):
@@ -7577,9 +7881,10 @@ def check_database(handler_class, write=True, notes=None):
     return []
 
 
-def check_files(values):
-    """The pidfile's and the logs' directories exist, and what is opened
-    for writing at the start (as root, when it starts as root) can be."""
+def check_files(values, identity=None):
+    """The pidfile and the logs can be opened as the start opens them
+    (open_service_file(), with its refusals, ``identity`` being the
+    serving user), without making or changing any."""
     keys = ["pidfile", "greylist_log"]
     if not values.get("syslog"):
         keys.append("log_file")
@@ -7587,13 +7892,8 @@ def check_files(values):
         keys.append("greylist_debuglog")
     for key in keys:
         path = values.get(key, SERVICE_DEFAULTS.get(key))
-        if not path:
-            continue
-        target = path if os.path.exists(path) else (
-            os.path.dirname(os.path.abspath(path)))
-        if not os.access(target, os.W_OK):
-            raise StartError("%s %s: %s is not writable by %s" % (
-                key, path, target, _user_name(os.geteuid())), 2)
+        if path:
+            open_service_file(key, path, identity, create=False)
     if values.get("syslog"):
         try:
             _syslog_handler(values).close()
@@ -7675,7 +7975,7 @@ def check_configuration(handler_class, values, files=True, notes=None):
     check_policy(handler_class, values)
     check_dns_lists(handler_class)
     if files:
-        check_files(values)
+        check_files(values, identity)
     warnings = []
     store = getattr(handler_class, "greylist_db", None)
     if store and is_database_uri(store):
@@ -7815,25 +8115,49 @@ def _remove_stale_socket(path):
     raise StartError("%s is in use: is another instance running?" % path)
 
 
+def _bind_policy_socket(path, settings, mode, gid):
+    """A UnixPolicyServer on ``path``, its socket made with ``mode`` and
+    the group ``gid`` (-1: this process's) as bind() makes it: the umask
+    and the effective group of the moment, not a chmod or chown by name
+    afterwards, which would follow what a user swapped in meanwhile."""
+    umask, egid, switched = os.umask(0o777 & ~mode), os.getegid(), False
+    try:
+        if gid not in (-1, egid):
+            try:
+                os.setegid(gid)
+                switched = True
+            except PermissionError:
+                pass            # not root: only a chown can (below)
+        server = UnixPolicyServer(path, settings)
+    finally:
+        if switched:
+            os.setegid(egid)
+        os.umask(umask)
+    if gid != -1 and os.lstat(path).st_gid != gid:
+        # A set-group-ID directory gives its own group, whatever the
+        # effective one (or it was not ours to take): change it on the
+        # name, never through a link.
+        os.chown(path, -1, gid, follow_symlinks=False)
+    return server
+
+
 def open_policy_server(values, settings, identity=None):
     """Bind the policy service of ``values["policy_listen"]`` (as root if
     need be) for ``settings`` (the GreyListingPolicy class): a
-    PolicyServer, or a UnixPolicyServer whose socket gets
-    ``policy_socket_mode``, the serving user (``identity``) as owner and
-    ``policy_socket_group`` (else that user's group).  StartError if it
-    cannot."""
+    PolicyServer, or a UnixPolicyServer whose socket is made with
+    ``policy_socket_mode`` and the group ``policy_socket_group`` (else
+    the serving user's, of ``identity``).  StartError if it cannot."""
     where = values["policy_listen"]
     try:
         if where.startswith("unix:"):
             path = where[5:]
             _remove_stale_socket(path)
-            server = UnixPolicyServer(path, settings)
-            os.chmod(path, int(values.get("policy_socket_mode", "0660"), 8))
-            uid, gid = identity[:2] if identity else (-1, -1)
+            gid = identity[1] if identity else -1
             if values.get("policy_socket_group"):
                 gid = grp.getgrnam(values["policy_socket_group"]).gr_gid
-            if (uid, gid) != (-1, -1):
-                os.chown(path, uid, gid)
+            server = _bind_policy_socket(
+                path, settings,
+                int(values.get("policy_socket_mode", "0660"), 8), gid)
         else:
             host, port = _split_host_port(where)
             server = PolicyServer((host or "127.0.0.1", port), settings)
@@ -7927,13 +8251,12 @@ class Service(object):
         try:
             identity = find_user(self.values)
             self._lock_pidfile()
-            created = self._open_logs()
+            self._open_logs(identity)
             handler_class = self._handler_class()
-            created += self._store_files(handler_class, identity)
             self._listen(handler_class, identity)
             self._warn_of_relative_names()
             self._detach()
-            self._become(identity, created, handler_class)
+            self._become(identity, handler_class)
         except StartError as error:
             sys.stderr.write("smtpproxy: error: %s\n" % error)
             if self.report is not None:
@@ -7962,14 +8285,14 @@ class Service(object):
         if self.values.get("pidfile"):
             self.pidfile = lock_pidfile(self.values["pidfile"])
 
-    def _open_logs(self):
-        """Open the logs, as root if started so; return the files made."""
-        created = []
+    def _open_logs(self, identity):
+        """Open the logs, as open_service_file() says when started as
+        root: those made now are the serving user's at once, also when
+        the start fails later."""
         try:
-            configure_logging(self.values, created)
+            configure_logging(self.values, identity)
         except OSError as error:
             raise StartError("cannot open log: %s" % error, 2)
-        return created
 
     def _handler_class(self):
         """The handler class of the configuration, its TLS pair read while
@@ -7979,19 +8302,6 @@ class Service(object):
         check_tls(handler_class)
         check_policy(handler_class, self.values)
         return handler_class
-
-    @staticmethod
-    def _store_files(handler_class, identity):
-        """The store's files, to be given to the serving user: the store is
-        the service's alone, made now if need be, also when a root run
-        made them."""
-        store = getattr(handler_class, "greylist_db", None)
-        if not (identity and store) or is_database_uri(store):
-            return []
-        if not os.path.exists(store):
-            open(store, "ab").close()
-        return [name for name in (store, store + "-wal", store + "-shm")
-                if os.path.exists(name)]
 
     def _listen(self, handler_class, identity):
         """Bind the port (as root if port 25 needs it), and the policy
@@ -8028,15 +8338,16 @@ class Service(object):
                              "or log_file to keep the service's log\n")
         self.report = daemonize()
 
-    def _become(self, identity, created, handler_class):
-        """Write the pid, switch to the serving user for good (the files
-        made as root given to it), and check the store as that user."""
+    def _become(self, identity, handler_class):
+        """Write the pid, switch to the serving user for good, and check
+        (and make, the first time) the store as that user: root never
+        opens it."""
         if self.pidfile is not None:
-            write_pidfile(self.pidfile)
+            write_pidfile(self.pidfile, self.values["pidfile"])
         def check():
             self.warnings += check_store(handler_class) or []
         if identity:
-            drop_privileges(identity, created, check)
+            drop_privileges(identity, check)
         else:
             check()
         self._check_logs()
@@ -8276,7 +8587,7 @@ class Service(object):
 
     def _check_logs(self):
         """Warn about log files the serving user could not open again (on
-        SIGHUP, after logrotate): files made at the start were given to it,
+        SIGHUP, after logrotate): files made at the start are its own,
         those that were there already are left as they are; and about a
         configuration file it could not read again."""
         if self.path and not os.access(self.path, os.R_OK):
@@ -8491,7 +8802,14 @@ def main(argv=None):
         return 0
     if (args.db_list or args.db_stats or args.db_purge or args.db_pass
             or args.db_delete):
-        return administer_store(handler_class, args)
+        identity = None
+        if values.get("user") and os.geteuid() == 0:
+            try:
+                identity = find_user(values)
+            except StartError as error:
+                sys.stderr.write("smtpproxy: error: %s\n" % error)
+                return error.status
+        return administer_store(handler_class, args, identity)
     return Service(args, base, values, path, warnings).run()
 
 

@@ -520,12 +520,14 @@ def test_daemon_drops_to_its_user(make_service):
         store.mkdir()
         os.chown(str(store), nobody.pw_uid, nobody.pw_gid)
         service = make_service(directory)
-        # A store the user cannot write: the start fails after the switch,
-        # when the daemon can no longer remove its pidfile; start does.
+        # A store the user cannot make (root's directory): the start fails
+        # after the switch, when the daemon can no longer remove its
+        # pidfile; start does.
         service.write_config(extra="user = nobody\n")
         code, output = service.run("start")
         assert code == 1, output
-        assert "greylist.db: attempt to write a readonly database" in output
+        assert ("greylist.db: unable to open database file: user nobody "
+                "must be able to write the file and its directory") in output
         assert not os.path.exists(service.pidfile)
         code, _ = service.run("status")
         assert code == 3

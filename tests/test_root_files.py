@@ -1,0 +1,462 @@
+"""What root does with files at the start, in --check-config and in the
+admin commands (issue 21, "root follows links planted in the service
+user's directories").
+
+Every test here starts the real service as root, with ``--user nobody``,
+against links a compromised serving user could have planted in its own
+directories, and looks at the victim afterwards: its owner, mode and
+content.  Root-only files stand for /etc/shadow and /etc/profile.d.
+"""
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from conftest import HERE, ROOT, free_port, rcpt_code, read, wait_until
+import smtpproxy
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="what root does: needs root")
+
+SECRET = "root:secret-hash:19000:0:99999:7:::\n"
+
+
+def run(args, cwd, timeout=30):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, ROOT]))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "smtpproxy.py")]
+                          + list(args), env=env, cwd=cwd,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout)
+
+
+@pytest.fixture
+def nobody():
+    return pwd.getpwnam("nobody")
+
+
+@pytest.fixture
+def user_dir(nobody):
+    """A directory of the serving user's, as the README makes them
+    (install -d -o smtpproxy): it can plant anything in it."""
+    path = tempfile.mkdtemp(prefix="smtpproxy-user-")
+    os.chmod(path, 0o755)
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def root_dir():
+    """A directory only root can write (such as /etc or /run)."""
+    path = tempfile.mkdtemp(prefix="smtpproxy-root-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def victim(root_dir):
+    """A root-only file, like /etc/shadow."""
+    path = os.path.join(root_dir, "shadow")
+    with open(path, "w") as victim:
+        victim.write(SECRET)
+    os.chmod(path, 0o600)
+    return path
+
+
+def assert_untouched(path):
+    info = os.lstat(path)
+    assert stat.S_ISREG(info.st_mode)
+    assert (info.st_uid, info.st_gid) == (0, 0)
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    assert read(path) == SECRET
+
+
+def plant(link, target, nobody):
+    """A symbolic link made by the serving user."""
+    os.symlink(target, link)
+    os.lchown(link, nobody.pw_uid, nobody.pw_gid)
+
+
+class Started(object):
+    """Services started as daemons, killed at the end even if a test
+    fails (a start that should have failed may have succeeded)."""
+
+    def __init__(self):
+        self.pidfiles = []
+
+    def start(self, user_dir, root_dir, *extra, **options):
+        """Start as root, serving as nobody, with the store and the logs in
+        ``user_dir`` and the pidfile in ``root_dir`` unless ``extra``
+        says otherwise; return the CompletedProcess."""
+        pidfile = options.get("pidfile", os.path.join(root_dir, "p.pid"))
+        self.pidfiles.append(pidfile)
+        self.port = options.get("port") or free_port()
+        args = ["--daemon", "--user", "nobody",
+                "--listen", "127.0.0.1:%d" % self.port,
+                "--class", "smtpproxy.GreyListingPolicy",
+                "--pidfile", pidfile,
+                "-o", "allowed_domains=example.org", "-o", "allowed_senders=",
+                "-o", "greylist_db=%s/grey.db" % user_dir,
+                "-o", "greylist_log=%s/greylist.log" % user_dir,
+                "-o", "log_file=%s/service.log" % user_dir] + list(extra)
+        return run(args, cwd=user_dir)
+
+    def pid(self, pidfile=None):
+        return int(read(pidfile or self.pidfiles[-1]).split()[0])
+
+    def stop(self, pidfile=None):
+        pid = self.pid(pidfile)
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not os.path.exists("/proc/%d" % pid)
+                   or read("/proc/%d/stat" % pid).split(")")[-1].split()[0]
+                   == "Z", what="the daemon to stop")
+
+    def kill(self):
+        for pidfile in self.pidfiles:
+            try:
+                os.kill(self.pid(pidfile), signal.SIGKILL)
+            except (OSError, ValueError, IndexError):
+                pass
+
+
+@pytest.fixture
+def started():
+    started = Started()
+    yield started
+    started.kill()
+
+
+# -- who may change a directory -----------------------------------------------
+
+def test_shared_directory_names_the_first_one_another_user_can_change(
+        user_dir, root_dir, nobody, tmp_path):
+    shared = smtpproxy._shared_directory
+    assert shared(root_dir) is None
+    # pytest's base is in /tmp (sticky, everyone's), and root's.
+    assert shared(str(tmp_path)) is None
+    assert shared("/tmp") == "/tmp"         # anyone may make a name there
+    assert shared(user_dir) == user_dir     # the user's, in sticky /tmp
+    inner = os.path.join(root_dir, "inner")
+    os.mkdir(inner)
+    os.chmod(inner, 0o775)                  # its group may write
+    assert shared(os.path.join(inner, ".")) == inner
+    os.chmod(inner, 0o755)
+    assert shared(inner) is None
+    # A link is followed, and judged as its directory: root's link, in
+    # root's directory, to the user's directory; and a link of the user's.
+    os.symlink(user_dir, os.path.join(root_dir, "to-user"))
+    assert shared(os.path.join(root_dir, "to-user")) == user_dir
+    os.symlink(inner, os.path.join(root_dir, "to-inner"))
+    assert shared(os.path.join(root_dir, "to-inner")) is None
+    os.mkdir(os.path.join(user_dir, "sub"))
+    plant(os.path.join(user_dir, "sub", "back"), inner, nobody)
+    assert shared(os.path.join(user_dir, "sub", "back")) == user_dir
+    # ".." goes back from where a link led, as the kernel does.
+    assert shared(os.path.join(root_dir, "to-user", "..")) == user_dir
+    os.symlink(os.path.join(user_dir, "sub"), os.path.join(inner, "to-sub"))
+    assert shared(os.path.join(inner, "to-sub", "..", "..")) == user_dir
+    assert shared(os.path.join(root_dir, "to-inner", "..")) is None
+
+
+# -- the store ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["grey.db", "grey.db-wal", "grey.db-shm"])
+def test_a_store_file_linked_to_a_root_file_leaves_it_as_it_was(
+        started, user_dir, root_dir, victim, nobody, name):
+    plant(os.path.join(user_dir, name), victim, nobody)
+    result = started.start(user_dir, root_dir)
+    assert_untouched(victim)
+    assert result.returncode == 1, result.stderr
+    assert ("greylisting store %s/grey.db: %s/%s is a symbolic link to a "
+            "file user nobody cannot write: remove the link"
+            % (user_dir, user_dir, name)) in result.stderr
+
+
+def test_a_store_root_made_is_refused_with_what_to_run(
+        started, user_dir, root_dir):
+    # Left by an earlier version or a root admin command: root's.
+    for name in ("grey.db", "grey.db-wal"):
+        open(os.path.join(user_dir, name), "w").close()
+    result = started.start(user_dir, root_dir)
+    assert result.returncode == 1
+    store = os.path.join(user_dir, "grey.db")
+    assert ("greylisting store {0}: user nobody cannot write {0}: give it "
+            "to nobody: chown nobody {0} {0}-wal {0}-shm"
+            .format(store)) in result.stderr
+    assert os.stat(store).st_uid == 0       # not given away by the start
+    assert not os.path.exists(os.path.join(root_dir, "p.pid"))
+
+
+def test_serving_as_root_refuses_a_store_another_user_can_reach(
+        started, user_dir, root_dir, nobody):
+    # run_as_root: root itself opens the store, and sqlite follows links:
+    # only in a directory no other user can change.
+    goal = os.path.join(root_dir, "made.db")
+    plant(os.path.join(user_dir, "grey.db"), goal, nobody)
+    started.pidfiles.append(os.path.join(root_dir, "p.pid"))
+    result = run(["--daemon", "--listen", "127.0.0.1:%d" % free_port(),
+                  "--pidfile", started.pidfiles[-1],
+                  "-o", "run_as_root=yes", "-o", "greylist_log=",
+                  "-o", "greylist_db=%s/grey.db" % user_dir], cwd=root_dir)
+    assert not os.path.lexists(goal)
+    assert result.returncode == 2
+    assert ("greylisting store %s/grey.db: %s can be changed by a user "
+            "other than root" % (user_dir, user_dir)) in result.stderr
+
+
+def test_files_are_created_0640_and_the_serving_users(
+        started, user_dir, root_dir, nobody, upstream):
+    # The service's log in root's directory (root makes it and gives it to
+    # the user through its descriptor), the others in the user's (made as
+    # the user).
+    result = started.start(user_dir, root_dir, "-o", "log_file=%s/service.log"
+                           % root_dir, "-o", "greylist_debuglog=%s/debug.log"
+                           % user_dir, "--debug",
+                           "--upstream", "127.0.0.1:%d" % upstream.port)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert rcpt_code(started.port) == 451      # greylisted: a row written
+    wait_until(lambda: "DEFERRED" in read(os.path.join(user_dir,
+                                                       "greylist.log")),
+               what="the transaction in greylist.log")
+    for path in [os.path.join(user_dir, name) for name in
+                 ("grey.db", "grey.db-wal", "grey.db-shm", "greylist.log",
+                  "debug.log")] + [os.path.join(root_dir, "service.log")]:
+        info = os.stat(path)
+        assert (info.st_uid, info.st_gid) == (nobody.pw_uid,
+                                              nobody.pw_gid), path
+        assert stat.S_IMODE(info.st_mode) == 0o640, path
+    info = os.stat(os.path.join(root_dir, "p.pid"))
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o644)
+    started.stop()
+
+
+# -- logs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["greylist_log", "log_file",
+                                 "greylist_debuglog"])
+@pytest.mark.parametrize("target", ["dangling", "existing"])
+def test_a_log_linked_into_roots_directory_is_refused(
+        started, user_dir, root_dir, victim, nobody, key, target):
+    # Dangling: root would make /etc/profile.d/x.sh, the user's to write.
+    # Existing: root would append client-chosen HELO text to it.
+    goal = victim if target == "existing" else os.path.join(root_dir,
+                                                            "x.sh")
+    link = os.path.join(user_dir, "link.log")
+    plant(link, goal, nobody)
+    for command in ([], ["--check-config"]):
+        result = started.start(user_dir, root_dir, "--debug",
+                               "-o", "%s=%s" % (key, link), *command)
+        if target == "existing":
+            assert_untouched(victim)
+        else:
+            assert not os.path.lexists(goal)
+        assert result.returncode == 2, result.stderr
+        assert ("%s %s is a symbolic link: started as root, smtpproxy opens "
+                "no link (another user may have planted it): name the file "
+                "itself" % (key, link)) in result.stderr
+    assert not os.path.exists(os.path.join(root_dir, "p.pid"))
+
+
+def test_a_log_link_in_roots_own_directory_is_refused_too(
+        started, user_dir, root_dir, victim):
+    link = os.path.join(root_dir, "service.log")
+    os.symlink(victim, link)
+    result = started.start(user_dir, root_dir, "-o", "log_file=%s" % link)
+    assert result.returncode == 2
+    assert "log_file %s is a symbolic link" % link in result.stderr
+    assert_untouched(victim)
+
+
+def test_a_log_the_user_could_not_open_is_refused(
+        started, user_dir, root_dir, victim):
+    # In the user's directory, a log is opened as the user: the kernel
+    # says what it may open.  A hard link to root's file (which
+    # protected_hardlinks would not even let the user make): the message
+    # says to remove it, not to chown it (which would give root's away).
+    log = os.path.join(user_dir, "service.log")
+    os.link(victim, log)
+    for command in ([], ["--check-config"]):
+        result = started.start(user_dir, root_dir, *command)
+        assert_untouched(victim)
+        assert result.returncode == 2, result.stderr
+        assert ("cannot open log_file %s as nobody (other users than root "
+                "can change %s, so it is opened as the serving user): "
+                "Permission denied: %s has other names (hard links), and a "
+                "chown would give them away too: remove it"
+                % (log, user_dir, log)) in result.stderr
+    # Root's own file, left by an earlier version: chown it.
+    os.unlink(log)
+    open(log, "w").close()
+    result = started.start(user_dir, root_dir, "--check-config")
+    assert result.returncode == 2
+    assert ("Permission denied: give it to nobody: chown nobody %s, or name "
+            "a file in a directory only root can write" % log) \
+        in result.stderr
+
+
+def test_a_failed_first_start_leaves_no_root_log_behind(
+        started, user_dir, root_dir, nobody):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        result = started.start(user_dir, root_dir, "-o",
+                               "log_file=%s/service.log" % root_dir,
+                               port=taken.getsockname()[1])
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    assert "cannot listen on" in result.stderr
+    for path in (os.path.join(user_dir, "greylist.log"),
+                 os.path.join(root_dir, "service.log")):
+        assert os.stat(path).st_uid == nobody.pw_uid, path
+    result = started.start(user_dir, root_dir, "-o",
+                           "log_file=%s/service.log" % root_dir)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr
+    started.stop()
+
+
+# -- the pidfile --------------------------------------------------------------
+
+def test_a_pidfile_link_is_refused(started, user_dir, root_dir, victim):
+    pidfile = os.path.join(root_dir, "p.pid")
+    os.symlink(victim, pidfile)
+    for command in ([], ["--check-config"]):
+        result = started.start(user_dir, root_dir, *command)
+        assert_untouched(victim)
+        assert os.path.islink(pidfile)
+        assert result.returncode == 2, result.stderr
+        assert "pidfile %s is a symbolic link" % pidfile in result.stderr
+
+
+def test_a_pidfile_in_a_directory_the_user_can_write_is_refused(
+        started, user_dir, root_dir):
+    pidfile = os.path.join(user_dir, "p.pid")
+    for command in ([], ["--check-config"]):
+        result = started.start(user_dir, root_dir, *command,
+                               pidfile=pidfile)
+        assert result.returncode == 2, result.stderr
+        assert ("pidfile %s: %s can be changed by a user other than root, "
+                "who could make the pid one the init script signals: put "
+                "the pidfile in a directory only root can write, such as "
+                "/run" % (pidfile, user_dir)) in result.stderr
+    assert not os.path.exists(pidfile)
+
+
+def test_the_service_holds_its_pidfile_read_only(started, user_dir,
+                                                 root_dir):
+    result = started.start(user_dir, root_dir)
+    assert result.returncode == 0, result.stderr
+    pid = started.pid()
+    pidfile = os.path.join(root_dir, "p.pid")
+    held = []
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == pidfile:
+                held.append(fd)
+        except OSError:
+            pass
+    assert len(held) == 1          # the lock's, and no other
+    flags = [line.split()[1] for line in
+             read("/proc/%d/fdinfo/%s" % (pid, held[0])).splitlines()
+             if line.startswith("flags:")][0]
+    assert int(flags, 8) & os.O_ACCMODE == os.O_RDONLY
+    # The lock on it still keeps a second instance out.
+    second = started.start(user_dir, root_dir)
+    assert second.returncode == 1
+    assert "already running (pid %d, %s)" % (pid, pidfile) in second.stderr
+    started.stop()
+
+
+# -- the admin commands -------------------------------------------------------
+
+@pytest.mark.parametrize("user", ["nobody", None])
+def test_db_pass_as_root_on_a_dangling_store_link_creates_nothing(
+        user_dir, root_dir, nobody, user):
+    goal = os.path.join(root_dir, "made.db")
+    plant(os.path.join(user_dir, "grey.db"), goal, nobody)
+    args = ["-o", "greylist_db=%s/grey.db" % user_dir,
+            "--db-pass", "192.0.2.1", "a@example.net", "b@example.org"]
+    if user:
+        args = ["--user", user] + args
+    result = run(args, cwd=root_dir)
+    for name in ("made.db", "made.db-wal", "made.db-shm"):
+        assert not os.path.lexists(os.path.join(root_dir, name))
+    assert result.returncode != 0
+    if not user:
+        assert ("greylisting store %s/grey.db: %s can be changed by a user "
+                "other than root, whose links root would follow: set user"
+                % (user_dir, user_dir)) in result.stderr
+
+
+def test_db_commands_as_root_work_as_the_serving_user(user_dir, root_dir,
+                                                      nobody):
+    store = os.path.join(user_dir, "grey.db")
+    result = run(["--user", "nobody", "-o", "greylist_db=%s" % store,
+                  "--db-pass", "192.0.2.1", "a@example.net",
+                  "b@example.org"], cwd=root_dir)
+    assert result.returncode == 0, result.stderr
+    for name in ("grey.db", "grey.db-wal", "grey.db-shm"):
+        path = os.path.join(user_dir, name)
+        if os.path.exists(path):
+            info = os.stat(path)
+            assert info.st_uid == nobody.pw_uid, name
+            assert stat.S_IMODE(info.st_mode) == 0o640, name
+    result = run(["--user", "nobody", "-o", "greylist_db=%s" % store,
+                  "--db-list"], cwd=root_dir)
+    assert result.returncode == 0, result.stderr
+    assert "192.0.2.0/24 a@example.net b@example.org" in result.stdout
+
+
+# -- --check-config -----------------------------------------------------------
+
+def test_check_config_refuses_a_store_link_and_changes_nothing(
+        started, user_dir, root_dir, victim, nobody):
+    plant(os.path.join(user_dir, "grey.db"), victim, nobody)
+    result = started.start(user_dir, root_dir, "--check-config")
+    assert result.returncode == 1
+    assert "is a symbolic link to a file user nobody cannot write" \
+        in result.stderr
+    assert_untouched(victim)
+    # Nothing was made: no log, no pidfile.
+    assert sorted(os.listdir(user_dir)) == ["grey.db"]
+    assert os.listdir(root_dir) == ["shadow"]
+
+
+# -- the policy service's socket ----------------------------------------------
+
+@pytest.mark.parametrize("setgid", [False, True])
+def test_the_policy_socket_is_made_with_its_mode_and_group(
+        started, user_dir, root_dir, setgid):
+    import grp
+    # A set-group-ID directory gives its group to what is made in it,
+    # whatever the effective group: then the group is changed on the
+    # name (never through a link).
+    sockets = os.path.join(root_dir, "sockets")
+    os.mkdir(sockets)
+    if setgid:
+        os.chown(sockets, 0, grp.getgrnam("daemon").gr_gid)
+        os.chmod(sockets, 0o2755)
+    path = os.path.join(sockets, "policy")
+    result = started.start(user_dir, root_dir, "-o", "smtp_proxy=no",
+                           "-o", "policy_listen=unix:%s" % path,
+                           "-o", "policy_socket_mode=0620",
+                           "-o", "policy_socket_group=nogroup")
+    assert result.returncode == 0, result.stderr
+    info = os.lstat(path)
+    assert stat.S_ISSOCK(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o620
+    assert info.st_gid == grp.getgrnam("nogroup").gr_gid
+    assert info.st_uid == 0                 # made by root's bind()
+    started.stop()
