@@ -7259,7 +7259,8 @@ def open_service_file(key, path, identity=None, create=True):
 
     Started as root, nothing is opened through a link that another user
     could have planted.  A symbolic link as the file is refused, and so is
-    anything but a regular file.  In a directory only root can change
+    anything but a regular file (or, for a log, a device such as
+    /dev/null).  In a directory only root can change
     (see _shared_directory) root opens the file; one this run creates is
     made 0640 (the pidfile 0644) and, a log, given to ``identity`` (the
     serving user: uid, gid, name) through its descriptor, so that the user
@@ -7353,7 +7354,10 @@ def _open_nofollow(key, path, flags, mode, create, owner, shared):
             raise
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        # A log may be a device (/dev/null, /dev/full): only root makes
+        # those.  Never a FIFO or a socket, nor such a pidfile.
+        if not (stat.S_ISREG(info.st_mode) or (
+                key != "pidfile" and stat.S_ISCHR(info.st_mode))):
             raise StartError("%s %s is not a regular file: name a file"
                              % (key, path), 2)
         if shared and info.st_nlink != 1:
