@@ -753,9 +753,9 @@ KEYS = [
         "session may add; more RCPTs that would add one are deferred "
         "without a row; 0: no limit"),
     Key("max_new_triplets_per_network", _integer, GREYLISTING,
-        "new triplets one client network (ipv4_prefix, ipv6_prefix) may "
-        "add per hour, counted by each process; more are deferred "
-        "without a row; 0: no limit"),
+        "new triplets one client network (ipv4_prefix; for IPv6 its /48 "
+        "at most: a site's) may add per hour, counted by each process; "
+        "more are deferred without a row; 0: no limit"),
     Key("client_key", _choice("name", "network"), GREYLISTING,
         "what a client is in the key: name, its forward-confirmed host "
         "name minus the first label (mx1.out.example.com and "
@@ -3953,7 +3953,10 @@ class Greylister(object):
                                 client_key)
             if suspicious and suspicion is None:
                 return Decision("accept", "not-suspicious " + key_rule)
-            network = self.client_network(client)
+            # Counted by the key's network, but an IPv6 site's /48 at
+            # most: one client holds 65,536 /64s of it.
+            network = network_key(client, settings.ipv4_prefix,
+                                  min(settings.ipv6_prefix, 48))
             bound = self.new_triplet_bound(network, now, session_added)
             accepted, delay, new = store.step(
                 key, now, client=None if unknown else client_key,

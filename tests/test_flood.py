@@ -7,7 +7,7 @@ Each RCPT the policy defers or refuses is an error towards ``max_errors``
 delivered message starts the count again.  A triplet seen for the first
 time adds a row to the store, at most ``max_new_triplets_per_session`` in
 a session and ``max_new_triplets_per_network`` an hour from one client
-network (/24, /64); past either bound the RCPT is deferred and nothing
+network (/24, an IPv6 /48); past either bound the RCPT is deferred and nothing
 is written, logged once per session or per network and hour.  The
 per-network counts are kept for at most ``NewTriplets.max_networks``
 networks.
@@ -216,6 +216,21 @@ def test_past_the_network_bound_a_new_triplet_is_deferred_without_a_row(
     assert grey.decide("192.0.2.200", "a@example.net", "r9@example.org",
                        T0 + 3600).added
     assert len(triplets(grey)) == 5
+
+
+def test_an_ipv6_network_is_bounded_as_its_48_not_each_64(engine):
+    # A site holds 65,536 /64s of its /48: one bound for all of them.
+    grey = engine(max_new_triplets_per_network=3)
+    for number in range(3):
+        assert grey.decide("2001:db8:0:%x::1" % number, "a@example.net",
+                           "r%d@example.org" % number, T0).added
+    over = grey.decide("2001:db8:0:ffff::1", "a@example.net",
+                       "r9@example.org", T0)
+    assert (over.verdict, over.rule, over.added) == (
+        "defer", "max_new_triplets_per_network 2001:db8::/48", False)
+    # The key itself keeps its /64.
+    assert sorted(key.split()[0] for key in triplets(grey)) == [
+        "2001:db8:0:1::/64", "2001:db8:0:2::/64", "2001:db8::/64"]
 
 
 def test_past_the_session_bound_a_new_triplet_is_deferred_without_a_row(
