@@ -573,8 +573,9 @@ def database_uri_problem(location):
                 "password must write %% as %%25, @ as %%40, / as %%2F, "
                 "? as %%3F, # as %%23; or keep the password in a passfile: "
                 "?passfile=/etc/smtpproxy/pgpass)"
-                % (redact_uri(location),
-                   hide_secrets(_one_line(error), location)))
+                % (redact_uri(location), hide_secrets(
+                    re.sub(r"\Ainvalid dsn: ", "", _one_line(error)),
+                    location)))   # psycopg2's prefix
     # Neither is checked by libpq's parse, and both fail every connection
     # (the value is not shown: it may be a piece of the password).
     for host in parameters.get("host", "").split(","):
