@@ -805,8 +805,11 @@ KEYS = [
         "shared by several MX hosts, as a libpq URI "
         "(postgresql://user:password@host:port/dbname, or "
         "postgresql:///dbname?host=/run/postgresql for a local socket; "
+        "the password best in a passfile, ?passfile=PATH, mode 0600, "
+        "owned by the serving user; it is never shown; "
         "needs pip install smtpproxy[postgresql])", path=True,
-        examples=("postgresql://greylist:secret@db.example.org/greylist",)),
+        examples=("postgresql://greylist@db.example.org/greylist"
+                  "?passfile=/etc/smtpproxy/pgpass",)),
     Key("greylist_db_timeout", _decimal, GREYLISTING,
         "the longest a decision waits for the store (its turn in this "
         "process; with PostgreSQL, connecting and each statement) before "
@@ -4818,7 +4821,12 @@ class PostgreSQLStore(GreylistStore):
     sqlite store's.  ``greylist_db_timeout`` bounds every wait: the turn
     in this process, connecting (connect_timeout, 2 s at least, libpq's
     floor), each statement (statement_timeout, also row locks), and TCP
-    keepalives find a server that vanished.  While the database cannot
+    keepalives find a server that vanished.  An answer that says the
+    configuration is wrong (``configuration_sqlstates``: the login or the
+    database refused) is a StoreConfigError, which stops --check-config
+    and the start; while serving, it is an outage as any other.  Every
+    message is shown without the password (hide_secrets()).  While the
+    database cannot
     be reached, decisions fail at once (StoreError) until the next try to
     connect, ``retry_min`` seconds after a failure, doubling up to
     ``retry_max``; each distinct error is marked ``first_of_incident``
