@@ -437,6 +437,42 @@ def test_a_driver_message_is_shown_without_the_password():
         "user=greylist password=*** host=h: ***")
 
 
+@pytest.mark.parametrize("message, sqlstate", [
+    ('connection to server at "h" (192.0.2.1), port 5432 failed: FATAL:  '
+     'password authentication failed for user "greylist"', "28P01"),
+    ('connection to server on socket "/run/postgresql/.s.PGSQL.5432" '
+     'failed: FATAL:  Peer authentication failed for user "greylist"',
+     "28000"),
+    ('connection to server at "h" (192.0.2.1), port 5432 failed: FATAL:  '
+     'no pg_hba.conf entry for host "192.0.2.7", user "greylist", '
+     'database "greylist", no encryption', "28000"),
+    ('connection failed: connection to server at "h" (192.0.2.1), port '
+     '5432 failed: FATAL:  database "nosuch" does not exist', "3D000"),
+    ('connection to server at "h" (192.0.2.1), port 5432 failed: FATAL:  '
+     'permission denied for database "greylist"\nDETAIL:  User does not '
+     'have CONNECT privilege.', "42501"),
+    # Outages: the server away, starting, full.
+    ('connection to server at "h" (192.0.2.1), port 5432 failed: '
+     'Connection refused\n\tIs the server running on that host and '
+     'accepting TCP/IP connections?', None),
+    ('connection to server at "h" (192.0.2.1), port 5432 failed: FATAL:  '
+     'the database system is starting up', None),
+    ('connection to server at "h" (192.0.2.1), port 5432 failed: FATAL:  '
+     'sorry, too many clients already', None),
+    # The server's own words, in another language: not understood.
+    ('connection to server at "h" (192.0.2.1), port 5432 failed: FATAL:  '
+     'Passwort-Authentifizierung f\u00fcr Benutzer \u00bbgreylist\u00ab '
+     'fehlgeschlagen', None),
+    # A database named like a refusal, in a message of libpq's own.
+    ('could not translate host name "database "x" does not exist" to '
+     'address', None),
+])
+def test_a_refusal_of_the_server_is_known_by_its_message(message, sqlstate):
+    # libpq gives no SQLSTATE for a connection that failed: the server's
+    # part of its message follows the severity and two spaces.
+    assert smtpproxy._server_refusal(message) == sqlstate
+
+
 # -- the command line -------------------------------------------------------
 
 BLOCK_DRIVERS = ("import sys; sys.modules['psycopg'] = None; "
@@ -594,6 +630,29 @@ def test_a_server_nothing_listens_for_is_an_outage(tmp_path, driver):
     assert "is not usable now" in err
     assert "decisions fall back to greylist_fail_mode (defer)" in err
     assert "Q9?x" not in written(tmp_path, result)
+
+
+@pytest.mark.parametrize("driver", PG_DRIVERS)
+def test_a_password_in_a_passfile_others_cannot_read(tmp_path, postgresql,
+                                                     driver):
+    uri = postgresql.login(SPECIAL, SPECIAL_WRITTEN)
+    role = uri.split("//")[1].split(":")[0]
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("127.0.0.1:%d:%s:%s:%s\n"
+                        % (postgresql.port, role, role, SPECIAL))
+    uri = "postgresql://%s@127.0.0.1:%d/%s?passfile=%s" % (
+        role, postgresql.port, role, passfile)
+    passfile.chmod(0o600)
+    code, out, err = run(tmp_path, uri, "--check-config", driver=driver)
+    assert code == 0, err
+    assert ": usable (%s)" % driver in out
+    # libpq ignores a password file that others may read: no password,
+    # which is no outage.
+    passfile.chmod(0o644)
+    code, out, err = run(tmp_path, uri, "--check-config", driver=driver)
+    assert code == 2, err
+    assert "no password supplied (the server asks for a password: name a " \
+        "passfile" in err
 
 
 def test_a_login_refused_while_serving_is_an_outage_logged_once(
