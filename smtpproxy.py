@@ -455,7 +455,7 @@ def _store_location(text):
         if not text.lower().startswith(("postgresql://", "postgres://")):
             raise ValueError("%s: a PostgreSQL URI begins postgresql://"
                              % redact_uri(text))
-        problem = database_uri_problem(text)
+        problem = _database_uri_problem(text)
         if problem:
             raise ValueError(problem)
     return text
@@ -544,7 +544,7 @@ def hide_secrets(text, location):
     return _CONNINFO_PASSWORD.sub(r"\1***", _URI_PASSWORD.sub(r"\1***", text))
 
 
-def parse_database_uri(location, module=None):
+def _parse_database_uri(location, module=None):
     """libpq's own reading of the PostgreSQL URI ``location`` (its
     PQconninfoParse, through the driver ``module``, else the one
     PostgreSQLStore uses): a dict of its parameters.  The driver's error
@@ -558,14 +558,14 @@ def parse_database_uri(location, module=None):
     return parse(location)
 
 
-def database_uri_problem(location):
+def _database_uri_problem(location):
     """Why the PostgreSQL URI ``location`` can never work, without its
     password; None if libpq reads it, with hosts and ports that can be
     (or if no driver is installed to ask: the start says to install
     one).  A URI that cannot work is a configuration error, not a
     database that is down."""
     try:
-        parameters = parse_database_uri(location)
+        parameters = _parse_database_uri(location)
     except StoreError:
         return None
     except Exception as error:      # the driver's ProgrammingError
