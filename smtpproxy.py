@@ -240,6 +240,7 @@ import textwrap
 import threading
 import time
 import unicodedata
+import urllib.parse
 
 __version__ = "0.1.0"
 
@@ -478,21 +479,143 @@ def is_database_uri(location):
 
 
 def _store_location(text):
-    if is_database_uri(text) and not text.lower().startswith(
-            ("postgresql://", "postgres://")):
-        raise ValueError("%s: a PostgreSQL URI begins postgresql://"
-                         % redact_uri(text))
+    if is_database_uri(text):
+        if not text.lower().startswith(("postgresql://", "postgres://")):
+            raise ValueError("%s: a PostgreSQL URI begins postgresql://"
+                             % redact_uri(text))
+        problem = _database_uri_problem(text)
+        if problem:
+            raise ValueError(problem)
     return text
 
 
 def redact_uri(location):
     """The store ``location`` with the password of a URI hidden, for logs
-    and messages."""
+    and messages.  The user information is taken to end at the last "@"
+    of the URI, not at the first as libpq reads it, so that a password
+    holding "@", "/", "?" or "#" unencoded is hidden whole (at worst, a
+    host or database name after it is hidden too); a ``password=``
+    parameter is hidden up to the next parameter."""
     if not is_database_uri(location):
         return location
-    location = re.sub(r"(?i)\A(postgres(?:ql)?://[^:@/?]*):[^@/?]*@",
-                      r"\1:***@", location)
-    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", location)
+    scheme, slashes, rest = location.partition("//")
+    colon, at = rest.find(":"), rest.rfind("@")
+    if 0 <= colon < at:
+        rest = rest[:colon] + ":***" + rest[at:]
+    return _URI_PASSWORD.sub(r"\1***", scheme + slashes + rest)
+
+
+# A password parameter of a URI's query, up to the next "&key=" (so that
+# an unencoded "&" in the password does not show the rest of it), and of
+# a keyword/value conninfo (quoted, or up to a space), as a driver's
+# message may quote one.
+_URI_PASSWORD = re.compile(r"(?i)([?&]password=)(.*?)(?=&[\w-]+=|\Z)")
+_CONNINFO_PASSWORD = re.compile(
+    r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s'&]+)")
+
+
+def _uri_secrets(location):
+    """The passwords (none empty) that the store ``location`` may hold:
+    as libpq reads it (up to the first "@") and as
+    redact_uri() hides it (up to the last), in the user information and
+    in ``password=`` parameters, as written and percent-decoded."""
+    if not is_database_uri(location):
+        return set()
+    rest = location.partition("//")[2]
+    found = []
+    colon, at = rest.find(":"), rest.rfind("@")
+    if 0 <= colon < at:
+        found.append(rest[colon + 1:at])
+    # libpq: the user information ends at the first "@" before any "/".
+    userinfo = re.match(r"[^@/]*(?=@)", rest)
+    if userinfo and ":" in userinfo.group():
+        found.append(userinfo.group().split(":", 1)[1])
+    for match in re.finditer(r"(?i)[?&]password=([^&]*)", location):
+        found.append(match.group(1))
+    for match in _URI_PASSWORD.finditer(location):
+        found.append(match.group(2))
+    secrets = set()
+    for secret in found:
+        secrets.update((secret, urllib.parse.unquote(secret)))
+    secrets.discard("")
+    return secrets
+
+
+def hide_secrets(text, location):
+    """``text`` (a driver's message about the store ``location``) with
+    nothing of its password: the drivers quote the URI, or a token of
+    it (``invalid percent-encoded token: "S3cret%zzPW"``), or a host or
+    port that is a piece of a password libpq read otherwise.  The whole
+    URI is shown redacted; each password, as written or decoded, is
+    replaced by ***; so is a quoted piece of one, and any password=."""
+    if not is_database_uri(location):
+        return text
+    secrets = _uri_secrets(location)
+    text = text.replace(location, redact_uri(location))
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) > 3:         # a shorter one only when quoted
+            text = text.replace(secret, "***")
+
+    # The pieces of a password that libpq read otherwise (the host of
+    # "user:pass@word@host" is "word@host").
+    pieces = set(piece for secret in secrets
+                 for piece in re.split(r"[@/?#:&]", secret)
+                 if len(piece) > 2)
+
+    def quoted(match):
+        inside = match.group(2)
+        if inside and (any(inside in secret for secret in secrets)
+                       or any(piece in inside for piece in pieces)):
+            return match.group(1) + "***" + match.group(1)
+        return match.group()
+    text = re.sub(r"([\"'])(.*?)\1", quoted, text)
+    return _CONNINFO_PASSWORD.sub(r"\1***", _URI_PASSWORD.sub(r"\1***", text))
+
+
+def _parse_database_uri(location, module=None):
+    """libpq's own reading of the PostgreSQL URI ``location`` (its
+    PQconninfoParse, through the driver ``module``, else the one
+    PostgreSQLStore uses): a dict of its parameters.  The driver's error
+    if libpq cannot read it; StoreError if no driver is installed."""
+    module = module or postgresql_driver(PostgreSQLStore.driver)
+    if module.__name__ == "psycopg":
+        parse = importlib.import_module("psycopg.conninfo").conninfo_to_dict
+    else:
+        parse = importlib.import_module(
+            module.__name__ + ".extensions").parse_dsn
+    return parse(location)
+
+
+def _database_uri_problem(location):
+    """Why the PostgreSQL URI ``location`` can never work, without its
+    password; None if libpq reads it, with hosts and ports that can be
+    (or if no driver is installed to ask: the start says to install
+    one).  A URI that cannot work is a configuration error, not a
+    database that is down."""
+    try:
+        parameters = _parse_database_uri(location)
+    except StoreError:
+        return None
+    except Exception as error:      # the driver's ProgrammingError
+        return ("%s: libpq cannot read this URI: %s (a user name or "
+                "password must write %% as %%25, @ as %%40, / as %%2F, "
+                "? as %%3F, # as %%23; or keep the password in a passfile: "
+                "?passfile=/etc/smtpproxy/pgpass)"
+                % (redact_uri(location), hide_secrets(
+                    re.sub(r"\Ainvalid dsn: ", "", _one_line(error)),
+                    location)))   # psycopg2's prefix
+    # Neither is checked by libpq's parse, and both fail every connection
+    # (the value is not shown: it may be a piece of the password).
+    for host in parameters.get("host", "").split(","):
+        if "@" in host and not host.startswith(("/", "@")):
+            return ("%s: its host name holds \"@\": a password that holds "
+                    "@ must be written %%40" % redact_uri(location))
+    for port in parameters.get("port", "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            return ("%s: its port is not a number from 1 to 65535: a "
+                    "password that holds / must be written %%2F"
+                    % redact_uri(location))
+    return None
 
 
 def _policy_listen(text):
@@ -716,8 +839,11 @@ KEYS = [
         "shared by several MX hosts, as a libpq URI "
         "(postgresql://user:password@host:port/dbname, or "
         "postgresql:///dbname?host=/run/postgresql for a local socket; "
+        "the password best in a passfile, ?passfile=PATH, mode 0600, "
+        "owned by the serving user; it is never shown; "
         "needs pip install smtpproxy[postgresql])", path=True,
-        examples=("postgresql://greylist:secret@db.example.org/greylist",)),
+        examples=("postgresql://greylist@db.example.org/greylist"
+                  "?passfile=/etc/smtpproxy/pgpass",)),
     Key("greylist_db_timeout", _decimal, GREYLISTING,
         "the longest a decision waits for the store (its turn in this "
         "process; with PostgreSQL, connecting and each statement) before "
@@ -4307,10 +4433,26 @@ def normalise_sender(sender):
 
 class StoreError(sqlite3.Error):
     """The greylisting store cannot be used: not reached within
-    ``greylist_db_timeout``, or a PostgreSQL store's error (its driver's
-    exception is ``__cause__``).  A subclass of sqlite3.Error, so that
-    code written for the sqlite store, which raises sqlite3.Error, catches
-    it too."""
+    ``greylist_db_timeout``, or a PostgreSQL store's error, its message
+    without the password (hide_secrets()) and its ``sqlstate`` the
+    server's SQLSTATE, if known (the driver's exception is not chained:
+    a traceback would show its message).  A subclass of sqlite3.Error, so
+    that code written for the sqlite store, which raises sqlite3.Error,
+    catches it too."""
+
+    sqlstate = None
+
+
+class StoreConfigError(StoreError):
+    """The PostgreSQL store's answer says that the configuration is
+    wrong, not that the database is away: the server refused the login
+    or the database (see PostgreSQLStore.configuration_sqlstates), libpq
+    refused a connection parameter, or the tables are of a newer
+    smtpproxy.  The same answer comes until the configuration (or the
+    database) changes: --check-config and the start stop on it (exit 2),
+    a reload keeps the configuration in force; while the service runs, it
+    is an outage as any other (greylist_fail_mode decides), logged as an
+    error once."""
 
 
 # The changes triplet_step() asks of a store.
@@ -4830,6 +4972,63 @@ def _one_line(error):
     return " ".join(str(error).split()) or error.__class__.__name__
 
 
+# libpq gives no SQLSTATE for a connection that the server refused, only
+# its message, "connection to server at ... failed: FATAL:  TEXT": the
+# severity and two spaces in any language, TEXT in the server's
+# (lc_messages).  These are the English TEXTs of the refusals that say
+# the configuration is wrong, with their SQLSTATEs (PostgreSQL's
+# src/backend/libpq/auth.c and utils/init/postinit.c).  A server that
+# speaks another language is not understood: its refusal is taken for an
+# outage, as is every failure not known to be something else.
+_REFUSALS = [(re.compile(pattern), sqlstate) for pattern, sqlstate in (
+    (r"password authentication failed for user ", "28P01"),
+    (r"\S+ authentication failed for user ", "28000"),
+    (r"no pg_hba\.conf entry for ", "28000"),
+    (r"pg_hba\.conf rejects connection ", "28000"),
+    (r"role \".*\" does not exist", "28000"),
+    (r"role \".*\" is not permitted to log in", "28000"),
+    (r"database \".*\" does not exist", "3D000"),
+    (r"permission denied for database ", "42501"))]
+
+# libpq's own refusals of a connection parameter (before any network),
+# and of a login without a password (none in the URI, no passfile it
+# may read: a passfile that others may read is ignored), in English:
+# Python leaves LC_MESSAGES at "C".
+_PARAMETER_REFUSAL = re.compile(
+    r"invalid \S+ value|invalid integer value|invalid port number|"
+    r"could not match \d+ |invalid connection option")
+_NO_PASSWORD = "fe_sendauth: no password supplied"
+
+# What to do about each configuration error (by SQLSTATE or its class).
+_CONFIGURATION_HINTS = {
+    "28": "the server refuses the login: check the user name and "
+          "password of greylist_db (or its passfile) and the server's "
+          "pg_hba.conf",
+    "3D000": "no such database: make it (createdb --owner USER NAME) or "
+             "correct its name in greylist_db",
+    "3F000": "no schema to make the tables in: set the user's "
+             "search_path, or let the database's owner make the tables",
+    "42501": "permission denied: grant the user CONNECT on the database "
+             "and, for the first start, CREATE on its schema (or let the "
+             "database's owner make the tables)",
+    _NO_PASSWORD: "the server asks for a password: name a passfile in "
+                  "greylist_db (?passfile=PATH), mode 0600, owned by the "
+                  "serving user",
+    None: "libpq refuses this URI or one of its parameters",
+}
+
+
+def _server_refusal(text):
+    """The SQLSTATE of the server's refusal that the message ``text`` of
+    a connection that failed (as the driver gives it, on several lines)
+    quotes; None if no refusal is recognised."""
+    for match in re.finditer(r"\S:  ([^\n]*)", text):
+        for pattern, sqlstate in _REFUSALS:
+            if pattern.match(match.group(1)):
+                return sqlstate
+    return None
+
+
 # PostgreSQL's clock, in seconds since the epoch, unless a time is given.
 _PG_CLOCK = "COALESCE(%s::float8, EXTRACT(EPOCH FROM CURRENT_TIMESTAMP)::float8)"
 
@@ -4912,7 +5111,12 @@ class PostgreSQLStore(GreylistStore):
     sqlite store's.  ``greylist_db_timeout`` bounds every wait: the turn
     in this process, connecting (connect_timeout, 2 s at least, libpq's
     floor), each statement (statement_timeout, also row locks), and TCP
-    keepalives find a server that vanished.  While the database cannot
+    keepalives find a server that vanished.  An answer that says the
+    configuration is wrong (``configuration_sqlstates``: the login or the
+    database refused) is a StoreConfigError, which stops --check-config
+    and the start; while serving, it is an outage as any other.  Every
+    message is shown without the password (hide_secrets()).  While the
+    database cannot
     be reached, decisions fail at once (StoreError) until the next try to
     connect, ``retry_min`` seconds after a failure, doubling up to
     ``retry_max``; each distinct error is marked ``first_of_incident``
@@ -4927,6 +5131,12 @@ class PostgreSQLStore(GreylistStore):
     """
 
     schema_version = 1
+    # The SQLSTATEs (or their classes, two characters) that say the
+    # configuration is wrong (StoreConfigError): the login refused (class
+    # 28: a wrong password, no such role, no pg_hba.conf entry), no such
+    # database (3D000), no schema for the tables (3F000), no permission
+    # (42501: to connect, or to make or use the tables).
+    configuration_sqlstates = ("28", "3D000", "3F000", "42501")
     database_clock = True
     synchronous_commit = False
     retry_min = 0.5
@@ -4966,7 +5176,10 @@ class PostgreSQLStore(GreylistStore):
         if self._db is not None:
             return self._db
         if time.monotonic() < self._retry_at:
-            raise StoreError(self._last_error)
+            last = self._last_error
+            again = type(last)(str(last))
+            again.sqlstate = last.sqlstate
+            raise again
         connection = None
         try:
             timeout = self.greylist_db_timeout
@@ -4988,19 +5201,55 @@ class PostgreSQLStore(GreylistStore):
                 self.retry_min, 2 * self._retry_delay))
             self._retry_at = time.monotonic() + self._retry_delay
             if out_of_descriptors():
-                raise ResourceShortage("greylisting store %s: %s (out of "
-                                       "descriptors)"
-                                       % (self, _one_line(error)))
+                raise ResourceShortage(
+                    "greylisting store %s: %s (out of descriptors)"
+                    % (self, hide_secrets(_one_line(error), self.path))) \
+                    from None
             if isinstance(error, StoreError):
-                self._last_error = str(error)
+                self._last_error = error
                 raise
             if not isinstance(error, self._module.Error):
                 raise
-            self._last_error = _one_line(error)
-            raise StoreError(self._last_error) from error
+            self._last_error = self._failure(error, connection is None)
+            raise self._last_error from None
         self._retry_delay = 0.0
         self._db = connection
         return connection
+
+    def _failure(self, error, connecting=False):
+        """The StoreError of the driver's ``error``, its message without
+        the password; a StoreConfigError if the answer says that the
+        configuration is wrong: by its SQLSTATE, or, when ``connecting``
+        (the drivers give none then), by the server's refusal in the
+        message, libpq's refusal of a parameter, or a URI the driver
+        cannot read (its ProgrammingError)."""
+        raw = str(error)
+        text = hide_secrets(_one_line(error), self.path)
+        sqlstate = (getattr(error, "sqlstate", None)
+                    or getattr(error, "pgcode", None))
+        if sqlstate is None and connecting:
+            sqlstate = _server_refusal(raw)
+        configuration = (
+            sqlstate is not None
+            and sqlstate.startswith(self.configuration_sqlstates))
+        hint = None
+        if sqlstate is None and connecting:
+            if _NO_PASSWORD in raw:
+                configuration, hint = True, _NO_PASSWORD
+            elif (_PARAMETER_REFUSAL.search(raw)
+                  or isinstance(error, self._module.ProgrammingError)):
+                configuration = True
+        if configuration:
+            hint = _CONFIGURATION_HINTS.get(
+                hint or sqlstate, _CONFIGURATION_HINTS.get(
+                    sqlstate and sqlstate[:2]))
+            failure = StoreConfigError("%s (%s%s)" % (
+                text, "SQLSTATE %s: " % sqlstate if sqlstate else "",
+                hint or "the configuration is wrong"))
+        else:
+            failure = StoreError(text)
+        failure.sqlstate = sqlstate
+        return failure
 
     def _prepare(self, connection):
         """Bound each statement, and make the tables or check their
@@ -5036,7 +5285,7 @@ class PostgreSQLStore(GreylistStore):
             cursor.execute("SELECT version FROM smtpproxy_schema")
             version = cursor.fetchone()[0]
             if version > self.schema_version:
-                raise StoreError(
+                raise StoreConfigError(
                     "the tables are of schema version %d, newer than this "
                     "smtpproxy's (%d): upgrade smtpproxy on this host too"
                     % (version, self.schema_version))
@@ -5079,8 +5328,7 @@ class PostgreSQLStore(GreylistStore):
                     if not self._discard(connection) and attempt == 1 \
                             and not fresh:
                         continue        # a stale connection: once more
-                    raise self._incident(StoreError(_one_line(error))) \
-                        from error
+                    raise self._incident(self._failure(error)) from None
                 except BaseException:
                     self._discard(connection)
                     raise
@@ -7856,10 +8104,13 @@ def check_root_store(path):
 def check_database(handler_class, write=True, notes=None):
     """A PostgreSQL store: its driver must be installed (else StartError),
     and the database is asked once (the tables made or checked, and with
-    ``write`` a row written and deleted).  Return the warnings: one if it
-    cannot be used now, for the service starts anyway, as it goes on when
-    the database goes away, and greylist_fail_mode decides until it is
-    back.  ``notes`` gets a line saying it is usable."""
+    ``write`` a row written and deleted).  An answer that says the
+    configuration is wrong (StoreConfigError: the login or the database
+    refused, a URI libpq cannot read) is a StartError (status 2).  Return
+    the warnings: one if it cannot be reached now, for the service starts
+    anyway, as it goes on when the database goes away, and
+    greylist_fail_mode decides until it is back.  ``notes`` gets a line
+    saying it is usable."""
     location = handler_class.greylist_db
     try:
         store = open_store(location, handler_class)
@@ -7871,13 +8122,15 @@ def check_database(handler_class, write=True, notes=None):
         if write:
             store.pass_key("smtpproxy-check", 0)    # may it write?
             store.delete("smtpproxy-check")
+    except StoreConfigError as error:
+        raise StartError("greylisting store %s: %s"
+                         % (redact_uri(location), error), 2)
     except (sqlite3.Error, ResourceShortage) as error:
         return ["greylisting store %s is not usable now: %s; the service "
                 "starts, and decisions fall back to greylist_fail_mode "
-                "(%s) until it is: check the URI, that the server runs, "
-                "and that its user may connect (and create tables the "
-                "first time)" % (redact_uri(location), error,
-                                 handler_class.greylist_fail_mode)]
+                "(%s) until it is: check that the server runs and that "
+                "this host reaches it" % (redact_uri(location), error,
+                                          handler_class.greylist_fail_mode)]
     finally:
         store.close()
     if notes is not None:

@@ -12,7 +12,9 @@ UNIX socket in ``socket_dir``; nothing of a system cluster (port 5432,
 ``postgresql://greylist:secret@127.0.0.1:PORT/NAME``; ``empty(NAME)``
 makes database NAME the first time, and drops smtpproxy's tables from
 it the next (quicker); ``socket_uri(NAME)`` is the same database through the socket
-(``postgresql:///NAME?host=DIR&port=PORT&user=greylist``).  ``sql(text)``
+(``postgresql:///NAME?host=DIR&port=PORT&user=greylist``);
+``login(PASSWORD)`` makes a role of its own with that password, and its
+database, and returns their URI.  ``sql(text)``
 runs statements as the superuser.  ``stop()`` and ``start()`` stop the
 server (a fast shutdown, as ``pg_ctl stop -m fast``: sessions end) and
 start it again on the same port and data; ``close()`` stops it and
@@ -207,9 +209,20 @@ class PostgreSQL(object):
                      "smtpproxy_triplets, smtpproxy_clients", name)
         return self.uri(name)
 
-    def uri(self, name):
+    def uri(self, name, role=ROLE, password=PASSWORD):
         return "postgresql://%s:%s@127.0.0.1:%d/%s" % (
-            ROLE, PASSWORD, self.port, name)
+            role, password, self.port, name)
+
+    def login(self, password, written=None):
+        """A new role whose password is ``password`` (no ' in it), and a
+        new database it owns: the URI, the password as ``written`` in it
+        (as it is, if not given)."""
+        self.count += 1
+        name = "login%d" % self.count
+        self.sql("CREATE ROLE %s LOGIN PASSWORD '%s'" % (name, password))
+        self.sql("CREATE DATABASE %s OWNER %s" % (name, name))
+        return self.uri(name, name, password if written is None
+                        else written)
 
     def socket_uri(self, name):
         return "postgresql:///%s?host=%s&port=%d&user=%s" % (

@@ -4,6 +4,7 @@ going away and coming back, clocks that differ, the admin commands and
 --check-config.  The database is a private cluster (tests/pg.py).  The
 store's decision table is tested on both stores by tests/test_store.py."""
 
+import os
 import smtplib
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import time
 import pytest
 
 import smtpproxy
-from conftest import PG_DRIVERS, ROOT, ProxyProcess, free_port, wait_until
+from conftest import (PG_DRIVERS, ROOT, ProxyProcess, free_port, read,
+                      wait_until)
 
 SENDERS = ["%s@example.net" % name
            for name in ("alice", "bob", "carol", "dave", "erin")]
@@ -405,6 +407,73 @@ def test_the_password_is_never_shown():
     assert redact("greylist.db") == "greylist.db"
 
 
+@pytest.mark.parametrize("password", [
+    "S3c?ret", "S3c@ret", "S3c/ret", "S3c#ret", "S3c%zzret", "S3c:ret"])
+def test_a_password_libpq_reads_otherwise_is_hidden_whole(password):
+    # libpq ends the password at the first "@" (before any "/"): the
+    # redaction ends it at the last, so that no piece of it shows.
+    uri = "postgresql://greylist:%s@db.example.org:5432/grey" % password
+    assert smtpproxy.redact_uri(uri) == (
+        "postgresql://greylist:***@db.example.org:5432/grey")
+    query = "postgresql:///grey?password=%s&host=/run" % password
+    assert smtpproxy.redact_uri(query) == (
+        "postgresql:///grey?password=***&host=/run")
+
+
+def test_a_driver_message_is_shown_without_the_password():
+    hide = smtpproxy.hide_secrets
+    uri = "postgresql://greylist:S3cret%zzPW@127.0.0.1:5/grey"
+    # libpq quotes the token it cannot decode, or the whole URI.
+    assert hide('invalid percent-encoded token: "S3cret%zzPW"', uri) == (
+        'invalid percent-encoded token: "***"')
+    assert hide('no "]" in URI: "%s"' % uri, uri) == (
+        'no "]" in URI: "postgresql://greylist:***@127.0.0.1:5/grey"')
+    # A piece of a password libpq took for the host; the decoded form; a
+    # keyword/value conninfo.
+    uri = "postgresql://greylist:S3c@ret@db.example.org/grey"
+    assert hide("failed to resolve host 'ret@db.example.org'", uri) == (
+        "failed to resolve host '***'")
+    uri = "postgresql://greylist:p%40ssw0rd@h/grey"
+    assert hide("user=greylist password=p@ssw0rd host=h: p@ssw0rd", uri) == (
+        "user=greylist password=*** host=h: ***")
+
+
+@pytest.mark.parametrize("message, sqlstate", [
+    ('connection to server at "h" (192.0.2.1), port 5432 failed: FATAL:  '
+     'password authentication failed for user "greylist"', "28P01"),
+    ('connection to server on socket "/run/postgresql/.s.PGSQL.5432" '
+     'failed: FATAL:  Peer authentication failed for user "greylist"',
+     "28000"),
+    ('connection to server at "h" (192.0.2.1), port 5432 failed: FATAL:  '
+     'no pg_hba.conf entry for host "192.0.2.7", user "greylist", '
+     'database "greylist", no encryption', "28000"),
+    ('connection failed: connection to server at "h" (192.0.2.1), port '
+     '5432 failed: FATAL:  database "nosuch" does not exist', "3D000"),
+    ('connection to server at "h" (192.0.2.1), port 5432 failed: FATAL:  '
+     'permission denied for database "greylist"\nDETAIL:  User does not '
+     'have CONNECT privilege.', "42501"),
+    # Outages: the server away, starting, full.
+    ('connection to server at "h" (192.0.2.1), port 5432 failed: '
+     'Connection refused\n\tIs the server running on that host and '
+     'accepting TCP/IP connections?', None),
+    ('connection to server at "h" (192.0.2.1), port 5432 failed: FATAL:  '
+     'the database system is starting up', None),
+    ('connection to server at "h" (192.0.2.1), port 5432 failed: FATAL:  '
+     'sorry, too many clients already', None),
+    # The server's own words, in another language: not understood.
+    ('connection to server at "h" (192.0.2.1), port 5432 failed: FATAL:  '
+     'Passwort-Authentifizierung f\u00fcr Benutzer \u00bbgreylist\u00ab '
+     'fehlgeschlagen', None),
+    # A database named like a refusal, in a message of libpq's own.
+    ('could not translate host name "database "x" does not exist" to '
+     'address', None),
+])
+def test_a_refusal_of_the_server_is_known_by_its_message(message, sqlstate):
+    # libpq gives no SQLSTATE for a connection that failed: the server's
+    # part of its message follows the severity and two spaces.
+    assert smtpproxy._server_refusal(message) == sqlstate
+
+
 # -- the command line -------------------------------------------------------
 
 BLOCK_DRIVERS = ("import sys; sys.modules['psycopg'] = None; "
@@ -412,14 +481,28 @@ BLOCK_DRIVERS = ("import sys; sys.modules['psycopg'] = None; "
 
 
 def run(tmp_path, uri, *args, **options):
+    """smtpproxy's command line on ``uri`` (and ``args``): its exit
+    status, standard output and error.  ``no_driver``: as if none were
+    installed; ``driver``: with that one only."""
+    blocked = ""
+    if options.get("no_driver"):
+        blocked = BLOCK_DRIVERS
+    elif options.get("driver"):
+        other = {"psycopg": "psycopg2", "psycopg2": "psycopg"}
+        blocked = ("import sys; sys.modules[%r] = None; "
+                   % other[options["driver"]])
     code = ("import sys; sys.path.insert(0, %r); %s import smtpproxy; "
-            "sys.exit(smtpproxy.main(sys.argv[1:]))"
-            % (ROOT, BLOCK_DRIVERS if options.get("no_driver") else ""))
+            "sys.exit(smtpproxy.main(sys.argv[1:]))" % (ROOT, blocked))
     (tmp_path / "pg.conf").write_text(config(uri) + "run_as_root = yes\n")
-    result = subprocess.run(
-        [sys.executable, "-c", code, "--config", str(tmp_path / "pg.conf")]
-        + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        universal_newlines=True, cwd=str(tmp_path))
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code, "--config",
+             str(tmp_path / "pg.conf")] + list(args),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, cwd=str(tmp_path), timeout=30)
+    except subprocess.TimeoutExpired as expired:
+        # A start that should have failed serves: it was killed.
+        return "still running", expired.stdout, expired.stderr
     return result.returncode, result.stdout, result.stderr
 
 
@@ -443,6 +526,160 @@ def test_check_config_warns_of_a_database_that_is_down(tmp_path, pg_uri,
     assert "is not usable now" in err
     assert "decisions fall back to greylist_fail_mode (defer)" in err
     assert "secret" not in out + err
+
+
+def start_args():
+    """The command line of a start that serves in the foreground."""
+    return ["--listen", "127.0.0.1:%d" % free_port(),
+            "--upstream", "127.0.0.1:9"]
+
+
+def written(tmp_path, result):
+    """All that a run wrote: its output, and the files it made (the
+    configuration, which holds the URI, aside)."""
+    code, out, err = result
+    files = [path.read_text(errors="replace") for path in tmp_path.iterdir()
+             if path.is_file() and path.name != "pg.conf"]
+    return "\n".join([out, err] + files)
+
+
+# A password that holds every character a URI reserves, and the URI
+# that writes it: "?" and "#" as they are (libpq reads them so), "@", "/"
+# and "%" percent-encoded.
+SPECIAL, SPECIAL_WRITTEN = "Q9?x@Y#z/W%v", "Q9?x%40Y#z%2FW%25v"
+SPECIAL_PIECES = ["Q9?x", "Y#z", "W%v", "%40Y", "z%2FW"]
+
+
+@pytest.mark.parametrize("driver", PG_DRIVERS)
+def test_a_password_with_reserved_characters_is_never_shown(
+        tmp_path, postgresql, driver):
+    uri = postgresql.login(SPECIAL, SPECIAL_WRITTEN)
+    results = [run(tmp_path, uri, "--check-config", driver=driver),
+               run(tmp_path, uri, "--db-stats", driver=driver),
+               run(tmp_path, uri, "--db-pass", "192.0.2.7", "a@example.net",
+                   "b@example.org", driver=driver)]
+    for code, out, err in results:
+        assert code == 0, err
+    assert ": usable (%s)" % driver in results[0][1]
+    assert "greylist_db = postgresql://%s:***@127.0.0.1:" % (
+        uri.split("//")[1].split(":")[0]) in results[0][1]
+    for result in results:
+        text = written(tmp_path, result)
+        for piece in SPECIAL_PIECES:
+            assert piece not in text, (piece, text)
+
+
+@pytest.mark.parametrize("driver", PG_DRIVERS)
+@pytest.mark.parametrize("password, problem", [
+    ("S3cret%zzPW", "libpq cannot read this URI: invalid percent-encoded "
+                    'token: "***"'),
+    ("S3cret@zzPW", 'its host name holds "@"'),
+    ("S3cret/zzPW", "its port is not a number"),
+])
+@pytest.mark.parametrize("command", ["--check-config", "start", "--db-stats"])
+def test_a_uri_that_can_never_work_is_a_configuration_error(
+        tmp_path, postgresql, driver, password, problem, command):
+    # The server runs, and would take the password percent-encoded: the
+    # URI is wrong, not the database away.
+    uri = postgresql.uri("greylist1", password=password)
+    args = start_args() if command == "start" else [command]
+    result = run(tmp_path, uri, *args, driver=driver)
+    code, out, err = result
+    assert code == 2, err
+    assert problem in err
+    assert "postgresql://greylist:***@127.0.0.1:%d/greylist1" % (
+        postgresql.port) in err
+    text = written(tmp_path, result)
+    assert "S3cret" not in text and "zzPW" not in text, text
+
+
+@pytest.mark.parametrize("driver", PG_DRIVERS)
+@pytest.mark.parametrize("case, cause", [
+    ("wrong password", "password authentication failed for user "
+                       '"greylist" (SQLSTATE 28P01: the server refuses the '
+                       "login"),
+    ("no such database", 'database "nosuch" does not exist (SQLSTATE '
+                         "3D000: no such database"),
+    ("no such role", 'password authentication failed for user "nosuch" '
+                     "(SQLSTATE 28P01"),
+])
+@pytest.mark.parametrize("command", ["--check-config", "start",
+                                     "--db-stats"])
+def test_a_login_the_server_refuses_is_a_configuration_error(
+        tmp_path, postgresql, pg_uri, driver, case, cause, command):
+    name = pg_uri.rsplit("/", 1)[1]
+    uri = {"wrong password": postgresql.uri(name, password="Wr0ng?PW"),
+           "no such database": postgresql.uri("nosuch"),
+           "no such role": postgresql.uri(name, "nosuch", "Wr0ng?PW")}[case]
+    args = start_args() if command == "start" else [command]
+    result = run(tmp_path, uri, *args, driver=driver)
+    code, out, err = result
+    # The store commands fail as on any error of the store.
+    assert code == (1 if command == "--db-stats" else 2), err
+    assert cause in err
+    assert "is not usable now" not in err       # no outage, no fallback
+    text = written(tmp_path, result)
+    assert "Wr0ng" not in text and "secret" not in text
+
+
+@pytest.mark.parametrize("driver", PG_DRIVERS)
+def test_a_server_nothing_listens_for_is_an_outage(tmp_path, driver):
+    uri = "postgresql://greylist:Q9?x%%40Y@127.0.0.1:%d/greylist" % (
+        free_port())
+    result = run(tmp_path, uri, "--check-config", driver=driver)
+    code, out, err = result
+    assert code == 0, err
+    assert "Connection refused" in err
+    assert "is not usable now" in err
+    assert "decisions fall back to greylist_fail_mode (defer)" in err
+    assert "Q9?x" not in written(tmp_path, result)
+
+
+@pytest.mark.parametrize("driver", PG_DRIVERS)
+def test_a_password_in_a_passfile_others_cannot_read(tmp_path, postgresql,
+                                                     driver):
+    uri = postgresql.login(SPECIAL, SPECIAL_WRITTEN)
+    role = uri.split("//")[1].split(":")[0]
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("127.0.0.1:%d:%s:%s:%s\n"
+                        % (postgresql.port, role, role, SPECIAL))
+    uri = "postgresql://%s@127.0.0.1:%d/%s?passfile=%s" % (
+        role, postgresql.port, role, passfile)
+    passfile.chmod(0o600)
+    code, out, err = run(tmp_path, uri, "--check-config", driver=driver)
+    assert code == 0, err
+    assert ": usable (%s)" % driver in out
+    # libpq ignores a password file that others may read: no password,
+    # which is no outage.
+    passfile.chmod(0o644)
+    code, out, err = run(tmp_path, uri, "--check-config", driver=driver)
+    assert code == 2, err
+    assert "no password supplied (the server asks for a password: name a " \
+        "passfile" in err
+
+
+def test_a_login_refused_while_serving_is_an_outage_logged_once(
+        proxies, postgresql):
+    uri = postgresql.login(SPECIAL, SPECIAL_WRITTEN)
+    role = uri.split("//")[1].split(":")[0]
+    proxy = proxies(uri, "mx1", greylist_cache_time=0)
+    assert rcpt(proxy) == 451                       # greylisted
+    # The password changes on the server; the session it had ends.
+    postgresql.sql("ALTER ROLE %s PASSWORD 'other'; SELECT "
+                   "pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                   "usename = '%s'" % (role, role))
+    assert [rcpt(proxy, sender) for sender in SENDERS] == [451] * 5
+    assert proxy.process.poll() is None             # an outage: it serves
+    log = proxy.stderr_text()
+    refused = [line for line in log.splitlines()
+               if "password authentication failed" in line]
+    assert len(refused) == 1, log                   # once, as an error
+    assert "ERROR" in refused[0] and "SQLSTATE 28P01" in refused[0]
+    assert "decisions fall back to defer" in refused[0]
+    logs = log + read(os.path.join(os.path.dirname(proxy.config_path),
+                                   "greylist.log"))
+    for piece in SPECIAL_PIECES:
+        assert piece not in logs
 
 
 def test_without_a_driver_the_start_says_what_to_install(tmp_path, pg_uri):
