@@ -748,8 +748,7 @@ KEYS = [
     Key("upstream_pool_size", _integer, UPSTREAM,
         "upstream sessions kept open when their client has gone, for the "
         "next clients (a new EHLO, no new connection); never one that "
-        "failed, in a transaction, with TLS or XCLIENT; 0: none (for now "
-        "the default: 20 makes one-message sessions about 40% faster)"),
+        "failed, in a transaction, with TLS or XCLIENT; 0: none"),
     Key("upstream_pool_idle", _positive, UPSTREAM,
         "seconds an upstream session may wait in the pool: less than the "
         "upstream's own idle timeout (Postfix: 300)"),
@@ -1043,7 +1042,6 @@ KEYS = [
 ]
 
 
-KEYS_BY_NAME = dict((key.name, key) for key in KEYS)
 # What the rest of the module reads, derived from KEYS.
 # name: (converter, kind, help); the converter of a list converts an item.
 CONFIG_KEYS = dict((key.name, (key.parse, key.kind, key.help))
@@ -1651,9 +1649,13 @@ class _LineReader(object):
 def send_within(sock, data, seconds, deadline=None):
     """Write all of ``data`` to ``sock`` within ``seconds`` (None: no
     limit) and before ``deadline`` (time.monotonic(), or None), or raise
-    Expired("write").  sendall() would give each blocked send() the
-    whole timeout again: a client that reads a byte now and then could
-    hold the session for ever.  The common case is one send()."""
+    Expired("write").  Not sendall(): with the kernel's SO_SNDTIMEO (what
+    set_timeout() sets) and on a TLS socket (ssl's sendall() loops on
+    send()), each blocked send() gets the whole timeout again, so that a
+    client that reads a byte now and then could hold the session for
+    ever.  (Python's own settimeout() bounds a plain socket's sendall()
+    as a whole, but costs what set_timeout() avoids.)  The common case is
+    one send()."""
     start = time.monotonic()
     try:
         sent = sock.send(data)
@@ -6584,10 +6586,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     gets a new one, so that a new connection costs no thread start.  No
     thread holds anything of the session it served.  ``spare_threads``
     is 0 by default (a thread per client: an idle proxy holds no thread).
-    The threads kept cost memory that stays taken: with 50 (30 in use at
-    once), 100,000 one-message sessions raised the RSS from 51 to 64 MB,
-    all of it in the first 40,000 (the allocator keeps its peak; Python
-    objects stay as many); with none, 46 to 49 MB after 32,000.
+    The threads kept cost memory that the allocator keeps (its peak).
 
     Counters (``counters``, a dict; logged by log_counters(), which the
     command line runs on SIGUSR1): connections, connections_refused,
@@ -6598,9 +6597,9 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     ``stop()`` ends the service without losing mail: see there.
     """
 
-    daemon_threads = True
+    # No daemon_threads or block_on_close: process_request() is our own,
+    # and its session threads (ReusedThreads) are daemon threads.
     allow_reuse_address = True
-    block_on_close = False
     request_queue_size = 1024
 
     max_connections = 500

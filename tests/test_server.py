@@ -92,8 +92,29 @@ def test_upstream_reached_over_ipv6(upstream_v6):
 
 def test_listen_backlog_is_real():
     assert smtpproxy.SMTPProxyServer.request_queue_size >= 128
-    assert smtpproxy.SMTPProxyServer.daemon_threads
     assert smtpproxy.SMTPProxyServer.allow_reuse_address
+
+
+def test_session_threads_do_not_hold_the_exit(upstream):
+    # What daemon_threads said, asked of the thread a session runs in:
+    # SMTPProxyServer starts its own (process_request is replaced).
+    seen = []
+
+    class Recording(configured(upstream)):
+        def handleConnect(self):
+            seen.append(threading.current_thread().daemon)
+            super(Recording, self).handleConnect()
+
+    server = smtpproxy.SMTPProxyServer(("127.0.0.1", 0), Recording)
+    serve(server)
+    try:
+        client = RawClient(server.server_address[1])
+        client.cmd("QUIT")
+        client.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [True]
 
 
 def test_full_disk_for_the_log_loses_no_mail(proxy_process, upstream):
