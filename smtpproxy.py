@@ -11,6 +11,31 @@ server ("the upstream") while the client is still connected, so that the
 client always hears the upstream's own verdict: a client is told 2xx only
 after the upstream said 2xx.
 
+Nothing reaches the upstream until a RCPT passes the local checks and the
+policy: then the upstream session is opened, the client's HELO/EHLO name
+and MAIL FROM are replayed, and every further accepted RCPT is relayed
+live, the upstream's reply being the client's.  At DATA the message is
+streamed to the upstream line by line, in constant memory, and the
+upstream's reply to the final dot is the client's reply.  If the client
+goes away before the end of the data, the upstream session is closed
+without the final dot, so that the upstream discards what it got.
+
+With policy_listen, the same process also answers Postfix's
+check_policy_service (SMTPD_POLICY_README), for sites that keep Postfix on
+port 25, with the same greylisting and the same store; with smtp_proxy =
+no, that is all it serves.
+
+What EHLO offers follows the upstream (SIZE, 8BITMIME, SMTPUTF8, DSN:
+only what it can carry, learnt from its own EHLO).  STARTTLS is offered to
+clients with tls_cert, and used with the upstream per upstream_tls; with
+xclient, XCLIENT or XFORWARD tell the upstream (Postfix) the real client;
+with proxy_protocol, HAProxy's PROXY header gives the client's address.
+
+The end of the data is CR LF . CR LF and nothing else: a bare CR, a bare
+LF or a NUL anywhere in the message makes the whole message refused after
+its real end (SMTP smuggling), and it is never forwarded in a form the
+upstream could read as an end of data.
+
 Options:
 
     --config FILE, -c FILE
@@ -35,10 +60,9 @@ Options:
         Log the SMTP dialogue to greylist_debuglog (key debug).
     -o KEY=VALUE
         Set any configuration key, over the file (list items separated by
-        commas).  These set a key too: --pidfile FILE, --user NAME,
-        --group NAME, --syslog FACILITY, --grace-period SECONDS,
-        --max-connections N, --max-connections-per-ip N,
-        --policy-listen HOST:PORT|unix:/PATH.
+        commas).  These set the key of their name too, such as
+        --user nobody:
+%(key_options)s
     --daemon
         Detach (double fork, new session, umask 022, working directory /,
         standard streams to /dev/null).  The command returns once the
@@ -58,6 +82,10 @@ Options:
     --sample-config
         Print a configuration file of every key with its default and its
         help (contrib/greylist.conf.dist is one), and exit.
+    --version, -V
+        Print the version and exit.
+    --help, -h
+        Print this message and exit.
 
 Working on the greylisting store (greylist_db) of the configuration, also
 while the proxy runs; keys are "client-network sender recipient":
@@ -72,10 +100,6 @@ while the proxy runs; keys are "client-network sender recipient":
     --db-delete KEY  Forget a triplet or a client network.
 Each names the store it opened on standard error; only --db-pass makes
 one where there is none.
-    --version, -V
-        Print the version and exit.
-    --help, -h
-        Print this message and exit.
 
 As a service: the pidfile is locked first (a running instance makes the
 start fail; a stale pidfile is replaced), then the logs are opened (never
@@ -118,98 +142,14 @@ which overrides the file):
 
 %(config_keys)s
 
-Programmatic use, configured by subclassing::
+Files: the configuration file (--config, else the first of the search
+path above); the store, the logs, the pidfile, the allow-list files and
+the policy service's socket are where their keys say, relative names
+from the directory the service started in.  contrib/greylist.conf.dist
+is the output of --sample-config: every key, its default and its help.
 
-    import smtpproxy
-
-    class MyProxy(smtpproxy.ConcreteMailHandler):
-        smtp_port = 10025
-        def shouldWeAcceptMail(self):
-            return True
-
-    smtpproxy.SMTPProxyServer(('', 1025), MyProxy).serve_forever()
-
-Design.  SMTPProxyServer is a socketserver.ThreadingTCPServer: one thread
-per client.  Each thread runs a handler, a StreamRequestHandler subclass:
-
-    MailHandler          reads client lines with enforced limits and
-                         dispatches each command to handleHelo(),
-                         handleMail(), ...; writes replies with netPrint().
-    ConcreteMailHandler  the strict SMTP state machine and the hooks; its
-                         UpstreamRelay forwards through an UpstreamSession
-                         (a plain socket), its DataScanner finds the end of
-                         each message.
-    GreyListingPolicy    the default policy: asks a Greylister (allow-lists,
-                         relay refusal, greylisting in a GreylistStore, an
-                         sqlite3 file, or a PostgreSQLStore shared by
-                         several MX hosts), which needs no socket.
-
-Hooks: what a subclass may override or call; everything else has a
-leading underscore.  Kamaelia Grey's names keep their camelCase; every
-name new in smtpproxy is PEP 8.
-
-  policy    shouldWeAcceptRecipient(recipient) -> True, False (defer) or
-            a reply string; shouldWeAcceptMail() -> bool (at DATA);
-            extra_headers() -> header lines put in front of the message;
-            GreyListingPolicy: now() -> the clock, greylister_class (a
-            Greylister subclass), store_failed(error)
-  lookups   reverse_lookup(address) -> [names]; forward_lookup(name) ->
-            {addresses}; client_names() -> (reverse, confirmed);
-            client_hostname() -> the confirmed name or None
-  replies   timeout_reply(), shutdown_reply() -> the 421 texts;
-            ehlo_lines() -> the lines of our EHLO reply; defer_reply and
-            relay_reply (attributes)
-  events    handleConnect(), handleTimeout(), handleShutdown(),
-            handleDisconnect(), logResult() (the transaction line),
-            upstream_failed(error)
-  verbs     handleHelo, handleEhlo, handleMail, handleRcpt, handleData,
-            handleQuit, handleRset, handleNoop, handleVrfy, handleHelp,
-            handleStarttls (args: the text after the verb);
-            handleUnknown(command); a new verb: add it to ``commands`` and
-            write handleVerb
-  Postfix   PolicyHandler (check_policy_service): answer(request) -> the
-            action, now(), greylister(), store_failed(error);
-            PolicyServer and UnixPolicyServer (policy_* attributes)
-  plumbing  netPrint(reply), refuse(reply, protocol_error),
-            close_connection(), log_dialogue(message, *args),
-            count(counter), busy(); upstream_class (UpstreamSession),
-            relay_class (UpstreamRelay); learn_upstream() and
-            server_tls_context() (class methods, run at the start)
-
-The module reads top to bottom: configuration (KEYS, one record per key,
-and the file reader), helpers (escaping, envelope syntax, deadlines,
-TLS), the upstream (UpstreamSession, UpstreamRelay), DataScanner, the
-handlers, the greylisting engine (Greylister) and its stores
-(triplet_step, the timing table; GreylistStore; PostgreSQLStore,
-whose driver is imported only when one is used), the registries of what the sessions of a process share,
-the server (SMTPProxyServer), and the command line (checks, Service,
-main()).
-
-Nothing reaches the upstream until a RCPT passes the local checks and the
-policy: then the upstream session is opened, the client's HELO/EHLO name
-and MAIL FROM are replayed, and every further accepted RCPT is relayed
-live, the upstream's reply being the client's.  At DATA the message is
-streamed to the upstream line by line, in constant memory, and the
-upstream's reply to the final dot is the client's reply.  If the client
-goes away before the end of the data, the upstream session is closed
-without the final dot, so that the upstream discards what it got.
-
-With policy_listen, the same process also answers Postfix's
-check_policy_service (SMTPD_POLICY_README), for sites that keep Postfix on
-port 25: PolicyServer (or UnixPolicyServer) and PolicyHandler apply the
-same greylisting, with the same store; with smtp_proxy = no, that is all
-it serves.
-
-What EHLO offers follows the upstream (SIZE, 8BITMIME, SMTPUTF8, DSN:
-only what it can carry, learnt from its own EHLO).  STARTTLS is offered to
-clients with tls_cert, and used with the upstream per upstream_tls; with
-xclient, XCLIENT or XFORWARD tell the upstream (Postfix) the real client;
-with proxy_protocol, HAProxy's PROXY header gives the client's address.
-
-The end of the data is CR LF . CR LF and nothing else: a bare CR, a bare
-LF or a NUL anywhere in the message makes the whole message refused after
-its real end (SMTP smuggling), and it is never forwarded in a form the
-upstream could read as an end of data.
+Subclassing: the hooks are listed in the comment "# Hooks" at the top of
+smtpproxy.py; the README's "Writing a policy" shows one.
 """
 
 import argparse
@@ -242,13 +182,99 @@ import time
 import unicodedata
 import urllib.parse
 
+# == The map ==
+#
+# The developer's part of the manual (--help, the module docstring, is the
+# admin's): how the module is built, the hooks a subclass may use, and
+# where things are.
+#
+# Design.  SMTPProxyServer is a socketserver.ThreadingTCPServer: one thread
+# per client.  Each thread runs a handler, a StreamRequestHandler subclass:
+#
+#     MailHandler          reads client lines with enforced limits and
+#                          dispatches each command to handleHelo(),
+#                          handleMail(), ...; writes replies with netPrint().
+#     ConcreteMailHandler  the strict SMTP state machine and the hooks; its
+#                          UpstreamRelay forwards through an UpstreamSession
+#                          (a plain socket), its DataScanner finds the end of
+#                          each message.
+#     GreyListingPolicy    the default policy: asks a Greylister (allow-lists,
+#                          relay refusal, greylisting in a GreylistStore, an
+#                          sqlite3 file, or a PostgreSQLStore shared by
+#                          several MX hosts), which needs no socket.
+#
+# With policy_listen, PolicyServer (or UnixPolicyServer) and PolicyHandler
+# answer Postfix's check_policy_service with the same greylisting, through
+# the same Greylister and store.
+#
+# Hooks: what a subclass may override or call; everything else has a
+# leading underscore.  Kamaelia Grey's names keep their camelCase; every
+# name new in smtpproxy is PEP 8.
+#
+#   policy    shouldWeAcceptRecipient(recipient) -> True, False (defer) or
+#             a reply string; shouldWeAcceptMail() -> bool (at DATA);
+#             extra_headers() -> header lines put in front of the message;
+#             GreyListingPolicy: now() -> the clock, greylister_class (a
+#             Greylister subclass), store_failed(error)
+#   lookups   reverse_lookup(address) -> [names]; forward_lookup(name) ->
+#             {addresses}; client_names() -> (reverse, confirmed);
+#             client_hostname() -> the confirmed name or None
+#   replies   timeout_reply(), shutdown_reply() -> the 421 texts;
+#             ehlo_lines() -> the lines of our EHLO reply; defer_reply and
+#             relay_reply (attributes)
+#   events    handleConnect(), handleTimeout(), handleShutdown(),
+#             handleDisconnect(), logResult() (the transaction line),
+#             upstream_failed(error)
+#   verbs     handleHelo, handleEhlo, handleMail, handleRcpt, handleData,
+#             handleQuit, handleRset, handleNoop, handleVrfy, handleHelp,
+#             handleStarttls (args: the text after the verb);
+#             handleUnknown(command); a new verb: add it to ``commands`` and
+#             write handleVerb
+#   Postfix   PolicyHandler (check_policy_service): answer(request) -> the
+#             action, now(), greylister(), store_failed(error);
+#             PolicyServer and UnixPolicyServer (policy_* attributes)
+#   plumbing  netPrint(reply), refuse(reply, protocol_error),
+#             close_connection(), log_dialogue(message, *args),
+#             count(counter), busy(); upstream_class (UpstreamSession),
+#             relay_class (UpstreamRelay); learn_upstream() and
+#             server_tls_context() (class methods, run at the start)
+#
+# Programmatic use, configured by subclassing:
+#
+#     import smtpproxy
+#
+#     class MyProxy(smtpproxy.ConcreteMailHandler):
+#         smtp_port = 10025
+#         def shouldWeAcceptMail(self):
+#             return True
+#
+#     smtpproxy.SMTPProxyServer(('', 1025), MyProxy).serve_forever()
+#
+# The module reads top to bottom: configuration (KEYS, one record per key,
+# and the file reader), helpers (escaping, envelope syntax, deadlines,
+# TLS), the upstream (UpstreamSession, UpstreamRelay), DataScanner, the
+# handlers, the greylisting engine (Greylister) and its stores
+# (triplet_step, the timing table; GreylistStore; PostgreSQLStore, whose
+# driver is imported only when one is used), the registries of what the
+# sessions of a process share, the server (SMTPProxyServer), the policy
+# service (PolicyHandler, PolicyServer), and the command line (checks,
+# Service, main()).
+
 __version__ = "0.1.0"
 
+# What the hooks table and the README name: the handlers, the engine, the
+# stores, the relay, the servers, the exceptions they raise, and the
+# functions a policy or a tool may call.
 __all__ = [
-    "MailHandler", "ConcreteMailHandler", "UpstreamSession", "UpstreamError",
-    "GreyListingPolicy", "GreylistStore", "SMTPProxyServer", "ConfigError",
-    "load_config", "read_config_file", "parse_path", "log_escape",
-    "normalise_sender", "main",
+    "MailHandler", "ConcreteMailHandler", "GreyListingPolicy",
+    "UpstreamSession", "UpstreamRelay", "DataScanner", "UpstreamError",
+    "UpstreamTLSError", "EnvelopeSyntaxError", "UNKNOWN_CLIENT",
+    "Greylister", "Decision", "triplet_step", "GreylistStore",
+    "PostgreSQLStore", "open_store", "StoreError", "StoreConfigError",
+    "redact_uri", "hide_secrets", "parse_dns_list",
+    "SMTPProxyServer", "PolicyHandler", "PolicyServer", "UnixPolicyServer",
+    "ConfigError", "load_config", "read_config_file", "parse_path",
+    "log_escape", "normalise_sender", "main",
 ]
 
 log = logging.getLogger("smtpproxy")
@@ -7330,14 +7356,28 @@ def _ipv6_works():
 DEFAULT_CLASS = "smtpproxy.GreyListingPolicy"
 def _usage():
     keys = "\n".join(
-        textwrap.fill("%s (%s)" % (key.help, shown_default(key)), 79,
-                      initial_indent="    %-32s " % key.name,
-                      subsequent_indent=" " * 37)
+        textwrap.fill("%s: %s (%s)" % (key.name, key.help,
+                                       shown_default(key)), 79,
+                      initial_indent="    ", subsequent_indent=" " * 8,
+                      break_on_hyphens=False)
         for key in sorted(KEYS, key=lambda key: key.name))
-    search_path = "\n".join("            " + name
-                            for name in CONFIG_SEARCH_PATH)
+    names = [name for name in CONFIG_SEARCH_PATH
+             if not name.endswith(".dist")]
+    if CONFIG_SEARCH_PATH == names + [name + ".dist" for name in names]:
+        names.append("then each of them with .dist")
+    else:
+        names = CONFIG_SEARCH_PATH
+    search_path = textwrap.fill(", ".join(names), 79,
+                                initial_indent=" " * 12,
+                                subsequent_indent=" " * 12,
+                                break_on_hyphens=False)
+    key_options = textwrap.fill(
+        ", ".join("--" + name.replace("_", "-") for name in KEY_OPTIONS),
+        79, initial_indent=" " * 12, subsequent_indent=" " * 12,
+        break_on_hyphens=False)
     return __doc__ % {"program": "smtpproxy", "default_class": DEFAULT_CLASS,
-                      "config_keys": keys, "search_path": search_path}
+                      "config_keys": keys, "search_path": search_path,
+                      "key_options": key_options}
 
 
 def _split_host_port(text, default_port=None):
