@@ -136,9 +136,10 @@ stops by itself.
 Exit status: 0 after a stop, 1 when the service could not start (port in
 use, already running, store not writable), 2 for a bad configuration.
 
-Configuration keys (class attributes of the handler, or of SMTPProxyServer
-for the limits; set in the file, by subclassing, or on the command line,
-which overrides the file):
+Configuration keys, by section, with their defaults (class attributes of
+the handler, or of SMTPProxyServer for the limits; set in the file, by
+subclassing, or on the command line, which overrides the file).  Each
+key's help: --sample-config, the commented file of every key.
 
 %(config_keys)s
 
@@ -7355,12 +7356,19 @@ def _ipv6_works():
 
 DEFAULT_CLASS = "smtpproxy.GreyListingPolicy"
 def _usage():
+    # Each key's name and default, by section: its help is in
+    # --sample-config, which an admin keeps as the configuration file.
+    sections = collections.OrderedDict()
+    for key in KEYS:
+        sections.setdefault(key.section, []).append(
+            "%s (%s)" % (key.name, shown_default(key)))
+    # An item is not broken across lines (NUL stands for its blanks).
     keys = "\n".join(
-        textwrap.fill("%s: %s (%s)" % (key.name, key.help,
-                                       shown_default(key)), 79,
-                      initial_indent="    ", subsequent_indent=" " * 8,
-                      break_on_hyphens=False)
-        for key in sorted(KEYS, key=lambda key: key.name))
+        "    %s:\n%s" % (section, textwrap.fill(
+            "; ".join(item.replace(" ", "\0") for item in items), 79,
+            initial_indent=" " * 8, subsequent_indent=" " * 8,
+            break_on_hyphens=False).replace("\0", " "))
+        for section, items in sections.items())
     names = [name for name in CONFIG_SEARCH_PATH
              if not name.endswith(".dist")]
     if CONFIG_SEARCH_PATH == names + [name + ".dist" for name in names]:

@@ -84,11 +84,17 @@ def test_help_holds_every_option(capsys, monkeypatch):
                          text), option
 
 
-def test_help_holds_every_key_with_its_default(capsys):
+def test_help_holds_every_key_with_its_default_under_its_section(capsys):
+    # Each key's help is --sample-config's: --help names the key, its
+    # default and its section, for an admin looking for a name.
     text = " ".join(help_text(capsys).split())
     for key in smtpproxy.KEYS:
-        assert "%s: " % key.name in text, key.name
-        assert "(%s)" % smtpproxy.shown_default(key) in text, key.name
+        item = re.search(r"[;:] %s \(%s\)" % (
+            re.escape(key.name), re.escape(smtpproxy.shown_default(key))),
+            text)
+        assert item, key.name
+        assert item.start() > text.index(" %s: " % key.section), key.name
+    assert "--sample-config" in text
 
 
 def test_help_holds_the_signals_and_exit_statuses(capsys):
