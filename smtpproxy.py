@@ -175,6 +175,7 @@ name new in smtpproxy is PEP 8.
             count(counter), busy(); upstream_class (UpstreamSession),
             relay_class (UpstreamRelay); learn_upstream() and
             server_tls_context() (class methods, run at the start)
+  relay     client_attributes(command, announced), upstream_tls_context()
 
 The module reads top to bottom: configuration (KEYS, one record per key,
 and the file reader), helpers (escaping, envelope syntax, deadlines,
@@ -2039,11 +2040,25 @@ class UpstreamRelay(object):
 
     ``session``: the UpstreamSession, or None; ``in_transaction``: the
     upstream has our MAIL; ``lost``: once the upstream broke, the 4xx (or
-    421) the transaction ends with.  What the client said and the
-    configuration come from ``handler`` (helo_name, esmtp, inbox_log,
-    mail_from, mail_params, smtputf8; smtp_ip, upstream_class, ...).  A
-    failure drops the session, sets ``lost``, tells
-    ``handler.upstream_failed()`` and raises the UpstreamError.
+    421) the transaction ends with.  A failure drops the session, sets
+    ``lost``, tells ``handler.upstream_failed()`` and raises the
+    UpstreamError.
+
+    Its interface with the session, ``handler``, is these public names;
+    it reads no other:
+
+    configuration   smtp_ip, smtp_port, upstream_timeout, upstream_class,
+                    upstream_tls, upstream_tls_name, xclient, servername,
+                    upstream_pool_size, upstream_pool_idle
+    the client      helo_name, esmtp, inbox_log[0] (its HELO/EHLO line),
+                    mail_from, mail_params, smtputf8
+    hooks           client_attributes(command, announced) (XCLIENT,
+                    XFORWARD), upstream_tls_context(), upstream_failed(),
+                    count(), log_dialogue()
+
+    What an upstream session announced goes to the process's
+    ``upstream_capabilities``, and a session another client may have to
+    its ``upstream_pool``, both keyed by the upstream's address.
     """
 
     # MAIL and RCPT parameters, and the extension each belongs to.
@@ -2081,7 +2096,8 @@ class UpstreamRelay(object):
         self.helo = handler.inbox_log[0]
         # After XCLIENT the upstream answers as to this client alone.
         if handler.esmtp and not self.session.xclient_done:
-            handler._remember_upstream(self.session.extensions)
+            upstream_capabilities.remember(
+                (handler.smtp_ip, handler.smtp_port), self.session.extensions)
 
     def connect(self, tls=None):
         """A new upstream session, ready for MAIL: greeted, turned to TLS
@@ -2104,7 +2120,7 @@ class UpstreamRelay(object):
         session.greet(name, esmtp)
         if tls != "no" and "STARTTLS" in session.extensions:
             try:
-                session.start_tls(handler._upstream_tls_context(),
+                session.start_tls(handler.upstream_tls_context(),
                                   handler.upstream_tls_name
                                   or handler.smtp_ip, name)
             except UpstreamTLSError as error:
@@ -2117,7 +2133,7 @@ class UpstreamRelay(object):
             session.abort()
             raise UpstreamError("the upstream offers no STARTTLS", NO_TLS)
         if xclient and "XCLIENT" in session.extensions:
-            session.xclient(handler._client_attributes(
+            session.xclient(handler.client_attributes(
                 "XCLIENT", session.extensions["XCLIENT"]))
             name, esmtp = None, None            # must be said again
         if (name, esmtp) != (handler.helo_name, handler.esmtp):
@@ -2176,7 +2192,7 @@ class UpstreamRelay(object):
                     and not session.xclient_done)
         if xforward:
             commands.insert(0, "XFORWARD " + format_xattributes(
-                handler._client_attributes(
+                handler.client_attributes(
                     "XFORWARD", session.extensions["XFORWARD"])))
         replies = session.commands(commands)
         if xforward and replies[0][0] != 250:
@@ -2984,9 +3000,11 @@ class ConcreteMailHandler(MailHandler):
 
     A subclass that returns True from both is a plain, faithful proxy.
 
-    Per transaction: ``helo_name``, ``mail_from`` (None before MAIL, ""
-    for the null sender), ``recipients`` (accepted by the upstream),
-    ``rcpt_seen`` (every well-formed RCPT address, for the log).
+    Per transaction (the relay reads the first five): ``helo_name``,
+    ``esmtp`` (EHLO rather than HELO), ``mail_from`` (None before MAIL, ""
+    for the null sender), ``mail_params`` (its [(KEYWORD, value)]),
+    ``smtputf8`` (MAIL ... SMTPUTF8), ``recipients`` (accepted by the
+    upstream), ``rcpt_seen`` (every well-formed RCPT address, for the log).
 
     Class attributes (configuration keys), besides MailHandler's:
 
@@ -3182,11 +3200,6 @@ class ConcreteMailHandler(MailHandler):
         upstream_capabilities.remember(key, extensions)
         return extensions
 
-    def _remember_upstream(self, extensions):
-        """Keep the EHLO keywords an upstream session announced."""
-        upstream_capabilities.remember((self.smtp_ip, self.smtp_port),
-                                       extensions)
-
     def _upstream_extensions(self):
         """The upstream's EHLO keywords as last learnt, asking it first if
         that was more than ``upstream_capabilities_ttl`` seconds ago (one
@@ -3219,12 +3232,13 @@ class ConcreteMailHandler(MailHandler):
 
     # -- who the client is (XCLIENT, XFORWARD, whitelists) ---------------
 
-    def _client_attributes(self, command, announced=""):
-        """The real client, as XCLIENT or XFORWARD name it: [(NAME,
-        value)], of the names ``announced`` (the parameters of the
-        upstream's EHLO keyword; all when it lists none).  NAME is the
-        client's host name if forward-confirmed, REVERSE_NAME its reverse
-        name (XCLIENT only), as Postfix would have looked them up."""
+    def client_attributes(self, command, announced=""):
+        """The real client, as XCLIENT or XFORWARD (``command``) name it,
+        for the relay: [(NAME, value)], of the names ``announced`` (the
+        parameters of the upstream's EHLO keyword; all when it lists
+        none).  NAME is the client's host name if forward-confirmed,
+        REVERSE_NAME its reverse name (XCLIENT only), as Postfix would
+        have looked them up."""
         address = self.peer
         if ":" in address:
             address = "IPV6:" + address
@@ -3317,8 +3331,9 @@ class ConcreteMailHandler(MailHandler):
             tls_contexts.put(paths, known)
         return known[1]
 
-    def _upstream_tls_context(self):
-        """The SSLContext for STARTTLS with the upstream."""
+    def upstream_tls_context(self):
+        """The SSLContext for the relay's STARTTLS with the upstream, of
+        upstream_tls_verify and upstream_tls_ca (one a process)."""
         key = ("upstream", self.upstream_tls_verify, self.upstream_tls_ca)
         return tls_contexts.get(key, lambda: tls_client_context(
             self.upstream_tls_verify, self.upstream_tls_ca))
