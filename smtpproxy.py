@@ -239,6 +239,8 @@ import urllib.parse
 #             count(counter), busy(); upstream_class (UpstreamSession),
 #             relay_class (UpstreamRelay); learn_upstream() and
 #             server_tls_context() (class methods, run at the start)
+#   relay     client_attributes(command, announced),
+#             upstream_tls_context()
 #
 # Programmatic use, configured by subclassing:
 #
@@ -2068,11 +2070,25 @@ class UpstreamRelay(object):
 
     ``session``: the UpstreamSession, or None; ``in_transaction``: the
     upstream has our MAIL; ``lost``: once the upstream broke, the 4xx (or
-    421) the transaction ends with.  What the client said and the
-    configuration come from ``handler`` (helo_name, esmtp, inbox_log,
-    mail_from, mail_params, smtputf8; smtp_ip, upstream_class, ...).  A
-    failure drops the session, sets ``lost``, tells
-    ``handler.upstream_failed()`` and raises the UpstreamError.
+    421) the transaction ends with.  A failure drops the session, sets
+    ``lost``, tells ``handler.upstream_failed()`` and raises the
+    UpstreamError.
+
+    Its interface with the session, ``handler``, is these public names;
+    it reads no other:
+
+    configuration   smtp_ip, smtp_port, upstream_timeout, upstream_class,
+                    upstream_tls, upstream_tls_name, xclient, servername,
+                    upstream_pool_size, upstream_pool_idle
+    the client      helo_name, esmtp, inbox_log[0] (its HELO/EHLO line),
+                    mail_from, mail_params, smtputf8
+    hooks           client_attributes(command, announced) (XCLIENT,
+                    XFORWARD), upstream_tls_context(), upstream_failed(),
+                    count(), log_dialogue()
+
+    What an upstream session announced goes to the process's
+    ``upstream_capabilities``, and a session another client may have to
+    its ``upstream_pool``, both keyed by the upstream's address.
     """
 
     # MAIL and RCPT parameters, and the extension each belongs to.
@@ -2110,7 +2126,8 @@ class UpstreamRelay(object):
         self.helo = handler.inbox_log[0]
         # After XCLIENT the upstream answers as to this client alone.
         if handler.esmtp and not self.session.xclient_done:
-            handler._remember_upstream(self.session.extensions)
+            upstream_capabilities.remember(
+                (handler.smtp_ip, handler.smtp_port), self.session.extensions)
 
     def connect(self, tls=None):
         """A new upstream session, ready for MAIL: greeted, turned to TLS
@@ -2133,7 +2150,7 @@ class UpstreamRelay(object):
         session.greet(name, esmtp)
         if tls != "no" and "STARTTLS" in session.extensions:
             try:
-                session.start_tls(handler._upstream_tls_context(),
+                session.start_tls(handler.upstream_tls_context(),
                                   handler.upstream_tls_name
                                   or handler.smtp_ip, name)
             except UpstreamTLSError as error:
@@ -2146,7 +2163,7 @@ class UpstreamRelay(object):
             session.abort()
             raise UpstreamError("the upstream offers no STARTTLS", NO_TLS)
         if xclient and "XCLIENT" in session.extensions:
-            session.xclient(handler._client_attributes(
+            session.xclient(handler.client_attributes(
                 "XCLIENT", session.extensions["XCLIENT"]))
             name, esmtp = None, None            # must be said again
         if (name, esmtp) != (handler.helo_name, handler.esmtp):
@@ -2205,7 +2222,7 @@ class UpstreamRelay(object):
                     and not session.xclient_done)
         if xforward:
             commands.insert(0, "XFORWARD " + format_xattributes(
-                handler._client_attributes(
+                handler.client_attributes(
                     "XFORWARD", session.extensions["XFORWARD"])))
         replies = session.commands(commands)
         if xforward and replies[0][0] != 250:
@@ -2992,7 +3009,220 @@ class MailHandler(socketserver.StreamRequestHandler):
         """Write the transaction's line to the transaction log."""
 
 
-class ConcreteMailHandler(MailHandler):
+class _TLSSession(object):
+    """ConcreteMailHandler's TLS (a mixin of it): STARTTLS with the client
+    (RFC 3207), the SSLContexts of the server and of the upstream
+    (upstream_tls_context(), for the relay), and their keys, which
+    ConcreteMailHandler's docstring documents.  It works on the session's
+    state (MailHandler's ``connection``, ``reader`` and ``inbox_log``;
+    ConcreteMailHandler's ``helo_name``, ``esmtp``, ``offered``,
+    ``mail_from`` and ``message_size_limit``) and sets ``tls``.
+    """
+
+    tls_cert = ""
+    tls_key = ""
+    tls_required = False
+    upstream_tls = "opportunistic"
+    upstream_tls_verify = False
+    upstream_tls_ca = ""
+    upstream_tls_name = ""
+
+    @classmethod
+    def server_tls_context(cls):
+        """The SSLContext of tls_cert and tls_key, or None without
+        tls_cert; read again when the files change.  Raises OSError or
+        ssl.SSLError when they cannot be used.
+
+        Keys are often readable by root alone (/etc/ssl/private): the
+        context read at the start, as root, stays in use when the user
+        serving cannot even look at the files."""
+        if not cls.tls_cert:
+            return None
+        paths = (cls.tls_cert, cls.tls_key or cls.tls_cert)
+        known = tls_contexts.get(paths)
+        try:
+            stamp = tuple(os.stat(path).st_mtime for path in paths)
+        except PermissionError:
+            if known is None:
+                raise
+            return known[1]
+        if known is None or known[0] != stamp:
+            try:
+                context = tls_server_context(cls.tls_cert, cls.tls_key)
+            except PermissionError:
+                if known is None:
+                    raise
+                return known[1]
+            known = (stamp, context)
+            tls_contexts.put(paths, known)
+        return known[1]
+
+    def upstream_tls_context(self):
+        """The SSLContext for the relay's STARTTLS with the upstream, of
+        upstream_tls_verify and upstream_tls_ca (one a process)."""
+        key = ("upstream", self.upstream_tls_verify, self.upstream_tls_ca)
+        return tls_contexts.get(key, lambda: tls_client_context(
+            self.upstream_tls_verify, self.upstream_tls_ca))
+
+    def handleStarttls(self, args):
+        """STARTTLS (RFC 3207): 220, the TLS handshake, and the session
+        begins again: the client must say EHLO again.  What the client sent
+        after STARTTLS and before the handshake is thrown away, never read
+        as commands (the command injection of CVE-2011-0411)."""
+        if args:
+            self.refuse("501 5.5.4 Syntax: STARTTLS")
+            return
+        if self.tls:
+            self.refuse("503 5.5.1 TLS already active")
+            return
+        if "STARTTLS" not in self.offered:
+            if not self.esmtp or not self.tls_cert:
+                self.refuse("503 5.5.1 STARTTLS not offered")
+            else:
+                self.refuse("454 4.7.0 TLS not available now")
+            return
+        if self.mail_from is not None:
+            self.refuse("503 5.5.1 Mail transaction in progress")
+            return
+        try:
+            context = self.server_tls_context()
+        except (OSError, ssl.SSLError) as error:
+            log.error("no STARTTLS: %s", error)
+            self.refuse("454 4.7.0 TLS not available now")
+            return
+        self.netPrint("220 2.0.0 Ready to start TLS")
+        self._flush()
+        if self.reader.buffered():
+            log.warning("client %s sent commands after STARTTLS, before "
+                        "TLS: thrown away", self.peer)
+            self.log_dialogue("thrown away: %s", self.reader.read_available())
+        clear_timeout(self.connection)
+        # The ssl module's handshake keeps one deadline for the whole of
+        # it: this timeout is the handshake's, not each read's.
+        seconds, _, _ = self.reader.limit()
+        self.connection.settimeout(seconds)
+        try:
+            self.connection = context.wrap_socket(
+                self.connection, server_side=True,
+                do_handshake_on_connect=False)
+            self.connection.do_handshake()
+        except (OSError, ValueError) as error:
+            if isinstance(error, socket.timeout):
+                self._timed_out(Expired("handshake", seconds))
+            self.log_dialogue("TLS handshake failed: %s", error)
+            self.count("tls_failures")
+            self.close_connection()
+            return
+        # The session may be read by the other side of a socket that a
+        # stopping server cannot shut: it is watched every quarter second.
+        self.reader = self._reader(
+            self.connection,
+            stop=lambda: self.interrupted or self.shed is not None)
+        self.tls = True
+        self.log_dialogue("TLS: %s %s", self.connection.version(),
+                          self.connection.cipher()[0])
+        # Nothing said before TLS holds after it (RFC 3207 section 4.2).
+        self.helo_name = None
+        self.esmtp = False
+        self.offered = {}
+        self.message_size_limit = self.max_message_size
+        del self.inbox_log[:]
+
+
+class _TransactionOutcomes(object):
+    """ConcreteMailHandler's outcomes (a mixin of it): what each
+    transaction came to, for its line in the transaction log
+    (logResult()), and the server's counters of replies and of upstream
+    failures.  It reads the session's ``mail_from``, ``helo_name``,
+    ``peer``, ``rcpt_seen`` and ``relay``, counts with count(), and keeps
+    ``final_reply`` and ``rcpt_outcome``, which ConcreteMailHandler's
+    _start_transaction() clears.
+    """
+
+    # The statuses of the transaction log, from the least to the most
+    # telling: a deferral says more than a refusal of some recipients, an
+    # upstream fault more than either.
+    outcomes = ("REFUSED", "DEFERRED", "FAILED")
+
+    def logResult(self):
+        """Write the transaction line of Kamaelia Grey's format:
+        time | HELO name | client IP | sender | recipients | status |
+        followed by our own field, the reply that decided.  The status
+        (transaction_status()) is ACCEPTED, DEFERRED or REFUSED after the
+        reply to the message, or to the recipients when it did not get
+        that far, FAILED when the upstream failed; empty when the client
+        ended the transaction before any verdict."""
+        if self.mail_from is None:
+            return
+        status, reply = self._transaction_status()
+        now = time.time()
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+        fields = [
+            "%s.%03d" % (stamp, int((now - int(now)) * 1000)),
+            self.helo_name or "",
+            self.peer,
+            "<%s>" % self.mail_from,
+            ", ".join("<%s>" % r for r in self.rcpt_seen),
+            status,
+            reply,
+        ]
+        transaction_log.info("%s | ", " | ".join(
+            log_escape(field).replace("|", "\\x7c") for field in fields))
+
+    def _note_outcome(self, reply, failed=False):
+        """A recipient was not accepted with ``reply``: keep the most
+        telling (``outcomes``) for the transaction's log line, should it
+        end before its message does."""
+        status = "FAILED" if failed else (
+            "DEFERRED" if reply.startswith("4") else "REFUSED")
+        known = self.rcpt_outcome
+        if known is None or (self.outcomes.index(status)
+                             > self.outcomes.index(known[0])):
+            self.rcpt_outcome = (status, reply)
+
+    def _transaction_status(self):
+        """``(status, reply)`` of the transaction's log line: the final
+        reply to its message, if it got that far, else the most telling
+        refusal of a recipient; ("", "") when the client ended it before
+        any verdict (or left in the middle of the data)."""
+        reply = self.final_reply
+        if reply:
+            if self.relay.lost and reply == self.relay.lost:
+                return "FAILED", reply
+            status = {"2": "ACCEPTED", "4": "DEFERRED",
+                      "5": "REFUSED"}.get(reply[:1], "")
+            return status, reply
+        return self.rcpt_outcome or ("", "")
+
+    def _end_message(self, reply):
+        """``reply`` is the message's final reply (DATA's, or the one to
+        its data): kept for the transaction's log line, and counted.  A
+        delivered message clears the session's errors, as Postfix's
+        smtpd_hard_error_limit counts errors "without delivering mail"."""
+        self.final_reply = reply
+        self._count_reply("messages", reply)
+        if reply.startswith("2"):
+            self.errors = 0
+
+    def _count_reply(self, what, reply):
+        """Count a reply to RCPT ("rcpt") or to a message ("messages"):
+        the counters what_accepted, what_deferred, what_refused."""
+        outcome = {"2": "accepted", "4": "deferred", "5": "refused"}.get(
+            reply[:1])
+        if outcome is not None:
+            self.count("%s_%s" % (what, outcome))
+
+    def upstream_failed(self, error):
+        """The upstream broke (the relay dropped it; the transaction
+        cannot complete): count and log it."""
+        self.count("upstream_errors")
+        log.warning("upstream %s:%s: %s", self.smtp_ip, self.smtp_port, error)
+        self.log_dialogue("upstream: %s", error)
+        if error.reply.startswith("421"):
+            self.close_connection()     # 421: this session ends
+
+
+class ConcreteMailHandler(_TLSSession, _TransactionOutcomes, MailHandler):
     """The strict SMTP state machine, and forwarding to the real server.
 
     On its own it forwards nothing: ``shouldWeAcceptMail()`` returns False,
@@ -3013,9 +3243,11 @@ class ConcreteMailHandler(MailHandler):
 
     A subclass that returns True from both is a plain, faithful proxy.
 
-    Per transaction: ``helo_name``, ``mail_from`` (None before MAIL, ""
-    for the null sender), ``recipients`` (accepted by the upstream),
-    ``rcpt_seen`` (every well-formed RCPT address, for the log).
+    Per transaction (the relay reads the first five): ``helo_name``,
+    ``esmtp`` (EHLO rather than HELO), ``mail_from`` (None before MAIL, ""
+    for the null sender), ``mail_params`` (its [(KEYWORD, value)]),
+    ``smtputf8`` (MAIL ... SMTPUTF8), ``recipients`` (accepted by the
+    upstream), ``rcpt_seen`` (every well-formed RCPT address, for the log).
 
     Class attributes (configuration keys), besides MailHandler's:
 
@@ -3062,6 +3294,12 @@ class ConcreteMailHandler(MailHandler):
     cannot carry.  MAIL and RCPT parameters reach the upstream only when
     its session announced them; a transaction that needs SMTPUTF8 or
     8BITMIME of an upstream session without them is deferred (451 4.3.0).
+
+    Two of its parts are classes of their own, mixins that it inherits
+    before MailHandler, so that their hooks and keys are its own as ever:
+    _TLSSession (STARTTLS, the SSLContexts, the TLS keys) and
+    _TransactionOutcomes (the transaction's log line, the counters of
+    replies, upstream_failed()).
     """
 
     smtp_ip = "127.0.0.1"
@@ -3074,13 +3312,6 @@ class ConcreteMailHandler(MailHandler):
     upstream_class = UpstreamSession
     relay_class = UpstreamRelay
     upstream_capabilities_ttl = 600
-    tls_cert = ""
-    tls_key = ""
-    tls_required = False
-    upstream_tls = "opportunistic"
-    upstream_tls_verify = False
-    upstream_tls_ca = ""
-    upstream_tls_name = ""
     xclient = False
     dns_timeout = 5
     # The reverse names whose forward lookup is tried, at most.
@@ -3133,32 +3364,7 @@ class ConcreteMailHandler(MailHandler):
         message forwarded; none by default."""
         return []
 
-    # -- transaction log -------------------------------------------------
-
-    def logResult(self):
-        """Write the transaction line of Kamaelia Grey's format:
-        time | HELO name | client IP | sender | recipients | status |
-        followed by our own field, the reply that decided.  The status
-        (transaction_status()) is ACCEPTED, DEFERRED or REFUSED after the
-        reply to the message, or to the recipients when it did not get
-        that far, FAILED when the upstream failed; empty when the client
-        ended the transaction before any verdict."""
-        if self.mail_from is None:
-            return
-        status, reply = self._transaction_status()
-        now = time.time()
-        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
-        fields = [
-            "%s.%03d" % (stamp, int((now - int(now)) * 1000)),
-            self.helo_name or "",
-            self.peer,
-            "<%s>" % self.mail_from,
-            ", ".join("<%s>" % r for r in self.rcpt_seen),
-            status,
-            reply,
-        ]
-        transaction_log.info("%s | ", " | ".join(
-            log_escape(field).replace("|", "\\x7c") for field in fields))
+    # -- the transaction's end -------------------------------------------
 
     def _reset_transaction(self):
         """End the current transaction (RSET, HELO, after DATA): log it and
@@ -3211,11 +3417,6 @@ class ConcreteMailHandler(MailHandler):
         upstream_capabilities.remember(key, extensions)
         return extensions
 
-    def _remember_upstream(self, extensions):
-        """Keep the EHLO keywords an upstream session announced."""
-        upstream_capabilities.remember((self.smtp_ip, self.smtp_port),
-                                       extensions)
-
     def _upstream_extensions(self):
         """The upstream's EHLO keywords as last learnt, asking it first if
         that was more than ``upstream_capabilities_ttl`` seconds ago (one
@@ -3248,12 +3449,13 @@ class ConcreteMailHandler(MailHandler):
 
     # -- who the client is (XCLIENT, XFORWARD, whitelists) ---------------
 
-    def _client_attributes(self, command, announced=""):
-        """The real client, as XCLIENT or XFORWARD name it: [(NAME,
-        value)], of the names ``announced`` (the parameters of the
-        upstream's EHLO keyword; all when it lists none).  NAME is the
-        client's host name if forward-confirmed, REVERSE_NAME its reverse
-        name (XCLIENT only), as Postfix would have looked them up."""
+    def client_attributes(self, command, announced=""):
+        """The real client, as XCLIENT or XFORWARD (``command``) name it,
+        for the relay: [(NAME, value)], of the names ``announced`` (the
+        parameters of the upstream's EHLO keyword; all when it lists
+        none).  NAME is the client's host name if forward-confirmed,
+        REVERSE_NAME its reverse name (XCLIENT only), as Postfix would
+        have looked them up."""
         address = self.peer
         if ":" in address:
             address = "IPV6:" + address
@@ -3315,69 +3517,6 @@ class ConcreteMailHandler(MailHandler):
         resolver; override to ask another (the tests do).  The DNS
         lists of GreyListingPolicy ask it too."""
         return resolve_addresses(name)
-
-    @classmethod
-    def server_tls_context(cls):
-        """The SSLContext of tls_cert and tls_key, or None without
-        tls_cert; read again when the files change.  Raises OSError or
-        ssl.SSLError when they cannot be used.
-
-        Keys are often readable by root alone (/etc/ssl/private): the
-        context read at the start, as root, stays in use when the user
-        serving cannot even look at the files."""
-        if not cls.tls_cert:
-            return None
-        paths = (cls.tls_cert, cls.tls_key or cls.tls_cert)
-        known = tls_contexts.get(paths)
-        try:
-            stamp = tuple(os.stat(path).st_mtime for path in paths)
-        except PermissionError:
-            if known is None:
-                raise
-            return known[1]
-        if known is None or known[0] != stamp:
-            try:
-                context = tls_server_context(cls.tls_cert, cls.tls_key)
-            except PermissionError:
-                if known is None:
-                    raise
-                return known[1]
-            known = (stamp, context)
-            tls_contexts.put(paths, known)
-        return known[1]
-
-    def _upstream_tls_context(self):
-        """The SSLContext for STARTTLS with the upstream."""
-        key = ("upstream", self.upstream_tls_verify, self.upstream_tls_ca)
-        return tls_contexts.get(key, lambda: tls_client_context(
-            self.upstream_tls_verify, self.upstream_tls_ca))
-
-    def _end_message(self, reply):
-        """``reply`` is the message's final reply (DATA's, or the one to
-        its data): kept for the transaction's log line, and counted.  A
-        delivered message clears the session's errors, as Postfix's
-        smtpd_hard_error_limit counts errors "without delivering mail"."""
-        self.final_reply = reply
-        self._count_reply("messages", reply)
-        if reply.startswith("2"):
-            self.errors = 0
-
-    def _count_reply(self, what, reply):
-        """Count a reply to RCPT ("rcpt") or to a message ("messages"):
-        the counters what_accepted, what_deferred, what_refused."""
-        outcome = {"2": "accepted", "4": "deferred", "5": "refused"}.get(
-            reply[:1])
-        if outcome is not None:
-            self.count("%s_%s" % (what, outcome))
-
-    def upstream_failed(self, error):
-        """The upstream broke (the relay dropped it; the transaction
-        cannot complete): count and log it."""
-        self.count("upstream_errors")
-        log.warning("upstream %s:%s: %s", self.smtp_ip, self.smtp_port, error)
-        self.log_dialogue("upstream: %s", error)
-        if error.reply.startswith("421"):
-            self.close_connection()     # 421: this session ends
 
     # -- the commands ----------------------------------------------------
 
@@ -3591,36 +3730,6 @@ class ConcreteMailHandler(MailHandler):
         self._note_outcome(reply)
         self.refuse(reply, protocol_error)
 
-    # The statuses of the transaction log, from the least to the most
-    # telling: a deferral says more than a refusal of some recipients, an
-    # upstream fault more than either.
-    outcomes = ("REFUSED", "DEFERRED", "FAILED")
-
-    def _note_outcome(self, reply, failed=False):
-        """A recipient was not accepted with ``reply``: keep the most
-        telling (``outcomes``) for the transaction's log line, should it
-        end before its message does."""
-        status = "FAILED" if failed else (
-            "DEFERRED" if reply.startswith("4") else "REFUSED")
-        known = self.rcpt_outcome
-        if known is None or (self.outcomes.index(status)
-                             > self.outcomes.index(known[0])):
-            self.rcpt_outcome = (status, reply)
-
-    def _transaction_status(self):
-        """``(status, reply)`` of the transaction's log line: the final
-        reply to its message, if it got that far, else the most telling
-        refusal of a recipient; ("", "") when the client ended it before
-        any verdict (or left in the middle of the data)."""
-        reply = self.final_reply
-        if reply:
-            if self.relay.lost and reply == self.relay.lost:
-                return "FAILED", reply
-            status = {"2": "ACCEPTED", "4": "DEFERRED",
-                      "5": "REFUSED"}.get(reply[:1], "")
-            return status, reply
-        return self.rcpt_outcome or ("", "")
-
     def handleData(self, args):
         """DATA: policy, then the message streamed to the upstream, whose
         reply to the final dot is the client's."""
@@ -3733,70 +3842,6 @@ class ConcreteMailHandler(MailHandler):
         self.relay.abort()
         self.close_connection()
         return reply
-
-    def handleStarttls(self, args):
-        """STARTTLS (RFC 3207): 220, the TLS handshake, and the session
-        begins again: the client must say EHLO again.  What the client sent
-        after STARTTLS and before the handshake is thrown away, never read
-        as commands (the command injection of CVE-2011-0411)."""
-        if args:
-            self.refuse("501 5.5.4 Syntax: STARTTLS")
-            return
-        if self.tls:
-            self.refuse("503 5.5.1 TLS already active")
-            return
-        if "STARTTLS" not in self.offered:
-            if not self.esmtp or not self.tls_cert:
-                self.refuse("503 5.5.1 STARTTLS not offered")
-            else:
-                self.refuse("454 4.7.0 TLS not available now")
-            return
-        if self.mail_from is not None:
-            self.refuse("503 5.5.1 Mail transaction in progress")
-            return
-        try:
-            context = self.server_tls_context()
-        except (OSError, ssl.SSLError) as error:
-            log.error("no STARTTLS: %s", error)
-            self.refuse("454 4.7.0 TLS not available now")
-            return
-        self.netPrint("220 2.0.0 Ready to start TLS")
-        self._flush()
-        if self.reader.buffered():
-            log.warning("client %s sent commands after STARTTLS, before "
-                        "TLS: thrown away", self.peer)
-            self.log_dialogue("thrown away: %s", self.reader.read_available())
-        clear_timeout(self.connection)
-        # The ssl module's handshake keeps one deadline for the whole of
-        # it: this timeout is the handshake's, not each read's.
-        seconds, _, _ = self.reader.limit()
-        self.connection.settimeout(seconds)
-        try:
-            self.connection = context.wrap_socket(
-                self.connection, server_side=True,
-                do_handshake_on_connect=False)
-            self.connection.do_handshake()
-        except (OSError, ValueError) as error:
-            if isinstance(error, socket.timeout):
-                self._timed_out(Expired("handshake", seconds))
-            self.log_dialogue("TLS handshake failed: %s", error)
-            self.count("tls_failures")
-            self.close_connection()
-            return
-        # The session may be read by the other side of a socket that a
-        # stopping server cannot shut: it is watched every quarter second.
-        self.reader = self._reader(
-            self.connection,
-            stop=lambda: self.interrupted or self.shed is not None)
-        self.tls = True
-        self.log_dialogue("TLS: %s %s", self.connection.version(),
-                          self.connection.cipher()[0])
-        # Nothing said before TLS holds after it (RFC 3207 section 4.2).
-        self.helo_name = None
-        self.esmtp = False
-        self.offered = {}
-        self.message_size_limit = self.max_message_size
-        del self.inbox_log[:]
 
     def handleRset(self, args):
         """RSET: end the transaction here and upstream; 250."""

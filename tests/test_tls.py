@@ -310,6 +310,19 @@ def test_wrong_name_required_gives_451(tls_upstream, upstream_proxy,
     assert tls_upstream.messages == []
 
 
+def test_the_relay_uses_the_context_of_the_upstream_tls_context_hook(
+        tls_upstream, upstream_proxy, certificates):
+    """upstream_tls_context() is a hook: its context, which here trusts
+    another authority only, is the one the STARTTLS with the upstream
+    uses, whatever upstream_tls_verify says."""
+    code, text = first_rcpt(upstream_proxy(
+        upstream_tls="required",
+        upstream_tls_context=lambda self: smtpproxy.tls_client_context(
+            True, certificates.other_ca)))
+    assert code == 451 and text.startswith("4.7.5 ")
+    assert tls_upstream.messages == []
+
+
 def test_opportunistic_falls_back_to_plain_when_tls_fails(
         tls_upstream, upstream_proxy, certificates, caplog):
     caplog.set_level(logging.WARNING, logger="smtpproxy")

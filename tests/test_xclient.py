@@ -252,6 +252,18 @@ def test_only_the_attributes_the_upstream_announces(recorder):
         "XCLIENT ADDR=127.0.0.2 HELO=client+2Bx.example"
 
 
+def test_the_client_attributes_hook_says_what_xclient_tells(recorder):
+    """client_attributes() is a hook: what it returns is what XCLIENT
+    tells the upstream, such as a LOGIN the upstream announced."""
+    def client_attributes(self, command, announced=""):
+        return smtpproxy.ConcreteMailHandler.client_attributes(
+            self, command, "ADDR") + [("LOGIN", "alice")]
+    server, port = recorder(["raw", XCLIENT],
+                            client_attributes=client_attributes)
+    envelope(port)
+    assert commands(server, 2)[1] == "XCLIENT ADDR=127.0.0.2 LOGIN=alice"
+
+
 def test_an_ipv6_client_is_named_in_xclient_form(recorder):
     server, port = recorder(["raw", "XCLIENT ADDR"], proxy_protocol="v1")
     envelope(port, first=b"PROXY TCP6 2001:db8::7 2001:db8::1 40001 25\r\n")
