@@ -447,14 +447,21 @@ def test_the_decision_table_is_one_pure_function():
             5000
     step = smtpproxy.triplet_step
     R, P = smtpproxy.RESTART, smtpproxy.PASS
-    assert step(None, None, 0, Timings) == (False, R)
-    assert step(0, None, 9, Timings) == (False, R)
-    assert step(0, None, 10, Timings) == (False, None)
-    assert step(0, None, 100, Timings) == (100, P)
-    assert step(0, None, 1000, Timings) == (1000, P)
-    assert step(0, None, 1001, Timings) == (False, R)
-    assert step(0, 100, 5099, Timings) == (True, P)
-    assert step(0, 100, 5100, Timings) == (False, R)
+    Step = smtpproxy.Step
+    new = Step(accepted=False, delay=None, new=True)
+    deferred = Step(accepted=False, delay=None, new=False)
+    accepted = Step(accepted=True, delay=None, new=False)
+
+    def waited(seconds):
+        return Step(accepted=True, delay=seconds, new=False)
+    assert step(None, None, 0, Timings) == (new, R)
+    assert step(0, None, 9, Timings) == (deferred, R)
+    assert step(0, None, 10, Timings) == (deferred, None)
+    assert step(0, None, 100, Timings) == (waited(100), P)
+    assert step(0, None, 1000, Timings) == (waited(1000), P)
+    assert step(0, None, 1001, Timings) == (deferred, R)
+    assert step(0, 100, 5099, Timings) == (accepted, P)
+    assert step(0, 100, 5100, Timings) == (deferred, R)
 
 
 # -- sqlite only ------------------------------------------------------------
