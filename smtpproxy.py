@@ -4542,12 +4542,13 @@ class StoreBase(object):
     first use and used by one thread at a time (the decisions of a
     process are serial anyway): its descriptors do not grow with the
     sessions served.  A decision waits at most ``greylist_db_timeout``
-    seconds for its turn in this process (then StoreError).  The first
-    error of an incident is marked (``first_of_incident`` on the
-    exception; ``failing`` holds the incident's texts), and the end of an
-    incident is logged, so that a store that is gone is logged once, not
-    once per session.  A store that cannot be used because the process is
-    out of descriptors raises ResourceShortage, not StoreError: no policy
+    seconds for its turn in this process (then StoreError).  A failure
+    is a sqlite3.Error (StoreError is one); the first error of an
+    incident is marked (``first_of_incident`` on the exception;
+    ``failing`` holds the incident's texts), and the end of an incident
+    is logged, so that a store that is gone is logged once, not once per
+    session.  A store that cannot be used because the process is out of
+    descriptors raises ResourceShortage, not sqlite3.Error: no policy
     should fail open for a local shortage.
 
     Decisions that would change nothing that matters write nothing: a
@@ -4561,9 +4562,12 @@ class StoreBase(object):
     than greylist_cache_time; delete() and pass_key() on this store take
     effect at once, another process's after greylist_cache_time at most.
 
-    A kind of store writes what raises NotImplementedError here: its
-    transaction (``_transact``) and the works run in one, its SQL; and
-    opens its connection as it needs.
+    A kind of store is a subclass that writes what raises
+    NotImplementedError here: ``_transact`` (its connection, opened as it
+    needs, and its transactions) and the works run in a transaction, its
+    SQL (``_decide_and_count``, ``_client_is_trusted``, ``_purge``,
+    ``_entries``, ``_pass_key``, ``_delete``, ``_stats``); it may extend
+    checkpoint() and ``_disconnect()`` (with ``_lock`` held: close()).
     """
 
     too_soon = GreyListingPolicy.too_soon
@@ -4827,9 +4831,8 @@ class StoreBase(object):
 
 
 class GreylistStore(StoreBase):
-    """The greylisting triplets, in an sqlite3 database file: the
-    StoreBase on one host (``path``; "" or ":memory:", a database of
-    this process only).
+    """The greylisting triplets, in the sqlite3 database file ``path``:
+    a StoreBase for the processes of one host.
 
     The file is in WAL mode (readers never block the writer, and a killed
     process leaves no corrupt state).  Copying the WAL back into the file
@@ -5404,10 +5407,11 @@ class PostgreSQLStore(StoreBase):
                        % self.schema_version)
 
     def _transact(self, work, args, read_only):
-        """Run ``work(transaction, *args)`` (a _Transaction, which reads
-        and locks the rows it will write: ``read_only`` changes nothing);
-        a connection the server closed is replaced and the work tried
-        once more.  The database server checkpoints by itself."""
+        """Run ``work(transaction, *args)`` (a _Transaction: its work
+        locks the rows it reads to write them, and ``read_only`` makes no
+        difference); a connection the server closed is replaced and the
+        work tried once more.  The database server checkpoints by
+        itself: checkpoint() is StoreBase's."""
         for attempt in (1, 2):
             fresh = self._db is None
             connection = self._connection()

@@ -263,6 +263,16 @@ def test_a_clients_passes_count_at_most_once_an_hour(store):
     assert client_passes(store, "net") == [2]
 
 
+def test_a_step_says_accepted_delay_and_new_by_name(store):
+    first = store.step("k", T0)
+    assert (first.accepted, first.delay, first.new) == (False, None, True)
+    waited = store.step("k", T0 + MIN_DEFER)
+    assert (waited.accepted, waited.delay, waited.new) == (
+        True, MIN_DEFER, False)
+    resent = store.step("k", T0 + MIN_DEFER + 1)
+    assert (resent.accepted, resent.delay, resent.new) == (True, None, False)
+
+
 def test_a_new_triplet_is_not_added_when_the_decision_may_not_add(store):
     assert store.step("new", T0, add=False) == (False, None, True)
     assert rows(store) == []
