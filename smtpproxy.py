@@ -4534,54 +4534,73 @@ RESTART = "restart"     # seen now: first_seen := now, no pass, 0 passes
 PASS = "pass"           # passed now: passed := now, passes + 1
 
 
+class Step(collections.namedtuple("Step", "accepted delay new")):
+    """One greylisting decision on a triplet, as a store's step() and
+    triplet_step() give it: ``accepted`` True, or False (deferred);
+    ``delay`` the seconds the triplet was held back when this try is the
+    one that passed greylisting, else None; ``new`` True when the triplet
+    was unknown (a first sighting, deferred).  A tuple: ``accepted,
+    delay, new = store.step(...)`` reads it too."""
+
+    __slots__ = ()
+
+
+_ACCEPTED = Step(True, None, False)
+_DEFERRED = Step(False, None, False)
+_FIRST_SIGHTING = Step(False, None, True)
+
+
 def triplet_step(first_seen, passed, now, timings):
     """One decision of Kamaelia Grey's timing table, with no store: the
     triplet was first seen at ``first_seen`` (None: never) and last passed
     at ``passed`` (None: never); ``timings`` has ``too_soon``,
     ``min_defer_time``, ``max_defer_time`` and ``max_grey``.  Return
-    ``(outcome, change)``: outcome True (accept), False (defer), or, for
-    the try that passes, the seconds it waited; change None, RESTART or
-    PASS, which the store applies in the same transaction.
+    ``(step, change)``: the Step (for the try that passes, ``delay`` is
+    the seconds it waited; ``new``: never seen), and the change, None,
+    RESTART or PASS, which the store applies in the same transaction.
 
-    | state of the triplet                    | outcome  | change            |
-    | passed less than max_grey ago           | accept   | PASS              |
-    | passed more than max_grey ago           | defer    | RESTART (as new)  |
-    | never seen                              | defer    | RESTART           |
-    | seen less than too_soon ago             | defer    | RESTART           |
-    | seen less than min_defer_time ago       | defer    | none              |
-    | seen more than max_defer_time ago       | defer    | RESTART           |
+    | state of the triplet                    | step     | change            |
+    | passed less than max_grey ago           | accepted | PASS              |
+    | passed more than max_grey ago           | deferred | RESTART (as new)  |
+    | never seen                              | new      | RESTART           |
+    | seen less than too_soon ago             | deferred | RESTART           |
+    | seen less than min_defer_time ago       | deferred | none              |
+    | seen more than max_defer_time ago       | deferred | RESTART           |
     | otherwise (retried inside the window)   | waited   | PASS              |
     """
     if first_seen is None:
-        return False, RESTART
+        return _FIRST_SIGHTING, RESTART
     if passed is not None:
         if now - passed < timings.max_grey:
-            return True, PASS
-        return False, RESTART               # forgotten: as if never seen
+            return _ACCEPTED, PASS
+        return _DEFERRED, RESTART           # forgotten: as if never seen
     waited = now - first_seen
     if waited < timings.too_soon or waited > timings.max_defer_time:
         # Too hasty, or too late: the retry clock starts again.
-        return False, RESTART
+        return _DEFERRED, RESTART
     if waited < timings.min_defer_time:
-        return False, None
-    return waited, PASS
+        return _DEFERRED, None
+    return Step(True, waited, False), PASS
 
 
-class GreylistStore(object):
-    """The greylisting triplets, in an sqlite3 database file.
+class StoreBase(object):
+    """What every greylisting store shares: its settings, the passes kept
+    in memory, the turn of its one connection, failure incidents, the
+    check and trust flow and the purge's interval.  Its kinds are
+    GreylistStore (an sqlite3 file) and PostgreSQLStore; open_store()
+    picks one by ``greylist_db``.
 
-    ``decide(key, now)`` applies Kamaelia Grey's timing table to one
+    ``step(key, now)`` applies Kamaelia Grey's timing table to one
     triplet key and records the outcome in the same transaction, so that
-    threads and processes sharing the file get the decisions a serial run
-    would give.  Timings, in seconds, are attributes, taken from
-    ``settings`` (a GreyListingPolicy class or instance, whose
-    configuration keys they are) when given: ``too_soon``,
-    ``min_defer_time``, ``max_defer_time``, ``max_grey``,
+    threads and processes sharing the store get the decisions a serial
+    run would give; decide() and check() give parts of its Step.  The
+    table is triplet_step()'s, a pure function; the store reads the
+    triplet, asks it, and writes the change it names.  Timings, in
+    seconds, are attributes, taken from ``settings`` (a GreyListingPolicy
+    class or instance, whose configuration keys they are) when given:
+    ``too_soon``, ``min_defer_time``, ``max_defer_time``, ``max_grey``,
     ``auto_whitelist_clients``; their defaults are the policy's, written
     there.
-
-    The table is triplet_step()'s, a pure function; the store reads the
-    triplet, asks it, and writes the change it names.
 
     Clients (networks or name keys) that passed greylisting
     ``auto_whitelist_clients`` times (0: never) are trusted
@@ -4593,37 +4612,36 @@ class GreylistStore(object):
     Every ``purge_interval`` seconds a decision also purges what has
     expired (``purge``): it would be decided as never seen anyway.
 
-    The file is in WAL mode (readers never block the writer, and a killed
-    process leaves no corrupt state).  Copying the WAL back into the file
-    (a checkpoint, which waits for the disk) is kept off the decisions:
-    the server calls checkpoint() about once a second (stores.maintain(),
-    from service_actions()), on a connection of its own, which decisions
-    do not wait for; a decision checkpoints only when the WAL has grown
-    to ``checkpoint_pages`` without one (a store used without a server).  The process has one connection to
-    it, opened at the first use and used by one thread at a time (the
-    decisions of a process are serial anyway): its descriptors do not
-    grow with the sessions served.  After an error the connection is
-    opened again at the next use; the first error of an incident is
-    marked (``first_of_incident`` on the exception), and the end of an
-    incident is logged, so that a store that is gone is logged once, not
-    once per session.  A store that cannot be opened because the process
-    is out of descriptors raises ResourceShortage, not sqlite3.Error: no
-    policy should fail open for a local shortage.
-
-    A decision waits at most ``greylist_db_timeout`` seconds for its turn
-    in this process (then StoreError), and sqlite's lock at most
-    ``busy_timeout``.
+    The process has one connection to the store (``_db``), opened at the
+    first use and used by one thread at a time (the decisions of a
+    process are serial anyway): its descriptors do not grow with the
+    sessions served.  A decision waits at most ``greylist_db_timeout``
+    seconds for its turn in this process (then StoreError).  A failure
+    is a sqlite3.Error (StoreError is one); the first error of an
+    incident is marked (``first_of_incident`` on the exception;
+    ``failing`` holds the incident's texts), and the end of an incident
+    is logged, so that a store that is gone is logged once, not once per
+    session.  A store that cannot be used because the process is out of
+    descriptors raises ResourceShortage, not sqlite3.Error: no policy
+    should fail open for a local shortage.
 
     Decisions that would change nothing that matters write nothing: a
     triplet this store saw pass (or a client it saw trusted) less than
     ``greylist_cache_time`` seconds ago is accepted (trusted) from memory,
     without a turn or a transaction.  What that leaves out is a renewal
     of a pass or a trust that has months to run, and the triplet's own
-    pass count.  At most
-    ``cache_size`` entries are kept (then they are all forgotten), and
-    checkpoint() drops those older than greylist_cache_time;
-    delete() and pass_key() on this store take effect at once, another
-    process's after greylist_cache_time at most.
+    pass count.  At most ``cache_size`` entries are kept (then they are
+    all forgotten), and checkpoint() (the server calls it about once a
+    second: stores.maintain(), from service_actions()) drops those older
+    than greylist_cache_time; delete() and pass_key() on this store take
+    effect at once, another process's after greylist_cache_time at most.
+
+    A kind of store is a subclass that writes what raises
+    NotImplementedError here: ``_transact`` (its connection, opened as it
+    needs, and its transactions) and the works run in a transaction, its
+    SQL (``_decide_and_count``, ``_client_is_trusted``, ``_purge``,
+    ``_entries``, ``_pass_key``, ``_delete``, ``_stats``); it may extend
+    checkpoint() and ``_disconnect()`` (with ``_lock`` held: close()).
     """
 
     too_soon = GreyListingPolicy.too_soon
@@ -4636,36 +4654,25 @@ class GreylistStore(object):
     cache_size = 10000
     purge_interval = 3600
     client_pass_interval = 3600
-    busy_timeout = 10.0
-    # WAL pages after which a decision itself checkpoints (sqlite's
-    # wal_autocheckpoint): only if checkpoint() was not called meanwhile.
-    checkpoint_pages = 10000
+
+    # The attributes a policy sets on its store (configure()).
+    settings = ("too_soon", "min_defer_time", "max_defer_time", "max_grey",
+                "auto_whitelist_clients", "greylist_db_timeout",
+                "greylist_cache_time")
 
     def __init__(self, path, settings=None):
         self.path = path
         if settings is not None:
             self.configure(settings)
         self._lock = threading.Lock()
-        self._db = None
-        self._checkpointer = None   # checkpoint()'s own connection
-        self.written = False        # by a decision since the checkpoint
-        self.checkpoints = 0
+        self._db = None             # the connection, opened at first use
         # ("triplet", key) or ("client", network) -> when it was written
         # as passed (trusted); read and written without a lock (single
         # dict operations).
         self._known = {}
         self.failing = None     # texts of the errors of an incident
         self.last_purge = None
-        try:
-            with self._lock:
-                self._connection()          # the tables, made at once
-        except sqlite3.Error:
-            pass                            # the first use says why
-
-    # The attributes a policy sets on its store (configure()).
-    settings = ("too_soon", "min_defer_time", "max_defer_time", "max_grey",
-                "auto_whitelist_clients", "greylist_db_timeout",
-                "greylist_cache_time")
+        self.checkpoints = 0    # made by this store (sqlite's WAL)
 
     def __str__(self):
         return self.path
@@ -4675,6 +4682,258 @@ class GreylistStore(object):
         instance, whose configuration keys they are)."""
         for name in self.settings:
             setattr(self, name, getattr(source, name))
+
+    # -- the turn, and incidents ----------------------------------------
+
+    def _use(self, work, *args, **options):
+        """Run ``work`` in a transaction (_transact()), alone in this
+        process; ``read_only``: a transaction that writes nothing.  Its
+        failure is marked as part of an incident, its success ends one."""
+        # The threads of this process queue on a lock for the one
+        # connection (for sqlite, waiting for its write lock instead means
+        # its busy handler's sleeps of up to 100 ms).
+        if not self._lock.acquire(timeout=self.greylist_db_timeout):
+            raise self._incident(StoreError(
+                "no turn within greylist_db_timeout (%s s)"
+                % self.greylist_db_timeout))
+        try:
+            try:
+                result = self._transact(work, args,
+                                        options.get("read_only", False))
+            except (sqlite3.Error, ResourceShortage) as error:
+                self._incident(error)
+                raise
+            self._recovered()
+        finally:
+            self._lock.release()
+        return result
+
+    def _transact(self, work, args, read_only):
+        """Return ``work(transaction, *args)``, run in one transaction on
+        the connection (opened if need be), so that what it reads and
+        what it writes are one step for every process sharing the store;
+        ``read_only``: it writes nothing.  Called with ``_lock`` held; a
+        failure is a sqlite3.Error (a StoreError for stores other than
+        sqlite) or a ResourceShortage."""
+        raise NotImplementedError
+
+    def _incident(self, error):
+        """``error``, marked ``first_of_incident`` if it is the first of
+        its kind since the store last worked: each distinct error is
+        logged once (store_failed()), not once per session."""
+        text = str(error)
+        if self.failing is None:
+            self.failing = []
+        error.first_of_incident = (text not in self.failing
+                                   and len(self.failing) < 10)
+        if error.first_of_incident:
+            self.failing.append(text)
+        return error
+
+    def _recovered(self):
+        """The store worked: an incident in progress ends, logged."""
+        if self.failing is not None:
+            log.warning("greylisting store %s: usable again", self)
+            self.failing = None
+
+    # -- decisions --------------------------------------------------------
+
+    def decide(self, key, now, client=None):
+        """Return True to accept the triplet ``key`` at time ``now``; an
+        acceptance counts as a pass of the network ``client``, if given."""
+        return self.step(key, now, client).accepted
+
+    def check(self, key, now, client=None):
+        """Like decide(), but return ``(accepted, delay)``: ``delay`` is
+        how long the triplet was held back when this try is the one that
+        passed greylisting, else None."""
+        step = self.step(key, now, client)
+        return step.accepted, step.delay
+
+    def step(self, key, now, client=None, add=True):
+        """Like check(), but return the Step ``(accepted, delay, new)``:
+        ``new`` is True when the triplet was unknown (a first sighting,
+        deferred).  Its row is added only if ``add`` is true: with
+        ``add`` false a new triplet is deferred and nothing is written
+        (the bounds of new triplets, Greylister.new_triplet_bound)."""
+        if self._cached(("triplet", key), now):
+            return _ACCEPTED
+        if self.last_purge is None or now - self.last_purge > \
+                self.purge_interval:
+            self.last_purge = now
+            self._purge_when_due(now)
+        step = self._use(self._decide_and_count, key, now, client, add)
+        if step.accepted:
+            self._remember(("triplet", key), now)
+        return step
+
+    def _decide_and_count(self, transaction, key, now, client, add=True):
+        """The Step of the triplet ``key`` (triplet_step()), its change
+        written, its row added only if ``add``; a greylisting pass (a
+        ``delay``) counts as one of the network ``client``, if given, and
+        if the client's last one is ``client_pass_interval`` old."""
+        raise NotImplementedError
+
+    def _cached(self, entry, now):
+        """True if ``entry`` was written as passed (trusted) less than
+        greylist_cache_time ago (and not in the future: tests and clocks
+        go back)."""
+        written = self._known.get(entry)
+        return (written is not None
+                and 0 <= now - written < self.greylist_cache_time)
+
+    def _remember(self, entry, now):
+        if self.greylist_cache_time > 0:
+            if len(self._known) >= self.cache_size:
+                self._known.clear()
+            self._known[entry] = now
+
+    def forget(self):
+        """Forget every pass and trust kept in memory."""
+        self._known.clear()
+
+    def _forget_old(self):
+        """Drop what is kept longer than greylist_cache_time (by the
+        clock of the decisions: the newest time written)."""
+        known = self._known
+        if not known:
+            return
+        try:
+            newest = max(known.values())
+            old = [entry for entry, written in list(known.items())
+                   if newest - written >= self.greylist_cache_time]
+        except RuntimeError:            # changed meanwhile: next time
+            return
+        for entry in old:
+            known.pop(entry, None)
+
+    def client_is_trusted(self, client, now):
+        """True if the network ``client`` passed greylisting
+        ``auto_whitelist_clients`` times and was seen within ``max_grey``;
+        being trusted counts as being seen."""
+        if not self.auto_whitelist_clients:
+            return False
+        if self._cached(("client", client), now):
+            return True
+        trusted = self._use(self._client_is_trusted, client, now)
+        if trusted:
+            self._remember(("client", client), now)
+        return trusted
+
+    def _client_is_trusted(self, transaction, client, now):
+        """client_is_trusted()'s answer from the store; a trusted client's
+        last_seen renewed."""
+        raise NotImplementedError
+
+    def _purge_when_due(self, now):
+        # Once every purge_interval, in the decision that comes then.
+        self.purge(now)
+
+    def purge(self, now):
+        """Delete what has expired; return how many entries went."""
+        return self._use(self._purge, now)
+
+    def _purge(self, transaction, now):
+        """purge()'s deletions: the grey triplets first seen more than
+        max_defer_time ago, the passed ones and the clients not seen
+        within max_grey; how many went."""
+        raise NotImplementedError
+
+    # -- administration (smtpproxy --db-...) ------------------------------
+
+    def entries(self):
+        """Every triplet and client network, as tuples ``(state, key,
+        first_seen, last_seen, passes)``; state is GREY, WHITE (passed)
+        or CLIENT (a network's passes, for the auto-whitelist)."""
+        triplets, clients = self._use(self._entries, read_only=True)
+        for key, first, last, passed, count in triplets:
+            yield ("GREY" if passed is None else "WHITE", key, first, last,
+                   count)
+        for network, count, last in clients:
+            yield ("CLIENT", network, None, last, count)
+
+    def _entries(self, transaction):
+        """The rows ``(key, first_seen, last_seen, passed, passes)`` of the
+        triplets and ``(network, passes, last_seen)`` of the clients, each
+        list in the order of its key."""
+        raise NotImplementedError
+
+    def pass_key(self, key, now):
+        """Mark the triplet ``key`` as passed now (whitelist it)."""
+        self._use(self._pass_key, key, now)
+        self._known.pop(("triplet", key), None)
+
+    def _pass_key(self, transaction, key, now):
+        raise NotImplementedError
+
+    def delete(self, key):
+        """Forget the triplet or client network ``key``; True if it was
+        there."""
+        self._known.pop(("triplet", key), None)
+        self._known.pop(("client", key), None)
+        return self._use(self._delete, key)
+
+    def _delete(self, transaction, key):
+        raise NotImplementedError
+
+    def stats(self):
+        """Counts: {"GREY": n, "WHITE": n, "CLIENT": n}."""
+        grey, white, clients = self._use(self._stats, read_only=True)
+        return {"GREY": grey, "WHITE": white, "CLIENT": clients}
+
+    def _stats(self, transaction):
+        """How many grey and passed triplets and clients there are."""
+        raise NotImplementedError
+
+    # -- upkeep -----------------------------------------------------------
+
+    def checkpoint(self):
+        """What the server has a store do between decisions (about once a
+        second): forget old passes kept in memory."""
+        self._forget_old()
+
+    def close(self):
+        """Close the connections (the next use opens them again)."""
+        with self._lock:
+            self._disconnect()
+
+    def _disconnect(self):
+        # With _lock held.
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+class GreylistStore(StoreBase):
+    """The greylisting triplets, in the sqlite3 database file ``path``:
+    a StoreBase for the processes of one host.
+
+    The file is in WAL mode (readers never block the writer, and a killed
+    process leaves no corrupt state).  Copying the WAL back into the file
+    (a checkpoint, which waits for the disk) is kept off the decisions:
+    the server calls checkpoint() about once a second (stores.maintain(),
+    from service_actions()), on a connection of its own, which decisions
+    do not wait for; a decision checkpoints only when the WAL has grown
+    to ``checkpoint_pages`` without one (a store used without a server).
+    The tables are made by the constructor; after an error the connection
+    is opened again at the next use.  A decision waits for sqlite's lock
+    at most ``busy_timeout`` seconds.
+    """
+
+    busy_timeout = 10.0
+    # WAL pages after which a decision itself checkpoints (sqlite's
+    # wal_autocheckpoint): only if checkpoint() was not called meanwhile.
+    checkpoint_pages = 10000
+
+    def __init__(self, path, settings=None):
+        StoreBase.__init__(self, path, settings)
+        self._checkpointer = None   # checkpoint()'s own connection
+        self.written = False        # by a decision since the checkpoint
+        try:
+            with self._lock:
+                self._connection()          # the tables, made at once
+        except sqlite3.Error:
+            pass                            # the first use says why
 
     def _connection(self):
         """The connection, opened (and the tables made) if need be; with
@@ -4723,137 +4982,38 @@ class GreylistStore(object):
                     pass                # checkpoint() tries again
         return self._db
 
-    def _use(self, work, *args, **options):
-        """Run ``work(connection, *args)`` alone; in a transaction that
-        writes at once (BEGIN IMMEDIATE) unless ``read_only``."""
-        # The threads of this process queue on a lock: waiting for sqlite's
-        # write lock instead means its busy handler's sleeps of up to 100 ms.
-        if not self._lock.acquire(timeout=self.greylist_db_timeout):
-            raise self._incident(StoreError(
-                "no turn within greylist_db_timeout (%s s)"
-                % self.greylist_db_timeout))
+    def _transact(self, work, args, read_only):
+        """Run ``work(connection, *args)`` in a transaction that writes at
+        once (BEGIN IMMEDIATE) unless ``read_only``; after an error the
+        connection is closed."""
         try:
+            connection = self._connection()
+            if read_only:
+                return work(connection, *args)
+            # IMMEDIATE: the read and the write are one step for every
+            # process sharing the file.
+            connection.execute("BEGIN IMMEDIATE")
             try:
-                connection = self._connection()
-                if options.get("read_only"):
-                    result = work(connection, *args)
-                else:
-                    # IMMEDIATE: the read and the write are one step for
-                    # every process sharing the file.
-                    connection.execute("BEGIN IMMEDIATE")
-                    try:
-                        result = work(connection, *args)
-                    except BaseException:
-                        if connection.in_transaction:
-                            connection.execute("ROLLBACK")
-                        raise
-                    connection.execute("COMMIT")
-                    self.written = True
-            except sqlite3.Error as error:
-                if self._db is not None:
-                    self._db.close()
-                    self._db = None
-                if out_of_descriptors():
-                    error = ResourceShortage("greylisting store %s: %s (out "
-                                             "of descriptors)"
-                                             % (self.path, error))
-                raise self._incident(error)
-            self._recovered()
-        finally:
-            self._lock.release()
-        return result
-
-    def _incident(self, error):
-        """``error``, marked ``first_of_incident`` if it is the first of
-        its kind since the store last worked: each distinct error is
-        logged once (store_failed()), not once per session."""
-        text = str(error)
-        if self.failing is None:
-            self.failing = []
-        error.first_of_incident = (text not in self.failing
-                                   and len(self.failing) < 10)
-        if error.first_of_incident:
-            self.failing.append(text)
-        return error
-
-    def _recovered(self):
-        """The store worked: an incident in progress ends, logged."""
-        if self.failing is not None:
-            log.warning("greylisting store %s: usable again", self)
-            self.failing = None
-
-    def decide(self, key, now, client=None):
-        """Return True to accept the triplet ``key`` at time ``now``; an
-        acceptance counts as a pass of the network ``client``, if given."""
-        return self.check(key, now, client)[0]
-
-    def check(self, key, now, client=None):
-        """Like decide(), but return ``(accepted, delay)``: ``delay`` is
-        how long the triplet was held back when this try is the one that
-        passed greylisting, else None."""
-        return self.step(key, now, client)[:2]
-
-    def step(self, key, now, client=None, add=True):
-        """Like check(), but return ``(accepted, delay, new)``: ``new`` is
-        True when the triplet was unknown (a first sighting, deferred).
-        Its row is added only if ``add`` is true: with ``add`` false a new
-        triplet is deferred and nothing is written (the bounds of new
-        triplets, Greylister.new_triplet_bound)."""
-        if self._cached(("triplet", key), now):
-            return True, None, False
-        if self.last_purge is None or now - self.last_purge > \
-                self.purge_interval:
-            self.last_purge = now
-            self._purge_when_due(now)
-        accepted, delay, new = self._use(self._decide_and_count, key, now,
-                                         client, add)
-        if accepted:
-            self._remember(("triplet", key), now)
-        return accepted, delay, new
-
-    def _cached(self, entry, now):
-        """True if ``entry`` was written as passed (trusted) less than
-        greylist_cache_time ago (and not in the future: tests and clocks
-        go back)."""
-        written = self._known.get(entry)
-        return (written is not None
-                and 0 <= now - written < self.greylist_cache_time)
-
-    def _remember(self, entry, now):
-        if self.greylist_cache_time > 0:
-            if len(self._known) >= self.cache_size:
-                self._known.clear()
-            self._known[entry] = now
-
-    def forget(self):
-        """Forget every pass and trust kept in memory."""
-        self._known.clear()
-
-    def _forget_old(self):
-        """Drop what is kept longer than greylist_cache_time (by the
-        clock of the decisions: the newest time written)."""
-        known = self._known
-        if not known:
-            return
-        try:
-            newest = max(known.values())
-            old = [entry for entry, written in list(known.items())
-                   if newest - written >= self.greylist_cache_time]
-        except RuntimeError:            # changed meanwhile: next time
-            return
-        for entry in old:
-            known.pop(entry, None)
-
-    def _purge_when_due(self, now):
-        # Once every purge_interval, in the decision that comes then.
-        self.purge(now)
+                result = work(connection, *args)
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+            self.written = True
+            return result
+        except sqlite3.Error as error:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            if out_of_descriptors():
+                raise ResourceShortage("greylisting store %s: %s (out of "
+                                       "descriptors)" % (self.path, error))
+            raise
 
     def _decide_and_count(self, connection, key, now, client, add=True):
-        accept, new = self._decide(connection, key, now, add)
-        delay = None
-        if accept is not True and accept is not False:
-            accept, delay = True, accept
-        if delay is not None and client is not None:
+        step = self._decide(connection, key, now, add)
+        if step.delay is not None and client is not None:
             # A greylisting pass (not a resend of a passed triplet): it
             # counts, if the client's last one is client_pass_interval
             # old.  last_seen is when it last counted: being trusted
@@ -4869,20 +5029,27 @@ class GreylistStore(object):
                 connection.execute(
                     "UPDATE clients SET passes = passes + 1, last_seen = ?"
                     " WHERE network = ?", (now, client))
-        return accept, delay, new
+        return step
 
-    def client_is_trusted(self, client, now):
-        """True if the network ``client`` passed greylisting
-        ``auto_whitelist_clients`` times and was seen within ``max_grey``;
-        being trusted counts as being seen."""
-        if not self.auto_whitelist_clients:
-            return False
-        if self._cached(("client", client), now):
-            return True
-        trusted = self._use(self._client_is_trusted, client, now)
-        if trusted:
-            self._remember(("client", client), now)
-        return trusted
+    def _decide(self, connection, key, now, add=True):
+        # The Step of the triplet, its change written; new: it was
+        # unknown (its row added only if add).
+        row = connection.execute(
+            "SELECT first_seen, passed FROM triplets WHERE key = ?",
+            (key,)).fetchone()
+        if row is None and not add:
+            return _FIRST_SIGHTING
+        first_seen, passed = row or (None, None)
+        step, change = triplet_step(first_seen, passed, now, self)
+        if change == RESTART:
+            connection.execute(
+                "INSERT OR REPLACE INTO triplets (key, first_seen, last_seen)"
+                " VALUES (?, ?, ?)", (key, now, now))
+        elif change == PASS:
+            connection.execute(
+                "UPDATE triplets SET passed = ?, last_seen = ?,"
+                " passes = passes + 1 WHERE key = ?", (now, now, key))
+        return step
 
     def _client_is_trusted(self, connection, client, now):
         row = connection.execute(
@@ -4895,10 +5062,6 @@ class GreylistStore(object):
                            " WHERE network = ?", (now, client))
         return True
 
-    def purge(self, now):
-        """Delete what has expired; return how many entries went."""
-        return self._use(self._purge, now)
-
     def _purge(self, connection, now):
         deleted = connection.execute(
             "DELETE FROM triplets WHERE (passed IS NULL AND first_seen < ?)"
@@ -4909,39 +5072,7 @@ class GreylistStore(object):
             (now - self.max_grey,)).rowcount
         return deleted
 
-    def _decide(self, connection, key, now, add=True):
-        # (outcome, new): the outcome True or False, or for the try that
-        # passes the seconds it waited; new: the triplet was unknown (its
-        # row added only if add).
-        row = connection.execute(
-            "SELECT first_seen, passed FROM triplets WHERE key = ?",
-            (key,)).fetchone()
-        if row is None and not add:
-            return False, True
-        first_seen, passed = row or (None, None)
-        outcome, change = triplet_step(first_seen, passed, now, self)
-        if change == RESTART:
-            connection.execute(
-                "INSERT OR REPLACE INTO triplets (key, first_seen, last_seen)"
-                " VALUES (?, ?, ?)", (key, now, now))
-        elif change == PASS:
-            connection.execute(
-                "UPDATE triplets SET passed = ?, last_seen = ?,"
-                " passes = passes + 1 WHERE key = ?", (now, now, key))
-        return outcome, row is None
-
     # -- administration (smtpproxy --db-...) ------------------------------
-
-    def entries(self):
-        """Every triplet and client network, as tuples ``(state, key,
-        first_seen, last_seen, passes)``; state is GREY, WHITE (passed)
-        or CLIENT (a network's passes, for the auto-whitelist)."""
-        triplets, clients = self._use(self._entries, read_only=True)
-        for key, first, last, passed, count in triplets:
-            yield ("GREY" if passed is None else "WHITE", key, first, last,
-                   count)
-        for network, count, last in clients:
-            yield ("CLIENT", network, None, last, count)
 
     def _entries(self, connection):
         return (connection.execute(
@@ -4951,11 +5082,6 @@ class GreylistStore(object):
                     "SELECT network, passes, last_seen FROM clients"
                     " ORDER BY network").fetchall())
 
-    def pass_key(self, key, now):
-        """Mark the triplet ``key`` as passed now (whitelist it)."""
-        self._use(self._pass_key, key, now)
-        self._known.pop(("triplet", key), None)
-
     def _pass_key(self, connection, key, now):
         connection.execute(
             "INSERT OR IGNORE INTO triplets (key, first_seen, last_seen)"
@@ -4964,31 +5090,24 @@ class GreylistStore(object):
             "UPDATE triplets SET passed = ?, last_seen = ?,"
             " passes = passes + 1 WHERE key = ?", (now, now, key))
 
-    def delete(self, key):
-        """Forget the triplet or client network ``key``; True if it was
-        there."""
-        self._known.pop(("triplet", key), None)
-        self._known.pop(("client", key), None)
-        return self._use(self._delete, key)
-
     def _delete(self, connection, key):
         return (connection.execute("DELETE FROM triplets WHERE key = ?",
                                    (key,)).rowcount
                 + connection.execute("DELETE FROM clients WHERE network = ?",
                                      (key,)).rowcount) > 0
 
-    def stats(self):
-        """Counts: {"GREY": n, "WHITE": n, "CLIENT": n}."""
-        counts = {"GREY": 0, "WHITE": 0, "CLIENT": 0}
-        for entry in self.entries():
-            counts[entry[0]] += 1
-        return counts
+    def _stats(self, connection):
+        return connection.execute(
+            "SELECT count(*) - count(passed), count(passed),"
+            " (SELECT count(*) FROM clients) FROM triplets").fetchone()
+
+    # -- upkeep -----------------------------------------------------------
 
     def checkpoint(self):
-        """Copy what the decisions wrote to the WAL into the file (PASSIVE:
-        no decision waits for it), if they wrote since the last time;
-        errors are for the decisions to meet and log."""
-        self._forget_old()
+        """Also copy what the decisions wrote to the WAL into the file
+        (PASSIVE: no decision waits for it), if they wrote since the last
+        time; errors are for the decisions to meet and log."""
+        StoreBase.checkpoint(self)
         if not self.written:
             return
         self.written = False
@@ -5004,15 +5123,11 @@ class GreylistStore(object):
                 self._checkpointer.close()
                 self._checkpointer = None
 
-    def close(self):
-        """Close the connections (the next use opens them again)."""
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-            if self._checkpointer is not None:
-                self._checkpointer.close()
-                self._checkpointer = None
+    def _disconnect(self):
+        StoreBase._disconnect(self)
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
 
 
 def open_store(location, settings=None):
@@ -5147,14 +5262,14 @@ class _Transaction(object):
             self.ended = True
 
 
-class PostgreSQLStore(GreylistStore):
+class PostgreSQLStore(StoreBase):
     """The greylisting triplets in a PostgreSQL database, shared by the MX
     hosts of a domain: a client deferred by one and retrying on another
     is accepted there after the delay.  ``greylist_db`` is a libpq URI
     (postgresql://user:password@host:port/dbname, or
     postgresql:///dbname?host=/run/postgresql for a local socket).  The
-    decisions are the sqlite store's (triplet_step), with the same
-    attributes and methods, and:
+    decisions are StoreBase's (triplet_step), as the sqlite store's, with
+    the same attributes and methods, and:
 
     - time is the database's clock, so hosts whose clocks differ agree;
       the ``now`` given is used only with ``database_clock`` false (tests
@@ -5223,17 +5338,7 @@ class PostgreSQLStore(GreylistStore):
     def __init__(self, uri, settings=None):
         # No connection yet: the first use makes it, and says why not.
         self._module = postgresql_driver(self.driver)
-        self.path = uri
-        if settings is not None:
-            self.configure(settings)
-        self._lock = threading.Lock()
-        self._db = None
-        self.failing = None
-        self._known = {}            # see GreylistStore
-        self._checkpointer = None   # none: PostgreSQL checkpoints itself
-        self.written = False
-        self.checkpoints = 0
-        self.last_purge = None
+        StoreBase.__init__(self, uri, settings)
         self._retry_at = 0.0
         self._retry_delay = 0.0
         self._last_error = None
@@ -5375,46 +5480,32 @@ class PostgreSQLStore(GreylistStore):
         cursor.execute("UPDATE smtpproxy_schema SET version = %d"
                        % self.schema_version)
 
-    def _use(self, work, *args, **options):
-        """Run ``work(transaction, *args)`` (a _Transaction), alone in
-        this process; a connection the server closed is replaced and the
-        work tried once more."""
-        if not self._lock.acquire(timeout=self.greylist_db_timeout):
-            raise self._incident(StoreError(
-                "no turn within greylist_db_timeout (%s s)"
-                % self.greylist_db_timeout))
-        try:
-            for attempt in (1, 2):
-                fresh = self._db is None
-                try:
-                    connection = self._connection()
-                except (StoreError, ResourceShortage) as error:
-                    raise self._incident(error)
-                try:
-                    cursor = connection.cursor()
-                    transaction = _Transaction(
-                        cursor, hasattr(cursor, "nextset") and
-                        self._module.__name__ == "psycopg")
-                    result = work(transaction, *args)
-                    transaction.commit()
-                    cursor.close()
-                except self._module.Error as error:
-                    if not self._discard(connection) and attempt == 1 \
-                            and not fresh:
-                        continue        # a stale connection: once more
-                    raise self._incident(self._failure(error)) from None
-                except BaseException:
-                    self._discard(connection)
-                    raise
-                self._recovered()
-                return result
-        finally:
-            self._lock.release()
-
-    def checkpoint(self):
-        """Only forget old passes kept in memory: the database server
-        checkpoints by itself."""
-        self._forget_old()
+    def _transact(self, work, args, read_only):
+        """Run ``work(transaction, *args)`` (a _Transaction: its work
+        locks the rows it reads to write them, and ``read_only`` makes no
+        difference); a connection the server closed is replaced and the
+        work tried once more.  The database server checkpoints by
+        itself: checkpoint() is StoreBase's."""
+        for attempt in (1, 2):
+            fresh = self._db is None
+            connection = self._connection()
+            try:
+                cursor = connection.cursor()
+                transaction = _Transaction(
+                    cursor, hasattr(cursor, "nextset") and
+                    self._module.__name__ == "psycopg")
+                result = work(transaction, *args)
+                transaction.commit()
+                cursor.close()
+            except self._module.Error as error:
+                if not self._discard(connection) and attempt == 1 \
+                        and not fresh:
+                    continue            # a stale connection: once more
+                raise self._failure(error) from None
+            except BaseException:
+                self._discard(connection)
+                raise
+            return result
 
     def _discard(self, connection):
         """After an error: roll back, and close a connection that broke.
@@ -5452,7 +5543,7 @@ class PostgreSQLStore(GreylistStore):
                        (clock, key))
             row = tx.fetchone()
             if row is None:
-                return False, None, True
+                return _FIRST_SIGHTING
             return self._decide_row(tx, key, client, row)
         tx.execute(
             "WITH new AS (INSERT INTO smtpproxy_triplets"
@@ -5478,8 +5569,8 @@ class PostgreSQLStore(GreylistStore):
         # The rest of _decide_and_count, for the triplet's row.
         first_seen, passed, now, inserted = row
         if inserted:
-            return False, None, True            # first seen now
-        outcome, change = triplet_step(first_seen, passed, now, self)
+            return _FIRST_SIGHTING              # first seen now
+        step, change = triplet_step(first_seen, passed, now, self)
         statements, params = [], []
         if change == RESTART:
             statements.append(
@@ -5491,8 +5582,7 @@ class PostgreSQLStore(GreylistStore):
                 "UPDATE smtpproxy_triplets SET passed = %s, last_seen = %s,"
                 " passes = passes + 1 WHERE key = %s")
             params += [now, now, key]
-        if outcome is not False and outcome is not True \
-                and client is not None:
+        if step.delay is not None and client is not None:
             # A greylisting pass: counted as the sqlite store counts it.
             statements.append(
                 "INSERT INTO smtpproxy_clients (network, passes, last_seen)"
@@ -5504,11 +5594,7 @@ class PostgreSQLStore(GreylistStore):
             params += [client, now, self.client_pass_interval]
         if statements:
             tx.execute("; ".join(statements), params, last=True)
-        if outcome is False:
-            return False, None, False
-        if outcome is True:
-            return True, None, False
-        return True, outcome, False
+        return step
 
     def _client_is_trusted(self, tx, client, now):
         tx.execute(
@@ -5579,16 +5665,12 @@ class PostgreSQLStore(GreylistStore):
                        (key,))
         return deleted + tx.rowcount > 0
 
-    def stats(self):
-        return self._use(self._stats)
-
     def _stats(self, tx):
         tx.execute("SELECT count(*) FILTER (WHERE passed IS NULL),"
                        " count(*) FILTER (WHERE passed IS NOT NULL),"
                        " (SELECT count(*) FROM smtpproxy_clients)"
                        " FROM smtpproxy_triplets")
-        grey, white, clients = tx.fetchone()
-        return {"GREY": grey, "WHITE": white, "CLIENT": clients}
+        return tx.fetchone()
 
 
 # ---------------------------------------------------------------------------
@@ -5703,7 +5785,7 @@ class Stores(object):
     def get(self, settings):
         """The store of ``settings.greylist_db``, with its timings."""
         key = (settings.greylist_db,) + tuple(
-            getattr(settings, name) for name in GreylistStore.settings)
+            getattr(settings, name) for name in StoreBase.settings)
 
         def make():
             return open_store(settings.greylist_db, settings)

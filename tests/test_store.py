@@ -263,6 +263,16 @@ def test_a_clients_passes_count_at_most_once_an_hour(store):
     assert client_passes(store, "net") == [2]
 
 
+def test_a_step_says_accepted_delay_and_new_by_name(store):
+    first = store.step("k", T0)
+    assert (first.accepted, first.delay, first.new) == (False, None, True)
+    waited = store.step("k", T0 + MIN_DEFER)
+    assert (waited.accepted, waited.delay, waited.new) == (
+        True, MIN_DEFER, False)
+    resent = store.step("k", T0 + MIN_DEFER + 1)
+    assert (resent.accepted, resent.delay, resent.new) == (True, None, False)
+
+
 def test_a_new_triplet_is_not_added_when_the_decision_may_not_add(store):
     assert store.step("new", T0, add=False) == (False, None, True)
     assert rows(store) == []
@@ -447,14 +457,21 @@ def test_the_decision_table_is_one_pure_function():
             5000
     step = smtpproxy.triplet_step
     R, P = smtpproxy.RESTART, smtpproxy.PASS
-    assert step(None, None, 0, Timings) == (False, R)
-    assert step(0, None, 9, Timings) == (False, R)
-    assert step(0, None, 10, Timings) == (False, None)
-    assert step(0, None, 100, Timings) == (100, P)
-    assert step(0, None, 1000, Timings) == (1000, P)
-    assert step(0, None, 1001, Timings) == (False, R)
-    assert step(0, 100, 5099, Timings) == (True, P)
-    assert step(0, 100, 5100, Timings) == (False, R)
+    Step = smtpproxy.Step
+    new = Step(accepted=False, delay=None, new=True)
+    deferred = Step(accepted=False, delay=None, new=False)
+    accepted = Step(accepted=True, delay=None, new=False)
+
+    def waited(seconds):
+        return Step(accepted=True, delay=seconds, new=False)
+    assert step(None, None, 0, Timings) == (new, R)
+    assert step(0, None, 9, Timings) == (deferred, R)
+    assert step(0, None, 10, Timings) == (deferred, None)
+    assert step(0, None, 100, Timings) == (waited(100), P)
+    assert step(0, None, 1000, Timings) == (waited(1000), P)
+    assert step(0, None, 1001, Timings) == (deferred, R)
+    assert step(0, 100, 5099, Timings) == (accepted, P)
+    assert step(0, 100, 5100, Timings) == (deferred, R)
 
 
 # -- sqlite only ------------------------------------------------------------
