@@ -6596,6 +6596,11 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     messages_refused (replies to DATA and to the message), upstream_errors.
 
     ``stop()`` ends the service without losing mail: see there.
+
+    ``service_hooks``: callables that ``service_actions()`` calls, with no
+    argument, after its own work, in serve_forever()'s thread, at least
+    once per poll_interval: the command line's Service acts on the signals
+    it noted there.  A list of the instance's own, empty at first.
     """
 
     daemon_threads = True
@@ -6643,6 +6648,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         self.sessions_per_ip = {}
         self.sessions_changed = threading.Condition(threading.Lock())
         self.counters = dict.fromkeys(COUNTERS, 0)
+        self.service_hooks = []
         self.stopping = False
         self.stop_now = False       # set during stop(): end the grace now
         self.stressed = False
@@ -6867,11 +6873,17 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         upstream sessions that waited too long; under stress, shed the
         sessions that have waited for their client longer than
         stress_timeout (they began to wait before the stress); the
-        greylisting stores' checkpoints."""
+        greylisting stores' checkpoints; then the ``service_hooks``."""
         upstream_pool.expire()
         stores.maintain()
-        if not (self.stressed and self.stress_timeout):
-            return
+        if self.stressed and self.stress_timeout:
+            self._shed_waiting()
+        for hook in self.service_hooks:
+            hook()
+
+    def _shed_waiting(self):
+        """Under stress: close the sessions waiting for their client
+        longer than stress_timeout, unless the stress ends now."""
         now = time.monotonic()
         with self.sessions_changed:
             self._check_stress()            # it may end, in time
