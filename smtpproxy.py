@@ -6750,6 +6750,11 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     messages_refused (replies to DATA and to the message), upstream_errors.
 
     ``stop()`` ends the service without losing mail: see there.
+
+    ``service_hooks``: callables that ``service_actions()`` calls, with no
+    argument, after its own work, in serve_forever()'s thread, at least
+    once per poll_interval: the command line's Service acts on the signals
+    it noted there.  A list of the instance's own, empty at first.
     """
 
     # No daemon_threads or block_on_close: process_request() is our own,
@@ -6797,6 +6802,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         self.sessions_per_ip = {}
         self.sessions_changed = threading.Condition(threading.Lock())
         self.counters = dict.fromkeys(COUNTERS, 0)
+        self.service_hooks = []
         self.stopping = False
         self.stop_now = False       # set during stop(): end the grace now
         self.stressed = False
@@ -7021,11 +7027,17 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         upstream sessions that waited too long; under stress, shed the
         sessions that have waited for their client longer than
         stress_timeout (they began to wait before the stress); the
-        greylisting stores' checkpoints."""
+        greylisting stores' checkpoints; then the ``service_hooks``."""
         upstream_pool.expire()
         stores.maintain()
-        if not (self.stressed and self.stress_timeout):
-            return
+        if self.stressed and self.stress_timeout:
+            self._shed_waiting()
+        for hook in self.service_hooks:
+            hook()
+
+    def _shed_waiting(self):
+        """Under stress: close the sessions waiting for their client
+        longer than stress_timeout, unless the stress ends now."""
         now = time.monotonic()
         with self.sessions_changed:
             self._check_stress()            # it may end, in time
@@ -8628,7 +8640,76 @@ def check_policy(handler_class, values):
                          "to serve", 2)
 
 
-class Service(object):
+def _reopen_log_files(values):
+    """Reopen the logs of ``values``; one that cannot be opened stays as it
+    was, and the log says why."""
+    for error in configure_logging(values, keep_failed=True):
+        log.error("cannot reopen a log, keeping the one open: %s", error)
+
+
+# The signals, written once for the two roles a process of the service can
+# have.  The handler only notes a signal (on_signal()); the main loop acts
+# on it, outside whatever the signal interrupted, by the method its role's
+# column of _SIGNALS names; the master then passes it on to the workers.
+#
+#   signal   a serving process (the single   the master (workers > 1)  passed
+#            one, or a worker)                                         on as
+#   SIGTERM  stop: the port closes, open     close the port, start no  SIGTERM
+#   SIGINT   transactions get grace_period   worker again; end when    SIGTERM
+#            (a second one: at once)         the last worker has
+#   SIGHUP   reload the configuration and    the same                  SIGHUP
+#            reopen the logs
+#   SIGUSR1  log the counters                log the workers' pids     SIGUSR1
+#   SIGUSR2  reopen the logs                 the same                  SIGUSR2
+#
+# A worker also stops, as on SIGTERM, when its master is gone.
+_SignalRoles = collections.namedtuple("_SignalRoles",
+                                      "serving master passed_on")
+_SIGNALS = {
+    signal.SIGTERM: _SignalRoles("_stop_serving", "_stop_workers",
+                                 signal.SIGTERM),
+    signal.SIGINT: _SignalRoles("_stop_serving", "_stop_workers",
+                                signal.SIGTERM),
+    signal.SIGHUP: _SignalRoles("_reload", "_reload", signal.SIGHUP),
+    signal.SIGUSR1: _SignalRoles("_log_counters", "_log_workers",
+                                 signal.SIGUSR1),
+    signal.SIGUSR2: _SignalRoles("_reopen_logs", "_reopen_logs",
+                                 signal.SIGUSR2),
+}
+
+
+class _SignalsNoted(object):
+    """What each role does with the signals of _SIGNALS: on_signal() only
+    notes one; the main loop's _act_on_signals() acts on it, in order, by
+    _act_on(signum, roles), which runs the role's column."""
+
+    def __init__(self):
+        self.pending = []           # signals noted, not yet acted on
+        self.stop_asked = False     # SIGTERM or SIGINT came
+
+    def _catch_signals(self):
+        for signum in _SIGNALS:
+            signal.signal(signum, self.on_signal)
+
+    def on_signal(self, signum, frame):
+        """Only note the signal: the main loop acts on it, in the main
+        thread, outside whatever the signal interrupted."""
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stop_asked = True
+        self.pending.append(signum)
+
+    def _act_on_signals(self):
+        while self.pending:
+            signum = self.pending.pop(0)
+            self._act_on(signum, _SIGNALS[signum])
+
+    def _act_on(self, signum, roles):
+        """Run the method this role's column of ``roles`` (the signal's
+        row of _SIGNALS) names."""
+        raise NotImplementedError
+
+
+class Service(_SignalsNoted):
     """The proxy run as a service by main(): start-up in the order a
     daemon on port 25 needs, signals, reloads and the graceful stop.
 
@@ -8636,30 +8717,32 @@ class Service(object):
     (--daemon), pid written, privileges dropped, store checked, then
     serving.  SIGTERM and SIGINT stop (SMTPProxyServer.stop(), once more:
     at once), SIGHUP reloads the configuration and reopens the logs,
-    SIGUSR1 logs the counters, SIGUSR2 reopens the logs.
+    SIGUSR1 logs the counters, SIGUSR2 reopens the logs (_SIGNALS, the
+    "serving" column).
+
+    This object is the single process.  With ``workers`` > 1 the process
+    that started becomes a Master instead of serving, and each process it
+    forks serves as a Worker: a single process that also watches its
+    master.
     """
 
-    def __init__(self, args, base, values, path, warnings):
+    def __init__(self, args, base, values, path, warnings, start_dir=None):
+        _SignalsNoted.__init__(self)
         self.args = args
         self.base = base
         self.path = path and os.path.abspath(path)
         if path:
             args.config = self.path     # a reload reads the same file
-        self.start_dir = os.getcwd()
+        self.start_dir = start_dir or os.getcwd()
         self.values = self._absolute_paths(values)
         self.warnings = warnings
+        self.report = None          # the pipe to the waiting parent
         self.server = None
         self.pidfile = None
-        self.pending = []           # signals on_service() has to act on
-        self.stop_asked = False     # SIGTERM or SIGINT came
         self.policy = None          # the policy service's server
         self.stopped = threading.Event()    # the policy service alone
         self.worker = None          # in a worker process: its number
         self.master = None          # in a worker process: the master's pid
-        self.workers = {}           # in the master: pid -> (number, start)
-        self._restarts = {}         # worker number -> when to start it
-        self._quick_ends = {}       # worker number -> quick ends in a row
-        self._workers_stopping = False  # the master passed a stop on
 
     def _absolute_paths(self, values):
         """``values`` with the file names, given or default, made absolute
@@ -8682,7 +8765,6 @@ class Service(object):
     def run(self):
         """Start, serve until stopped, stop; return the exit status.  Each
         step of the start is a method of its own, in this order."""
-        self.report = None          # the pipe to the waiting parent
         try:
             identity = find_user(self.values)
             self._lock_pidfile()
@@ -8699,20 +8781,12 @@ class Service(object):
             self.close()
             return error.status
         if self.server is not None and self.values.get("workers", 1) > 1:
-            return self._supervise(handler_class)
-        self._serving(handler_class)
-        try:
-            if self.server is not None:
-                self.server.serve_forever(poll_interval=0.25)
-            else:
-                # The policy service alone: its thread serves; this one
-                # handles the signals.
-                while not self.stopped.wait(0.25):
-                    self.on_service()
-            self._stop()
-        finally:
-            self.close()
-        return 0
+            master = Master(self, handler_class)
+            master.fork_workers()
+            self._started(handler_class, len(master.workers))
+            return master.watch()
+        self._catch_signals()
+        return self._serve(handler_class)
 
     def _lock_pidfile(self):
         """Lock the pidfile first: a running instance makes this start
@@ -8787,30 +8861,38 @@ class Service(object):
             check()
         self._check_logs()
 
-    def _serving(self, handler_class):
-        """The start went well: signals, the parent told, warnings, the
-        start logged, the upstream asked what it offers."""
-        self._catch_signals()
+    def _serve(self, handler_class):
+        """Serve until stopped, stop; return the exit status: the path of
+        the single process and of a worker, its signals caught already.
+        The server runs on_service() (a service hook); the policy service
+        alone has a thread that serves, this one handling the signals."""
         self._start_serving()
         self._started(handler_class)
         if self.server is not None:
-            self.learn_upstream(handler_class)
-
-    def _catch_signals(self):
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                       signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(signum, self.on_signal)
+            # Only the first worker says what the upstream offers.
+            self.learn_upstream(handler_class, quiet=self.worker not in
+                                (None, 0))
+        try:
+            if self.server is not None:
+                self.server.serve_forever(poll_interval=0.25)
+            else:
+                while not self.stopped.wait(0.25):
+                    self.on_service()
+            self._stop()
+        finally:
+            self.close()
+        return 0
 
     def _start_serving(self):
         """The SMTP server's hook, and the policy service's thread."""
         if self.server is not None:
-            self.server.service_actions = self.on_service
+            self.server.service_hooks.append(self.on_service)
         if self.policy is not None:
             threading.Thread(target=self.policy.serve_forever,
                              kwargs={"poll_interval": 0.25},
                              name="policy service", daemon=True).start()
 
-    def _started(self, handler_class):
+    def _started(self, handler_class, workers=0):
         """Tell the waiting parent, log the warnings and the start."""
         if self.report is not None:
             report_start(self.report, 0)
@@ -8820,8 +8902,8 @@ class Service(object):
         details = ("class %s, config %s, pid %d, user %s"
                    % (self.args.handler_class, self.path or "none",
                       os.getpid(), _user_name(os.geteuid())))
-        if self.workers:
-            details += ", %d workers" % len(self.workers)
+        if workers:
+            details += ", %d workers" % workers
         if self.server is not None:
             log.info("smtpproxy %s listening on [%s]:%s, forwarding to "
                      "%s:%s (%s)", __version__,
@@ -8833,175 +8915,9 @@ class Service(object):
             log.info("smtpproxy %s answering policy requests on %s (%s)",
                      __version__, self.values["policy_listen"], details)
 
-    # -- several processes (workers) -------------------------------------
-
-    def _supervise(self, handler_class):
-        """``workers`` > 1: fork that many worker processes, which serve
-        the port bound here (and, the first of them, the policy service),
-        and watch them until stopped; return the exit status.
-
-        This process, the master, serves no client and starts no thread,
-        so that a fork never copies a lock held by another thread.  A
-        worker that ends when it should not is started again, at once, or
-        after 1, 2, 4 ... 60 seconds when it ends again within
-        ``worker_quick_end`` seconds of its start.  Signals: SIGTERM and
-        SIGINT are passed to the workers, which stop as a single process
-        does, and this one ends when the last has; SIGHUP reloads here and
-        is passed on; SIGUSR1 logs the workers and is passed on (each logs
-        its counters); SIGUSR2 reopens the logs here and is passed on.  A
-        worker whose master is gone stops by itself."""
-        stores.reset()          # no store connection crosses a fork
-        # A worker that loses the race for a new connection must go back
-        # to its loop, not wait in accept() for the next one.
-        self.server.socket.setblocking(False)
-        self._catch_signals()
-        for number in range(self.values["workers"]):
-            self._fork_worker(number, handler_class)
-        self._started(handler_class)
-        try:
-            while self.workers or not self.stop_asked:
-                self._reap_workers()
-                self._master_signals()
-                now = time.monotonic()
-                for number, when in sorted(self._restarts.items()):
-                    if when <= now and not self.stop_asked:
-                        del self._restarts[number]
-                        self._fork_worker(number, handler_class)
-                if self.workers or not self.stop_asked:
-                    time.sleep(0.1)
-        finally:
-            self.close()
-        log.info("stopped")
-        return 0
-
-    worker_quick_end = 10
-
-    def _fork_worker(self, number, handler_class):
-        """Start worker ``number``; in the child, serve and exit."""
-        try:
-            pid = os.fork()
-        except OSError as error:
-            log.error("cannot start worker %d: %s; trying again in a "
-                      "second", number, error)
-            self._restarts[number] = time.monotonic() + 1
-            return
-        if pid:
-            self.workers[pid] = (number, time.monotonic())
-            return
-        status = 70                 # EX_SOFTWARE, if serving raised
-        try:
-            status = self._work(number, handler_class)
-        except BaseException:
-            log.exception("worker %d failed", number)
-        finally:
-            os._exit(status)
-
-    def _work(self, number, handler_class):
-        """A worker: serve as a single process would, until stopped."""
-        self.worker = number
-        self.master = os.getppid()
-        lookup_threads.after_fork()
-        self.workers = {}
-        self._restarts = {}
-        self.pending = []
-        self.report = None
-        # Out of the terminal's process group: a ^C reaches the master,
-        # which passes it on once.
-        try:
-            os.setpgid(0, 0)
-        except OSError:
-            pass
-        if self.pidfile is not None:
-            os.close(self.pidfile)      # the lock stays the master's
-            self.pidfile = None
-        if self.policy is not None and number != 0:
-            self.policy.server_close()
-            self.policy = None
-        self._configure_server(self.values)
-        # The store now, not at the first RCPT (the master closed its own
-        # before the fork): what a worker holds is there from its start.
-        if getattr(handler_class, "greylister_class", None) is not None \
-                and getattr(handler_class, "greylist_db", None):
-            try:
-                stores.get(handler_class)
-            except (sqlite3.Error, OSError):
-                pass                    # the first decision says why
-        self._start_serving()
-        self.learn_upstream(handler_class, quiet=number != 0)
-        self.server.serve_forever(poll_interval=0.25)
-        self._stop()
-        self.close()
-        return 0
-
     def _configure_server(self, values):
-        """Set the server's keys; a worker's connection limits are its
-        share of the service's."""
+        """Set the server's keys, on a reload (and at a Worker's start)."""
         configure_server(self.server, values)
-        workers = values.get("workers", 1)
-        if self.worker is not None and workers > 1:
-            self.server.worker = self.worker
-            for key in ("max_connections", "max_connections_per_ip"):
-                value = getattr(self.server, key)
-                if value:
-                    setattr(self.server, key, -(-value // workers))
-
-    def _reap_workers(self):
-        """Note the workers that ended; plan their restart unless the
-        service is stopping."""
-        while self.workers:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.workers.clear()
-                return
-            if not pid:
-                return
-            number, started = self.workers.pop(pid, (None, 0))
-            if number is None or self.stop_asked:
-                continue
-            if os.WIFSIGNALED(status):
-                how = "was killed by signal %d" % os.WTERMSIG(status)
-            else:
-                how = "exited with status %d" % os.WEXITSTATUS(status)
-            if time.monotonic() - started < self.worker_quick_end:
-                quick = self._quick_ends.get(number, 0) + 1
-            else:
-                quick = 0
-            self._quick_ends[number] = quick
-            # The first quick end may be chance; a second one in a row
-            # is a worker that cannot serve: wait 1, 2, 4 ... 60 s.
-            delay = min(60, 2 ** (quick - 2)) if quick > 1 else 0
-            log.error("worker %d (pid %d) %s; starting another%s", number,
-                      pid, how, " in %d s" % delay if delay else "")
-            self._restarts[number] = time.monotonic() + delay
-
-    def _master_signals(self):
-        """Act on the signals the master got, and pass them on."""
-        while self.pending:
-            signum = self.pending.pop(0)
-            forward = signum
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                forward = signal.SIGTERM
-                if not self._workers_stopping:
-                    self._workers_stopping = True
-                    log.info("signal %d: stopping %d workers", signum,
-                             len(self.workers))
-                    # The port closes at once, as a single process's does
-                    # (the workers close their copies as they stop).
-                    self.server.socket.close()
-                    self._restarts.clear()
-            elif signum == signal.SIGHUP:
-                self.reload()
-            elif signum == signal.SIGUSR1:
-                log.info("workers: %d running (pids %s)", len(self.workers),
-                         " ".join(str(pid) for pid in sorted(self.workers)))
-            elif signum == signal.SIGUSR2:
-                self._reopen_logs(self.values)
-            for pid in list(self.workers):
-                try:
-                    os.kill(pid, forward)
-                except OSError:
-                    pass        # ended meanwhile: reaped next time
 
     def _stop(self):
         """serve_forever() returned (SIGTERM): the policy service's
@@ -9073,63 +8989,53 @@ class Service(object):
             os.close(self.pidfile)
             self.pidfile = None
 
-    @staticmethod
-    def _reopen_logs(values):
-        """Reopen the logs of ``values``; one that cannot be opened stays
-        as it was, and the log says why."""
-        for error in configure_logging(values, keep_failed=True):
-            log.error("cannot reopen a log, keeping the one open: %s",
-                      error)
-
     def on_signal(self, signum, frame):
-        """Only note the signal: on_service() acts on it, in the main
-        thread, outside whatever the signal interrupted."""
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            if self.stop_asked and self.server is not None:
-                # Twice, even before on_service() saw the first: end the
-                # grace period.
-                self.server.stop_now = True
-            self.stop_asked = True
-        self.pending.append(signum)
+        if (signum in (signal.SIGTERM, signal.SIGINT) and self.stop_asked
+                and self.server is not None):
+            # Twice, even before on_service() saw the first: end the
+            # grace period.
+            self.server.stop_now = True
+        _SignalsNoted.on_signal(self, signum, frame)
 
     def on_service(self):
-        """Called by serve_forever() at least every quarter second (or by
-        the policy service's main loop)."""
-        if self.server is not None:
-            SMTPProxyServer.service_actions(self.server)
-        else:
+        """Called by the SMTP server's service_actions() at least every
+        quarter second (one of its service_hooks), or by the policy
+        service's main loop: act on the signals noted."""
+        if self.server is None:
             stores.maintain()           # the policy service alone
-        if (self.master is not None and os.getppid() != self.master
-                and not self.stop_asked):
-            log.warning("worker %d: the master process (pid %d) is gone: "
-                        "stopping", self.worker, self.master)
-            self.stop_asked = True
-            self.pending.append(signal.SIGTERM)
-        while self.pending:
-            signum = self.pending.pop(0)
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                if self.server is None:
-                    if not self.stopped.is_set():
-                        log.info("signal %d: stopping", signum)
-                    self.stopped.set()
-                elif not self.server.stopping:
-                    log.info("signal %d: stopping", signum)
-                    self.server.stopping = True
-                    # shutdown() waits for serve_forever() to return: it
-                    # cannot be called from this thread.
-                    threading.Thread(target=self.server.shutdown).start()
-            elif signum == signal.SIGHUP:
-                self.reload()
-            elif signum == signal.SIGUSR1:
-                if self.server is not None:
-                    self.server.log_counters()
-                if self.policy is not None:
-                    log.info("policy counters: connections_open=%d %s",
-                             len(self.policy.connections),
-                             self.policy.counter_text())
-            elif signum == signal.SIGUSR2:
-                self._reopen_logs(self.values)
-                log.info("logs reopened")
+        self._act_on_signals()
+
+    def _act_on(self, signum, roles):
+        getattr(self, roles.serving)(signum)
+
+    def _stop_serving(self, signum):
+        """SIGTERM, SIGINT: serve_forever() returns (or the policy
+        service's loop ends), and _serve() stops."""
+        if self.server is None:
+            if not self.stopped.is_set():
+                log.info("signal %d: stopping", signum)
+            self.stopped.set()
+        elif not self.server.stopping:
+            log.info("signal %d: stopping", signum)
+            self.server.stopping = True
+            # shutdown() waits for serve_forever() to return: it cannot be
+            # called from this thread.
+            threading.Thread(target=self.server.shutdown).start()
+
+    def _reload(self, signum):
+        self.reload()
+
+    def _log_counters(self, signum):
+        if self.server is not None:
+            self.server.log_counters()
+        if self.policy is not None:
+            log.info("policy counters: connections_open=%d %s",
+                     len(self.policy.connections),
+                     self.policy.counter_text())
+
+    def _reopen_logs(self, signum):
+        _reopen_log_files(self.values)
+        log.info("logs reopened")
 
     def reload(self):
         """Read the configuration again; new sessions get it, sessions in
@@ -9144,11 +9050,11 @@ class Service(object):
         except (ConfigError, ValueError, OSError, StartError) as error:
             # The logs are reopened all the same: logrotate sent the
             # signal for them, not for the file somebody broke meanwhile.
-            self._reopen_logs(self.values)
+            _reopen_log_files(self.values)
             log.error("reload failed, keeping the configuration in force: "
                       "%s", error)
             return
-        self._reopen_logs(values)
+        _reopen_log_files(values)
         for warning in warnings:
             log.warning("%s", warning)
         for key in RESTART_KEYS:
@@ -9164,6 +9070,224 @@ class Service(object):
             self.policy.settings = handler_class
             configure_server(self.policy, values, POLICY_SETTINGS)
         log.info("reloaded the configuration from %s", path or "nowhere")
+
+
+# -- several processes (workers) ---------------------------------------------
+
+class Master(_SignalsNoted):
+    """``workers`` > 1: the process that started (its ``service``) forks
+    that many Worker processes, which serve the port it bound (and, the
+    first of them, the policy service), and watches them until stopped.
+
+    It serves no client and starts no thread, so that a fork never copies
+    a lock held by another thread.  A worker that ends when it should not
+    is started again, at once, or after 1, 2, 4 ... 60 seconds when it
+    ends again within ``worker_quick_end`` seconds of its start.  Its
+    signals are the "master" column of _SIGNALS, each passed on to the
+    workers, which act on it as a single process does; it ends when the
+    last worker has.  A worker whose master is gone stops by itself.
+
+    ``workers``: pid -> (number, when it started), the workers running.
+    """
+
+    worker_quick_end = 10
+
+    def __init__(self, service, handler_class):
+        _SignalsNoted.__init__(self)
+        self.service = service
+        self.handler_class = handler_class
+        self.workers = {}
+        self._restarts = {}         # worker number -> when to start it
+        self._quick_ends = {}       # worker number -> quick ends in a row
+        self._stopping = False      # the stop was passed on
+
+    def fork_workers(self):
+        """Catch the signals, start the workers."""
+        stores.reset()          # no store connection crosses a fork
+        # A worker that loses the race for a new connection must go back
+        # to its loop, not wait in accept() for the next one.
+        self.service.server.socket.setblocking(False)
+        self._catch_signals()
+        for number in range(self.service.values["workers"]):
+            self._fork_worker(number)
+
+    def watch(self):
+        """Watch the workers until they all ended after a stop; close the
+        service, return the exit status."""
+        try:
+            while self.workers or not self.stop_asked:
+                self._reap_workers()
+                self._act_on_signals()
+                self._restart_workers()
+                if self.workers or not self.stop_asked:
+                    time.sleep(0.1)
+        finally:
+            self.service.close()
+        log.info("stopped")
+        return 0
+
+    def _fork_worker(self, number):
+        """Start worker ``number``; in the child, serve and exit."""
+        try:
+            pid = os.fork()
+        except OSError as error:
+            log.error("cannot start worker %d: %s; trying again in a "
+                      "second", number, error)
+            self._restarts[number] = time.monotonic() + 1
+            return
+        if pid:
+            self.workers[pid] = (number, time.monotonic())
+            return
+        status = 70                 # EX_SOFTWARE, if serving raised
+        try:
+            status = Worker(self.service, number, self.handler_class).run()
+        except BaseException:
+            log.exception("worker %d failed", number)
+        finally:
+            os._exit(status)
+
+    def _restart_workers(self):
+        now = time.monotonic()
+        for number, when in sorted(self._restarts.items()):
+            if when <= now and not self.stop_asked:
+                del self._restarts[number]
+                self._fork_worker(number)
+
+    def _reap_workers(self):
+        """Note the workers that ended; plan their restart unless the
+        service is stopping."""
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.workers.clear()
+                return
+            if not pid:
+                return
+            number, started = self.workers.pop(pid, (None, 0))
+            if number is None or self.stop_asked:
+                continue
+            if os.WIFSIGNALED(status):
+                how = "was killed by signal %d" % os.WTERMSIG(status)
+            else:
+                how = "exited with status %d" % os.WEXITSTATUS(status)
+            if time.monotonic() - started < self.worker_quick_end:
+                quick = self._quick_ends.get(number, 0) + 1
+            else:
+                quick = 0
+            self._quick_ends[number] = quick
+            delay = self._restart_delay(quick)
+            log.error("worker %d (pid %d) %s; starting another%s", number,
+                      pid, how, " in %d s" % delay if delay else "")
+            self._restarts[number] = time.monotonic() + delay
+
+    @staticmethod
+    def _restart_delay(quick_ends):
+        """Seconds to wait before starting again a worker that ended
+        ``quick_ends`` times in a row within worker_quick_end of its
+        start.  The first quick end may be chance; a second one in a row
+        is a worker that cannot serve: wait 1, 2, 4 ... 60 s."""
+        return min(60, 2 ** (quick_ends - 2)) if quick_ends > 1 else 0
+
+    def _act_on(self, signum, roles):
+        getattr(self, roles.master)(signum)
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, roles.passed_on)
+            except OSError:
+                pass        # ended meanwhile: reaped next time
+
+    def _stop_workers(self, signum):
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("signal %d: stopping %d workers", signum,
+                 len(self.workers))
+        # The port closes at once, as a single process's does (the
+        # workers close their copies as they stop).
+        self.service.server.socket.close()
+        self._restarts.clear()
+
+    def _reload(self, signum):
+        self.service.reload()
+
+    def _log_workers(self, signum):
+        log.info("workers: %d running (pids %s)", len(self.workers),
+                 " ".join(str(pid) for pid in sorted(self.workers)))
+
+    def _reopen_logs(self, signum):
+        _reopen_log_files(self.service.values)
+
+
+class Worker(Service):
+    """A process forked by the Master: a single process (Service) that
+    serves the port its master bound, with its share of the connection
+    limits, and also watches its master: when the master is gone, it
+    stops as on SIGTERM.  Built in the child, from the master's
+    ``service``, which hands over its server; the pidfile's lock stays the
+    master's, the policy service is the first worker's (number 0)."""
+
+    def __init__(self, service, number, handler_class):
+        Service.__init__(self, service.args, service.base, service.values,
+                         service.path, [], service.start_dir)
+        self.handler_class = handler_class
+        self.worker = number
+        self.master = os.getppid()
+        self.server, service.server = service.server, None
+        if service.pidfile is not None:
+            os.close(service.pidfile)       # the lock stays the master's
+            service.pidfile = None
+        if number == 0:
+            self.policy = service.policy
+        elif service.policy is not None:
+            service.policy.server_close()
+        service.policy = None
+
+    def run(self):
+        """Serve as a single process does, until stopped; return the exit
+        status."""
+        self._catch_signals()
+        lookup_threads.after_fork()
+        # Out of the terminal's process group: a ^C reaches the master,
+        # which passes it on once.
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+        self._configure_server(self.values)
+        # The store now, not at the first RCPT (the master closed its own
+        # before the fork): what a worker holds is there from its start.
+        if getattr(self.handler_class, "greylister_class", None) is not None \
+                and getattr(self.handler_class, "greylist_db", None):
+            try:
+                stores.get(self.handler_class)
+            except (sqlite3.Error, OSError):
+                pass                    # the first decision says why
+        return self._serve(self.handler_class)
+
+    def _started(self, handler_class, workers=0):
+        """Nothing: the master told the parent and logged the start."""
+
+    def _configure_server(self, values):
+        """Set the server's keys; a worker's connection limits are its
+        share of the service's."""
+        Service._configure_server(self, values)
+        workers = values.get("workers", 1)
+        if workers > 1:
+            self.server.worker = self.worker
+            for key in ("max_connections", "max_connections_per_ip"):
+                value = getattr(self.server, key)
+                if value:
+                    setattr(self.server, key, -(-value // workers))
+
+    def on_service(self):
+        """Also watch the master: a worker whose master is gone stops."""
+        if os.getppid() != self.master and not self.stop_asked:
+            log.warning("worker %d: the master process (pid %d) is gone: "
+                        "stopping", self.worker, self.master)
+            self.stop_asked = True
+            self.pending.append(signal.SIGTERM)
+        Service.on_service(self)
 
 
 def main(argv=None):

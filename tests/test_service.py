@@ -390,6 +390,42 @@ def test_a_second_sigterm_before_the_first_is_acted_on_ends_the_grace():
         service.server.server_close()
 
 
+def test_every_signal_has_both_roles_and_a_stop_is_passed_on_as_sigterm():
+    """The signal table (_SIGNALS): what a serving process does, what the
+    master does, and what the master passes on to its workers."""
+    table = smtpproxy._SIGNALS
+    assert set(table) == {signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                          signal.SIGUSR1, signal.SIGUSR2}
+    for signum, roles in table.items():
+        assert callable(getattr(smtpproxy.Service, roles.serving))
+        assert callable(getattr(smtpproxy.Worker, roles.serving))
+        assert callable(getattr(smtpproxy.Master, roles.master))
+        stop = signum in (signal.SIGTERM, signal.SIGINT)
+        assert roles.passed_on == (signal.SIGTERM if stop else signum)
+
+
+def test_the_service_acts_on_signals_in_the_servers_own_service_actions(
+        caplog):
+    """The service is one of the server's service_hooks: the server's
+    service_actions() does its own work, then the service acts on the
+    signals it noted; no method is replaced on the server."""
+    service = smtpproxy.Service(
+        argparse.Namespace(config=None),
+        smtpproxy.ConcreteMailHandler, {}, None, [])
+    service.server = smtpproxy.SMTPProxyServer(
+        ("127.0.0.1", 0), smtpproxy.ConcreteMailHandler)
+    try:
+        service._start_serving()
+        service.on_signal(signal.SIGUSR1, None)
+        with caplog.at_level("INFO", logger="smtpproxy"):
+            service.server.service_actions()
+        assert "counters: sessions_open=0" in caplog.text
+        assert service.pending == []
+        assert "service_actions" not in vars(service.server)
+    finally:
+        service.server.server_close()
+
+
 # -- reload and counters -----------------------------------------------------
 
 GREYLIST_CONFIG = """\

@@ -121,6 +121,14 @@ def test_a_worker_that_dies_is_replaced_and_nothing_is_lost(
     assert len(upstream.messages) == 10
 
 
+def test_a_worker_that_keeps_ending_quickly_waits_twice_as_long_up_to_60_s():
+    """The restart schedule (Master._restart_delay), by the number of quick
+    ends in a row: the first may be chance, and is started again at once."""
+    import smtpproxy
+    assert [smtpproxy.Master._restart_delay(quick) for quick in range(10)] \
+        == [0, 0, 1, 2, 4, 8, 16, 32, 60, 60]
+
+
 def test_sigterm_stops_every_worker_after_their_transactions(
         proxy_process, tmp_path, upstream):
     service_log = tmp_path / "service.log"
