@@ -238,7 +238,9 @@ import urllib.parse
 #             close_connection(), log_dialogue(message, *args),
 #             count(counter), busy(); upstream_class (UpstreamSession),
 #             relay_class (UpstreamRelay); learn_upstream() and
-#             server_tls_context() (class methods, run at the start)
+#             server_tls_context() (class methods, run at the start);
+#             SMTPProxyServer.service_hooks (callables its
+#             service_actions() runs after its own work)
 #   relay     client_attributes(command, announced),
 #             upstream_tls_context()
 #
