@@ -185,9 +185,45 @@ import urllib.parse
 
 # == The map ==
 #
-# The developer's part of the manual (--help, the module docstring, is the
-# admin's): how the module is built, the hooks a subclass may use, and
-# where things are.
+# The developer's part of the manual (--help, the module docstring, is
+# the admin's).  The sections, in the order they stand; each opens with
+# what it owns, where to enter and what it uses, and its banner is its
+# grep token (# == N. Title ==):
+#
+#   1. Text: what a client may write, and how it reaches a log
+#       (log_escape, parse_path, the domain rule)
+#   2. Sockets: deadlines, line reading, TLS contexts, descriptors
+#       (Expired, _LineReader, send_within, TLS)
+#   3. Shared by the sessions of a process: caches, threads, list files
+#       (Cache, ReusedThreads, ListFiles)
+#   4. The upstream: a plain-socket SMTP client, the pool, the relay
+#       (UpstreamSession, UpstreamPool, UpstreamRelay)
+#   5. The SMTP session: MailHandler
+#       (lines, verbs, replies, deadlines)
+#   6. The forwarding handler: ConcreteMailHandler
+#       (the state machine, TLS, outcomes, DataScanner)
+#   7. Names and DNS lists
+#       (FCrDNS, generic names, DNSLists, LookupThreads)
+#   8. Greylisting: the engine and its handler
+#       (Greylister, Decision, GreyListingPolicy)
+#   9. Greylisting: the store's rules, and sqlite
+#       (triplet_step, StoreBase, GreylistStore)
+#  10. Greylisting: the PostgreSQL store
+#       (PostgreSQLStore, its URI and password)
+#  11. The server: SMTPProxyServer
+#       (threads, limits, stress, counters, stop)
+#  12. Postfix's policy service (check_policy_service)
+#       (PolicyHandler, PolicyServer)
+#  13. Configuration: the keys and the file
+#       (Key, KEYS, the file, the sample)
+#  14. The service's files and privileges, as root
+#       (logs, pidfile, links, the user)
+#  15. Checks and the admin commands
+#       (check_*, warnings, --db-*)
+#  16. The service: start, signals, reloads, workers
+#       (Service, the master and its workers)
+#  17. The command line
+#       (--help, main())
 #
 # Design.  SMTPProxyServer is a socketserver.ThreadingTCPServer: one thread
 # per client.  Each thread runs a handler, a StreamRequestHandler subclass:
@@ -254,16 +290,6 @@ import urllib.parse
 #             return True
 #
 #     smtpproxy.SMTPProxyServer(('', 1025), MyProxy).serve_forever()
-#
-# The module reads top to bottom: configuration (KEYS, one record per key,
-# and the file reader), helpers (escaping, envelope syntax, deadlines,
-# TLS), the upstream (UpstreamSession, UpstreamRelay), DataScanner, the
-# handlers, the greylisting engine (Greylister) and its stores
-# (triplet_step, the timing table; GreylistStore; PostgreSQLStore, whose
-# driver is imported only when one is used), the registries of what the
-# sessions of a process share, the server (SMTPProxyServer), the policy
-# service (PolicyHandler, PolicyServer), and the command line (checks,
-# Service, main()).
 
 __version__ = "0.1.0"
 
@@ -284,962 +310,22 @@ __all__ = [
 ]
 
 log = logging.getLogger("smtpproxy")
+
 transaction_log = logging.getLogger("smtpproxy.transactions")
+
 dialogue_log = logging.getLogger("smtpproxy.dialogue")
 
 
-# ---------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------
+# ===========================================================================
+# == 1. Text: what a client may write, and how it reaches a log ==
+# ===========================================================================
+#
+# Owns:  log_escape() (no client octet reaches a log unescaped); the RFC 5321
+#        path grammar and its limits (parse_path); the one rule that says
+#        whether a domain is ours (_domain_key); IPv4-mapped addresses.
+# Enter: parse_path(text, utf8), log_escape(text), _domain_key(domain).
+# Uses:  nothing of this module.
 
-CONFIG_SEARCH_PATH = [
-    "/etc/smtpproxy.conf",
-    "/usr/local/etc/smtpproxy.conf",
-    "/usr/local/etc/Kamaelia/greylist.conf",
-    "/usr/local/etc/greylist.conf",
-    "/etc/Kamaelia/greylist.conf",
-    "/etc/greylist.conf",
-    "./greylist.conf",
-]
-CONFIG_SEARCH_PATH += [name + ".dist" for name in CONFIG_SEARCH_PATH]
-
-
-class ConfigError(Exception):
-    """A configuration file or option that cannot be used."""
-
-
-def _integer(text):
-    if not re.match(r"\A[0-9]+\Z", text):
-        raise ValueError("expected a whole number, got %r" % text)
-    return int(text)
-
-
-def _boolean(text):
-    value = text.lower()
-    if value in ("yes", "true", "on", "1"):
-        return True
-    if value in ("no", "false", "off", "0"):
-        return False
-    raise ValueError("expected yes or no, got %r" % text)
-
-
-def _positive(text):
-    value = _integer(text)
-    if value < 1:
-        raise ValueError("expected 1 or more, got %r" % text)
-    return value
-
-
-def _port(text):
-    value = _integer(text)
-    if not 0 < value < 65536:
-        raise ValueError("expected a port from 1 to 65535, got %r" % text)
-    return value
-
-
-def _address(item):
-    """An IPv4 or IPv6 address, as written."""
-    item = _word(item)
-    try:
-        ipaddress.ip_address(item)
-    except ValueError:
-        raise ValueError("expected an IP address such as 192.0.2.7 or "
-                         "2001:db8::7, got %r" % item)
-    return item
-
-
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_OCTET_PREFIX_RE = re.compile(r"%s(?:\.%s){0,2}\.?\Z" % (_OCTET, _OCTET))
-
-
-def _network(item):
-    """An address, a CIDR network (host bits may be set: 192.0.2.7/24 is
-    192.0.2.0/24), or Kamaelia's prefix of whole octets (192.168.2)."""
-    item = _word(item)
-    if _OCTET_PREFIX_RE.match(item):
-        return item
-    try:
-        if "/" in item:
-            ipaddress.ip_network(item, strict=False)
-        else:
-            ipaddress.ip_address(item)
-    except ValueError:
-        raise ValueError("expected an address, a network such as "
-                         "192.0.2.0/24 or 2001:db8::/32, or whole octets "
-                         "such as 192.168.2, got %r" % item)
-    return item
-
-
-_DOMAIN_NAME_RE = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?\Z")
-
-
-def _domain(item):
-    """A domain name (one a line; a subdomain is listed on its own)."""
-    item = _word(item)
-    if item.startswith("@"):
-        raise ValueError("write the domain without '@': %s" % item[1:])
-    if item.startswith("*."):
-        raise ValueError("no wildcards: list %s, and each subdomain mail "
-                         "is received for, on a line of its own" % item[2:])
-    name = item
-    if re.search(r"[^\x00-\x7f]", name):
-        name = _a_labels(name)
-    if len(name) > 253 or not _DOMAIN_NAME_RE.match(name):
-        raise ValueError("expected a domain name such as example.org, got "
-                         "%r" % item)
-    return item
-
-
-def _a_labels(name):
-    """``name``, a domain written with U-labels, in A-labels (xn--...,
-    RFC 3492 Punycode without IDNA 2003's nameprep), for its syntax
-    check; "!" if a label is not as mail to it would be written: in NFC
-    and lower case, of letters, marks, digits and "-" only.  A recipient
-    domain is local only if it is listed as written (_domain_key()), so
-    an entry that nameprep would have mapped (fullwidth letters, an
-    invisible soft hyphen, capitals) could never match: it is refused
-    here instead of lying unused."""
-    labels = []
-    for label in name.split("."):
-        if re.match(r"[\x00-\x7f]*\Z", label):
-            labels.append(label)
-            continue
-        if (unicodedata.normalize("NFKC", label) != label
-                or label.lower() != label
-                or not all(char == "-" or unicodedata.category(char)[0]
-                           in "LMN" for char in label)):
-            return "!"
-        try:
-            labels.append("xn--" + label.encode("punycode").decode("ascii"))
-        except UnicodeError:
-            return "!"
-    return ".".join(labels)
-
-
-def _bracketed(word, what):
-    if not (word.startswith("<") and word.endswith(">")):
-        raise ValueError("expected the %s in angle brackets, as "
-                         "<user@example.org>, got %r" % (what, word))
-
-
-def _defer_reply(text):
-    if not re.match(r"4[0-9][0-9] 4\.[0-9]{1,3}\.[0-9]{1,3} [\x20-\x7e]+\Z",
-                    text):
-        raise ValueError("expected a 4xx reply with its enhanced code, such "
-                         "as 451 4.7.1 Greylisted, please try again later; "
-                         "got %r" % text)
-    return text
-
-
-def _choice(*choices):
-    def convert(text):
-        if text.lower() not in choices:
-            raise ValueError("expected %s, got %r"
-                             % (" or ".join(choices), text))
-        return text.lower()
-    return convert
-
-
-def _decimal(text):
-    if not re.match(r"\A[0-9]+(?:\.[0-9]+)?\Z", text) or not float(text):
-        raise ValueError("expected a number of seconds above 0, got %r"
-                         % text)
-    return float(text) if "." in text else int(text)
-
-
-def _zone(item):
-    """A DNS list's zone, such as zen.spamhaus.org, with the answers that
-    list if written: zen.spamhaus.org=127.0.0.[2..11] (parse_dns_list)."""
-    zone, written = parse_dns_list(_word(item))
-    if written is None:
-        return zone
-    return "%s=%s" % (zone, item.partition("=")[2].strip())
-
-
-def _prefix(bits):
-    def convert(text):
-        value = _integer(text)
-        if value > bits:
-            raise ValueError("expected 0 to %d bits, got %r" % (bits, text))
-        return value
-    return convert
-
-
-def _percent(text):
-    value = _integer(text)
-    if value > 100:
-        raise ValueError("expected a percentage from 0 to 100, got %r"
-                         % text)
-    return value
-
-
-def _facility(text):
-    value = text.lower()
-    if value in ("", "no", "false", "off", "0"):
-        return ""
-    if value in ("yes", "true", "on", "1"):
-        return "mail"
-    if value not in logging.handlers.SysLogHandler.facility_names:
-        raise ValueError("expected no or a syslog facility such as mail "
-                         "or local0, got %r" % text)
-    return value
-
-
-def _proxy_mode(text):
-    if text.lower() not in ("no", "v1", "v2", "any"):
-        raise ValueError("expected no, v1, v2 or any, got %r" % text)
-    return text.lower()
-
-
-def _upstream_tls(text):
-    if text.lower() not in ("no", "opportunistic", "required"):
-        raise ValueError("expected no, opportunistic or required, got %r"
-                         % text)
-    return text.lower()
-
-
-def _string(text):
-    return text
-
-
-def is_database_uri(location):
-    """True if the store ``location`` (greylist_db) names a PostgreSQL
-    database (postgresql:// or postgres://), not an sqlite file."""
-    return location.lower().startswith(("postgresql:", "postgres:"))
-
-
-def _store_location(text):
-    if is_database_uri(text):
-        if not text.lower().startswith(("postgresql://", "postgres://")):
-            raise ValueError("%s: a PostgreSQL URI begins postgresql://"
-                             % redact_uri(text))
-        problem = _database_uri_problem(text)
-        if problem:
-            raise ValueError(problem)
-    return text
-
-
-def redact_uri(location):
-    """The store ``location`` with the password of a URI hidden, for logs
-    and messages.  The user information is taken to end at the last "@"
-    of the URI, not at the first as libpq reads it, so that a password
-    holding "@", "/", "?" or "#" unencoded is hidden whole (at worst, a
-    host or database name after it is hidden too); a ``password=``
-    parameter is hidden up to the next parameter."""
-    if not is_database_uri(location):
-        return location
-    scheme, slashes, rest = location.partition("//")
-    colon, at = rest.find(":"), rest.rfind("@")
-    if 0 <= colon < at:
-        rest = rest[:colon] + ":***" + rest[at:]
-    return _URI_PASSWORD.sub(r"\1***", scheme + slashes + rest)
-
-
-# A password parameter of a URI's query, up to the next "&key=" (so that
-# an unencoded "&" in the password does not show the rest of it), and of
-# a keyword/value conninfo (quoted, or up to a space), as a driver's
-# message may quote one.
-_URI_PASSWORD = re.compile(r"(?i)([?&]password=)(.*?)(?=&[\w-]+=|\Z)")
-_CONNINFO_PASSWORD = re.compile(
-    r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s'&]+)")
-
-
-def _uri_secrets(location):
-    """The passwords (none empty) that the store ``location`` may hold:
-    as libpq reads it (up to the first "@") and as
-    redact_uri() hides it (up to the last), in the user information and
-    in ``password=`` parameters, as written and percent-decoded."""
-    if not is_database_uri(location):
-        return set()
-    rest = location.partition("//")[2]
-    found = []
-    colon, at = rest.find(":"), rest.rfind("@")
-    if 0 <= colon < at:
-        found.append(rest[colon + 1:at])
-    # libpq: the user information ends at the first "@" before any "/".
-    userinfo = re.match(r"[^@/]*(?=@)", rest)
-    if userinfo and ":" in userinfo.group():
-        found.append(userinfo.group().split(":", 1)[1])
-    for match in re.finditer(r"(?i)[?&]password=([^&]*)", location):
-        found.append(match.group(1))
-    for match in _URI_PASSWORD.finditer(location):
-        found.append(match.group(2))
-    secrets = set()
-    for secret in found:
-        secrets.update((secret, urllib.parse.unquote(secret)))
-    secrets.discard("")
-    return secrets
-
-
-def hide_secrets(text, location):
-    """``text`` (a driver's message about the store ``location``) with
-    nothing of its password: the drivers quote the URI, or a token of
-    it (``invalid percent-encoded token: "S3cret%zzPW"``), or a host or
-    port that is a piece of a password libpq read otherwise.  The whole
-    URI is shown redacted; each password, as written or decoded, is
-    replaced by ***; so is a quoted piece of one, and any password=."""
-    if not is_database_uri(location):
-        return text
-    secrets = _uri_secrets(location)
-    text = text.replace(location, redact_uri(location))
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) > 3:         # a shorter one only when quoted
-            text = text.replace(secret, "***")
-
-    # The pieces of a password that libpq read otherwise (the host of
-    # "user:pass@word@host" is "word@host").
-    pieces = set(piece for secret in secrets
-                 for piece in re.split(r"[@/?#:&]", secret)
-                 if len(piece) > 2)
-
-    def quoted(match):
-        inside = match.group(2)
-        if inside and (any(inside in secret for secret in secrets)
-                       or any(piece in inside for piece in pieces)):
-            return match.group(1) + "***" + match.group(1)
-        return match.group()
-    text = re.sub(r"([\"'])(.*?)\1", quoted, text)
-    return _CONNINFO_PASSWORD.sub(r"\1***", _URI_PASSWORD.sub(r"\1***", text))
-
-
-def _parse_database_uri(location, module=None):
-    """libpq's own reading of the PostgreSQL URI ``location`` (its
-    PQconninfoParse, through the driver ``module``, else the one
-    PostgreSQLStore uses): a dict of its parameters.  The driver's error
-    if libpq cannot read it; StoreError if no driver is installed."""
-    module = module or postgresql_driver(PostgreSQLStore.driver)
-    if module.__name__ == "psycopg":
-        parse = importlib.import_module("psycopg.conninfo").conninfo_to_dict
-    else:
-        parse = importlib.import_module(
-            module.__name__ + ".extensions").parse_dsn
-    return parse(location)
-
-
-def _database_uri_problem(location):
-    """Why the PostgreSQL URI ``location`` can never work, without its
-    password; None if libpq reads it, with hosts and ports that can be
-    (or if no driver is installed to ask: the start says to install
-    one).  A URI that cannot work is a configuration error, not a
-    database that is down."""
-    try:
-        parameters = _parse_database_uri(location)
-    except StoreError:
-        return None
-    except Exception as error:      # the driver's ProgrammingError
-        return ("%s: libpq cannot read this URI: %s (a user name or "
-                "password must write %% as %%25, @ as %%40, / as %%2F, "
-                "? as %%3F, # as %%23; or keep the password in a passfile: "
-                "?passfile=/etc/smtpproxy/pgpass)"
-                % (redact_uri(location), hide_secrets(
-                    re.sub(r"\Ainvalid dsn: ", "", _one_line(error)),
-                    location)))   # psycopg2's prefix
-    # Neither is checked by libpq's parse, and both fail every connection
-    # (the value is not shown: it may be a piece of the password).
-    for host in parameters.get("host", "").split(","):
-        if "@" in host and not host.startswith(("/", "@")):
-            return ("%s: its host name holds \"@\": a password that holds "
-                    "@ must be written %%40" % redact_uri(location))
-    for port in parameters.get("port", "").split(","):
-        if port and not (port.isdigit() and 0 < int(port) < 65536):
-            return ("%s: its port is not a number from 1 to 65535: a "
-                    "password that holds / must be written %%2F"
-                    % redact_uri(location))
-    return None
-
-
-def _policy_listen(text):
-    if text.startswith("unix:"):
-        if not text[5:].startswith("/"):
-            raise ValueError("expected unix:/ABSOLUTE/PATH, got %r" % text)
-        return text
-    if text:
-        _split_host_port(text)
-    return text
-
-
-def _octal_mode(text):
-    if not re.match(r"\A0?[0-7]{3}\Z", text):
-        raise ValueError("expected an octal mode such as 0660, got %r"
-                         % text)
-    return text
-
-
-def _fail_mode(text):
-    if text.lower() not in ("accept", "defer"):
-        raise ValueError("expected accept or defer, got %r" % text)
-    return text.lower()
-
-
-def _word(item):
-    if not isinstance(item, str):
-        raise ValueError("expected one word per item, got %r"
-                         % " ".join(item))
-    return item
-
-
-def _triple(item):
-    if isinstance(item, str) or len(item) != 3:
-        raise ValueError("expected three words per item, got %r"
-                         % (item if isinstance(item, str)
-                            else " ".join(item)))
-    return tuple(item)
-
-
-def _ip_triple(item):
-    """``ip <sender> <recipient>``."""
-    ip, sender, recipient = _triple(item)
-    _address(ip)
-    _bracketed(sender, "sender")
-    _bracketed(recipient, "recipient")
-    return (ip, sender, recipient)
-
-
-def _helo_triple(item):
-    """``helo-name ip-prefix <recipient>``."""
-    helo, prefix, recipient = _triple(item)
-    _network(prefix)
-    _bracketed(recipient, "recipient")
-    return (helo, prefix, recipient)
-
-
-class Key(object):
-    """One configuration key, the one place that knows it: its name, how
-    a value is read (``parse``, of each item for a list), who owns it
-    ("handler": a class attribute of the handler, whose class holds the
-    default; "server": of SMTPProxyServer; "service": main()'s, with
-    ``default`` here), its section of the sample configuration, its help
-    (the --help line and the sample's comment), and whether it names a
-    file (``path``: made absolute at the start), takes a restart
-    (``restart``) or has an option of its own (``option``: --NAME).
-    ``shown`` is what the help says of a default that is no plain value;
-    ``examples`` are the commented items of a list in the sample, or
-    commented other values of a scalar."""
-
-    def __init__(self, name, parse, section, help, kind="scalar",
-                 owner="handler", default=None, shown=None, path=False,
-                 restart=False, option=False, examples=(), sample=None):
-        self.name = name
-        self.parse = parse
-        self.section = section
-        self.help = help
-        self.kind = kind
-        self.owner = owner
-        self.default = default
-        self.shown = shown
-        self.path = path
-        self.restart = restart
-        self.option = option
-        self.examples = examples
-        self.sample = sample        # the sample's value, if not the default
-
-    def default_value(self):
-        """The default, from the owner that holds it."""
-        if self.owner == "service":
-            return self.default
-        owner = {"server": SMTPProxyServer, "policy": _PolicyServing}.get(
-            self.owner, GreyListingPolicy)
-        return getattr(owner, self.name)
-
-
-LISTENING = "Listening"
-UPSTREAM = "The real mail server"
-TLS = "TLS with clients"
-DIALOGUE = "The SMTP dialogue"
-LOGS = "Logs"
-SENDERS = "Who may send what"
-GREYLISTING = "Greylisting"
-POLICY = "Postfix's policy service (check_policy_service)"
-SERVICE = "Service"
-
-KEYS = [
-    Key("port", _port, LISTENING, "port to listen on", owner="service",
-        default=25, restart=True),
-    Key("listen_ip", _string, LISTENING,
-        "address to listen on; empty: every IPv4 and IPv6 address",
-        owner="service", default="", restart=True),
-    Key("proxy_protocol", _proxy_mode, LISTENING,
-        "no, v1, v2 or any: every connection begins with HAProxy's PROXY "
-        "header, which gives the client's address"),
-    Key("proxy_protocol_from", _network, LISTENING,
-        "the load balancers that may send the PROXY header, addresses or "
-        "networks; needed with proxy_protocol (0.0.0.0/0 and ::/0 would "
-        "let anyone claim any address, 127.0.0.1 included)", kind="list",
-        examples=("192.0.2.10",)),
-    Key("servername", _string, LISTENING, "name in the greeting and "
-        "replies"),
-    Key("serverid", _string, LISTENING, "software name in the greeting",
-        shown="smtpproxy VERSION", sample="smtpproxy"),
-    Key("smtp_ip", _string, UPSTREAM, "the real mail server's address"),
-    Key("smtp_port", _port, UPSTREAM, "the real mail server's port"),
-    Key("upstream_timeout", _integer, UPSTREAM,
-        "seconds to wait for the real server to connect or answer; then "
-        "the client gets 451"),
-    Key("upstream_pool_size", _integer, UPSTREAM,
-        "upstream sessions kept open when their client has gone, for the "
-        "next clients (a new EHLO, no new connection); never one that "
-        "failed, in a transaction, with TLS or XCLIENT; 0: none"),
-    Key("upstream_pool_idle", _positive, UPSTREAM,
-        "seconds an upstream session may wait in the pool: less than the "
-        "upstream's own idle timeout (Postfix: 300)"),
-    Key("upstream_capabilities_ttl", _integer, UPSTREAM,
-        "seconds its EHLO keywords (SIZE, 8BITMIME, SMTPUTF8, DSN) are "
-        "trusted before a client's EHLO asks again; every session with it "
-        "renews them"),
-    Key("upstream_tls", _upstream_tls, UPSTREAM,
-        "STARTTLS with it: no, opportunistic (when it offers it; plain "
-        "text if the handshake fails) or required (else 451)"),
-    Key("upstream_tls_verify", _boolean, UPSTREAM,
-        "check its certificate and name; a failed check is a failed "
-        "handshake, so only upstream_tls = required makes it a 451"),
-    Key("upstream_tls_ca", _string, UPSTREAM,
-        "authorities (PEM) its certificate is checked against",
-        shown="the system's", path=True),
-    Key("upstream_tls_name", _string, UPSTREAM,
-        "the name its certificate must hold", shown="smtp_ip"),
-    Key("xclient", _boolean, UPSTREAM,
-        "tell it the real client (address, port, HELO and host names) with "
-        "XCLIENT or XFORWARD when it offers them (Postfix: "
-        "smtpd_authorized_xclient_hosts); an XCLIENT it refuses is 451"),
-    Key("tls_cert", _string, TLS,
-        "certificate chain (PEM) for STARTTLS with clients, read at the "
-        "start as root; empty: no STARTTLS", path=True),
-    Key("tls_key", _string, TLS, "its private key (PEM)",
-        shown="in tls_cert's file", path=True),
-    Key("tls_required", _boolean, TLS,
-        "refuse MAIL before STARTTLS (530 5.7.0)"),
-    Key("strict", _boolean, DIALOGUE,
-        "close the connection after a protocol error (unknown command, "
-        "command out of order, malformed MAIL or RCPT), as Kamaelia Grey "
-        "did; no: follow RFC 5321 and go on"),
-    Key("inactivity_timeout", _integer, DIALOGUE,
-        "seconds a client may stay silent before 421; also the deadline "
-        "of each line from its first octet (a client trickling a byte at "
-        "a time holds no slot), of the PROXY header, of the TLS "
-        "handshake, and of a write to a client that does not read"),
-    Key("max_session_time", _integer, DIALOGUE,
-        "seconds a whole session may last, from the connection; 0: no "
-        "limit"),
-    Key("greet_pause", _integer, DIALOGUE,
-        "seconds to wait before the greeting; a client that talks first "
-        "gets 554"),
-    Key("max_errors", _integer, DIALOGUE,
-        "refused or deferred commands, RCPTs that the policy refused or "
-        "deferred included, before a client is dropped with 421 4.7.0 "
-        "(Postfix's smtpd_hard_error_limit); a delivered message starts "
-        "the count again"),
-    Key("max_message_size", _integer, DIALOGUE,
-        "largest message in octets, announced with SIZE; the octets of an "
-        "overlong line count too: a command line not ended within it, or "
-        "a refused message not ended within as many octets again, closes "
-        "the session"),
-    Key("max_recipients", _integer, DIALOGUE, "recipients per message"),
-    Key("greylist_log", _string, LOGS,
-        "transaction log, one line per transaction; empty: none",
-        owner="service", default="greylist.log", path=True),
-    Key("greylist_debuglog", _string, LOGS,
-        "the SMTP dialogue, written when debug is on",
-        owner="service", default="greylist-debug.log", path=True),
-    Key("debug", _boolean, LOGS, "log the SMTP dialogue (or --debug)",
-        owner="service", default=False),
-    Key("allowed_senders", _address, SENDERS,
-        "client addresses that may relay to any domain", kind="list"),
-    Key("allowed_sender_nets", _network, SENDERS,
-        "client networks that may relay to any domain: whole-octet "
-        "prefixes (192.168.2 is 192.168.2.x) or CIDR", kind="list",
-        examples=("192.168.2", "2001:db8::/32")),
-    Key("allowed_domains", _domain, SENDERS,
-        "domains mail is received for; any other recipient is refused "
-        "(550 5.7.1), so none: every recipient is.  The policy service "
-        "leaves relay control to Postfix: none, it greylists every "
-        "recipient it is asked about; else only those of these domains "
-        "(DUNNO for others)", kind="list",
-        examples=("example.org",)),
-    Key("whitelisted_triples", _ip_triple, SENDERS,
-        "always accepted: ip <sender> <recipient>", kind="list",
-        examples=("192.0.2.7 <sender@example.net> <user@example.org>",)),
-    Key("whitelisted_nonstandard_triples", _helo_triple, SENDERS,
-        "always accepted: claimed-helo-name ip-prefix <recipient>",
-        kind="list",
-        examples=("mx-out.example.net 198.51.100 <user@example.org>",)),
-    Key("greylist_db", _store_location, GREYLISTING,
-        "the greylisting store: an sqlite3 file, shared safely by the "
-        "threads and processes of one host, or a PostgreSQL database "
-        "shared by several MX hosts, as a libpq URI "
-        "(postgresql://user:password@host:port/dbname, or "
-        "postgresql:///dbname?host=/run/postgresql for a local socket; "
-        "the password best in a passfile, ?passfile=PATH, mode 0600, "
-        "owned by the serving user; it is never shown; "
-        "needs pip install smtpproxy[postgresql])", path=True,
-        examples=("postgresql://greylist@db.example.org/greylist"
-                  "?passfile=/etc/smtpproxy/pgpass",)),
-    Key("greylist_db_timeout", _decimal, GREYLISTING,
-        "the longest a decision waits for the store (its turn in this "
-        "process; with PostgreSQL, connecting and each statement) before "
-        "greylist_fail_mode decides"),
-    Key("greylist_cache_time", _integer, GREYLISTING,
-        "seconds a process accepts a triplet it saw pass, and a client it "
-        "saw trusted, without asking the store again: the store's pass "
-        "counts and last-seen times lag by as much, and a --db-delete "
-        "reaches a running proxy after as long; 0: ask every time"),
-    Key("too_soon", _integer, GREYLISTING,
-        "a retry sooner than this many seconds after the first try "
-        "restarts the clock"),
-    Key("min_defer_time", _integer, GREYLISTING,
-        "a retry is accepted from this many seconds after the first try"),
-    Key("max_defer_time", _integer, GREYLISTING,
-        "a retry is accepted until this many seconds after the first "
-        "try; later, the clock restarts"),
-    Key("max_grey", _integer, GREYLISTING,
-        "a passed triplet unseen this many seconds is forgotten"),
-    Key("ipv4_prefix", _integer, GREYLISTING,
-        "bits of an IPv4 client's address in the key, so that a sender's "
-        "pool passes once per network; 32: the exact address, as "
-        "Kamaelia Grey"),
-    Key("ipv6_prefix", _integer, GREYLISTING,
-        "bits of an IPv6 client's address in the key; 128: the exact "
-        "address"),
-    Key("auto_whitelist_clients", _integer, GREYLISTING,
-        "greylisting passes (a triplet that waited and came back, each "
-        "once) after which a client is accepted at once; its count grows "
-        "at most once an hour, as postgrey's; 0: off"),
-    Key("max_new_triplets_per_session", _integer, GREYLISTING,
-        "new triplets (first sightings, each a row in the store) one "
-        "session may add; more RCPTs that would add one are deferred "
-        "without a row; 0: no limit"),
-    Key("max_new_triplets_per_network", _integer, GREYLISTING,
-        "new triplets one client network (ipv4_prefix; for IPv6 its /48 "
-        "at most: a site's) may add per hour, counted by each process; "
-        "more are deferred without a row; 0: no limit"),
-    Key("client_key", _choice("name", "network"), GREYLISTING,
-        "what a client is in the key: name, its forward-confirmed host "
-        "name minus the first label (mx1.out.example.com and "
-        "mx7.out.example.com are out.example.com, never shorter than the "
-        "registered domain) when it does not look generic, else its "
-        "network; network: always its network"),
-    Key("greylist_clients", _choice("all", "suspicious"), GREYLISTING,
-        "greylist all clients, or only suspicious ones: listed on a dnsbl "
-        "zone, without a forward-confirmed name, or with a generic name "
-        "(addresses in it, dyn, dsl, pool, ... and digits); the others "
-        "pass at once"),
-    Key("dnsbl", _zone, GREYLISTING,
-        "DNS block lists: a client they list is always greylisted, even "
-        "auto-whitelisted; zone=d.d.d.d (Postfix's syntax, each d a "
-        "number, [n..m] or [a;b]) names the answers that list; without "
-        "it, zen.spamhaus.org and other Spamhaus zones list with "
-        "127.0.0.[2..255], other zones with any answer in 127.0.0.0/8; "
-        "answers that refuse our queries (127.255.255.252-255) or lie "
-        "outside 127.0.0.0/8 never list and are logged", kind="list",
-        examples=("zen.spamhaus.org", "bl.example.net=127.0.0.[2;4..11]")),
-    Key("dnswl", _zone, GREYLISTING,
-        "DNS allow lists: a client they list is never greylisted; "
-        "zone=d.d.d.d as for dnsbl; without it, list.dnswl.org lists "
-        "with 127.0.[0..255].[1..3] (trust low, medium, high; not .0, "
-        "none), and its 127.0.0.255 (query blocked) never lists and is "
-        "logged; other zones: any answer in 127.0.0.0/8, so write the "
-        "answers their operator documents",
-        kind="list", examples=("list.dnswl.org",
-                               "list.dnswl.org=127.0.[0..255].[2..3]")),
-    Key("dns_timeout", _decimal, GREYLISTING,
-        "seconds one DNS lookup may take (reverse and forward names, DNS "
-        "lists, asked at once); one that takes longer counts as no "
-        "answer: no name, not listed"),
-    Key("dns_cache_time", _integer, GREYLISTING,
-        "seconds the answers of the DNS lists are kept (the last 10000 "
-        "asked at most)"),
-    Key("whitelist_recipients", _string, GREYLISTING,
-        "a file of recipients never greylisted, in postgrey's format: "
-        "user@domain, user@, a domain (and its subdomains), /regex/",
-        path=True),
-    Key("x_greylist_header", _boolean, GREYLISTING,
-        "add 'X-Greylist: delayed N seconds ...' to mail greylisting "
-        "delayed"),
-    Key("whitelist_clients", _string, GREYLISTING,
-        "a file of clients never greylisted (but never allowed to relay), "
-        "in postgrey's format: one address, network, host-name suffix or "
-        "/regex/ a line; a name counts only if the client's reverse name "
-        "resolves back to it (contrib/whitelist_clients: sender pools)",
-        path=True),
-    Key("defer_reply", _defer_reply, GREYLISTING,
-        "the reply to a recipient greylisting defers"),
-    Key("greylist_fail_mode", _fail_mode, GREYLISTING,
-        "when the store cannot be used (file gone, disk full, locked too "
-        "long): accept (as Kamaelia Grey) or defer; a process out of "
-        "descriptors never falls back to accept: 421 4.3.2"),
-    Key("policy_listen", _policy_listen, POLICY,
-        "also answer Postfix's check_policy_service here, with the same "
-        "greylisting and store: HOST:PORT (PORT alone: 127.0.0.1), or "
-        "unix:/PATH; empty: no policy service", owner="service",
-        default="", restart=True, option=True,
-        examples=("127.0.0.1:10023",
-                  "unix:/var/spool/postfix/private/smtpproxy")),
-    Key("policy_clients", _network, POLICY,
-        "who may ask the policy service on TCP, addresses and networks; "
-        "others are closed at once, for it believes what it is told",
-        kind="list", owner="policy"),
-    Key("policy_first_idle", _positive, POLICY,
-        "seconds a new policy connection may wait before its first "
-        "request (Postfix sends it as it connects); then policy_max_idle",
-        owner="policy"),
-    Key("policy_max_idle", _positive, POLICY,
-        "seconds a policy connection may stay idle between requests "
-        "(Postfix's own max_idle is 300)", owner="policy"),
-    Key("policy_max_connections", _positive, POLICY,
-        "policy connections at once; Postfix opens one per smtpd process",
-        owner="policy"),
-    Key("policy_max_connections_per_peer", _positive, POLICY,
-        "policy connections at once of one peer: a TCP client's address, "
-        "or on a UNIX socket the user id that connected (100: Postfix's "
-        "default_process_limit)", owner="policy"),
-    Key("policy_socket_mode", _octal_mode, POLICY,
-        "mode of the policy service's UNIX socket", owner="service",
-        default="0660", restart=True),
-    Key("policy_socket_group", _string, POLICY,
-        "group of the policy service's UNIX socket (postfix, for "
-        "Postfix's smtpd); its owner is the user that starts the service "
-        "(root)", owner="service",
-        default="", shown="the user's own", restart=True),
-    Key("smtp_proxy", _boolean, POLICY,
-        "serve SMTP on listen_ip and port; no: run the policy service "
-        "alone", owner="service", default=True, restart=True),
-    Key("workers", _positive, SERVICE,
-        "processes serving SMTP clients on the one port, each with its "
-        "threads, its upstream sessions and its share of max_connections "
-        "and max_connections_per_ip; more than one also on a host with "
-        "fewer cores (one process's threads take turns), see the README",
-        owner="service", default=1, restart=True, option=True,
-        examples=("4",)),
-    Key("spare_threads", _integer, SERVICE,
-        "session threads (of each worker) that, their client gone, wait "
-        "for the next one instead of ending: a new connection then costs "
-        "no thread start; 0: a new thread for every client",
-        owner="server"),
-    Key("thread_idle_time", _positive, SERVICE,
-        "seconds a spare session thread waits for a client before it "
-        "ends", owner="server"),
-    Key("max_connections", _positive, SERVICE,
-        "clients served at once; one more gets 421 4.7.0 and is closed at "
-        "once; with workers, the whole service's", owner="server",
-        option=True),
-    Key("max_connections_per_ip", _integer, SERVICE,
-        "clients served at once from one client, an address with its "
-        "first connection_ipv4_prefix or connection_ipv6_prefix bits; "
-        "0: no limit; with workers, each has its share, rounded up",
-        owner="server", option=True),
-    Key("connection_ipv4_prefix", _prefix(32), SERVICE,
-        "bits of an IPv4 address that make one client for "
-        "max_connections_per_ip", owner="server"),
-    Key("connection_ipv6_prefix", _prefix(128), SERVICE,
-        "bits of an IPv6 address that make one client for "
-        "max_connections_per_ip: an IPv6 host has a /64", owner="server"),
-    Key("stress_threshold", _percent, SERVICE,
-        "percent of max_connections open at which the server is under "
-        "stress: idle clients get stress_timeout seconds, those silent "
-        "longer are closed, a client sending its message is not; stress "
-        "ends below three quarters of it, after twice stress_timeout at "
-        "least; 0: never", owner="server"),
-    Key("stress_timeout", _positive, SERVICE,
-        "seconds a client may stay silent under stress", owner="server"),
-    Key("grace_period", _integer, SERVICE,
-        "seconds a stopping server lets open transactions finish before "
-        "421 4.3.2", owner="server", option=True),
-    Key("pidfile", _string, SERVICE,
-        "file holding the process id, locked while it runs; empty: none. "
-        "Started as root: in a directory only root can write (/run)",
-        owner="service", default="", path=True, restart=True, option=True),
-    Key("user", _string, SERVICE,
-        "user to serve as once the port is bound as root; it must be able "
-        "to write the store's directory", owner="service", default="",
-        restart=True, option=True),
-    Key("group", _string, SERVICE, "group to serve as",
-        owner="service", default="", shown="the user's own", restart=True,
-        option=True),
-    Key("run_as_root", _boolean, SERVICE,
-        "go on serving as root when no user is set", owner="service",
-        default=False, restart=True),
-    Key("syslog", _facility, SERVICE,
-        "send the service's log (instead of log_file) and the "
-        "transaction lines (as well as greylist_log) to syslog, with "
-        "this facility, such as mail; no: off", owner="service",
-        default="", shown="no", option=True),
-    Key("syslog_socket", _string, SERVICE,
-        "syslog's socket, or HOST:PORT for UDP", owner="service",
-        default="/dev/log"),
-    Key("log_file", _string, SERVICE,
-        "the service's own log (starts, stops, errors) when syslog is "
-        "off; empty: standard error", owner="service", default="",
-        path=True),
-]
-
-
-# What the rest of the module reads, derived from KEYS.
-# name: (converter, kind, help); the converter of a list converts an item.
-CONFIG_KEYS = dict((key.name, (key.parse, key.kind, key.help))
-                   for key in KEYS)
-# The service's keys (main()'s), with their defaults; the server's
-# (SMTPProxyServer's attributes): none of them is copied onto the handler.
-SERVICE_DEFAULTS = dict((key.name, key.default) for key in KEYS
-                        if key.owner == "service")
-SERVER_SETTINGS = tuple(key.name for key in KEYS if key.owner == "server")
-# The policy servers' (PolicyServer's attributes).
-POLICY_SETTINGS = tuple(key.name for key in KEYS if key.owner == "policy")
-SERVER_KEYS = (tuple(sorted(SERVICE_DEFAULTS)) + SERVER_SETTINGS
-               + POLICY_SETTINGS)
-# Keys used once, at the start: a reload that changes them says so.
-RESTART_KEYS = tuple(key.name for key in KEYS if key.restart)
-# File names, made absolute at the start: a daemon runs in "/".
-PATH_KEYS = tuple(key.name for key in KEYS if key.path)
-# Options that set a key (--NAME); their values are read as in the file.
-KEY_OPTIONS = tuple(key.name for key in KEYS if key.option)
-
-
-def _format_value(value):
-    """A value as the configuration file writes it."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(item if isinstance(item, str) else " ".join(item)
-                         for item in value)
-    return str(value)
-
-
-def shown_default(key):
-    """The default of ``key`` (a Key) as the help says it."""
-    if key.shown:
-        return key.shown
-    return _format_value(key.default_value()) or "none"
-
-
-def sample_config():
-    """The sample configuration (contrib/greylist.conf.dist): every key
-    with its default, by section, its help as the comment."""
-    lines = ["# smtpproxy configuration (Kamaelia Grey's greylist.conf "
-             "format).", "#"]
-    lines.extend(textwrap.wrap(
-        "'#' starts a comment line; 'key = value' sets a value; 'key:' "
-        "starts a list whose items are the following indented lines.  The "
-        "values below are the defaults.  Made by 'smtpproxy "
-        "--sample-config'; 'smtpproxy --config FILE --check-config' checks "
-        "a file and prints the values in force.", 74, initial_indent="# ",
-        subsequent_indent="# "))
-    section = None
-    for key in KEYS:
-        if key.section != section:
-            section = key.section
-            lines.append("")
-            lines.append(("# -- %s " % section).ljust(76, "-"))
-        lines.extend(textwrap.wrap(key.help[0].upper() + key.help[1:] + ".",
-                                   74, initial_indent="# ",
-                                   subsequent_indent="# "))
-        value = key.default_value()
-        if key.kind == "list":
-            lines.append("%s:" % key.name)
-            lines.extend("    %s" % _format_value([item]) for item in value)
-            lines.extend("#    %s" % item for item in key.examples
-                         if not value)
-        else:
-            text = key.sample if key.sample is not None else (
-                _format_value(value))
-            lines.append(("%s = %s" % (key.name, text)).rstrip())
-            lines.extend("#%s = %s" % (key.name, item)
-                         for item in key.examples)
-    return "\n".join(lines) + "\n"
-
-
-def read_config_file(path):
-    """Read a Kamaelia Grey style configuration file.
-
-    Returns ``(values, warnings)``: ``values`` maps each known key to its
-    converted value, ``warnings`` lists messages about keys that are not
-    known (they are ignored, as Postfix ignores unused parameters).
-    Raises ConfigError, naming the file and line, for anything malformed.
-
-    The format: ``#`` starts a comment line; ``key = value`` sets a scalar;
-    a line ``key:`` starts a list whose items are the following indented
-    lines; an item with spaces in it is a tuple of its words.
-    """
-    try:
-        with open(path, "rb") as config_file:
-            raw = config_file.read()
-    except OSError as error:
-        raise ConfigError("%s: cannot read: %s" % (path, error.strerror))
-    try:
-        text = raw.decode("utf-8-sig")     # a byte-order mark is no key
-    except UnicodeDecodeError as error:
-        raise ConfigError("%s: not UTF-8 text (byte %d)"
-                          % (path, error.start))
-    entries = []            # (key, line number, raw value or list of items)
-    current_list = None
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        where = "%s:%d" % (path, number)
-        if line[0] in " \t":
-            if current_list is None:
-                raise ConfigError("%s: indented line outside a list" % where)
-            words = stripped.split()
-            current_list.append((number, words[0] if len(words) == 1
-                                 else tuple(words)))
-            continue
-        current_list = None
-        if "=" in line:
-            key, value = line.split("=", 1)
-            entries.append((key.strip(), number, value.strip()))
-        elif stripped.endswith(":") and " " not in stripped:
-            current_list = []
-            entries.append((stripped[:-1], number, current_list))
-        else:
-            raise ConfigError("%s: expected 'key = value' or 'key:', got %s"
-                              % (where, log_escape(stripped)))
-    values, warnings = {}, []
-    for key, number, value in entries:
-        where = "%s:%d" % (path, number)
-        if key not in CONFIG_KEYS:
-            warnings.append("%s: unknown key %r ignored" % (where, key))
-            continue
-        convert, kind, _ = CONFIG_KEYS[key]
-        if kind == "list" and not isinstance(value, list):
-            raise ConfigError("%s: %s is a list: write '%s:' and one item "
-                              "per indented line" % (where, key, key))
-        if kind == "scalar" and isinstance(value, list):
-            raise ConfigError("%s: %s takes a value: write '%s = value'"
-                              % (where, key, key))
-        try:
-            if kind == "list":
-                items = []
-                for number, item in value:
-                    where = "%s:%d" % (path, number)
-                    items.append(convert(item))
-                value = items
-            values[key] = convert(value) if kind == "scalar" else value
-        except ValueError as error:
-            raise ConfigError("%s: %s: %s" % (where, key, error))
-    return values, warnings
-
-
-def load_config(path=None):
-    """Find and read the configuration; return ``(values, path, warnings)``.
-
-    With no ``path``, the first existing file of CONFIG_SEARCH_PATH is read;
-    when there is none, ``values`` is empty and ``path`` is None.
-    """
-    if path is None:
-        for candidate in CONFIG_SEARCH_PATH:
-            if os.path.isfile(candidate):
-                path = candidate
-                break
-        else:
-            return {}, None, []
-    values, warnings = read_config_file(path)
-    return values, path, warnings
-
-
-# ---------------------------------------------------------------------------
-# Helpers: escaping for logs, envelope syntax, line reading
-# ---------------------------------------------------------------------------
 
 _UNSAFE_FOR_LOG = re.compile(r"[^\x20-\x5b\x5d-\x7e]")
 
@@ -1269,59 +355,85 @@ def log_escape(value):
 
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+
+
 _DOT_STRING = r"%s+(?:\.%s+)*" % (_ATEXT, _ATEXT)
+
+
 _QUOTED_STRING = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+
+
 _SUB_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+
+
 _DOMAIN = r"%s(?:\.%s)*" % (_SUB_DOMAIN, _SUB_DOMAIN)
+
+
 _ADDRESS_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+
+
 # RFC 6531: with SMTPUTF8, UTF-8 (non-ASCII, not a control) in atoms,
 # quoted strings and domain labels (U-labels).
 _UTF8 = "\u00a0-\U0010ffff"
+
+
 _ATEXT_UTF8 = r"[A-Za-z0-9!#$%%&'*+/=?^_`{|}~%s-]" % _UTF8
+
+
 _DOT_STRING_UTF8 = r"%s+(?:\.%s+)*" % (_ATEXT_UTF8, _ATEXT_UTF8)
+
+
 _QUOTED_STRING_UTF8 = (r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e%s]|\\[\x20-\x7e])*"'
                        % _UTF8)
+
+
 _SUB_DOMAIN_UTF8 = r"[A-Za-z0-9%s](?:[A-Za-z0-9%s-]*[A-Za-z0-9%s])?" % (
     (_UTF8,) * 3)
+
+
 _DOMAIN_UTF8 = r"%s(?:\.%s)*" % (_SUB_DOMAIN_UTF8, _SUB_DOMAIN_UTF8)
+
+
 _MAILBOX_UTF8_RE = re.compile(r"(%s|%s)@(%s|%s)\Z" % (
     _DOT_STRING_UTF8, _QUOTED_STRING_UTF8, _DOMAIN_UTF8, _ADDRESS_LITERAL))
+
+
 # RFC 3461: xtext, for ENVID and ORCPT.
 _XTEXT = r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})"
+
+
 _XTEXT_RE = re.compile(r"%s*\Z" % _XTEXT)
+
+
 _ORCPT_RE = re.compile(r"[A-Za-z0-9-]+;%s+\Z" % _XTEXT)
+
+
 _MAILBOX_RE = re.compile(r"(%s|%s)@(%s|%s)\Z" % (
     _DOT_STRING, _QUOTED_STRING, _DOMAIN, _ADDRESS_LITERAL))
+
+
 _ROUTE_RE = re.compile(r"@%s(?:,@%s)*:" % (_DOMAIN, _DOMAIN))
+
+
 _HELO_RE = re.compile(r"[\x21-\x7e]{1,255}\Z")
+
+
 _PARAM_RE = re.compile(
     r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
+
+
 # A path up to its closing ">": a ">" or '"' inside a quoted local-part,
 # escaped or not, does not end it.
 _PATH_END_RE = re.compile(r'<(?:[^">]|%s)*>' % _QUOTED_STRING)
 
+
 MAX_LOCAL_PART = 64     # RFC 5321 section 4.5.3.1.1
+
+
 MAX_DOMAIN = 255        # section 4.5.3.1.2
+
+
 MAX_PATH = 256          # section 4.5.3.1.3, with the angle brackets
-
-
-def unmapped(address):
-    """An address as text, an IPv4-mapped IPv6 one (::ffff:192.0.2.7, as
-    a dual-stack socket reports IPv4 clients) as plain IPv4."""
-    if not isinstance(address, str):            # an ipaddress object
-        mapped = getattr(address, "ipv4_mapped", None)
-        return str(mapped if mapped is not None else address)
-    if address.startswith("::ffff:") and "." in address:
-        return address[7:]
-    return address
-
-
-# The client of a connection whose address nobody knows (a PROXY header
-# that names none; Postfix's own word for it in XCLIENT and policy
-# requests): it matches no address or network, whitelists nothing by
-# address, is never auto-whitelisted, and is greylisted under this key,
-# which no network ("192.0.2.0/24") or host-name key can be.
-UNKNOWN_CLIENT = "unknown"
 
 
 class EnvelopeSyntaxError(ValueError):
@@ -1415,72 +527,83 @@ def parse_path(text, null_allowed=False, postmaster_allowed=False,
     return mailbox, route, params
 
 
+def _domain_key(domain):
+    """A domain as compared, by the rule the upstream applies to the
+    address that is forwarded as it was written: ASCII letters in lower
+    case (RFC 5321 section 2.4), no final dot, and nothing else mapped.
+    A name with U-labels (SMTPUTF8) is itself: not folded by IDNA 2003's
+    nameprep (which read class.org written in fullwidth letters, U+FF43
+    ..., as class.org, dropped a soft hyphen, U+00AD, and made sharp s,
+    U+00DF, "ss"), nor by Unicode case or NFC, so
+    it is ours only if listed exactly so; an A-label (xn--...) matches
+    only an A-label."""
+    return domain.translate(_ASCII_LOWER).rstrip(".")
+
+
+_ASCII_LOWER = dict((code, code + 32) for code in range(ord("A"),
+                                                        ord("Z") + 1))
+
+
+def _recipient_key(recipient):
+    """A recipient as whitelists and greylisting keys compare it: the
+    local-part in lower case, the domain by _domain_key()'s rule, so that
+    no two domains the relay check tells apart are one here."""
+    local, at, domain = recipient.rpartition("@")
+    if not at:
+        return recipient.lower()
+    return local.lower() + at + _domain_key(domain)
+
+
+def unmapped(address):
+    """An address as text, an IPv4-mapped IPv6 one (::ffff:192.0.2.7, as
+    a dual-stack socket reports IPv4 clients) as plain IPv4."""
+    if not isinstance(address, str):            # an ipaddress object
+        mapped = getattr(address, "ipv4_mapped", None)
+        return str(mapped if mapped is not None else address)
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
+# The client of a connection whose address nobody knows (a PROXY header
+# that names none; Postfix's own word for it in XCLIENT and policy
+# requests): it matches no address or network, whitelists nothing by
+# address, is never auto-whitelisted, and is greylisted under this key,
+# which no network ("192.0.2.0/24") or host-name key can be.
+UNKNOWN_CLIENT = "unknown"
+
+
+def _in_network(address, network):
+    """Is ``address`` in ``network``: a CIDR network, a single address, or
+    a textual prefix of whole octets such as ``192.168.2``?"""
+    try:
+        if not isinstance(address, (ipaddress.IPv4Address,
+                                    ipaddress.IPv6Address)):
+            address = ipaddress.ip_address(address)
+        if "/" in network:
+            return address in ipaddress.ip_network(network, strict=False)
+        if ":" in network or network.count(".") == 3:
+            return address == ipaddress.ip_address(network)
+    except ValueError:
+        return False
+    octets = network.rstrip(".").split(".")
+    return (address.version == 4
+            and str(address).split(".")[:len(octets)] == octets)
+
+
+# ===========================================================================
+# == 2. Sockets: deadlines, line reading, TLS contexts, descriptors ==
+# ===========================================================================
+#
+# Owns:  every wait on a socket has a deadline (Expired), lines are read
+#        within limits (_LineReader) and written within a time (send_within);
+#        the TLS contexts; running out of descriptors (ResourceShortage).
+# Enter: _LineReader(sock, ...).readline(), send_within(sock, data, seconds).
+# Uses:  section 1 (log_escape).
+
+
 class ClientGone(Exception):
     """The client closed the connection (or broke it)."""
-
-
-def set_timeout(sock, seconds):
-    """Make each read and write on ``sock`` give up after ``seconds``
-    (never, if ``seconds`` is 0 or None).
-
-    Why not sock.settimeout(): a Python-level timeout turns every recv and
-    send into a poll() and the call, each releasing and retaking the GIL;
-    with many sessions those GIL hand-offs cost more than the I/O.  The
-    kernel's SO_RCVTIMEO and SO_SNDTIMEO give the same limit in one call:
-    the socket stays blocking and a timeout surfaces as BlockingIOError
-    (EAGAIN), which the readers here turn into socket.timeout.
-    """
-    if sock.gettimeout() is not None:
-        sock.settimeout(None)       # a system call: only when it changes
-    if not seconds:
-        return
-    if not (_kernel_timeout(sock, socket.SO_RCVTIMEO, seconds)
-            and _kernel_timeout(sock, socket.SO_SNDTIMEO, seconds)):
-        sock.settimeout(seconds)
-
-
-def clear_timeout(sock):
-    """Undo set_timeout()'s kernel timeouts: a TLS socket needs Python's
-    own (a kernel timeout would look like a TLS error to it)."""
-    _kernel_timeout(sock, socket.SO_RCVTIMEO, None)
-    _kernel_timeout(sock, socket.SO_SNDTIMEO, None)
-
-
-def tls_server_context(cert, key=None):
-    """An SSLContext for STARTTLS towards clients: TLS 1.2 at least, the
-    ssl module's default (forward-secret, AEAD-first) ciphers, no
-    renegotiation."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    _tls12_at_least(context)
-    # No renegotiation asked by a client (TLS 1.2): a handshake costs
-    # the server far more than the client.
-    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
-    context.load_cert_chain(cert, key or None)
-    return context
-
-
-def tls_client_context(verify=False, ca_file=None):
-    """An SSLContext for STARTTLS towards the upstream: TLS 1.2 at least;
-    the certificate checked (against ``ca_file``, or the system's
-    authorities) only if ``verify``, since most mail servers' are
-    self-signed (RFC 7435, opportunistic security)."""
-    if verify:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                             cafile=ca_file or None)
-    else:
-        # No authorities to load (they cost megabytes) for no check.
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    _tls12_at_least(context)
-    return context
-
-
-def _tls12_at_least(context):
-    if hasattr(ssl, "TLSVersion"):
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-    else:                                   # Python 3.6
-        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
 
 
 class Expired(socket.timeout):
@@ -1516,6 +639,33 @@ def _kernel_timeout(sock, option, seconds):
     except (AttributeError, OSError, struct.error):
         return False
     return True
+
+
+def set_timeout(sock, seconds):
+    """Make each read and write on ``sock`` give up after ``seconds``
+    (never, if ``seconds`` is 0 or None).
+
+    Why not sock.settimeout(): a Python-level timeout turns every recv and
+    send into a poll() and the call, each releasing and retaking the GIL;
+    with many sessions those GIL hand-offs cost more than the I/O.  The
+    kernel's SO_RCVTIMEO and SO_SNDTIMEO give the same limit in one call:
+    the socket stays blocking and a timeout surfaces as BlockingIOError
+    (EAGAIN), which the readers here turn into socket.timeout.
+    """
+    if sock.gettimeout() is not None:
+        sock.settimeout(None)       # a system call: only when it changes
+    if not seconds:
+        return
+    if not (_kernel_timeout(sock, socket.SO_RCVTIMEO, seconds)
+            and _kernel_timeout(sock, socket.SO_SNDTIMEO, seconds)):
+        sock.settimeout(seconds)
+
+
+def clear_timeout(sock):
+    """Undo set_timeout()'s kernel timeouts: a TLS socket needs Python's
+    own (a kernel timeout would look like a TLS error to it)."""
+    _kernel_timeout(sock, socket.SO_RCVTIMEO, None)
+    _kernel_timeout(sock, socket.SO_SNDTIMEO, None)
 
 
 class _LineReader(object):
@@ -1721,35 +871,41 @@ def send_within(sock, data, seconds, deadline=None):
             sock.settimeout(seconds or None)
 
 
-# ---------------------------------------------------------------------------
-# The upstream: a plain-socket SMTP client
-# ---------------------------------------------------------------------------
-
-class UpstreamError(Exception):
-    """The upstream could not be reached, timed out or broke the session.
-
-    ``reply`` is what the client is told: always a 4xx, since the client
-    should try again later.
-    """
-
-    def __init__(self, message, reply):
-        Exception.__init__(self, message)
-        self.reply = reply
+def tls_server_context(cert, key=None):
+    """An SSLContext for STARTTLS towards clients: TLS 1.2 at least, the
+    ssl module's default (forward-secret, AEAD-first) ciphers, no
+    renegotiation."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    _tls12_at_least(context)
+    # No renegotiation asked by a client (TLS 1.2): a handshake costs
+    # the server far more than the client.
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    context.load_cert_chain(cert, key or None)
+    return context
 
 
-# The 421s of a server over its limits, and of one that is stopping.
-TOO_MANY_CONNECTIONS = ("421 4.7.0 %s Error: too many connections, try "
-                        "again later")
-SHUTTING_DOWN = ("421 4.3.2 %s Service shutting down, closing transmission "
-                 "channel")
-UNREACHABLE = "451 4.4.1 Upstream mail server unavailable, try again later"
-LOST = "451 4.4.2 Connection to the upstream mail server lost, try again later"
-NO_TLS = "451 4.7.5 No TLS with the upstream mail server, try again later"
-NO_XCLIENT = ("451 4.3.0 The upstream mail server refused to learn the "
-              "client, try again later")
-# A session that cannot have what it needs (descriptors): it ends.
-OUT_OF_RESOURCES = ("421 4.3.2 Service temporarily unavailable: out of "
-                    "resources, try again later")
+def tls_client_context(verify=False, ca_file=None):
+    """An SSLContext for STARTTLS towards the upstream: TLS 1.2 at least;
+    the certificate checked (against ``ca_file``, or the system's
+    authorities) only if ``verify``, since most mail servers' are
+    self-signed (RFC 7435, opportunistic security)."""
+    if verify:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                             cafile=ca_file or None)
+    else:
+        # No authorities to load (they cost megabytes) for no check.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    _tls12_at_least(context)
+    return context
+
+
+def _tls12_at_least(context):
+    if hasattr(ssl, "TLSVersion"):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    else:                                   # Python 3.6
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
 
 
 def _exhaustion(error):
@@ -1775,8 +931,317 @@ class ResourceShortage(Exception):
     policy's fail-open path because of a local shortage."""
 
 
+# ===========================================================================
+# == 3. Shared by the sessions of a process: caches, threads, list files ==
+# ===========================================================================
+#
+# Owns:  the registries one process's sessions share (a Cache, ReusedThreads,
+#        the allow-list files), log_once(), and reset_registries(), which
+#        empties every registry of every section (tests, a worker's start).
+# Enter: the instances: list_files, tls_contexts; reset_registries().
+# Uses:  sections 1 and 2.
+
+
+class Cache(object):
+    """A process-wide dict with its own lock, so that no mutable class
+    attribute is shared by every subclass without its knowing.  With a
+    ``size``, it keeps at most that many items, the least recently used
+    going first: for caches whose keys clients choose."""
+
+    def __init__(self, size=None):
+        self._lock = threading.Lock()
+        self._items = collections.OrderedDict()
+        self.size = size
+
+    def get(self, key, make=None):
+        """The item of ``key``; made by ``make()`` and kept if missing
+        and ``make`` is given, else None."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None and make is not None:
+                item = self._items[key] = make()
+                self._trim()
+            elif item is not None and self.size is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key, item):
+        with self._lock:
+            self._items[key] = item
+            if self.size is not None:
+                self._items.move_to_end(key)
+                self._trim()
+
+    def _trim(self):
+        while self.size is not None and len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __len__(self):
+        with self._lock:
+            return len(self._items)
+
+    def items(self):
+        """The items kept now."""
+        with self._lock:
+            return list(self._items.values())
+
+    def reset(self):
+        """Forget everything (tests; a reload needs nothing of it)."""
+        with self._lock:
+            items = list(self._items.values())
+            self._items.clear()
+        return items
+
+
+class ReusedThreads(object):
+    """Daemon threads that run jobs and, a job done, wait up to
+    ``idle_time`` seconds for the next instead of ending, so that a job
+    costs no thread start while jobs come.  At most ``spare`` wait at once
+    (None: no bound; 0: a thread per job) and at most ``limit`` are alive
+    (None: no bound; past it submit() refuses).  ``count`` threads are
+    alive, ``idle`` of them waiting.  close() ends the waiting ones and
+    every thread after its job."""
+
+    limit = None
+    spare = None
+    idle_time = 60
+
+    def __init__(self, name="worker"):
+        self.name = name
+        self._jobs = queue.Queue()
+        self._lock = threading.Lock()
+        self.idle = 0               # waiting for a job, none promised
+        self.count = 0
+        self._closed = False
+
+    def submit(self, job):
+        """Run ``job()`` in a thread; False if none may take it (limit)."""
+        with self._lock:
+            waiting = self.idle > 0
+            if waiting:
+                self.idle -= 1      # that thread is promised this job
+            elif self.limit is not None and self.count >= self.limit:
+                return False
+            else:
+                self.count += 1
+        if waiting:
+            self._jobs.put(job)
+            return True
+        try:
+            threading.Thread(target=self._work, args=(job,), name=self.name,
+                             daemon=True).start()
+        except BaseException:
+            with self._lock:
+                self.count -= 1
+            raise
+        return True
+
+    def close(self):
+        """End the waiting threads; the busy ones end after their job."""
+        with self._lock:
+            self._closed = True
+            idle, self.idle = self.idle, 0
+        for _ in range(idle):
+            self._jobs.put(None)
+
+    def after_fork(self):
+        """In a child process: the parent's threads are not there."""
+        self.__init__(self.name)
+
+    def _work(self, job):
+        try:
+            while job is not None:
+                job()
+                job = None          # nothing of it kept while waiting
+                with self._lock:
+                    if self._closed or (self.spare is not None
+                                        and self.idle >= self.spare):
+                        return
+                    self.idle += 1
+                try:
+                    job = self._jobs.get(timeout=self.idle_time)
+                except queue.Empty:
+                    with self._lock:
+                        if self.idle > 0:
+                            self.idle -= 1      # not promised: end
+                            return
+                    job = self._jobs.get()      # promised: on its way
+        finally:
+            with self._lock:
+                self.count -= 1
+
+
+class ListFiles(object):
+    """Lists read from files in postgrey's formats, read again when they
+    change: ``get(path)`` is a ListFile.  One entry a line, '#' starts a
+    comment; an entry is an address or network (CIDR or whole-octet
+    prefix), a name (a domain: it and its subdomains), ``user@domain``,
+    ``user@``, or ``/regular expression/`` (case-insensitive, searched)."""
+
+    def __init__(self):
+        self._cache = Cache()
+
+    def get(self, path, what="whitelist"):
+        try:
+            mtime = os.stat(path).st_mtime
+            cached = self._cache.get(path)
+            if cached is not None and cached[0] == mtime:
+                return cached[1]
+            with open(path, "rb") as list_file:
+                lines = list_file.read().decode("utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            log_once("%s %s: %s; nothing is whitelisted by it"
+                     % (what, path, error))
+            return ListFile([])
+        listed = ListFile(lines, path)
+        self._cache.put(path, (mtime, listed))
+        return listed
+
+    def reset(self):
+        self._cache.reset()
+
+
+class ListFile(object):
+    """The entries of one list file, by kind: ``networks``, ``names``
+    (domains, matched with their subdomains), ``addresses``
+    (``user@domain``), ``locals`` (``user@``), ``patterns`` (compiled
+    regular expressions)."""
+
+    def __init__(self, lines, path="-"):
+        self.networks, self.names, self.addresses = [], [], set()
+        self.locals, self.patterns = set(), []
+        for number, line in enumerate(lines, 1):
+            entry = line.split("#", 1)[0].strip()
+            if not entry:
+                continue
+            if len(entry) > 1 and entry.startswith("/") and \
+                    entry.endswith("/"):
+                try:
+                    self.patterns.append(re.compile(entry[1:-1], re.I))
+                except re.error as error:
+                    log_once("%s:%d: bad regular expression: %s"
+                             % (path, number, error))
+                continue
+            entry = entry.lower()
+            if "@" in entry:
+                if entry.endswith("@"):
+                    self.locals.add(entry[:-1])
+                else:
+                    self.addresses.add(entry)
+            elif re.match(r"\A[0-9.:/a-f]+\Z", entry) and (
+                    "/" in entry or ":" in entry
+                    or re.match(r"\A[0-9.]+\Z", entry)):
+                self.networks.append(entry)
+            else:
+                self.names.append(entry.strip("."))
+
+    def has_client(self, address, hostname):
+        """``address`` is in a network, or ``hostname()`` (a callable:
+        looked up only if needed) under a name or a pattern."""
+        if any(_in_network(address, network) for network in self.networks):
+            return True
+        if not (self.names or self.patterns):
+            return False
+        name = hostname() if callable(hostname) else hostname
+        return name is not None and self.has_name(name)
+
+    def has_name(self, name, key=str.lower):
+        name = key(name)
+        return (any(name == suffix or name.endswith("." + suffix)
+                    for suffix in self.names)
+                or any(pattern.search(name) for pattern in self.patterns))
+
+    def has_recipient(self, recipient):
+        """``user@domain``, ``user@``, the domain (or a parent), or a
+        pattern."""
+        recipient = _recipient_key(recipient)
+        local, _, domain = recipient.rpartition("@")
+        return (recipient in self.addresses or local in self.locals
+                or (domain and self.has_name(domain, _domain_key))
+                or any(pattern.search(recipient)
+                       for pattern in self.patterns))
+
+
+list_files = ListFiles()           # whitelist_clients, _recipients
+
+
+tls_contexts = Cache()              # SSLContexts, of clients and upstream
+
+
+_logged = Cache()
+
+
+def log_once(message):
+    """Log an error the first time this process meets it."""
+    first = []
+    _logged.get(message, lambda: first.append(True) or True)
+    if first:
+        log.error("%s", log_escape(message))
+
+
+def reset_registries():
+    """Forget what the process shared: stores (closed), the networks' new
+    triplets, whitelist files,
+    TLS contexts, upstream capabilities, pooled upstream sessions
+    (closed), errors logged.  For tests."""
+    for registry in (stores, new_triplets, list_files, dns_lists,
+                     tls_contexts, upstream_capabilities, upstream_pool,
+                     _logged):
+        registry.reset()
+
+
+# ===========================================================================
+# == 4. The upstream: a plain-socket SMTP client, the pool, the relay ==
+# ===========================================================================
+#
+# Owns:  the one SMTP client (UpstreamSession), what each upstream offers
+#        (UpstreamCapabilities), warm sessions (UpstreamPool), and the relay
+#        that replays a session to the upstream (UpstreamRelay).
+# Enter: UpstreamRelay(handler): the handler's interface is in its docstring.
+# Uses:  sections 1 to 3.
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached, timed out or broke the session.
+
+    ``reply`` is what the client is told: always a 4xx, since the client
+    should try again later.
+    """
+
+    def __init__(self, message, reply):
+        Exception.__init__(self, message)
+        self.reply = reply
+
+
 class UpstreamTLSError(UpstreamError):
     """STARTTLS with the upstream failed: the session is gone."""
+
+
+# The 421s of a server over its limits, and of one that is stopping.
+TOO_MANY_CONNECTIONS = ("421 4.7.0 %s Error: too many connections, try "
+                        "again later")
+
+
+SHUTTING_DOWN = ("421 4.3.2 %s Service shutting down, closing transmission "
+                 "channel")
+
+
+UNREACHABLE = "451 4.4.1 Upstream mail server unavailable, try again later"
+
+
+LOST = "451 4.4.2 Connection to the upstream mail server lost, try again later"
+
+
+NO_TLS = "451 4.7.5 No TLS with the upstream mail server, try again later"
+
+
+NO_XCLIENT = ("451 4.3.0 The upstream mail server refused to learn the "
+              "client, try again later")
+
+
+# A session that cannot have what it needs (descriptors): it ends.
+OUT_OF_RESOURCES = ("421 4.3.2 Service temporarily unavailable: out of "
+                    "resources, try again later")
 
 
 class UpstreamSession(object):
@@ -2065,6 +1530,118 @@ def format_reply(code, lines):
                        for i, text in enumerate(lines))
 
 
+class UpstreamCapabilities(object):
+    """What each upstream (address, port) announced in its EHLO, and when,
+    for the EHLO the proxy offers its clients: {KEYWORD: parameters}, or
+    None while it could not be asked."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._known = {}            # address -> (time learnt, keywords)
+        self._asking = set()
+
+    def remember(self, address, extensions):
+        """Keep ``extensions``; None (it could not be asked) keeps what
+        was known, with a new time, so that it is not asked at once
+        again."""
+        with self._lock:
+            known = self._known.get(address)
+            if extensions is None and known is not None:
+                extensions = known[1]
+            self._known[address] = (time.time(),
+                                    None if extensions is None
+                                    else dict(extensions))
+
+    def get(self, address, ttl, ask):
+        """The keywords of ``address`` ({} if unknown); if they are older
+        than ``ttl`` seconds, ``ask()`` first, in one thread only (the
+        others use what is known meanwhile)."""
+        with self._lock:
+            known = self._known.get(address)
+            stale = known is None or time.time() - known[0] > ttl
+            asking = stale and address not in self._asking
+            if asking:
+                self._asking.add(address)
+        if asking:
+            try:
+                ask()
+            finally:
+                with self._lock:
+                    self._asking.discard(address)
+                    known = self._known.get(address)
+        return dict(known[1] or {}) if known else {}
+
+    def reset(self):
+        with self._lock:
+            self._known.clear()
+
+
+upstream_capabilities = UpstreamCapabilities()
+
+
+class UpstreamPool(object):
+    """Warm upstream sessions, kept when their client session ended
+    cleanly, for the next clients of the same upstream (``upstream_pool``,
+    used by UpstreamRelay): a session costs a new EHLO instead of a new
+    connection, its greeting and a QUIT.  At most ``size`` per upstream,
+    each for at most ``idle`` seconds (the upstream_pool_* keys): expire()
+    closes older ones with QUIT, before the upstream's own idle timeout;
+    the warmest is taken first."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pooled = {}           # key -> [(session, expires), ...]
+
+    def put(self, key, session, size, idle):
+        """Keep ``session``; False if the pool of ``key`` is full."""
+        with self._lock:
+            pooled = self._pooled.setdefault(key, [])
+            if len(pooled) >= size:
+                return False
+            pooled.append((session, time.monotonic() + idle))
+            return True
+
+    def take(self, key):
+        """The warmest pooled session of ``key`` that has not expired and
+        still looks usable, or None."""
+        while True:
+            with self._lock:
+                pooled = self._pooled.get(key)
+                if not pooled:
+                    return None
+                session, expires = pooled.pop()
+            if expires > time.monotonic() and session.reusable():
+                return session
+            session.abort()
+
+    def expire(self):
+        """Close (QUIT) the sessions that waited too long."""
+        now = time.monotonic()
+        expired = []
+        with self._lock:
+            for key, pooled in self._pooled.items():
+                expired += [session for session, expires in pooled
+                            if expires <= now]
+                pooled[:] = [entry for entry in pooled if entry[1] > now]
+        for session in expired:
+            session.quit()
+
+    def reset(self):
+        """Close every pooled session (QUIT)."""
+        with self._lock:
+            pooled, self._pooled = self._pooled, {}
+        for sessions in pooled.values():
+            for session, _ in sessions:
+                session.quit()
+
+    def __len__(self):
+        with self._lock:
+            return sum(len(pooled) for pooled in self._pooled.values())
+
+
+upstream_pool = UpstreamPool()
+
+
 class UpstreamRelay(object):
     """One client session's forwarding to the upstream
     (ConcreteMailHandler.relay_class): it owns the UpstreamSession, opened
@@ -2348,119 +1925,16 @@ class UpstreamRelay(object):
             return session
 
 
-class DataScanner(object):
-    """Finds the end of a message's data, and what is wrong with it, in
-    the bytes a client sends after DATA: no socket, no I/O, so that the
-    rule that matters most for safety is tested on its own.
+# ===========================================================================
+# == 5. The SMTP session: MailHandler ==
+# ===========================================================================
+#
+# Owns:  the socketserver handler: reading command lines within their limits,
+#        dispatching each verb to handleVerb(), writing replies (netPrint),
+#        the session's deadlines, stress, and the dialogue log.
+# Enter: MailHandler.handle() (socketserver calls it, one thread a client).
+# Uses:  sections 1 to 3.
 
-    ``feed(data)`` takes the next bytes read and returns those that may
-    go to the upstream as they are: the client's own lines, dot-stuffing
-    included, up to (not including) the final ``.``; nothing once the
-    message is bad.  Only CR LF . CR LF ends the data (the CR LF that
-    ended the DATA command counts), wherever the reads split it.
-    Attributes after each feed:
-
-    ended       the end was found; ``leftover`` is what came after it
-                (pipelined commands, to be read as such)
-    problem     the refusal, once the message is bad: a NUL, a bare CR
-                or LF (SMTP smuggling), a line over ``max_line`` octets
-                (the transparency dot not counted, RFC 5321 section
-                4.5.3.1.6), more than ``max_size`` octets; None if clean
-    size        octets of the message so far, dropped ones included
-    hopeless    more than twice ``max_size`` octets without the end: the
-                end is not worth waiting for
-    mid_line    the bytes so far end inside a line; ``new_line``: that
-                line began in the last feed (for each line's deadline)
-    """
-
-    def __init__(self, max_line=1000, max_size=50 * 1024 * 1024):
-        self.max_line = max_line
-        self.max_size = max_size
-        self.ended = False
-        self.leftover = b""
-        self.problem = None
-        self.size = 0
-        self.hopeless = False
-        self.mid_line = False
-        self.new_line = False
-        self._partial = b""         # an unfinished line, for the next feed
-        self._previous = b"\r\n"    # the two octets before ``_partial``
-
-    def feed(self, data):
-        """Scan the next ``data``; return what may be forwarded of it."""
-        window = self._partial + data
-        last_lf = window.rfind(b"\n")
-        self.mid_line = last_lf < len(window) - 1
-        self.new_line = last_lf >= 0
-        if last_lf < 0:
-            self._partial = window
-            if len(window) >= self.max_line + window.startswith(b"."):
-                self.problem = self.problem or self.line_too_long()
-                self.size += len(window)
-                # Keep what tells where the line ends, not the line.
-                self._previous, self._partial = window[-2:], b""
-                self.hopeless = self.size > 2 * self.max_size
-            return b""
-        lines = window[:last_lf + 1]
-        self._partial = window[last_lf + 1:]
-        # The end: the first CR LF . CR LF, its CR LF possibly in
-        # ``_previous``; ``end`` is where its "." is in ``lines``.
-        previous = self._previous
-        if previous == b"\r\n" and lines.startswith(b".\r\n"):
-            end = 0
-        elif previous[-1:] == b"\r" and lines.startswith(b"\n.\r\n"):
-            end = 1
-        else:
-            end = lines.find(b"\r\n.\r\n")
-            if end >= 0:
-                end += 2
-        if end >= 0:
-            self.ended = True
-            self.leftover = lines[end + 3:] + self._partial
-            self._partial = b""
-            self.mid_line = False
-            lines = lines[:end]
-        else:
-            self._previous = (previous + lines[-2:])[-2:]
-        self.size += len(lines)
-        if self.problem is None and lines:
-            self.problem = self.check_lines(lines)
-            if self.problem is None and self.size > self.max_size:
-                self.problem = self.too_big()
-        if not self.ended:
-            self.hopeless = self.size > 2 * self.max_size
-        return lines if self.problem is None else b""
-
-    def check_lines(self, lines):
-        """The refusal for a run of whole lines, or None if they are
-        clean: every line ends with CR LF and holds no other CR, LF or NUL,
-        and none is longer than ``max_line``."""
-        if b"\x00" in lines:
-            return "550 5.5.2 Error: NUL received"
-        line_ends = lines.count(b"\r\n")
-        if lines.count(b"\n") != line_ends:
-            return "550 5.5.2 Error: bare <LF> received"
-        if lines.count(b"\r") != line_ends:
-            return "550 5.5.2 Error: bare <CR> received"
-        limit = self.max_line
-        if len(lines) >= limit and max(
-                len(line) - line.startswith(b".")
-                for line in lines.split(b"\n")) >= limit:
-            return self.line_too_long()
-        return None
-
-    def line_too_long(self):
-        return ("552 5.5.6 Message line too long (%d octets at most)"
-                % self.max_line)
-
-    def too_big(self):
-        return ("552 5.3.4 Message size exceeds fixed limit of %d octets"
-                % self.max_size)
-
-
-# ---------------------------------------------------------------------------
-# The handlers
-# ---------------------------------------------------------------------------
 
 class MailHandler(socketserver.StreamRequestHandler):
     """Reads an SMTP client's command lines and dispatches each command.
@@ -3012,6 +2486,17 @@ class MailHandler(socketserver.StreamRequestHandler):
         """Write the transaction's line to the transaction log."""
 
 
+# ===========================================================================
+# == 6. The forwarding handler: ConcreteMailHandler ==
+# ===========================================================================
+#
+# Owns:  the strict state machine and the policy hooks; STARTTLS (_TLSSession),
+#        the outcome of each transaction (_TransactionOutcomes), and the end of
+#        a message (DataScanner, pure).
+# Enter: ConcreteMailHandler.handleRcpt(), handleData(); the hooks table.
+# Uses:  sections 1 to 5 (the relay of section 4).
+
+
 class _TLSSession(object):
     """ConcreteMailHandler's TLS (a mixin of it): STARTTLS with the client
     (RFC 3207), the SSLContexts of the server and of the upstream
@@ -3223,6 +2708,116 @@ class _TransactionOutcomes(object):
         self.log_dialogue("upstream: %s", error)
         if error.reply.startswith("421"):
             self.close_connection()     # 421: this session ends
+
+
+class DataScanner(object):
+    """Finds the end of a message's data, and what is wrong with it, in
+    the bytes a client sends after DATA: no socket, no I/O, so that the
+    rule that matters most for safety is tested on its own.
+
+    ``feed(data)`` takes the next bytes read and returns those that may
+    go to the upstream as they are: the client's own lines, dot-stuffing
+    included, up to (not including) the final ``.``; nothing once the
+    message is bad.  Only CR LF . CR LF ends the data (the CR LF that
+    ended the DATA command counts), wherever the reads split it.
+    Attributes after each feed:
+
+    ended       the end was found; ``leftover`` is what came after it
+                (pipelined commands, to be read as such)
+    problem     the refusal, once the message is bad: a NUL, a bare CR
+                or LF (SMTP smuggling), a line over ``max_line`` octets
+                (the transparency dot not counted, RFC 5321 section
+                4.5.3.1.6), more than ``max_size`` octets; None if clean
+    size        octets of the message so far, dropped ones included
+    hopeless    more than twice ``max_size`` octets without the end: the
+                end is not worth waiting for
+    mid_line    the bytes so far end inside a line; ``new_line``: that
+                line began in the last feed (for each line's deadline)
+    """
+
+    def __init__(self, max_line=1000, max_size=50 * 1024 * 1024):
+        self.max_line = max_line
+        self.max_size = max_size
+        self.ended = False
+        self.leftover = b""
+        self.problem = None
+        self.size = 0
+        self.hopeless = False
+        self.mid_line = False
+        self.new_line = False
+        self._partial = b""         # an unfinished line, for the next feed
+        self._previous = b"\r\n"    # the two octets before ``_partial``
+
+    def feed(self, data):
+        """Scan the next ``data``; return what may be forwarded of it."""
+        window = self._partial + data
+        last_lf = window.rfind(b"\n")
+        self.mid_line = last_lf < len(window) - 1
+        self.new_line = last_lf >= 0
+        if last_lf < 0:
+            self._partial = window
+            if len(window) >= self.max_line + window.startswith(b"."):
+                self.problem = self.problem or self.line_too_long()
+                self.size += len(window)
+                # Keep what tells where the line ends, not the line.
+                self._previous, self._partial = window[-2:], b""
+                self.hopeless = self.size > 2 * self.max_size
+            return b""
+        lines = window[:last_lf + 1]
+        self._partial = window[last_lf + 1:]
+        # The end: the first CR LF . CR LF, its CR LF possibly in
+        # ``_previous``; ``end`` is where its "." is in ``lines``.
+        previous = self._previous
+        if previous == b"\r\n" and lines.startswith(b".\r\n"):
+            end = 0
+        elif previous[-1:] == b"\r" and lines.startswith(b"\n.\r\n"):
+            end = 1
+        else:
+            end = lines.find(b"\r\n.\r\n")
+            if end >= 0:
+                end += 2
+        if end >= 0:
+            self.ended = True
+            self.leftover = lines[end + 3:] + self._partial
+            self._partial = b""
+            self.mid_line = False
+            lines = lines[:end]
+        else:
+            self._previous = (previous + lines[-2:])[-2:]
+        self.size += len(lines)
+        if self.problem is None and lines:
+            self.problem = self.check_lines(lines)
+            if self.problem is None and self.size > self.max_size:
+                self.problem = self.too_big()
+        if not self.ended:
+            self.hopeless = self.size > 2 * self.max_size
+        return lines if self.problem is None else b""
+
+    def check_lines(self, lines):
+        """The refusal for a run of whole lines, or None if they are
+        clean: every line ends with CR LF and holds no other CR, LF or NUL,
+        and none is longer than ``max_line``."""
+        if b"\x00" in lines:
+            return "550 5.5.2 Error: NUL received"
+        line_ends = lines.count(b"\r\n")
+        if lines.count(b"\n") != line_ends:
+            return "550 5.5.2 Error: bare <LF> received"
+        if lines.count(b"\r") != line_ends:
+            return "550 5.5.2 Error: bare <CR> received"
+        limit = self.max_line
+        if len(lines) >= limit and max(
+                len(line) - line.startswith(b".")
+                for line in lines.split(b"\n")) >= limit:
+            return self.line_too_long()
+        return None
+
+    def line_too_long(self):
+        return ("552 5.5.6 Message line too long (%d octets at most)"
+                % self.max_line)
+
+    def too_big(self):
+        return ("552 5.3.4 Message size exceeds fixed limit of %d octets"
+                % self.max_size)
 
 
 class ConcreteMailHandler(_TLSSession, _TransactionOutcomes, MailHandler):
@@ -3879,162 +3474,602 @@ class ConcreteMailHandler(_TLSSession, _TransactionOutcomes, MailHandler):
         MailHandler.handleQuit(self, args)
 
 
-class GreyListingPolicy(ConcreteMailHandler):
-    """Greylisting on (client, sender, recipient), per recipient.
+# ===========================================================================
+# == 7. Names and DNS lists ==
+# ===========================================================================
+#
+# Owns:  who a client is by its names (FCrDNS: confirmed_names), generic
+#        names and registrable domains (the name keys), the DNS lists and
+#        their answers, and the bounded lookup threads they all run on.
+# Enter: confirmed_names(address, ...), DNSLists.listing(address, ...).
+# Uses:  sections 1 and 3 (ReusedThreads, Cache).
 
-    ``shouldWeAcceptRecipient`` asks the engine, ``greylister_class``
-    (Greylister), configured by this class's attributes, so that the
-    upstream never sees a recipient that is refused or deferred.  In
-    order:
 
-    1. a client in ``allowed_senders`` (addresses) or ``allowed_sender_nets``
-       (Kamaelia's textual prefixes such as ``192.168.2``, read as whole
-       octets, or CIDR networks) is accepted: it may relay anywhere;
-    2. a recipient that is not a plain ``local@domain`` for a domain of
-       ``allowed_domains`` (ASCII letters case-insensitive, a name with
-       non-ASCII letters only as listed: _domain_key(); a subdomain only
-       if listed)
-       gets ``relay_reply``: source routes, ``%`` and ``!`` paths, quoted
-       local-parts, address literals are all refused; the bare
-       ``<Postmaster>`` (RFC 5321 section 4.5.1) is ours and accepted;
-    3. a recipient of ``whitelist_recipients``, a triple of
-       ``whitelisted_triples`` (ip sender recipient) or of
-       ``whitelisted_nonstandard_triples`` (HELO name, IP prefix,
-       recipient), a client of the ``whitelist_clients`` file, or a client
-       listed on a ``dnswl`` zone is accepted;
-    4. the client is keyed (``client_key``) by its forward-confirmed,
-       non-generic name minus its first label, or by its network of
-       ``ipv4_prefix`` (24) or ``ipv6_prefix`` (64) bits; a client that
-       passed greylisting ``auto_whitelist_clients`` times (0: never;
-       each triplet once, the client at most once an hour) is accepted,
-       but not one listed on a ``dnsbl`` zone; with ``greylist_clients =
-       suspicious``, a client that is not listed and has a confirmed,
-       non-generic name is accepted;
-    5. otherwise the triplet goes through the greylisting store
-       (``greylist_db``, timings ``too_soon``, ``min_defer_time``,
-       ``max_defer_time``, ``max_grey``): accepted, or ``defer_reply``.
-       A triplet seen for the first time adds a row, at most
-       ``max_new_triplets_per_session`` in a session and
-       ``max_new_triplets_per_network`` an hour from a client network
-       (NewTriplets); past either, it is deferred without a row (each
-       bound logged once per session, or per network and hour).  Every
-       deferral counts towards ``max_errors``.  If the store fails,
-       ``greylist_fail_mode`` decides ("accept" or "defer") and the
-       error is logged once per incident; out of descriptors, the
-       session ends with 421 4.3.2.
+def resolve_addresses(name):
+    """The addresses of ``name`` (a set of str), from the system's
+    resolver (so /etc/hosts and nsswitch apply); empty if none."""
+    try:
+        return set(unmapped(info[4][0]) for info in socket.getaddrinfo(
+            name, None, 0, socket.SOCK_STREAM))
+    except (OSError, UnicodeError):
+        return set()
 
-    ``shouldWeAcceptMail()`` is true once a recipient was accepted.  The
-    sender is keyed without case, brackets, ``+extension``, BATV
-    (``prvs=...=``), SRS and VERP-style numbers (``normalise_sender``).
-    With ``x_greylist_header``, mail that greylisting delayed gets an
-    ``X-Greylist:`` header saying for how long, and by which rule.
-    ``now()`` is the clock the policy reads; tests override it.
-    """
 
-    allowed_senders = ["127.0.0.1"]
-    allowed_sender_nets = []
-    allowed_domains = []
-    whitelisted_triples = []
-    whitelisted_nonstandard_triples = []
-    greylist_db = "greylist.db"
-    too_soon = 180
-    min_defer_time = 3600
-    max_defer_time = 25000
-    max_grey = 3000000
-    auto_whitelist_clients = 5
-    # A session's first sightings: one message's worth of recipients (RFC
-    # 5321 section 4.5.3.1.8: 100 at least), and max_errors cuts a
-    # session that delivers nothing at 20 anyway.  A network's, an hour:
-    # more than a list server new to us sends to one site at once; the
-    # rest of such a burst waits for the sender's next retry.
-    max_new_triplets_per_session = 100
-    max_new_triplets_per_network = 1000
-    ipv4_prefix = 24
-    ipv6_prefix = 64
-    relay_reply = "550 5.7.1 Relaying denied"
-    defer_reply = "451 4.7.1 Greylisted, please try again later"
-    greylist_fail_mode = "accept"
-    greylist_db_timeout = 5
-    greylist_cache_time = 60
-    x_greylist_header = False
-    whitelist_clients = ""
-    whitelist_recipients = ""
-    client_key = "name"
-    greylist_clients = "all"
-    dnsbl = []
-    dnswl = []
-    dns_cache_time = 600
-    # The engine that decides; a subclass of Greylister changes how.
-    greylister_class = None             # Greylister, set below it
+class LookupThreads(ReusedThreads):
+    """The threads that make the system resolver's calls for
+    call_with_deadline(), confirmed_names() and the DNS lists
+    (``lookup_threads``): one that has had nothing to do for
+    ``idle_time`` seconds (1) ends.  At most ``limit`` (100) at once,
+    those stuck in a resolver that does not answer included: past it, a
+    lookup is not made (as if it had timed out), and that is logged (the
+    first time).
 
-    def now(self):
-        """The time, in seconds since the epoch, that the policy reads."""
-        return time.time()
+    A lookup made for a client (``submit(job, owner)``, the owner its
+    network, lookup_owner()) may take a thread only while that network
+    holds fewer than ``share`` (10) of them, and the last ``reserve``
+    (20) only if it holds none, so that clients whose reverse zone never
+    answers cannot take every thread from the others: past it, that
+    network's lookups fail at once, logged at most once a minute.  A
+    network whose lookup timed out (``timed_out(owner)``) is
+    ``silent(owner)`` for ``silent_time`` seconds (60), so that its next
+    sessions need not take a thread each to learn the same (at most
+    ``silent_size`` networks are remembered)."""
 
-    def store_failed(self, error):
-        """The store cannot be used: the decision falls back to
-        ``greylist_fail_mode`` ("accept", as Kamaelia Grey did, or
-        "defer"), or, when the process is out of descriptors
-        (ResourceShortage), the session ends with 421 4.3.2.  Logged once
-        per incident, not per message: the store says when it works
-        again."""
-        log_store_failure(self, error, "sessions end with 421 4.3.2")
+    limit = 100
+    idle_time = 1
+    share = 10
+    reserve = 20
+    silent_time = 60
+    silent_size = 10000
 
-    def setup(self):
-        ConcreteMailHandler.setup(self)
-        self.new_triplets = 0       # rows this session added to the store
-        self.triplets_bounded = False   # max_new_triplets_per_session hit
+    def __init__(self, name="lookup"):
+        ReusedThreads.__init__(self, name)
+        self._held = {}             # owner -> threads busy for it
+        self._silent = Cache(self.silent_size)  # owner -> silent until
+        self._share_logged = None
 
-    def _start_transaction(self):
-        ConcreteMailHandler._start_transaction(self)
-        self.greylist_delay = None
-        self.greylist_rule = None
+    def submit(self, job, owner=None):
+        """Run ``job()`` in a thread; False (logged) if none may take it:
+        all busy, or ``owner`` holds its share."""
+        if owner is not None:
+            with self._lock:
+                held = self._held.get(owner, 0)
+                # The last ``reserve`` threads are for networks that
+                # hold none: many networks that each hang leave them.
+                refused = held >= self.share or held and (
+                    self.limit is not None and
+                    self.count - self.idle >= self.limit - self.reserve)
+                if not refused:
+                    self._held[owner] = held + 1
+            if refused:
+                now = time.monotonic()
+                if (self._share_logged is None
+                        or now - self._share_logged > 60):
+                    self._share_logged = now
+                    log.warning("lookup threads: client network %s holds "
+                                "%d (its share: %d, and only networks "
+                                "holding none take the last %d); its "
+                                "lookups fail at once until one is free (a "
+                                "reverse zone that never answers?)",
+                                log_escape(owner), held, self.share,
+                                self.reserve)
+                return False
+            unowned = job
 
-    def shouldWeAcceptMail(self):
-        """True once at least one recipient was accepted."""
-        return bool(self.recipients)
+            def job():
+                try:
+                    unowned()
+                finally:
+                    self._release(owner)
+        try:
+            submitted = ReusedThreads.submit(self, job)
+        except BaseException:
+            if owner is not None:
+                self._release(owner)
+            raise
+        if not submitted:
+            if owner is not None:
+                self._release(owner)
+            log_once("lookup threads: all %d busy (a resolver that does "
+                     "not answer?); lookups fail until one is free"
+                     % self.limit)
+        return submitted
 
-    def extra_headers(self):
-        """With ``x_greylist_header``, an X-Greylist: header for a message
-        that greylisting delayed, saying for how long (as postgrey's) and
-        by which rule (as name:out.example.com)."""
-        if not self.x_greylist_header or self.greylist_delay is None:
-            return []
-        return [x_greylist(self.greylist_delay, self.servername,
-                           self.greylist_rule, self.now())]
+    def _release(self, owner):
+        with self._lock:
+            held = self._held.pop(owner) - 1
+            if held:
+                self._held[owner] = held
 
-    def shouldWeAcceptRecipient(self, recipient):
-        """The engine's decision (greylister_class, configured by this
-        handler's attributes) as a reply: True, relay_reply, False
-        (defer_reply), or 421 4.3.2 when the process is out of
-        descriptors."""
-        decision = self.greylister_class(self).decide(
-            self.peer, self.mail_from, recipient, self.now(),
-            helo=self.helo_name, hostname=self.client_hostname,
-            resolve=self.forward_lookup, session_added=self.new_triplets)
-        self.log_dialogue("%s %s: %s%s", decision.verdict, recipient,
-                          decision.rule, " " + decision.key
-                          if decision.key else "")
-        if decision.added:
-            self.new_triplets += 1
-        elif (decision.rule == "max_new_triplets_per_session"
-              and not self.triplets_bounded):
-            self.triplets_bounded = True
-            log.warning("client %s: %d new triplets in one session "
-                        "(max_new_triplets_per_session); further new ones "
-                        "are deferred without a row", log_escape(self.peer),
-                        self.new_triplets)
-        if decision.error is not None:
-            self.store_failed(decision.error)
-        if decision.delay is not None and decision.delay > (
-                self.greylist_delay or -1):
-            self.greylist_delay = decision.delay
-            self.greylist_rule = decision.rule
-        if decision.verdict == "refuse":
-            return self.relay_reply
-        if decision.verdict == "unavailable":
-            return OUT_OF_RESOURCES
-        return decision.accepted
+    def held(self, owner):
+        """The threads busy for ``owner`` now."""
+        with self._lock:
+            return self._held.get(owner, 0)
+
+    def timed_out(self, owner):
+        """A lookup for ``owner`` got no answer in time."""
+        self._silent.put(owner, time.monotonic() + self.silent_time)
+
+    def silent(self, owner):
+        """True while a timeout of ``owner``'s lookups is recent."""
+        until = self._silent.get(owner)
+        return until is not None and until > time.monotonic()
+
+    def forget_timeouts(self):
+        """No network is silent any more (tests)."""
+        self._silent.reset()
+
+
+def lookup_owner(address):
+    """Whose lookups a lookup for ``address`` counts as (LookupThreads'
+    share): its /24, or its /48 for IPv6 (the reverse zones of a site:
+    one client's addresses are many /64s)."""
+    return network_key(address, 24, 48)
+
+
+lookup_threads = LookupThreads()
+
+
+def call_with_deadline(function, args, seconds, owner=None):
+    """``(True, function(*args))``, or ``(False, None)`` if it did not
+    return within ``seconds``: for the system's resolver, which has no
+    timeout of its own that a caller can set.  The call goes on in a
+    lookup thread (LookupThreads, for ``owner``) until the resolver gives
+    up."""
+    result = []
+    done = threading.Lock()
+    done.acquire()
+
+    def run():
+        try:
+            result.append(function(*args))
+        except Exception as error:          # a resolver's failure: none
+            result.append(error)
+        done.release()
+    if not lookup_threads.submit(run, owner):
+        return False, None
+    done.acquire(timeout=-1 if seconds is None else seconds)
+    if not result:
+        return False, None
+    if isinstance(result[0], Exception):
+        return True, None
+    return True, result[0]
+
+
+def confirmed_names(address, reverse_lookup, forward_lookup, tries,
+                    seconds):
+    """FCrDNS of ``address``: ``(answered, reverse names, confirmed
+    name)``.  ``reverse_lookup(address)`` gives its names (those a mail
+    server takes: a PTR record can hold any octets, or an address to pass
+    for another client); ``forward_lookup(name)`` is tried on the first
+    ``tries`` of them until one gives ``address`` back, which is then the
+    confirmed name (lower case, no final dot).  Each lookup within
+    ``seconds`` (None: no limit); one that takes longer ends the search
+    (``answered`` is False if it was the reverse one).
+
+    All of it is one job of a lookup thread, which the caller waits for
+    once: two lookups that answer at once cost one hand-over between
+    threads each way, not two.  The job counts against the share of the
+    address's network (lookup_owner()); a network whose lookup timed out
+    lately is not asked (LookupThreads.silent()): no answer."""
+    condition = threading.Condition(threading.Lock())
+    state = {"names": None, "confirmed": None, "steps": [],
+             "finished": False}
+    owner = lookup_owner(address)
+    if lookup_threads.silent(owner):
+        return False, [], None
+
+    def run():
+        try:
+            try:
+                names = [name for name in reverse_lookup(address) or ()
+                         if _host_name(name)]
+            except Exception:               # a resolver's failure: none
+                names = []
+            with condition:
+                state["names"] = names
+                state["steps"].append(time.monotonic())
+            for name in names[:tries]:
+                try:
+                    addresses = forward_lookup(name)
+                except Exception:
+                    addresses = None
+                if address in (addresses or ()):
+                    state["confirmed"] = name.lower().rstrip(".")
+                    break
+                with condition:
+                    state["steps"].append(time.monotonic())
+        finally:
+            with condition:
+                state["finished"] = True
+                condition.notify()
+
+    began = time.monotonic()
+    if not lookup_threads.submit(run, owner):
+        return False, [], None
+    with condition:
+        while not state["finished"]:
+            if seconds is None:
+                condition.wait()
+                continue
+            # The deadline of the lookup under way: from the end of the
+            # one before it.
+            steps = state["steps"]
+            left = (steps[-1] if steps else began) + seconds - \
+                time.monotonic()
+            if left <= 0:
+                break
+            condition.wait(left)
+        if state["finished"]:
+            return True, state["names"], state["confirmed"]
+        names = state["names"]
+    lookup_threads.timed_out(owner)
+    if names is None:
+        return False, [], None
+    return True, list(names), None
+
+
+_HOST_NAME_RE = re.compile(
+    r"[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?\Z")
+
+
+def _host_name(name):
+    """True for a host name of letters, digits, "-" and "_" (labels of
+    63 octets at most, 255 in all) that is not an address."""
+    if len(name) > 255 or not _HOST_NAME_RE.match(name):
+        return False
+    try:
+        ipaddress.ip_address(name.rstrip("."))
+    except ValueError:
+        return True
+    return False
+
+
+def dns_list_query(address, zone):
+    """The name asked of a DNSBL or DNSWL ``zone`` for ``address``: the
+    IPv4 octets reversed, or the IPv6 nibbles reversed, under it."""
+    address = ipaddress.ip_address(unmapped(address))
+    if address.version == 4:
+        labels = str(address).split(".")[::-1]
+    else:
+        labels = address.exploded.replace(":", "")[::-1]
+    return "%s.%s" % (".".join(labels), zone.strip(".").lower())
+
+
+def parse_dns_list(entry):
+    """A ``dnsbl`` or ``dnswl`` entry, in Postfix's syntax
+    (reject_rbl_client, permit_dnswl_client): ``zone`` or
+    ``zone=d.d.d.d``, the filter of the answers that list, each ``d`` a
+    number, or ``[...]`` of numbers and ranges ``n..m`` separated by
+    ``;`` (``127.0.[0..255].[1..3]``, ``127.0.0.[2;4;9..11]``).  Returns
+    ``(zone, filter)``: the zone in lower case without a final dot, the
+    filter a tuple of four tuples of (low, high) octets, or None if none
+    is written.  ValueError says what is wrong."""
+    zone, equals, written = entry.partition("=")
+    zone = zone.strip().lower().rstrip(".")
+    if not _DOMAIN_NAME_RE.match(zone) or "." not in zone:
+        raise ValueError("expected a DNS list's zone such as "
+                         "zen.spamhaus.org, got %r" % entry)
+    if not equals:
+        return zone, None
+    example = ("such as %s=127.0.0.2 or %s=127.0.[0..255].[1..3]"
+               % (zone, zone))
+    if "*" in written:
+        raise ValueError("%r: a weight (*n) is postscreen's; write the "
+                         "answers alone, %s" % (entry, example))
+    octets = re.findall(r"\[[^\]]*\]|[^.\[\]]+", written.strip())
+    if len(octets) != 4 or ".".join(octets) != written.strip():
+        raise ValueError("%r: expected four octets after '=', %s"
+                         % (entry, example))
+    parsed = []
+    for octet in octets:
+        if octet.startswith("[") and octet.endswith("]"):
+            parts = octet[1:-1].split(";")
+        else:
+            parts = [octet]
+        ranges = []
+        for part in parts:
+            low, dots, high = part.partition("..")
+            if not dots:
+                high = low
+            if not (re.match(r"\A[0-9]{1,3}\Z", low)
+                    and re.match(r"\A[0-9]{1,3}\Z", high)
+                    and int(low) <= int(high) <= 255):
+                raise ValueError("%r: %r is no octet, [n..m] range or "
+                                 "[a;b] list of them, %s"
+                                 % (entry, octet, example))
+            ranges.append((int(low), int(high)))
+        parsed.append(tuple(ranges))
+    return zone, tuple(parsed)
+
+
+def dns_list_zone(entry):
+    """The zone of a ``dnsbl`` or ``dnswl`` entry, as rules name it."""
+    return entry.partition("=")[0].strip().lower().rstrip(".")
+
+
+def _answer_matches(address_filter, address):
+    try:
+        octets = [int(octet) for octet in address.split(".")]
+    except ValueError:
+        return False
+    return len(octets) == 4 and all(
+        any(low <= octet <= high for low, high in ranges)
+        for octet, ranges in zip(octets, address_filter))
+
+
+# What the answers of a zone mean when its entry writes no filter, by
+# zone suffix: (the answers that list, those that say our queries are
+# refused).  dnswl.org: 127.0.X.1 to 3 are its trust levels (low,
+# medium, high), 127.0.X.0 is "none", 127.0.0.255 "query blocked"
+# (public resolvers, sites over the free limit).  Spamhaus: 127.0.0.2 to
+# 11 list; 127.255.255.252 to 255 refuse (a bad DQS key, a public
+# resolver, too many queries).  Other zones: any answer in 127.0.0.0/8
+# lists (Postfix's rule), but for Spamhaus's refusals, which other lists
+# copy.
+DNS_LIST_ANSWERS = (
+    ("list.dnswl.org", "127.0.[0..255].[1..3]", "127.0.[0..255].255"),
+    ("spamhaus.org", "127.0.0.[2..255]", "127.255.255.[252..255]"),
+    ("spamhaus.net", "127.0.0.[2..255]", "127.255.255.[252..255]"),
+    ("", "127.[0..255].[0..255].[0..255]", "127.255.255.[252..255]"),
+)
+
+
+def _dns_list_defaults(zone):
+    """The row of DNS_LIST_ANSWERS for ``zone`` (its suffix "": none
+    known)."""
+    for row in DNS_LIST_ANSWERS:
+        if zone == row[0] or zone.endswith("." + row[0]) or not row[0]:
+            return row
+
+
+@functools.lru_cache(maxsize=256)
+def _dns_list_rules(entry):
+    """``(zone, answers that list, answers that refuse)`` of an entry."""
+    zone, written = parse_dns_list(entry)
+    _, listing, refusing = _dns_list_defaults(zone)
+    return (zone, written or parse_dns_list("x.x=" + listing)[1],
+            parse_dns_list("x.x=" + refusing)[1])
+
+
+def dns_list_answer(entry, answers):
+    """What the addresses ``answers`` of a DNS list's ``entry`` (a
+    ``dnsbl`` or ``dnswl`` item, see parse_dns_list()) say:
+    ``(listed, refusal)``.  ``listed`` is True if one is accepted by the
+    entry's filter, or, for an entry without one, by the zone's
+    (DNS_LIST_ANSWERS).  ``refusal`` is the first answer that is not a
+    listing but an error, or None: one that refuses our queries (dnswl's
+    127.0.0.255, Spamhaus's 127.255.255.254), or one outside
+    127.0.0.0/8, which no list gives (a resolver that makes up answers
+    for names that do not exist).  An error never lists, whatever the
+    filter: a list that refuses our queries must not whitelist every
+    client, nor greylist them as listed."""
+    zone, listing, refusing = _dns_list_rules(entry)
+    listed, refusal = False, None
+    for address in sorted(answers):
+        if (not address.startswith("127.")
+                or _answer_matches(refusing, address)):
+            refusal = refusal or address
+        elif _answer_matches(listing, address):
+            listed = True
+    return listed and refusal is None, refusal
+
+
+class DNSLists(object):
+    """DNSBL and DNSWL lookups through the system's resolver: each a job
+    of the lookup threads (``lookup_threads``, counted for the client's
+    network), with a deadline, all of one client at once, the answers
+    cached for ``dns_cache_time``, at most ``cache_size`` (10000) of
+    them, the least recently used going first.  ``listing(address,
+    entries, resolve, timeout, cache_time)`` is the set of the entries
+    that list it (dns_list_answer()).  Timeouts, refusals and errors are
+    logged at most once per zone and ``log_interval`` (600 s)."""
+
+    cache_size = 10000
+    log_interval = 600
+
+    def __init__(self):
+        self._cache = Cache(self.cache_size)
+        self._logged = Cache()      # (zone, what) -> last logged
+
+    def listing(self, address, entries, resolve, timeout, cache_time):
+        if not entries:
+            return set()
+        try:
+            queries = dict((entry, dns_list_query(address,
+                                                  dns_list_zone(entry)))
+                           for entry in entries)
+        except ValueError:
+            return set()                    # no address: nothing to ask
+        zones = dict((query, dns_list_zone(entry))
+                     for entry, query in queries.items())
+        now = time.monotonic()
+        answers = {}
+        for query in set(queries.values()):
+            cached = self._cache.get(query)
+            if cached is not None and cached[0] > now:
+                answers[query] = cached[1]
+        asking = set(queries.values()) - set(answers)
+        condition = threading.Condition(threading.Lock())
+        results = {}
+        asked = []
+        for query in sorted(asking):
+            def run(query=query):
+                try:
+                    answer = frozenset(resolve(query) or ())
+                except Exception:           # a resolver's failure: none
+                    answer = frozenset()
+                with condition:
+                    results[query] = answer
+                    condition.notify()
+            # Busy threads or the network's share used: not asked, not
+            # listed, nothing kept (LookupThreads logs it).
+            if lookup_threads.submit(run, lookup_owner(address)):
+                asked.append(query)
+        deadline = time.monotonic() + timeout
+        with condition:
+            while len(results) < len(asked):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                condition.wait(left)
+            results = dict(results)
+        for query in asked:
+            zone = zones[query]
+            if query not in results:
+                self._log(zone, "timeout", "lookup of %s timed out after "
+                          "%s s: not listed" % (query, _seconds(timeout)))
+                # Not asked again for a minute: a list that is down must
+                # not hold every session for its timeout.
+                self._cache.put(query, (now + min(60, cache_time),
+                                        frozenset()))
+                continue
+            answers[query] = results[query]
+            self._cache.put(query, (now + cache_time, results[query]))
+        listed = set()
+        for entry, query in queries.items():
+            found, refusal = dns_list_answer(entry, answers.get(query, ()))
+            if found:
+                listed.add(entry)
+            if refusal is not None:
+                self._log(dns_list_zone(entry), "refusal",
+                          "it answered %s, which is no listing: it "
+                          "refuses our queries (a public resolver, or "
+                          "over its free limit?) or the resolver made "
+                          "the answer up; every client counts as not "
+                          "listed on it until it answers again; use a "
+                          "resolver of your own" % refusal, log.error)
+        return listed
+
+    def __len__(self):
+        """The answers kept now."""
+        return len(self._cache)
+
+    def _log(self, zone, what, message, level=None):
+        """Logged at most once per ``log_interval`` per zone and what."""
+        now = time.monotonic()
+        last = self._logged.get((zone, what))
+        if last is None or now - last > self.log_interval:
+            self._logged.put((zone, what), now)
+            (level or log.warning)("DNS list %s: %s", zone,
+                                   log_escape(message))
+
+    def reset(self):
+        self._cache.reset()
+        self._logged.reset()
+
+
+dns_lists = DNSLists()              # DNSBL and DNSWL answers
+
+
+# Dynamic words of generic host names (access networks, pools), each
+# followed by digits: "dsl-12", "pool123", "dyn.4".
+_DYNAMIC_WORDS = ("dyn", "dynamic", "dhcp", "dsl", "adsl", "vdsl", "xdsl",
+                  "pool", "ppp", "pppoe", "cable", "cpe", "dialup", "dial",
+                  "broadband", "client", "host", "ip", "static", "cust",
+                  "customer", "user", "res", "mobile", "wireless", "nat",
+                  "ftth", "fttx")
+
+
+_DYNAMIC_RE = re.compile(r"(?:^|[^a-z])(?:%s)[-_.]?[0-9]"
+                         % "|".join(_DYNAMIC_WORDS))
+
+
+@functools.lru_cache(maxsize=1024)
+def generic_name(name, address):
+    """True if host ``name`` looks given to an address, not to a mail
+    server: it holds the address's octets in a common form (1-2-3-4,
+    1.2.3.4 or 4.3.2.1, with - . _ or nothing between them, zero-padded,
+    in hex), or a dynamic word followed by digits."""
+    name = name.lower().rstrip(".")
+    if _DYNAMIC_RE.search(name):
+        return True
+    try:
+        address = ipaddress.ip_address(unmapped(address))
+    except ValueError:
+        return False
+    if address.version == 6:
+        # The interface identifier's hex, or a long run of hex digits.
+        return bool(re.search(r"[0-9a-f]{12,}", name.replace("-", "")))
+    octets = str(address).split(".")
+    forms = set()
+    for order in (octets, octets[::-1]):
+        for separator in ("-", ".", "_", ""):
+            forms.add(separator.join(order))
+            forms.add(separator.join(octet.zfill(3) for octet in order))
+    forms.add("%08x" % int(address))
+    flat = re.sub(r"[^0-9a-f._-]", " ", name)
+    # One search for all the forms (longest first: "001" before "1").
+    return bool(re.search(r"(?:^|[^0-9])(?:%s)(?:[^0-9]|$)" % "|".join(
+        re.escape(form) for form in sorted(forms, key=len, reverse=True)),
+        flat))
+
+
+# Suffixes under which registrations are made (a small list of those that
+# matter for mail): a key is never one of them alone, nor shorter than a
+# name registered under them.  Single labels (com, de, ...) are suffixes
+# anyway.
+PUBLIC_SUFFIXES = frozenset("""
+    co.uk org.uk ac.uk gov.uk ltd.uk plc.uk me.uk net.uk sch.uk nhs.uk
+    com.au net.au org.au edu.au gov.au asn.au id.au
+    co.nz net.nz org.nz ac.nz govt.nz
+    co.jp ne.jp or.jp ac.jp ad.jp ed.jp go.jp gr.jp lg.jp
+    co.kr ne.kr or.kr ac.kr go.kr
+    com.br net.br org.br gov.br edu.br
+    com.cn net.cn org.cn gov.cn edu.cn ac.cn
+    com.tw net.tw org.tw edu.tw idv.tw
+    com.hk net.hk org.hk edu.hk
+    co.in net.in org.in firm.in gen.in ind.in ac.in
+    co.za org.za net.za ac.za gov.za
+    com.mx net.mx org.mx gob.mx edu.mx
+    com.ar net.ar org.ar gob.ar
+    com.tr net.tr org.tr gov.tr
+    com.sg net.sg org.sg edu.sg
+    co.il org.il net.il ac.il
+    com.ua net.ua org.ua
+    com.pl net.pl org.pl
+    co.id or.id ac.id web.id
+    com.my net.my org.my
+    co.th or.th ac.th in.th
+    com.ru net.ru org.ru
+""".split())
+
+
+def registrable_domain(name):
+    """The name registered under a public suffix that ``name`` belongs
+    to (mx.example.co.uk: example.co.uk), or None if it has none
+    (localhost, co.uk)."""
+    labels = name.lower().rstrip(".").split(".")
+    size = 3 if ".".join(labels[-2:]) in PUBLIC_SUFFIXES else 2
+    if len(labels) < size:
+        return None
+    return ".".join(labels[-size:])
+
+
+def name_key(name):
+    """The client part of a greylisting key for a forward-confirmed host
+    name: the name minus its first label (mx-a1.out.example.com and
+    mx-b7.out.example.com share out.example.com), never shorter than its
+    registrable domain; None for a name that has none."""
+    registrable = registrable_domain(name)
+    if registrable is None:
+        return None
+    name = name.lower().rstrip(".")
+    parent = name.split(".", 1)[1] if "." in name else name
+    if len(parent) < len(registrable):
+        return registrable
+    return parent
+
+
+# ===========================================================================
+# == 8. Greylisting: the engine and its handler ==
+# ===========================================================================
+#
+# Owns:  the rules in their order (Greylister, pure but for its store), the
+#        Decision, the store's keys (network_key, normalise_sender), the bound
+#        on new triplets (NewTriplets), and GreyListingPolicy, which asks it.
+# Enter: Greylister(settings).decide(client, sender, recipient, now).
+# Uses:  sections 1, 3, 7; the stores of sections 9 and 10 (through stores).
 
 
 class Decision(object):
@@ -4071,6 +4106,213 @@ class Decision(object):
 
     def __repr__(self):
         return "Decision(%r, %r, %r)" % (self.verdict, self.rule, self.key)
+
+
+# Pure functions of a client's address and name that the greylisting of
+# each RCPT asks: their last answers are kept (functools.lru_cache).
+@functools.lru_cache(maxsize=1024)
+def network_key(address, ipv4_prefix, ipv6_prefix):
+    """The network of ``address`` (text) of ``ipv4_prefix`` or
+    ``ipv6_prefix`` bits, as the greylisting keys write it: 192.0.2.0/24;
+    ``address`` itself if it is no address."""
+    try:
+        address = ipaddress.ip_address(unmapped(address))
+    except ValueError:
+        return address
+    bits = ipv4_prefix if address.version == 4 else ipv6_prefix
+    return str(ipaddress.ip_network("%s/%d" % (address, bits),
+                                    strict=False))
+
+
+def _network_or_none(text):
+    try:
+        if "/" in text:
+            return ipaddress.ip_network(text, strict=False)
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def parse_store_key(text, ipv4_prefix=24, ipv6_prefix=64, network=False):
+    """A key of the greylisting store as an administrator writes it, in
+    the form the proxy makes it: ``client sender recipient``, the client
+    an address or network (made the network of ``ipv4_prefix`` or
+    ``ipv6_prefix`` bits), the addresses with or without angle brackets
+    (``<>`` the null sender), the sender normalised; with ``network``, a
+    client network alone is a key too.  ValueError says what is wrong,
+    with an example."""
+    example = ("such as '192.0.2.7 sender@example.net user@example.org' "
+               "(an address becomes its network, 192.0.2.0/24)")
+    words = text.split()
+    if network and len(words) == 1 and _network_or_none(words[0]):
+        client = words[0]
+        return network_key(client.split("/")[0], ipv4_prefix, ipv6_prefix)
+    if len(words) != 3:
+        raise ValueError("expected three words, client sender recipient, "
+                         + example)
+    client, sender, recipient = words
+    if not _network_or_none(client):
+        if _host_name(client) and not client.replace(".", "").isdigit():
+            client = client.lower().rstrip(".")     # a name key
+        else:
+            raise ValueError("%r is no client address, network or name: "
+                             "a key is %s" % (client, example))
+    elif "/" in client:
+        address, bits = client.split("/")
+        wanted = ipv6_prefix if ":" in address else ipv4_prefix
+        if int(bits) != wanted:
+            raise ValueError("%s: the store's keys hold /%d networks, as "
+                             "ipv4_prefix and ipv6_prefix say" % (client,
+                                                                  wanted))
+        client = address
+    addresses = []
+    for word, what in ((sender, "sender"), (recipient, "recipient")):
+        if word.startswith("<") and word.endswith(">"):
+            word = word[1:-1]
+        if word and (word.count("@") < 1 or re.search(r"[\x00-\x20]",
+                                                       word)):
+            if not (what == "recipient" and word.lower() == "postmaster"):
+                raise ValueError("%r is no %s address: a key is %s"
+                                 % (word, what, example))
+        if what == "recipient" and not word:
+            raise ValueError("the recipient cannot be empty: a key is %s"
+                             % example)
+        addresses.append(word)
+    if _network_or_none(client):
+        client = network_key(client, ipv4_prefix, ipv6_prefix)
+    return " ".join([client, normalise_sender(addresses[0]),
+                     _recipient_key(addresses[1])])
+
+
+_BATV_RE = re.compile(r"\Aprvs=[0-9a-z]+=(.+)\Z", re.I)
+
+
+# SRS0=HHH=TT=domain=local@forwarder, SRS1=HHH=fwd==HHH=TT=domain=local@...
+_SRS_RE = re.compile(r"\Asrs[01][=+-].*=([^=]+)=([^=@]+)@", re.I)
+
+
+def normalise_sender(sender):
+    """The sender as a greylisting key: one sender counts as one sender
+    whatever its tags.  Lower case; BATV ``prvs=TAG=``, SRS
+    (``SRS0=HH=TT=domain=local@forwarder`` is ``local@domain``), the
+    ``+extension`` and VERP-style runs of digits removed."""
+    sender = sender.lower()
+    match = _SRS_RE.match(sender)
+    if match:
+        sender = "%s@%s" % (match.group(2), match.group(1))
+    local, at, domain = sender.rpartition("@")
+    if not at:
+        return sender
+    match = _BATV_RE.match(local)
+    if match:
+        local = match.group(1)
+    local = local.split("+", 1)[0]
+    local = re.sub(r"[0-9]+", "#", local)
+    return "%s@%s" % (local, domain)
+
+
+class NewTriplets(object):
+    """How many triplets each client network added to the store in its
+    current hour, for max_new_triplets_per_network: a flood from one
+    network grows the store by at most that many rows an hour (per
+    process; with ``workers``, per worker).
+
+    A network's hour starts with the first triplet it adds.  At most
+    ``max_networks`` networks are kept (a few hundred octets each):
+    adding one more first drops those whose hour is over, then, if need
+    be, the one whose hour started first; a client that holds more
+    networks than that is not bounded per network anyway.  The time is
+    the decisions' ``now`` (tests drive it).  A bound is asked before the
+    store's decision and counted after it: decisions of one network in
+    flight at once (its sessions, max_connections_per_ip) may pass it by
+    as many."""
+
+    window = 3600
+    max_networks = 10000
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        # network -> [hour's start, triplets added, refusal logged], in
+        # the order the hours started.
+        self._networks = collections.OrderedDict()
+
+    def _current(self, network, now):
+        """The network's entry, if its hour is not over (with the lock)."""
+        entry = self._networks.get(network)
+        if entry is not None and not 0 <= now - entry[0] < self.window:
+            del self._networks[network]
+            entry = None
+        return entry
+
+    def allows(self, network, now, limit):
+        """True if ``network`` added fewer than ``limit`` triplets (0: no
+        limit) in its current hour."""
+        if not limit:
+            return True
+        with self._lock:
+            entry = self._current(network, now)
+            return entry is None or entry[1] < limit
+
+    def added(self, network, now):
+        """``network`` added a triplet at ``now``."""
+        with self._lock:
+            entry = self._current(network, now)
+            if entry is None:
+                networks = self._networks
+                while networks and (
+                        len(networks) >= self.max_networks
+                        or not 0 <= now - next(iter(networks.values()))[0]
+                        < self.window):
+                    networks.popitem(last=False)
+                entry = networks[network] = [now, 0, False]
+            entry[1] += 1
+
+    def refused(self, network, now, limit):
+        """A new triplet of ``network`` was deferred past ``limit``:
+        logged once per network and hour."""
+        with self._lock:
+            entry = self._current(network, now)
+            if entry is None or entry[2]:
+                return
+            entry[2] = True
+        log.warning("client network %s: %d new triplets within an hour "
+                    "(max_new_triplets_per_network); further new ones are "
+                    "deferred without a row until %s", log_escape(network),
+                    limit, time.strftime("%H:%M:%S", time.localtime(
+                        entry[0] + self.window)))
+
+    def __len__(self):
+        return len(self._networks)
+
+    def reset(self):
+        with self._lock:
+            self._networks.clear()
+
+
+new_triplets = NewTriplets()        # per client network, for the store
+
+
+def x_greylist(delay, servername, rule, now):
+    """The X-Greylist: header line of a message that greylisting delayed
+    ``delay`` seconds, by ``rule``, at ``now``."""
+    return ("X-Greylist: delayed %d seconds by smtpproxy-%s at %s (%s); %s"
+            % (delay, __version__, servername, rule,
+               time.strftime("%a, %d %b %Y %H:%M:%S +0000",
+                             time.gmtime(now))))
+
+
+def log_store_failure(settings, error, shortage):
+    """Log a store's failure once per incident (first_of_incident): what
+    decisions fall back to (``settings.greylist_fail_mode``), or, for
+    ResourceShortage, ``shortage``: what happens instead."""
+    if not getattr(error, "first_of_incident", True):
+        return
+    if isinstance(error, ResourceShortage):
+        log.error("%s; %s", log_escape(error), shortage)
+    else:
+        log.error("greylisting store %s: %s; decisions fall back to %s",
+                  log_escape(redact_uri(settings.greylist_db)),
+                  log_escape(error), settings.greylist_fail_mode)
 
 
 class Greylister(object):
@@ -4306,207 +4548,174 @@ class Greylister(object):
                          _recipient_key(recipient)])
 
 
-GreyListingPolicy.greylister_class = Greylister
+class GreyListingPolicy(ConcreteMailHandler):
+    """Greylisting on (client, sender, recipient), per recipient.
+
+    ``shouldWeAcceptRecipient`` asks the engine, ``greylister_class``
+    (Greylister), configured by this class's attributes, so that the
+    upstream never sees a recipient that is refused or deferred.  In
+    order:
+
+    1. a client in ``allowed_senders`` (addresses) or ``allowed_sender_nets``
+       (Kamaelia's textual prefixes such as ``192.168.2``, read as whole
+       octets, or CIDR networks) is accepted: it may relay anywhere;
+    2. a recipient that is not a plain ``local@domain`` for a domain of
+       ``allowed_domains`` (ASCII letters case-insensitive, a name with
+       non-ASCII letters only as listed: _domain_key(); a subdomain only
+       if listed)
+       gets ``relay_reply``: source routes, ``%`` and ``!`` paths, quoted
+       local-parts, address literals are all refused; the bare
+       ``<Postmaster>`` (RFC 5321 section 4.5.1) is ours and accepted;
+    3. a recipient of ``whitelist_recipients``, a triple of
+       ``whitelisted_triples`` (ip sender recipient) or of
+       ``whitelisted_nonstandard_triples`` (HELO name, IP prefix,
+       recipient), a client of the ``whitelist_clients`` file, or a client
+       listed on a ``dnswl`` zone is accepted;
+    4. the client is keyed (``client_key``) by its forward-confirmed,
+       non-generic name minus its first label, or by its network of
+       ``ipv4_prefix`` (24) or ``ipv6_prefix`` (64) bits; a client that
+       passed greylisting ``auto_whitelist_clients`` times (0: never;
+       each triplet once, the client at most once an hour) is accepted,
+       but not one listed on a ``dnsbl`` zone; with ``greylist_clients =
+       suspicious``, a client that is not listed and has a confirmed,
+       non-generic name is accepted;
+    5. otherwise the triplet goes through the greylisting store
+       (``greylist_db``, timings ``too_soon``, ``min_defer_time``,
+       ``max_defer_time``, ``max_grey``): accepted, or ``defer_reply``.
+       A triplet seen for the first time adds a row, at most
+       ``max_new_triplets_per_session`` in a session and
+       ``max_new_triplets_per_network`` an hour from a client network
+       (NewTriplets); past either, it is deferred without a row (each
+       bound logged once per session, or per network and hour).  Every
+       deferral counts towards ``max_errors``.  If the store fails,
+       ``greylist_fail_mode`` decides ("accept" or "defer") and the
+       error is logged once per incident; out of descriptors, the
+       session ends with 421 4.3.2.
+
+    ``shouldWeAcceptMail()`` is true once a recipient was accepted.  The
+    sender is keyed without case, brackets, ``+extension``, BATV
+    (``prvs=...=``), SRS and VERP-style numbers (``normalise_sender``).
+    With ``x_greylist_header``, mail that greylisting delayed gets an
+    ``X-Greylist:`` header saying for how long, and by which rule.
+    ``now()`` is the clock the policy reads; tests override it.
+    """
+
+    allowed_senders = ["127.0.0.1"]
+    allowed_sender_nets = []
+    allowed_domains = []
+    whitelisted_triples = []
+    whitelisted_nonstandard_triples = []
+    greylist_db = "greylist.db"
+    too_soon = 180
+    min_defer_time = 3600
+    max_defer_time = 25000
+    max_grey = 3000000
+    auto_whitelist_clients = 5
+    # A session's first sightings: one message's worth of recipients (RFC
+    # 5321 section 4.5.3.1.8: 100 at least), and max_errors cuts a
+    # session that delivers nothing at 20 anyway.  A network's, an hour:
+    # more than a list server new to us sends to one site at once; the
+    # rest of such a burst waits for the sender's next retry.
+    max_new_triplets_per_session = 100
+    max_new_triplets_per_network = 1000
+    ipv4_prefix = 24
+    ipv6_prefix = 64
+    relay_reply = "550 5.7.1 Relaying denied"
+    defer_reply = "451 4.7.1 Greylisted, please try again later"
+    greylist_fail_mode = "accept"
+    greylist_db_timeout = 5
+    greylist_cache_time = 60
+    x_greylist_header = False
+    whitelist_clients = ""
+    whitelist_recipients = ""
+    client_key = "name"
+    greylist_clients = "all"
+    dnsbl = []
+    dnswl = []
+    dns_cache_time = 600
+    # The engine that decides; a subclass of Greylister changes how.
+    greylister_class = Greylister
+
+    def now(self):
+        """The time, in seconds since the epoch, that the policy reads."""
+        return time.time()
+
+    def store_failed(self, error):
+        """The store cannot be used: the decision falls back to
+        ``greylist_fail_mode`` ("accept", as Kamaelia Grey did, or
+        "defer"), or, when the process is out of descriptors
+        (ResourceShortage), the session ends with 421 4.3.2.  Logged once
+        per incident, not per message: the store says when it works
+        again."""
+        log_store_failure(self, error, "sessions end with 421 4.3.2")
+
+    def setup(self):
+        ConcreteMailHandler.setup(self)
+        self.new_triplets = 0       # rows this session added to the store
+        self.triplets_bounded = False   # max_new_triplets_per_session hit
+
+    def _start_transaction(self):
+        ConcreteMailHandler._start_transaction(self)
+        self.greylist_delay = None
+        self.greylist_rule = None
+
+    def shouldWeAcceptMail(self):
+        """True once at least one recipient was accepted."""
+        return bool(self.recipients)
+
+    def extra_headers(self):
+        """With ``x_greylist_header``, an X-Greylist: header for a message
+        that greylisting delayed, saying for how long (as postgrey's) and
+        by which rule (as name:out.example.com)."""
+        if not self.x_greylist_header or self.greylist_delay is None:
+            return []
+        return [x_greylist(self.greylist_delay, self.servername,
+                           self.greylist_rule, self.now())]
+
+    def shouldWeAcceptRecipient(self, recipient):
+        """The engine's decision (greylister_class, configured by this
+        handler's attributes) as a reply: True, relay_reply, False
+        (defer_reply), or 421 4.3.2 when the process is out of
+        descriptors."""
+        decision = self.greylister_class(self).decide(
+            self.peer, self.mail_from, recipient, self.now(),
+            helo=self.helo_name, hostname=self.client_hostname,
+            resolve=self.forward_lookup, session_added=self.new_triplets)
+        self.log_dialogue("%s %s: %s%s", decision.verdict, recipient,
+                          decision.rule, " " + decision.key
+                          if decision.key else "")
+        if decision.added:
+            self.new_triplets += 1
+        elif (decision.rule == "max_new_triplets_per_session"
+              and not self.triplets_bounded):
+            self.triplets_bounded = True
+            log.warning("client %s: %d new triplets in one session "
+                        "(max_new_triplets_per_session); further new ones "
+                        "are deferred without a row", log_escape(self.peer),
+                        self.new_triplets)
+        if decision.error is not None:
+            self.store_failed(decision.error)
+        if decision.delay is not None and decision.delay > (
+                self.greylist_delay or -1):
+            self.greylist_delay = decision.delay
+            self.greylist_rule = decision.rule
+        if decision.verdict == "refuse":
+            return self.relay_reply
+        if decision.verdict == "unavailable":
+            return OUT_OF_RESOURCES
+        return decision.accepted
 
 
-def x_greylist(delay, servername, rule, now):
-    """The X-Greylist: header line of a message that greylisting delayed
-    ``delay`` seconds, by ``rule``, at ``now``."""
-    return ("X-Greylist: delayed %d seconds by smtpproxy-%s at %s (%s); %s"
-            % (delay, __version__, servername, rule,
-               time.strftime("%a, %d %b %Y %H:%M:%S +0000",
-                             time.gmtime(now))))
+# ===========================================================================
+# == 9. Greylisting: the store's rules, and sqlite ==
+# ===========================================================================
+#
+# Owns:  the timing table (triplet_step, pure), what every store does
+#        (StoreBase: the passes in memory, the incidents, the fail flow), the
+#        sqlite store (GreylistStore) and the process's stores (Stores).
+# Enter: open_store(location, settings); stores.get(settings).
+# Uses:  sections 2 and 3; section 10 for a PostgreSQL location.
 
-
-def log_store_failure(settings, error, shortage):
-    """Log a store's failure once per incident (first_of_incident): what
-    decisions fall back to (``settings.greylist_fail_mode``), or, for
-    ResourceShortage, ``shortage``: what happens instead."""
-    if not getattr(error, "first_of_incident", True):
-        return
-    if isinstance(error, ResourceShortage):
-        log.error("%s; %s", log_escape(error), shortage)
-    else:
-        log.error("greylisting store %s: %s; decisions fall back to %s",
-                  log_escape(redact_uri(settings.greylist_db)),
-                  log_escape(error), settings.greylist_fail_mode)
-
-
-def resolve_addresses(name):
-    """The addresses of ``name`` (a set of str), from the system's
-    resolver (so /etc/hosts and nsswitch apply); empty if none."""
-    try:
-        return set(unmapped(info[4][0]) for info in socket.getaddrinfo(
-            name, None, 0, socket.SOCK_STREAM))
-    except (OSError, UnicodeError):
-        return set()
-
-
-# Pure functions of a client's address and name that the greylisting of
-# each RCPT asks: their last answers are kept (functools.lru_cache).
-@functools.lru_cache(maxsize=1024)
-def network_key(address, ipv4_prefix, ipv6_prefix):
-    """The network of ``address`` (text) of ``ipv4_prefix`` or
-    ``ipv6_prefix`` bits, as the greylisting keys write it: 192.0.2.0/24;
-    ``address`` itself if it is no address."""
-    try:
-        address = ipaddress.ip_address(unmapped(address))
-    except ValueError:
-        return address
-    bits = ipv4_prefix if address.version == 4 else ipv6_prefix
-    return str(ipaddress.ip_network("%s/%d" % (address, bits),
-                                    strict=False))
-
-
-def parse_store_key(text, ipv4_prefix=24, ipv6_prefix=64, network=False):
-    """A key of the greylisting store as an administrator writes it, in
-    the form the proxy makes it: ``client sender recipient``, the client
-    an address or network (made the network of ``ipv4_prefix`` or
-    ``ipv6_prefix`` bits), the addresses with or without angle brackets
-    (``<>`` the null sender), the sender normalised; with ``network``, a
-    client network alone is a key too.  ValueError says what is wrong,
-    with an example."""
-    example = ("such as '192.0.2.7 sender@example.net user@example.org' "
-               "(an address becomes its network, 192.0.2.0/24)")
-    words = text.split()
-    if network and len(words) == 1 and _network_or_none(words[0]):
-        client = words[0]
-        return network_key(client.split("/")[0], ipv4_prefix, ipv6_prefix)
-    if len(words) != 3:
-        raise ValueError("expected three words, client sender recipient, "
-                         + example)
-    client, sender, recipient = words
-    if not _network_or_none(client):
-        if _host_name(client) and not client.replace(".", "").isdigit():
-            client = client.lower().rstrip(".")     # a name key
-        else:
-            raise ValueError("%r is no client address, network or name: "
-                             "a key is %s" % (client, example))
-    elif "/" in client:
-        address, bits = client.split("/")
-        wanted = ipv6_prefix if ":" in address else ipv4_prefix
-        if int(bits) != wanted:
-            raise ValueError("%s: the store's keys hold /%d networks, as "
-                             "ipv4_prefix and ipv6_prefix say" % (client,
-                                                                  wanted))
-        client = address
-    addresses = []
-    for word, what in ((sender, "sender"), (recipient, "recipient")):
-        if word.startswith("<") and word.endswith(">"):
-            word = word[1:-1]
-        if word and (word.count("@") < 1 or re.search(r"[\x00-\x20]",
-                                                       word)):
-            if not (what == "recipient" and word.lower() == "postmaster"):
-                raise ValueError("%r is no %s address: a key is %s"
-                                 % (word, what, example))
-        if what == "recipient" and not word:
-            raise ValueError("the recipient cannot be empty: a key is %s"
-                             % example)
-        addresses.append(word)
-    if _network_or_none(client):
-        client = network_key(client, ipv4_prefix, ipv6_prefix)
-    return " ".join([client, normalise_sender(addresses[0]),
-                     _recipient_key(addresses[1])])
-
-
-def _network_or_none(text):
-    try:
-        if "/" in text:
-            return ipaddress.ip_network(text, strict=False)
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
-_HOST_NAME_RE = re.compile(
-    r"[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?\Z")
-
-
-def _host_name(name):
-    """True for a host name of letters, digits, "-" and "_" (labels of
-    63 octets at most, 255 in all) that is not an address."""
-    if len(name) > 255 or not _HOST_NAME_RE.match(name):
-        return False
-    try:
-        ipaddress.ip_address(name.rstrip("."))
-    except ValueError:
-        return True
-    return False
-
-
-def _domain_key(domain):
-    """A domain as compared, by the rule the upstream applies to the
-    address that is forwarded as it was written: ASCII letters in lower
-    case (RFC 5321 section 2.4), no final dot, and nothing else mapped.
-    A name with U-labels (SMTPUTF8) is itself: not folded by IDNA 2003's
-    nameprep (which read class.org written in fullwidth letters, U+FF43
-    ..., as class.org, dropped a soft hyphen, U+00AD, and made sharp s,
-    U+00DF, "ss"), nor by Unicode case or NFC, so
-    it is ours only if listed exactly so; an A-label (xn--...) matches
-    only an A-label."""
-    return domain.translate(_ASCII_LOWER).rstrip(".")
-
-
-_ASCII_LOWER = dict((code, code + 32) for code in range(ord("A"),
-                                                        ord("Z") + 1))
-
-
-def _recipient_key(recipient):
-    """A recipient as whitelists and greylisting keys compare it: the
-    local-part in lower case, the domain by _domain_key()'s rule, so that
-    no two domains the relay check tells apart are one here."""
-    local, at, domain = recipient.rpartition("@")
-    if not at:
-        return recipient.lower()
-    return local.lower() + at + _domain_key(domain)
-
-
-def _in_network(address, network):
-    """Is ``address`` in ``network``: a CIDR network, a single address, or
-    a textual prefix of whole octets such as ``192.168.2``?"""
-    try:
-        if not isinstance(address, (ipaddress.IPv4Address,
-                                    ipaddress.IPv6Address)):
-            address = ipaddress.ip_address(address)
-        if "/" in network:
-            return address in ipaddress.ip_network(network, strict=False)
-        if ":" in network or network.count(".") == 3:
-            return address == ipaddress.ip_address(network)
-    except ValueError:
-        return False
-    octets = network.rstrip(".").split(".")
-    return (address.version == 4
-            and str(address).split(".")[:len(octets)] == octets)
-
-
-_BATV_RE = re.compile(r"\Aprvs=[0-9a-z]+=(.+)\Z", re.I)
-# SRS0=HHH=TT=domain=local@forwarder, SRS1=HHH=fwd==HHH=TT=domain=local@...
-_SRS_RE = re.compile(r"\Asrs[01][=+-].*=([^=]+)=([^=@]+)@", re.I)
-
-
-def normalise_sender(sender):
-    """The sender as a greylisting key: one sender counts as one sender
-    whatever its tags.  Lower case; BATV ``prvs=TAG=``, SRS
-    (``SRS0=HH=TT=domain=local@forwarder`` is ``local@domain``), the
-    ``+extension`` and VERP-style runs of digits removed."""
-    sender = sender.lower()
-    match = _SRS_RE.match(sender)
-    if match:
-        sender = "%s@%s" % (match.group(2), match.group(1))
-    local, at, domain = sender.rpartition("@")
-    if not at:
-        return sender
-    match = _BATV_RE.match(local)
-    if match:
-        local = match.group(1)
-    local = local.split("+", 1)[0]
-    local = re.sub(r"[0-9]+", "#", local)
-    return "%s@%s" % (local, domain)
-
-
-# ---------------------------------------------------------------------------
-# The greylisting store
-# ---------------------------------------------------------------------------
 
 class StoreError(sqlite3.Error):
     """The greylisting store cannot be used: not reached within
@@ -4534,6 +4743,8 @@ class StoreConfigError(StoreError):
 
 # The changes triplet_step() asks of a store.
 RESTART = "restart"     # seen now: first_seen := now, no pass, 0 passes
+
+
 PASS = "pass"           # passed now: passed := now, passes + 1
 
 
@@ -4549,7 +4760,11 @@ class Step(collections.namedtuple("Step", "accepted delay new")):
 
 
 _ACCEPTED = Step(True, None, False)
+
+
 _DEFERRED = Step(False, None, False)
+
+
 _FIRST_SIGHTING = Step(False, None, True)
 
 
@@ -5142,6 +5357,191 @@ def open_store(location, settings=None):
     return GreylistStore(location, settings)
 
 
+class Stores(object):
+    """The greylisting stores of the process, one per file and timings,
+    shared by every session and engine."""
+
+    def __init__(self):
+        self._cache = Cache()
+        self._maintained = 0.0
+
+    def get(self, settings):
+        """The store of ``settings.greylist_db``, with its timings."""
+        key = (settings.greylist_db,) + tuple(
+            getattr(settings, name) for name in StoreBase.settings)
+
+        def make():
+            return open_store(settings.greylist_db, settings)
+        return self._cache.get(key, make)
+
+    def reset(self):
+        for store in self._cache.reset():
+            store.close()
+
+    def maintain(self):
+        """What the stores do between decisions (a server's
+        service_actions() calls it, at most once a second): their
+        checkpoints."""
+        now = time.monotonic()
+        if now - self._maintained < 1:
+            return
+        self._maintained = now
+        for store in self._cache.items():
+            store.checkpoint()
+
+
+# The registries (module-level, each with its lock).
+stores = Stores()                   # GreylistStore per file and timings
+
+
+# ===========================================================================
+# == 10. Greylisting: the PostgreSQL store ==
+# ===========================================================================
+#
+# Owns:  a store shared by several MX hosts (PostgreSQLStore), its URI (read
+#        as libpq reads it, never shown with its password: hide_secrets), the
+#        driver (imported only here), and what is a configuration error.
+# Enter: PostgreSQLStore(location, settings), via open_store().
+# Uses:  section 9 (StoreBase).
+
+
+def is_database_uri(location):
+    """True if the store ``location`` (greylist_db) names a PostgreSQL
+    database (postgresql:// or postgres://), not an sqlite file."""
+    return location.lower().startswith(("postgresql:", "postgres:"))
+
+
+def redact_uri(location):
+    """The store ``location`` with the password of a URI hidden, for logs
+    and messages.  The user information is taken to end at the last "@"
+    of the URI, not at the first as libpq reads it, so that a password
+    holding "@", "/", "?" or "#" unencoded is hidden whole (at worst, a
+    host or database name after it is hidden too); a ``password=``
+    parameter is hidden up to the next parameter."""
+    if not is_database_uri(location):
+        return location
+    scheme, slashes, rest = location.partition("//")
+    colon, at = rest.find(":"), rest.rfind("@")
+    if 0 <= colon < at:
+        rest = rest[:colon] + ":***" + rest[at:]
+    return _URI_PASSWORD.sub(r"\1***", scheme + slashes + rest)
+
+
+# A password parameter of a URI's query, up to the next "&key=" (so that
+# an unencoded "&" in the password does not show the rest of it), and of
+# a keyword/value conninfo (quoted, or up to a space), as a driver's
+# message may quote one.
+_URI_PASSWORD = re.compile(r"(?i)([?&]password=)(.*?)(?=&[\w-]+=|\Z)")
+
+
+_CONNINFO_PASSWORD = re.compile(
+    r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s'&]+)")
+
+
+def _uri_secrets(location):
+    """The passwords (none empty) that the store ``location`` may hold:
+    as libpq reads it (up to the first "@") and as
+    redact_uri() hides it (up to the last), in the user information and
+    in ``password=`` parameters, as written and percent-decoded."""
+    if not is_database_uri(location):
+        return set()
+    rest = location.partition("//")[2]
+    found = []
+    colon, at = rest.find(":"), rest.rfind("@")
+    if 0 <= colon < at:
+        found.append(rest[colon + 1:at])
+    # libpq: the user information ends at the first "@" before any "/".
+    userinfo = re.match(r"[^@/]*(?=@)", rest)
+    if userinfo and ":" in userinfo.group():
+        found.append(userinfo.group().split(":", 1)[1])
+    for match in re.finditer(r"(?i)[?&]password=([^&]*)", location):
+        found.append(match.group(1))
+    for match in _URI_PASSWORD.finditer(location):
+        found.append(match.group(2))
+    secrets = set()
+    for secret in found:
+        secrets.update((secret, urllib.parse.unquote(secret)))
+    secrets.discard("")
+    return secrets
+
+
+def hide_secrets(text, location):
+    """``text`` (a driver's message about the store ``location``) with
+    nothing of its password: the drivers quote the URI, or a token of
+    it (``invalid percent-encoded token: "S3cret%zzPW"``), or a host or
+    port that is a piece of a password libpq read otherwise.  The whole
+    URI is shown redacted; each password, as written or decoded, is
+    replaced by ***; so is a quoted piece of one, and any password=."""
+    if not is_database_uri(location):
+        return text
+    secrets = _uri_secrets(location)
+    text = text.replace(location, redact_uri(location))
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) > 3:         # a shorter one only when quoted
+            text = text.replace(secret, "***")
+
+    # The pieces of a password that libpq read otherwise (the host of
+    # "user:pass@word@host" is "word@host").
+    pieces = set(piece for secret in secrets
+                 for piece in re.split(r"[@/?#:&]", secret)
+                 if len(piece) > 2)
+
+    def quoted(match):
+        inside = match.group(2)
+        if inside and (any(inside in secret for secret in secrets)
+                       or any(piece in inside for piece in pieces)):
+            return match.group(1) + "***" + match.group(1)
+        return match.group()
+    text = re.sub(r"([\"'])(.*?)\1", quoted, text)
+    return _CONNINFO_PASSWORD.sub(r"\1***", _URI_PASSWORD.sub(r"\1***", text))
+
+
+def _parse_database_uri(location, module=None):
+    """libpq's own reading of the PostgreSQL URI ``location`` (its
+    PQconninfoParse, through the driver ``module``, else the one
+    PostgreSQLStore uses): a dict of its parameters.  The driver's error
+    if libpq cannot read it; StoreError if no driver is installed."""
+    module = module or postgresql_driver(PostgreSQLStore.driver)
+    if module.__name__ == "psycopg":
+        parse = importlib.import_module("psycopg.conninfo").conninfo_to_dict
+    else:
+        parse = importlib.import_module(
+            module.__name__ + ".extensions").parse_dsn
+    return parse(location)
+
+
+def _database_uri_problem(location):
+    """Why the PostgreSQL URI ``location`` can never work, without its
+    password; None if libpq reads it, with hosts and ports that can be
+    (or if no driver is installed to ask: the start says to install
+    one).  A URI that cannot work is a configuration error, not a
+    database that is down."""
+    try:
+        parameters = _parse_database_uri(location)
+    except StoreError:
+        return None
+    except Exception as error:      # the driver's ProgrammingError
+        return ("%s: libpq cannot read this URI: %s (a user name or "
+                "password must write %% as %%25, @ as %%40, / as %%2F, "
+                "? as %%3F, # as %%23; or keep the password in a passfile: "
+                "?passfile=/etc/smtpproxy/pgpass)"
+                % (redact_uri(location), hide_secrets(
+                    re.sub(r"\Ainvalid dsn: ", "", _one_line(error)),
+                    location)))   # psycopg2's prefix
+    # Neither is checked by libpq's parse, and both fail every connection
+    # (the value is not shown: it may be a piece of the password).
+    for host in parameters.get("host", "").split(","):
+        if "@" in host and not host.startswith(("/", "@")):
+            return ("%s: its host name holds \"@\": a password that holds "
+                    "@ must be written %%40" % redact_uri(location))
+    for port in parameters.get("port", "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            return ("%s: its port is not a number from 1 to 65535: a "
+                    "password that holds / must be written %%2F"
+                    % redact_uri(location))
+    return None
+
+
 def postgresql_driver(name=None):
     """The PostgreSQL driver module, imported now: ``name`` ("psycopg",
     version 3, or "psycopg2"), or the first of them that is installed.
@@ -5182,6 +5582,7 @@ _REFUSALS = [(re.compile(pattern), sqlstate) for pattern, sqlstate in (
     (r"database \".*\" does not exist", "3D000"),
     (r"permission denied for database ", "42501"))]
 
+
 # libpq's own refusals of a connection parameter (before any network),
 # and of a login without a password (none in the URI, no passfile it
 # may read: a passfile that others may read is ignored), in English:
@@ -5189,7 +5590,10 @@ _REFUSALS = [(re.compile(pattern), sqlstate) for pattern, sqlstate in (
 _PARAMETER_REFUSAL = re.compile(
     r"invalid \S+ value|invalid integer value|invalid port number|"
     r"could not match \d+ |invalid connection option")
+
+
 _NO_PASSWORD = "fe_sendauth: no password supplied"
+
 
 # What to do about each configuration error (by SQLSTATE or its class).
 _CONFIGURATION_HINTS = {
@@ -5676,1033 +6080,29 @@ class PostgreSQLStore(StoreBase):
         return tx.fetchone()
 
 
-# ---------------------------------------------------------------------------
-# Registries: what the sessions of a process share
-# ---------------------------------------------------------------------------
+# ===========================================================================
+# == 11. The server: SMTPProxyServer ==
+# ===========================================================================
+#
+# Owns:  the listening socket, a thread per client (reused: spare_threads),
+#        the connection limits and stress, the counters, the graceful stop,
+#        and service_actions() (checkpoints, the pool's expiry).
+# Enter: SMTPProxyServer((host, port), handler_class).serve_forever().
+# Uses:  sections 3 to 9.
 
-class Cache(object):
-    """A process-wide dict with its own lock, so that no mutable class
-    attribute is shared by every subclass without its knowing.  With a
-    ``size``, it keeps at most that many items, the least recently used
-    going first: for caches whose keys clients choose."""
-
-    def __init__(self, size=None):
-        self._lock = threading.Lock()
-        self._items = collections.OrderedDict()
-        self.size = size
-
-    def get(self, key, make=None):
-        """The item of ``key``; made by ``make()`` and kept if missing
-        and ``make`` is given, else None."""
-        with self._lock:
-            item = self._items.get(key)
-            if item is None and make is not None:
-                item = self._items[key] = make()
-                self._trim()
-            elif item is not None and self.size is not None:
-                self._items.move_to_end(key)
-            return item
-
-    def put(self, key, item):
-        with self._lock:
-            self._items[key] = item
-            if self.size is not None:
-                self._items.move_to_end(key)
-                self._trim()
-
-    def _trim(self):
-        while self.size is not None and len(self._items) > self.size:
-            self._items.popitem(last=False)
-
-    def __len__(self):
-        with self._lock:
-            return len(self._items)
-
-    def items(self):
-        """The items kept now."""
-        with self._lock:
-            return list(self._items.values())
-
-    def reset(self):
-        """Forget everything (tests; a reload needs nothing of it)."""
-        with self._lock:
-            items = list(self._items.values())
-            self._items.clear()
-        return items
-
-
-class UpstreamCapabilities(object):
-    """What each upstream (address, port) announced in its EHLO, and when,
-    for the EHLO the proxy offers its clients: {KEYWORD: parameters}, or
-    None while it could not be asked."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._known = {}            # address -> (time learnt, keywords)
-        self._asking = set()
-
-    def remember(self, address, extensions):
-        """Keep ``extensions``; None (it could not be asked) keeps what
-        was known, with a new time, so that it is not asked at once
-        again."""
-        with self._lock:
-            known = self._known.get(address)
-            if extensions is None and known is not None:
-                extensions = known[1]
-            self._known[address] = (time.time(),
-                                    None if extensions is None
-                                    else dict(extensions))
-
-    def get(self, address, ttl, ask):
-        """The keywords of ``address`` ({} if unknown); if they are older
-        than ``ttl`` seconds, ``ask()`` first, in one thread only (the
-        others use what is known meanwhile)."""
-        with self._lock:
-            known = self._known.get(address)
-            stale = known is None or time.time() - known[0] > ttl
-            asking = stale and address not in self._asking
-            if asking:
-                self._asking.add(address)
-        if asking:
-            try:
-                ask()
-            finally:
-                with self._lock:
-                    self._asking.discard(address)
-                    known = self._known.get(address)
-        return dict(known[1] or {}) if known else {}
-
-    def reset(self):
-        with self._lock:
-            self._known.clear()
-
-
-class Stores(object):
-    """The greylisting stores of the process, one per file and timings,
-    shared by every session and engine."""
-
-    def __init__(self):
-        self._cache = Cache()
-        self._maintained = 0.0
-
-    def get(self, settings):
-        """The store of ``settings.greylist_db``, with its timings."""
-        key = (settings.greylist_db,) + tuple(
-            getattr(settings, name) for name in StoreBase.settings)
-
-        def make():
-            return open_store(settings.greylist_db, settings)
-        return self._cache.get(key, make)
-
-    def reset(self):
-        for store in self._cache.reset():
-            store.close()
-
-    def maintain(self):
-        """What the stores do between decisions (a server's
-        service_actions() calls it, at most once a second): their
-        checkpoints."""
-        now = time.monotonic()
-        if now - self._maintained < 1:
-            return
-        self._maintained = now
-        for store in self._cache.items():
-            store.checkpoint()
-
-
-class NewTriplets(object):
-    """How many triplets each client network added to the store in its
-    current hour, for max_new_triplets_per_network: a flood from one
-    network grows the store by at most that many rows an hour (per
-    process; with ``workers``, per worker).
-
-    A network's hour starts with the first triplet it adds.  At most
-    ``max_networks`` networks are kept (a few hundred octets each):
-    adding one more first drops those whose hour is over, then, if need
-    be, the one whose hour started first; a client that holds more
-    networks than that is not bounded per network anyway.  The time is
-    the decisions' ``now`` (tests drive it).  A bound is asked before the
-    store's decision and counted after it: decisions of one network in
-    flight at once (its sessions, max_connections_per_ip) may pass it by
-    as many."""
-
-    window = 3600
-    max_networks = 10000
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        # network -> [hour's start, triplets added, refusal logged], in
-        # the order the hours started.
-        self._networks = collections.OrderedDict()
-
-    def _current(self, network, now):
-        """The network's entry, if its hour is not over (with the lock)."""
-        entry = self._networks.get(network)
-        if entry is not None and not 0 <= now - entry[0] < self.window:
-            del self._networks[network]
-            entry = None
-        return entry
-
-    def allows(self, network, now, limit):
-        """True if ``network`` added fewer than ``limit`` triplets (0: no
-        limit) in its current hour."""
-        if not limit:
-            return True
-        with self._lock:
-            entry = self._current(network, now)
-            return entry is None or entry[1] < limit
-
-    def added(self, network, now):
-        """``network`` added a triplet at ``now``."""
-        with self._lock:
-            entry = self._current(network, now)
-            if entry is None:
-                networks = self._networks
-                while networks and (
-                        len(networks) >= self.max_networks
-                        or not 0 <= now - next(iter(networks.values()))[0]
-                        < self.window):
-                    networks.popitem(last=False)
-                entry = networks[network] = [now, 0, False]
-            entry[1] += 1
-
-    def refused(self, network, now, limit):
-        """A new triplet of ``network`` was deferred past ``limit``:
-        logged once per network and hour."""
-        with self._lock:
-            entry = self._current(network, now)
-            if entry is None or entry[2]:
-                return
-            entry[2] = True
-        log.warning("client network %s: %d new triplets within an hour "
-                    "(max_new_triplets_per_network); further new ones are "
-                    "deferred without a row until %s", log_escape(network),
-                    limit, time.strftime("%H:%M:%S", time.localtime(
-                        entry[0] + self.window)))
-
-    def __len__(self):
-        return len(self._networks)
-
-    def reset(self):
-        with self._lock:
-            self._networks.clear()
-
-
-class ListFiles(object):
-    """Lists read from files in postgrey's formats, read again when they
-    change: ``get(path)`` is a ListFile.  One entry a line, '#' starts a
-    comment; an entry is an address or network (CIDR or whole-octet
-    prefix), a name (a domain: it and its subdomains), ``user@domain``,
-    ``user@``, or ``/regular expression/`` (case-insensitive, searched)."""
-
-    def __init__(self):
-        self._cache = Cache()
-
-    def get(self, path, what="whitelist"):
-        try:
-            mtime = os.stat(path).st_mtime
-            cached = self._cache.get(path)
-            if cached is not None and cached[0] == mtime:
-                return cached[1]
-            with open(path, "rb") as list_file:
-                lines = list_file.read().decode("utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            log_once("%s %s: %s; nothing is whitelisted by it"
-                     % (what, path, error))
-            return ListFile([])
-        listed = ListFile(lines, path)
-        self._cache.put(path, (mtime, listed))
-        return listed
-
-    def reset(self):
-        self._cache.reset()
-
-
-class ListFile(object):
-    """The entries of one list file, by kind: ``networks``, ``names``
-    (domains, matched with their subdomains), ``addresses``
-    (``user@domain``), ``locals`` (``user@``), ``patterns`` (compiled
-    regular expressions)."""
-
-    def __init__(self, lines, path="-"):
-        self.networks, self.names, self.addresses = [], [], set()
-        self.locals, self.patterns = set(), []
-        for number, line in enumerate(lines, 1):
-            entry = line.split("#", 1)[0].strip()
-            if not entry:
-                continue
-            if len(entry) > 1 and entry.startswith("/") and \
-                    entry.endswith("/"):
-                try:
-                    self.patterns.append(re.compile(entry[1:-1], re.I))
-                except re.error as error:
-                    log_once("%s:%d: bad regular expression: %s"
-                             % (path, number, error))
-                continue
-            entry = entry.lower()
-            if "@" in entry:
-                if entry.endswith("@"):
-                    self.locals.add(entry[:-1])
-                else:
-                    self.addresses.add(entry)
-            elif re.match(r"\A[0-9.:/a-f]+\Z", entry) and (
-                    "/" in entry or ":" in entry
-                    or re.match(r"\A[0-9.]+\Z", entry)):
-                self.networks.append(entry)
-            else:
-                self.names.append(entry.strip("."))
-
-    def has_client(self, address, hostname):
-        """``address`` is in a network, or ``hostname()`` (a callable:
-        looked up only if needed) under a name or a pattern."""
-        if any(_in_network(address, network) for network in self.networks):
-            return True
-        if not (self.names or self.patterns):
-            return False
-        name = hostname() if callable(hostname) else hostname
-        return name is not None and self.has_name(name)
-
-    def has_name(self, name, key=str.lower):
-        name = key(name)
-        return (any(name == suffix or name.endswith("." + suffix)
-                    for suffix in self.names)
-                or any(pattern.search(name) for pattern in self.patterns))
-
-    def has_recipient(self, recipient):
-        """``user@domain``, ``user@``, the domain (or a parent), or a
-        pattern."""
-        recipient = _recipient_key(recipient)
-        local, _, domain = recipient.rpartition("@")
-        return (recipient in self.addresses or local in self.locals
-                or (domain and self.has_name(domain, _domain_key))
-                or any(pattern.search(recipient)
-                       for pattern in self.patterns))
-
-
-class ReusedThreads(object):
-    """Daemon threads that run jobs and, a job done, wait up to
-    ``idle_time`` seconds for the next instead of ending, so that a job
-    costs no thread start while jobs come.  At most ``spare`` wait at once
-    (None: no bound; 0: a thread per job) and at most ``limit`` are alive
-    (None: no bound; past it submit() refuses).  ``count`` threads are
-    alive, ``idle`` of them waiting.  close() ends the waiting ones and
-    every thread after its job."""
-
-    limit = None
-    spare = None
-    idle_time = 60
-
-    def __init__(self, name="worker"):
-        self.name = name
-        self._jobs = queue.Queue()
-        self._lock = threading.Lock()
-        self.idle = 0               # waiting for a job, none promised
-        self.count = 0
-        self._closed = False
-
-    def submit(self, job):
-        """Run ``job()`` in a thread; False if none may take it (limit)."""
-        with self._lock:
-            waiting = self.idle > 0
-            if waiting:
-                self.idle -= 1      # that thread is promised this job
-            elif self.limit is not None and self.count >= self.limit:
-                return False
-            else:
-                self.count += 1
-        if waiting:
-            self._jobs.put(job)
-            return True
-        try:
-            threading.Thread(target=self._work, args=(job,), name=self.name,
-                             daemon=True).start()
-        except BaseException:
-            with self._lock:
-                self.count -= 1
-            raise
-        return True
-
-    def close(self):
-        """End the waiting threads; the busy ones end after their job."""
-        with self._lock:
-            self._closed = True
-            idle, self.idle = self.idle, 0
-        for _ in range(idle):
-            self._jobs.put(None)
-
-    def after_fork(self):
-        """In a child process: the parent's threads are not there."""
-        self.__init__(self.name)
-
-    def _work(self, job):
-        try:
-            while job is not None:
-                job()
-                job = None          # nothing of it kept while waiting
-                with self._lock:
-                    if self._closed or (self.spare is not None
-                                        and self.idle >= self.spare):
-                        return
-                    self.idle += 1
-                try:
-                    job = self._jobs.get(timeout=self.idle_time)
-                except queue.Empty:
-                    with self._lock:
-                        if self.idle > 0:
-                            self.idle -= 1      # not promised: end
-                            return
-                    job = self._jobs.get()      # promised: on its way
-        finally:
-            with self._lock:
-                self.count -= 1
-
-
-class LookupThreads(ReusedThreads):
-    """The threads that make the system resolver's calls for
-    call_with_deadline(), confirmed_names() and the DNS lists
-    (``lookup_threads``): one that has had nothing to do for
-    ``idle_time`` seconds (1) ends.  At most ``limit`` (100) at once,
-    those stuck in a resolver that does not answer included: past it, a
-    lookup is not made (as if it had timed out), and that is logged (the
-    first time).
-
-    A lookup made for a client (``submit(job, owner)``, the owner its
-    network, lookup_owner()) may take a thread only while that network
-    holds fewer than ``share`` (10) of them, and the last ``reserve``
-    (20) only if it holds none, so that clients whose reverse zone never
-    answers cannot take every thread from the others: past it, that
-    network's lookups fail at once, logged at most once a minute.  A
-    network whose lookup timed out (``timed_out(owner)``) is
-    ``silent(owner)`` for ``silent_time`` seconds (60), so that its next
-    sessions need not take a thread each to learn the same (at most
-    ``silent_size`` networks are remembered)."""
-
-    limit = 100
-    idle_time = 1
-    share = 10
-    reserve = 20
-    silent_time = 60
-    silent_size = 10000
-
-    def __init__(self, name="lookup"):
-        ReusedThreads.__init__(self, name)
-        self._held = {}             # owner -> threads busy for it
-        self._silent = Cache(self.silent_size)  # owner -> silent until
-        self._share_logged = None
-
-    def submit(self, job, owner=None):
-        """Run ``job()`` in a thread; False (logged) if none may take it:
-        all busy, or ``owner`` holds its share."""
-        if owner is not None:
-            with self._lock:
-                held = self._held.get(owner, 0)
-                # The last ``reserve`` threads are for networks that
-                # hold none: many networks that each hang leave them.
-                refused = held >= self.share or held and (
-                    self.limit is not None and
-                    self.count - self.idle >= self.limit - self.reserve)
-                if not refused:
-                    self._held[owner] = held + 1
-            if refused:
-                now = time.monotonic()
-                if (self._share_logged is None
-                        or now - self._share_logged > 60):
-                    self._share_logged = now
-                    log.warning("lookup threads: client network %s holds "
-                                "%d (its share: %d, and only networks "
-                                "holding none take the last %d); its "
-                                "lookups fail at once until one is free (a "
-                                "reverse zone that never answers?)",
-                                log_escape(owner), held, self.share,
-                                self.reserve)
-                return False
-            unowned = job
-
-            def job():
-                try:
-                    unowned()
-                finally:
-                    self._release(owner)
-        try:
-            submitted = ReusedThreads.submit(self, job)
-        except BaseException:
-            if owner is not None:
-                self._release(owner)
-            raise
-        if not submitted:
-            if owner is not None:
-                self._release(owner)
-            log_once("lookup threads: all %d busy (a resolver that does "
-                     "not answer?); lookups fail until one is free"
-                     % self.limit)
-        return submitted
-
-    def _release(self, owner):
-        with self._lock:
-            held = self._held.pop(owner) - 1
-            if held:
-                self._held[owner] = held
-
-    def held(self, owner):
-        """The threads busy for ``owner`` now."""
-        with self._lock:
-            return self._held.get(owner, 0)
-
-    def timed_out(self, owner):
-        """A lookup for ``owner`` got no answer in time."""
-        self._silent.put(owner, time.monotonic() + self.silent_time)
-
-    def silent(self, owner):
-        """True while a timeout of ``owner``'s lookups is recent."""
-        until = self._silent.get(owner)
-        return until is not None and until > time.monotonic()
-
-    def forget_timeouts(self):
-        """No network is silent any more (tests)."""
-        self._silent.reset()
-
-
-def lookup_owner(address):
-    """Whose lookups a lookup for ``address`` counts as (LookupThreads'
-    share): its /24, or its /48 for IPv6 (the reverse zones of a site:
-    one client's addresses are many /64s)."""
-    return network_key(address, 24, 48)
-
-
-lookup_threads = LookupThreads()
-
-
-def call_with_deadline(function, args, seconds, owner=None):
-    """``(True, function(*args))``, or ``(False, None)`` if it did not
-    return within ``seconds``: for the system's resolver, which has no
-    timeout of its own that a caller can set.  The call goes on in a
-    lookup thread (LookupThreads, for ``owner``) until the resolver gives
-    up."""
-    result = []
-    done = threading.Lock()
-    done.acquire()
-
-    def run():
-        try:
-            result.append(function(*args))
-        except Exception as error:          # a resolver's failure: none
-            result.append(error)
-        done.release()
-    if not lookup_threads.submit(run, owner):
-        return False, None
-    done.acquire(timeout=-1 if seconds is None else seconds)
-    if not result:
-        return False, None
-    if isinstance(result[0], Exception):
-        return True, None
-    return True, result[0]
-
-
-def confirmed_names(address, reverse_lookup, forward_lookup, tries,
-                    seconds):
-    """FCrDNS of ``address``: ``(answered, reverse names, confirmed
-    name)``.  ``reverse_lookup(address)`` gives its names (those a mail
-    server takes: a PTR record can hold any octets, or an address to pass
-    for another client); ``forward_lookup(name)`` is tried on the first
-    ``tries`` of them until one gives ``address`` back, which is then the
-    confirmed name (lower case, no final dot).  Each lookup within
-    ``seconds`` (None: no limit); one that takes longer ends the search
-    (``answered`` is False if it was the reverse one).
-
-    All of it is one job of a lookup thread, which the caller waits for
-    once: two lookups that answer at once cost one hand-over between
-    threads each way, not two.  The job counts against the share of the
-    address's network (lookup_owner()); a network whose lookup timed out
-    lately is not asked (LookupThreads.silent()): no answer."""
-    condition = threading.Condition(threading.Lock())
-    state = {"names": None, "confirmed": None, "steps": [],
-             "finished": False}
-    owner = lookup_owner(address)
-    if lookup_threads.silent(owner):
-        return False, [], None
-
-    def run():
-        try:
-            try:
-                names = [name for name in reverse_lookup(address) or ()
-                         if _host_name(name)]
-            except Exception:               # a resolver's failure: none
-                names = []
-            with condition:
-                state["names"] = names
-                state["steps"].append(time.monotonic())
-            for name in names[:tries]:
-                try:
-                    addresses = forward_lookup(name)
-                except Exception:
-                    addresses = None
-                if address in (addresses or ()):
-                    state["confirmed"] = name.lower().rstrip(".")
-                    break
-                with condition:
-                    state["steps"].append(time.monotonic())
-        finally:
-            with condition:
-                state["finished"] = True
-                condition.notify()
-
-    began = time.monotonic()
-    if not lookup_threads.submit(run, owner):
-        return False, [], None
-    with condition:
-        while not state["finished"]:
-            if seconds is None:
-                condition.wait()
-                continue
-            # The deadline of the lookup under way: from the end of the
-            # one before it.
-            steps = state["steps"]
-            left = (steps[-1] if steps else began) + seconds - \
-                time.monotonic()
-            if left <= 0:
-                break
-            condition.wait(left)
-        if state["finished"]:
-            return True, state["names"], state["confirmed"]
-        names = state["names"]
-    lookup_threads.timed_out(owner)
-    if names is None:
-        return False, [], None
-    return True, list(names), None
-
-
-def dns_list_query(address, zone):
-    """The name asked of a DNSBL or DNSWL ``zone`` for ``address``: the
-    IPv4 octets reversed, or the IPv6 nibbles reversed, under it."""
-    address = ipaddress.ip_address(unmapped(address))
-    if address.version == 4:
-        labels = str(address).split(".")[::-1]
-    else:
-        labels = address.exploded.replace(":", "")[::-1]
-    return "%s.%s" % (".".join(labels), zone.strip(".").lower())
-
-
-def parse_dns_list(entry):
-    """A ``dnsbl`` or ``dnswl`` entry, in Postfix's syntax
-    (reject_rbl_client, permit_dnswl_client): ``zone`` or
-    ``zone=d.d.d.d``, the filter of the answers that list, each ``d`` a
-    number, or ``[...]`` of numbers and ranges ``n..m`` separated by
-    ``;`` (``127.0.[0..255].[1..3]``, ``127.0.0.[2;4;9..11]``).  Returns
-    ``(zone, filter)``: the zone in lower case without a final dot, the
-    filter a tuple of four tuples of (low, high) octets, or None if none
-    is written.  ValueError says what is wrong."""
-    zone, equals, written = entry.partition("=")
-    zone = zone.strip().lower().rstrip(".")
-    if not _DOMAIN_NAME_RE.match(zone) or "." not in zone:
-        raise ValueError("expected a DNS list's zone such as "
-                         "zen.spamhaus.org, got %r" % entry)
-    if not equals:
-        return zone, None
-    example = ("such as %s=127.0.0.2 or %s=127.0.[0..255].[1..3]"
-               % (zone, zone))
-    if "*" in written:
-        raise ValueError("%r: a weight (*n) is postscreen's; write the "
-                         "answers alone, %s" % (entry, example))
-    octets = re.findall(r"\[[^\]]*\]|[^.\[\]]+", written.strip())
-    if len(octets) != 4 or ".".join(octets) != written.strip():
-        raise ValueError("%r: expected four octets after '=', %s"
-                         % (entry, example))
-    parsed = []
-    for octet in octets:
-        if octet.startswith("[") and octet.endswith("]"):
-            parts = octet[1:-1].split(";")
-        else:
-            parts = [octet]
-        ranges = []
-        for part in parts:
-            low, dots, high = part.partition("..")
-            if not dots:
-                high = low
-            if not (re.match(r"\A[0-9]{1,3}\Z", low)
-                    and re.match(r"\A[0-9]{1,3}\Z", high)
-                    and int(low) <= int(high) <= 255):
-                raise ValueError("%r: %r is no octet, [n..m] range or "
-                                 "[a;b] list of them, %s"
-                                 % (entry, octet, example))
-            ranges.append((int(low), int(high)))
-        parsed.append(tuple(ranges))
-    return zone, tuple(parsed)
-
-
-def dns_list_zone(entry):
-    """The zone of a ``dnsbl`` or ``dnswl`` entry, as rules name it."""
-    return entry.partition("=")[0].strip().lower().rstrip(".")
-
-
-def _answer_matches(address_filter, address):
-    try:
-        octets = [int(octet) for octet in address.split(".")]
-    except ValueError:
-        return False
-    return len(octets) == 4 and all(
-        any(low <= octet <= high for low, high in ranges)
-        for octet, ranges in zip(octets, address_filter))
-
-
-# What the answers of a zone mean when its entry writes no filter, by
-# zone suffix: (the answers that list, those that say our queries are
-# refused).  dnswl.org: 127.0.X.1 to 3 are its trust levels (low,
-# medium, high), 127.0.X.0 is "none", 127.0.0.255 "query blocked"
-# (public resolvers, sites over the free limit).  Spamhaus: 127.0.0.2 to
-# 11 list; 127.255.255.252 to 255 refuse (a bad DQS key, a public
-# resolver, too many queries).  Other zones: any answer in 127.0.0.0/8
-# lists (Postfix's rule), but for Spamhaus's refusals, which other lists
-# copy.
-DNS_LIST_ANSWERS = (
-    ("list.dnswl.org", "127.0.[0..255].[1..3]", "127.0.[0..255].255"),
-    ("spamhaus.org", "127.0.0.[2..255]", "127.255.255.[252..255]"),
-    ("spamhaus.net", "127.0.0.[2..255]", "127.255.255.[252..255]"),
-    ("", "127.[0..255].[0..255].[0..255]", "127.255.255.[252..255]"),
-)
-
-
-def _dns_list_defaults(zone):
-    """The row of DNS_LIST_ANSWERS for ``zone`` (its suffix "": none
-    known)."""
-    for row in DNS_LIST_ANSWERS:
-        if zone == row[0] or zone.endswith("." + row[0]) or not row[0]:
-            return row
-
-
-@functools.lru_cache(maxsize=256)
-def _dns_list_rules(entry):
-    """``(zone, answers that list, answers that refuse)`` of an entry."""
-    zone, written = parse_dns_list(entry)
-    _, listing, refusing = _dns_list_defaults(zone)
-    return (zone, written or parse_dns_list("x.x=" + listing)[1],
-            parse_dns_list("x.x=" + refusing)[1])
-
-
-def dns_list_answer(entry, answers):
-    """What the addresses ``answers`` of a DNS list's ``entry`` (a
-    ``dnsbl`` or ``dnswl`` item, see parse_dns_list()) say:
-    ``(listed, refusal)``.  ``listed`` is True if one is accepted by the
-    entry's filter, or, for an entry without one, by the zone's
-    (DNS_LIST_ANSWERS).  ``refusal`` is the first answer that is not a
-    listing but an error, or None: one that refuses our queries (dnswl's
-    127.0.0.255, Spamhaus's 127.255.255.254), or one outside
-    127.0.0.0/8, which no list gives (a resolver that makes up answers
-    for names that do not exist).  An error never lists, whatever the
-    filter: a list that refuses our queries must not whitelist every
-    client, nor greylist them as listed."""
-    zone, listing, refusing = _dns_list_rules(entry)
-    listed, refusal = False, None
-    for address in sorted(answers):
-        if (not address.startswith("127.")
-                or _answer_matches(refusing, address)):
-            refusal = refusal or address
-        elif _answer_matches(listing, address):
-            listed = True
-    return listed and refusal is None, refusal
-
-
-class DNSLists(object):
-    """DNSBL and DNSWL lookups through the system's resolver: each a job
-    of the lookup threads (``lookup_threads``, counted for the client's
-    network), with a deadline, all of one client at once, the answers
-    cached for ``dns_cache_time``, at most ``cache_size`` (10000) of
-    them, the least recently used going first.  ``listing(address,
-    entries, resolve, timeout, cache_time)`` is the set of the entries
-    that list it (dns_list_answer()).  Timeouts, refusals and errors are
-    logged at most once per zone and ``log_interval`` (600 s)."""
-
-    cache_size = 10000
-    log_interval = 600
-
-    def __init__(self):
-        self._cache = Cache(self.cache_size)
-        self._logged = Cache()      # (zone, what) -> last logged
-
-    def listing(self, address, entries, resolve, timeout, cache_time):
-        if not entries:
-            return set()
-        try:
-            queries = dict((entry, dns_list_query(address,
-                                                  dns_list_zone(entry)))
-                           for entry in entries)
-        except ValueError:
-            return set()                    # no address: nothing to ask
-        zones = dict((query, dns_list_zone(entry))
-                     for entry, query in queries.items())
-        now = time.monotonic()
-        answers = {}
-        for query in set(queries.values()):
-            cached = self._cache.get(query)
-            if cached is not None and cached[0] > now:
-                answers[query] = cached[1]
-        asking = set(queries.values()) - set(answers)
-        condition = threading.Condition(threading.Lock())
-        results = {}
-        asked = []
-        for query in sorted(asking):
-            def run(query=query):
-                try:
-                    answer = frozenset(resolve(query) or ())
-                except Exception:           # a resolver's failure: none
-                    answer = frozenset()
-                with condition:
-                    results[query] = answer
-                    condition.notify()
-            # Busy threads or the network's share used: not asked, not
-            # listed, nothing kept (LookupThreads logs it).
-            if lookup_threads.submit(run, lookup_owner(address)):
-                asked.append(query)
-        deadline = time.monotonic() + timeout
-        with condition:
-            while len(results) < len(asked):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                condition.wait(left)
-            results = dict(results)
-        for query in asked:
-            zone = zones[query]
-            if query not in results:
-                self._log(zone, "timeout", "lookup of %s timed out after "
-                          "%s s: not listed" % (query, _seconds(timeout)))
-                # Not asked again for a minute: a list that is down must
-                # not hold every session for its timeout.
-                self._cache.put(query, (now + min(60, cache_time),
-                                        frozenset()))
-                continue
-            answers[query] = results[query]
-            self._cache.put(query, (now + cache_time, results[query]))
-        listed = set()
-        for entry, query in queries.items():
-            found, refusal = dns_list_answer(entry, answers.get(query, ()))
-            if found:
-                listed.add(entry)
-            if refusal is not None:
-                self._log(dns_list_zone(entry), "refusal",
-                          "it answered %s, which is no listing: it "
-                          "refuses our queries (a public resolver, or "
-                          "over its free limit?) or the resolver made "
-                          "the answer up; every client counts as not "
-                          "listed on it until it answers again; use a "
-                          "resolver of your own" % refusal, log.error)
-        return listed
-
-    def __len__(self):
-        """The answers kept now."""
-        return len(self._cache)
-
-    def _log(self, zone, what, message, level=None):
-        """Logged at most once per ``log_interval`` per zone and what."""
-        now = time.monotonic()
-        last = self._logged.get((zone, what))
-        if last is None or now - last > self.log_interval:
-            self._logged.put((zone, what), now)
-            (level or log.warning)("DNS list %s: %s", zone,
-                                   log_escape(message))
-
-    def reset(self):
-        self._cache.reset()
-        self._logged.reset()
-
-
-# Dynamic words of generic host names (access networks, pools), each
-# followed by digits: "dsl-12", "pool123", "dyn.4".
-_DYNAMIC_WORDS = ("dyn", "dynamic", "dhcp", "dsl", "adsl", "vdsl", "xdsl",
-                  "pool", "ppp", "pppoe", "cable", "cpe", "dialup", "dial",
-                  "broadband", "client", "host", "ip", "static", "cust",
-                  "customer", "user", "res", "mobile", "wireless", "nat",
-                  "ftth", "fttx")
-_DYNAMIC_RE = re.compile(r"(?:^|[^a-z])(?:%s)[-_.]?[0-9]"
-                         % "|".join(_DYNAMIC_WORDS))
-
-
-@functools.lru_cache(maxsize=1024)
-def generic_name(name, address):
-    """True if host ``name`` looks given to an address, not to a mail
-    server: it holds the address's octets in a common form (1-2-3-4,
-    1.2.3.4 or 4.3.2.1, with - . _ or nothing between them, zero-padded,
-    in hex), or a dynamic word followed by digits."""
-    name = name.lower().rstrip(".")
-    if _DYNAMIC_RE.search(name):
-        return True
-    try:
-        address = ipaddress.ip_address(unmapped(address))
-    except ValueError:
-        return False
-    if address.version == 6:
-        # The interface identifier's hex, or a long run of hex digits.
-        return bool(re.search(r"[0-9a-f]{12,}", name.replace("-", "")))
-    octets = str(address).split(".")
-    forms = set()
-    for order in (octets, octets[::-1]):
-        for separator in ("-", ".", "_", ""):
-            forms.add(separator.join(order))
-            forms.add(separator.join(octet.zfill(3) for octet in order))
-    forms.add("%08x" % int(address))
-    flat = re.sub(r"[^0-9a-f._-]", " ", name)
-    # One search for all the forms (longest first: "001" before "1").
-    return bool(re.search(r"(?:^|[^0-9])(?:%s)(?:[^0-9]|$)" % "|".join(
-        re.escape(form) for form in sorted(forms, key=len, reverse=True)),
-        flat))
-
-
-# Suffixes under which registrations are made (a small list of those that
-# matter for mail): a key is never one of them alone, nor shorter than a
-# name registered under them.  Single labels (com, de, ...) are suffixes
-# anyway.
-PUBLIC_SUFFIXES = frozenset("""
-    co.uk org.uk ac.uk gov.uk ltd.uk plc.uk me.uk net.uk sch.uk nhs.uk
-    com.au net.au org.au edu.au gov.au asn.au id.au
-    co.nz net.nz org.nz ac.nz govt.nz
-    co.jp ne.jp or.jp ac.jp ad.jp ed.jp go.jp gr.jp lg.jp
-    co.kr ne.kr or.kr ac.kr go.kr
-    com.br net.br org.br gov.br edu.br
-    com.cn net.cn org.cn gov.cn edu.cn ac.cn
-    com.tw net.tw org.tw edu.tw idv.tw
-    com.hk net.hk org.hk edu.hk
-    co.in net.in org.in firm.in gen.in ind.in ac.in
-    co.za org.za net.za ac.za gov.za
-    com.mx net.mx org.mx gob.mx edu.mx
-    com.ar net.ar org.ar gob.ar
-    com.tr net.tr org.tr gov.tr
-    com.sg net.sg org.sg edu.sg
-    co.il org.il net.il ac.il
-    com.ua net.ua org.ua
-    com.pl net.pl org.pl
-    co.id or.id ac.id web.id
-    com.my net.my org.my
-    co.th or.th ac.th in.th
-    com.ru net.ru org.ru
-""".split())
-
-
-def registrable_domain(name):
-    """The name registered under a public suffix that ``name`` belongs
-    to (mx.example.co.uk: example.co.uk), or None if it has none
-    (localhost, co.uk)."""
-    labels = name.lower().rstrip(".").split(".")
-    size = 3 if ".".join(labels[-2:]) in PUBLIC_SUFFIXES else 2
-    if len(labels) < size:
-        return None
-    return ".".join(labels[-size:])
-
-
-def name_key(name):
-    """The client part of a greylisting key for a forward-confirmed host
-    name: the name minus its first label (mx-a1.out.example.com and
-    mx-b7.out.example.com share out.example.com), never shorter than its
-    registrable domain; None for a name that has none."""
-    registrable = registrable_domain(name)
-    if registrable is None:
-        return None
-    name = name.lower().rstrip(".")
-    parent = name.split(".", 1)[1] if "." in name else name
-    if len(parent) < len(registrable):
-        return registrable
-    return parent
-
-
-_logged = Cache()
-
-
-def log_once(message):
-    """Log an error the first time this process meets it."""
-    first = []
-    _logged.get(message, lambda: first.append(True) or True)
-    if first:
-        log.error("%s", log_escape(message))
-
-
-# The registries (module-level, each with its lock).
-stores = Stores()                   # GreylistStore per file and timings
-new_triplets = NewTriplets()        # per client network, for the store
-list_files = ListFiles()           # whitelist_clients, _recipients
-dns_lists = DNSLists()              # DNSBL and DNSWL answers
-tls_contexts = Cache()              # SSLContexts, of clients and upstream
-upstream_capabilities = UpstreamCapabilities()
-
-
-class UpstreamPool(object):
-    """Warm upstream sessions, kept when their client session ended
-    cleanly, for the next clients of the same upstream (``upstream_pool``,
-    used by UpstreamRelay): a session costs a new EHLO instead of a new
-    connection, its greeting and a QUIT.  At most ``size`` per upstream,
-    each for at most ``idle`` seconds (the upstream_pool_* keys): expire()
-    closes older ones with QUIT, before the upstream's own idle timeout;
-    the warmest is taken first."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._pooled = {}           # key -> [(session, expires), ...]
-
-    def put(self, key, session, size, idle):
-        """Keep ``session``; False if the pool of ``key`` is full."""
-        with self._lock:
-            pooled = self._pooled.setdefault(key, [])
-            if len(pooled) >= size:
-                return False
-            pooled.append((session, time.monotonic() + idle))
-            return True
-
-    def take(self, key):
-        """The warmest pooled session of ``key`` that has not expired and
-        still looks usable, or None."""
-        while True:
-            with self._lock:
-                pooled = self._pooled.get(key)
-                if not pooled:
-                    return None
-                session, expires = pooled.pop()
-            if expires > time.monotonic() and session.reusable():
-                return session
-            session.abort()
-
-    def expire(self):
-        """Close (QUIT) the sessions that waited too long."""
-        now = time.monotonic()
-        expired = []
-        with self._lock:
-            for key, pooled in self._pooled.items():
-                expired += [session for session, expires in pooled
-                            if expires <= now]
-                pooled[:] = [entry for entry in pooled if entry[1] > now]
-        for session in expired:
-            session.quit()
-
-    def reset(self):
-        """Close every pooled session (QUIT)."""
-        with self._lock:
-            pooled, self._pooled = self._pooled, {}
-        for sessions in pooled.values():
-            for session, _ in sessions:
-                session.quit()
-
-    def __len__(self):
-        with self._lock:
-            return sum(len(pooled) for pooled in self._pooled.values())
-
-
-upstream_pool = UpstreamPool()
-
-
-def reset_registries():
-    """Forget what the process shared: stores (closed), the networks' new
-    triplets, whitelist files,
-    TLS contexts, upstream capabilities, pooled upstream sessions
-    (closed), errors logged.  For tests."""
-    for registry in (stores, new_triplets, list_files, dns_lists,
-                     tls_contexts, upstream_capabilities, upstream_pool,
-                     _logged):
-        registry.reset()
-
-
-# ---------------------------------------------------------------------------
-# The server
-# ---------------------------------------------------------------------------
 
 COUNTERS = ("connections", "connections_refused", "rcpt_accepted",
             "rcpt_deferred", "rcpt_refused", "messages_accepted",
             "messages_deferred", "messages_refused", "upstream_errors")
+
+
+def _ipv6_works():
+    try:
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        return False
+    probe.close()
+    return True
 
 
 class SMTPProxyServer(socketserver.ThreadingTCPServer):
@@ -7121,13 +6521,23 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
             return len(self.sessions)
 
 
-# ---------------------------------------------------------------------------
-# Postfix's access policy service (check_policy_service)
-# ---------------------------------------------------------------------------
+# ===========================================================================
+# == 12. Postfix's policy service (check_policy_service) ==
+# ===========================================================================
+#
+# Owns:  PolicyHandler (one connection's requests, answered by the engine),
+#        the TCP and UNIX servers (PolicyServer, UnixPolicyServer) with who may
+#        connect and their limits.
+# Enter: PolicyServer((host, port), settings).serve_forever().
+# Uses:  sections 2, 8 and 9.
+
 
 class PolicyRequestError(Exception):
     """A request that breaks the policy protocol: logged, and the
     connection closed without an answer, as Postfix's servers do."""
+
+
+_CONTROL_OCTET_RE = re.compile(b"[\\x00-\\x1f\\x7f]")
 
 
 class PolicyHandler(socketserver.BaseRequestHandler):
@@ -7339,9 +6749,6 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         return "DUNNO"
 
 
-_CONTROL_OCTET_RE = re.compile(b"[\\x00-\\x1f\\x7f]")
-
-
 def _reply_text(reply):
     """A reply's text without its code: "451 4.7.1 Greylisted" gives
     "4.7.1 Greylisted"."""
@@ -7483,51 +6890,253 @@ class UnixPolicyServer(_PolicyServing,
                                                         handler_class)
 
 
-def _ipv6_works():
-    try:
-        probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    except OSError:
+# ===========================================================================
+# == 13. Configuration: the keys and the file ==
+# ===========================================================================
+#
+# Owns:  one record per key (Key, KEYS) of the classes above, each value's
+#        parser, the file format (read_config_file, load_config), the sample
+#        configuration, and turning values into a handler class.
+# Enter: load_config(path), read_settings(args),
+#        handler_class_for(base, values).
+# Uses:  the classes whose keys these are (sections 5 to 12).
+
+
+CONFIG_SEARCH_PATH = [
+    "/etc/smtpproxy.conf",
+    "/usr/local/etc/smtpproxy.conf",
+    "/usr/local/etc/Kamaelia/greylist.conf",
+    "/usr/local/etc/greylist.conf",
+    "/etc/Kamaelia/greylist.conf",
+    "/etc/greylist.conf",
+    "./greylist.conf",
+]
+
+
+CONFIG_SEARCH_PATH += [name + ".dist" for name in CONFIG_SEARCH_PATH]
+
+
+class ConfigError(Exception):
+    """A configuration file or option that cannot be used."""
+
+
+def _integer(text):
+    if not re.match(r"\A[0-9]+\Z", text):
+        raise ValueError("expected a whole number, got %r" % text)
+    return int(text)
+
+
+def _boolean(text):
+    value = text.lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
         return False
-    probe.close()
-    return True
+    raise ValueError("expected yes or no, got %r" % text)
 
 
-# ---------------------------------------------------------------------------
-# The command line
-# ---------------------------------------------------------------------------
+def _positive(text):
+    value = _integer(text)
+    if value < 1:
+        raise ValueError("expected 1 or more, got %r" % text)
+    return value
 
-DEFAULT_CLASS = "smtpproxy.GreyListingPolicy"
-def _usage():
-    # Each key's name and default, by section: its help is in
-    # --sample-config, which an admin keeps as the configuration file.
-    sections = collections.OrderedDict()
-    for key in KEYS:
-        sections.setdefault(key.section, []).append(
-            "%s (%s)" % (key.name, shown_default(key)))
-    # An item is not broken across lines (NUL stands for its blanks).
-    keys = "\n".join(
-        "    %s:\n%s" % (section, textwrap.fill(
-            "; ".join(item.replace(" ", "\0") for item in items), 79,
-            initial_indent=" " * 8, subsequent_indent=" " * 8,
-            break_on_hyphens=False).replace("\0", " "))
-        for section, items in sections.items())
-    names = [name for name in CONFIG_SEARCH_PATH
-             if not name.endswith(".dist")]
-    if CONFIG_SEARCH_PATH == names + [name + ".dist" for name in names]:
-        names.append("then each of them with .dist")
-    else:
-        names = CONFIG_SEARCH_PATH
-    search_path = textwrap.fill(", ".join(names), 79,
-                                initial_indent=" " * 12,
-                                subsequent_indent=" " * 12,
-                                break_on_hyphens=False)
-    key_options = textwrap.fill(
-        ", ".join("--" + name.replace("_", "-") for name in KEY_OPTIONS),
-        79, initial_indent=" " * 12, subsequent_indent=" " * 12,
-        break_on_hyphens=False)
-    return __doc__ % {"program": "smtpproxy", "default_class": DEFAULT_CLASS,
-                      "config_keys": keys, "search_path": search_path,
-                      "key_options": key_options}
+
+def _port(text):
+    value = _integer(text)
+    if not 0 < value < 65536:
+        raise ValueError("expected a port from 1 to 65535, got %r" % text)
+    return value
+
+
+def _address(item):
+    """An IPv4 or IPv6 address, as written."""
+    item = _word(item)
+    try:
+        ipaddress.ip_address(item)
+    except ValueError:
+        raise ValueError("expected an IP address such as 192.0.2.7 or "
+                         "2001:db8::7, got %r" % item)
+    return item
+
+
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+
+
+_OCTET_PREFIX_RE = re.compile(r"%s(?:\.%s){0,2}\.?\Z" % (_OCTET, _OCTET))
+
+
+def _network(item):
+    """An address, a CIDR network (host bits may be set: 192.0.2.7/24 is
+    192.0.2.0/24), or Kamaelia's prefix of whole octets (192.168.2)."""
+    item = _word(item)
+    if _OCTET_PREFIX_RE.match(item):
+        return item
+    try:
+        if "/" in item:
+            ipaddress.ip_network(item, strict=False)
+        else:
+            ipaddress.ip_address(item)
+    except ValueError:
+        raise ValueError("expected an address, a network such as "
+                         "192.0.2.0/24 or 2001:db8::/32, or whole octets "
+                         "such as 192.168.2, got %r" % item)
+    return item
+
+
+_DOMAIN_NAME_RE = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?\Z")
+
+
+def _domain(item):
+    """A domain name (one a line; a subdomain is listed on its own)."""
+    item = _word(item)
+    if item.startswith("@"):
+        raise ValueError("write the domain without '@': %s" % item[1:])
+    if item.startswith("*."):
+        raise ValueError("no wildcards: list %s, and each subdomain mail "
+                         "is received for, on a line of its own" % item[2:])
+    name = item
+    if re.search(r"[^\x00-\x7f]", name):
+        name = _a_labels(name)
+    if len(name) > 253 or not _DOMAIN_NAME_RE.match(name):
+        raise ValueError("expected a domain name such as example.org, got "
+                         "%r" % item)
+    return item
+
+
+def _a_labels(name):
+    """``name``, a domain written with U-labels, in A-labels (xn--...,
+    RFC 3492 Punycode without IDNA 2003's nameprep), for its syntax
+    check; "!" if a label is not as mail to it would be written: in NFC
+    and lower case, of letters, marks, digits and "-" only.  A recipient
+    domain is local only if it is listed as written (_domain_key()), so
+    an entry that nameprep would have mapped (fullwidth letters, an
+    invisible soft hyphen, capitals) could never match: it is refused
+    here instead of lying unused."""
+    labels = []
+    for label in name.split("."):
+        if re.match(r"[\x00-\x7f]*\Z", label):
+            labels.append(label)
+            continue
+        if (unicodedata.normalize("NFKC", label) != label
+                or label.lower() != label
+                or not all(char == "-" or unicodedata.category(char)[0]
+                           in "LMN" for char in label)):
+            return "!"
+        try:
+            labels.append("xn--" + label.encode("punycode").decode("ascii"))
+        except UnicodeError:
+            return "!"
+    return ".".join(labels)
+
+
+def _bracketed(word, what):
+    if not (word.startswith("<") and word.endswith(">")):
+        raise ValueError("expected the %s in angle brackets, as "
+                         "<user@example.org>, got %r" % (what, word))
+
+
+def _defer_reply(text):
+    if not re.match(r"4[0-9][0-9] 4\.[0-9]{1,3}\.[0-9]{1,3} [\x20-\x7e]+\Z",
+                    text):
+        raise ValueError("expected a 4xx reply with its enhanced code, such "
+                         "as 451 4.7.1 Greylisted, please try again later; "
+                         "got %r" % text)
+    return text
+
+
+def _choice(*choices):
+    def convert(text):
+        if text.lower() not in choices:
+            raise ValueError("expected %s, got %r"
+                             % (" or ".join(choices), text))
+        return text.lower()
+    return convert
+
+
+def _decimal(text):
+    if not re.match(r"\A[0-9]+(?:\.[0-9]+)?\Z", text) or not float(text):
+        raise ValueError("expected a number of seconds above 0, got %r"
+                         % text)
+    return float(text) if "." in text else int(text)
+
+
+def _zone(item):
+    """A DNS list's zone, such as zen.spamhaus.org, with the answers that
+    list if written: zen.spamhaus.org=127.0.0.[2..11] (parse_dns_list)."""
+    zone, written = parse_dns_list(_word(item))
+    if written is None:
+        return zone
+    return "%s=%s" % (zone, item.partition("=")[2].strip())
+
+
+def _prefix(bits):
+    def convert(text):
+        value = _integer(text)
+        if value > bits:
+            raise ValueError("expected 0 to %d bits, got %r" % (bits, text))
+        return value
+    return convert
+
+
+def _percent(text):
+    value = _integer(text)
+    if value > 100:
+        raise ValueError("expected a percentage from 0 to 100, got %r"
+                         % text)
+    return value
+
+
+def _facility(text):
+    value = text.lower()
+    if value in ("", "no", "false", "off", "0"):
+        return ""
+    if value in ("yes", "true", "on", "1"):
+        return "mail"
+    if value not in logging.handlers.SysLogHandler.facility_names:
+        raise ValueError("expected no or a syslog facility such as mail "
+                         "or local0, got %r" % text)
+    return value
+
+
+def _proxy_mode(text):
+    if text.lower() not in ("no", "v1", "v2", "any"):
+        raise ValueError("expected no, v1, v2 or any, got %r" % text)
+    return text.lower()
+
+
+def _upstream_tls(text):
+    if text.lower() not in ("no", "opportunistic", "required"):
+        raise ValueError("expected no, opportunistic or required, got %r"
+                         % text)
+    return text.lower()
+
+
+def _string(text):
+    return text
+
+
+def _store_location(text):
+    if is_database_uri(text):
+        if not text.lower().startswith(("postgresql://", "postgres://")):
+            raise ValueError("%s: a PostgreSQL URI begins postgresql://"
+                             % redact_uri(text))
+        problem = _database_uri_problem(text)
+        if problem:
+            raise ValueError(problem)
+    return text
+
+
+def _policy_listen(text):
+    if text.startswith("unix:"):
+        if not text[5:].startswith("/"):
+            raise ValueError("expected unix:/ABSOLUTE/PATH, got %r" % text)
+        return text
+    if text:
+        _split_host_port(text)
+    return text
 
 
 def _split_host_port(text, default_port=None):
@@ -7555,17 +7164,718 @@ def _split_host_port(text, default_port=None):
     return host, int(port)
 
 
-def find_class(dotted_name):
-    """Import ``module.Class`` (or a class of this module by bare name)."""
-    module_name, _, class_name = dotted_name.rpartition(".")
-    if not module_name:
-        module = sys.modules[__name__]
-    else:
-        module = importlib.import_module(module_name)
-    handler = getattr(module, class_name)
-    if not (isinstance(handler, type) and issubclass(handler, MailHandler)):
-        raise TypeError("%s is not a MailHandler class" % dotted_name)
-    return handler
+def _octal_mode(text):
+    if not re.match(r"\A0?[0-7]{3}\Z", text):
+        raise ValueError("expected an octal mode such as 0660, got %r"
+                         % text)
+    return text
+
+
+def _fail_mode(text):
+    if text.lower() not in ("accept", "defer"):
+        raise ValueError("expected accept or defer, got %r" % text)
+    return text.lower()
+
+
+def _word(item):
+    if not isinstance(item, str):
+        raise ValueError("expected one word per item, got %r"
+                         % " ".join(item))
+    return item
+
+
+def _triple(item):
+    if isinstance(item, str) or len(item) != 3:
+        raise ValueError("expected three words per item, got %r"
+                         % (item if isinstance(item, str)
+                            else " ".join(item)))
+    return tuple(item)
+
+
+def _ip_triple(item):
+    """``ip <sender> <recipient>``."""
+    ip, sender, recipient = _triple(item)
+    _address(ip)
+    _bracketed(sender, "sender")
+    _bracketed(recipient, "recipient")
+    return (ip, sender, recipient)
+
+
+def _helo_triple(item):
+    """``helo-name ip-prefix <recipient>``."""
+    helo, prefix, recipient = _triple(item)
+    _network(prefix)
+    _bracketed(recipient, "recipient")
+    return (helo, prefix, recipient)
+
+
+class Key(object):
+    """One configuration key, the one place that knows it: its name, how
+    a value is read (``parse``, of each item for a list), who owns it
+    ("handler": a class attribute of the handler, whose class holds the
+    default; "server": of SMTPProxyServer; "service": main()'s, with
+    ``default`` here), its section of the sample configuration, its help
+    (the --help line and the sample's comment), and whether it names a
+    file (``path``: made absolute at the start), takes a restart
+    (``restart``) or has an option of its own (``option``: --NAME).
+    ``shown`` is what the help says of a default that is no plain value;
+    ``examples`` are the commented items of a list in the sample, or
+    commented other values of a scalar."""
+
+    def __init__(self, name, parse, section, help, kind="scalar",
+                 owner="handler", default=None, shown=None, path=False,
+                 restart=False, option=False, examples=(), sample=None):
+        self.name = name
+        self.parse = parse
+        self.section = section
+        self.help = help
+        self.kind = kind
+        self.owner = owner
+        self.default = default
+        self.shown = shown
+        self.path = path
+        self.restart = restart
+        self.option = option
+        self.examples = examples
+        self.sample = sample        # the sample's value, if not the default
+
+    def default_value(self):
+        """The default, from the owner that holds it."""
+        if self.owner == "service":
+            return self.default
+        owner = {"server": SMTPProxyServer, "policy": _PolicyServing}.get(
+            self.owner, GreyListingPolicy)
+        return getattr(owner, self.name)
+
+
+LISTENING = "Listening"
+
+
+UPSTREAM = "The real mail server"
+
+
+TLS = "TLS with clients"
+
+
+DIALOGUE = "The SMTP dialogue"
+
+
+LOGS = "Logs"
+
+
+SENDERS = "Who may send what"
+
+
+GREYLISTING = "Greylisting"
+
+
+POLICY = "Postfix's policy service (check_policy_service)"
+
+
+SERVICE = "Service"
+
+
+KEYS = [
+    Key("port", _port, LISTENING, "port to listen on", owner="service",
+        default=25, restart=True),
+    Key("listen_ip", _string, LISTENING,
+        "address to listen on; empty: every IPv4 and IPv6 address",
+        owner="service", default="", restart=True),
+    Key("proxy_protocol", _proxy_mode, LISTENING,
+        "no, v1, v2 or any: every connection begins with HAProxy's PROXY "
+        "header, which gives the client's address"),
+    Key("proxy_protocol_from", _network, LISTENING,
+        "the load balancers that may send the PROXY header, addresses or "
+        "networks; needed with proxy_protocol (0.0.0.0/0 and ::/0 would "
+        "let anyone claim any address, 127.0.0.1 included)", kind="list",
+        examples=("192.0.2.10",)),
+    Key("servername", _string, LISTENING, "name in the greeting and "
+        "replies"),
+    Key("serverid", _string, LISTENING, "software name in the greeting",
+        shown="smtpproxy VERSION", sample="smtpproxy"),
+    Key("smtp_ip", _string, UPSTREAM, "the real mail server's address"),
+    Key("smtp_port", _port, UPSTREAM, "the real mail server's port"),
+    Key("upstream_timeout", _integer, UPSTREAM,
+        "seconds to wait for the real server to connect or answer; then "
+        "the client gets 451"),
+    Key("upstream_pool_size", _integer, UPSTREAM,
+        "upstream sessions kept open when their client has gone, for the "
+        "next clients (a new EHLO, no new connection); never one that "
+        "failed, in a transaction, with TLS or XCLIENT; 0: none"),
+    Key("upstream_pool_idle", _positive, UPSTREAM,
+        "seconds an upstream session may wait in the pool: less than the "
+        "upstream's own idle timeout (Postfix: 300)"),
+    Key("upstream_capabilities_ttl", _integer, UPSTREAM,
+        "seconds its EHLO keywords (SIZE, 8BITMIME, SMTPUTF8, DSN) are "
+        "trusted before a client's EHLO asks again; every session with it "
+        "renews them"),
+    Key("upstream_tls", _upstream_tls, UPSTREAM,
+        "STARTTLS with it: no, opportunistic (when it offers it; plain "
+        "text if the handshake fails) or required (else 451)"),
+    Key("upstream_tls_verify", _boolean, UPSTREAM,
+        "check its certificate and name; a failed check is a failed "
+        "handshake, so only upstream_tls = required makes it a 451"),
+    Key("upstream_tls_ca", _string, UPSTREAM,
+        "authorities (PEM) its certificate is checked against",
+        shown="the system's", path=True),
+    Key("upstream_tls_name", _string, UPSTREAM,
+        "the name its certificate must hold", shown="smtp_ip"),
+    Key("xclient", _boolean, UPSTREAM,
+        "tell it the real client (address, port, HELO and host names) with "
+        "XCLIENT or XFORWARD when it offers them (Postfix: "
+        "smtpd_authorized_xclient_hosts); an XCLIENT it refuses is 451"),
+    Key("tls_cert", _string, TLS,
+        "certificate chain (PEM) for STARTTLS with clients, read at the "
+        "start as root; empty: no STARTTLS", path=True),
+    Key("tls_key", _string, TLS, "its private key (PEM)",
+        shown="in tls_cert's file", path=True),
+    Key("tls_required", _boolean, TLS,
+        "refuse MAIL before STARTTLS (530 5.7.0)"),
+    Key("strict", _boolean, DIALOGUE,
+        "close the connection after a protocol error (unknown command, "
+        "command out of order, malformed MAIL or RCPT), as Kamaelia Grey "
+        "did; no: follow RFC 5321 and go on"),
+    Key("inactivity_timeout", _integer, DIALOGUE,
+        "seconds a client may stay silent before 421; also the deadline "
+        "of each line from its first octet (a client trickling a byte at "
+        "a time holds no slot), of the PROXY header, of the TLS "
+        "handshake, and of a write to a client that does not read"),
+    Key("max_session_time", _integer, DIALOGUE,
+        "seconds a whole session may last, from the connection; 0: no "
+        "limit"),
+    Key("greet_pause", _integer, DIALOGUE,
+        "seconds to wait before the greeting; a client that talks first "
+        "gets 554"),
+    Key("max_errors", _integer, DIALOGUE,
+        "refused or deferred commands, RCPTs that the policy refused or "
+        "deferred included, before a client is dropped with 421 4.7.0 "
+        "(Postfix's smtpd_hard_error_limit); a delivered message starts "
+        "the count again"),
+    Key("max_message_size", _integer, DIALOGUE,
+        "largest message in octets, announced with SIZE; the octets of an "
+        "overlong line count too: a command line not ended within it, or "
+        "a refused message not ended within as many octets again, closes "
+        "the session"),
+    Key("max_recipients", _integer, DIALOGUE, "recipients per message"),
+    Key("greylist_log", _string, LOGS,
+        "transaction log, one line per transaction; empty: none",
+        owner="service", default="greylist.log", path=True),
+    Key("greylist_debuglog", _string, LOGS,
+        "the SMTP dialogue, written when debug is on",
+        owner="service", default="greylist-debug.log", path=True),
+    Key("debug", _boolean, LOGS, "log the SMTP dialogue (or --debug)",
+        owner="service", default=False),
+    Key("allowed_senders", _address, SENDERS,
+        "client addresses that may relay to any domain", kind="list"),
+    Key("allowed_sender_nets", _network, SENDERS,
+        "client networks that may relay to any domain: whole-octet "
+        "prefixes (192.168.2 is 192.168.2.x) or CIDR", kind="list",
+        examples=("192.168.2", "2001:db8::/32")),
+    Key("allowed_domains", _domain, SENDERS,
+        "domains mail is received for; any other recipient is refused "
+        "(550 5.7.1), so none: every recipient is.  The policy service "
+        "leaves relay control to Postfix: none, it greylists every "
+        "recipient it is asked about; else only those of these domains "
+        "(DUNNO for others)", kind="list",
+        examples=("example.org",)),
+    Key("whitelisted_triples", _ip_triple, SENDERS,
+        "always accepted: ip <sender> <recipient>", kind="list",
+        examples=("192.0.2.7 <sender@example.net> <user@example.org>",)),
+    Key("whitelisted_nonstandard_triples", _helo_triple, SENDERS,
+        "always accepted: claimed-helo-name ip-prefix <recipient>",
+        kind="list",
+        examples=("mx-out.example.net 198.51.100 <user@example.org>",)),
+    Key("greylist_db", _store_location, GREYLISTING,
+        "the greylisting store: an sqlite3 file, shared safely by the "
+        "threads and processes of one host, or a PostgreSQL database "
+        "shared by several MX hosts, as a libpq URI "
+        "(postgresql://user:password@host:port/dbname, or "
+        "postgresql:///dbname?host=/run/postgresql for a local socket; "
+        "the password best in a passfile, ?passfile=PATH, mode 0600, "
+        "owned by the serving user; it is never shown; "
+        "needs pip install smtpproxy[postgresql])", path=True,
+        examples=("postgresql://greylist@db.example.org/greylist"
+                  "?passfile=/etc/smtpproxy/pgpass",)),
+    Key("greylist_db_timeout", _decimal, GREYLISTING,
+        "the longest a decision waits for the store (its turn in this "
+        "process; with PostgreSQL, connecting and each statement) before "
+        "greylist_fail_mode decides"),
+    Key("greylist_cache_time", _integer, GREYLISTING,
+        "seconds a process accepts a triplet it saw pass, and a client it "
+        "saw trusted, without asking the store again: the store's pass "
+        "counts and last-seen times lag by as much, and a --db-delete "
+        "reaches a running proxy after as long; 0: ask every time"),
+    Key("too_soon", _integer, GREYLISTING,
+        "a retry sooner than this many seconds after the first try "
+        "restarts the clock"),
+    Key("min_defer_time", _integer, GREYLISTING,
+        "a retry is accepted from this many seconds after the first try"),
+    Key("max_defer_time", _integer, GREYLISTING,
+        "a retry is accepted until this many seconds after the first "
+        "try; later, the clock restarts"),
+    Key("max_grey", _integer, GREYLISTING,
+        "a passed triplet unseen this many seconds is forgotten"),
+    Key("ipv4_prefix", _integer, GREYLISTING,
+        "bits of an IPv4 client's address in the key, so that a sender's "
+        "pool passes once per network; 32: the exact address, as "
+        "Kamaelia Grey"),
+    Key("ipv6_prefix", _integer, GREYLISTING,
+        "bits of an IPv6 client's address in the key; 128: the exact "
+        "address"),
+    Key("auto_whitelist_clients", _integer, GREYLISTING,
+        "greylisting passes (a triplet that waited and came back, each "
+        "once) after which a client is accepted at once; its count grows "
+        "at most once an hour, as postgrey's; 0: off"),
+    Key("max_new_triplets_per_session", _integer, GREYLISTING,
+        "new triplets (first sightings, each a row in the store) one "
+        "session may add; more RCPTs that would add one are deferred "
+        "without a row; 0: no limit"),
+    Key("max_new_triplets_per_network", _integer, GREYLISTING,
+        "new triplets one client network (ipv4_prefix; for IPv6 its /48 "
+        "at most: a site's) may add per hour, counted by each process; "
+        "more are deferred without a row; 0: no limit"),
+    Key("client_key", _choice("name", "network"), GREYLISTING,
+        "what a client is in the key: name, its forward-confirmed host "
+        "name minus the first label (mx1.out.example.com and "
+        "mx7.out.example.com are out.example.com, never shorter than the "
+        "registered domain) when it does not look generic, else its "
+        "network; network: always its network"),
+    Key("greylist_clients", _choice("all", "suspicious"), GREYLISTING,
+        "greylist all clients, or only suspicious ones: listed on a dnsbl "
+        "zone, without a forward-confirmed name, or with a generic name "
+        "(addresses in it, dyn, dsl, pool, ... and digits); the others "
+        "pass at once"),
+    Key("dnsbl", _zone, GREYLISTING,
+        "DNS block lists: a client they list is always greylisted, even "
+        "auto-whitelisted; zone=d.d.d.d (Postfix's syntax, each d a "
+        "number, [n..m] or [a;b]) names the answers that list; without "
+        "it, zen.spamhaus.org and other Spamhaus zones list with "
+        "127.0.0.[2..255], other zones with any answer in 127.0.0.0/8; "
+        "answers that refuse our queries (127.255.255.252-255) or lie "
+        "outside 127.0.0.0/8 never list and are logged", kind="list",
+        examples=("zen.spamhaus.org", "bl.example.net=127.0.0.[2;4..11]")),
+    Key("dnswl", _zone, GREYLISTING,
+        "DNS allow lists: a client they list is never greylisted; "
+        "zone=d.d.d.d as for dnsbl; without it, list.dnswl.org lists "
+        "with 127.0.[0..255].[1..3] (trust low, medium, high; not .0, "
+        "none), and its 127.0.0.255 (query blocked) never lists and is "
+        "logged; other zones: any answer in 127.0.0.0/8, so write the "
+        "answers their operator documents",
+        kind="list", examples=("list.dnswl.org",
+                               "list.dnswl.org=127.0.[0..255].[2..3]")),
+    Key("dns_timeout", _decimal, GREYLISTING,
+        "seconds one DNS lookup may take (reverse and forward names, DNS "
+        "lists, asked at once); one that takes longer counts as no "
+        "answer: no name, not listed"),
+    Key("dns_cache_time", _integer, GREYLISTING,
+        "seconds the answers of the DNS lists are kept (the last 10000 "
+        "asked at most)"),
+    Key("whitelist_recipients", _string, GREYLISTING,
+        "a file of recipients never greylisted, in postgrey's format: "
+        "user@domain, user@, a domain (and its subdomains), /regex/",
+        path=True),
+    Key("x_greylist_header", _boolean, GREYLISTING,
+        "add 'X-Greylist: delayed N seconds ...' to mail greylisting "
+        "delayed"),
+    Key("whitelist_clients", _string, GREYLISTING,
+        "a file of clients never greylisted (but never allowed to relay), "
+        "in postgrey's format: one address, network, host-name suffix or "
+        "/regex/ a line; a name counts only if the client's reverse name "
+        "resolves back to it (contrib/whitelist_clients: sender pools)",
+        path=True),
+    Key("defer_reply", _defer_reply, GREYLISTING,
+        "the reply to a recipient greylisting defers"),
+    Key("greylist_fail_mode", _fail_mode, GREYLISTING,
+        "when the store cannot be used (file gone, disk full, locked too "
+        "long): accept (as Kamaelia Grey) or defer; a process out of "
+        "descriptors never falls back to accept: 421 4.3.2"),
+    Key("policy_listen", _policy_listen, POLICY,
+        "also answer Postfix's check_policy_service here, with the same "
+        "greylisting and store: HOST:PORT (PORT alone: 127.0.0.1), or "
+        "unix:/PATH; empty: no policy service", owner="service",
+        default="", restart=True, option=True,
+        examples=("127.0.0.1:10023",
+                  "unix:/var/spool/postfix/private/smtpproxy")),
+    Key("policy_clients", _network, POLICY,
+        "who may ask the policy service on TCP, addresses and networks; "
+        "others are closed at once, for it believes what it is told",
+        kind="list", owner="policy"),
+    Key("policy_first_idle", _positive, POLICY,
+        "seconds a new policy connection may wait before its first "
+        "request (Postfix sends it as it connects); then policy_max_idle",
+        owner="policy"),
+    Key("policy_max_idle", _positive, POLICY,
+        "seconds a policy connection may stay idle between requests "
+        "(Postfix's own max_idle is 300)", owner="policy"),
+    Key("policy_max_connections", _positive, POLICY,
+        "policy connections at once; Postfix opens one per smtpd process",
+        owner="policy"),
+    Key("policy_max_connections_per_peer", _positive, POLICY,
+        "policy connections at once of one peer: a TCP client's address, "
+        "or on a UNIX socket the user id that connected (100: Postfix's "
+        "default_process_limit)", owner="policy"),
+    Key("policy_socket_mode", _octal_mode, POLICY,
+        "mode of the policy service's UNIX socket", owner="service",
+        default="0660", restart=True),
+    Key("policy_socket_group", _string, POLICY,
+        "group of the policy service's UNIX socket (postfix, for "
+        "Postfix's smtpd); its owner is the user that starts the service "
+        "(root)", owner="service",
+        default="", shown="the user's own", restart=True),
+    Key("smtp_proxy", _boolean, POLICY,
+        "serve SMTP on listen_ip and port; no: run the policy service "
+        "alone", owner="service", default=True, restart=True),
+    Key("workers", _positive, SERVICE,
+        "processes serving SMTP clients on the one port, each with its "
+        "threads, its upstream sessions and its share of max_connections "
+        "and max_connections_per_ip; more than one also on a host with "
+        "fewer cores (one process's threads take turns), see the README",
+        owner="service", default=1, restart=True, option=True,
+        examples=("4",)),
+    Key("spare_threads", _integer, SERVICE,
+        "session threads (of each worker) that, their client gone, wait "
+        "for the next one instead of ending: a new connection then costs "
+        "no thread start; 0: a new thread for every client",
+        owner="server"),
+    Key("thread_idle_time", _positive, SERVICE,
+        "seconds a spare session thread waits for a client before it "
+        "ends", owner="server"),
+    Key("max_connections", _positive, SERVICE,
+        "clients served at once; one more gets 421 4.7.0 and is closed at "
+        "once; with workers, the whole service's", owner="server",
+        option=True),
+    Key("max_connections_per_ip", _integer, SERVICE,
+        "clients served at once from one client, an address with its "
+        "first connection_ipv4_prefix or connection_ipv6_prefix bits; "
+        "0: no limit; with workers, each has its share, rounded up",
+        owner="server", option=True),
+    Key("connection_ipv4_prefix", _prefix(32), SERVICE,
+        "bits of an IPv4 address that make one client for "
+        "max_connections_per_ip", owner="server"),
+    Key("connection_ipv6_prefix", _prefix(128), SERVICE,
+        "bits of an IPv6 address that make one client for "
+        "max_connections_per_ip: an IPv6 host has a /64", owner="server"),
+    Key("stress_threshold", _percent, SERVICE,
+        "percent of max_connections open at which the server is under "
+        "stress: idle clients get stress_timeout seconds, those silent "
+        "longer are closed, a client sending its message is not; stress "
+        "ends below three quarters of it, after twice stress_timeout at "
+        "least; 0: never", owner="server"),
+    Key("stress_timeout", _positive, SERVICE,
+        "seconds a client may stay silent under stress", owner="server"),
+    Key("grace_period", _integer, SERVICE,
+        "seconds a stopping server lets open transactions finish before "
+        "421 4.3.2", owner="server", option=True),
+    Key("pidfile", _string, SERVICE,
+        "file holding the process id, locked while it runs; empty: none. "
+        "Started as root: in a directory only root can write (/run)",
+        owner="service", default="", path=True, restart=True, option=True),
+    Key("user", _string, SERVICE,
+        "user to serve as once the port is bound as root; it must be able "
+        "to write the store's directory", owner="service", default="",
+        restart=True, option=True),
+    Key("group", _string, SERVICE, "group to serve as",
+        owner="service", default="", shown="the user's own", restart=True,
+        option=True),
+    Key("run_as_root", _boolean, SERVICE,
+        "go on serving as root when no user is set", owner="service",
+        default=False, restart=True),
+    Key("syslog", _facility, SERVICE,
+        "send the service's log (instead of log_file) and the "
+        "transaction lines (as well as greylist_log) to syslog, with "
+        "this facility, such as mail; no: off", owner="service",
+        default="", shown="no", option=True),
+    Key("syslog_socket", _string, SERVICE,
+        "syslog's socket, or HOST:PORT for UDP", owner="service",
+        default="/dev/log"),
+    Key("log_file", _string, SERVICE,
+        "the service's own log (starts, stops, errors) when syslog is "
+        "off; empty: standard error", owner="service", default="",
+        path=True),
+]
+
+
+# What the rest of the module reads, derived from KEYS.
+# name: (converter, kind, help); the converter of a list converts an item.
+CONFIG_KEYS = dict((key.name, (key.parse, key.kind, key.help))
+                   for key in KEYS)
+
+
+# The service's keys (main()'s), with their defaults; the server's
+# (SMTPProxyServer's attributes): none of them is copied onto the handler.
+SERVICE_DEFAULTS = dict((key.name, key.default) for key in KEYS
+                        if key.owner == "service")
+
+
+SERVER_SETTINGS = tuple(key.name for key in KEYS if key.owner == "server")
+
+
+# The policy servers' (PolicyServer's attributes).
+POLICY_SETTINGS = tuple(key.name for key in KEYS if key.owner == "policy")
+
+
+SERVER_KEYS = (tuple(sorted(SERVICE_DEFAULTS)) + SERVER_SETTINGS
+               + POLICY_SETTINGS)
+
+
+# Keys used once, at the start: a reload that changes them says so.
+RESTART_KEYS = tuple(key.name for key in KEYS if key.restart)
+
+
+# File names, made absolute at the start: a daemon runs in "/".
+PATH_KEYS = tuple(key.name for key in KEYS if key.path)
+
+
+# Options that set a key (--NAME); their values are read as in the file.
+KEY_OPTIONS = tuple(key.name for key in KEYS if key.option)
+
+
+def _format_value(value):
+    """A value as the configuration file writes it."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(item if isinstance(item, str) else " ".join(item)
+                         for item in value)
+    return str(value)
+
+
+def shown_default(key):
+    """The default of ``key`` (a Key) as the help says it."""
+    if key.shown:
+        return key.shown
+    return _format_value(key.default_value()) or "none"
+
+
+def sample_config():
+    """The sample configuration (contrib/greylist.conf.dist): every key
+    with its default, by section, its help as the comment."""
+    lines = ["# smtpproxy configuration (Kamaelia Grey's greylist.conf "
+             "format).", "#"]
+    lines.extend(textwrap.wrap(
+        "'#' starts a comment line; 'key = value' sets a value; 'key:' "
+        "starts a list whose items are the following indented lines.  The "
+        "values below are the defaults.  Made by 'smtpproxy "
+        "--sample-config'; 'smtpproxy --config FILE --check-config' checks "
+        "a file and prints the values in force.", 74, initial_indent="# ",
+        subsequent_indent="# "))
+    section = None
+    for key in KEYS:
+        if key.section != section:
+            section = key.section
+            lines.append("")
+            lines.append(("# -- %s " % section).ljust(76, "-"))
+        lines.extend(textwrap.wrap(key.help[0].upper() + key.help[1:] + ".",
+                                   74, initial_indent="# ",
+                                   subsequent_indent="# "))
+        value = key.default_value()
+        if key.kind == "list":
+            lines.append("%s:" % key.name)
+            lines.extend("    %s" % _format_value([item]) for item in value)
+            lines.extend("#    %s" % item for item in key.examples
+                         if not value)
+        else:
+            text = key.sample if key.sample is not None else (
+                _format_value(value))
+            lines.append(("%s = %s" % (key.name, text)).rstrip())
+            lines.extend("#%s = %s" % (key.name, item)
+                         for item in key.examples)
+    return "\n".join(lines) + "\n"
+
+
+def format_config(handler_class, values):
+    """The effective configuration, every key, in the file format."""
+    lines = []
+    for key in sorted(CONFIG_KEYS):
+        kind = CONFIG_KEYS[key][1]
+        if key in values:
+            value = values[key]
+        elif key in SERVICE_DEFAULTS:
+            value = SERVICE_DEFAULTS[key]
+        elif key in SERVER_SETTINGS:
+            value = getattr(SMTPProxyServer, key)
+        elif key in POLICY_SETTINGS:
+            value = getattr(_PolicyServing, key)
+        else:
+            value = getattr(handler_class, key, None)
+        if value is None:
+            continue
+        if key == "greylist_db":
+            value = redact_uri(value)
+        if kind == "list":
+            lines.append("%s:" % key)
+            lines.extend("    %s" % (item if isinstance(item, str)
+                                     else " ".join(item)) for item in value)
+        elif isinstance(value, bool):
+            lines.append("%s = %s" % (key, "yes" if value else "no"))
+        else:
+            lines.append("%s = %s" % (key, value))
+    return "\n".join(lines)
+
+
+def read_config_file(path):
+    """Read a Kamaelia Grey style configuration file.
+
+    Returns ``(values, warnings)``: ``values`` maps each known key to its
+    converted value, ``warnings`` lists messages about keys that are not
+    known (they are ignored, as Postfix ignores unused parameters).
+    Raises ConfigError, naming the file and line, for anything malformed.
+
+    The format: ``#`` starts a comment line; ``key = value`` sets a scalar;
+    a line ``key:`` starts a list whose items are the following indented
+    lines; an item with spaces in it is a tuple of its words.
+    """
+    try:
+        with open(path, "rb") as config_file:
+            raw = config_file.read()
+    except OSError as error:
+        raise ConfigError("%s: cannot read: %s" % (path, error.strerror))
+    try:
+        text = raw.decode("utf-8-sig")     # a byte-order mark is no key
+    except UnicodeDecodeError as error:
+        raise ConfigError("%s: not UTF-8 text (byte %d)"
+                          % (path, error.start))
+    entries = []            # (key, line number, raw value or list of items)
+    current_list = None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        where = "%s:%d" % (path, number)
+        if line[0] in " \t":
+            if current_list is None:
+                raise ConfigError("%s: indented line outside a list" % where)
+            words = stripped.split()
+            current_list.append((number, words[0] if len(words) == 1
+                                 else tuple(words)))
+            continue
+        current_list = None
+        if "=" in line:
+            key, value = line.split("=", 1)
+            entries.append((key.strip(), number, value.strip()))
+        elif stripped.endswith(":") and " " not in stripped:
+            current_list = []
+            entries.append((stripped[:-1], number, current_list))
+        else:
+            raise ConfigError("%s: expected 'key = value' or 'key:', got %s"
+                              % (where, log_escape(stripped)))
+    values, warnings = {}, []
+    for key, number, value in entries:
+        where = "%s:%d" % (path, number)
+        if key not in CONFIG_KEYS:
+            warnings.append("%s: unknown key %r ignored" % (where, key))
+            continue
+        convert, kind, _ = CONFIG_KEYS[key]
+        if kind == "list" and not isinstance(value, list):
+            raise ConfigError("%s: %s is a list: write '%s:' and one item "
+                              "per indented line" % (where, key, key))
+        if kind == "scalar" and isinstance(value, list):
+            raise ConfigError("%s: %s takes a value: write '%s = value'"
+                              % (where, key, key))
+        try:
+            if kind == "list":
+                items = []
+                for number, item in value:
+                    where = "%s:%d" % (path, number)
+                    items.append(convert(item))
+                value = items
+            values[key] = convert(value) if kind == "scalar" else value
+        except ValueError as error:
+            raise ConfigError("%s: %s: %s" % (where, key, error))
+    return values, warnings
+
+
+def load_config(path=None):
+    """Find and read the configuration; return ``(values, path, warnings)``.
+
+    With no ``path``, the first existing file of CONFIG_SEARCH_PATH is read;
+    when there is none, ``values`` is empty and ``path`` is None.
+    """
+    if path is None:
+        for candidate in CONFIG_SEARCH_PATH:
+            if os.path.isfile(candidate):
+                path = candidate
+                break
+        else:
+            return {}, None, []
+    values, warnings = read_config_file(path)
+    return values, path, warnings
+
+
+def _option_value(text):
+    """Read -o KEY=VALUE as the file would; list items split at commas."""
+    key, equals, value = text.partition("=")
+    key = key.strip()
+    if not equals or key not in CONFIG_KEYS:
+        raise ValueError("-o %s: expected KEY=VALUE with a configuration "
+                         "key" % log_escape(text))
+    convert, kind, _ = CONFIG_KEYS[key]
+    try:
+        if kind == "list":
+            items = [item.split() for item in value.split(",")
+                     if item.strip()]
+            return key, [convert(item[0] if len(item) == 1 else tuple(item))
+                         for item in items]
+        return key, convert(value.strip())
+    except ValueError as error:
+        raise ValueError("-o %s: %s" % (key, error))
+
+
+def read_settings(args):
+    """The configuration file and the command line's keys over it: return
+    ``(values, path, warnings)``; raise ConfigError or ValueError."""
+    values, path, warnings = load_config(args.config)
+    if args.listen:
+        values["listen_ip"], values["port"] = _split_host_port(args.listen)
+    if args.upstream:
+        values["smtp_ip"], values["smtp_port"] = _split_host_port(
+            args.upstream, values.get("smtp_port", 8025))
+    if args.debug is not None:
+        values["debug"] = args.debug
+    for key in KEY_OPTIONS:
+        text = getattr(args, key)
+        if text is not None:
+            values.update([_option_value("%s=%s" % (key, text))])
+    for text in args.set or ():
+        values.update([_option_value(text)])
+    return values, path, warnings
+
+
+def handler_class_for(base, values):
+    """A subclass of ``base`` whose attributes are the handler's keys."""
+    attributes = dict((key, value) for key, value in values.items()
+                      if key not in SERVER_KEYS)
+    return type(base.__name__, (base,), attributes)
+
+
+def configure_server(server, values, keys=SERVER_SETTINGS):
+    """Set the server's keys (limits, grace period) from ``values``; a
+    policy server's are POLICY_SETTINGS."""
+    for key in keys:
+        if key in values:
+            setattr(server, key, values[key])
+        else:
+            # Back to the default, also when a reload removed the key.
+            server.__dict__.pop(key, None)
+
+
+# ===========================================================================
+# == 14. The service's files and privileges, as root ==
+# ===========================================================================
+#
+# Owns:  what runs as root: the logs (configure_logging), the pidfile, files
+#        opened only where no other user can plant a link (open_service_file),
+#        the user to serve as and the switch (drop_privileges, check_as).
+# Enter: open_service_file(key, path, identity), configure_logging(values).
+# Uses:  section 13 (the values).
+
+
+class StartError(Exception):
+    """The service cannot start; ``status`` is the exit status."""
+
+    def __init__(self, message, status=1):
+        Exception.__init__(self, message)
+        self.status = status
 
 
 _installed_log_handlers = []      # (role, logger, handler) set up by us
@@ -7574,6 +7884,8 @@ _installed_log_handlers = []      # (role, logger, handler) set up by us
 # The service's log lines; syslog's are tagged as mail daemons' are.
 SERVICE_LOG_FORMAT = ("%(asctime)s smtpproxy[%(process)d]: %(levelname)s "
                       "%(message)s")
+
+
 SYSLOG_FORMAT = "smtpproxy[%(process)d]: %(message)s"
 
 
@@ -7903,126 +8215,6 @@ def configure_logging(values, identity=None, keep_failed=False):
     return errors
 
 
-def format_config(handler_class, values):
-    """The effective configuration, every key, in the file format."""
-    lines = []
-    for key in sorted(CONFIG_KEYS):
-        kind = CONFIG_KEYS[key][1]
-        if key in values:
-            value = values[key]
-        elif key in SERVICE_DEFAULTS:
-            value = SERVICE_DEFAULTS[key]
-        elif key in SERVER_SETTINGS:
-            value = getattr(SMTPProxyServer, key)
-        elif key in POLICY_SETTINGS:
-            value = getattr(_PolicyServing, key)
-        else:
-            value = getattr(handler_class, key, None)
-        if value is None:
-            continue
-        if key == "greylist_db":
-            value = redact_uri(value)
-        if kind == "list":
-            lines.append("%s:" % key)
-            lines.extend("    %s" % (item if isinstance(item, str)
-                                     else " ".join(item)) for item in value)
-        elif isinstance(value, bool):
-            lines.append("%s = %s" % (key, "yes" if value else "no"))
-        else:
-            lines.append("%s = %s" % (key, value))
-    return "\n".join(lines)
-
-
-def administer_store(handler_class, args, identity=None):
-    """The --db-* commands, on the greylisting store of the configuration,
-    like OpenBSD's spamdb; return the exit status.
-
-    Run as root, an sqlite store is worked on as the serving user
-    ``identity`` (uid, gid, name): this process switches to it for good
-    first, so that a link in the store's directory leads only where that
-    user may go, and what is made is the user's.  With no user, root
-    works only on a store in a directory no other user can change."""
-    path = getattr(handler_class, "greylist_db", None)
-    if not path:
-        sys.stderr.write("smtpproxy: error: %s has no greylist_db\n"
-                         % handler_class.__name__)
-        return 2
-    database = is_database_uri(path)
-    if not database:
-        path = os.path.abspath(path)
-        try:
-            if identity is not None and os.geteuid() == 0:
-                uid, gid, name = identity
-                os.setgid(gid)
-                os.initgroups(name, gid)
-                os.setuid(uid)
-            check_root_store(path)
-        except StartError as error:
-            sys.stderr.write("smtpproxy: error: %s\n" % error)
-            return error.status
-    key = args.db_pass or args.db_delete
-    if key:
-        key = " ".join(key)     # quoted or not
-        prefixes = (getattr(handler_class, "ipv4_prefix", 24),
-                    getattr(handler_class, "ipv6_prefix", 64))
-        try:
-            key = parse_store_key(key, *prefixes,
-                                  network=bool(args.db_delete))
-        except ValueError as error:
-            if args.db_pass:
-                sys.stderr.write("smtpproxy: error: --db-pass: %s\n"
-                                 % error)
-                return 2
-            # --db-delete takes whatever a store holds, as it is.
-    if not database and not os.path.exists(path) and not args.db_pass:
-        sys.stderr.write("smtpproxy: error: no greylisting store at %s: "
-                         "give the proxy's --config (or -o greylist_db="
-                         "PATH), or run from the directory it runs in\n"
-                         % path)
-        return 1
-    sys.stderr.write("smtpproxy: store %s\n" % redact_uri(path))
-    try:
-        store = open_store(path, handler_class)
-        now = time.time()
-        if args.db_list:
-            def stamp(moment):
-                if moment is None:
-                    return "-"
-                return time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                     time.gmtime(moment))
-            print("STATE   KEY | FIRST SEEN | LAST SEEN | PASSES")
-            for state, key, first, last, count in store.entries():
-                print("%-7s %s | %s | %s | %d" % (state, log_escape(key),
-                                                 stamp(first), stamp(last),
-                                                 count))
-        elif args.db_stats:
-            for state, count in sorted(store.stats().items()):
-                print("%-7s %d" % (state, count))
-        elif args.db_purge:
-            print("purged %d" % store.purge(now))
-        elif args.db_pass:
-            store.pass_key(key, now)
-            print("passed %s" % log_escape(key))
-        elif store.delete(key):
-            print("deleted %s" % log_escape(key))
-        else:
-            sys.stderr.write("smtpproxy: no entry %s\n" % log_escape(key))
-            return 1
-    except (sqlite3.Error, ResourceShortage) as error:
-        sys.stderr.write("smtpproxy: error: %s: %s\n"
-                         % (redact_uri(path), error))
-        return 1
-    return 0
-
-
-class StartError(Exception):
-    """The service cannot start; ``status`` is the exit status."""
-
-    def __init__(self, message, status=1):
-        Exception.__init__(self, message)
-        self.status = status
-
-
 def lock_pidfile(path):
     """Open and lock the pidfile; return its descriptor.
 
@@ -8185,6 +8377,59 @@ def drop_privileges(identity, check=None):
             os.setegid(0)
     os.setgid(gid)
     os.setuid(uid)
+
+
+def check_as(identity, check):
+    """Run ``check()`` as ``identity`` (uid, gid, name), in a child
+    process when this one is root, so that nothing changes here; a
+    StartError of the child's is raised again here."""
+    if identity is None or os.geteuid() != 0:
+        check()
+        return
+    uid, gid, name = identity
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:                            # the child
+        status = 0
+        try:
+            os.close(read_end)
+            os.setgid(gid)
+            os.initgroups(name, gid)
+            os.setuid(uid)
+            check()
+        except StartError as error:
+            os.write(write_end, str(error).encode("utf-8", "replace"))
+            status = error.status
+        except BaseException as error:     # nothing may escape a child
+            os.write(write_end, str(error).encode("utf-8", "replace"))
+            status = 1
+        os._exit(status)
+    os.close(write_end)
+    message = b""
+    while True:
+        data = os.read(read_end, 4096)
+        if not data:
+            break
+        message += data
+    os.close(read_end)
+    status = os.waitpid(pid, 0)[1]
+    if status:
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
+        raise StartError(message.decode("utf-8", "replace")
+                         or "the check as %s failed" % name, code or 1)
+
+
+# ===========================================================================
+# == 15. Checks and the admin commands ==
+# ===========================================================================
+#
+# Owns:  what --check-config and a start check (each check_*), the warnings
+#        of a configuration that says what it does not mean, the policy
+#        service's socket, and the --db-* commands (administer_store).
+# Enter: check_configuration(handler_class, values), administer_store().
+# Uses:  sections 9, 10, 12 to 14.
 
 
 def check_proxy_protocol(handler_class):
@@ -8411,6 +8656,39 @@ def _policy_tcp_warnings(values):
             "policy_socket_group = postfix" % where]
 
 
+def check_dns_lists(handler_class):
+    """The ``dnsbl`` and ``dnswl`` entries of a handler's own attributes
+    (those of the configuration were read by _zone()) parse."""
+    for key in ("dnsbl", "dnswl"):
+        for entry in getattr(handler_class, key, None) or ():
+            try:
+                parse_dns_list(entry)
+            except ValueError as error:
+                raise StartError("%s: %s" % (key, error), 2)
+
+
+def check_policy(handler_class, values):
+    """What the policy service needs: a greylisting class to apply, a
+    group that exists, and something to serve."""
+    if values.get("policy_listen"):
+        if not (isinstance(handler_class, type) and issubclass(
+                handler_class, GreyListingPolicy)):
+            raise StartError("policy_listen: the policy service applies "
+                             "greylisting: --class must be GreyListingPolicy "
+                             "or a subclass, not %s" % handler_class.__name__,
+                             2)
+        group = values.get("policy_socket_group")
+        if group and values["policy_listen"].startswith("unix:"):
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                raise StartError("policy_socket_group %s: no such group"
+                                 % group, 2)
+    elif values.get("smtp_proxy") is False:
+        raise StartError("smtp_proxy = no, and no policy_listen: nothing "
+                         "to serve", 2)
+
+
 def check_configuration(handler_class, values, files=True, notes=None):
     """Every check of the start that needs no port, as --check-config
     and a reload run them: the user and group (and root without one),
@@ -8432,116 +8710,6 @@ def check_configuration(handler_class, values, files=True, notes=None):
     else:
         check_as(identity, lambda: check_store(handler_class, create=False))
     return warnings + configuration_warnings(handler_class, values)
-
-
-def check_dns_lists(handler_class):
-    """The ``dnsbl`` and ``dnswl`` entries of a handler's own attributes
-    (those of the configuration were read by _zone()) parse."""
-    for key in ("dnsbl", "dnswl"):
-        for entry in getattr(handler_class, key, None) or ():
-            try:
-                parse_dns_list(entry)
-            except ValueError as error:
-                raise StartError("%s: %s" % (key, error), 2)
-
-
-def check_as(identity, check):
-    """Run ``check()`` as ``identity`` (uid, gid, name), in a child
-    process when this one is root, so that nothing changes here; a
-    StartError of the child's is raised again here."""
-    if identity is None or os.geteuid() != 0:
-        check()
-        return
-    uid, gid, name = identity
-    read_end, write_end = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:                            # the child
-        status = 0
-        try:
-            os.close(read_end)
-            os.setgid(gid)
-            os.initgroups(name, gid)
-            os.setuid(uid)
-            check()
-        except StartError as error:
-            os.write(write_end, str(error).encode("utf-8", "replace"))
-            status = error.status
-        except BaseException as error:     # nothing may escape a child
-            os.write(write_end, str(error).encode("utf-8", "replace"))
-            status = 1
-        os._exit(status)
-    os.close(write_end)
-    message = b""
-    while True:
-        data = os.read(read_end, 4096)
-        if not data:
-            break
-        message += data
-    os.close(read_end)
-    status = os.waitpid(pid, 0)[1]
-    if status:
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
-        raise StartError(message.decode("utf-8", "replace")
-                         or "the check as %s failed" % name, code or 1)
-
-
-def _option_value(text):
-    """Read -o KEY=VALUE as the file would; list items split at commas."""
-    key, equals, value = text.partition("=")
-    key = key.strip()
-    if not equals or key not in CONFIG_KEYS:
-        raise ValueError("-o %s: expected KEY=VALUE with a configuration "
-                         "key" % log_escape(text))
-    convert, kind, _ = CONFIG_KEYS[key]
-    try:
-        if kind == "list":
-            items = [item.split() for item in value.split(",")
-                     if item.strip()]
-            return key, [convert(item[0] if len(item) == 1 else tuple(item))
-                         for item in items]
-        return key, convert(value.strip())
-    except ValueError as error:
-        raise ValueError("-o %s: %s" % (key, error))
-
-
-def read_settings(args):
-    """The configuration file and the command line's keys over it: return
-    ``(values, path, warnings)``; raise ConfigError or ValueError."""
-    values, path, warnings = load_config(args.config)
-    if args.listen:
-        values["listen_ip"], values["port"] = _split_host_port(args.listen)
-    if args.upstream:
-        values["smtp_ip"], values["smtp_port"] = _split_host_port(
-            args.upstream, values.get("smtp_port", 8025))
-    if args.debug is not None:
-        values["debug"] = args.debug
-    for key in KEY_OPTIONS:
-        text = getattr(args, key)
-        if text is not None:
-            values.update([_option_value("%s=%s" % (key, text))])
-    for text in args.set or ():
-        values.update([_option_value(text)])
-    return values, path, warnings
-
-
-def handler_class_for(base, values):
-    """A subclass of ``base`` whose attributes are the handler's keys."""
-    attributes = dict((key, value) for key, value in values.items()
-                      if key not in SERVER_KEYS)
-    return type(base.__name__, (base,), attributes)
-
-
-def configure_server(server, values, keys=SERVER_SETTINGS):
-    """Set the server's keys (limits, grace period) from ``values``; a
-    policy server's are POLICY_SETTINGS."""
-    for key in keys:
-        if key in values:
-            setattr(server, key, values[key])
-        else:
-            # Back to the default, also when a reload removed the key.
-            server.__dict__.pop(key, None)
 
 
 def _remove_stale_socket(path):
@@ -8620,26 +8788,97 @@ def open_policy_server(values, settings, identity=None):
     return server
 
 
-def check_policy(handler_class, values):
-    """What the policy service needs: a greylisting class to apply, a
-    group that exists, and something to serve."""
-    if values.get("policy_listen"):
-        if not (isinstance(handler_class, type) and issubclass(
-                handler_class, GreyListingPolicy)):
-            raise StartError("policy_listen: the policy service applies "
-                             "greylisting: --class must be GreyListingPolicy "
-                             "or a subclass, not %s" % handler_class.__name__,
-                             2)
-        group = values.get("policy_socket_group")
-        if group and values["policy_listen"].startswith("unix:"):
-            try:
-                grp.getgrnam(group)
-            except KeyError:
-                raise StartError("policy_socket_group %s: no such group"
-                                 % group, 2)
-    elif values.get("smtp_proxy") is False:
-        raise StartError("smtp_proxy = no, and no policy_listen: nothing "
-                         "to serve", 2)
+def administer_store(handler_class, args, identity=None):
+    """The --db-* commands, on the greylisting store of the configuration,
+    like OpenBSD's spamdb; return the exit status.
+
+    Run as root, an sqlite store is worked on as the serving user
+    ``identity`` (uid, gid, name): this process switches to it for good
+    first, so that a link in the store's directory leads only where that
+    user may go, and what is made is the user's.  With no user, root
+    works only on a store in a directory no other user can change."""
+    path = getattr(handler_class, "greylist_db", None)
+    if not path:
+        sys.stderr.write("smtpproxy: error: %s has no greylist_db\n"
+                         % handler_class.__name__)
+        return 2
+    database = is_database_uri(path)
+    if not database:
+        path = os.path.abspath(path)
+        try:
+            if identity is not None and os.geteuid() == 0:
+                uid, gid, name = identity
+                os.setgid(gid)
+                os.initgroups(name, gid)
+                os.setuid(uid)
+            check_root_store(path)
+        except StartError as error:
+            sys.stderr.write("smtpproxy: error: %s\n" % error)
+            return error.status
+    key = args.db_pass or args.db_delete
+    if key:
+        key = " ".join(key)     # quoted or not
+        prefixes = (getattr(handler_class, "ipv4_prefix", 24),
+                    getattr(handler_class, "ipv6_prefix", 64))
+        try:
+            key = parse_store_key(key, *prefixes,
+                                  network=bool(args.db_delete))
+        except ValueError as error:
+            if args.db_pass:
+                sys.stderr.write("smtpproxy: error: --db-pass: %s\n"
+                                 % error)
+                return 2
+            # --db-delete takes whatever a store holds, as it is.
+    if not database and not os.path.exists(path) and not args.db_pass:
+        sys.stderr.write("smtpproxy: error: no greylisting store at %s: "
+                         "give the proxy's --config (or -o greylist_db="
+                         "PATH), or run from the directory it runs in\n"
+                         % path)
+        return 1
+    sys.stderr.write("smtpproxy: store %s\n" % redact_uri(path))
+    try:
+        store = open_store(path, handler_class)
+        now = time.time()
+        if args.db_list:
+            def stamp(moment):
+                if moment is None:
+                    return "-"
+                return time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                     time.gmtime(moment))
+            print("STATE   KEY | FIRST SEEN | LAST SEEN | PASSES")
+            for state, key, first, last, count in store.entries():
+                print("%-7s %s | %s | %s | %d" % (state, log_escape(key),
+                                                 stamp(first), stamp(last),
+                                                 count))
+        elif args.db_stats:
+            for state, count in sorted(store.stats().items()):
+                print("%-7s %d" % (state, count))
+        elif args.db_purge:
+            print("purged %d" % store.purge(now))
+        elif args.db_pass:
+            store.pass_key(key, now)
+            print("passed %s" % log_escape(key))
+        elif store.delete(key):
+            print("deleted %s" % log_escape(key))
+        else:
+            sys.stderr.write("smtpproxy: no entry %s\n" % log_escape(key))
+            return 1
+    except (sqlite3.Error, ResourceShortage) as error:
+        sys.stderr.write("smtpproxy: error: %s: %s\n"
+                         % (redact_uri(path), error))
+        return 1
+    return 0
+
+
+# ===========================================================================
+# == 16. The service: start, signals, reloads, workers ==
+# ===========================================================================
+#
+# Owns:  the start in the order a daemon on port 25 needs, the signals and
+#        reloads, the graceful stop (Service), the pre-fork master (Master)
+#        and its workers (Worker), the signals of both roles (_SIGNALS).
+# Enter: Service(args, base, values, path, warnings).run().
+# Uses:  sections 11 to 15.
 
 
 def _reopen_log_files(values):
@@ -8667,6 +8906,8 @@ def _reopen_log_files(values):
 # A worker also stops, as on SIGTERM, when its master is gone.
 _SignalRoles = collections.namedtuple("_SignalRoles",
                                       "serving master passed_on")
+
+
 _SIGNALS = {
     signal.SIGTERM: _SignalRoles("_stop_serving", "_stop_workers",
                                  signal.SIGTERM),
@@ -9075,7 +9316,6 @@ class Service(_SignalsNoted):
 
 
 # -- several processes (workers) ---------------------------------------------
-
 class Master(_SignalsNoted):
     """``workers`` > 1: the process that started (its ``service``) forks
     that many Worker processes, which serve the port it bound (and, the
@@ -9290,6 +9530,64 @@ class Worker(Service):
             self.stop_asked = True
             self.pending.append(signal.SIGTERM)
         Service.on_service(self)
+
+
+# ===========================================================================
+# == 17. The command line ==
+# ===========================================================================
+#
+# Owns:  --help (the module's docstring), the options, and main().
+# Enter: main(argv).
+# Uses:  sections 13 to 16.
+
+
+DEFAULT_CLASS = "smtpproxy.GreyListingPolicy"
+
+
+def _usage():
+    # Each key's name and default, by section: its help is in
+    # --sample-config, which an admin keeps as the configuration file.
+    sections = collections.OrderedDict()
+    for key in KEYS:
+        sections.setdefault(key.section, []).append(
+            "%s (%s)" % (key.name, shown_default(key)))
+    # An item is not broken across lines (NUL stands for its blanks).
+    keys = "\n".join(
+        "    %s:\n%s" % (section, textwrap.fill(
+            "; ".join(item.replace(" ", "\0") for item in items), 79,
+            initial_indent=" " * 8, subsequent_indent=" " * 8,
+            break_on_hyphens=False).replace("\0", " "))
+        for section, items in sections.items())
+    names = [name for name in CONFIG_SEARCH_PATH
+             if not name.endswith(".dist")]
+    if CONFIG_SEARCH_PATH == names + [name + ".dist" for name in names]:
+        names.append("then each of them with .dist")
+    else:
+        names = CONFIG_SEARCH_PATH
+    search_path = textwrap.fill(", ".join(names), 79,
+                                initial_indent=" " * 12,
+                                subsequent_indent=" " * 12,
+                                break_on_hyphens=False)
+    key_options = textwrap.fill(
+        ", ".join("--" + name.replace("_", "-") for name in KEY_OPTIONS),
+        79, initial_indent=" " * 12, subsequent_indent=" " * 12,
+        break_on_hyphens=False)
+    return __doc__ % {"program": "smtpproxy", "default_class": DEFAULT_CLASS,
+                      "config_keys": keys, "search_path": search_path,
+                      "key_options": key_options}
+
+
+def find_class(dotted_name):
+    """Import ``module.Class`` (or a class of this module by bare name)."""
+    module_name, _, class_name = dotted_name.rpartition(".")
+    if not module_name:
+        module = sys.modules[__name__]
+    else:
+        module = importlib.import_module(module_name)
+    handler = getattr(module, class_name)
+    if not (isinstance(handler, type) and issubclass(handler, MailHandler)):
+        raise TypeError("%s is not a MailHandler class" % dotted_name)
+    return handler
 
 
 def main(argv=None):
