@@ -191,7 +191,7 @@ import urllib.parse
 # grep token (# == N. Title ==):
 #
 #   1. Text: what a client may write, and how it reaches a log
-#       (log_escape, parse_path, the domain rule)
+#       (log_escape, parse_path, addresses)
 #   2. Sockets: deadlines, line reading, TLS contexts, descriptors
 #       (Expired, _LineReader, send_within, TLS)
 #   3. Shared by the sessions of a process: caches, threads, list files
@@ -321,9 +321,9 @@ dialogue_log = logging.getLogger("smtpproxy.dialogue")
 # ===========================================================================
 #
 # Owns:  log_escape() (no client octet reaches a log unescaped); the RFC 5321
-#        path grammar and its limits (parse_path); the one rule that says
-#        whether a domain is ours (_domain_key); IPv4-mapped addresses.
-# Enter: parse_path(text, utf8), log_escape(text), _domain_key(domain).
+#        path grammar and its limits (parse_path); IPv4-mapped addresses
+#        (unmapped) and networks (_in_network).
+# Enter: parse_path(text, utf8), log_escape(text).
 # Uses:  nothing of this module.
 
 
@@ -525,33 +525,6 @@ def parse_path(text, null_allowed=False, postmaster_allowed=False,
             seen.add(keyword)
             params.append((keyword, match.group(2)))
     return mailbox, route, params
-
-
-def _domain_key(domain):
-    """A domain as compared, by the rule the upstream applies to the
-    address that is forwarded as it was written: ASCII letters in lower
-    case (RFC 5321 section 2.4), no final dot, and nothing else mapped.
-    A name with U-labels (SMTPUTF8) is itself: not folded by IDNA 2003's
-    nameprep (which read class.org written in fullwidth letters, U+FF43
-    ..., as class.org, dropped a soft hyphen, U+00AD, and made sharp s,
-    U+00DF, "ss"), nor by Unicode case or NFC, so
-    it is ours only if listed exactly so; an A-label (xn--...) matches
-    only an A-label."""
-    return domain.translate(_ASCII_LOWER).rstrip(".")
-
-
-_ASCII_LOWER = dict((code, code + 32) for code in range(ord("A"),
-                                                        ord("Z") + 1))
-
-
-def _recipient_key(recipient):
-    """A recipient as whitelists and greylisting keys compare it: the
-    local-part in lower case, the domain by _domain_key()'s rule, so that
-    no two domains the relay check tells apart are one here."""
-    local, at, domain = recipient.rpartition("@")
-    if not at:
-        return recipient.lower()
-    return local.lower() + at + _domain_key(domain)
 
 
 def unmapped(address):
@@ -4066,8 +4039,9 @@ def name_key(name):
 # ===========================================================================
 #
 # Owns:  the rules in their order (Greylister, pure but for its store), the
-#        Decision, the store's keys (network_key, normalise_sender), the bound
-#        on new triplets (NewTriplets), and GreyListingPolicy, which asks it.
+#        Decision, the one rule that says whether a domain is ours
+#        (_domain_key), the store's keys (network_key, normalise_sender), the
+#        bound on new triplets (NewTriplets), and GreyListingPolicy.
 # Enter: Greylister(settings).decide(client, sender, recipient, now).
 # Uses:  sections 1, 3, 7; the stores of sections 9 and 10 (through stores).
 
@@ -4106,6 +4080,33 @@ class Decision(object):
 
     def __repr__(self):
         return "Decision(%r, %r, %r)" % (self.verdict, self.rule, self.key)
+
+
+def _domain_key(domain):
+    """A domain as compared, by the rule the upstream applies to the
+    address that is forwarded as it was written: ASCII letters in lower
+    case (RFC 5321 section 2.4), no final dot, and nothing else mapped.
+    A name with U-labels (SMTPUTF8) is itself: not folded by IDNA 2003's
+    nameprep (which read class.org written in fullwidth letters, U+FF43
+    ..., as class.org, dropped a soft hyphen, U+00AD, and made sharp s,
+    U+00DF, "ss"), nor by Unicode case or NFC, so
+    it is ours only if listed exactly so; an A-label (xn--...) matches
+    only an A-label."""
+    return domain.translate(_ASCII_LOWER).rstrip(".")
+
+
+_ASCII_LOWER = dict((code, code + 32) for code in range(ord("A"),
+                                                        ord("Z") + 1))
+
+
+def _recipient_key(recipient):
+    """A recipient as whitelists and greylisting keys compare it: the
+    local-part in lower case, the domain by _domain_key()'s rule, so that
+    no two domains the relay check tells apart are one here."""
+    local, at, domain = recipient.rpartition("@")
+    if not at:
+        return recipient.lower()
+    return local.lower() + at + _domain_key(domain)
 
 
 # Pure functions of a client's address and name that the greylisting of
