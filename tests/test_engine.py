@@ -11,19 +11,6 @@ import smtpproxy
 T0 = 1000000000.0
 
 
-@pytest.fixture
-def engine(tmp_path):
-    """``engine(**keys)``: a Greylister of a GreyListingPolicy subclass
-    with these keys, for example.org, on a store of its own."""
-    def make(**keys):
-        keys.setdefault("allowed_domains", ["example.org"])
-        keys.setdefault("greylist_db", str(tmp_path / "engine.db"))
-        settings = type("Settings", (smtpproxy.GreyListingPolicy,), keys)
-        return smtpproxy.Greylister(settings)
-    yield make
-    smtpproxy.reset_registries()
-
-
 def verdict(decision):
     return decision.verdict, decision.rule
 

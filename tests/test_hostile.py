@@ -36,7 +36,7 @@ import pytest
 
 import smtpproxy
 from conftest import (HERE, ROOT, ProxyProcess, RawClient, greeted,
-                      wait_until)
+                      open_transaction, wait_until)
 
 # A slow client sends one octet this often.
 TRICKLE = 0.4
@@ -151,14 +151,6 @@ def local_port(client):
     return client.sock.getsockname()[1]
 
 
-def open_data(client):
-    """EHLO, MAIL, RCPT, DATA: the client is in the message."""
-    assert client.cmd("EHLO client.example.net")[0] == 250
-    assert client.cmd("MAIL FROM:<a@example.net>")[0] == 250
-    assert client.cmd("RCPT TO:<b@example.org>")[0] == 250
-    assert client.cmd("DATA")[0] == 354
-
-
 def client_hello(certificates):
     """The octets of a TLS ClientHello, as the test authority's client
     would send it."""
@@ -243,7 +235,7 @@ def test_a_trickled_line_is_cut_at_its_deadline(proxy, upstream, logs,
     assert client.greeting[0] == 220
     first = b""
     if where == "data":
-        open_data(client)
+        open_transaction(client)
         client.send(b"Subject: slow\r\n\r\n")    # whole lines: fine
         phase = "DATA"
     else:
@@ -391,7 +383,7 @@ def test_an_endless_line_is_cut_after_max_message_size(proxy, upstream,
     port = proxy(max_message_size=100000, inactivity_timeout=3)
     client = RawClient(port, timeout=10)
     if where == "data":
-        open_data(client)
+        open_transaction(client)
         client.send(b"Subject: endless\r\n\r\n")
         expected = r"552 5\.3\.4 "
     else:
@@ -425,7 +417,7 @@ def test_a_message_refused_within_the_bound_leaves_the_session_going(
     end, and the session goes on."""
     limit = 10000 if len(body) < 20000 else 100000
     client = RawClient(proxy(max_message_size=limit), timeout=10)
-    open_data(client)
+    open_transaction(client)
     client.send(body + b".\r\n")
     code, text = client.reply()
     assert code == 552, (code, text)
@@ -798,7 +790,7 @@ def test_under_stress_idle_sessions_are_shed_and_a_transfer_is_not(
     server.stress_threshold = 50
     server.stress_timeout = 1
     writer = RawClient(port, timeout=10)
-    open_data(writer)
+    open_transaction(writer)
     writer.send(b"Subject: under stress\r\n\r\n")
     stop = threading.Event()
     written = []

@@ -63,7 +63,6 @@ def policy(tmp_path):
         server.shutdown()
         server.close_connections()
         server.server_close()
-    smtpproxy.reset_registries()
 
 
 class PolicyClient(object):

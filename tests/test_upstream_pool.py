@@ -9,19 +9,10 @@ import re
 import smtplib
 import socket
 
-import pytest
-
 import smtpproxy
 from conftest import ProxyFactory, RawClient, Upstream, wait_until
 
 MESSAGE = b"Subject: pooled\r\n\r\nhello\r\n"
-
-
-@pytest.fixture(autouse=True)
-def empty_pool():
-    smtpproxy.upstream_pool.reset()
-    yield
-    smtpproxy.upstream_pool.reset()
 
 
 def send(port, helo="client.example.net", sender="a@example.net"):
