@@ -27,16 +27,13 @@ import selectors
 import smtplib
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-import smtpproxy
-from conftest import (HERE, ROOT, ProxyProcess, RawClient, greeted,
-                      open_transaction, wait_until)
+from conftest import (ProxyProcess, RawClient, greeted, open_transaction,
+                      wait_until)
 
 # A slow client sends one octet this often.
 TRICKLE = 0.4
@@ -171,50 +168,6 @@ def logs(caplog):
     """caplog, recording the proxy's log from INFO up."""
     caplog.set_level(logging.INFO, logger="smtpproxy")
     return caplog
-
-
-
-
-# ---------------------------------------------------------------------------
-# The new keys
-# ---------------------------------------------------------------------------
-
-def run_check_config(*options):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, ROOT]))
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "smtpproxy.py"),
-         "-o", "greylist_log=", "-o", "run_as_root=yes", "--check-config"]
-        + list(options),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        universal_newlines=True, env=env, timeout=30)
-
-
-def test_the_new_keys_and_their_defaults():
-    """max_session_time (3600; 0: no limit), connection_ipv4_prefix (32),
-    connection_ipv6_prefix (64), stress_threshold (80 percent; 0: never),
-    stress_timeout (10): configuration keys with these defaults."""
-    assert smtpproxy.GreyListingPolicy.max_session_time == 3600
-    server = smtpproxy.SMTPProxyServer
-    assert server.connection_ipv4_prefix == 32
-    assert server.connection_ipv6_prefix == 64
-    assert server.stress_threshold == 80
-    assert server.stress_timeout == 10
-    result = run_check_config()
-    assert result.returncode == 0, result.stderr
-    for line in ("max_session_time = 3600", "connection_ipv4_prefix = 32",
-                 "connection_ipv6_prefix = 64", "stress_threshold = 80",
-                 "stress_timeout = 10"):
-        assert line + "\n" in result.stdout + "\n", line
-    result = run_check_config("-o", "max_session_time=0",
-                              "-o", "connection_ipv4_prefix=24",
-                              "-o", "connection_ipv6_prefix=48",
-                              "-o", "stress_threshold=0",
-                              "-o", "stress_timeout=3")
-    assert result.returncode == 0, result.stderr
-    for line in ("max_session_time = 0", "connection_ipv4_prefix = 24",
-                 "connection_ipv6_prefix = 48", "stress_threshold = 0",
-                 "stress_timeout = 3"):
-        assert line + "\n" in result.stdout + "\n", line
 
 
 # ---------------------------------------------------------------------------
