@@ -96,6 +96,12 @@ try:
 except ImportError:  # pragma: no cover - not on Linux
     resource = None
 
+# The tests' free_port (tests/helpers.py of this checkout, whatever
+# --repo names).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'tests'))
+from helpers import free_port  # noqa: E402
+
 
 def _smtpproxy_module():
     """Return the smtpproxy module, reusing it if it runs as __main__.
@@ -213,16 +219,6 @@ def find_tool(name):
         raise ToolMissing('%s not found (Debian/Ubuntu: apt-get install '
                           'postfix)' % name)
     return path
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 def read_reply(fileobj):

@@ -40,8 +40,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import smtpproxy  # noqa: E402
+from helpers import free_port  # noqa: E402
 
 DEFER = b"action=DEFER_IF_PERMIT 4.7.1 Greylisted, please try again later\n\n"
 DUNNO = b"action=DUNNO\n\n"
@@ -54,14 +56,6 @@ def request(sender, recipient):
             "helo_name=client.example.net\nsender=%s\nrecipient=%s\n"
             "instance=1.2.3\nqueue_id=\nsize=0\n\n"
             % (sender, recipient)).encode()
-
-
-def free_port():
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
 
 
 def connection(port, requests, expected, latencies, errors):
@@ -121,7 +115,6 @@ def main(argv=None):
     cluster = process = None
     try:
         if args.postgresql:
-            sys.path.insert(0, os.path.join(REPO, "tests"))
             import pg
             cluster = pg.PostgreSQL(settings={"fsync": "on"})
             store = cluster.database()

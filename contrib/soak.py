@@ -102,6 +102,10 @@ import time
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+from helpers import free_port  # noqa: E402
+
 PROXY_SCRIPT = os.path.join(os.path.dirname(HERE), "smtpproxy.py")
 
 LOOPBACK = "127.0.0.1"
@@ -791,15 +795,6 @@ class UpstreamSession(socketserver.StreamRequestHandler):
 # ---------------------------------------------------------------------------
 # The proxy
 # ---------------------------------------------------------------------------
-
-def free_port():
-    probe = socket.socket()
-    try:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
-    finally:
-        probe.close()
-
 
 Sample = collections.namedtuple("Sample", "time fds threads rss")
 
@@ -1748,7 +1743,6 @@ def main(argv=None):
     cluster = None
     try:
         if args.postgresql:
-            sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
             import pg
             cluster = pg.PostgreSQL()
             args.greylist_db = cluster.database()

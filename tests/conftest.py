@@ -3,6 +3,11 @@
 The upstream runs in an asyncio loop on a thread of its own; the proxy runs
 in-process (SMTPProxyServer in a thread) or as a subprocess of the command
 line.  Nothing sleeps to wait for a server: each fixture polls until ready.
+After every test the process-wide registries are reset (fixture
+``fresh_registries``): no test sees what another left behind.
+
+A test goes in the file of the feature it specifies; tests/test_hostile.py
+and tests/test_smuggling.py are the exceptions: their axis is the adversary.
 """
 
 import asyncio
@@ -24,6 +29,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import smtpproxy  # noqa: E402
+from helpers import free_port  # noqa: E402
 from plainproxy import AcceptAll  # noqa: E402
 from pg import PostgreSQL  # noqa: E402
 # A private, real Postfix (fixture postfix_factory), as the upstream of the
@@ -38,12 +44,28 @@ PG_DRIVERS = ["psycopg2"] + (["psycopg"] if sys.version_info >= (3, 7)
 
 
 @pytest.fixture(autouse=True)
-def lookups_forget_their_timeouts():
-    """A lookup that timed out leaves its client network (127.0.0.0/24,
-    say) without names for a minute (LookupThreads.silent()): not in
-    the next test."""
+def fresh_registries():
+    """What a test left in the process is gone before the next one: the
+    registries (stores closed, the networks' new triplets, list files,
+    DNS list answers, TLS contexts, upstream capabilities, pooled upstream
+    sessions, errors logged once: smtpproxy.reset_registries()), and the
+    networks a lookup timed out for, which would otherwise stay without
+    names for a minute (LookupThreads.silent())."""
     yield
+    smtpproxy.reset_registries()
     smtpproxy.lookup_threads.forget_timeouts()
+
+
+@pytest.fixture
+def engine(tmp_path):
+    """``engine(**keys)``: a Greylister of a GreyListingPolicy subclass
+    with these keys, for example.org, on a store of its own."""
+    def make(**keys):
+        keys.setdefault("allowed_domains", ["example.org"])
+        keys.setdefault("greylist_db", str(tmp_path / "engine.db"))
+        settings = type("Settings", (smtpproxy.GreyListingPolicy,), keys)
+        return smtpproxy.Greylister(settings)
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -58,15 +80,6 @@ def postgresql():
 def pg_uri(postgresql):
     """The URI of a new, empty database of the private cluster."""
     return postgresql.database()
-
-
-def free_port():
-    """A TCP port of 127.0.0.1 that nothing listens on (now)."""
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
 
 
 def read(path):
@@ -597,6 +610,20 @@ class RawClient(object):
         self.sock.close()
 
 
+def open_transaction(client, sender="a@example.net",
+                     recipients=("b@example.org",),
+                     helo="client.example.net", data=True):
+    """EHLO, MAIL and each RCPT, every one answered 250, then (with
+    ``data``) DATA answered 354: the client is in the message."""
+    assert client.cmd("EHLO " + helo)[0] == 250
+    assert client.cmd("MAIL FROM:<%s>" % sender)[0] == 250
+    for recipient in recipients:
+        assert client.cmd("RCPT TO:<%s>" % recipient)[0] == 250
+    if data:
+        reply = client.cmd("DATA")
+        assert reply[0] == 354, reply
+
+
 @pytest.fixture
 def client_factory():
     clients = []
@@ -627,10 +654,7 @@ class ProxyProcess(object):
         """With ``files``, the process may open that many descriptors at
         most (its RLIMIT_NOFILE, set before smtpproxy.py runs).  It is
         ready when it answers SMTP, or when ``ready()`` is true."""
-        listen = socket.socket()
-        listen.bind(("127.0.0.1", 0))
-        self.port = listen.getsockname()[1]
-        listen.close()
+        self.port = free_port()
         self.config_path = str(tmp_path / "smtpproxy.conf")
         with open(self.config_path, "w") as config_file:
             config_file.write("greylist_log = %s\n"

@@ -39,10 +39,11 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
+
+from helpers import free_port
 
 USER = "nobody"
 START_TIMEOUT = 30.0
@@ -66,14 +67,6 @@ def binary(name):
     return found[-1]
 
 
-def _free_port():
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return port
-
-
 class PostgreSQL(object):
 
     def __init__(self, settings=None):
@@ -83,7 +76,7 @@ class PostgreSQL(object):
         self.data = os.path.join(self.directory, "data")
         self.socket_dir = self.directory
         self.log_path = os.path.join(self.directory, "postgres.log")
-        self.port = _free_port()
+        self.port = free_port()
         self.process = None
         self.count = 0
         self.made = set()

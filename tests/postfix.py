@@ -56,6 +56,8 @@ import sys
 import tempfile
 import time
 
+from helpers import free_port
+
 try:
     import pytest
 except ImportError:             # contrib/bench.py uses Postfix alone
@@ -274,14 +276,6 @@ def installation():
                            % found["mail_owner"])
     _installation.update(found)
     return _installation
-
-
-def free_port():
-    listen = socket.socket()
-    listen.bind(("127.0.0.1", 0))
-    port = listen.getsockname()[1]
-    listen.close()
-    return port
 
 
 def _reachable_by(path, user):

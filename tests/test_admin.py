@@ -159,8 +159,7 @@ def test_a_db_delete_reaches_a_running_proxy_within_the_cache_time(
     passes = [entry[4] for entry in smtpproxy.GreylistStore(str(db))
               .entries() if entry[0] == "WHITE"]
     assert run(tmp_path, "--db-delete", key)[0] == 0
-    deleted = time.monotonic()
-    # In memory still, or greylisted: never an error.
+    # In memory still (greylist_cache_time), or greylisted: never an
+    # error.
     wait_until(lambda: rcpt() == 451, what="the delete to be seen")
-    assert time.monotonic() - deleted < 5
     assert passes == [2]            # the --db-pass and the RCPT's

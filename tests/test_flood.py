@@ -38,8 +38,7 @@ def grey(proxy, tmp_path):
         attributes.setdefault("allowed_senders", [])
         attributes.setdefault("allowed_domains", ["example.org"])
         return proxy(handler=smtpproxy.GreyListingPolicy, **attributes)
-    yield start
-    smtpproxy.reset_registries()
+    return start
 
 
 @pytest.fixture
@@ -175,18 +174,6 @@ def test_a_network_adds_at_most_max_new_triplets_per_network_an_hour(
     # Another network has its own count.
     flood(port, 3, source="127.0.1.2", first=9000)
     assert store_rows(tmp_path) == 28
-
-
-@pytest.fixture
-def engine(tmp_path):
-    """``engine(**keys)``: a Greylister on a store of its own."""
-    def make(**keys):
-        keys.setdefault("allowed_domains", ["example.org"])
-        keys.setdefault("greylist_db", str(tmp_path / "engine.db"))
-        settings = type("Settings", (smtpproxy.GreyListingPolicy,), keys)
-        return smtpproxy.Greylister(settings)
-    yield make
-    smtpproxy.reset_registries()
 
 
 def triplets(grey):

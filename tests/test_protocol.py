@@ -13,6 +13,7 @@ the upstream get a fresh proxy and upstream of their own (``proxy``).
 """
 
 import re
+import select
 import threading
 import time
 
@@ -615,12 +616,12 @@ def test_silent_client_gets_421_after_inactivity_timeout(shared_proxy,
                                                          client_factory):
     client = connect(client_factory, shared_proxy(inactivity_timeout=1))
     start = time.monotonic()
-    code, text = client.reply()         # blocks until the proxy speaks
-    elapsed = time.monotonic() - start
+    # Blocks until the proxy speaks (the client would give up after 15 s).
+    code, text = client.reply()
     assert code == 421
     assert text.startswith("4.4.2 ")
     assert client.is_closed()
-    assert 0.5 < elapsed < 5
+    assert time.monotonic() - start > 0.5
 
 
 def test_silent_client_before_hello_gets_421(shared_proxy, client_factory):
@@ -655,13 +656,13 @@ def test_client_talking_during_greet_pause_is_dropped(shared_proxy,
     waiting = client_factory(port, greet=False)
     waiting_since = time.monotonic()
     talker = client_factory(port, greet=False)
-    start = time.monotonic()
     talker.send(b"EHLO x\r\n")
     code, text = talker.reply()
-    elapsed = time.monotonic() - start
     assert code == 554, text
     assert talker.is_closed()
-    assert elapsed < 2.5
+    # Dropped during the pause: the client that came first and waits has
+    # not been greeted yet.
+    assert select.select([waiting.sock], [], [], 0)[0] == []
     # The patient client is served normally, once the pause is over.
     code, text = waiting.reply()
     assert code == 220

@@ -6,7 +6,7 @@ import socket
 import threading
 
 import smtpproxy
-from conftest import RawClient
+from conftest import RawClient, wait_until
 from plainproxy import AcceptAll
 
 MESSAGE = b"Subject: t\r\n\r\nbody\r\n"
@@ -153,14 +153,6 @@ def one_session(port):
     client.quit()
 
 
-def wait_for(predicate):
-    import time
-    deadline = time.monotonic() + 10
-    while not predicate():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-
-
 def test_session_threads_serve_client_after_client(upstream):
     server = pooled_server(upstream)
     port = server.server_address[1]
@@ -168,12 +160,12 @@ def test_session_threads_serve_client_after_client(upstream):
     for _ in range(20):
         one_session(port)
         # The thread that served it waits for the next client.
-        wait_for(lambda: server._session_threads.idle == 1)
+        wait_until(lambda: server._session_threads.idle == 1)
     assert len(set(session_threads()) - before) == 1
     assert len(upstream.messages) == 20
     server.shutdown()
     server.server_close()
-    wait_for(lambda: not set(session_threads()) - before)
+    wait_until(lambda: not set(session_threads()) - before)
 
 
 def test_at_most_spare_threads_wait_and_idle_ones_end(upstream):
@@ -181,14 +173,14 @@ def test_at_most_spare_threads_wait_and_idle_ones_end(upstream):
     port = server.server_address[1]
     before = set(session_threads())
     clients = [RawClient(port) for _ in range(8)]      # 8 at once
-    wait_for(lambda: len(set(session_threads()) - before) == 8)
+    wait_until(lambda: len(set(session_threads()) - before) == 8)
     for client in clients:
         client.cmd("QUIT")
         client.close()
-    wait_for(lambda: len(set(session_threads()) - before) == 3)
+    wait_until(lambda: len(set(session_threads()) - before) == 3)
     assert server._session_threads.idle == 3
     # Unused for thread_idle_time: they end too.
-    wait_for(lambda: not set(session_threads()) - before)
+    wait_until(lambda: not set(session_threads()) - before)
     assert server._session_threads.idle == 0
     one_session(port)                   # and a client still gets a thread
     assert len(upstream.messages) == 1
@@ -200,7 +192,7 @@ def test_the_stop_ends_the_waiting_threads(upstream):
     server = pooled_server(upstream)
     before = set(session_threads())
     one_session(server.server_address[1])
-    wait_for(lambda: server._session_threads.idle == 1)
+    wait_until(lambda: server._session_threads.idle == 1)
     server.shutdown()
     assert server.stop(grace_period=1) == 0
-    wait_for(lambda: not set(session_threads()) - before)
+    wait_until(lambda: not set(session_threads()) - before)

@@ -22,8 +22,8 @@ import threading
 
 import pytest
 
-from conftest import (HERE, ROOT, RawClient, free_port, greeted, read,
-                      wait_until)
+from conftest import (HERE, ROOT, RawClient, free_port, greeted,
+                      open_transaction, read, wait_until)
 from plainproxy import AcceptAll
 import smtpproxy
 
@@ -58,13 +58,6 @@ def pid_alive(pid):
     # A zombie (exited, not yet reaped) counts as gone.
     with open("/proc/%d/stat" % pid) as stat:
         return stat.read().split(")")[-1].split()[0] != "Z"
-
-
-def start_transaction(client, recipient="rcpt@example.org"):
-    assert client.cmd("EHLO client.example.net")[0] == 250
-    assert client.cmd("MAIL FROM:<sender@example.net>")[0] == 250
-    assert client.cmd("RCPT TO:<%s>" % recipient)[0] == 250
-    assert client.cmd("DATA")[0] == 354
 
 
 # -- connection limits -------------------------------------------------------
@@ -286,7 +279,7 @@ def test_sigterm_lets_a_transaction_finish_within_the_grace_period(
         proxy_process, upstream):
     process = proxy_process(config="grace_period = 30\n")
     client = RawClient(process.port)
-    start_transaction(client)
+    open_transaction(client)
     client.send("Subject: half\r\n\r\nfirst half\r\n")
     process.process.send_signal(signal.SIGTERM)
     # The port closes: no new client...
@@ -315,7 +308,7 @@ def test_sigterm_mid_data_past_the_grace_period_delivers_nothing(
         proxy_process, upstream):
     process = proxy_process(config="grace_period = 1\n")
     client = RawClient(process.port)
-    start_transaction(client)
+    open_transaction(client)
     client.send("Subject: never finished\r\n\r\nsome of the text\r\n")
     wait_until(lambda: upstream.open_connections == 1,
                what="the upstream session")
@@ -337,7 +330,7 @@ def test_sigterm_during_a_transfer_delivers_and_acknowledges_or_neither(
     2xx if and only if the upstream has the whole message."""
     process = proxy_process(config="grace_period = 0\n")
     client = RawClient(process.port)
-    start_transaction(client)
+    open_transaction(client)
     body = b"".join(b"line %06d of the message text\r\n" % number
                     for number in range(10000))
     data = b"Subject: cut\r\n\r\n" + body + b".\r\n"
@@ -362,7 +355,7 @@ def test_sigterm_during_a_transfer_delivers_and_acknowledges_or_neither(
 def test_a_second_sigterm_ends_the_grace_period(proxy_process, upstream):
     process = proxy_process(config="grace_period = 600\n")
     client = RawClient(process.port)
-    start_transaction(client)
+    open_transaction(client)
     process.process.send_signal(signal.SIGTERM)
     wait_until(lambda: connection_refused(process.port),
                what="the listening socket to close")

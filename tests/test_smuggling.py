@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from conftest import ProxyFactory, RawUpstream, Upstream, wait_until
+from conftest import (ProxyFactory, RawUpstream, Upstream, open_transaction,
+                      wait_until)
 
 SENDER = "sender@example.com"
 RECIPIENT = "rcpt@example.org"
@@ -50,16 +51,6 @@ PADDING = b"".join(b"padding line %05d " % i + b"x" * 56 + b"\r\n"
 def smuggling_message(sequence, padding=b""):
     return (b"Subject: t\r\n\r\n" + padding + b"first" + sequence + SMUGGLED
             + END)
-
-
-def open_data(client, sender=SENDER, recipient=RECIPIENT):
-    """EHLO, MAIL, RCPT, DATA on a raw client, up to the 354."""
-    code, _ = client.cmd("EHLO client.example")
-    assert code == 250
-    assert client.cmd("MAIL FROM:<%s>" % sender)[0] == 250
-    assert client.cmd("RCPT TO:<%s>" % recipient)[0] == 250
-    code, text = client.cmd("DATA")
-    assert code == 354, (code, text)
 
 
 def assert_refused_as_smuggling(reply):
@@ -152,7 +143,7 @@ def test_smuggling_sequence_refused_after_real_end(strict, client_factory,
                                                    sequence):
     upstream, port = strict
     client = client_factory(port)
-    open_data(client)
+    open_transaction(client)
     # The message, its real end and a pipelined NOOP in one write.
     client.send(smuggling_message(sequence) + b"NOOP\r\n")
     assert_refused_as_smuggling(client.reply())
@@ -177,7 +168,7 @@ def test_smuggling_sequence_never_reaches_lax_upstream(
         lax, client_factory, sequence, padding):
     raw_upstream, port = lax
     client = client_factory(port)
-    open_data(client)
+    open_transaction(client)
     message = smuggling_message(sequence, padding)
     body, end = message[:-len(END)], message[-len(END):]
     if padding:
@@ -255,7 +246,7 @@ def test_end_of_data_across_segments(strict, client_factory, pieces,
     upstream, port = strict
     client = client_factory(port, timeout=5)
     client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    open_data(client)
+    open_transaction(client)
     for piece in pieces[:-1]:
         client.send(piece)
         time.sleep(0.02)
@@ -312,7 +303,7 @@ def test_dot_stuffed_message_arrives_identical(strict):
 def test_dot_stuffed_bytes_forwarded_exactly(lax, client_factory):
     raw_upstream, port = lax
     client = client_factory(port)
-    open_data(client)
+    open_transaction(client)
     stuffed = stuff(DOTTED_BODY)
     assert stuffed.count(b"\r\n..") == 5        # the test really stuffs
     client.send(stuffed + b".\r\n")
@@ -331,7 +322,7 @@ def test_dot_stuffed_bytes_forwarded_exactly(lax, client_factory):
 def test_line_over_1000_octets_refused(strict, client_factory, length):
     upstream, port = strict
     client = client_factory(port)
-    open_data(client)
+    open_transaction(client)
     long_line = b"x" * (length - 2) + b"\r\n"
     assert len(long_line) == length
     client.send(b"Subject: long\r\n\r\n" + long_line + b"after\r\n")
@@ -348,7 +339,7 @@ def test_line_over_1000_octets_refused(strict, client_factory, length):
 def test_line_of_exactly_1000_octets_accepted(strict, client_factory):
     upstream, port = strict
     client = client_factory(port)
-    open_data(client)
+    open_transaction(client)
     line = b"y" * 998 + b"\r\n"
     body = b"Subject: long\r\n\r\n" + line + b"after\r\n"
     client.send(body + b".\r\n")
@@ -368,7 +359,7 @@ def test_line_of_1000_octets_after_its_transparency_dot_accepted(
     upstream, port = strict
     client = client_factory(port)
     client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    open_data(client)
+    open_transaction(client)
     line = b"." + b"." + b"a" * 997 + b"\r\n"
     assert len(line) == 1000 + 1
     head = b"Subject: long\r\n\r\n"
@@ -398,7 +389,7 @@ def test_line_of_1000_octets_after_its_transparency_dot_accepted(
 def test_message_over_max_size_refused_session_continues(proxy, upstream,
                                                           client_factory):
     client = client_factory(proxy(max_message_size=10000))
-    open_data(client)
+    open_transaction(client)
     big = b"Subject: big\r\n\r\n" + (b"z" * 78 + b"\r\n") * 200
     assert len(big) > 10000
     client.send(big + b".\r\n")
@@ -427,7 +418,7 @@ def test_message_over_max_size_refused_session_continues(proxy, upstream,
 def test_client_disconnect_mid_data_delivers_nothing(proxy, upstream,
                                                      client_factory):
     client = client_factory(proxy())
-    open_data(client)
+    open_transaction(client)
     assert upstream.open_connections == 1
     # More than one 64 kB chunk, so that part of it went upstream.
     client.send(b"Subject: half\r\n\r\n" + PADDING + b"half a li")
@@ -440,7 +431,7 @@ def test_client_disconnect_mid_data_delivers_nothing(proxy, upstream,
 
 def test_client_silent_mid_data_times_out(proxy, upstream, client_factory):
     client = client_factory(proxy(inactivity_timeout=1))
-    open_data(client)
+    open_transaction(client)
     client.send(b"Subject: silent\r\n\r\nhalf a message\r\n")
     code, text = client.reply()
     assert code == 421, (code, text)

@@ -448,7 +448,6 @@ def test_the_server_checkpoints_its_stores(tmp_path):
         assert store.checkpoints == 1
     finally:
         server.server_close()
-        smtpproxy.reset_registries()
 
 
 def test_the_decision_table_is_one_pure_function():

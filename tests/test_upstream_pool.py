@@ -9,19 +9,11 @@ import re
 import smtplib
 import socket
 
-import pytest
-
 import smtpproxy
-from conftest import ProxyFactory, RawClient, Upstream, wait_until
+from conftest import (ProxyFactory, RawClient, Upstream, open_transaction,
+                      wait_until)
 
 MESSAGE = b"Subject: pooled\r\n\r\nhello\r\n"
-
-
-@pytest.fixture(autouse=True)
-def empty_pool():
-    smtpproxy.upstream_pool.reset()
-    yield
-    smtpproxy.upstream_pool.reset()
 
 
 def send(port, helo="client.example.net", sender="a@example.net"):
@@ -126,9 +118,7 @@ def test_a_changed_capability_set_is_learnt_on_reuse(proxy, raw_upstream):
 def test_a_session_left_in_a_transaction_is_not_reused(proxy, upstream):
     port = proxy(upstream_pool_size=20)
     client = RawClient(port)
-    client.cmd("EHLO client.example.net")
-    client.cmd("MAIL FROM:<a@example.net>")
-    assert client.cmd("RCPT TO:<b@example.org>")[0] == 250
+    open_transaction(client, data=False)
     client.close()                      # gone with the transaction open
     wait_until(lambda: upstream.open_connections == 0,
                what="the upstream session to be closed")
@@ -140,10 +130,7 @@ def test_a_session_left_in_a_transaction_is_not_reused(proxy, upstream):
 def test_a_session_that_failed_is_not_reused(proxy, upstream):
     port = proxy(upstream_pool_size=20)
     client = RawClient(port)
-    client.cmd("EHLO client.example.net")
-    client.cmd("MAIL FROM:<a@example.net>")
-    client.cmd("RCPT TO:<b@example.org>")
-    client.cmd("DATA")
+    open_transaction(client)
     client.send(b"Subject: x\r\n\r\nbare\nlf\r\n.\r\n")   # refused: lost
     client.reply()
     client.cmd("QUIT")

@@ -15,9 +15,9 @@ import socket
 
 import pytest
 
-from conftest import RawClient, processes_where, read, wait_until
-from test_service import (connection_refused, pid_alive, start_transaction,
-                          wait_for_log)
+from conftest import (RawClient, open_transaction, processes_where, read,
+                      wait_until)
+from test_service import connection_refused, pid_alive, wait_for_log
 
 
 def children(pid):
@@ -139,7 +139,7 @@ def test_sigterm_stops_every_worker_after_their_transactions(
     pids = workers_of(process, 2)
     assert read(pidfile) == "%d\n" % process.process.pid
     busy = RawClient(process.port)
-    start_transaction(busy)
+    open_transaction(busy)
     busy.send("Subject: half\r\n\r\nfirst half\r\n")
     idle = RawClient(process.port)
     assert idle.cmd("EHLO client.example.net")[0] == 250
