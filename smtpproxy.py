@@ -5045,17 +5045,24 @@ class StoreBase(object):
         raise NotImplementedError
 
     def _purge_when_due(self, now):
-        # Once every purge_interval, in the decision that comes then.
-        self.purge(now)
+        # Once every purge_interval, in the decision that comes then; a
+        # failure is logged, and is no reason to fail that decision.
+        try:
+            self._use(self._purge, now, True)
+        except (sqlite3.Error, ResourceShortage) as error:
+            log.warning("greylisting store %s: purge: %s", self,
+                        log_escape(error))
 
     def purge(self, now):
         """Delete what has expired; return how many entries went."""
         return self._use(self._purge, now)
 
-    def _purge(self, transaction, now):
+    def _purge(self, transaction, now, when_due=False):
         """purge()'s deletions: the grey triplets first seen more than
         max_defer_time ago, the passed ones and the clients not seen
-        within max_grey; how many went."""
+        within max_grey; how many went.  ``when_due``: the purge of a
+        decision, once every purge_interval (a store shared by several
+        processes skips it when another did it within that time)."""
         raise NotImplementedError
 
     # -- administration (smtpproxy --db-...) ------------------------------
@@ -5281,7 +5288,7 @@ class GreylistStore(StoreBase):
                            " WHERE network = ?", (now, client))
         return True
 
-    def _purge(self, connection, now):
+    def _purge(self, connection, now, when_due=False):
         deleted = connection.execute(
             "DELETE FROM triplets WHERE (passed IS NULL AND first_seen < ?)"
             " OR passed < ?", (now - self.max_defer_time,
@@ -6012,15 +6019,6 @@ class PostgreSQLStore(StoreBase):
             (self._clock(now), client, self.auto_whitelist_clients,
              self.max_grey), alone=True)
         return tx.fetchone() is not None
-
-    def _purge_when_due(self, now):
-        # Only if no instance purged within purge_interval; its failure
-        # is no reason to fail the decision that comes after it.
-        try:
-            self._use(self._purge, now, True)
-        except (sqlite3.Error, ResourceShortage) as error:
-            log.warning("greylisting store %s: purge: %s", self,
-                        log_escape(error))
 
     def _purge(self, tx, now, when_due=False):
         tx.execute(

@@ -5,6 +5,7 @@ each store: sqlite, and PostgreSQL (a private cluster, tests/pg.py) with
 each driver, with the same assertions.  What only one store has is at the
 end: sqlite's survival of kill -9, PostgreSQL's clock and schema."""
 
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -312,6 +313,17 @@ def test_a_decision_purges_once_per_purge_interval(make):
     assert "older" in [row[0] for row in rows(store)]
     store.decide("x", T0 + MAX_DEFER + 200)         # after it
     assert "older" not in [row[0] for row in rows(store)]
+
+
+def test_a_failed_purge_does_not_fail_the_decision_it_came_with(
+        make, caplog):
+    def fails(self, transaction, now, when_due=False):
+        raise sqlite3.OperationalError("database is locked")
+    store = make(purge_interval=100, _purge=fails)
+    assert store.decide("k", T0) is False           # deferred, answered
+    assert "purge: database is locked" in caplog.text
+    with pytest.raises(sqlite3.Error):              # --db-purge says so
+        store.purge(T0)
 
 
 def test_admin_methods(store):
