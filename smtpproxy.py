@@ -4095,6 +4095,13 @@ def _domain_key(domain):
     return domain.translate(_ASCII_LOWER).rstrip(".")
 
 
+@functools.lru_cache(maxsize=64)
+def _domain_keys(domains):
+    """The _domain_key() of each of ``domains`` (a tuple), as a set: a
+    configuration's domains are compared once, not at every RCPT."""
+    return frozenset(_domain_key(domain) for domain in domains)
+
+
 _ASCII_LOWER = dict((code, code + 32) for code in range(ord("A"),
                                                         ord("Z") + 1))
 
@@ -4506,9 +4513,8 @@ class Greylister(object):
         local, _, domain = recipient.rpartition("@")
         if not local or local.startswith('"') or re.search(r"[%!@]", local):
             return False
-        domain = _domain_key(domain)
-        return any(domain == _domain_key(allowed)
-                   for allowed in self.settings.allowed_domains)
+        return _domain_key(domain) in _domain_keys(
+            tuple(self.settings.allowed_domains))
 
     def is_whitelisted(self, client, helo, sender, recipient):
         """True for a whitelisted triple or non-standard triple."""
@@ -6689,8 +6695,8 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         domains = self.server.settings.allowed_domains
         if not domains or recipient.lower() == "postmaster":
             return True
-        domain = _domain_key(recipient.rpartition("@")[2])
-        return any(domain == _domain_key(allowed) for allowed in domains)
+        return _domain_key(recipient.rpartition("@")[2]) in _domain_keys(
+            tuple(domains))
 
     def store_failed(self, error):
         """As GreyListingPolicy.store_failed: logged once per incident."""
