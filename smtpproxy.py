@@ -4658,7 +4658,7 @@ class GreyListingPolicy(ConcreteMailHandler):
 
     def setup(self):
         ConcreteMailHandler.setup(self)
-        self.new_triplets = 0       # rows this session added to the store
+        self.triplets_added = 0     # rows this session added to the store
         self.triplets_bounded = False   # max_new_triplets_per_session hit
 
     def _start_transaction(self):
@@ -4687,19 +4687,19 @@ class GreyListingPolicy(ConcreteMailHandler):
         decision = self.greylister_class(self).decide(
             self.peer, self.mail_from, recipient, self.now(),
             helo=self.helo_name, hostname=self.client_hostname,
-            resolve=self.forward_lookup, session_added=self.new_triplets)
+            resolve=self.forward_lookup, session_added=self.triplets_added)
         self.log_dialogue("%s %s: %s%s", decision.verdict, recipient,
                           decision.rule, " " + decision.key
                           if decision.key else "")
         if decision.added:
-            self.new_triplets += 1
+            self.triplets_added += 1
         elif (decision.rule == "max_new_triplets_per_session"
               and not self.triplets_bounded):
             self.triplets_bounded = True
             log.warning("client %s: %d new triplets in one session "
                         "(max_new_triplets_per_session); further new ones "
                         "are deferred without a row", log_escape(self.peer),
-                        self.new_triplets)
+                        self.triplets_added)
         if decision.error is not None:
             self.store_failed(decision.error)
         if decision.delay is not None and decision.delay > (
@@ -7977,19 +7977,23 @@ def _shared_directory(directory):
 def _effective_user(identity):
     """Within it, the effective ids and groups are ``identity``'s (uid,
     gid, name), so that the kernel checks what is opened as that user
-    would be checked; root again after.  Nothing with None."""
+    would be checked; root again after, also when a switch failed.
+    Nothing with None.  The effective ids are the process's, every
+    thread's: this runs only at the start, before any thread (a reload
+    runs as the serving user and needs none of it)."""
     if identity is None:
         yield
         return
     uid, gid, name = identity
     groups, egid = os.getgroups(), os.getegid()
-    os.setgroups(os.getgrouplist(name, gid))
-    os.setegid(gid)
-    os.seteuid(uid)
     try:
+        os.setgroups(os.getgrouplist(name, gid))
+        os.setegid(gid)
+        os.seteuid(uid)
         yield
     finally:
-        os.seteuid(0)
+        if os.geteuid() != 0:
+            os.seteuid(0)
         os.setegid(egid)
         os.setgroups(groups)
 
