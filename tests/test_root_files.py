@@ -460,3 +460,13 @@ def test_the_policy_socket_is_made_with_its_mode_and_group(
     assert info.st_gid == grp.getgrnam("nogroup").gr_gid
     assert info.st_uid == 0                 # made by root's bind()
     started.stop()
+
+
+def test_a_switch_that_fails_leaves_root_as_it_was():
+    # A uid the kernel refuses: the groups and gid switched before it
+    # are root's again.
+    groups = os.getgroups()
+    with pytest.raises((OverflowError, OSError)):
+        with smtpproxy._effective_user((2 ** 40, 65534, "nobody")):
+            pass
+    assert (os.geteuid(), os.getegid(), os.getgroups()) == (0, 0, groups)
