@@ -6557,7 +6557,10 @@ class PolicyHandler(socketserver.BaseRequestHandler):
     asked, so every one, or with ``allowed_domains`` only those of its
     domains (the others get ``DUNNO``).  Postfix's ``client_name`` (its
     forward-confirmed name, or "unknown") is the client's name: the
-    service looks up nothing Postfix looked up already.  An attribute
+    service looks up nothing Postfix looked up already.  A
+    ``client_address`` of "unknown" (Postfix does not know it) is
+    greylisted under UNKNOWN_CLIENT, as the proxy does; any other that is
+    not an address closes the connection, as bad input.  An attribute
     that is not UTF-8 is data all the same: each invalid octet is read as
     its escape (\\xff), so that it can be stored and logged.
 
@@ -6705,7 +6708,10 @@ class PolicyHandler(socketserver.BaseRequestHandler):
             return "DUNNO"
         client = unmapped(request.get("client_address", ""))
         try:
-            ipaddress.ip_address(client)
+            # "unknown": Postfix does not know it either; the engine
+            # greylists it under that key.
+            if client != UNKNOWN_CLIENT:
+                ipaddress.ip_address(client)
         except ValueError:
             raise PolicyRequestError("client_address %s is not an address"
                                      % log_escape(client))

@@ -267,6 +267,34 @@ def test_postfix_client_name_is_the_clients_name(policy, clock):
     client.close()
 
 
+def test_an_unknown_client_address_is_greylisted_on_that_connection(
+        policy, caplog):
+    # "unknown" is Postfix's own word for a client whose address it does
+    # not know: greylisted under that key, as the proxy does, never
+    # trusted, and the connection goes on.
+    caplog.set_level("INFO", logger="smtpproxy")
+    server = policy()
+    client = PolicyClient(server)
+    assert client.ask(client_address="unknown") == DEFER
+    assert client.ask(client_address="unknown") == DEFER   # not trusted
+    assert client.ask() == DEFER
+    client.close()
+    assert "policy_bad_requests" not in server.counters
+    assert "policy defer_if_permit: unknown-client (unknown " \
+        "alice@example.net user@example.org); client unknown" in caplog.text
+
+
+@pytest.mark.parametrize("address", ["Unknown", "unknown.example",
+                                     "192.0.2.300", ""])
+def test_a_client_address_that_is_neither_closes_the_connection(
+        policy, caplog, address):
+    client = PolicyClient(policy())
+    assert client.ask(client_address=address) is None
+    client.close()
+    assert "client_address %s is not an address; connection closed" \
+        % address in caplog.text
+
+
 def test_a_store_that_fails_falls_back_to_the_fail_mode(policy, tmp_path,
                                                          caplog):
     client = PolicyClient(policy(
