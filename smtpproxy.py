@@ -909,8 +909,9 @@ class ResourceShortage(Exception):
 # ===========================================================================
 #
 # Owns:  the registries one process's sessions share (a Cache, ReusedThreads,
-#        the allow-list files), log_once(), and reset_registries(), which
-#        empties every registry of every section (tests, a worker's start).
+#        the allow-list files), log_once(), log_every() (at most once an
+#        interval), and reset_registries(), which empties every registry of
+#        every section (tests, a worker's start).
 # Enter: the instances: list_files, tls_contexts; reset_registries().
 # Uses:  sections 1 and 2.
 
@@ -1152,6 +1153,34 @@ def log_once(message):
         log.error("%s", log_escape(message))
 
 
+# log_every()'s memory: key -> [when it was last logged], at most this
+# many keys, the least recently met forgotten first.
+_log_times = Cache(1000)
+
+_log_times_lock = threading.Lock()
+
+
+def log_every(key, interval, level, message, *args, now=None):
+    """Log ``message % args`` at ``level`` (logging.WARNING, ...) unless
+    the line of ``key`` was logged less than ``interval`` seconds ago: a
+    condition that lasts is logged once per interval, and again when it
+    comes back days later.  ``now``: the monotonic clock's time
+    (time.monotonic() if None).  True if the line was logged.  What
+    clients choose (an address) belongs in ``args``, not in ``key``: the
+    memory keeps the last 1,000 keys, and a key forgotten is logged at
+    once the next time."""
+    if now is None:
+        now = time.monotonic()
+    last = _log_times.get(key, list)
+    with _log_times_lock:
+        due = not last or now - last[0] >= interval
+        if due:
+            last[:] = [now]
+    if due:
+        log.log(level, message, *args)
+    return due
+
+
 def reset_registries():
     """Forget what the process shared: stores (closed), the networks' new
     triplets, whitelist files,
@@ -1159,7 +1188,7 @@ def reset_registries():
     (closed), errors logged.  For tests."""
     for registry in (stores, new_triplets, list_files, dns_lists,
                      tls_contexts, upstream_capabilities, upstream_pool,
-                     _logged):
+                     _logged, _log_times):
         registry.reset()
 
 
@@ -3543,9 +3572,10 @@ class LookupThreads(ReusedThreads):
         if not submitted:
             if owner is not None:
                 self._release(owner)
-            log_once("lookup threads: all %d busy (a resolver that does "
-                     "not answer?); lookups fail until one is free"
-                     % self.limit)
+            log_every("lookup threads: all busy", 60, logging.ERROR,
+                      "lookup threads: all %d busy (a resolver that does "
+                      "not answer?); lookups fail until one is free "
+                      "(logged at most once a minute)", self.limit)
         return submitted
 
     def _release(self, owner):
