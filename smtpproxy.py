@@ -6815,7 +6815,6 @@ class _PolicyServing(object):
         self.settings = settings
         self.connections = {}           # socket: its peer
         self.counters = {}
-        self.refused_logged = {}        # address: time.monotonic()
         self.lock = threading.Lock()
 
     def count(self, name):
@@ -6834,22 +6833,24 @@ class _PolicyServing(object):
                    for network in self.policy_clients)
 
     def verify_request(self, request, client_address):
-        refused = None
+        refused = None                  # (the key it breaks, why)
         if isinstance(client_address, tuple) and client_address and \
                 not self.allowed(client_address[0]):
-            refused = "%s is not in policy_clients" % unmapped(
-                client_address[0])
+            refused = ("policy_clients", "%s is not in policy_clients"
+                       % unmapped(client_address[0]))
         peer = _policy_peer(request, client_address)
         with self.lock:
             if refused is None and len(self.connections) >= \
                     self.policy_max_connections:
-                refused = ("policy_max_connections (%d) connections open"
+                refused = ("policy_max_connections",
+                           "policy_max_connections (%d) connections open"
                            % self.policy_max_connections)
             if refused is None and peer is not None and sum(
                     1 for other in self.connections.values()
                     if other == peer) >= \
                     self.policy_max_connections_per_peer:
-                refused = ("%s has policy_max_connections_per_peer (%d) "
+                refused = ("policy_max_connections_per_peer",
+                           "%s has policy_max_connections_per_peer (%d) "
                            "connections open" % (
                                peer, self.policy_max_connections_per_peer))
             if refused is None:
@@ -6857,13 +6858,13 @@ class _PolicyServing(object):
                 return True
             self.counters["policy_connections_refused"] = \
                 self.counters.get("policy_connections_refused", 0) + 1
-            now = time.monotonic()
-            due = now - self.refused_logged.get(refused, -60) >= 60
-            if due:
-                self.refused_logged[refused] = now
-        if due:
-            log.warning("policy service: connection refused: %s (logged "
-                        "once a minute)", refused)
+        # Once a minute per key, the peer's address as data: a port that
+        # scanners reach costs a line a minute and no memory per address
+        # (policy_connections_refused counts them all).
+        log_every(("policy service refused", self.server_address,
+                   refused[0]), 60, logging.WARNING,
+                  "policy service: connection refused: %s (logged at most "
+                  "once a minute)", refused[1])
         return False
 
     def shutdown_request(self, request):

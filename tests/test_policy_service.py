@@ -468,8 +468,31 @@ def test_only_policy_clients_may_ask(policy, caplog):
     lines = [r.getMessage() for r in caplog.records
              if "connection refused" in r.getMessage()]
     assert lines == ["policy service: connection refused: 127.0.0.1 is "
-                     "not in policy_clients (logged once a minute)"]
+                     "not in policy_clients (logged at most once a "
+                     "minute)"]
     assert server.counters["policy_connections_refused"] == 4
+
+
+def test_refused_addresses_cost_no_memory_and_one_line_a_minute(policy,
+                                                                caplog):
+    # A TCP policy port that scanners reach: every address refused, none
+    # remembered, one line a minute whatever their number.
+    server = policy()
+    addresses = ["10.%d.%d.%d" % (n >> 16, (n >> 8) & 255, n & 255)
+                 for n in range(5000)]
+    for address in addresses:
+        assert not server.verify_request(None, (address, 25))
+    assert server.counters["policy_connections_refused"] == 5000
+    assert not any(address in repr(vars(server)) for address in addresses)
+    assert len(smtpproxy._log_times) == 1       # log_every's: the reason
+    lines = [r.getMessage() for r in caplog.records
+             if "connection refused" in r.getMessage()]
+    assert lines == ["policy service: connection refused: 10.0.0.0 is not "
+                     "in policy_clients (logged at most once a minute)"]
+    # The other reasons have their own minute.
+    server.policy_max_connections = 0
+    assert not server.verify_request(None, ("127.0.0.1", 25))
+    assert "policy_max_connections (0) connections open" in caplog.text
 
 
 def test_policy_clients_default_to_the_loopback_addresses():
