@@ -4364,10 +4364,18 @@ class Greylister(object):
     ``is_whitelisted``, ``client_is_whitelisted``, ``dns_listing``,
     ``client_identity``, ``suspicion``, ``client_network``,
     ``triplet_key``, ``new_triplet_bound``.
+
+    ``recipient_rule``, if given, is a callable (recipient -> bool) that
+    says which recipients are greylisted, in place of
+    ``is_local_recipient`` (the others are refused, rule "not-local"):
+    the policy service passes its PolicyHandler.greylisted_recipient,
+    since there Postfix did the relay control (a subclass that overrides
+    ``__init__`` takes it too).
     """
 
-    def __init__(self, settings):
+    def __init__(self, settings, recipient_rule=None):
         self.settings = settings
+        self.recipient_rule = recipient_rule
 
     def decide(self, client, sender, recipient, now, helo=None,
                hostname=None, resolve=None, session_added=None):
@@ -4388,7 +4396,7 @@ class Greylister(object):
             hostname = None
         if self.client_may_relay(client):
             return Decision("relay", "allowed_senders")
-        if not self.is_local_recipient(recipient):
+        if not (self.recipient_rule or self.is_local_recipient)(recipient):
             return Decision("refuse", "not-local")
         if self.recipient_is_whitelisted(recipient):
             return Decision("accept", "whitelist_recipients")
@@ -6708,11 +6716,11 @@ class PolicyHandler(socketserver.BaseRequestHandler):
 
     def greylister(self):
         """The engine, configured by the server's ``settings``, with
-        ``greylisted_recipient()`` for its relay control: Postfix's."""
+        ``greylisted_recipient()`` as its recipient_rule: the relay
+        control was Postfix's."""
         settings = self.server.settings
-        engine = settings.greylister_class(settings)
-        engine.is_local_recipient = self.greylisted_recipient
-        return engine
+        return settings.greylister_class(
+            settings, recipient_rule=self.greylisted_recipient)
 
     def greylisted_recipient(self, recipient):
         """True if ``recipient`` is greylisted.  Postfix did its relay

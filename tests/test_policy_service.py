@@ -238,6 +238,25 @@ def test_allowed_domains_restricts_greylisting_to_its_domains(
     client.close()
 
 
+def test_greylisted_recipient_is_the_hook_the_engine_asks(policy):
+    engines = []
+
+    class OnlySales(smtpproxy.PolicyHandler):
+        def greylisted_recipient(self, recipient):
+            return recipient.startswith("sales@")
+
+        def greylister(self):
+            engine = smtpproxy.PolicyHandler.greylister(self)
+            engines.append(engine)
+            return engine
+    client = PolicyClient(policy(handler_class=OnlySales))
+    assert client.ask(recipient="sales@example.org") == DEFER
+    assert client.ask(recipient="user@example.org") == "DUNNO"
+    client.close()
+    # Given to the engine, not put on it in place of its method.
+    assert "is_local_recipient" not in vars(engines[0])
+
+
 def test_the_log_says_the_action_answered(policy, caplog):
     caplog.set_level("INFO", logger="smtpproxy")
     client = PolicyClient(policy(allowed_senders=["198.51.100.7"]))
