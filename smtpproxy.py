@@ -909,8 +909,9 @@ class ResourceShortage(Exception):
 # ===========================================================================
 #
 # Owns:  the registries one process's sessions share (a Cache, ReusedThreads,
-#        the allow-list files), log_once(), and reset_registries(), which
-#        empties every registry of every section (tests, a worker's start).
+#        the allow-list files), log_once(), log_every() (at most once an
+#        interval), and reset_registries(), which empties every registry of
+#        every section (tests, a worker's start).
 # Enter: the instances: list_files, tls_contexts; reset_registries().
 # Uses:  sections 1 and 2.
 
@@ -1152,6 +1153,34 @@ def log_once(message):
         log.error("%s", log_escape(message))
 
 
+# log_every()'s memory: key -> [when it was last logged], at most this
+# many keys, the least recently met forgotten first.
+_log_times = Cache(1000)
+
+_log_times_lock = threading.Lock()
+
+
+def log_every(key, interval, level, message, *args, now=None):
+    """Log ``message % args`` at ``level`` (logging.WARNING, ...) unless
+    the line of ``key`` was logged less than ``interval`` seconds ago: a
+    condition that lasts is logged once per interval, and again when it
+    comes back days later.  ``now``: the monotonic clock's time
+    (time.monotonic() if None).  True if the line was logged.  What
+    clients choose (an address) belongs in ``args``, not in ``key``: the
+    memory keeps the last 1,000 keys, and a key forgotten is logged at
+    once the next time."""
+    if now is None:
+        now = time.monotonic()
+    last = _log_times.get(key, list)
+    with _log_times_lock:
+        due = not last or now - last[0] >= interval
+        if due:
+            last[:] = [now]
+    if due:
+        log.log(level, message, *args)
+    return due
+
+
 def reset_registries():
     """Forget what the process shared: stores (closed), the networks' new
     triplets, whitelist files,
@@ -1159,7 +1188,7 @@ def reset_registries():
     (closed), errors logged.  For tests."""
     for registry in (stores, new_triplets, list_files, dns_lists,
                      tls_contexts, upstream_capabilities, upstream_pool,
-                     _logged):
+                     _logged, _log_times):
         registry.reset()
 
 
@@ -3543,9 +3572,10 @@ class LookupThreads(ReusedThreads):
         if not submitted:
             if owner is not None:
                 self._release(owner)
-            log_once("lookup threads: all %d busy (a resolver that does "
-                     "not answer?); lookups fail until one is free"
-                     % self.limit)
+            log_every("lookup threads: all busy", 60, logging.ERROR,
+                      "lookup threads: all %d busy (a resolver that does "
+                      "not answer?); lookups fail until one is free "
+                      "(logged at most once a minute)", self.limit)
         return submitted
 
     def _release(self, owner):
@@ -4341,10 +4371,18 @@ class Greylister(object):
     ``is_whitelisted``, ``client_is_whitelisted``, ``dns_listing``,
     ``client_identity``, ``suspicion``, ``client_network``,
     ``triplet_key``, ``new_triplet_bound``.
+
+    ``recipient_rule``, if given, is a callable (recipient -> bool) that
+    says which recipients are greylisted, in place of
+    ``is_local_recipient`` (the others are refused, rule "not-local"):
+    the policy service passes its PolicyHandler.greylisted_recipient,
+    since there Postfix did the relay control (a subclass that overrides
+    ``__init__`` takes it too).
     """
 
-    def __init__(self, settings):
+    def __init__(self, settings, recipient_rule=None):
         self.settings = settings
+        self.recipient_rule = recipient_rule
 
     def decide(self, client, sender, recipient, now, helo=None,
                hostname=None, resolve=None, session_added=None):
@@ -4365,7 +4403,7 @@ class Greylister(object):
             hostname = None
         if self.client_may_relay(client):
             return Decision("relay", "allowed_senders")
-        if not self.is_local_recipient(recipient):
+        if not (self.recipient_rule or self.is_local_recipient)(recipient):
             return Decision("refuse", "not-local")
         if self.recipient_is_whitelisted(recipient):
             return Decision("accept", "whitelist_recipients")
@@ -6561,7 +6599,10 @@ class PolicyHandler(socketserver.BaseRequestHandler):
     asked, so every one, or with ``allowed_domains`` only those of its
     domains (the others get ``DUNNO``).  Postfix's ``client_name`` (its
     forward-confirmed name, or "unknown") is the client's name: the
-    service looks up nothing Postfix looked up already.  An attribute
+    service looks up nothing Postfix looked up already.  A
+    ``client_address`` of "unknown" (Postfix does not know it) is
+    greylisted under UNKNOWN_CLIENT, as the proxy does; any other that is
+    not an address closes the connection, as bad input.  An attribute
     that is not UTF-8 is data all the same: each invalid octet is read as
     its escape (\\xff), so that it can be stored and logged.
 
@@ -6679,11 +6720,11 @@ class PolicyHandler(socketserver.BaseRequestHandler):
 
     def greylister(self):
         """The engine, configured by the server's ``settings``, with
-        ``greylisted_recipient()`` for its relay control: Postfix's."""
+        ``greylisted_recipient()`` as its recipient_rule: the relay
+        control was Postfix's."""
         settings = self.server.settings
-        engine = settings.greylister_class(settings)
-        engine.is_local_recipient = self.greylisted_recipient
-        return engine
+        return settings.greylister_class(
+            settings, recipient_rule=self.greylisted_recipient)
 
     def greylisted_recipient(self, recipient):
         """True if ``recipient`` is greylisted.  Postfix did its relay
@@ -6709,7 +6750,10 @@ class PolicyHandler(socketserver.BaseRequestHandler):
             return "DUNNO"
         client = unmapped(request.get("client_address", ""))
         try:
-            ipaddress.ip_address(client)
+            # "unknown": Postfix does not know it either; the engine
+            # greylists it under that key.
+            if client != UNKNOWN_CLIENT:
+                ipaddress.ip_address(client)
         except ValueError:
             raise PolicyRequestError("client_address %s is not an address"
                                      % log_escape(client))
@@ -6783,7 +6827,6 @@ class _PolicyServing(object):
         self.settings = settings
         self.connections = {}           # socket: its peer
         self.counters = {}
-        self.refused_logged = {}        # address: time.monotonic()
         self.lock = threading.Lock()
 
     def count(self, name):
@@ -6802,22 +6845,24 @@ class _PolicyServing(object):
                    for network in self.policy_clients)
 
     def verify_request(self, request, client_address):
-        refused = None
+        refused = None                  # (the key it breaks, why)
         if isinstance(client_address, tuple) and client_address and \
                 not self.allowed(client_address[0]):
-            refused = "%s is not in policy_clients" % unmapped(
-                client_address[0])
+            refused = ("policy_clients", "%s is not in policy_clients"
+                       % unmapped(client_address[0]))
         peer = _policy_peer(request, client_address)
         with self.lock:
             if refused is None and len(self.connections) >= \
                     self.policy_max_connections:
-                refused = ("policy_max_connections (%d) connections open"
+                refused = ("policy_max_connections",
+                           "policy_max_connections (%d) connections open"
                            % self.policy_max_connections)
             if refused is None and peer is not None and sum(
                     1 for other in self.connections.values()
                     if other == peer) >= \
                     self.policy_max_connections_per_peer:
-                refused = ("%s has policy_max_connections_per_peer (%d) "
+                refused = ("policy_max_connections_per_peer",
+                           "%s has policy_max_connections_per_peer (%d) "
                            "connections open" % (
                                peer, self.policy_max_connections_per_peer))
             if refused is None:
@@ -6825,13 +6870,13 @@ class _PolicyServing(object):
                 return True
             self.counters["policy_connections_refused"] = \
                 self.counters.get("policy_connections_refused", 0) + 1
-            now = time.monotonic()
-            due = now - self.refused_logged.get(refused, -60) >= 60
-            if due:
-                self.refused_logged[refused] = now
-        if due:
-            log.warning("policy service: connection refused: %s (logged "
-                        "once a minute)", refused)
+        # Once a minute per key, the peer's address as data: a port that
+        # scanners reach costs a line a minute and no memory per address
+        # (policy_connections_refused counts them all).
+        log_every(("policy service refused", self.server_address,
+                   refused[0]), 60, logging.WARNING,
+                  "policy service: connection refused: %s (logged at most "
+                  "once a minute)", refused[1])
         return False
 
     def shutdown_request(self, request):

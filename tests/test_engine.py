@@ -52,6 +52,27 @@ def test_relay_and_refusal_come_before_greylisting(engine, client,
                                T0)) == expected
 
 
+def test_a_recipient_rule_decides_which_recipients_are_greylisted(
+        engine):
+    # The policy service's: Postfix did the relay control, so its rule
+    # greylists what allowed_domains' would refuse, and may refuse ours.
+    settings = engine().settings
+    ruled = smtpproxy.Greylister(
+        settings, recipient_rule=lambda recipient: "%" in recipient)
+    assert verdict(ruled.decide("192.0.2.7", "a@example.net",
+                                "a%b@example.org", T0)) == (
+        "defer", "network:192.0.2.0/24")
+    assert verdict(ruled.decide("192.0.2.7", "a@example.net",
+                                "b@example.org", T0)) == (
+        "refuse", "not-local")
+    # Allowed clients still relay before any rule is asked.
+    assert verdict(ruled.decide("127.0.0.1", "a@example.net",
+                                "b@example.org", T0)) == (
+        "relay", "allowed_senders")
+    assert ruled.recipient_rule is not None
+    assert smtpproxy.Greylister(settings).recipient_rule is None
+
+
 def test_whitelisted_triples_pass_at_once(engine):
     grey = engine(
         whitelisted_triples=[("192.0.2.7", "<a@example.net>",

@@ -547,6 +547,27 @@ def test_lookup_threads_are_bounded_and_deadlines_kept(pool, caplog):
         stuck.set()
 
 
+def test_lookup_threads_all_busy_is_logged_once_a_minute(pool, caplog):
+    threads = pool(limit=1)
+    stuck = threading.Event()
+    try:
+        assert threads.submit(stuck.wait)   # a resolver that hangs
+        for _ in range(3):
+            assert not threads.submit(lambda: None)
+        # A minute later, the same outage (or the next one, days later)
+        # is logged again.
+        for logged in smtpproxy._log_times.items():
+            logged[0] -= 60
+        assert not threads.submit(lambda: None)
+    finally:
+        stuck.set()
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("lookup threads: all")]
+    assert lines == ["lookup threads: all 1 busy (a resolver that does not "
+                     "answer?); lookups fail until one is free (logged at "
+                     "most once a minute)"] * 2
+
+
 @pytest.fixture
 def pool():
     """``pool(**attributes)``: LookupThreads of their own in place of the

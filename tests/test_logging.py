@@ -365,6 +365,35 @@ def test_no_raw_client_byte_reaches_a_log_line(proxy, upstream,
     assert fields[5] == "ACCEPTED"
 
 
+def test_log_every_logs_a_condition_once_per_interval_each_time_it_comes(
+        caplog):
+    caplog.set_level("DEBUG", logger="smtpproxy")
+
+    def down(key, now):
+        return smtpproxy.log_every(("down", key), 60, logging.WARNING,
+                                   "%s is down", key, now=now)
+    assert down("a", 1000)
+    assert not down("a", 1001)
+    assert not down("a", 1059.9)
+    assert down("b", 1030)              # another key, its own interval
+    assert down("a", 1060)              # an interval on: again
+    assert not down("a", 1119)
+    assert down("a", 1000000)           # days later: again, not silent
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "a is down"), (logging.WARNING, "b is down"),
+        (logging.WARNING, "a is down"), (logging.WARNING, "a is down")]
+
+
+def test_log_every_remembers_a_bounded_number_of_keys():
+    remembered = smtpproxy._log_times
+    for number in range(3 * remembered.size):
+        smtpproxy.log_every(("key", number), 60, logging.DEBUG, "x", now=0)
+    assert len(remembered) == remembered.size
+    # The most recent are the ones kept: still within their interval.
+    assert not smtpproxy.log_every(("key", 3 * remembered.size - 1), 60,
+                                   logging.DEBUG, "x", now=1)
+
+
 def test_log_escape_bytes():
     escaped = smtpproxy.log_escape(b"a\r\n\x1b[0m\\|\x7f\xff\x00 ~")
     assert escaped == "a\\x0d\\x0a\\x1b[0m\\\\|\\x7f\\xff\\x00 ~"

@@ -238,6 +238,25 @@ def test_allowed_domains_restricts_greylisting_to_its_domains(
     client.close()
 
 
+def test_greylisted_recipient_is_the_hook_the_engine_asks(policy):
+    engines = []
+
+    class OnlySales(smtpproxy.PolicyHandler):
+        def greylisted_recipient(self, recipient):
+            return recipient.startswith("sales@")
+
+        def greylister(self):
+            engine = smtpproxy.PolicyHandler.greylister(self)
+            engines.append(engine)
+            return engine
+    client = PolicyClient(policy(handler_class=OnlySales))
+    assert client.ask(recipient="sales@example.org") == DEFER
+    assert client.ask(recipient="user@example.org") == "DUNNO"
+    client.close()
+    # Given to the engine, not put on it in place of its method.
+    assert "is_local_recipient" not in vars(engines[0])
+
+
 def test_the_log_says_the_action_answered(policy, caplog):
     caplog.set_level("INFO", logger="smtpproxy")
     client = PolicyClient(policy(allowed_senders=["198.51.100.7"]))
@@ -265,6 +284,34 @@ def test_postfix_client_name_is_the_clients_name(policy, clock):
     assert client.ask(client_address="198.51.100.9",
                       client_name="unknown") == DEFER
     client.close()
+
+
+def test_an_unknown_client_address_is_greylisted_on_that_connection(
+        policy, caplog):
+    # "unknown" is Postfix's own word for a client whose address it does
+    # not know: greylisted under that key, as the proxy does, never
+    # trusted, and the connection goes on.
+    caplog.set_level("INFO", logger="smtpproxy")
+    server = policy()
+    client = PolicyClient(server)
+    assert client.ask(client_address="unknown") == DEFER
+    assert client.ask(client_address="unknown") == DEFER   # not trusted
+    assert client.ask() == DEFER
+    client.close()
+    assert "policy_bad_requests" not in server.counters
+    assert "policy defer_if_permit: unknown-client (unknown " \
+        "alice@example.net user@example.org); client unknown" in caplog.text
+
+
+@pytest.mark.parametrize("address", ["Unknown", "unknown.example",
+                                     "192.0.2.300", ""])
+def test_a_client_address_that_is_neither_closes_the_connection(
+        policy, caplog, address):
+    client = PolicyClient(policy())
+    assert client.ask(client_address=address) is None
+    client.close()
+    assert "client_address %s is not an address; connection closed" \
+        % address in caplog.text
 
 
 def test_a_store_that_fails_falls_back_to_the_fail_mode(policy, tmp_path,
@@ -440,8 +487,31 @@ def test_only_policy_clients_may_ask(policy, caplog):
     lines = [r.getMessage() for r in caplog.records
              if "connection refused" in r.getMessage()]
     assert lines == ["policy service: connection refused: 127.0.0.1 is "
-                     "not in policy_clients (logged once a minute)"]
+                     "not in policy_clients (logged at most once a "
+                     "minute)"]
     assert server.counters["policy_connections_refused"] == 4
+
+
+def test_refused_addresses_cost_no_memory_and_one_line_a_minute(policy,
+                                                                caplog):
+    # A TCP policy port that scanners reach: every address refused, none
+    # remembered, one line a minute whatever their number.
+    server = policy()
+    addresses = ["10.%d.%d.%d" % (n >> 16, (n >> 8) & 255, n & 255)
+                 for n in range(5000)]
+    for address in addresses:
+        assert not server.verify_request(None, (address, 25))
+    assert server.counters["policy_connections_refused"] == 5000
+    assert not any(address in repr(vars(server)) for address in addresses)
+    assert len(smtpproxy._log_times) == 1       # log_every's: the reason
+    lines = [r.getMessage() for r in caplog.records
+             if "connection refused" in r.getMessage()]
+    assert lines == ["policy service: connection refused: 10.0.0.0 is not "
+                     "in policy_clients (logged at most once a minute)"]
+    # The other reasons have their own minute.
+    server.policy_max_connections = 0
+    assert not server.verify_request(None, ("127.0.0.1", 25))
+    assert "policy_max_connections (0) connections open" in caplog.text
 
 
 def test_policy_clients_default_to_the_loopback_addresses():
