@@ -3503,8 +3503,8 @@ class LookupThreads(ReusedThreads):
     (``lookup_threads``): one that has had nothing to do for
     ``idle_time`` seconds (1) ends.  At most ``limit`` (100) at once,
     those stuck in a resolver that does not answer included: past it, a
-    lookup is not made (as if it had timed out), and that is logged (the
-    first time).
+    lookup is not made (as if it had timed out), and that is logged (at
+    most once a minute).
 
     A lookup made for a client (``submit(job, owner)``, the owner its
     network, lookup_owner()) may take a thread only while that network
