@@ -3477,12 +3477,14 @@ class LookupThreads(ReusedThreads):
     lookup is not made (as if it had timed out), and that is logged (the
     first time).
 
-    A lookup made for a client (``submit(job, owner)``, the owner its
-    network, lookup_owner()) may take a thread only while that network
-    holds fewer than ``share`` (10) of them, and the last ``reserve``
-    (20) only if it holds none, so that clients whose reverse zone never
-    answers cannot take every thread from the others: past it, that
-    network's lookups fail at once, logged at most once a minute.  A
+    A lookup made for an owner (``submit(job, owner, kind)``: a client's
+    network, lookup_owner(), for its names; a DNS list's zone for the
+    list's queries, which a client cannot slow) may take a thread only
+    while that owner holds fewer than ``share`` (10) of them, and the
+    last ``reserve`` (20) only if it holds none, so that clients whose
+    reverse zone never answers, or a list that is down, cannot take
+    every thread from the others: past it, that owner's lookups fail at
+    once, logged at most once a minute.  A
     network whose lookup timed out (``timed_out(owner)``) is
     ``silent(owner)`` for ``silent_time`` seconds (60), so that its next
     sessions need not take a thread each to learn the same (at most
@@ -3501,9 +3503,10 @@ class LookupThreads(ReusedThreads):
         self._silent = Cache(self.silent_size)  # owner -> silent until
         self._share_logged = None
 
-    def submit(self, job, owner=None):
+    def submit(self, job, owner=None, kind="client network"):
         """Run ``job()`` in a thread; False (logged) if none may take it:
-        all busy, or ``owner`` holds its share."""
+        all busy, or ``owner`` (a ``kind``, as the log names it) holds
+        its share."""
         if owner is not None:
             with self._lock:
                 held = self._held.get(owner, 0)
@@ -3519,13 +3522,12 @@ class LookupThreads(ReusedThreads):
                 if (self._share_logged is None
                         or now - self._share_logged > 60):
                     self._share_logged = now
-                    log.warning("lookup threads: client network %s holds "
-                                "%d (its share: %d, and only networks "
-                                "holding none take the last %d); its "
-                                "lookups fail at once until one is free (a "
-                                "reverse zone that never answers?)",
-                                log_escape(owner), held, self.share,
-                                self.reserve)
+                    log.warning("lookup threads: %s %s holds %d (its "
+                                "share: %d, and only those holding none "
+                                "take the last %d); its lookups fail at "
+                                "once until one is free (a zone that never "
+                                "answers?)", kind, log_escape(owner), held,
+                                self.share, self.reserve)
                 return False
             unowned = job
 
@@ -3828,15 +3830,30 @@ def dns_list_answer(entry, answers):
     return listed and refusal is None, refusal
 
 
+class DNSListing(set):
+    """The entries of the DNS lists that list a client (a set), and, as
+    ``unasked``, a frozenset of those that could not be asked: no lookup
+    thread was free for them.  Such a list lists nobody, but a dnsbl
+    that was not asked must not let its clients pass as if asked
+    (Greylister.decide())."""
+
+    def __init__(self, listed=(), unasked=()):
+        set.__init__(self, listed)
+        self.unasked = frozenset(unasked)
+
+
 class DNSLists(object):
     """DNSBL and DNSWL lookups through the system's resolver: each a job
-    of the lookup threads (``lookup_threads``, counted for the client's
-    network), with a deadline, all of one client at once, the answers
-    cached for ``dns_cache_time``, at most ``cache_size`` (10000) of
-    them, the least recently used going first.  ``listing(address,
-    entries, resolve, timeout, cache_time)`` is the set of the entries
-    that list it (dns_list_answer()).  Timeouts, refusals and errors are
-    logged at most once per zone and ``log_interval`` (600 s)."""
+    of the lookup threads (``lookup_threads``, counted for the list's
+    zone: its slowness is the list's, and a client that holds its
+    network's share must not leave the lists unasked), with a deadline,
+    all of one client at once, the answers cached for
+    ``dns_cache_time``, at most ``cache_size`` (10000) of them, the least
+    recently used going first.  ``listing(address, entries, resolve,
+    timeout, cache_time)`` is the DNSListing of the entries that list it
+    (dns_list_answer()) and of those not asked.  Timeouts, refusals,
+    errors and lists not asked are logged at most once per zone and
+    ``log_interval`` (600 s)."""
 
     cache_size = 10000
     log_interval = 600
@@ -3847,13 +3864,13 @@ class DNSLists(object):
 
     def listing(self, address, entries, resolve, timeout, cache_time):
         if not entries:
-            return set()
+            return DNSListing()
         try:
             queries = dict((entry, dns_list_query(address,
                                                   dns_list_zone(entry)))
                            for entry in entries)
         except ValueError:
-            return set()                    # no address: nothing to ask
+            return DNSListing()             # no address: nothing to ask
         zones = dict((query, dns_list_zone(entry))
                      for entry, query in queries.items())
         now = time.monotonic()
@@ -3866,6 +3883,7 @@ class DNSLists(object):
         condition = threading.Condition(threading.Lock())
         results = {}
         asked = []
+        unasked = set()
         for query in sorted(asking):
             def run(query=query):
                 try:
@@ -3875,10 +3893,12 @@ class DNSLists(object):
                 with condition:
                     results[query] = answer
                     condition.notify()
-            # Busy threads or the network's share used: not asked, not
+            # Busy threads or the zone's share used: not asked, not
             # listed, nothing kept (LookupThreads logs it).
-            if lookup_threads.submit(run, lookup_owner(address)):
+            if lookup_threads.submit(run, zones[query], "DNS list"):
                 asked.append(query)
+            else:
+                unasked.add(query)
         deadline = time.monotonic() + timeout
         with condition:
             while len(results) < len(asked):
@@ -3887,6 +3907,12 @@ class DNSLists(object):
                     break
                 condition.wait(left)
             results = dict(results)
+        for query in sorted(unasked):
+            self._log(zones[query], "unasked", "lookup of %s not asked: no "
+                      "lookup thread free (the lookup threads' warning says "
+                      "why); meanwhile a client it would list is not "
+                      "whitelisted by it (dnswl), nor passed by the "
+                      "auto-whitelist (dnsbl): it is greylisted" % query)
         for query in asked:
             zone = zones[query]
             if query not in results:
@@ -3912,7 +3938,8 @@ class DNSLists(object):
                           "the answer up; every client counts as not "
                           "listed on it until it answers again; use a "
                           "resolver of your own" % refusal, log.error)
-        return listed
+        return DNSListing(listed, [entry for entry, query in queries.items()
+                                   if query in unasked])
 
     def __len__(self):
         """The answers kept now."""
@@ -4370,8 +4397,15 @@ class Greylister(object):
         allowed = [entry for entry in settings.dnswl if entry in listed]
         if allowed:
             return Decision("accept", "dnswl:" + dns_list_zone(allowed[0]))
-        blocked = ([dns_list_zone(entry) for entry in settings.dnsbl
-                    if entry in listed] or [None])[0]
+        # A dnsbl that could not be asked (no lookup thread free) counts
+        # as a listing for the trust below: whoever holds the lookup
+        # threads must not leave his listing unasked and himself trusted.
+        unasked = getattr(listed, "unasked", ())
+        blocked = (["dnsbl:" + dns_list_zone(entry)
+                    for entry in settings.dnsbl if entry in listed]
+                   or ["dnsbl-not-asked:" + dns_list_zone(entry)
+                       for entry in settings.dnsbl if entry in unasked]
+                   or [None])[0]
         name = hostname
         if callable(hostname):
             # Looked up only for the rules that read it: a network key
@@ -4384,15 +4418,16 @@ class Greylister(object):
                                 else self.client_identity(client, name))
         key = self.triplet_key(client_key, sender, recipient)
         suspicious = settings.greylist_clients == "suspicious"
-        suspicion = ("dnsbl:" + blocked if blocked
+        suspicion = (blocked if blocked
                      else self.suspicion(client, name) if suspicious
                      else None)
         rule = key_rule if suspicion is None else "%s %s" % (suspicion,
                                                              key_rule)
         try:
             store = stores.get(settings)
-            # A listed client is always greylisted, trusted or not; one
-            # whose address is unknown is never trusted, nor counted.
+            # A listed client (or one whose dnsbl was not asked) is always
+            # greylisted, trusted or not; one whose address is unknown is
+            # never trusted, nor counted.
             if (not blocked and not unknown
                     and store.client_is_trusted(client_key, now)):
                 return Decision("accept", "auto-whitelist " + key_rule,
@@ -4468,7 +4503,10 @@ class Greylister(object):
     def dns_listing(self, client, resolve):
         """The entries of ``dnswl`` and ``dnsbl`` that list ``client``
         (their zones, with the filter if one is written), all asked at
-        once (DNSLists)."""
+        once (DNSLists): a set, or a DNSListing, whose ``unasked`` are
+        the entries that could not be asked (a dnsbl among them keeps
+        the client from the auto-whitelist and, with greylist_clients =
+        suspicious, greylists it: rule "dnsbl-not-asked:ZONE")."""
         settings = self.settings
         return dns_lists.listing(client, list(settings.dnswl)
                                  + list(settings.dnsbl), resolve,
@@ -4577,9 +4615,10 @@ class GreyListingPolicy(ConcreteMailHandler):
        ``ipv4_prefix`` (24) or ``ipv6_prefix`` (64) bits; a client that
        passed greylisting ``auto_whitelist_clients`` times (0: never;
        each triplet once, the client at most once an hour) is accepted,
-       but not one listed on a ``dnsbl`` zone; with ``greylist_clients =
-       suspicious``, a client that is not listed and has a confirmed,
-       non-generic name is accepted;
+       but not one listed on a ``dnsbl`` zone, nor one whose ``dnsbl``
+       zone could not be asked (no lookup thread free); with
+       ``greylist_clients = suspicious``, a client that is not listed
+       (nor unasked) and has a confirmed, non-generic name is accepted;
     5. otherwise the triplet goes through the greylisting store
        (``greylist_db``, timings ``too_soon``, ``min_defer_time``,
        ``max_defer_time``, ``max_grey``): accepted, or ``defer_reply``.

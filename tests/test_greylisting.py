@@ -633,7 +633,7 @@ def test_list_lookups_run_on_the_bounded_lookup_threads(pool):
     """40 clients against a zone that never answers: 4 lookup threads
     (the limit), no thread of its own per query; the others are not
     asked (not listed) and return at once."""
-    threads = pool(limit=4)
+    threads = pool(limit=4, reserve=0)  # the zone's share (10) is more
     resolver = Hanging()
     lists = smtpproxy.DNSLists()
     before = set(threading.enumerate())
@@ -645,6 +645,7 @@ def test_list_lookups_run_on_the_bounded_lookup_threads(pool):
         assert callers.results == [set()] * 36
         started = set(threading.enumerate()) - before - set(callers.threads)
         assert len(started) == threads.count == 4
+        assert threads.held(BL) == 4    # counted as the list's
         assert set(thread.name for thread in started) == {"lookup"}
     finally:
         resolver.release.set()
@@ -691,6 +692,76 @@ def test_a_network_whose_lookups_hang_leaves_threads_to_the_others(
     shares = [r for r in caplog.records if "its share" in r.getMessage()]
     assert len(shares) == 1
     assert "client network 198.51.100.0/24 holds 5" in shares[0].getMessage()
+
+
+def trusted(grey, client):
+    """``client``'s network earns the auto-whitelist (with
+    auto_whitelist_clients = 1): a triplet that waited and came back."""
+    decide(grey, client, now=T0)
+    decide(grey, client, now=T0 + 3600)
+    assert decide(grey, client, recipient="c@example.org",
+                  now=T0 + 3700).rule.startswith("auto-whitelist")
+
+
+def test_a_listed_client_holding_its_networks_lookups_is_still_listed(
+        engine, pool):
+    """A client on a dnsbl whose network is trusted, and whose other
+    sessions hold its network's share of the lookup threads (reverse
+    lookups that hang in a zone it controls): the list is asked all the
+    same (list queries count as the list's, not the client's), so it is
+    greylisted as listed, not let through by the auto-whitelist."""
+    threads = pool()                    # the defaults: a share of 10
+    grey = engine(dnsbl=[BL], auto_whitelist_clients=1, dns_cache_time=0,
+                  dns_timeout=30)
+    trusted(grey, "192.0.2.7")
+    hanging = Hanging()
+    callers = Callers(smtpproxy.confirmed_names, [
+        ("192.0.2.%d" % n, hanging, lambda name: set(), 3, None)
+        for n in range(10, 10 + threads.share)])
+    try:
+        assert hanging.wait_entered(threads.share)
+        assert threads.held("192.0.2.0/24") == threads.share
+        listed = listing("192.0.2.7", BL, "127.0.0.2")
+        decision = decide(grey, "192.0.2.7", None, listed,
+                          recipient="d@example.org", now=T0 + 3800)
+    finally:
+        hanging.release.set()
+    callers.join()
+    assert listed.asked == [smtpproxy.dns_list_query("192.0.2.7", BL)]
+    assert (decision.verdict, decision.rule) == (
+        "defer", "dnsbl:%s network:192.0.2.0/24" % BL)
+
+
+def test_a_dnsbl_not_asked_keeps_the_client_from_the_auto_whitelist(
+        engine, pool, caplog):
+    """Every lookup thread busy: the lists are not asked.  A dnsbl not
+    asked counts as a listing for the auto-whitelist (the client is
+    greylisted, not refused), logged once per zone and 10 minutes; a
+    dnswl not asked whitelists nobody."""
+    threads = pool(limit=4)
+    grey = engine(dnsbl=[BL], dnswl=[WL], auto_whitelist_clients=1,
+                  dns_cache_time=0, dns_timeout=30)
+    trusted(grey, "192.0.2.7")
+    hanging = Hanging()
+    try:
+        assert all(threads.submit(hanging) for _ in range(4))
+        resolver = Resolver(forward={
+            smtpproxy.dns_list_query("192.0.2.7", WL): {"127.0.10.2"}})
+        with caplog.at_level(logging.WARNING, logger="smtpproxy"):
+            decisions = [decide(grey, "192.0.2.7", None, resolver,
+                                recipient=recipient, now=T0 + 3800)
+                         for recipient in ("d@example.org",
+                                           "e@example.org")]
+    finally:
+        hanging.release.set()
+    assert resolver.asked == []
+    assert [(d.verdict, d.rule) for d in decisions] == [
+        ("defer", "dnsbl-not-asked:%s network:192.0.2.0/24" % BL)] * 2
+    unasked = [r.getMessage() for r in caplog.records
+               if "not asked" in r.getMessage()]
+    assert len(unasked) == 2            # one per zone
+    assert any(BL in message and "auto-whitelist" in message
+               for message in unasked)
 
 
 @pytest.mark.parametrize("silent_time, asked", [(60, 1), (0, 2)])
