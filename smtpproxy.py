@@ -3470,8 +3470,8 @@ def resolve_addresses(name):
 
 class LookupThreads(ReusedThreads):
     """The threads that make the system resolver's calls for
-    call_with_deadline(), confirmed_names() and the DNS lists
-    (``lookup_threads``): one that has had nothing to do for
+    confirmed_names() and the DNS lists (``lookup_threads``, through
+    _lookups_within()): one that has had nothing to do for
     ``idle_time`` seconds (1) ends.  At most ``limit`` (100) at once,
     those stuck in a resolver that does not answer included: past it, a
     lookup is not made (as if it had timed out), and that is logged (the
@@ -3585,30 +3585,53 @@ def lookup_owner(address):
 lookup_threads = LookupThreads()
 
 
-def call_with_deadline(function, args, seconds, owner=None):
-    """``(True, function(*args))``, or ``(False, None)`` if it did not
-    return within ``seconds``: for the system's resolver, which has no
-    timeout of its own that a caller can set.  The call goes on in a
-    lookup thread (LookupThreads, for ``owner``) until the resolver gives
-    up."""
-    result = []
-    done = threading.Lock()
-    done.acquire()
+def _lookups_within(jobs, seconds):
+    """Run each ``(job, owner, kind)`` of ``jobs`` in a lookup thread
+    (LookupThreads.submit()), all at once, and wait until each has
+    finished or none has made progress for ``seconds`` (0 or None: no
+    limit): the system's resolver has no timeout of its own that a
+    caller can set, and a lookup goes on in its thread until the
+    resolver gives up.  ``job(progress)`` returns its answer; after each
+    lookup but its last it may call ``progress(partial)``, so that the
+    next lookup has ``seconds`` of its own and a late job still gives
+    what it learnt.  A job that raises (a resolver's failure) answers
+    None.  Returns, per job in order, ``(state, answer)``: ("answered",
+    its answer), ("late", its last ``partial`` or None), or ("refused",
+    None) when no thread might take it (LookupThreads logs why)."""
+    condition = threading.Condition(threading.Lock())
+    results = [None] * len(jobs)
+    partial = [None] * len(jobs)
+    moved = [time.monotonic()]          # the last progress, or the start
 
-    def run():
+    def run(index, job):
+        def progress(value):
+            with condition:
+                partial[index] = value
+                moved[0] = time.monotonic()
         try:
-            result.append(function(*args))
-        except Exception as error:          # a resolver's failure: none
-            result.append(error)
-        done.release()
-    if not lookup_threads.submit(run, owner):
-        return False, None
-    done.acquire(timeout=-1 if seconds is None else seconds)
-    if not result:
-        return False, None
-    if isinstance(result[0], Exception):
-        return True, None
-    return True, result[0]
+            answer = job(progress)
+        except Exception:               # a resolver's failure: none
+            answer = None
+        with condition:
+            results[index] = ("answered", answer)
+            condition.notify()
+
+    for index, (job, owner, kind) in enumerate(jobs):
+        if not lookup_threads.submit(functools.partial(run, index, job),
+                                     owner, kind):
+            with condition:
+                results[index] = ("refused", None)
+    with condition:
+        while None in results:
+            if not seconds:
+                condition.wait()
+                continue
+            left = moved[0] + seconds - time.monotonic()
+            if left <= 0:
+                break
+            condition.wait(left)
+        return [result or ("late", partial[index])
+                for index, result in enumerate(results)]
 
 
 def confirmed_names(address, reverse_lookup, forward_lookup, tries,
@@ -3619,69 +3642,44 @@ def confirmed_names(address, reverse_lookup, forward_lookup, tries,
     for another client); ``forward_lookup(name)`` is tried on the first
     ``tries`` of them until one gives ``address`` back, which is then the
     confirmed name (lower case, no final dot).  Each lookup within
-    ``seconds`` (None: no limit); one that takes longer ends the search
-    (``answered`` is False if it was the reverse one).
+    ``seconds`` (0 or None: no limit); one that takes longer ends the
+    search (``answered`` is False if it was the reverse one).
 
     All of it is one job of a lookup thread, which the caller waits for
     once: two lookups that answer at once cost one hand-over between
     threads each way, not two.  The job counts against the share of the
     address's network (lookup_owner()); a network whose lookup timed out
     lately is not asked (LookupThreads.silent()): no answer."""
-    condition = threading.Condition(threading.Lock())
-    state = {"names": None, "confirmed": None, "steps": [],
-             "finished": False}
     owner = lookup_owner(address)
     if lookup_threads.silent(owner):
         return False, [], None
 
-    def run():
+    def job(progress):
         try:
+            names = [name for name in reverse_lookup(address) or ()
+                     if _host_name(name)]
+        except Exception:                   # a resolver's failure: none
+            names = []
+        for name in names[:tries]:
+            progress((names, None))
             try:
-                names = [name for name in reverse_lookup(address) or ()
-                         if _host_name(name)]
-            except Exception:               # a resolver's failure: none
-                names = []
-            with condition:
-                state["names"] = names
-                state["steps"].append(time.monotonic())
-            for name in names[:tries]:
-                try:
-                    addresses = forward_lookup(name)
-                except Exception:
-                    addresses = None
-                if address in (addresses or ()):
-                    state["confirmed"] = name.lower().rstrip(".")
-                    break
-                with condition:
-                    state["steps"].append(time.monotonic())
-        finally:
-            with condition:
-                state["finished"] = True
-                condition.notify()
+                addresses = forward_lookup(name)
+            except Exception:
+                addresses = None
+            if address in (addresses or ()):
+                return names, name.lower().rstrip(".")
+        return names, None
 
-    began = time.monotonic()
-    if not lookup_threads.submit(run, owner):
+    [(state, answer)] = _lookups_within([(job, owner, "client network")],
+                                        seconds)
+    if state == "answered":
+        names, confirmed = answer or ([], None)
+        return True, names, confirmed
+    if state == "late":
+        lookup_threads.timed_out(owner)
+    if answer is None:
         return False, [], None
-    with condition:
-        while not state["finished"]:
-            if seconds is None:
-                condition.wait()
-                continue
-            # The deadline of the lookup under way: from the end of the
-            # one before it.
-            steps = state["steps"]
-            left = (steps[-1] if steps else began) + seconds - \
-                time.monotonic()
-            if left <= 0:
-                break
-            condition.wait(left)
-        if state["finished"]:
-            return True, state["names"], state["confirmed"]
-        names = state["names"]
-    lookup_threads.timed_out(owner)
-    if names is None:
-        return False, [], None
-    return True, list(names), None
+    return True, list(answer[0]), None
 
 
 _HOST_NAME_RE = re.compile(
@@ -3879,34 +3877,21 @@ class DNSLists(object):
             cached = self._cache.get(query)
             if cached is not None and cached[0] > now:
                 answers[query] = cached[1]
-        asking = set(queries.values()) - set(answers)
-        condition = threading.Condition(threading.Lock())
-        results = {}
-        asked = []
-        unasked = set()
-        for query in sorted(asking):
-            def run(query=query):
-                try:
-                    answer = frozenset(resolve(query) or ())
-                except Exception:           # a resolver's failure: none
-                    answer = frozenset()
-                with condition:
-                    results[query] = answer
-                    condition.notify()
-            # Busy threads or the zone's share used: not asked, not
-            # listed, nothing kept (LookupThreads logs it).
-            if lookup_threads.submit(run, zones[query], "DNS list"):
-                asked.append(query)
-            else:
-                unasked.add(query)
-        deadline = time.monotonic() + timeout
-        with condition:
-            while len(results) < len(asked):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                condition.wait(left)
-            results = dict(results)
+        asking = sorted(set(queries.values()) - set(answers))
+
+        def job(query):
+            return lambda progress: frozenset(resolve(query) or ())
+        # Each counted as its zone's: busy threads or the zone's share
+        # used, not asked, not listed, nothing kept (LookupThreads logs
+        # it); a resolver's failure is no answer.
+        states = _lookups_within([(job(query), zones[query], "DNS list")
+                                  for query in asking], timeout)
+        results = dict((query, answer or frozenset())
+                       for query, (state, answer) in zip(asking, states)
+                       if state == "answered")
+        asked = [query for query, (state, _) in zip(asking, states)
+                 if state != "refused"]
+        unasked = set(asking) - set(asked)
         for query in sorted(unasked):
             self._log(zones[query], "unasked", "lookup of %s not asked: no "
                       "lookup thread free (the lookup threads' warning says "

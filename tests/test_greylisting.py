@@ -516,35 +516,56 @@ def test_the_shipped_whitelist_of_sender_pools_loads(engine):
 def test_lookups_reuse_their_threads():
     before = smtpproxy.lookup_threads.count
     for number in range(50):
-        assert smtpproxy.call_with_deadline(lambda n: n * 2, (number,),
-                                            5) == (True, number * 2)
+        address = "192.0.2.%d" % number
+        assert smtpproxy.confirmed_names(
+            address, lambda _: ["mx.example.net"], lambda _: {address}, 3,
+            5) == (True, ["mx.example.net"], "mx.example.net")
     assert smtpproxy.lookup_threads.count - before <= 1
-    assert smtpproxy.call_with_deadline(
-        lambda: 1 / 0, (), 5) == (True, None)      # a failure: no answer
 
 
 def test_lookup_threads_are_bounded_and_deadlines_kept(pool, caplog):
     threads = pool(limit=2)
     stuck = threading.Event()
     made = []
+
+    def names(address, reverse=lambda _: ["mx.example.net"]):
+        return smtpproxy.confirmed_names(address, reverse,
+                                         lambda _: {address}, 3, 0.2)
     try:
-        for _ in range(2):              # two lookups stuck in the resolver
+        # Two lookups stuck in the resolver (of two networks: a timeout
+        # leaves its network unasked for a while).
+        for address in ("192.0.2.7", "198.51.100.7"):
             began = time.monotonic()
-            assert smtpproxy.call_with_deadline(stuck.wait, (), 0.2) == (
-                False, None)            # (stuck.wait answers True)
+            assert names(address, lambda _: stuck.wait()) == (
+                False, [], None)
             assert time.monotonic() - began > 0.15
         # None free: not made (nor queued for later), and said so.
-        assert smtpproxy.call_with_deadline(made.append, ("x",), 5) == (
-            False, None)
+        assert names("203.0.113.7", made.append) == (False, [], None)
         assert "lookup threads: all 2 busy" in caplog.text
         stuck.set()                     # the resolver answers at last
         wait_until(lambda: threads.idle == 2, what="the threads to be free")
         assert made == []
-        assert smtpproxy.call_with_deadline(lambda: "x", (), 5) == (
-            True, "x")
+        assert names("203.0.113.7")[2] == "mx.example.net"
         assert threads.count == 2
     finally:
         stuck.set()
+
+
+@pytest.mark.parametrize("dns_timeout", [0, None])
+def test_no_dns_timeout_is_no_limit(engine, dns_timeout):
+    """dns_timeout 0 or None (a class attribute; the file takes numbers
+    above 0): the lists are asked and their answers waited for, however
+    long the resolver takes (here 0.2 s)."""
+    grey = engine(dnsbl=[BL], dnswl=[WL], dns_timeout=dns_timeout)
+    resolver = Resolver(forward={
+        smtpproxy.dns_list_query("192.0.2.7", BL): {"127.0.0.2"}},
+        slow={smtpproxy.dns_list_query("192.0.2.7", BL),
+              smtpproxy.dns_list_query("192.0.2.7", WL)}, delay=0.2)
+    decision = decide(grey, "192.0.2.7", None, resolver)
+    assert sorted(resolver.asked) == sorted(
+        smtpproxy.dns_list_query("192.0.2.7", zone) for zone in (BL, WL))
+    assert (decision.verdict, decision.rule) == (
+        "defer", "dnsbl:%s network:192.0.2.0/24" % BL)
 
 
 @pytest.fixture
