@@ -3063,12 +3063,21 @@ class ConcreteMailHandler(_TLSSession, _TransactionOutcomes, MailHandler):
             return known[1]
         if self.peer == UNKNOWN_CLIENT:
             return None, None           # no address to look up
+        why = []
         answered, reverse, confirmed = confirmed_names(
             self.peer, self.reverse_lookup, self.forward_lookup,
-            self.max_forward_lookups, self.dns_timeout or None)
+            self.max_forward_lookups, self.dns_timeout or None, why)
         if not answered:
-            log.info("reverse lookup of %s: no answer within %s s",
-                     self.peer, _seconds(self.dns_timeout))
+            # What happened: a lookup that was never made waited for
+            # nothing.
+            log.info("reverse lookup of %s: %s", self.peer, {
+                "late": "no answer within %s s"
+                % _seconds(self.dns_timeout),
+                "refused": "not made: no lookup thread free for it (the "
+                "lookup threads' warning says why)",
+                "silent": "not asked: a lookup of its network timed out "
+                "in the last %s s" % _seconds(lookup_threads.silent_time),
+            }[why[0]])
         names = (reverse[0].lower().rstrip(".") if reverse else None,
                  confirmed)
         self._client_names = (self.peer, names)
@@ -3635,7 +3644,7 @@ def _lookups_within(jobs, seconds):
 
 
 def confirmed_names(address, reverse_lookup, forward_lookup, tries,
-                    seconds):
+                    seconds, why=None):
     """FCrDNS of ``address``: ``(answered, reverse names, confirmed
     name)``.  ``reverse_lookup(address)`` gives its names (those a mail
     server takes: a PTR record can hold any octets, or an address to pass
@@ -3643,7 +3652,10 @@ def confirmed_names(address, reverse_lookup, forward_lookup, tries,
     ``tries`` of them until one gives ``address`` back, which is then the
     confirmed name (lower case, no final dot).  Each lookup within
     ``seconds`` (0 or None: no limit); one that takes longer ends the
-    search (``answered`` is False if it was the reverse one).
+    search (``answered`` is False if it was the reverse one).  If
+    ``answered`` is False and ``why`` is a list, the reason is appended
+    to it: "late" (no answer in time), "refused" (no lookup thread might
+    take it) or "silent" (not asked, below).
 
     All of it is one job of a lookup thread, which the caller waits for
     once: two lookups that answer at once cost one hand-over between
@@ -3652,6 +3664,8 @@ def confirmed_names(address, reverse_lookup, forward_lookup, tries,
     lately is not asked (LookupThreads.silent()): no answer."""
     owner = lookup_owner(address)
     if lookup_threads.silent(owner):
+        if why is not None:
+            why.append("silent")
         return False, [], None
 
     def job(progress):
@@ -3678,6 +3692,8 @@ def confirmed_names(address, reverse_lookup, forward_lookup, tries,
     if state == "late":
         lookup_threads.timed_out(owner)
     if answer is None:
+        if why is not None:
+            why.append(state)
         return False, [], None
     return True, list(answer[0]), None
 

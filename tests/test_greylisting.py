@@ -807,6 +807,41 @@ def test_a_network_whose_lookup_timed_out_is_not_asked_for_a_while(
         lambda name: {"192.0.2.7"}, 3, 0.2)[2] == "mx.out.example.com"
 
 
+@pytest.mark.parametrize("silent_time, second", [
+    (60, "not asked: a lookup of its network timed out in the last 60 s"),
+    (0, "not made: no lookup thread free for it (the lookup threads' "
+        "warning says why)")])
+def test_the_log_says_why_a_client_has_no_name(
+        proxy, tmp_path, pool, caplog, silent_time, second):
+    """The reverse lookup of 127.0.0.2 hangs: "no answer within 0.2 s".
+    The next session, of 127.0.0.3 (same /24), makes none, and the log
+    says so rather than that it waited: its network is silent for a
+    minute, or (silent_time = 0) holds its share of the lookup threads
+    (here 1) with the lookup that still hangs."""
+    pool(silent_time=silent_time, share=1)
+    never = threading.Event()
+    port = proxy(handler=smtpproxy.GreyListingPolicy,
+                 greylist_db=str(tmp_path / "names.db"),
+                 allowed_senders=[], allowed_domains=["example.org"],
+                 dns_timeout=0.2,
+                 reverse_lookup=lambda self, ip: never.wait(30) and [],
+                 forward_lookup=lambda self, name: set())
+    with caplog.at_level(logging.INFO, logger="smtpproxy"):
+        try:
+            for source in ("127.0.0.2", "127.0.0.3"):
+                client = RawClient(port, source=source)
+                client.cmd("EHLO mx.example.net")
+                client.cmd("MAIL FROM:<a@example.net>")
+                assert client.cmd("RCPT TO:<b@example.org>")[0] == 451
+                client.close()
+        finally:
+            never.set()
+    assert [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith("reverse lookup of")] == [
+        "reverse lookup of 127.0.0.2: no answer within 0.2 s",
+        "reverse lookup of 127.0.0.3: " + second]
+
+
 def test_the_last_lookup_threads_are_kept_for_networks_holding_none(pool):
     """10 threads, a share of 5, 4 kept in reserve: network A takes 5;
     B one, not two (only 4 free); C to F one each; then none is left."""
