@@ -4361,7 +4361,7 @@ class Greylister(object):
     ``is_local_recipient``, ``recipient_is_whitelisted``,
     ``is_whitelisted``, ``client_is_whitelisted``, ``dns_listing``,
     ``client_identity``, ``suspicion``, ``client_network``,
-    ``triplet_key``, ``new_triplet_bound``.
+    ``triplet_key``, ``new_triplet_bound``, ``flood_network``.
     """
 
     def __init__(self, settings):
@@ -4435,10 +4435,7 @@ class Greylister(object):
                                 client_key)
             if suspicious and suspicion is None:
                 return Decision("accept", "not-suspicious " + key_rule)
-            # Counted by the key's network, but an IPv6 site's /48 at
-            # most: one client holds 65,536 /64s of it.
-            network = network_key(client, settings.ipv4_prefix,
-                                  min(settings.ipv6_prefix, 48))
+            network = self.flood_network(client)
             bound = self.new_triplet_bound(network, now, session_added)
             accepted, delay, new = store.step(
                 key, now, client=None if unknown else client_key,
@@ -4476,6 +4473,16 @@ class Greylister(object):
                                    settings.max_new_triplets_per_network):
             return "max_new_triplets_per_network"
         return None
+
+    def flood_network(self, client):
+        """The network whose bound of new triplets an hour
+        (max_new_triplets_per_network, new_triplet_bound()) a new
+        triplet of ``client`` counts against: the key's network
+        (``ipv4_prefix``), but an IPv6 site's /48 at most, since one
+        client holds 65,536 /64s of it."""
+        settings = self.settings
+        return network_key(client, settings.ipv4_prefix,
+                           min(settings.ipv6_prefix, 48))
 
     def client_identity(self, client, name):
         """``(the key's client part, the rule naming it)``: with
