@@ -3092,12 +3092,21 @@ class ConcreteMailHandler(_TLSSession, _TransactionOutcomes, MailHandler):
             return known[1]
         if self.peer == UNKNOWN_CLIENT:
             return None, None           # no address to look up
+        why = []
         answered, reverse, confirmed = confirmed_names(
             self.peer, self.reverse_lookup, self.forward_lookup,
-            self.max_forward_lookups, self.dns_timeout or None)
+            self.max_forward_lookups, self.dns_timeout or None, why)
         if not answered:
-            log.info("reverse lookup of %s: no answer within %s s",
-                     self.peer, _seconds(self.dns_timeout))
+            # What happened: a lookup that was never made waited for
+            # nothing.
+            log.info("reverse lookup of %s: %s", self.peer, {
+                "late": "no answer within %s s"
+                % _seconds(self.dns_timeout),
+                "refused": "not made: no lookup thread free for it (the "
+                "lookup threads' warning says why)",
+                "silent": "not asked: a lookup of its network timed out "
+                "in the last %s s" % _seconds(lookup_threads.silent_time),
+            }[why[0]])
         names = (reverse[0].lower().rstrip(".") if reverse else None,
                  confirmed)
         self._client_names = (self.peer, names)
@@ -3499,19 +3508,21 @@ def resolve_addresses(name):
 
 class LookupThreads(ReusedThreads):
     """The threads that make the system resolver's calls for
-    call_with_deadline(), confirmed_names() and the DNS lists
-    (``lookup_threads``): one that has had nothing to do for
+    confirmed_names() and the DNS lists (``lookup_threads``, through
+    _lookups_within()): one that has had nothing to do for
     ``idle_time`` seconds (1) ends.  At most ``limit`` (100) at once,
     those stuck in a resolver that does not answer included: past it, a
     lookup is not made (as if it had timed out), and that is logged (at
     most once a minute).
 
-    A lookup made for a client (``submit(job, owner)``, the owner its
-    network, lookup_owner()) may take a thread only while that network
-    holds fewer than ``share`` (10) of them, and the last ``reserve``
-    (20) only if it holds none, so that clients whose reverse zone never
-    answers cannot take every thread from the others: past it, that
-    network's lookups fail at once, logged at most once a minute.  A
+    A lookup made for an owner (``submit(job, owner, kind)``: a client's
+    network, lookup_owner(), for its names; a DNS list's zone for the
+    list's queries, which a client cannot slow) may take a thread only
+    while that owner holds fewer than ``share`` (10) of them, and the
+    last ``reserve`` (20) only if it holds none, so that clients whose
+    reverse zone never answers, or a list that is down, cannot take
+    every thread from the others: past it, that owner's lookups fail at
+    once, logged at most once a minute.  A
     network whose lookup timed out (``timed_out(owner)``) is
     ``silent(owner)`` for ``silent_time`` seconds (60), so that its next
     sessions need not take a thread each to learn the same (at most
@@ -3530,9 +3541,10 @@ class LookupThreads(ReusedThreads):
         self._silent = Cache(self.silent_size)  # owner -> silent until
         self._share_logged = None
 
-    def submit(self, job, owner=None):
+    def submit(self, job, owner=None, kind="client network"):
         """Run ``job()`` in a thread; False (logged) if none may take it:
-        all busy, or ``owner`` holds its share."""
+        all busy, or ``owner`` (a ``kind``, as the log names it) holds
+        its share."""
         if owner is not None:
             with self._lock:
                 held = self._held.get(owner, 0)
@@ -3548,13 +3560,12 @@ class LookupThreads(ReusedThreads):
                 if (self._share_logged is None
                         or now - self._share_logged > 60):
                     self._share_logged = now
-                    log.warning("lookup threads: client network %s holds "
-                                "%d (its share: %d, and only networks "
-                                "holding none take the last %d); its "
-                                "lookups fail at once until one is free (a "
-                                "reverse zone that never answers?)",
-                                log_escape(owner), held, self.share,
-                                self.reserve)
+                    log.warning("lookup threads: %s %s holds %d (its "
+                                "share: %d, and only those holding none "
+                                "take the last %d); its lookups fail at "
+                                "once until one is free (a zone that never "
+                                "answers?)", kind, log_escape(owner), held,
+                                self.share, self.reserve)
                 return False
             unowned = job
 
@@ -3613,103 +3624,108 @@ def lookup_owner(address):
 lookup_threads = LookupThreads()
 
 
-def call_with_deadline(function, args, seconds, owner=None):
-    """``(True, function(*args))``, or ``(False, None)`` if it did not
-    return within ``seconds``: for the system's resolver, which has no
-    timeout of its own that a caller can set.  The call goes on in a
-    lookup thread (LookupThreads, for ``owner``) until the resolver gives
-    up."""
-    result = []
-    done = threading.Lock()
-    done.acquire()
+def _lookups_within(jobs, seconds):
+    """Run each ``(job, owner, kind)`` of ``jobs`` in a lookup thread
+    (LookupThreads.submit()), all at once, and wait until each has
+    finished or none has made progress for ``seconds`` (0 or None: no
+    limit): the system's resolver has no timeout of its own that a
+    caller can set, and a lookup goes on in its thread until the
+    resolver gives up.  ``job(progress)`` returns its answer; after each
+    lookup but its last it may call ``progress(partial)``, so that the
+    next lookup has ``seconds`` of its own and a late job still gives
+    what it learnt.  A job that raises (a resolver's failure) answers
+    None.  Returns, per job in order, ``(state, answer)``: ("answered",
+    its answer), ("late", its last ``partial`` or None), or ("refused",
+    None) when no thread might take it (LookupThreads logs why)."""
+    condition = threading.Condition(threading.Lock())
+    results = [None] * len(jobs)
+    partial = [None] * len(jobs)
+    moved = [time.monotonic()]          # the last progress, or the start
 
-    def run():
+    def run(index, job):
+        def progress(value):
+            with condition:
+                partial[index] = value
+                moved[0] = time.monotonic()
         try:
-            result.append(function(*args))
-        except Exception as error:          # a resolver's failure: none
-            result.append(error)
-        done.release()
-    if not lookup_threads.submit(run, owner):
-        return False, None
-    done.acquire(timeout=-1 if seconds is None else seconds)
-    if not result:
-        return False, None
-    if isinstance(result[0], Exception):
-        return True, None
-    return True, result[0]
+            answer = job(progress)
+        except Exception:               # a resolver's failure: none
+            answer = None
+        with condition:
+            results[index] = ("answered", answer)
+            condition.notify()
+
+    for index, (job, owner, kind) in enumerate(jobs):
+        if not lookup_threads.submit(functools.partial(run, index, job),
+                                     owner, kind):
+            with condition:
+                results[index] = ("refused", None)
+    with condition:
+        while None in results:
+            if not seconds:
+                condition.wait()
+                continue
+            left = moved[0] + seconds - time.monotonic()
+            if left <= 0:
+                break
+            condition.wait(left)
+        return [result or ("late", partial[index])
+                for index, result in enumerate(results)]
 
 
 def confirmed_names(address, reverse_lookup, forward_lookup, tries,
-                    seconds):
+                    seconds, why=None):
     """FCrDNS of ``address``: ``(answered, reverse names, confirmed
     name)``.  ``reverse_lookup(address)`` gives its names (those a mail
     server takes: a PTR record can hold any octets, or an address to pass
     for another client); ``forward_lookup(name)`` is tried on the first
     ``tries`` of them until one gives ``address`` back, which is then the
     confirmed name (lower case, no final dot).  Each lookup within
-    ``seconds`` (None: no limit); one that takes longer ends the search
-    (``answered`` is False if it was the reverse one).
+    ``seconds`` (0 or None: no limit); one that takes longer ends the
+    search (``answered`` is False if it was the reverse one).  If
+    ``answered`` is False and ``why`` is a list, the reason is appended
+    to it: "late" (no answer in time), "refused" (no lookup thread might
+    take it) or "silent" (not asked, below).
 
     All of it is one job of a lookup thread, which the caller waits for
     once: two lookups that answer at once cost one hand-over between
     threads each way, not two.  The job counts against the share of the
     address's network (lookup_owner()); a network whose lookup timed out
     lately is not asked (LookupThreads.silent()): no answer."""
-    condition = threading.Condition(threading.Lock())
-    state = {"names": None, "confirmed": None, "steps": [],
-             "finished": False}
     owner = lookup_owner(address)
     if lookup_threads.silent(owner):
+        if why is not None:
+            why.append("silent")
         return False, [], None
 
-    def run():
+    def job(progress):
         try:
+            names = [name for name in reverse_lookup(address) or ()
+                     if _host_name(name)]
+        except Exception:                   # a resolver's failure: none
+            names = []
+        for name in names[:tries]:
+            progress((names, None))
             try:
-                names = [name for name in reverse_lookup(address) or ()
-                         if _host_name(name)]
-            except Exception:               # a resolver's failure: none
-                names = []
-            with condition:
-                state["names"] = names
-                state["steps"].append(time.monotonic())
-            for name in names[:tries]:
-                try:
-                    addresses = forward_lookup(name)
-                except Exception:
-                    addresses = None
-                if address in (addresses or ()):
-                    state["confirmed"] = name.lower().rstrip(".")
-                    break
-                with condition:
-                    state["steps"].append(time.monotonic())
-        finally:
-            with condition:
-                state["finished"] = True
-                condition.notify()
+                addresses = forward_lookup(name)
+            except Exception:
+                addresses = None
+            if address in (addresses or ()):
+                return names, name.lower().rstrip(".")
+        return names, None
 
-    began = time.monotonic()
-    if not lookup_threads.submit(run, owner):
+    [(state, answer)] = _lookups_within([(job, owner, "client network")],
+                                        seconds)
+    if state == "answered":
+        names, confirmed = answer or ([], None)
+        return True, names, confirmed
+    if state == "late":
+        lookup_threads.timed_out(owner)
+    if answer is None:
+        if why is not None:
+            why.append(state)
         return False, [], None
-    with condition:
-        while not state["finished"]:
-            if seconds is None:
-                condition.wait()
-                continue
-            # The deadline of the lookup under way: from the end of the
-            # one before it.
-            steps = state["steps"]
-            left = (steps[-1] if steps else began) + seconds - \
-                time.monotonic()
-            if left <= 0:
-                break
-            condition.wait(left)
-        if state["finished"]:
-            return True, state["names"], state["confirmed"]
-        names = state["names"]
-    lookup_threads.timed_out(owner)
-    if names is None:
-        return False, [], None
-    return True, list(names), None
+    return True, list(answer[0]), None
 
 
 _HOST_NAME_RE = re.compile(
@@ -3858,15 +3874,30 @@ def dns_list_answer(entry, answers):
     return listed and refusal is None, refusal
 
 
+class DNSListing(set):
+    """The entries of the DNS lists that list a client (a set), and, as
+    ``unasked``, a frozenset of those that could not be asked: no lookup
+    thread was free for them.  Such a list lists nobody, but a dnsbl
+    that was not asked must not let its clients pass as if asked
+    (Greylister.decide())."""
+
+    def __init__(self, listed=(), unasked=()):
+        set.__init__(self, listed)
+        self.unasked = frozenset(unasked)
+
+
 class DNSLists(object):
     """DNSBL and DNSWL lookups through the system's resolver: each a job
-    of the lookup threads (``lookup_threads``, counted for the client's
-    network), with a deadline, all of one client at once, the answers
-    cached for ``dns_cache_time``, at most ``cache_size`` (10000) of
-    them, the least recently used going first.  ``listing(address,
-    entries, resolve, timeout, cache_time)`` is the set of the entries
-    that list it (dns_list_answer()).  Timeouts, refusals and errors are
-    logged at most once per zone and ``log_interval`` (600 s)."""
+    of the lookup threads (``lookup_threads``, counted for the list's
+    zone: its slowness is the list's, and a client that holds its
+    network's share must not leave the lists unasked), with a deadline,
+    all of one client at once, the answers cached for
+    ``dns_cache_time``, at most ``cache_size`` (10000) of them, the least
+    recently used going first.  ``listing(address, entries, resolve,
+    timeout, cache_time)`` is the DNSListing of the entries that list it
+    (dns_list_answer()) and of those not asked.  Timeouts, refusals,
+    errors and lists not asked are logged at most once per zone and
+    ``log_interval`` (600 s)."""
 
     cache_size = 10000
     log_interval = 600
@@ -3877,13 +3908,13 @@ class DNSLists(object):
 
     def listing(self, address, entries, resolve, timeout, cache_time):
         if not entries:
-            return set()
+            return DNSListing()
         try:
             queries = dict((entry, dns_list_query(address,
                                                   dns_list_zone(entry)))
                            for entry in entries)
         except ValueError:
-            return set()                    # no address: nothing to ask
+            return DNSListing()             # no address: nothing to ask
         zones = dict((query, dns_list_zone(entry))
                      for entry, query in queries.items())
         now = time.monotonic()
@@ -3892,31 +3923,27 @@ class DNSLists(object):
             cached = self._cache.get(query)
             if cached is not None and cached[0] > now:
                 answers[query] = cached[1]
-        asking = set(queries.values()) - set(answers)
-        condition = threading.Condition(threading.Lock())
-        results = {}
-        asked = []
-        for query in sorted(asking):
-            def run(query=query):
-                try:
-                    answer = frozenset(resolve(query) or ())
-                except Exception:           # a resolver's failure: none
-                    answer = frozenset()
-                with condition:
-                    results[query] = answer
-                    condition.notify()
-            # Busy threads or the network's share used: not asked, not
-            # listed, nothing kept (LookupThreads logs it).
-            if lookup_threads.submit(run, lookup_owner(address)):
-                asked.append(query)
-        deadline = time.monotonic() + timeout
-        with condition:
-            while len(results) < len(asked):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                condition.wait(left)
-            results = dict(results)
+        asking = sorted(set(queries.values()) - set(answers))
+
+        def job(query):
+            return lambda progress: frozenset(resolve(query) or ())
+        # Each counted as its zone's: busy threads or the zone's share
+        # used, not asked, not listed, nothing kept (LookupThreads logs
+        # it); a resolver's failure is no answer.
+        states = _lookups_within([(job(query), zones[query], "DNS list")
+                                  for query in asking], timeout)
+        results = dict((query, answer or frozenset())
+                       for query, (state, answer) in zip(asking, states)
+                       if state == "answered")
+        asked = [query for query, (state, _) in zip(asking, states)
+                 if state != "refused"]
+        unasked = set(asking) - set(asked)
+        for query in sorted(unasked):
+            self._log(zones[query], "unasked", "lookup of %s not asked: no "
+                      "lookup thread free (the lookup threads' warning says "
+                      "why); meanwhile a client it would list is not "
+                      "whitelisted by it (dnswl), nor passed by the "
+                      "auto-whitelist (dnsbl): it is greylisted" % query)
         for query in asked:
             zone = zones[query]
             if query not in results:
@@ -3942,7 +3969,8 @@ class DNSLists(object):
                           "the answer up; every client counts as not "
                           "listed on it until it answers again; use a "
                           "resolver of your own" % refusal, log.error)
-        return listed
+        return DNSListing(listed, [entry for entry, query in queries.items()
+                                   if query in unasked])
 
     def __len__(self):
         """The answers kept now."""
@@ -4370,7 +4398,7 @@ class Greylister(object):
     ``is_local_recipient``, ``recipient_is_whitelisted``,
     ``is_whitelisted``, ``client_is_whitelisted``, ``dns_listing``,
     ``client_identity``, ``suspicion``, ``client_network``,
-    ``triplet_key``, ``new_triplet_bound``.
+    ``triplet_key``, ``new_triplet_bound``, ``flood_network``.
 
     ``recipient_rule``, if given, is a callable (recipient -> bool) that
     says which recipients are greylisted, in place of
@@ -4415,8 +4443,15 @@ class Greylister(object):
         allowed = [entry for entry in settings.dnswl if entry in listed]
         if allowed:
             return Decision("accept", "dnswl:" + dns_list_zone(allowed[0]))
-        blocked = ([dns_list_zone(entry) for entry in settings.dnsbl
-                    if entry in listed] or [None])[0]
+        # A dnsbl that could not be asked (no lookup thread free) counts
+        # as a listing for the trust below: whoever holds the lookup
+        # threads must not leave his listing unasked and himself trusted.
+        unasked = getattr(listed, "unasked", ())
+        blocked = (["dnsbl:" + dns_list_zone(entry)
+                    for entry in settings.dnsbl if entry in listed]
+                   or ["dnsbl-not-asked:" + dns_list_zone(entry)
+                       for entry in settings.dnsbl if entry in unasked]
+                   or [None])[0]
         name = hostname
         if callable(hostname):
             # Looked up only for the rules that read it: a network key
@@ -4429,25 +4464,23 @@ class Greylister(object):
                                 else self.client_identity(client, name))
         key = self.triplet_key(client_key, sender, recipient)
         suspicious = settings.greylist_clients == "suspicious"
-        suspicion = ("dnsbl:" + blocked if blocked
+        suspicion = (blocked if blocked
                      else self.suspicion(client, name) if suspicious
                      else None)
         rule = key_rule if suspicion is None else "%s %s" % (suspicion,
                                                              key_rule)
         try:
             store = stores.get(settings)
-            # A listed client is always greylisted, trusted or not; one
-            # whose address is unknown is never trusted, nor counted.
+            # A listed client (or one whose dnsbl was not asked) is always
+            # greylisted, trusted or not; one whose address is unknown is
+            # never trusted, nor counted.
             if (not blocked and not unknown
                     and store.client_is_trusted(client_key, now)):
                 return Decision("accept", "auto-whitelist " + key_rule,
                                 client_key)
             if suspicious and suspicion is None:
                 return Decision("accept", "not-suspicious " + key_rule)
-            # Counted by the key's network, but an IPv6 site's /48 at
-            # most: one client holds 65,536 /64s of it.
-            network = network_key(client, settings.ipv4_prefix,
-                                  min(settings.ipv6_prefix, 48))
+            network = self.flood_network(client)
             bound = self.new_triplet_bound(network, now, session_added)
             accepted, delay, new = store.step(
                 key, now, client=None if unknown else client_key,
@@ -4486,6 +4519,16 @@ class Greylister(object):
             return "max_new_triplets_per_network"
         return None
 
+    def flood_network(self, client):
+        """The network whose bound of new triplets an hour
+        (max_new_triplets_per_network, new_triplet_bound()) a new
+        triplet of ``client`` counts against: the key's network
+        (``ipv4_prefix``), but an IPv6 site's /48 at most, since one
+        client holds 65,536 /64s of it."""
+        settings = self.settings
+        return network_key(client, settings.ipv4_prefix,
+                           min(settings.ipv6_prefix, 48))
+
     def client_identity(self, client, name):
         """``(the key's client part, the rule naming it)``: with
         ``client_key = name``, a forward-confirmed ``name`` that does not
@@ -4513,7 +4556,10 @@ class Greylister(object):
     def dns_listing(self, client, resolve):
         """The entries of ``dnswl`` and ``dnsbl`` that list ``client``
         (their zones, with the filter if one is written), all asked at
-        once (DNSLists)."""
+        once (DNSLists): a set, or a DNSListing, whose ``unasked`` are
+        the entries that could not be asked (a dnsbl among them keeps
+        the client from the auto-whitelist and, with greylist_clients =
+        suspicious, greylists it: rule "dnsbl-not-asked:ZONE")."""
         settings = self.settings
         return dns_lists.listing(client, list(settings.dnswl)
                                  + list(settings.dnsbl), resolve,
@@ -4621,9 +4667,10 @@ class GreyListingPolicy(ConcreteMailHandler):
        ``ipv4_prefix`` (24) or ``ipv6_prefix`` (64) bits; a client that
        passed greylisting ``auto_whitelist_clients`` times (0: never;
        each triplet once, the client at most once an hour) is accepted,
-       but not one listed on a ``dnsbl`` zone; with ``greylist_clients =
-       suspicious``, a client that is not listed and has a confirmed,
-       non-generic name is accepted;
+       but not one listed on a ``dnsbl`` zone, nor one whose ``dnsbl``
+       zone could not be asked (no lookup thread free); with
+       ``greylist_clients = suspicious``, a client that is not listed
+       (nor unasked) and has a confirmed, non-generic name is accepted;
     5. otherwise the triplet goes through the greylisting store
        (``greylist_db``, timings ``too_soon``, ``min_defer_time``,
        ``max_defer_time``, ``max_grey``): accepted, or ``defer_reply``.

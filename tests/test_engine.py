@@ -193,6 +193,14 @@ def test_confirmed_names_give_each_lookup_its_own_deadline():
     assert time.monotonic() - start >= 0.6
 
 
+@pytest.mark.parametrize("seconds", [0, None])
+def test_confirmed_names_without_a_deadline_wait_for_the_answers(seconds):
+    assert smtpproxy.confirmed_names(
+        "192.0.2.7", slow(["a.example.net"], 0.2),
+        slow({"192.0.2.7"}, 0.2), 3, seconds) == (
+        True, ["a.example.net"], "a.example.net")
+
+
 def test_confirmed_names_stop_at_a_lookup_that_does_not_answer():
     # The answers that come after the deadline are not used: waited for,
     # the PTR name would be in the result, and then confirmed.

@@ -220,6 +220,22 @@ def test_an_ipv6_network_is_bounded_as_its_48_not_each_64(engine):
         "2001:db8:0:1::/64", "2001:db8:0:2::/64", "2001:db8::/64"]
 
 
+def test_the_network_a_new_triplet_counts_against_is_a_hook(engine):
+    """A Greylister whose flood_network() is the client's /16: three
+    /24s of one /16 share one bound."""
+    class Wider(smtpproxy.Greylister):
+        def flood_network(self, client):
+            return smtpproxy.network_key(client, 16, 32)
+    grey = Wider(engine(max_new_triplets_per_network=2).settings)
+    for number in range(2):
+        assert grey.decide("192.0.%d.1" % number, "a@example.net",
+                           "r%d@example.org" % number, T0).added
+    over = grey.decide("192.0.200.1", "a@example.net", "r9@example.org",
+                       T0)
+    assert (over.verdict, over.rule, over.added) == (
+        "defer", "max_new_triplets_per_network 192.0.0.0/16", False)
+
+
 def test_past_the_session_bound_a_new_triplet_is_deferred_without_a_row(
         engine):
     grey = engine(max_new_triplets_per_session=2)

@@ -516,32 +516,36 @@ def test_the_shipped_whitelist_of_sender_pools_loads(engine):
 def test_lookups_reuse_their_threads():
     before = smtpproxy.lookup_threads.count
     for number in range(50):
-        assert smtpproxy.call_with_deadline(lambda n: n * 2, (number,),
-                                            5) == (True, number * 2)
+        address = "192.0.2.%d" % number
+        assert smtpproxy.confirmed_names(
+            address, lambda _: ["mx.example.net"], lambda _: {address}, 3,
+            5) == (True, ["mx.example.net"], "mx.example.net")
     assert smtpproxy.lookup_threads.count - before <= 1
-    assert smtpproxy.call_with_deadline(
-        lambda: 1 / 0, (), 5) == (True, None)      # a failure: no answer
 
 
 def test_lookup_threads_are_bounded_and_deadlines_kept(pool, caplog):
     threads = pool(limit=2)
     stuck = threading.Event()
     made = []
+
+    def names(address, reverse=lambda _: ["mx.example.net"]):
+        return smtpproxy.confirmed_names(address, reverse,
+                                         lambda _: {address}, 3, 0.2)
     try:
-        for _ in range(2):              # two lookups stuck in the resolver
+        # Two lookups stuck in the resolver (of two networks: a timeout
+        # leaves its network unasked for a while).
+        for address in ("192.0.2.7", "198.51.100.7"):
             began = time.monotonic()
-            assert smtpproxy.call_with_deadline(stuck.wait, (), 0.2) == (
-                False, None)            # (stuck.wait answers True)
+            assert names(address, lambda _: stuck.wait()) == (
+                False, [], None)
             assert time.monotonic() - began > 0.15
         # None free: not made (nor queued for later), and said so.
-        assert smtpproxy.call_with_deadline(made.append, ("x",), 5) == (
-            False, None)
+        assert names("203.0.113.7", made.append) == (False, [], None)
         assert "lookup threads: all 2 busy" in caplog.text
         stuck.set()                     # the resolver answers at last
         wait_until(lambda: threads.idle == 2, what="the threads to be free")
         assert made == []
-        assert smtpproxy.call_with_deadline(lambda: "x", (), 5) == (
-            True, "x")
+        assert names("203.0.113.7")[2] == "mx.example.net"
         assert threads.count == 2
     finally:
         stuck.set()
@@ -566,6 +570,23 @@ def test_lookup_threads_all_busy_is_logged_once_a_minute(pool, caplog):
     assert lines == ["lookup threads: all 1 busy (a resolver that does not "
                      "answer?); lookups fail until one is free (logged at "
                      "most once a minute)"] * 2
+
+
+@pytest.mark.parametrize("dns_timeout", [0, None])
+def test_no_dns_timeout_is_no_limit(engine, dns_timeout):
+    """dns_timeout 0 or None (a class attribute; the file takes numbers
+    above 0): the lists are asked and their answers waited for, however
+    long the resolver takes (here 0.2 s)."""
+    grey = engine(dnsbl=[BL], dnswl=[WL], dns_timeout=dns_timeout)
+    resolver = Resolver(forward={
+        smtpproxy.dns_list_query("192.0.2.7", BL): {"127.0.0.2"}},
+        slow={smtpproxy.dns_list_query("192.0.2.7", BL),
+              smtpproxy.dns_list_query("192.0.2.7", WL)}, delay=0.2)
+    decision = decide(grey, "192.0.2.7", None, resolver)
+    assert sorted(resolver.asked) == sorted(
+        smtpproxy.dns_list_query("192.0.2.7", zone) for zone in (BL, WL))
+    assert (decision.verdict, decision.rule) == (
+        "defer", "dnsbl:%s network:192.0.2.0/24" % BL)
 
 
 @pytest.fixture
@@ -654,7 +675,7 @@ def test_list_lookups_run_on_the_bounded_lookup_threads(pool):
     """40 clients against a zone that never answers: 4 lookup threads
     (the limit), no thread of its own per query; the others are not
     asked (not listed) and return at once."""
-    threads = pool(limit=4)
+    threads = pool(limit=4, reserve=0)  # the zone's share (10) is more
     resolver = Hanging()
     lists = smtpproxy.DNSLists()
     before = set(threading.enumerate())
@@ -666,6 +687,7 @@ def test_list_lookups_run_on_the_bounded_lookup_threads(pool):
         assert callers.results == [set()] * 36
         started = set(threading.enumerate()) - before - set(callers.threads)
         assert len(started) == threads.count == 4
+        assert threads.held(BL) == 4    # counted as the list's
         assert set(thread.name for thread in started) == {"lookup"}
     finally:
         resolver.release.set()
@@ -714,6 +736,76 @@ def test_a_network_whose_lookups_hang_leaves_threads_to_the_others(
     assert "client network 198.51.100.0/24 holds 5" in shares[0].getMessage()
 
 
+def trusted(grey, client):
+    """``client``'s network earns the auto-whitelist (with
+    auto_whitelist_clients = 1): a triplet that waited and came back."""
+    decide(grey, client, now=T0)
+    decide(grey, client, now=T0 + 3600)
+    assert decide(grey, client, recipient="c@example.org",
+                  now=T0 + 3700).rule.startswith("auto-whitelist")
+
+
+def test_a_listed_client_holding_its_networks_lookups_is_still_listed(
+        engine, pool):
+    """A client on a dnsbl whose network is trusted, and whose other
+    sessions hold its network's share of the lookup threads (reverse
+    lookups that hang in a zone it controls): the list is asked all the
+    same (list queries count as the list's, not the client's), so it is
+    greylisted as listed, not let through by the auto-whitelist."""
+    threads = pool()                    # the defaults: a share of 10
+    grey = engine(dnsbl=[BL], auto_whitelist_clients=1, dns_cache_time=0,
+                  dns_timeout=30)
+    trusted(grey, "192.0.2.7")
+    hanging = Hanging()
+    callers = Callers(smtpproxy.confirmed_names, [
+        ("192.0.2.%d" % n, hanging, lambda name: set(), 3, None)
+        for n in range(10, 10 + threads.share)])
+    try:
+        assert hanging.wait_entered(threads.share)
+        assert threads.held("192.0.2.0/24") == threads.share
+        listed = listing("192.0.2.7", BL, "127.0.0.2")
+        decision = decide(grey, "192.0.2.7", None, listed,
+                          recipient="d@example.org", now=T0 + 3800)
+    finally:
+        hanging.release.set()
+    callers.join()
+    assert listed.asked == [smtpproxy.dns_list_query("192.0.2.7", BL)]
+    assert (decision.verdict, decision.rule) == (
+        "defer", "dnsbl:%s network:192.0.2.0/24" % BL)
+
+
+def test_a_dnsbl_not_asked_keeps_the_client_from_the_auto_whitelist(
+        engine, pool, caplog):
+    """Every lookup thread busy: the lists are not asked.  A dnsbl not
+    asked counts as a listing for the auto-whitelist (the client is
+    greylisted, not refused), logged once per zone and 10 minutes; a
+    dnswl not asked whitelists nobody."""
+    threads = pool(limit=4)
+    grey = engine(dnsbl=[BL], dnswl=[WL], auto_whitelist_clients=1,
+                  dns_cache_time=0, dns_timeout=30)
+    trusted(grey, "192.0.2.7")
+    hanging = Hanging()
+    try:
+        assert all(threads.submit(hanging) for _ in range(4))
+        resolver = Resolver(forward={
+            smtpproxy.dns_list_query("192.0.2.7", WL): {"127.0.10.2"}})
+        with caplog.at_level(logging.WARNING, logger="smtpproxy"):
+            decisions = [decide(grey, "192.0.2.7", None, resolver,
+                                recipient=recipient, now=T0 + 3800)
+                         for recipient in ("d@example.org",
+                                           "e@example.org")]
+    finally:
+        hanging.release.set()
+    assert resolver.asked == []
+    assert [(d.verdict, d.rule) for d in decisions] == [
+        ("defer", "dnsbl-not-asked:%s network:192.0.2.0/24" % BL)] * 2
+    unasked = [r.getMessage() for r in caplog.records
+               if "not asked" in r.getMessage()]
+    assert len(unasked) == 2            # one per zone
+    assert any(BL in message and "auto-whitelist" in message
+               for message in unasked)
+
+
 @pytest.mark.parametrize("silent_time, asked", [(60, 1), (0, 2)])
 def test_a_network_whose_lookup_timed_out_is_not_asked_for_a_while(
         pool, silent_time, asked):
@@ -734,6 +826,41 @@ def test_a_network_whose_lookup_timed_out_is_not_asked_for_a_while(
     assert smtpproxy.confirmed_names(
         "192.0.2.7", lambda address: ["mx.out.example.com"],
         lambda name: {"192.0.2.7"}, 3, 0.2)[2] == "mx.out.example.com"
+
+
+@pytest.mark.parametrize("silent_time, second", [
+    (60, "not asked: a lookup of its network timed out in the last 60 s"),
+    (0, "not made: no lookup thread free for it (the lookup threads' "
+        "warning says why)")])
+def test_the_log_says_why_a_client_has_no_name(
+        proxy, tmp_path, pool, caplog, silent_time, second):
+    """The reverse lookup of 127.0.0.2 hangs: "no answer within 0.2 s".
+    The next session, of 127.0.0.3 (same /24), makes none, and the log
+    says so rather than that it waited: its network is silent for a
+    minute, or (silent_time = 0) holds its share of the lookup threads
+    (here 1) with the lookup that still hangs."""
+    pool(silent_time=silent_time, share=1)
+    never = threading.Event()
+    port = proxy(handler=smtpproxy.GreyListingPolicy,
+                 greylist_db=str(tmp_path / "names.db"),
+                 allowed_senders=[], allowed_domains=["example.org"],
+                 dns_timeout=0.2,
+                 reverse_lookup=lambda self, ip: never.wait(30) and [],
+                 forward_lookup=lambda self, name: set())
+    with caplog.at_level(logging.INFO, logger="smtpproxy"):
+        try:
+            for source in ("127.0.0.2", "127.0.0.3"):
+                client = RawClient(port, source=source)
+                client.cmd("EHLO mx.example.net")
+                client.cmd("MAIL FROM:<a@example.net>")
+                assert client.cmd("RCPT TO:<b@example.org>")[0] == 451
+                client.close()
+        finally:
+            never.set()
+    assert [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith("reverse lookup of")] == [
+        "reverse lookup of 127.0.0.2: no answer within 0.2 s",
+        "reverse lookup of 127.0.0.3: " + second]
 
 
 def test_the_last_lookup_threads_are_kept_for_networks_holding_none(pool):
