@@ -6981,10 +6981,36 @@ class UnixPolicyServer(_PolicyServing,
     """The policy service on a UNIX socket: ``UnixPolicyServer(path,
     settings)``; who may connect is the socket's mode and group."""
 
+    # Bound by open_policy_server(): (the descriptor of the socket's
+    # directory, its name there, its (st_dev, st_ino)).
+    _socket = None
+
     def __init__(self, path, settings, handler_class=PolicyHandler):
         self._init_policy(settings)
         socketserver.ThreadingUnixStreamServer.__init__(self, path,
                                                         handler_class)
+
+    def _remove_socket(self):
+        """Remove the socket open_policy_server() bound, in the directory
+        it bound it in, if its name there is still that socket: whoever
+        may write the directory may have put something else under it."""
+        if self._socket is None:
+            return
+        directory, name, identity = self._socket
+        if identity is None:
+            return
+        try:
+            info = os.stat(name, dir_fd=directory, follow_symlinks=False)
+            if (info.st_dev, info.st_ino) == identity:
+                os.unlink(name, dir_fd=directory)
+        except OSError:
+            pass    # the serving user may not: the next start does
+
+    def server_close(self):
+        socketserver.ThreadingUnixStreamServer.server_close(self)
+        if self._socket is not None:
+            os.close(self._socket[0])
+            self._socket = None
 
 
 # ===========================================================================
@@ -8770,7 +8796,9 @@ def check_dns_lists(handler_class):
 
 def check_policy(handler_class, values):
     """What the policy service needs: a greylisting class to apply, a
-    group that exists, and something to serve."""
+    group that exists, something to serve, and, started as root, a UNIX
+    socket's directory that root may bind in (see
+    _open_socket_directory)."""
     if values.get("policy_listen"):
         if not (isinstance(handler_class, type) and issubclass(
                 handler_class, GreyListingPolicy)):
@@ -8778,13 +8806,14 @@ def check_policy(handler_class, values):
                              "greylisting: --class must be GreyListingPolicy "
                              "or a subclass, not %s" % handler_class.__name__,
                              2)
-        group = values.get("policy_socket_group")
-        if group and values["policy_listen"].startswith("unix:"):
-            try:
-                grp.getgrnam(group)
-            except KeyError:
-                raise StartError("policy_socket_group %s: no such group"
-                                 % group, 2)
+        if values["policy_listen"].startswith("unix:"):
+            root = os.geteuid() == 0
+            gid = _policy_socket_gid(values, find_user(values) if root
+                                     else None)
+            if root:
+                # Not on a reload (as the serving user): root binds.
+                os.close(_open_socket_directory(values["policy_listen"][5:],
+                                                gid)[0])
     elif values.get("smtp_proxy") is False:
         raise StartError("smtp_proxy = no, and no policy_listen: nothing "
                          "to serve", 2)
@@ -8813,49 +8842,162 @@ def check_configuration(handler_class, values, files=True, notes=None):
     return warnings + configuration_warnings(handler_class, values)
 
 
-def _remove_stale_socket(path):
-    """Remove the UNIX socket ``path`` left by an instance that is gone;
-    StartError if it is in use, or not a socket."""
+def _policy_socket_gid(values, identity):
+    """The group the policy socket is to have: ``policy_socket_group``'s,
+    else the serving user's (``identity``), else -1 (this process's)."""
+    group = values.get("policy_socket_group")
+    if group:
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StartError("policy_socket_group %s: no such group"
+                             % group, 2)
+    return identity[1] if identity else -1
+
+
+def _open_socket_directory(path, gid):
+    """Open the directory of the policy socket ``path`` (read-only, not
+    through a link as its last component); return (descriptor, the
+    socket's name in it): every step on the socket is taken relative to
+    the descriptor, so that nothing a user swaps in on the way is followed
+    afterwards.  Raise StartError.
+
+    Started as root, every directory on the way to it must be one only
+    root can change (see _shared_directory); the directory itself may be
+    another user's (Postfix's private/ is postfix's): a name swapped in
+    there stays in there.  A set-group-ID directory would give the socket
+    its own group instead of ``gid``: refused, rather than a chown on a
+    name that user could have swapped for a hard link to root's file."""
+    directory, name = os.path.split(path)
+    where = "policy_listen unix:%s" % path
+    if not name or name in (".", ".."):
+        raise StartError("%s: name the socket, not a directory" % where, 2)
+    root = os.geteuid() == 0
+    if root:
+        parent = os.path.dirname(directory)
+        try:
+            shared = _shared_directory(parent)
+        except OSError as error:
+            raise StartError("%s: %s: %s" % (
+                where, error.filename or parent, error.strerror), 2)
+        if shared is not None:
+            raise StartError(
+                "%s: %s can be changed by a user other than root, who "
+                "could turn the way to %s into a link to a directory of "
+                "root's, where root would bind and remove the socket: put "
+                "the socket in a directory whose parent directories only "
+                "root can write (the directory itself may be another "
+                "user's, as Postfix's /var/spool/postfix/private is)"
+                % (where, shared, directory), 2)
     try:
-        mode = os.lstat(path).st_mode
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                     | os.O_NOFOLLOW)
+    except OSError as error:
+        if os.path.islink(directory):
+            raise StartError("%s: %s is a symbolic link: name the directory "
+                             "itself" % (where, directory), 2)
+        raise StartError("%s: cannot open the directory %s: %s"
+                         % (where, directory, error.strerror), 2)
+    try:
+        info = os.fstat(fd)
+        if (root and gid != -1 and info.st_mode & stat.S_ISGID
+                and info.st_gid != gid):
+            raise StartError(
+                "%s: %s is set-group-ID: the socket would get its group %s, "
+                "not %s (policy_socket_group, else the serving user's), "
+                "and smtpproxy changes no group of a name another user may "
+                "have swapped: clear the bit (chmod g-s %s) or set "
+                "policy_socket_group = %s" % (
+                    where, directory, _group_name(info.st_gid),
+                    _group_name(gid), directory, _group_name(info.st_gid)),
+                2)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, name
+
+
+def _group_name(gid):
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _remove_stale_socket(directory, name, path):
+    """Remove the UNIX socket ``name`` in the directory open as
+    ``directory`` (``path`` names it for the messages), left by an
+    instance that is gone; StartError if it is in use, or not a socket."""
+    try:
+        mode = os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
         raise StartError("%s is there and is no socket" % path)
     probe = socket.socket(socket.AF_UNIX)
     try:
-        probe.connect(path)
+        probe.connect(_in_directory(directory, name))
     except OSError:
-        os.unlink(path)         # nobody listens: stale
+        os.unlink(name, dir_fd=directory)       # nobody listens: stale
         return
     finally:
         probe.close()
     raise StartError("%s is in use: is another instance running?" % path)
 
 
+def _in_directory(directory, name):
+    """A name for ``name`` in the directory open as ``directory``, for
+    what takes no descriptor (bind, connect): the kernel goes to the
+    directory through the descriptor, not through its path again."""
+    return "/proc/self/fd/%d/%s" % (directory, name)
+
+
 def _bind_policy_socket(path, settings, mode, gid):
     """A UnixPolicyServer on ``path``, its socket made with ``mode`` and
     the group ``gid`` (-1: this process's) as bind() makes it: the umask
     and the effective group of the moment, not a chmod or chown by name
-    afterwards, which would follow what a user swapped in meanwhile."""
-    umask, egid, switched = os.umask(0o777 & ~mode), os.getegid(), False
+    afterwards, which would follow what a user swapped in meanwhile.
+    Every step is taken in the directory opened once
+    (_open_socket_directory), which the server keeps open to remove its
+    socket, and only its socket, at the stop."""
+    directory, name = _open_socket_directory(path, gid)
+    server = None
     try:
-        if gid not in (-1, egid):
-            try:
-                os.setegid(gid)
-                switched = True
-            except PermissionError:
-                pass            # not root: only a chown can (below)
-        server = UnixPolicyServer(path, settings)
-    finally:
-        if switched:
-            os.setegid(egid)
-        os.umask(umask)
-    if gid != -1 and os.lstat(path).st_gid != gid:
-        # A set-group-ID directory gives its own group, whatever the
-        # effective one (or it was not ours to take): change it on the
-        # name, never through a link.
-        os.chown(path, -1, gid, follow_symlinks=False)
+        _remove_stale_socket(directory, name, path)
+        umask, egid, switched = os.umask(0o777 & ~mode), os.getegid(), False
+        try:
+            if gid not in (-1, egid):
+                try:
+                    os.setegid(gid)
+                    switched = True
+                except PermissionError:
+                    pass        # not root: only a chown can (below)
+            server = UnixPolicyServer(_in_directory(directory, name),
+                                      settings)
+        finally:
+            if switched:
+                os.setegid(egid)
+            os.umask(umask)
+        server.server_address = path
+        fd, directory = directory, None
+        server._socket = (fd, name, None)   # closed by server_close()
+        info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if not stat.S_ISSOCK(info.st_mode):
+            raise StartError("%s: something else took the socket's name "
+                             "as it was made" % path)
+        server._socket = (fd, name, (info.st_dev, info.st_ino))
+        if gid != -1 and info.st_gid != gid:
+            # Not root (root's bind gave it the group: a set-group-ID
+            # directory was refused): a process that is not root can
+            # change only its own files.
+            os.chown(name, -1, gid, dir_fd=fd, follow_symlinks=False)
+    except BaseException:
+        if server is not None:
+            server._remove_socket()
+            server.server_close()
+        if directory is not None:
+            os.close(directory)
+        raise
     return server
 
 
@@ -8868,20 +9010,13 @@ def open_policy_server(values, settings, identity=None):
     where = values["policy_listen"]
     try:
         if where.startswith("unix:"):
-            path = where[5:]
-            _remove_stale_socket(path)
-            gid = identity[1] if identity else -1
-            if values.get("policy_socket_group"):
-                gid = grp.getgrnam(values["policy_socket_group"]).gr_gid
             server = _bind_policy_socket(
-                path, settings,
-                int(values.get("policy_socket_mode", "0660"), 8), gid)
+                where[5:], settings,
+                int(values.get("policy_socket_mode", "0660"), 8),
+                _policy_socket_gid(values, identity))
         else:
             host, port = _split_host_port(where)
             server = PolicyServer((host or "127.0.0.1", port), settings)
-    except KeyError:
-        raise StartError("policy_socket_group %s: no such group"
-                         % values["policy_socket_group"], 2)
     except OSError as error:
         raise StartError("cannot listen for policy requests on %s: %s"
                          % (where, error))
@@ -9317,13 +9452,10 @@ class Service(_SignalsNoted):
         if self.server is not None:
             self.server.server_close()
         if self.policy is not None:
-            self.policy.server_close()
             if (isinstance(self.policy, UnixPolicyServer)
                     and self.worker is None):
-                try:
-                    os.unlink(self.policy.server_address)
-                except OSError:
-                    pass    # the serving user may not: the next start does
+                self.policy._remove_socket()
+            self.policy.server_close()
             self.policy = None
         if self.pidfile is not None:
             try:

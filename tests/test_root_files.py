@@ -8,6 +8,8 @@ directories, and looks at the victim afterwards: its owner, mode and
 content.  Root-only files stand for /etc/shadow and /etc/profile.d.
 """
 
+import argparse
+import grp
 import os
 import pwd
 import shutil
@@ -436,23 +438,36 @@ def test_check_config_refuses_a_store_link_and_changes_nothing(
 
 # -- the policy service's socket ----------------------------------------------
 
+def start_policy(started, user_dir, root_dir, path, *extra):
+    """Start the policy service alone on the UNIX socket ``path``."""
+    return started.start(user_dir, root_dir, "-o", "smtp_proxy=no",
+                         "-o", "policy_listen=unix:%s" % path, *extra)
+
+
+def policy_answer(path):
+    client = socket.socket(socket.AF_UNIX)
+    client.settimeout(10)
+    client.connect(path)
+    client.sendall(b"request=smtpd_access_policy\nprotocol_state=DATA\n\n")
+    answer = client.recv(4096)
+    client.close()
+    return answer
+
+
 @pytest.mark.parametrize("setgid", [False, True])
 def test_the_policy_socket_is_made_with_its_mode_and_group(
         started, user_dir, root_dir, setgid):
-    import grp
-    # A set-group-ID directory gives its group to what is made in it,
-    # whatever the effective group: then the group is changed on the
-    # name (never through a link).
+    # A set-group-ID directory of the socket's own group is fine: it gives
+    # the group bind() gives anyway.
     sockets = os.path.join(root_dir, "sockets")
     os.mkdir(sockets)
     if setgid:
-        os.chown(sockets, 0, grp.getgrnam("daemon").gr_gid)
+        os.chown(sockets, 0, grp.getgrnam("nogroup").gr_gid)
         os.chmod(sockets, 0o2755)
     path = os.path.join(sockets, "policy")
-    result = started.start(user_dir, root_dir, "-o", "smtp_proxy=no",
-                           "-o", "policy_listen=unix:%s" % path,
-                           "-o", "policy_socket_mode=0620",
-                           "-o", "policy_socket_group=nogroup")
+    result = start_policy(started, user_dir, root_dir, path,
+                          "-o", "policy_socket_mode=0620",
+                          "-o", "policy_socket_group=nogroup")
     assert result.returncode == 0, result.stderr
     info = os.lstat(path)
     assert stat.S_ISSOCK(info.st_mode)
@@ -460,6 +475,104 @@ def test_the_policy_socket_is_made_with_its_mode_and_group(
     assert info.st_gid == grp.getgrnam("nogroup").gr_gid
     assert info.st_uid == 0                 # made by root's bind()
     started.stop()
+
+
+def test_a_set_group_id_directory_of_another_group_is_refused(
+        started, user_dir, root_dir):
+    # It would give the socket its group, and root changes no group on a
+    # name (whoever may write the directory could swap it meanwhile).
+    sockets = os.path.join(root_dir, "sockets")
+    os.mkdir(sockets)
+    os.chown(sockets, 0, grp.getgrnam("daemon").gr_gid)
+    os.chmod(sockets, 0o2755)
+    path = os.path.join(sockets, "policy")
+    for command in (["--check-config"], []):
+        result = start_policy(started, user_dir, root_dir, path,
+                              "-o", "policy_socket_group=nogroup", *command)
+        assert result.returncode == 2, result.stderr
+        assert ("policy_listen unix:%s: %s is set-group-ID: the socket "
+                "would get its group daemon, not nogroup" % (path, sockets)) \
+            in result.stderr
+        assert ("clear the bit (chmod g-s %s) or set policy_socket_group = "
+                "daemon" % sockets) in result.stderr
+        assert os.listdir(sockets) == []
+
+
+def test_a_policy_socket_through_a_users_directory_link_is_refused(
+        started, user_dir, root_dir, nobody):
+    # The user's "sub" leads to a directory of root's: root would bind
+    # (and, at the stop, remove) the socket there.
+    private = os.path.join(root_dir, "private")
+    os.mkdir(private)
+    plant(os.path.join(user_dir, "sub"), root_dir, nobody)
+    path = os.path.join(user_dir, "sub", "private", "policy")
+    for command in (["--check-config"], []):
+        result = start_policy(started, user_dir, root_dir, path, *command)
+        assert result.returncode == 2, result.stderr
+        assert ("policy_listen unix:%s: %s can be changed by a user other "
+                "than root" % (path, user_dir)) in result.stderr
+        assert "put the socket in a directory whose parent directories " \
+            "only root can write" in result.stderr
+        assert os.listdir(private) == []
+
+
+def test_the_policy_sockets_directory_is_not_opened_through_a_link(
+        started, user_dir, root_dir):
+    private = os.path.join(root_dir, "private")
+    os.mkdir(private)
+    os.symlink(private, os.path.join(root_dir, "link"))
+    path = os.path.join(root_dir, "link", "policy")
+    for command in (["--check-config"], []):
+        result = start_policy(started, user_dir, root_dir, path, *command)
+        assert result.returncode == 2, result.stderr
+        assert ("policy_listen unix:%s: %s/link is a symbolic link: name "
+                "the directory itself" % (path, root_dir)) in result.stderr
+        assert os.listdir(private) == []
+
+
+def test_postfixs_layout_works_and_a_stale_socket_is_replaced(
+        started, user_dir, root_dir, nobody):
+    # The README's: the socket in a directory of another user's (Postfix's
+    # private/, 0700 postfix), under directories only root can write.
+    private = os.path.join(root_dir, "private")
+    os.mkdir(private)
+    os.chmod(private, 0o700)
+    os.chown(private, nobody.pw_uid, nobody.pw_gid)
+    path = os.path.join(private, "smtpproxy")
+    stale = socket.socket(socket.AF_UNIX)   # the previous run's, killed
+    stale.bind(path)
+    stale.close()
+    assert os.lstat(path).st_gid == 0
+    result = start_policy(started, user_dir, root_dir, path,
+                          "-o", "policy_socket_group=nogroup")
+    assert result.returncode == 0, result.stderr
+    info = os.lstat(path)                   # a new one, and in use
+    assert stat.S_ISSOCK(info.st_mode)
+    assert (info.st_uid, info.st_gid) == (0, grp.getgrnam("nogroup").gr_gid)
+    assert policy_answer(path) == b"action=DUNNO\n\n"
+    started.stop()
+    assert os.listdir(private) == []
+
+
+def test_a_failed_start_leaves_a_file_swapped_in_for_the_socket(
+        root_dir, victim):
+    # The start failed after the bind (the store check, say), and the
+    # socket's name now is another file of root's: close() removes the
+    # socket it made, or nothing.
+    private = os.path.join(root_dir, "private")
+    os.mkdir(private)
+    path = os.path.join(private, "policy")
+    descriptors = len(os.listdir("/proc/self/fd"))
+    service = smtpproxy.Service(
+        argparse.Namespace(config=None), smtpproxy.GreyListingPolicy,
+        {"smtp_proxy": False, "policy_listen": "unix:%s" % path}, None, [])
+    service._listen(smtpproxy.GreyListingPolicy, None)
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    os.unlink(path)
+    os.link(victim, path)                   # root's file, under the name
+    service.close()
+    assert_untouched(path)
+    assert len(os.listdir("/proc/self/fd")) == descriptors
 
 
 def test_a_switch_that_fails_leaves_root_as_it_was():
