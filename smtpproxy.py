@@ -8000,16 +8000,43 @@ def _effective_user(identity):
 
 def _hand_over(user, *paths):
     """What to do, for an error message, so that ``user`` may write
-    ``paths``: a chown, unless one has other names (a hard link: a chown
-    would give away the file elsewhere too)."""
+    ``paths``.  Each is looked at, never followed: one that is not there
+    is left out; a symbolic link, or a file with other names (hard
+    links), is to be removed, for a chown would give away what it leads
+    to.  The chown is ``chown -h``, which changes a link named on its
+    command line, not what it leads to, if the user swaps one in before
+    the admin runs it; and there is none if another user than root can
+    change a directory on the way to the file's directory (which that
+    user can then swap for a link into root's files)."""
+    names = []
     for path in paths:
         try:
-            if os.lstat(path).st_nlink > 1:
-                return ("%s has other names (hard links), and a chown would "
-                        "give them away too: remove it" % path)
+            info = os.lstat(path)
         except OSError:
-            pass
-    return "give it to %s: chown %s %s" % (user, user, " ".join(paths))
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            return ("%s is a symbolic link, and a chown could give away "
+                    "what it leads to: remove it" % path)
+        if info.st_nlink > 1:
+            return ("%s has other names (hard links), and a chown would "
+                    "give them away too: remove it" % path)
+        names.append(path)
+    if not names:
+        return ("%s cannot reach it: name a file in a directory %s can "
+                "write" % (user, user))
+    for path in names:
+        parent = os.path.dirname(os.path.dirname(os.path.join(os.getcwd(),
+                                                              path)))
+        try:
+            shared = _shared_directory(parent)
+        except OSError:
+            shared = parent
+        if shared is not None:
+            return ("no chown is safe there: %s can be changed by a user "
+                    "other than root, who could swap a directory for a "
+                    "link to root's files: name a path whose directories "
+                    "are root's, the last one %s's" % (shared, user))
+    return "give it to %s: chown -h %s %s" % (user, user, " ".join(names))
 
 
 def open_service_file(key, path, identity=None, create=True):
@@ -8027,8 +8054,10 @@ def open_service_file(key, path, identity=None, create=True):
     serving user: uid, gid, name) through its descriptor, so that the user
     can reopen it after a rotation; nothing that was there is given away.
     In a directory another user can change, a log is opened as the
-    serving user (the kernel checks what that user may do), and the
-    pidfile is refused: the root init script signals the pid it reads.
+    serving user (the kernel checks what that user may do), or refused
+    with no such user (run_as_root): root would follow the links on the
+    way; and the pidfile is refused: the root init script signals the
+    pid it reads.
     Not started as root, the file is opened as it is named.
     """
     pidfile = key == "pidfile"
@@ -8062,12 +8091,17 @@ def open_service_file(key, path, identity=None, create=True):
                 "who could make the pid one the init script signals: put "
                 "the pidfile in a directory only root can write, such as "
                 "/run" % (path, shared), 2)
+        if identity is None:
+            raise StartError(
+                "%s %s: %s can be changed by a user other than root, whose "
+                "links root would follow: put the log in a directory only "
+                "root can write, or set user (the serving user, which then "
+                "opens it)" % (key, path, shared), 2)
         opener = identity
     with _effective_user(opener):
         try:
             return _open_nofollow(key, path, flags, mode, create,
-                                  None if opener or pidfile else identity,
-                                  shared is not None and opener is None)
+                                  None if opener or pidfile else identity)
         except OSError as error:
             if opener and error.errno in (errno.EACCES, errno.EPERM):
                 raise StartError(
@@ -8080,11 +8114,10 @@ def open_service_file(key, path, identity=None, create=True):
                              % (key, path, error.strerror), 2)
 
 
-def _open_nofollow(key, path, flags, mode, create, owner, shared):
+def _open_nofollow(key, path, flags, mode, create, owner):
     """open_service_file()'s opening, as whoever is effective: create the
     file (given to ``owner`` if so) or open the one there, never through a
-    link; with ``shared`` (root, in a directory another user can write),
-    a file with other names (hard links) is refused as well."""
+    link."""
     created = False
     if create:
         try:
@@ -8121,10 +8154,6 @@ def _open_nofollow(key, path, flags, mode, create, owner, shared):
                 key != "pidfile" and stat.S_ISCHR(info.st_mode))):
             raise StartError("%s %s is not a regular file: name a file"
                              % (key, path), 2)
-        if shared and info.st_nlink != 1:
-            raise StartError("%s %s has other names (hard links), in a "
-                             "directory other users can write: name a "
-                             "file of its own" % (key, path), 2)
         if created and owner is not None:
             os.fchown(fd, owner[0], owner[1])
         fcntl.fcntl(fd, fcntl.F_SETFL,
@@ -8451,18 +8480,82 @@ def check_proxy_protocol(handler_class):
                          "addresses or networks of the load balancers", 2)
 
 
-def check_tls(handler_class):
+def check_tls(handler_class, identity=None):
     """Read tls_cert and tls_key now, while they may still be readable
-    (keys are often root's alone): a bad pair is a configuration error."""
+    (keys are often root's alone): a bad pair is a configuration error.
+    The start and --check-config both read them here; started as root,
+    as _tls_reader() says, ``identity`` being the serving user."""
     make = getattr(handler_class, "server_tls_context", None)
     if make is None:
         return
     try:
-        make()
+        with _tls_reader(handler_class, identity) as reader:
+            try:
+                make()
+            except (OSError, ssl.SSLError) as error:
+                if reader is None:
+                    raise
+                raise StartError("tls_cert %s / tls_key %s: %s (read as %s, "
+                                 "for %s can be changed by a user other "
+                                 "than root: put them in a directory only "
+                                 "root can write)"
+                                 % (handler_class.tls_cert,
+                                    handler_class.tls_key or "(same file)",
+                                    error, reader[2], reader[3]), 2)
     except (OSError, ssl.SSLError) as error:
         raise StartError("tls_cert %s / tls_key %s: %s"
                          % (handler_class.tls_cert,
                             handler_class.tls_key or "(same file)", error), 2)
+
+
+@contextlib.contextmanager
+def _tls_reader(handler_class, identity):
+    """Who reads tls_cert and tls_key, started as root: within it, the
+    effective user is that one, given as (uid, gid, name, the directory
+    another user can change), or None for root.
+
+    Root reads them if every directory on the way to each is root's
+    alone (_shared_directory(): links there are root's, as Let's
+    Encrypt's live/ -> archive/); otherwise the serving user
+    (``identity``) reads them, so that a link it planted reaches only
+    what it could read anyway, never root's private key; with no such
+    user (run_as_root), StartError.  Each must be a regular file after
+    its links: a FIFO would block the start, a directory is no key;
+    StartError before anything opens it.  Not root: nothing to do."""
+    keys = [("tls_cert", handler_class.tls_cert),
+            ("tls_key", handler_class.tls_key)]
+    keys = [(key, path) for key, path in keys if path]
+    if os.geteuid() != 0 or not handler_class.tls_cert:
+        yield None
+        return
+    reader = None
+    for key, path in keys:
+        directory = os.path.dirname(os.path.join(os.getcwd(), path))
+        try:
+            shared = _shared_directory(directory)
+        except OSError as error:
+            raise StartError("%s %s: %s: %s" % (
+                key, path, error.filename or directory, error.strerror), 2)
+        if shared is None:
+            continue
+        if identity is None:
+            raise StartError(
+                "%s %s: %s can be changed by a user other than root, whose "
+                "links root would follow: put it in a directory only root "
+                "can write, or set user (the serving user, which then "
+                "reads it)" % (key, path, shared), 2)
+        reader = tuple(identity) + (shared,)
+    with _effective_user(reader and reader[:3]):
+        for key, path in keys:
+            try:
+                info = os.stat(path)
+            except OSError as error:
+                raise StartError("%s %s: %s" % (key, path, error.strerror),
+                                 2)
+            if not stat.S_ISREG(info.st_mode):
+                raise StartError("%s %s is not a regular file: name the "
+                                 "file itself" % (key, path), 2)
+        yield reader
 
 
 def check_store(handler_class, create=True):
@@ -8707,7 +8800,7 @@ def check_configuration(handler_class, values, files=True, notes=None):
     syslog.  Raise StartError; return the warnings."""
     identity = find_user(values)
     check_proxy_protocol(handler_class)
-    check_tls(handler_class)
+    check_tls(handler_class, identity)
     check_policy(handler_class, values)
     check_dns_lists(handler_class)
     if files:
@@ -9021,7 +9114,7 @@ class Service(_SignalsNoted):
             identity = find_user(self.values)
             self._lock_pidfile()
             self._open_logs(identity)
-            handler_class = self._handler_class()
+            handler_class = self._handler_class(identity)
             self._listen(handler_class, identity)
             self._warn_of_relative_names()
             self._detach()
@@ -9055,12 +9148,13 @@ class Service(_SignalsNoted):
         except OSError as error:
             raise StartError("cannot open log: %s" % error, 2)
 
-    def _handler_class(self):
+    def _handler_class(self, identity):
         """The handler class of the configuration, its TLS pair read while
-        it may still be readable, its PROXY balancers checked."""
+        it may still be readable (as check_tls() says, ``identity`` being
+        the serving user), its PROXY balancers checked."""
         handler_class = handler_class_for(self.base, self.values)
         check_proxy_protocol(handler_class)
-        check_tls(handler_class)
+        check_tls(handler_class, identity)
         check_policy(handler_class, self.values)
         return handler_class
 
