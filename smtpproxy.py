@@ -8558,13 +8558,33 @@ def _tls_reader(handler_class, identity):
         yield reader
 
 
+def _readable_by_others(paths):
+    """A warning for each file of ``paths`` that is there and readable by
+    every user (left 0644 by an earlier version, or made by hand): the
+    store and the logs hold mail addresses.  Looked at, never followed:
+    a link is the other checks' business."""
+    warnings = []
+    for path in paths:
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_mode & stat.S_IROTH:
+            warnings.append("%s is readable by every user (mode %04o) and "
+                            "holds mail addresses: chmod o-r %s (smtpproxy "
+                            "makes its files 0640)"
+                            % (path, stat.S_IMODE(info.st_mode), path))
+    return warnings
+
+
 def check_store(handler_class, create=True):
     """Open the greylisting store once, as the user serving: one it cannot
     write stops the start rather than every decision later.  Without
     ``create`` (--check-config), a store that is not there yet is only
     checked for a directory the user can write.  Root (run_as_root) is
     held to a store in a directory only root can change
-    (check_root_store)."""
+    (check_root_store).  Return the warnings: store files readable by
+    every user."""
     path = getattr(handler_class, "greylist_db", None)
     if not path:
         return
@@ -8594,6 +8614,7 @@ def check_store(handler_class, create=True):
         except OSError as error:
             raise StartError("greylisting store %s: %s: %s"
                              % (path, name, error.strerror))
+    warnings = _readable_by_others((path, path + "-wal", path + "-shm"))
     if not create and not os.path.exists(path):
         if not os.access(directory, os.W_OK | os.X_OK):
             raise StartError("greylisting store %s: user %s cannot create "
@@ -8601,7 +8622,7 @@ def check_store(handler_class, create=True):
                              "(chown %s %s), or set greylist_db elsewhere"
                              % (path, user, directory, user, user,
                                 directory))
-        return
+        return warnings
     try:
         store = GreylistStore(path, handler_class)
         store.stats()
@@ -8614,6 +8635,7 @@ def check_store(handler_class, create=True):
                          "write the file and its directory %s, where sqlite "
                          "makes its -wal and -shm files (chown %s %s)"
                          % (path, error, user, directory, user, directory))
+    return warnings
 
 
 def check_root_store(path):
@@ -8677,10 +8699,22 @@ def check_database(handler_class, write=True, notes=None):
     return []
 
 
+def _log_files(values):
+    """The paths of the log files ``values`` names."""
+    keys = ["greylist_log"]
+    if not values.get("syslog"):
+        keys.append("log_file")
+    if values.get("debug"):
+        keys.append("greylist_debuglog")
+    return [path for path in (values.get(key, SERVICE_DEFAULTS.get(key))
+                              for key in keys) if path]
+
+
 def check_files(values, identity=None):
     """The pidfile and the logs can be opened as the start opens them
     (open_service_file(), with its refusals, ``identity`` being the
-    serving user), without making or changing any."""
+    serving user), without making or changing any.  Return the
+    warnings: logs readable by every user."""
     keys = ["pidfile", "greylist_log"]
     if not values.get("syslog"):
         keys.append("log_file")
@@ -8695,6 +8729,7 @@ def check_files(values, identity=None):
             _syslog_handler(values).close()
         except OSError as error:
             raise StartError("syslog: %s" % error, 2)
+    return _readable_by_others(_log_files(values))
 
 
 def configuration_warnings(handler_class, values=None):
@@ -8803,14 +8838,18 @@ def check_configuration(handler_class, values, files=True, notes=None):
     check_tls(handler_class, identity)
     check_policy(handler_class, values)
     check_dns_lists(handler_class)
-    if files:
-        check_files(values, identity)
     warnings = []
+    if files:
+        warnings += check_files(values, identity)
     store = getattr(handler_class, "greylist_db", None)
     if store and is_database_uri(store):
         warnings += check_database(handler_class, notes=notes)
     else:
         check_as(identity, lambda: check_store(handler_class, create=False))
+        # (check_store()'s warnings stay in check_as()'s child.)
+        if store:
+            warnings += _readable_by_others((store, store + "-wal",
+                                             store + "-shm"))
     return warnings + configuration_warnings(handler_class, values)
 
 
@@ -9147,6 +9186,7 @@ class Service(_SignalsNoted):
             configure_logging(self.values, identity)
         except OSError as error:
             raise StartError("cannot open log: %s" % error, 2)
+        self.warnings += _readable_by_others(_log_files(self.values))
 
     def _handler_class(self, identity):
         """The handler class of the configuration, its TLS pair read while
