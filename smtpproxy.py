@@ -2489,10 +2489,12 @@ class _TLSSession(object):
     upstream_tls_name = ""
 
     @classmethod
-    def server_tls_context(cls):
+    def server_tls_context(cls, files=None):
         """The SSLContext of tls_cert and tls_key, or None without
         tls_cert; read again when the files change.  Raises OSError or
-        ssl.SSLError when they cannot be used.
+        ssl.SSLError when they cannot be used.  ``files`` (check_tls(),
+        started as root): the names to read them by instead, (cert,
+        key or None), and their stamp (modification times).
 
         Keys are often readable by root alone (/etc/ssl/private): the
         context read at the start, as root, stays in use when the user
@@ -2500,16 +2502,20 @@ class _TLSSession(object):
         if not cls.tls_cert:
             return None
         paths = (cls.tls_cert, cls.tls_key or cls.tls_cert)
+        names = (cls.tls_cert, cls.tls_key)
         known = tls_contexts.get(paths)
         try:
-            stamp = tuple(os.stat(path).st_mtime for path in paths)
+            if files is None:
+                stamp = tuple(os.stat(path).st_mtime for path in paths)
+            else:
+                names, stamp = files
         except PermissionError:
             if known is None:
                 raise
             return known[1]
         if known is None or known[0] != stamp:
             try:
-                context = tls_server_context(cls.tls_cert, cls.tls_key)
+                context = tls_server_context(*names)
             except PermissionError:
                 if known is None:
                     raise
@@ -8484,24 +8490,17 @@ def check_tls(handler_class, identity=None):
     """Read tls_cert and tls_key now, while they may still be readable
     (keys are often root's alone): a bad pair is a configuration error.
     The start and --check-config both read them here; started as root,
-    as _tls_reader() says, ``identity`` being the serving user."""
+    through the descriptors _open_tls_files() opens, ``identity`` being
+    the serving user."""
     make = getattr(handler_class, "server_tls_context", None)
     if make is None:
         return
     try:
-        with _tls_reader(handler_class, identity) as reader:
-            try:
+        with _open_tls_files(handler_class, identity) as files:
+            if files is None:
                 make()
-            except (OSError, ssl.SSLError) as error:
-                if reader is None:
-                    raise
-                raise StartError("tls_cert %s / tls_key %s: %s (read as %s, "
-                                 "for %s can be changed by a user other "
-                                 "than root: put them in a directory only "
-                                 "root can write)"
-                                 % (handler_class.tls_cert,
-                                    handler_class.tls_key or "(same file)",
-                                    error, reader[2], reader[3]), 2)
+            else:
+                make(files)
     except (OSError, ssl.SSLError) as error:
         raise StartError("tls_cert %s / tls_key %s: %s"
                          % (handler_class.tls_cert,
@@ -8509,53 +8508,72 @@ def check_tls(handler_class, identity=None):
 
 
 @contextlib.contextmanager
-def _tls_reader(handler_class, identity):
-    """Who reads tls_cert and tls_key, started as root: within it, the
-    effective user is that one, given as (uid, gid, name, the directory
-    another user can change), or None for root.
+def _open_tls_files(handler_class, identity):
+    """Started as root, open tls_cert and tls_key for check_tls(): within
+    it, the names to read them by (/proc/self/fd/N, the very files
+    checked) and their stamp, as server_tls_context() takes them; None
+    when not root (the names are read as they are).
 
-    Root reads them if every directory on the way to each is root's
+    Root opens a file if every directory on the way to it is root's
     alone (_shared_directory(): links there are root's, as Let's
     Encrypt's live/ -> archive/); otherwise the serving user
-    (``identity``) reads them, so that a link it planted reaches only
-    what it could read anyway, never root's private key; with no such
-    user (run_as_root), StartError.  Each must be a regular file after
-    its links: a FIFO would block the start, a directory is no key;
-    StartError before anything opens it.  Not root: nothing to do."""
-    keys = [("tls_cert", handler_class.tls_cert),
-            ("tls_key", handler_class.tls_key)]
-    keys = [(key, path) for key, path in keys if path]
+    (``identity``) opens it, so that a link it planted reaches only what
+    it could read anyway, never root's private key; with no such user
+    (run_as_root), StartError.  Each must be a regular file after its
+    links (a FIFO would block the start, a directory is no key):
+    StartError otherwise, and it is not read."""
     if os.geteuid() != 0 or not handler_class.tls_cert:
         yield None
         return
-    reader = None
-    for key, path in keys:
-        directory = os.path.dirname(os.path.join(os.getcwd(), path))
-        try:
-            shared = _shared_directory(directory)
-        except OSError as error:
-            raise StartError("%s %s: %s: %s" % (
-                key, path, error.filename or directory, error.strerror), 2)
-        if shared is None:
-            continue
-        if identity is None:
-            raise StartError(
-                "%s %s: %s can be changed by a user other than root, whose "
-                "links root would follow: put it in a directory only root "
-                "can write, or set user (the serving user, which then "
-                "reads it)" % (key, path, shared), 2)
-        reader = tuple(identity) + (shared,)
-    with _effective_user(reader and reader[:3]):
+    keys = [("tls_cert", handler_class.tls_cert)]
+    if handler_class.tls_key:
+        keys.append(("tls_key", handler_class.tls_key))
+    descriptors, names, stamp = [], [], []
+    try:
         for key, path in keys:
+            directory = os.path.dirname(os.path.join(os.getcwd(), path))
             try:
-                info = os.stat(path)
+                shared = _shared_directory(directory)
             except OSError as error:
-                raise StartError("%s %s: %s" % (key, path, error.strerror),
-                                 2)
+                raise StartError("%s %s: %s: %s" % (
+                    key, path, error.filename or directory, error.strerror),
+                    2)
+            if shared is not None and identity is None:
+                raise StartError(
+                    "%s %s: %s can be changed by a user other than root, "
+                    "whose links root would follow: put it in a directory "
+                    "only root can write, or set user (the serving user, "
+                    "which then reads it)" % (key, path, shared), 2)
+            reader = identity if shared is not None else None
+            with _effective_user(reader):
+                try:
+                    # Not blocked by a FIFO: fstat() tells what it is.
+                    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK
+                                 | os.O_CLOEXEC)
+                except OSError as error:
+                    if reader is None:
+                        raise StartError("%s %s: %s" % (
+                            key, path, error.strerror), 2)
+                    raise StartError(
+                        "%s %s: %s as %s (other users than root can change "
+                        "%s, so it is read as the serving user): put it in "
+                        "a directory only root can write"
+                        % (key, path, error.strerror, reader[2], shared), 2)
+            descriptors.append(fd)
+            info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise StartError("%s %s is not a regular file: name the "
                                  "file itself" % (key, path), 2)
-        yield reader
+            name = "/proc/self/fd/%d" % fd
+            names.append(name if os.path.exists(name) else path)
+            stamp.append(info.st_mtime)
+        if len(names) == 1:
+            names.append(None)
+            stamp.append(stamp[0])
+        yield tuple(names), tuple(stamp)
+    finally:
+        for fd in descriptors:
+            os.close(fd)
 
 
 def _readable_by_others(paths):
