@@ -210,7 +210,7 @@ def test_a_store_root_made_is_refused_with_what_to_run(
 
 
 def test_no_chown_is_suggested_for_a_store_file_the_user_linked(
-        started, home_dir, root_dir, victim, nobody):
+        home_dir, root_dir, victim, nobody, started):
     # The store root's, -wal a link the user planted to root's file: GNU
     # chown follows a link it is given, and would give the victim away.
     store = os.path.join(home_dir, "grey.db")
@@ -228,7 +228,7 @@ def test_no_chown_is_suggested_for_a_store_file_the_user_linked(
 
 
 def test_no_chown_is_suggested_where_another_user_can_change_the_way(
-        started, user_dir, root_dir):
+        user_dir, root_dir, started):
     # user_dir is in /tmp, where anyone makes names: the way to the store
     # may lead elsewhere by the time the admin runs the chown.
     store = os.path.join(user_dir, "grey.db")
@@ -352,7 +352,7 @@ def test_a_log_the_user_could_not_open_is_refused(
 
 
 def test_no_chown_is_suggested_for_a_log_through_a_planted_directory_link(
-        started, home_dir, root_dir, nobody):
+        home_dir, root_dir, nobody, started):
     # The user's "sub" leads to a directory of root's, with root's log:
     # "chown nobody home/sub/service.log" would give root's file away.
     logs = os.path.join(root_dir, "logs")
@@ -377,7 +377,7 @@ def test_no_chown_is_suggested_for_a_log_through_a_planted_directory_link(
 
 @pytest.mark.parametrize("way", ["directory", "link"])
 def test_serving_as_root_refuses_a_log_another_user_can_reach(
-        started, user_dir, root_dir, nobody, way):
+        user_dir, root_dir, nobody, way, started):
     # run_as_root: root itself would open the log, following a directory
     # link of the user's on the way (only the file is opened O_NOFOLLOW).
     log = os.path.join(user_dir, "service.log")
@@ -584,7 +584,7 @@ def copy_pair(certificates, directory):
 
 
 def test_a_tls_key_linked_to_roots_key_is_read_as_the_user(
-        started, user_dir, root_dir, nobody, certificates):
+        user_dir, root_dir, nobody, certificates, started):
     # The user's link to root's key: read as root, root's private key
     # would be served by (and so be in the memory of) the user's process.
     private = os.path.join(root_dir, "private")
@@ -605,7 +605,7 @@ def test_a_tls_key_linked_to_roots_key_is_read_as_the_user(
 
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
 def test_a_tls_key_that_is_no_file_is_refused_unopened(
-        started, user_dir, root_dir, certificates, kind):
+        user_dir, root_dir, certificates, kind, started):
     # A FIFO would block the start (and the init script's reload) in
     # open(); run()'s timeout fails the test if it does.
     cert = copy_pair(certificates, root_dir)[0]
@@ -636,7 +636,7 @@ def test_serving_as_root_refuses_a_tls_key_another_user_can_reach(
 
 
 def test_a_tls_pair_through_links_in_roots_directories_is_served(
-        started, user_dir, root_dir, certificates):
+        user_dir, root_dir, certificates, started):
     # As Let's Encrypt keeps them: live/NAME/privkey.pem ->
     # ../../archive/NAME/privkey1.pem, all root's, archive/ 0700.
     archive = os.path.join(root_dir, "archive", "mail")
@@ -662,7 +662,7 @@ def test_a_tls_pair_through_links_in_roots_directories_is_served(
 # -- files readable by every user ---------------------------------------------
 
 def test_a_store_and_a_log_readable_by_everyone_are_warned_about(
-        started, home_dir, root_dir, nobody):
+        home_dir, root_dir, nobody, started):
     # Left 0644 by an earlier version: they hold mail addresses.
     store = os.path.join(home_dir, "grey.db")
     log = os.path.join(home_dir, "service.log")
