@@ -8547,9 +8547,14 @@ def _open_tls_files(handler_class, identity):
             reader = identity if shared is not None else None
             with _effective_user(reader):
                 try:
-                    # Not blocked by a FIFO: fstat() tells what it is.
-                    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK
-                                 | os.O_CLOEXEC)
+                    # Looked at before it is opened (a device may do
+                    # something on open), and again once open, in case it
+                    # was swapped: O_NONBLOCK, so a FIFO does not block.
+                    if stat.S_ISREG(os.stat(path).st_mode):
+                        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK
+                                     | os.O_CLOEXEC)
+                    else:
+                        fd = None
                 except OSError as error:
                     if reader is None:
                         raise StartError("%s %s: %s" % (
@@ -8559,9 +8564,10 @@ def _open_tls_files(handler_class, identity):
                         "%s, so it is read as the serving user): put it in "
                         "a directory only root can write"
                         % (key, path, error.strerror, reader[2], shared), 2)
-            descriptors.append(fd)
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
+            if fd is not None:
+                descriptors.append(fd)
+                info = os.fstat(fd)
+            if fd is None or not stat.S_ISREG(info.st_mode):
                 raise StartError("%s %s is not a regular file: name the "
                                  "file itself" % (key, path), 2)
             name = "/proc/self/fd/%d" % fd
