@@ -2518,10 +2518,12 @@ class _TLSSession(object):
     upstream_tls_name = ""
 
     @classmethod
-    def server_tls_context(cls):
+    def server_tls_context(cls, files=None):
         """The SSLContext of tls_cert and tls_key, or None without
         tls_cert; read again when the files change.  Raises OSError or
-        ssl.SSLError when they cannot be used.
+        ssl.SSLError when they cannot be used.  ``files`` (check_tls(),
+        started as root): the names to read them by instead, (cert,
+        key or None), and their stamp (modification times).
 
         Keys are often readable by root alone (/etc/ssl/private): the
         context read at the start, as root, stays in use when the user
@@ -2529,16 +2531,20 @@ class _TLSSession(object):
         if not cls.tls_cert:
             return None
         paths = (cls.tls_cert, cls.tls_key or cls.tls_cert)
+        names = (cls.tls_cert, cls.tls_key)
         known = tls_contexts.get(paths)
         try:
-            stamp = tuple(os.stat(path).st_mtime for path in paths)
+            if files is None:
+                stamp = tuple(os.stat(path).st_mtime for path in paths)
+            else:
+                names, stamp = files
         except PermissionError:
             if known is None:
                 raise
             return known[1]
         if known is None or known[0] != stamp:
             try:
-                context = tls_server_context(cls.tls_cert, cls.tls_key)
+                context = tls_server_context(*names)
             except PermissionError:
                 if known is None:
                     raise
@@ -8118,16 +8124,43 @@ def _effective_user(identity):
 
 def _hand_over(user, *paths):
     """What to do, for an error message, so that ``user`` may write
-    ``paths``: a chown, unless one has other names (a hard link: a chown
-    would give away the file elsewhere too)."""
+    ``paths``.  Each is looked at, never followed: one that is not there
+    is left out; a symbolic link, or a file with other names (hard
+    links), is to be removed, for a chown would give away what it leads
+    to.  The chown is ``chown -h``, which changes a link named on its
+    command line, not what it leads to, if the user swaps one in before
+    the admin runs it; and there is none if another user than root can
+    change a directory on the way to the file's directory (which that
+    user can then swap for a link into root's files)."""
+    names = []
     for path in paths:
         try:
-            if os.lstat(path).st_nlink > 1:
-                return ("%s has other names (hard links), and a chown would "
-                        "give them away too: remove it" % path)
+            info = os.lstat(path)
         except OSError:
-            pass
-    return "give it to %s: chown %s %s" % (user, user, " ".join(paths))
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            return ("%s is a symbolic link, and a chown could give away "
+                    "what it leads to: remove it" % path)
+        if info.st_nlink > 1:
+            return ("%s has other names (hard links), and a chown would "
+                    "give them away too: remove it" % path)
+        names.append(path)
+    if not names:
+        return ("%s cannot reach it: name a file in a directory %s can "
+                "write" % (user, user))
+    for path in names:
+        parent = os.path.dirname(os.path.dirname(os.path.join(os.getcwd(),
+                                                              path)))
+        try:
+            shared = _shared_directory(parent)
+        except OSError:
+            shared = parent
+        if shared is not None:
+            return ("no chown is safe there: %s can be changed by a user "
+                    "other than root, who could swap a directory for a "
+                    "link to root's files: name a path whose directories "
+                    "are root's, the last one %s's" % (shared, user))
+    return "give it to %s: chown -h %s %s" % (user, user, " ".join(names))
 
 
 def open_service_file(key, path, identity=None, create=True):
@@ -8145,8 +8178,10 @@ def open_service_file(key, path, identity=None, create=True):
     serving user: uid, gid, name) through its descriptor, so that the user
     can reopen it after a rotation; nothing that was there is given away.
     In a directory another user can change, a log is opened as the
-    serving user (the kernel checks what that user may do), and the
-    pidfile is refused: the root init script signals the pid it reads.
+    serving user (the kernel checks what that user may do), or refused
+    with no such user (run_as_root): root would follow the links on the
+    way; and the pidfile is refused: the root init script signals the
+    pid it reads.
     Not started as root, the file is opened as it is named.
     """
     pidfile = key == "pidfile"
@@ -8180,12 +8215,17 @@ def open_service_file(key, path, identity=None, create=True):
                 "who could make the pid one the init script signals: put "
                 "the pidfile in a directory only root can write, such as "
                 "/run" % (path, shared), 2)
+        if identity is None:
+            raise StartError(
+                "%s %s: %s can be changed by a user other than root, whose "
+                "links root would follow: put the log in a directory only "
+                "root can write, or set user (the serving user, which then "
+                "opens it)" % (key, path, shared), 2)
         opener = identity
     with _effective_user(opener):
         try:
             return _open_nofollow(key, path, flags, mode, create,
-                                  None if opener or pidfile else identity,
-                                  shared is not None and opener is None)
+                                  None if opener or pidfile else identity)
         except OSError as error:
             if opener and error.errno in (errno.EACCES, errno.EPERM):
                 raise StartError(
@@ -8198,11 +8238,10 @@ def open_service_file(key, path, identity=None, create=True):
                              % (key, path, error.strerror), 2)
 
 
-def _open_nofollow(key, path, flags, mode, create, owner, shared):
+def _open_nofollow(key, path, flags, mode, create, owner):
     """open_service_file()'s opening, as whoever is effective: create the
     file (given to ``owner`` if so) or open the one there, never through a
-    link; with ``shared`` (root, in a directory another user can write),
-    a file with other names (hard links) is refused as well."""
+    link."""
     created = False
     if create:
         try:
@@ -8239,10 +8278,6 @@ def _open_nofollow(key, path, flags, mode, create, owner, shared):
                 key != "pidfile" and stat.S_ISCHR(info.st_mode))):
             raise StartError("%s %s is not a regular file: name a file"
                              % (key, path), 2)
-        if shared and info.st_nlink != 1:
-            raise StartError("%s %s has other names (hard links), in a "
-                             "directory other users can write: name a "
-                             "file of its own" % (key, path), 2)
         if created and owner is not None:
             os.fchown(fd, owner[0], owner[1])
         fcntl.fcntl(fd, fcntl.F_SETFL,
@@ -8569,18 +8604,119 @@ def check_proxy_protocol(handler_class):
                          "addresses or networks of the load balancers", 2)
 
 
-def check_tls(handler_class):
+def check_tls(handler_class, identity=None):
     """Read tls_cert and tls_key now, while they may still be readable
-    (keys are often root's alone): a bad pair is a configuration error."""
+    (keys are often root's alone): a bad pair is a configuration error.
+    The start and --check-config both read them here; started as root,
+    through the descriptors _open_tls_files() opens, ``identity`` being
+    the serving user."""
     make = getattr(handler_class, "server_tls_context", None)
     if make is None:
         return
     try:
-        make()
+        with _open_tls_files(handler_class, identity) as files:
+            if files is None:
+                make()
+            else:
+                make(files)
     except (OSError, ssl.SSLError) as error:
         raise StartError("tls_cert %s / tls_key %s: %s"
                          % (handler_class.tls_cert,
                             handler_class.tls_key or "(same file)", error), 2)
+
+
+@contextlib.contextmanager
+def _open_tls_files(handler_class, identity):
+    """Started as root, open tls_cert and tls_key for check_tls(): within
+    it, the names to read them by (/proc/self/fd/N, the very files
+    checked) and their stamp, as server_tls_context() takes them; None
+    when not root (the names are read as they are).
+
+    Root opens a file if every directory on the way to it is root's
+    alone (_shared_directory(): links there are root's, as Let's
+    Encrypt's live/ -> archive/); otherwise the serving user
+    (``identity``) opens it, so that a link it planted reaches only what
+    it could read anyway, never root's private key; with no such user
+    (run_as_root), StartError.  Each must be a regular file after its
+    links (a FIFO would block the start, a directory is no key):
+    StartError otherwise, and it is not read."""
+    if os.geteuid() != 0 or not handler_class.tls_cert:
+        yield None
+        return
+    keys = [("tls_cert", handler_class.tls_cert)]
+    if handler_class.tls_key:
+        keys.append(("tls_key", handler_class.tls_key))
+    descriptors, names, stamp = [], [], []
+    try:
+        for key, path in keys:
+            directory = os.path.dirname(os.path.join(os.getcwd(), path))
+            try:
+                shared = _shared_directory(directory)
+            except OSError as error:
+                raise StartError("%s %s: %s: %s" % (
+                    key, path, error.filename or directory, error.strerror),
+                    2)
+            if shared is not None and identity is None:
+                raise StartError(
+                    "%s %s: %s can be changed by a user other than root, "
+                    "whose links root would follow: put it in a directory "
+                    "only root can write, or set user (the serving user, "
+                    "which then reads it)" % (key, path, shared), 2)
+            reader = identity if shared is not None else None
+            with _effective_user(reader):
+                try:
+                    # Looked at before it is opened (a device may do
+                    # something on open), and again once open, in case it
+                    # was swapped: O_NONBLOCK, so a FIFO does not block.
+                    if stat.S_ISREG(os.stat(path).st_mode):
+                        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK
+                                     | os.O_CLOEXEC)
+                    else:
+                        fd = None
+                except OSError as error:
+                    if reader is None:
+                        raise StartError("%s %s: %s" % (
+                            key, path, error.strerror), 2)
+                    raise StartError(
+                        "%s %s: %s as %s (other users than root can change "
+                        "%s, so it is read as the serving user): put it in "
+                        "a directory only root can write"
+                        % (key, path, error.strerror, reader[2], shared), 2)
+            if fd is not None:
+                descriptors.append(fd)
+                info = os.fstat(fd)
+            if fd is None or not stat.S_ISREG(info.st_mode):
+                raise StartError("%s %s is not a regular file: name the "
+                                 "file itself" % (key, path), 2)
+            name = "/proc/self/fd/%d" % fd
+            names.append(name if os.path.exists(name) else path)
+            stamp.append(info.st_mtime)
+        if len(names) == 1:
+            names.append(None)
+            stamp.append(stamp[0])
+        yield tuple(names), tuple(stamp)
+    finally:
+        for fd in descriptors:
+            os.close(fd)
+
+
+def _readable_by_others(paths):
+    """A warning for each file of ``paths`` that is there and readable by
+    every user (left 0644 by an earlier version, or made by hand): the
+    store and the logs hold mail addresses.  Looked at, never followed:
+    a link is the other checks' business."""
+    warnings = []
+    for path in paths:
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_mode & stat.S_IROTH:
+            warnings.append("%s is readable by every user (mode %04o) and "
+                            "holds mail addresses: chmod o-r %s (smtpproxy "
+                            "makes its files 0640)"
+                            % (path, stat.S_IMODE(info.st_mode), path))
+    return warnings
 
 
 def check_store(handler_class, create=True):
@@ -8589,7 +8725,8 @@ def check_store(handler_class, create=True):
     ``create`` (--check-config), a store that is not there yet is only
     checked for a directory the user can write.  Root (run_as_root) is
     held to a store in a directory only root can change
-    (check_root_store)."""
+    (check_root_store).  Return the warnings: store files readable by
+    every user."""
     path = getattr(handler_class, "greylist_db", None)
     if not path:
         return
@@ -8619,6 +8756,7 @@ def check_store(handler_class, create=True):
         except OSError as error:
             raise StartError("greylisting store %s: %s: %s"
                              % (path, name, error.strerror))
+    warnings = _readable_by_others((path, path + "-wal", path + "-shm"))
     if not create and not os.path.exists(path):
         if not os.access(directory, os.W_OK | os.X_OK):
             raise StartError("greylisting store %s: user %s cannot create "
@@ -8626,7 +8764,7 @@ def check_store(handler_class, create=True):
                              "(chown %s %s), or set greylist_db elsewhere"
                              % (path, user, directory, user, user,
                                 directory))
-        return
+        return warnings
     try:
         store = GreylistStore(path, handler_class)
         store.stats()
@@ -8639,6 +8777,7 @@ def check_store(handler_class, create=True):
                          "write the file and its directory %s, where sqlite "
                          "makes its -wal and -shm files (chown %s %s)"
                          % (path, error, user, directory, user, directory))
+    return warnings
 
 
 def check_root_store(path):
@@ -8702,10 +8841,22 @@ def check_database(handler_class, write=True, notes=None):
     return []
 
 
+def _log_files(values):
+    """The paths of the log files ``values`` names."""
+    keys = ["greylist_log"]
+    if not values.get("syslog"):
+        keys.append("log_file")
+    if values.get("debug"):
+        keys.append("greylist_debuglog")
+    return [path for path in (values.get(key, SERVICE_DEFAULTS.get(key))
+                              for key in keys) if path]
+
+
 def check_files(values, identity=None):
     """The pidfile and the logs can be opened as the start opens them
     (open_service_file(), with its refusals, ``identity`` being the
-    serving user), without making or changing any."""
+    serving user), without making or changing any.  Return the
+    warnings: logs readable by every user."""
     keys = ["pidfile", "greylist_log"]
     if not values.get("syslog"):
         keys.append("log_file")
@@ -8720,6 +8871,7 @@ def check_files(values, identity=None):
             _syslog_handler(values).close()
         except OSError as error:
             raise StartError("syslog: %s" % error, 2)
+    return _readable_by_others(_log_files(values))
 
 
 def configuration_warnings(handler_class, values=None):
@@ -8828,17 +8980,21 @@ def check_configuration(handler_class, values, files=True, notes=None):
     syslog.  Raise StartError; return the warnings."""
     identity = find_user(values)
     check_proxy_protocol(handler_class)
-    check_tls(handler_class)
+    check_tls(handler_class, identity)
     check_policy(handler_class, values)
     check_dns_lists(handler_class)
-    if files:
-        check_files(values, identity)
     warnings = []
+    if files:
+        warnings += check_files(values, identity)
     store = getattr(handler_class, "greylist_db", None)
     if store and is_database_uri(store):
         warnings += check_database(handler_class, notes=notes)
     else:
         check_as(identity, lambda: check_store(handler_class, create=False))
+        # (check_store()'s warnings stay in check_as()'s child.)
+        if store:
+            warnings += _readable_by_others((store, store + "-wal",
+                                             store + "-shm"))
     return warnings + configuration_warnings(handler_class, values)
 
 
@@ -9248,7 +9404,7 @@ class Service(_SignalsNoted):
             identity = find_user(self.values)
             self._lock_pidfile()
             self._open_logs(identity)
-            handler_class = self._handler_class()
+            handler_class = self._handler_class(identity)
             self._listen(handler_class, identity)
             self._warn_of_relative_names()
             self._detach()
@@ -9281,13 +9437,15 @@ class Service(_SignalsNoted):
             configure_logging(self.values, identity)
         except OSError as error:
             raise StartError("cannot open log: %s" % error, 2)
+        self.warnings += _readable_by_others(_log_files(self.values))
 
-    def _handler_class(self):
+    def _handler_class(self, identity):
         """The handler class of the configuration, its TLS pair read while
-        it may still be readable, its PROXY balancers checked."""
+        it may still be readable (as check_tls() says, ``identity`` being
+        the serving user), its PROXY balancers checked."""
         handler_class = handler_class_for(self.base, self.values)
         check_proxy_protocol(handler_class)
-        check_tls(handler_class)
+        check_tls(handler_class, identity)
         check_policy(handler_class, self.values)
         return handler_class
 

@@ -14,6 +14,7 @@ import os
 import pwd
 import shutil
 import signal
+import smtplib
 import socket
 import stat
 import subprocess
@@ -62,6 +63,17 @@ def root_dir():
     os.chmod(path, 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def home_dir(root_dir, nobody):
+    """The serving user's directory where the README puts it
+    (/var/lib/smtpproxy): the directories on the way are root's, the
+    last one the user's."""
+    path = os.path.join(root_dir, "home")
+    os.mkdir(path, 0o755)
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    return path
 
 
 @pytest.fixture
@@ -184,18 +196,52 @@ def test_a_store_file_linked_to_a_root_file_leaves_it_as_it_was(
 
 
 def test_a_store_root_made_is_refused_with_what_to_run(
-        started, user_dir, root_dir):
-    # Left by an earlier version or a root admin command: root's.
+        started, home_dir, root_dir):
+    # Left by an earlier version or a root admin command: root's.  The
+    # chown names the files there, and changes no link it is given.
     for name in ("grey.db", "grey.db-wal"):
-        open(os.path.join(user_dir, name), "w").close()
-    result = started.start(user_dir, root_dir)
+        open(os.path.join(home_dir, name), "w").close()
+    result = started.start(home_dir, root_dir)
     assert result.returncode == 1
-    store = os.path.join(user_dir, "grey.db")
+    store = os.path.join(home_dir, "grey.db")
     assert ("greylisting store {0}: user nobody cannot write {0}: give it "
-            "to nobody: chown nobody {0} {0}-wal {0}-shm"
+            "to nobody: chown -h nobody {0} {0}-wal\n"
             .format(store)) in result.stderr
     assert os.stat(store).st_uid == 0       # not given away by the start
     assert not os.path.exists(os.path.join(root_dir, "p.pid"))
+
+
+def test_no_chown_is_suggested_for_a_store_file_the_user_linked(
+        home_dir, root_dir, victim, nobody, started):
+    # The store root's, -wal a link the user planted to root's file: GNU
+    # chown follows a link it is given, and would give the victim away.
+    store = os.path.join(home_dir, "grey.db")
+    open(store, "w").close()
+    os.chmod(store, 0o640)
+    plant(store + "-wal", victim, nobody)
+    result = started.start(home_dir, root_dir)
+    assert_untouched(victim)
+    assert result.returncode == 1
+    assert ("greylisting store {0}: user nobody cannot write {0}: {0}-wal "
+            "is a symbolic link, and a chown could give away what it leads "
+            "to: remove it\n".format(store)) in result.stderr
+    assert "chown nobody" not in result.stderr
+    assert "chown -h" not in result.stderr
+
+
+def test_no_chown_is_suggested_where_another_user_can_change_the_way(
+        user_dir, root_dir, started):
+    # user_dir is in /tmp, where anyone makes names: the way to the store
+    # may lead elsewhere by the time the admin runs the chown.
+    store = os.path.join(user_dir, "grey.db")
+    open(store, "w").close()
+    result = started.start(user_dir, root_dir)
+    assert result.returncode == 1
+    assert ("greylisting store {0}: user nobody cannot write {0}: no chown "
+            "is safe there: /tmp can be changed by a user other than root, "
+            "who could swap a directory for a link to root's files: name a "
+            "path whose directories are root's, the last one nobody's\n"
+            .format(store)) in result.stderr
 
 
 def test_serving_as_root_refuses_a_store_another_user_can_reach(
@@ -280,7 +326,7 @@ def test_a_log_link_in_roots_own_directory_is_refused_too(
 
 
 def test_a_log_the_user_could_not_open_is_refused(
-        started, user_dir, root_dir, victim):
+        started, user_dir, home_dir, root_dir, victim):
     # In the user's directory, a log is opened as the user: the kernel
     # says what it may open.  A hard link to root's file (which
     # protected_hardlinks would not even let the user make): the message
@@ -296,14 +342,66 @@ def test_a_log_the_user_could_not_open_is_refused(
                 "Permission denied: %s has other names (hard links), and a "
                 "chown would give them away too: remove it"
                 % (log, user_dir, log)) in result.stderr
-    # Root's own file, left by an earlier version: chown it.
-    os.unlink(log)
+    # Root's own file, left by an earlier version: chown it, where the
+    # way to it is root's.
+    log = os.path.join(home_dir, "service.log")
     open(log, "w").close()
-    result = started.start(user_dir, root_dir, "--check-config")
+    result = started.start(home_dir, root_dir, "--check-config")
     assert result.returncode == 2
-    assert ("Permission denied: give it to nobody: chown nobody %s, or name "
-            "a file in a directory only root can write" % log) \
+    assert ("Permission denied: give it to nobody: chown -h nobody %s, or "
+            "name a file in a directory only root can write" % log) \
         in result.stderr
+
+
+def test_no_chown_is_suggested_for_a_log_through_a_planted_directory_link(
+        home_dir, root_dir, nobody, started):
+    # The user's "sub" leads to a directory of root's, with root's log:
+    # "chown nobody home/sub/service.log" would give root's file away.
+    logs = os.path.join(root_dir, "logs")
+    os.mkdir(logs)
+    os.chmod(logs, 0o755)
+    target = os.path.join(logs, "service.log")
+    open(target, "w").close()
+    os.chmod(target, 0o644)
+    plant(os.path.join(home_dir, "sub"), logs, nobody)
+    log = os.path.join(home_dir, "sub", "service.log")
+    for command in ([], ["--check-config"]):
+        result = started.start(home_dir, root_dir, "-o", "log_file=%s" % log,
+                               *command)
+        assert result.returncode == 2, result.stderr
+        assert ("Permission denied: no chown is safe there: %s can be "
+                "changed by a user other than root" % home_dir) \
+            in result.stderr
+        assert "chown -h" not in result.stderr
+        assert "chown nobody" not in result.stderr
+    assert os.stat(target).st_uid == 0
+
+
+@pytest.mark.parametrize("way", ["directory", "link"])
+def test_serving_as_root_refuses_a_log_another_user_can_reach(
+        user_dir, root_dir, nobody, way, started):
+    # run_as_root: root itself would open the log, following a directory
+    # link of the user's on the way (only the file is opened O_NOFOLLOW).
+    log = os.path.join(user_dir, "service.log")
+    made = log
+    if way == "link":
+        plant(os.path.join(user_dir, "sub"), root_dir, nobody)
+        log = os.path.join(user_dir, "sub", "x.log")
+        made = os.path.join(root_dir, "x.log")
+    pidfile = os.path.join(root_dir, "p.pid")
+    started.pidfiles.append(pidfile)
+    for command in ([], ["--check-config"]):
+        result = run(["--daemon", "--listen", "127.0.0.1:%d" % free_port(),
+                      "--pidfile", pidfile, "-o", "run_as_root=yes",
+                      "-o", "greylist_log=", "-o", "log_file=%s" % log,
+                      "-o", "greylist_db=%s/grey.db" % root_dir] + command,
+                     cwd=root_dir)
+        assert result.returncode == 2, result.stderr
+        assert ("log_file %s: %s can be changed by a user other than root, "
+                "whose links root would follow: put the log in a directory "
+                "only root can write, or set user" % (log, user_dir)) \
+            in result.stderr
+        assert not os.path.lexists(made)
 
 
 def test_a_failed_first_start_leaves_no_root_log_behind(
@@ -583,3 +681,117 @@ def test_a_switch_that_fails_leaves_root_as_it_was():
         with smtpproxy._effective_user((2 ** 40, 65534, "nobody")):
             pass
     assert (os.geteuid(), os.getegid(), os.getgroups()) == (0, 0, groups)
+
+
+# -- the TLS certificate and key ----------------------------------------------
+
+def copy_pair(certificates, directory):
+    """The test pair, as root keeps it (/etc/ssl/private): root's, 0600."""
+    paths = []
+    for name in ("server.pem", "server.key"):
+        path = os.path.join(directory, name)
+        shutil.copy(certificates.path(name), path)
+        os.chmod(path, 0o600)
+        paths.append(path)
+    return paths
+
+
+def test_a_tls_key_linked_to_roots_key_is_read_as_the_user(
+        user_dir, root_dir, nobody, certificates, started):
+    # The user's link to root's key: read as root, root's private key
+    # would be served by (and so be in the memory of) the user's process.
+    private = os.path.join(root_dir, "private")
+    os.mkdir(private, 0o700)
+    cert, key = copy_pair(certificates, private)
+    link = os.path.join(user_dir, "key.pem")
+    plant(link, key, nobody)
+    for command in ([], ["--check-config"]):
+        result = started.start(user_dir, root_dir, "-o", "tls_cert=%s" % cert,
+                               "-o", "tls_key=%s" % link, *command)
+        assert result.returncode == 2, result.stderr
+        assert ("tls_key %s: Permission denied as nobody (other users than "
+                "root can change %s, so it is read as the serving user): put "
+                "it in a directory only root can write" % (link, user_dir)) \
+            in result.stderr
+    assert not os.path.exists(os.path.join(root_dir, "p.pid"))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_tls_key_that_is_no_file_is_refused_unopened(
+        user_dir, root_dir, certificates, kind, started):
+    # A FIFO would block the start (and the init script's reload) in
+    # open(); run()'s timeout fails the test if it does.
+    cert = copy_pair(certificates, root_dir)[0]
+    key = os.path.join(root_dir, "fifo.key")
+    if kind == "fifo":
+        os.mkfifo(key, 0o600)
+    else:
+        os.mkdir(key, 0o700)
+    for command in ([], ["--check-config"]):
+        result = started.start(user_dir, root_dir, "-o", "tls_cert=%s" % cert,
+                               "-o", "tls_key=%s" % key, *command)
+        assert result.returncode == 2, result.stderr
+        assert ("tls_key %s is not a regular file: name the file itself"
+                % key) in result.stderr
+
+
+def test_serving_as_root_refuses_a_tls_key_another_user_can_reach(
+        user_dir, root_dir, certificates):
+    cert, key = copy_pair(certificates, user_dir)
+    result = run(["--check-config", "-o", "run_as_root=yes",
+                  "-o", "greylist_log=", "-o", "tls_cert=%s" % cert,
+                  "-o", "tls_key=%s" % key,
+                  "-o", "greylist_db=%s/grey.db" % root_dir], cwd=root_dir)
+    assert result.returncode == 2, result.stderr
+    assert ("tls_cert %s: %s can be changed by a user other than root, "
+            "whose links root would follow: put it in a directory only root "
+            "can write, or set user" % (cert, user_dir)) in result.stderr
+
+
+def test_a_tls_pair_through_links_in_roots_directories_is_served(
+        user_dir, root_dir, certificates, started):
+    # As Let's Encrypt keeps them: live/NAME/privkey.pem ->
+    # ../../archive/NAME/privkey1.pem, all root's, archive/ 0700.
+    archive = os.path.join(root_dir, "archive", "mail")
+    os.makedirs(archive, 0o700)
+    live = os.path.join(root_dir, "live", "mail")
+    os.makedirs(live, 0o755)
+    copy_pair(certificates, archive)
+    for name in ("server.pem", "server.key"):
+        os.symlink(os.path.join("..", "..", "archive", "mail", name),
+                   os.path.join(live, name))
+    result = started.start(user_dir, root_dir,
+                           "-o", "tls_cert=%s/server.pem" % live,
+                           "-o", "tls_key=%s/server.key" % live)
+    assert result.returncode == 0, result.stderr
+    client = smtplib.SMTP("127.0.0.1", started.port, timeout=10)
+    client.ehlo("client.example.net")
+    client.starttls(context=certificates.client_context())
+    assert client.ehlo("client.example.net")[0] == 250
+    client.quit()
+    started.stop()
+
+
+# -- files readable by every user ---------------------------------------------
+
+def test_a_store_and_a_log_readable_by_everyone_are_warned_about(
+        home_dir, root_dir, nobody, started):
+    # Left 0644 by an earlier version: they hold mail addresses.
+    store = os.path.join(home_dir, "grey.db")
+    log = os.path.join(home_dir, "service.log")
+    for path in (store, log):
+        open(path, "w").close()
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        os.chmod(path, 0o644)
+    result = started.start(home_dir, root_dir, "--check-config")
+    assert result.returncode == 0, result.stderr
+    for path in (store, log):
+        assert ("smtpproxy: warning: %s is readable by every user (mode "
+                "0644) and holds mail addresses: chmod o-r %s (smtpproxy "
+                "makes its files 0640)\n" % (path, path)) in result.stderr
+    result = started.start(home_dir, root_dir)
+    assert result.returncode == 0, result.stderr
+    started.stop()
+    for path in (store, log):
+        assert ("WARNING %s is readable by every user (mode 0644)" % path) \
+            in read(log)
