@@ -162,10 +162,17 @@ class Service(object):
         with open(self.ssd_log) as log:
             return [line.split()[0] for line in log]
 
+    def use_pidfile(self, path):
+        """Have the script use the pidfile ``path``."""
+        self.pidfile = str(path)
+        self.env["SMTPPROXY_PIDFILE"] = self.pidfile
+
     def remember_daemons(self):
         """Note every process whose command line names this test's
         files (its daemons), to kill them at the end."""
-        if os.path.exists(self.pidfile):
+        # Not a FIFO: it would hang the test.
+        if (os.path.isfile(self.pidfile)
+                and not os.path.islink(self.pidfile)):
             try:
                 with open(self.pidfile) as pidfile:
                     self.pids.add(int(pidfile.read()))
@@ -175,11 +182,24 @@ class Service(object):
             if name.isdigit() and self.config in cmdline(int(name)):
                 self.pids.add(int(name))
 
-    def other_program(self):
-        """A live process that is not smtpproxy."""
-        process = subprocess.Popen(["sleep", "60"])
+    def other_program(self, argv=("sleep", "60"), executable=None):
+        """A live process that is not smtpproxy: root's, as this test
+        runs, harmless, with the command line ``argv``."""
+        process = subprocess.Popen(list(argv), executable=executable)
         self.others.append(process)
         return process
+
+    def impostor(self, pidfile=None):
+        """A harmless process that the script takes for the smtpproxy it
+        started, run as the script runs it: SMTPPROXY_BIN is made a script
+        that only sleeps, and it is given the pidfile (``pidfile``, else
+        the service's)."""
+        program = self.tmp / "impostor.py"
+        program.write_text("import time\ntime.sleep(60)\n")
+        self.env["SMTPPROXY_BIN"] = str(program)
+        return self.other_program([
+            sys.executable, str(program), "--daemon", "--config",
+            self.config, "--pidfile", pidfile or self.pidfile])
 
     def cleanup(self):
         self.remember_daemons()
@@ -333,6 +353,219 @@ def test_pidfile_naming_another_program(service):
     code, output = service.run("stop")
     assert code == 0, output
     service.check_stopped(pid)
+    assert other.poll() is None
+
+
+def write_pid(path, pid):
+    with open(str(path), "w") as pidfile:
+        pidfile.write("%d\n" % pid)
+
+
+def test_impostor_is_taken_for_the_service(service):
+    """What the tests below rely on: the script takes an impostor for
+    its smtpproxy where its pidfile can be trusted, and stops it."""
+    impostor = service.impostor()
+    write_pid(service.pidfile, impostor.pid)
+    code, output = service.run("status")
+    assert (code, output) == (0, "smtpproxy is running (pid %d).\n"
+                              % impostor.pid)
+    code, output = service.run("stop")
+    assert code == 0, output
+    assert impostor.wait() == -signal.SIGTERM
+    assert not os.path.exists(service.pidfile)
+
+
+def another_users_directory(base):
+    users = base / "users"
+    users.mkdir()
+    nobody = pwd.getpwnam("nobody")
+    os.chown(str(users), nobody.pw_uid, nobody.pw_gid)
+    return users
+
+
+def sticky_directory(base):
+    sticky = base / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    return sticky
+
+
+def roots_directory(parent, name="root"):
+    directory = parent / name
+    directory.mkdir()
+    directory.chmod(0o755)
+    return directory
+
+
+def owned_by_another_user(base):
+    users = another_users_directory(base)
+    return users, users
+
+
+def another_users_directory_on_the_way(base):
+    users = another_users_directory(base)
+    return roots_directory(users), users
+
+
+def group_writable(base):
+    shared = roots_directory(base, "shared")
+    shared.chmod(0o775)
+    return shared, shared
+
+
+def sticky_and_world_writable(base):
+    sticky = sticky_directory(base)
+    return sticky, sticky
+
+
+def link_to_another_users_directory(base):
+    link = base / "link"
+    users = another_users_directory(base)
+    link.symlink_to("users")
+    return link, users
+
+
+def another_users_link_in_a_sticky_directory(base):
+    link = sticky_directory(base) / "link"
+    link.symlink_to(str(roots_directory(base)))
+    nobody = pwd.getpwnam("nobody")
+    os.lchown(str(link), nobody.pw_uid, nobody.pw_gid)
+    return link, link
+
+
+# (directory of the pidfile, directory the script must name) in a
+# root-only base directory.
+UNTRUSTED_DIRECTORIES = [
+    pytest.param(layout, id=layout.__name__.replace("_", "-"))
+    for layout in (owned_by_another_user, another_users_directory_on_the_way,
+                   group_writable, sticky_and_world_writable,
+                   link_to_another_users_directory,
+                   another_users_link_in_a_sticky_directory)]
+
+
+@pytest.mark.parametrize("layout", UNTRUSTED_DIRECTORIES)
+def test_pidfile_in_a_directory_another_user_can_change(service, layout):
+    """Another user could have written any pid there: the script reads
+    nothing, signals nothing, removes nothing, and says where to keep
+    the pidfile; status 4 (unknown) for status, 6 (not configured) for
+    the rest.  The pid is that of a process the script would take for
+    its smtpproxy anywhere else (test_impostor_is_taken_for_the_service).
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    directory, named = layout(service.tmp)
+    service.use_pidfile(directory / "smtpproxy.pid")
+    impostor = service.impostor()
+    write_pid(service.pidfile, impostor.pid)
+    for action, expected in [("status", 4), ("stop", 6), ("reload", 6),
+                             ("force-reload", 6), ("reopen-logs", 6),
+                             ("try-restart", 6), ("restart", 6),
+                             ("start", 6)]:
+        code, output = service.run(action)
+        assert code == expected, (action, output)
+        assert ("smtpproxy: will not use the pidfile %s: %s"
+                % (service.pidfile, named)) in output, (action, output)
+        assert "keep it in a directory only root can write, such as /run" \
+            in output
+        assert impostor.poll() is None, action
+        assert os.path.exists(service.pidfile)
+    assert output.startswith("smtpproxy: will not use")
+    assert service.ssd_calls() == []
+
+
+def test_pidfile_beyond_a_sticky_directory_and_a_root_link(service):
+    """A sticky directory on the way (as /tmp is) and root's links are
+    fine, as for smtpproxy itself: the same impostor is taken."""
+    below = roots_directory(sticky_directory(service.tmp))
+    (service.tmp / "link").symlink_to("sticky/root")
+    service.use_pidfile(service.tmp / "link" / "smtpproxy.pid")
+    impostor = service.impostor()
+    write_pid(below / "smtpproxy.pid", impostor.pid)
+    code, output = service.run("status")
+    assert (code, output) == (0, "smtpproxy is running (pid %d).\n"
+                              % impostor.pid)
+
+
+def fifo(service):
+    os.mkfifo(service.pidfile)
+
+
+def link(service):
+    real = service.tmp / "real.pid"
+    write_pid(real, service.impostor().pid)
+    os.symlink(str(real), service.pidfile)
+
+
+def another_users_file(service):
+    write_pid(service.pidfile, service.impostor().pid)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(service.pidfile, nobody.pw_uid, nobody.pw_gid)
+
+
+def group_writable_file(service):
+    write_pid(service.pidfile, service.impostor().pid)
+    os.chmod(service.pidfile, 0o664)
+
+
+@pytest.mark.parametrize("make, problem", [
+    (fifo, "it is not a regular file"),
+    (link, "it is a symbolic link"),
+    (another_users_file, "other users can write it"),
+    (group_writable_file, "other users can write it"),
+], ids=["fifo", "link", "another-users-file", "group-writable-file"])
+def test_pidfile_that_only_root_can_have_written(service, make, problem):
+    """In a root-only directory, the pidfile is read only if it is a
+    regular file that only root can write: a FIFO would hang the script
+    (status must return), a link or another user's file may name any
+    process (the impostor)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    make(service)
+    for action, expected in [("status", 4), ("stop", 6), ("reload", 6),
+                             ("start", 6)]:
+        code, output = service.run(action)
+        assert code == expected, (action, output)
+        assert ("smtpproxy: will not use the pidfile %s: %s"
+                % (service.pidfile, problem)) in output, (action, output)
+        assert "remove it" in output
+        assert all(other.poll() is None for other in service.others)
+        assert os.path.lexists(service.pidfile)
+        if action == "stop":
+            assert "not stopped; nothing was signalled" in output
+
+
+# Processes whose command line holds "smtpproxy", the program, or the
+# pidfile, but which are not the smtpproxy the script started.
+NOT_THE_SERVICE = [
+    pytest.param(lambda service: service.other_program(
+        ["smtpproxy-decoy", "60"], executable=shutil.which("sleep")),
+        id="named-smtpproxy"),
+    pytest.param(lambda service: service.other_program(
+        [sys.executable, "-c", "import time; time.sleep(60)",
+         os.path.join(ROOT, "smtpproxy.py"), "--daemon", "--config",
+         service.config, "--pidfile", service.pidfile]),
+        id="program-and-pidfile-as-arguments"),
+    pytest.param(lambda service: service.impostor(
+        pidfile=str(service.tmp / "other.pid")),
+        id="another-instance"),
+]
+
+
+@pytest.mark.parametrize("decoy", NOT_THE_SERVICE)
+def test_pid_of_a_process_that_is_not_the_service(service, decoy):
+    """The pid of a stale pidfile, given since to a process that merely
+    mentions smtpproxy, is not taken for the service: it must run the
+    program the script runs, as its program or its interpreter's script,
+    given this pidfile."""
+    other = decoy(service)
+    write_pid(service.pidfile, other.pid)
+    code, output = service.run("status")
+    assert (code, output) == (1, "smtpproxy is not running but %s "
+                              "exists.\n" % service.pidfile)
+    code, output = service.run("stop")
+    assert code == 0, output
+    assert "stale" in output
+    assert not os.path.exists(service.pidfile)
     assert other.poll() is None
 
 
