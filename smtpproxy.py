@@ -162,6 +162,7 @@ import functools
 import grp
 import importlib
 import ipaddress
+import json
 import logging
 import logging.handlers
 import math
@@ -169,6 +170,7 @@ import os
 import pwd
 import queue
 import re
+import select
 import signal
 import socket
 import socketserver
@@ -8514,73 +8516,116 @@ def _user_name(uid):
         return str(uid)
 
 
-def drop_privileges(identity, check=None):
-    """Switch to ``identity`` (uid, gid, name) for good.
+def _become_user(identity):
+    """Switch to ``identity`` (uid, gid, name) for good: its groups, gid
+    and uid (the saved ones too: no way back to root), and the
+    environment of a login as that user (HOME, USER, LOGNAME), so that
+    what finds its files by them (libpq: ~/.pgpass, ~/.postgresql/)
+    reads the user's, not root's."""
+    uid, gid, name = identity
+    try:
+        home = pwd.getpwnam(name).pw_dir
+    except KeyError:
+        home = "/"
+    os.setgid(gid)
+    os.initgroups(name, gid)
+    os.setuid(uid)
+    os.environ.update(HOME=home, USER=name, LOGNAME=name)
 
-    ``check``, if given, is called first with only the effective ids
-    switched: if it raises, the process is root again, and can still
+
+def drop_privileges(identity, check=None, timeout=None,
+                    what="the check"):
+    """Switch to ``identity`` (uid, gid, name) for good (_become_user);
+    return what ``check()`` returned.
+
+    ``check``, if given, runs first in a child process switched to the
+    user for good (check_as, bounded by ``timeout``): it never runs with
+    a way back to root, and a user's lock or FIFO stalls this start at
+    most that long.  If it raises, this process is still root, and can
     clean up (its pidfile) before it exits.  Nothing is given to the user
     here: the files it needs were made its own as they were created (see
     open_service_file), or by the user itself (the store).
     """
-    uid, gid, name = identity
-    if os.geteuid() != 0:
-        if check is not None:
-            check()
-        return
-    os.initgroups(name, gid)
+    result = None
     if check is not None:
-        os.setegid(gid)
-        os.seteuid(uid)
-        try:
-            check()
-        finally:
-            os.seteuid(0)
-            os.setegid(0)
-    os.setgid(gid)
-    os.setuid(uid)
+        result = check_as(identity, check, timeout, what)
+    if os.geteuid() == 0:
+        _become_user(identity)
+    return result
 
 
-def check_as(identity, check):
-    """Run ``check()`` as ``identity`` (uid, gid, name), in a child
-    process when this one is root, so that nothing changes here; a
-    StartError of the child's is raised again here."""
+def check_as(identity, check, timeout=None, what="the check"):
+    """Run ``check()`` as ``identity`` (uid, gid, name) and return what it
+    returns (None, strings, numbers and lists of them: it comes back as
+    JSON).  When this process is root, the check runs in a child process
+    switched to the user for good (_become_user: also HOME), so that
+    nothing changes here and root opens nothing the check does; a
+    StartError of the child's is raised again here, with its status.  A
+    child still running after ``timeout`` seconds (a FIFO where a file
+    should be, a lock held) is killed: a StartError says that ``what``
+    did not finish."""
     if identity is None or os.geteuid() != 0:
-        check()
-        return
-    uid, gid, name = identity
+        return check()
+    name = identity[2]
     read_end, write_end = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:                            # the child
-        status = 0
+        status = 1
         try:
             os.close(read_end)
-            os.setgid(gid)
-            os.initgroups(name, gid)
-            os.setuid(uid)
-            check()
-        except StartError as error:
-            os.write(write_end, str(error).encode("utf-8", "replace"))
-            status = error.status
-        except BaseException as error:     # nothing may escape a child
-            os.write(write_end, str(error).encode("utf-8", "replace"))
-            status = 1
-        os._exit(status)
+            try:
+                _become_user(identity)
+                answer, status = {"value": check()}, 0
+            except StartError as error:
+                answer = {"error": str(error), "status": error.status}
+                status = error.status
+            except BaseException as error:  # nothing may escape a child
+                answer = {"error": str(error) or repr(error), "status": 1}
+                status = 1
+            data = json.dumps(answer).encode("utf-8")
+            while data:
+                data = data[os.write(write_end, data):]
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
     os.close(write_end)
-    message = b""
-    while True:
-        data = os.read(read_end, 4096)
-        if not data:
-            break
-        message += data
-    os.close(read_end)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    chunks = []
+    try:
+        while True:
+            if deadline is not None and not select.select(
+                    [read_end], [], [],
+                    max(0, deadline - time.monotonic()))[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise StartError(
+                    "%s as %s did not finish within %g s, and was stopped: "
+                    "something it reads blocks (a FIFO where a file should "
+                    "be: a passfile, a certificate; a lock held on the "
+                    "store): name regular files, or end what holds the "
+                    "store" % (what, name, timeout))
+            data = os.read(read_end, 65536)
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(read_end)
     status = os.waitpid(pid, 0)[1]
-    if status:
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
-        raise StartError(message.decode("utf-8", "replace")
-                         or "the check as %s failed" % name, code or 1)
+    try:
+        answer = json.loads(b"".join(chunks).decode("utf-8"))
+    except ValueError:
+        answer = {}
+    if "error" in answer:
+        raise StartError(answer["error"], answer.get("status") or 1)
+    if status or "value" not in answer:
+        raise StartError("%s as %s failed: its process ended (%s) without "
+                         "an answer" % (what, name, "signal %d" % os.WTERMSIG(
+                             status) if os.WIFSIGNALED(status) else
+                             "status %d" % os.WEXITSTATUS(status)))
+    return answer["value"]
 
 
 # ===========================================================================
@@ -8988,14 +9033,46 @@ def check_configuration(handler_class, values, files=True, notes=None):
         warnings += check_files(values, identity)
     store = getattr(handler_class, "greylist_db", None)
     if store and is_database_uri(store):
-        warnings += check_database(handler_class, notes=notes)
-    else:
-        check_as(identity, lambda: check_store(handler_class, create=False))
-        # (check_store()'s warnings stay in check_as()'s child.)
-        if store:
-            warnings += _readable_by_others((store, store + "-wal",
-                                             store + "-shm"))
+        # As the user, as the service connects: libpq reads its files
+        # (~/.pgpass, a passfile or key the URI names), never root's.
+        def check():
+            found = []
+            return [check_database(handler_class, notes=found), found]
+        found, usable = check_as(identity, check,
+                                 _store_check_deadline(handler_class),
+                                 "the check of greylisting store %s"
+                                 % redact_uri(store))
+        warnings += found
+        if notes is not None:
+            notes += usable
+    elif store:
+        # As the user, who may have planted links there; its warnings
+        # (store files readable by every user) come back.
+        warnings += check_as(
+            identity, lambda: check_store(handler_class, create=False),
+            _store_check_deadline(handler_class),
+            "the check of greylisting store %s" % store) or []
     return warnings + configuration_warnings(handler_class, values)
+
+
+# A store's check waits for the store a few times (connecting and making
+# the tables, a read, a write and its removal), each wait bounded by the
+# store; as root, its child process is given as many waits, and a margin.
+_CHECK_WAITS = 4
+_CHECK_MARGIN = 5.0
+
+
+def _store_check_deadline(handler_class):
+    """The seconds a check of the store of ``handler_class`` may take:
+    PostgreSQL waits greylist_db_timeout at most (connecting: 2 s at
+    least, libpq's floor), sqlite GreylistStore.busy_timeout."""
+    if is_database_uri(handler_class.greylist_db):
+        wait = max(2.0, float(getattr(
+            handler_class, "greylist_db_timeout",
+            GreyListingPolicy.greylist_db_timeout)))
+    else:
+        wait = GreylistStore.busy_timeout
+    return _CHECK_WAITS * wait + _CHECK_MARGIN
 
 
 def _policy_socket_gid(values, identity):
@@ -9184,11 +9261,13 @@ def administer_store(handler_class, args, identity=None):
     """The --db-* commands, on the greylisting store of the configuration,
     like OpenBSD's spamdb; return the exit status.
 
-    Run as root, an sqlite store is worked on as the serving user
-    ``identity`` (uid, gid, name): this process switches to it for good
-    first, so that a link in the store's directory leads only where that
-    user may go, and what is made is the user's.  With no user, root
-    works only on a store in a directory no other user can change."""
+    Run as root, the store is worked on as the serving user ``identity``
+    (uid, gid, name): this process switches to it for good first
+    (_become_user, its HOME too), so that a link in an sqlite store's
+    directory leads only where that user may go, what is made is the
+    user's, and libpq reads the user's files (~/.pgpass, a passfile the
+    URI names), not root's.  With no user, root works only on an sqlite
+    store in a directory no other user can change."""
     path = getattr(handler_class, "greylist_db", None)
     if not path:
         sys.stderr.write("smtpproxy: error: %s has no greylist_db\n"
@@ -9196,17 +9275,17 @@ def administer_store(handler_class, args, identity=None):
         return 2
     database = is_database_uri(path)
     if not database:
-        path = os.path.abspath(path)
-        try:
-            if identity is not None and os.geteuid() == 0:
-                uid, gid, name = identity
-                os.setgid(gid)
-                os.initgroups(name, gid)
-                os.setuid(uid)
+        # The service's name for it (Service._absolute_paths): not
+        # abspath(), for ".." after a link is the link's target's parent.
+        path = os.path.join(os.getcwd(), path)
+    try:
+        if identity is not None and os.geteuid() == 0:
+            _become_user(identity)
+        if not database:
             check_root_store(path)
-        except StartError as error:
-            sys.stderr.write("smtpproxy: error: %s\n" % error)
-            return error.status
+    except StartError as error:
+        sys.stderr.write("smtpproxy: error: %s\n" % error)
+        return error.status
     key = args.db_pass or args.db_delete
     if key:
         key = " ".join(key)     # quoted or not
@@ -9349,11 +9428,11 @@ class Service(_SignalsNoted):
     daemon on port 25 needs, signals, reloads and the graceful stop.
 
     The start: pidfile locked, logs opened, port bound (as root), detached
-    (--daemon), pid written, privileges dropped, store checked, then
-    serving.  SIGTERM and SIGINT stop (SMTPProxyServer.stop(), once more:
-    at once), SIGHUP reloads the configuration and reopens the logs,
-    SIGUSR1 logs the counters, SIGUSR2 reopens the logs (_SIGNALS, the
-    "serving" column).
+    (--daemon), pid written, store checked as the serving user, privileges
+    dropped, then serving.  SIGTERM and SIGINT stop
+    (SMTPProxyServer.stop(), once more: at once), SIGHUP reloads the
+    configuration and reopens the logs, SIGUSR1 logs the counters, SIGUSR2
+    reopens the logs (_SIGNALS, the "serving" column).
 
     This object is the single process.  With ``workers`` > 1 the process
     that started becomes a Master instead of serving, and each process it
@@ -9485,17 +9564,24 @@ class Service(_SignalsNoted):
         self.report = daemonize()
 
     def _become(self, identity, handler_class):
-        """Write the pid, switch to the serving user for good, and check
-        (and make, the first time) the store as that user: root never
-        opens it."""
+        """Write the pid, check (and make, the first time) the store as
+        the serving user, in a child process that is that user for good
+        (root never opens it), then switch to the user for good."""
         if self.pidfile is not None:
             write_pidfile(self.pidfile, self.values["pidfile"])
-        def check():
+        store = getattr(handler_class, "greylist_db", None)
+        if identity is None:
             self.warnings += check_store(handler_class) or []
-        if identity:
-            drop_privileges(identity, check)
+        elif store:
+            # Checked in a child process that is the user for good: this
+            # one stays root until it passed (to remove the pidfile if
+            # not), and a lock the user holds stalls it only so long.
+            self.warnings += drop_privileges(
+                identity, lambda: check_store(handler_class) or [],
+                _store_check_deadline(handler_class),
+                "the check of greylisting store %s" % redact_uri(store))
         else:
-            check()
+            drop_privileges(identity)
         self._check_logs()
 
     def _serve(self, handler_class):

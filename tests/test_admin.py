@@ -82,6 +82,27 @@ def test_db_commands(tmp_path):
     assert out.split() == ["CLIENT", "0", "GREY", "0", "WHITE", "0"]
 
 
+def test_db_commands_name_the_store_as_the_service_does(tmp_path):
+    # greylist_db = link/../grey.db: the kernel (and the service, which
+    # joins the name to its directory) goes up from where the link
+    # leads, link/../ being spool/; a text-only collapse would name
+    # ./grey.db, another store.
+    (tmp_path / "spool" / "greylist").mkdir(parents=True)
+    os.symlink("spool/greylist", str(tmp_path / "link"))
+    served = smtpproxy.GreylistStore(str(tmp_path / "spool" / "grey.db"))
+    served.decide("192.0.2.0/24 served@example.net b@example.org", 0)
+    served.close()
+    other = smtpproxy.GreylistStore(str(tmp_path / "grey.db"))
+    other.decide("192.0.2.0/24 other@example.net b@example.org", 0)
+    other.close()
+    (tmp_path / "admin.conf").write_text(
+        "greylist_db = %s\n" % os.path.join("link", "..", "grey.db"))
+    code, out, err = run(tmp_path, "--db-list")
+    assert code == 0, err
+    assert "served@example.net" in out
+    assert "other@example.net" not in out
+
+
 def test_help_names_the_admin_commands(tmp_path):
     code, out, _ = run(tmp_path, "--help")
     for option in ("--check-config", "--db-list", "--db-pass",

@@ -13,9 +13,11 @@ import grp
 import os
 import pwd
 import shutil
+import json
 import signal
 import smtplib
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -111,10 +113,15 @@ class Started(object):
         """Start as root, serving as nobody, with the store and the logs in
         ``user_dir`` and the pidfile in ``root_dir`` unless ``extra``
         says otherwise; return the CompletedProcess."""
+        return run(self.arguments(user_dir, root_dir, *extra, **options),
+                   cwd=user_dir)
+
+    def arguments(self, user_dir, root_dir, *extra, **options):
+        """The command line of start()."""
         pidfile = options.get("pidfile", os.path.join(root_dir, "p.pid"))
         self.pidfiles.append(pidfile)
         self.port = options.get("port") or free_port()
-        args = ["--daemon", "--user", "nobody",
+        return ["--daemon", "--user", "nobody",
                 "--listen", "127.0.0.1:%d" % self.port,
                 "--class", "smtpproxy.GreyListingPolicy",
                 "--pidfile", pidfile,
@@ -122,7 +129,6 @@ class Started(object):
                 "-o", "greylist_db=%s/grey.db" % user_dir,
                 "-o", "greylist_log=%s/greylist.log" % user_dir,
                 "-o", "log_file=%s/service.log" % user_dir] + list(extra)
-        return run(args, cwd=user_dir)
 
     def pid(self, pidfile=None):
         return int(read(pidfile or self.pidfiles[-1]).split()[0])
@@ -285,6 +291,66 @@ def test_files_are_created_0640_and_the_serving_users(
         assert stat.S_IMODE(info.st_mode) == 0o640, path
     info = os.stat(os.path.join(root_dir, "p.pid"))
     assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o644)
+    started.stop()
+
+
+def ids(pid):
+    """The (real, effective, saved, filesystem) uids of process ``pid``."""
+    for line in read("/proc/%d/status" % pid).splitlines():
+        if line.startswith("Uid:"):
+            return [int(uid) for uid in line.split()[1:]]
+    return None
+
+
+def children(pid):
+    """The pids of the processes whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat_line = read("/proc/%s/stat" % entry)
+            if stat_line and int(stat_line.rsplit(")", 1)[1].split()[1]) \
+                    == pid:
+                found.append(int(entry))
+    return found
+
+
+def test_the_starts_store_check_runs_as_the_user_for_good(
+        started, user_dir, root_dir, nobody):
+    # The user's store, which the user holds locked (it may): the start's
+    # check waits for it.  Meanwhile the check runs in a process that is
+    # nobody in every uid (no way back to root), while the service's
+    # process is still root, all of it, to remove its pidfile should the
+    # check fail; then it is nobody for good.
+    store = os.path.join(user_dir, "grey.db")
+    open(store, "w").close()        # an empty database, not in WAL mode yet
+    os.chmod(store, 0o640)
+    os.chown(store, nobody.pw_uid, nobody.pw_gid)
+    holder = sqlite3.connect(store, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, ROOT]))
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "smtpproxy.py")]
+        + started.arguments(user_dir, root_dir), env=env, cwd=user_dir,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True)
+    try:
+        def checking():
+            try:
+                pid = started.pid()
+            except (ValueError, IndexError):
+                return None             # the pid is not written yet
+            checks = children(pid)
+            return checks and (pid, checks[0], ids(checks[0]))
+        service, check, check_ids = wait_until(checking,
+                                               what="the store's check")
+        assert check_ids == [nobody.pw_uid] * 4
+        assert ids(service) == [0] * 4
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert ids(started.pid()) == [nobody.pw_uid] * 4
     started.stop()
 
 
@@ -517,6 +583,133 @@ def test_db_commands_as_root_work_as_the_serving_user(user_dir, root_dir,
                   "--db-list"], cwd=root_dir)
     assert result.returncode == 0, result.stderr
     assert "192.0.2.0/24 a@example.net b@example.org" in result.stdout
+
+
+# -- a PostgreSQL store: libpq runs as the user ------------------------------
+
+PG_PASSWORD = "Pg-pass-of-nobody"
+
+
+def pg_login(postgresql):
+    """A role of its own and its database: the role's name, and the line
+    of a passfile that logs it in."""
+    role = postgresql.login(PG_PASSWORD).split("//")[1].split(":")[0]
+    return role, "127.0.0.1:%d:%s:%s:%s\n" % (postgresql.port, role, role,
+                                              PG_PASSWORD)
+
+
+def pg_args(postgresql, role, passfile, root_dir, command, *extra):
+    """The arguments of a run as root, serving as nobody, of ``command``
+    on the database of ``role``, with the passfile the URI names."""
+    uri = "postgresql://%s@127.0.0.1:%d/%s?passfile=%s" % (
+        role, postgresql.port, role, passfile)
+    return ["--user", "nobody", "--pidfile", os.path.join(root_dir, "p.pid"),
+            "-o", "greylist_db=%s" % uri, "-o", "greylist_log=",
+            "-o", "allowed_domains=example.org"] + list(extra) + [command]
+
+
+@pytest.mark.parametrize("command", ["--check-config", "--db-stats"])
+def test_libpq_reads_a_passfile_as_the_user_never_as_root(
+        user_dir, root_dir, nobody, postgresql, command):
+    # The password is in a root-only file (as root's ~/.pgpass, or any
+    # secret of root's that a login line could be read from); the user
+    # links its passfile to it.  Read as the user, it cannot be: libpq
+    # has no password, and the login fails.
+    role, line = pg_login(postgresql)
+    secret = os.path.join(root_dir, "pgpass")
+    with open(secret, "w") as stream:
+        stream.write(line)
+    os.chmod(secret, 0o600)
+    passfile = os.path.join(user_dir, "pgpass")
+    plant(passfile, secret, nobody)
+    args = pg_args(postgresql, role, passfile, root_dir, command)
+    result = run(args, cwd=root_dir)
+    assert result.returncode == (2 if command == "--check-config" else 1), \
+        result.stdout + result.stderr
+    assert "no password supplied" in result.stderr
+    # The user's own passfile, the same line: the login works, as the
+    # user (who can read it), and the store is usable.
+    os.unlink(passfile)
+    shutil.copy(secret, passfile)
+    os.chown(passfile, nobody.pw_uid, nobody.pw_gid)
+    result = run(args, cwd=root_dir)
+    assert result.returncode == 0, result.stderr
+    if command == "--check-config":
+        assert ": usable (psycopg" in result.stdout
+    else:
+        assert result.stdout.split() == ["CLIENT", "0", "GREY", "0",
+                                         "WHITE", "0"]
+
+
+def test_a_fifo_for_a_passfile_ends_check_config_with_an_error(
+        user_dir, root_dir, nobody, postgresql):
+    # libpq opens the passfile before it looks at what it is: a FIFO
+    # blocks it until somebody writes, which nobody does.  The check is
+    # stopped at its deadline, 4 waits of 2 s (greylist_db_timeout, but
+    # libpq's floor of 2 s to connect) and 5 s.
+    role, _ = pg_login(postgresql)
+    passfile = os.path.join(user_dir, "pgpass")
+    os.mkfifo(passfile, 0o600)
+    os.chown(passfile, nobody.pw_uid, nobody.pw_gid)
+    result = run(pg_args(postgresql, role, passfile, root_dir,
+                         "--check-config", "-o", "greylist_db_timeout=1"),
+                 cwd=root_dir, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert ("smtpproxy: error: the check of greylisting store postgresql://"
+            "%s@127.0.0.1:%d/%s?passfile=%s as nobody did not finish within "
+            "13 s, and was stopped: something it reads blocks (a FIFO where "
+            "a file should be" % (role, postgresql.port, role, passfile)
+            in result.stderr)
+
+
+# -- the switch to the user ---------------------------------------------------
+
+def test_a_check_as_the_user_is_that_user_for_good_and_returns_its_value(
+        nobody, user_dir):
+    def check():
+        return [os.getresuid(), os.getresgid(), sorted(os.getgroups()),
+                [os.environ.get(name) for name in ("HOME", "USER",
+                                                   "LOGNAME")]]
+    home = os.environ.get("HOME")
+    identity = (nobody.pw_uid, nobody.pw_gid, "nobody")
+    assert smtpproxy.check_as(identity, check) == [
+        [nobody.pw_uid] * 3, [nobody.pw_gid] * 3,
+        sorted(set(os.getgrouplist("nobody", nobody.pw_gid))),
+        [nobody.pw_dir, "nobody", "nobody"]]
+    assert (os.getresuid(), os.environ.get("HOME")) == ((0, 0, 0), home)
+
+    def refuse():
+        raise smtpproxy.StartError("refused, as a check does", 2)
+    with pytest.raises(smtpproxy.StartError) as raised:
+        smtpproxy.check_as(identity, refuse)
+    assert (str(raised.value), raised.value.status) == (
+        "refused, as a check does", 2)
+
+    # One that never ends is stopped at its deadline.
+    fifo = os.path.join(user_dir, "fifo")
+    os.mkfifo(fifo, 0o600)
+    os.chown(fifo, nobody.pw_uid, nobody.pw_gid)
+    with pytest.raises(smtpproxy.StartError) as raised:
+        smtpproxy.check_as(identity, lambda: open(fifo).read(), 0.5,
+                           "the reading of %s" % fifo)
+    assert str(raised.value).startswith(
+        "the reading of %s as nobody did not finish within 0.5 s, and was "
+        "stopped" % fifo)
+
+
+def test_the_service_is_the_user_with_its_home(nobody):
+    # libpq finds ~/.pgpass and ~/.postgresql/ by HOME: the user's, not
+    # root's.
+    code = ("import json, os, smtpproxy; smtpproxy.drop_privileges((%d, %d, "
+            "'nobody')); print(json.dumps([os.getresuid(), [os.environ.get("
+            "name) for name in ('HOME', 'USER', 'LOGNAME')]]))"
+            % (nobody.pw_uid, nobody.pw_gid))
+    env = dict(os.environ, PYTHONPATH=ROOT, HOME="/root", USER="root",
+               LOGNAME="root")
+    output = subprocess.check_output([sys.executable, "-c", code], env=env,
+                                     universal_newlines=True)
+    assert json.loads(output) == [[nobody.pw_uid] * 3,
+                                  [nobody.pw_dir, "nobody", "nobody"]]
 
 
 # -- --check-config -----------------------------------------------------------
