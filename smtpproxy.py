@@ -3547,7 +3547,6 @@ class LookupThreads(ReusedThreads):
         ReusedThreads.__init__(self, name)
         self._held = {}             # owner -> threads busy for it
         self._silent = Cache(self.silent_size)  # owner -> silent until
-        self._share_logged = None
 
     def submit(self, job, owner=None, kind="client network"):
         """Run ``job()`` in a thread; False (logged) if none may take it:
@@ -3564,16 +3563,13 @@ class LookupThreads(ReusedThreads):
                 if not refused:
                     self._held[owner] = held + 1
             if refused:
-                now = time.monotonic()
-                if (self._share_logged is None
-                        or now - self._share_logged > 60):
-                    self._share_logged = now
-                    log.warning("lookup threads: %s %s holds %d (its "
-                                "share: %d, and only those holding none "
-                                "take the last %d); its lookups fail at "
-                                "once until one is free (a zone that never "
-                                "answers?)", kind, log_escape(owner), held,
-                                self.share, self.reserve)
+                log_every("lookup threads: a share held", 60,
+                          logging.WARNING, "lookup threads: %s %s holds %d "
+                          "(its share: %d, and only those holding none "
+                          "take the last %d); its lookups fail at once "
+                          "until one is free (a zone that never answers?)",
+                          kind, log_escape(owner), held, self.share,
+                          self.reserve)
                 return False
             unowned = job
 
@@ -3851,8 +3847,10 @@ def _dns_list_defaults(zone):
 
 
 @functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)
 def _dns_list_rules(entry):
-    """``(zone, answers that list, answers that refuse)`` of an entry."""
+    """``(zone, answers that list, answers that refuse)`` of an entry:
+    read once per entry, not at every answer."""
     zone, written = parse_dns_list(entry)
     _, listing, refusing = _dns_list_defaults(zone)
     return (zone, written or parse_dns_list("x.x=" + listing)[1],
@@ -3912,7 +3910,6 @@ class DNSLists(object):
 
     def __init__(self):
         self._cache = Cache(self.cache_size)
-        self._logged = Cache()      # (zone, what) -> last logged
 
     def listing(self, address, entries, resolve, timeout, cache_time):
         if not entries:
@@ -3976,7 +3973,7 @@ class DNSLists(object):
                           "over its free limit?) or the resolver made "
                           "the answer up; every client counts as not "
                           "listed on it until it answers again; use a "
-                          "resolver of your own" % refusal, log.error)
+                          "resolver of your own" % refusal, logging.ERROR)
         return DNSListing(listed, [entry for entry, query in queries.items()
                                    if query in unasked])
 
@@ -3984,18 +3981,13 @@ class DNSLists(object):
         """The answers kept now."""
         return len(self._cache)
 
-    def _log(self, zone, what, message, level=None):
+    def _log(self, zone, what, message, level=logging.WARNING):
         """Logged at most once per ``log_interval`` per zone and what."""
-        now = time.monotonic()
-        last = self._logged.get((zone, what))
-        if last is None or now - last > self.log_interval:
-            self._logged.put((zone, what), now)
-            (level or log.warning)("DNS list %s: %s", zone,
-                                   log_escape(message))
+        log_every(("DNS list", zone, what), self.log_interval, level,
+                  "DNS list %s: %s", zone, log_escape(message))
 
     def reset(self):
         self._cache.reset()
-        self._logged.reset()
 
 
 dns_lists = DNSLists()              # DNSBL and DNSWL answers
