@@ -596,6 +596,11 @@ class Expired(socket.timeout):
         self.seconds = seconds
 
 
+# recv() flags for a look at what is there, without waiting: a plain int,
+# not the enum that socket's "|" makes at every call.
+PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+
 def _seconds(value):
     return ("%.1f" % value).rstrip("0").rstrip(".") if value else "0"
 
@@ -1247,6 +1252,11 @@ NO_XCLIENT = ("451 4.3.0 The upstream mail server refused to learn the "
 OUT_OF_RESOURCES = ("421 4.3.2 Service temporarily unavailable: out of "
                     "resources, try again later")
 
+# A reply line (RFC 5321 section 4.2): its code, "-" if more follow, text.
+_REPLY_LINE_RE = re.compile(br"([2-5][0-9][0-9])([ -]?)([^\r\n]*)")
+_NOT_PRINTABLE_RE = re.compile(r"[^\x20-\x7e]")
+_LINE_BREAK_RE = re.compile(r"[\r\n\x00]")
+
 
 class UpstreamSession(object):
     """One SMTP session with the real mail server, over a plain socket.
@@ -1343,11 +1353,11 @@ class UpstreamSession(object):
                 if budget < 0:
                     raise ClientGone("reply of more than %d octets"
                                      % (self.max_reply_lines * length))
-                match = re.match(br"([2-5][0-9][0-9])([ -]?)([^\r\n]*)", line)
+                match = _REPLY_LINE_RE.match(line)
                 if not match:
                     raise ClientGone("garbage reply %s" % log_escape(line))
                 text = match.group(3).decode("ascii", "replace")
-                lines.append(re.sub(r"[^\x20-\x7e]", "?", text))
+                lines.append(_NOT_PRINTABLE_RE.sub("?", text))
                 if len(lines) > self.max_reply_lines:
                     raise ClientGone("reply of more than %d lines"
                                      % self.max_reply_lines)
@@ -1367,7 +1377,7 @@ class UpstreamSession(object):
 
     def command(self, line):
         """Send one command (str, with no CR, LF or NUL) and read its reply."""
-        if re.search(r"[\r\n\x00]", line):
+        if _LINE_BREAK_RE.search(line):
             raise ValueError("refusing to send a line break upstream")
         self.send(line.encode("utf-8") + b"\r\n")
         reply = self.read_reply()
@@ -1380,7 +1390,7 @@ class UpstreamSession(object):
         if "PIPELINING" not in self.extensions:
             return [self.command(line) for line in lines]
         for line in lines:
-            if re.search(r"[\r\n\x00]", line):
+            if _LINE_BREAK_RE.search(line):
                 raise ValueError("refusing to send a line break upstream")
         self.send("".join(line + "\r\n" for line in lines).encode("utf-8"))
         replies = [self.read_reply() for _ in lines]
@@ -1487,7 +1497,7 @@ class UpstreamSession(object):
         if self.tls or self.xclient_done or self.reader.buffered():
             return False
         try:
-            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self.sock.recv(1, PEEK_NOW)
         except BlockingIOError:
             return True             # nothing to read: still ours
         except OSError:
@@ -1939,6 +1949,9 @@ class UpstreamRelay(object):
 # Enter: MailHandler.handle() (socketserver calls it, one thread a client).
 # Uses:  sections 1 to 3.
 
+# What makes a command line more than printable ASCII (then UTF-8 or wrong).
+_NOT_PRINTABLE_BYTES_RE = re.compile(b"[^\x20-\x7e]")
+
 
 class MailHandler(socketserver.StreamRequestHandler):
     """Reads an SMTP client's command lines and dispatches each command.
@@ -2260,7 +2273,7 @@ class MailHandler(socketserver.StreamRequestHandler):
                         protocol_error=True)
             return
         text = line[:-2]
-        if re.search(b"[^\x20-\x7e]", text):
+        if _NOT_PRINTABLE_BYTES_RE.search(text):
             text = self._decode_utf8_command(text)
             if text is None:
                 self.refuse("500 5.5.2 Syntax error: control or 8-bit "
@@ -2431,8 +2444,7 @@ class MailHandler(socketserver.StreamRequestHandler):
             # A look at what came with the connection, nothing waited
             # for: no timeout to set and set back.
             try:
-                return self.connection.recv(
-                    1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
+                return self.connection.recv(1, PEEK_NOW) is not None
             except (BlockingIOError, InterruptedError):
                 return False
         self.connection.settimeout(self.greet_pause)
@@ -2815,9 +2827,13 @@ class DataScanner(object):
         if lines.count(b"\r") != line_ends:
             return "550 5.5.2 Error: bare <CR> received"
         limit = self.max_line
-        if len(lines) >= limit and max(
-                len(line) - line.startswith(b".")
-                for line in lines.split(b"\n")) >= limit:
+        if len(lines) < limit:
+            return None
+        split = lines.split(b"\n")
+        # The raw lengths first (in C): only a run with a line that long
+        # needs the transparency dot taken off each line's count.
+        if max(map(len, split)) >= limit and max(
+                len(line) - line.startswith(b".") for line in split) >= limit:
             return self.line_too_long()
         return None
 
@@ -2913,7 +2929,7 @@ class ConcreteMailHandler(_TLSSession, _TransactionOutcomes, MailHandler):
     smtp_ip = "127.0.0.1"
     smtp_port = 8025
     upstream_timeout = 120
-    upstream_pool_size = 0
+    upstream_pool_size = 10
     upstream_pool_idle = 30
     max_recipients = 100
     defer_reply = "451 4.7.1 Please try again later"
@@ -6232,8 +6248,9 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     ``spare_threads`` wait at once; a client finds a waiting thread or
     gets a new one, so that a new connection costs no thread start.  No
     thread holds anything of the session it served.  ``spare_threads``
-    is 0 by default (a thread per client: an idle proxy holds no thread).
-    The threads kept cost memory that the allocator keeps (its peak).
+    is 20 (0: a thread per client, and an idle proxy holds no thread).
+    Kept threads would pin memory in glibc's per-thread caches: the
+    command line turns those off (_restart_without_thread_caches()).
 
     Counters (``counters``, a dict; logged by log_counters(), which the
     command line runs on SIGUSR1): connections, connections_refused,
@@ -6267,7 +6284,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     close_wait = 5
     # Refused connections are logged at most once per this many seconds.
     refusal_log_interval = 60
-    spare_threads = 0
+    spare_threads = 20
     thread_idle_time = 60
     # The number of the worker process serving (the workers key), or None.
     worker = None
@@ -7065,6 +7082,13 @@ def _positive(text):
     return value
 
 
+def _workers(text):
+    """``workers``: "auto" (see worker_count()) or a number."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return _positive(text)
+
+
 def _port(text):
     value = _integer(text)
     if not 0 < value < 65536:
@@ -7648,13 +7672,13 @@ KEYS = [
     Key("smtp_proxy", _boolean, POLICY,
         "serve SMTP on listen_ip and port; no: run the policy service "
         "alone", owner="service", default=True, restart=True),
-    Key("workers", _positive, SERVICE,
+    Key("workers", _workers, SERVICE,
         "processes serving SMTP clients on the one port, each with its "
         "threads, its upstream sessions and its share of max_connections "
-        "and max_connections_per_ip; more than one also on a host with "
-        "fewer cores (one process's threads take turns), see the README",
-        owner="service", default=1, restart=True, option=True,
-        examples=("4",)),
+        "and max_connections_per_ip; auto: one more than the CPUs this "
+        "process may use, 2 to 8; 1: a single process, no master",
+        owner="service", default="auto", restart=True, option=True,
+        examples=("1", "4")),
     Key("spare_threads", _integer, SERVICE,
         "session threads (of each worker) that, their client gone, wait "
         "for the next one instead of ending: a new connection then costs "
@@ -9486,10 +9510,16 @@ class Service(_SignalsNoted):
                 report_start(self.report, error.status)
             self.close()
             return error.status
-        if self.server is not None and self.values.get("workers", 1) > 1:
+        if self.server is not None and worker_count(self.values) > 1:
+            # The master's signals first: from the parent's return on, a
+            # SIGTERM is a stop.  Then started (the parent told, the
+            # standard streams sent to /dev/null) before the forks: no
+            # worker may hold the terminal, or the pipe of a script that
+            # waits for its end.
             master = Master(self, handler_class)
+            master._catch_signals()
+            self._started(handler_class, worker_count(self.values))
             master.fork_workers()
-            self._started(handler_class, len(master.workers))
             return master.watch()
         self._catch_signals()
         return self._serve(handler_class)
@@ -9785,6 +9815,31 @@ class Service(_SignalsNoted):
 
 
 # -- several processes (workers) ---------------------------------------------
+
+# workers = auto: one more than the CPUs, because one process's threads
+# take turns at the interpreter's lock (a thread that waited for the
+# network must win it back), and meanwhile another process can use the
+# CPU: on 2 cores, 3 workers did best (README, "Speed"); at least 2, so
+# that a worker that dies leaves another serving; at most this many,
+# because each worker holds its own memory (about 45 MB), store
+# connections (two) and upstream sessions (upstream_pool_size): a host
+# with 64 cores would otherwise start 65 processes and as many database
+# connections, for a load that one MX never sees.
+WORKERS_AUTO_MAX = 8
+
+
+def worker_count(values):
+    """The number of serving processes ``values["workers"]`` means: 1 is
+    the single process (no master)."""
+    workers = values.get("workers", SERVICE_DEFAULTS["workers"])
+    if workers != "auto":
+        return workers
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(2, min(cpus + 1, WORKERS_AUTO_MAX))
+
 class Master(_SignalsNoted):
     """``workers`` > 1: the process that started (its ``service``) forks
     that many Worker processes, which serve the port it bound (and, the
@@ -9813,13 +9868,12 @@ class Master(_SignalsNoted):
         self._stopping = False      # the stop was passed on
 
     def fork_workers(self):
-        """Catch the signals, start the workers."""
+        """Start the workers (the signals are caught already)."""
         stores.reset()          # no store connection crosses a fork
         # A worker that loses the race for a new connection must go back
         # to its loop, not wait in accept() for the next one.
         self.service.server.socket.setblocking(False)
-        self._catch_signals()
-        for number in range(self.service.values["workers"]):
+        for number in range(worker_count(self.service.values)):
             self._fork_worker(number)
 
     def watch(self):
@@ -9839,14 +9893,20 @@ class Master(_SignalsNoted):
 
     def _fork_worker(self, number):
         """Start worker ``number``; in the child, serve and exit."""
+        # The signals wait, blocked, until the worker has its own handlers
+        # (Worker.run()): else a SIGTERM passed on to a starting worker is
+        # noted in its copy of the master's list, and lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
             pid = os.fork()
         except OSError as error:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             log.error("cannot start worker %d: %s; trying again in a "
                       "second", number, error)
             self._restarts[number] = time.monotonic() + 1
             return
         if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             self.workers[pid] = (number, time.monotonic())
             return
         status = 70                 # EX_SOFTWARE, if serving raised
@@ -9958,6 +10018,7 @@ class Worker(Service):
         """Serve as a single process does, until stopped; return the exit
         status."""
         self._catch_signals()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # Master's
         lookup_threads.after_fork()
         # Out of the terminal's process group: a ^C reaches the master,
         # which passes it on once.
@@ -9983,7 +10044,7 @@ class Worker(Service):
         """Set the server's keys; a worker's connection limits are its
         share of the service's."""
         Service._configure_server(self, values)
-        workers = values.get("workers", 1)
+        workers = worker_count(values)
         if workers > 1:
             self.server.worker = self.worker
             for key in ("max_connections", "max_connections_per_ip"):
@@ -10011,6 +10072,50 @@ class Worker(Service):
 
 
 DEFAULT_CLASS = "smtpproxy.GreyListingPolicy"
+
+# glibc's allocator keeps in each thread a cache of the small blocks that
+# thread freed (tcache, glibc 2.26 and later: up to 7 of each of 64 sizes),
+# given back only when the thread ends.  A session thread kept for the
+# next client (spare_threads) does not end while clients come, and the
+# blocks in its cache pin the memory around them: with 50 spare threads a
+# worker grew by 26 MB in 90 seconds of contrib/soak.py and kept it, with
+# Python's own objects flat (tracemalloc).  Without the caches it stayed
+# flat, at no cost in speed (contrib/bench.py).  Their size can be set
+# only before the process starts (GLIBC_TUNABLES), so the command line
+# starts itself again, once, with them off, before it opens anything; an
+# admin's own glibc.malloc.tcache_count in GLIBC_TUNABLES is kept.
+THREAD_CACHES_OFF = "glibc.malloc.tcache_count=0"
+
+
+def _restart_without_thread_caches():
+    """Run this command line again (same process, same pid) with glibc's
+    per-thread caches off; return if it is done already, not glibc, or
+    the command line cannot be told."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.tcache_count" in tunables or not sys.executable:
+        return
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (AttributeError, ValueError, OSError):
+        return
+    try:
+        version = tuple(int(part) for part in libc.split()[1].split("."))
+    except (IndexError, ValueError):
+        return
+    if not libc.startswith("glibc ") or version < (2, 26):
+        return
+    argv = getattr(sys, "orig_argv", None)      # 3.10: with its options
+    if not argv:
+        if not (sys.argv and os.path.isfile(sys.argv[0])):
+            return                  # python -c or -m of old: not told
+        argv = [sys.executable] + sys.argv
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(
+        part for part in (tunables, THREAD_CACHES_OFF) if part)
+    try:
+        os.execve(sys.executable, argv, env)
+    except OSError:
+        return                      # serve as we are
 
 
 def _usage():
@@ -10138,6 +10243,8 @@ def main(argv=None):
                 sys.stderr.write("smtpproxy: error: %s\n" % error)
                 return error.status
         return administer_store(handler_class, args, identity)
+    if argv is None:
+        _restart_without_thread_caches()
     return Service(args, base, values, path, warnings).run()
 
 

@@ -23,10 +23,12 @@ started is stopped at the end.  What is measured:
    Targets, each in front of the same ``smtp-sink``: (a) the sink itself
    (direct), (b) Postfix's before-queue proxy (a private Postfix instance,
    tests/postfix.py, whose smtpd has ``smtpd_proxy_filter`` pointing at
-   the sink; as root only), (c) smtpproxy with its defaults, (d) the same
-   greylisting (GreyListingPolicy asking its sqlite store at every RCPT,
-   the triplet passed beforehand), (e) and (f) the same two "tuned": the
-   speed keys of the README (``workers`` = ``--workers``, 3 by default,
+   the sink; as root only), (c) smtpproxy with its defaults, what an admin
+   gets (``workers = auto``: one more than the CPUs, ``spare_threads``
+   20, ``upstream_pool_size`` 10), (d) the same greylisting
+   (GreyListingPolicy asking its sqlite store at every RCPT, the triplet
+   passed beforehand), (e) and (f) the same two "tuned": the speed keys
+   of the README turned up (``workers`` = ``--workers``, 4 by default,
    ``spare_threads`` 50, ``upstream_pool_size`` 20), (g) aiosmtpd's
    ``Proxy`` handler.  ``--targets direct,postfix,...`` runs some of them.
    Each target gets one untimed warm-up run, then ``--repeat`` timed runs;
@@ -156,8 +158,8 @@ GREYLIST_CONFIG = ('allowed_senders:\n'
                    'auto_whitelist_clients = 0\n'
                    'greylist_db = %s\n')
 GREYLIST_KEY = '127.0.0.0/24 from@example.org to@example.org'
-# The speed keys (README, "Speed"), off by default: worker processes,
-# session threads reused, warm upstream sessions.
+# The speed keys (README, "Speed") turned up from their defaults (workers
+# = auto, spare_threads = 20, upstream_pool_size = 10).
 TUNED_CONFIG = ('workers = %d\n'
                 'spare_threads = 50\n'
                 'upstream_pool_size = 20\n')
@@ -399,10 +401,28 @@ def cpu_seconds(pid):
     return ticks / float(os.sysconf('SC_CLK_TCK'))
 
 
-def tree_cpu_seconds(pid):
-    """CPU time of process ``pid`` and all its descendants, living or
-    reaped (cutime, cstime)."""
-    parents, times = {}, {}
+def tree_status(pid):
+    """proc_status() of process ``pid`` and its descendants (smtpproxy's
+    master and its workers), added up: VmHWM is the sum of each process's
+    own peak."""
+    total = {'VmRSS': 0.0, 'VmHWM': 0.0, 'Threads': 0}
+    for member in sorted(process_tree(pid)):
+        try:
+            status = proc_status(member)
+        except OSError:
+            if member == pid:
+                raise
+            continue            # ended meanwhile
+        for key in total:
+            total[key] += status.get(key, 0)
+    return total
+
+
+def process_tree(pid, times=None):
+    """The pids of process ``pid`` and its living descendants; with
+    ``times`` (a dict), fill it with each one's CPU ticks (its own and its
+    reaped children's)."""
+    parents = {}
     for name in os.listdir('/proc'):
         if not name.isdigit():
             continue
@@ -412,7 +432,8 @@ def tree_cpu_seconds(pid):
         except OSError:
             continue
         parents[int(name)] = int(fields[1])
-        times[int(name)] = sum(int(value) for value in fields[11:15])
+        if times is not None:
+            times[int(name)] = sum(int(value) for value in fields[11:15])
     tree, changed = {pid}, True
     while changed:
         changed = False
@@ -420,6 +441,14 @@ def tree_cpu_seconds(pid):
             if parent in tree and child not in tree:
                 tree.add(child)
                 changed = True
+    return tree
+
+
+def tree_cpu_seconds(pid):
+    """CPU time of process ``pid`` and all its descendants, living or
+    reaped (cutime, cstime)."""
+    times = {}
+    tree = process_tree(pid, times)
     return sum(times.get(member, 0) for member in tree) / float(
         os.sysconf('SC_CLK_TCK'))
 
@@ -715,7 +744,7 @@ def measure_memory(proxy, sink, args):
 
     def snapshot(label, extra=''):
         proxy.check_alive()
-        status = proc_status(proxy.pid)
+        status = tree_status(proxy.pid)
         rows.append((label, status, extra))
         return status
 
@@ -744,7 +773,7 @@ def measure_memory(proxy, sink, args):
                      '%.0f MB/s' % (sizes[-1][0], seconds,
                                     sent / 1e6 / seconds))
 
-    status_before = proc_status(proxy.pid)
+    status_before = tree_status(proxy.pid)
     start = time.monotonic()
     sockets, error = open_idle_sessions(proxy.port, args.idle_sessions)
     opened = time.monotonic() - start
@@ -882,7 +911,7 @@ def measure_service(proxy, args):
                 raise BenchError(proxy.describe_failure(error))
             time.sleep(0.01)
     try:
-        before = proc_status(proxy.pid)
+        before = tree_status(proxy.pid)
         refused = 0
         started = time.monotonic()
         for _ in range(FLOOD_CONNECTIONS):
@@ -894,7 +923,7 @@ def measure_service(proxy, args):
             if code == 421 and lines[0][4:].startswith('4.7.0'):
                 refused += 1
         elapsed = time.monotonic() - started
-        after = proc_status(proxy.pid)
+        after = tree_status(proxy.pid)
         figures['flood'] = (refused, elapsed, before, after)
         reader = held[0].makefile('rb')
         held[0].sendall(b'NOOP\r\n')
@@ -986,8 +1015,9 @@ def print_throughput(results, args):
             cells.append(text)
         if label is not None:
             print('  %-27s %-36s %-36s' % (label, cells[0], cells[1]))
-    print('  (tuned: %s)' % TUNED_CONFIG.replace('\n', ', ').rstrip(', ')
-          % args.workers)
+    print('  (smtpproxy: its defaults, %s; tuned: %s)'
+          % (proxy_defaults(args),
+             TUNED_CONFIG.replace('\n', ', ').rstrip(', ') % args.workers))
     for mode in MODES:
         postfix = results.get(('postfix', mode), {})
         for key, grey_key, name in (
@@ -1004,6 +1034,20 @@ def print_throughput(results, args):
                          '0.9)' % (grey['best'] / proxy['best'])
                          if 'best' in grey else ''))
     print()
+
+
+def proxy_defaults(args):
+    """The speed keys' defaults, as the smtpproxy measured has them."""
+    code = ('import smtpproxy as s; print("workers = auto: %d here, '
+            'spare_threads = %d, upstream_pool_size = %d" % ('
+            's.worker_count({}), s.SMTPProxyServer.spare_threads, '
+            's.ConcreteMailHandler.upstream_pool_size))')
+    try:
+        return subprocess.check_output(
+            [args.python, '-c', code], cwd=os.path.abspath(args.repo),
+            universal_newlines=True).strip()
+    except (OSError, subprocess.CalledProcessError) as error:
+        return 'not known (%s)' % error
 
 
 def print_latency(latencies, args):
@@ -1096,10 +1140,9 @@ def parse_args(argv=None):
     parser.add_argument('--idle-sessions', type=int,
                         help='concurrent idle sessions (default 1000; '
                              '--quick: 100)')
-    parser.add_argument('--workers', type=int, default=3,
+    parser.add_argument('--workers', type=int, default=4,
                         help='workers of the tuned smtpproxy rows '
-                             '(default 3: one more than this VM\'s cores '
-                             'did best)')
+                             '(default 4)')
     parser.add_argument('--targets',
                         help='comma-separated throughput targets to run '
                              '(direct, postfix, smtpproxy, greylisting, '
@@ -1245,7 +1288,7 @@ def main(argv=None):
             fileobj.write(PROXY_CONFIG % 500)
             fileobj.write(TUNED_CONFIG % args.workers)
         if os.path.exists(proxy_script):
-            targets.append(('smtpproxy', 'smtpproxy',
+            targets.append(('smtpproxy', 'smtpproxy (defaults)',
                             lambda: start_proxy('smtpproxy', config)))
             targets.append(('greylisting', 'smtpproxy greylisting',
                             start_greylisting))

@@ -70,7 +70,9 @@ What it checks, and fails on:
   get a 5xx, the silent a 421 in time;
 - the upstream saw no protocol error;
 - the proxy's descriptors and threads, sampled every 5 seconds from /proc,
-  are back to the idle baseline (+5, +2) once the load has stopped, and
+  are back to the idle baseline (+5, +2) once the load has stopped (the
+  upstream sessions it keeps may wait ``upstream_pool_idle`` seconds, its
+  spare threads ``thread_idle_time``: then they must be gone), and
   its RSS did not grow steadily (the mean of the last third of the load
   within 20% of the first third's);
 - the proxy's standard error holds no Traceback, and it exits 0 on
@@ -107,6 +109,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 from helpers import free_port  # noqa: E402
 
 PROXY_SCRIPT = os.path.join(os.path.dirname(HERE), "smtpproxy.py")
+sys.path.insert(0, os.path.dirname(HERE))
+import smtpproxy  # noqa: E402  (its defaults: how long idle things stay)
 
 LOOPBACK = "127.0.0.1"
 # Client addresses: each its own greylisting client (ipv4_prefix = 32).
@@ -1494,18 +1498,34 @@ class Soak(object):
         monitor.stop()
         self.samples = monitor.samples
         self.upstream.faults_on = False
-        if not self.upstream.wait_quiet(30):
+        # Upstream sessions kept for the next client (upstream_pool_size)
+        # may rightly wait upstream_pool_idle seconds; not longer.
+        quiet = self.setting("upstream_pool_idle",
+                             smtpproxy.ConcreteMailHandler.upstream_pool_idle)
+        if not self.upstream.wait_quiet(quiet + 15):
             self.problems.note("upstream not quiet",
-                               "sessions still open 30 s after the load")
+                               "sessions still open %d s after the load"
+                               % (quiet + 15))
         self.idle = self.wait_idle()
         self.idle_descriptors = self.proxy.descriptors()
         self.settle_time = time.monotonic() - self.started - self.load_time
 
+    def setting(self, name, default):
+        """The proxy's key ``name`` (a number) as --set gives it."""
+        for item in self.args.set:
+            key, _, value = item.partition("=")
+            if key.strip() == name:
+                return float(value)
+        return default
+
     def wait_idle(self):
         """The proxy's resources once the load is over: after 2 seconds,
-        or up to 15 while they are still above the baseline."""
+        or while they are still above the baseline, up to 15 seconds more
+        than a spare session thread may wait for a client (spare_threads,
+        thread_idle_time): those threads must end by then."""
         time.sleep(2)
-        deadline = time.monotonic() + 13
+        deadline = time.monotonic() + 13 + self.setting(
+            "thread_idle_time", smtpproxy.SMTPProxyServer.thread_idle_time)
         sample = self.proxy.sample()
         while (sample is not None and self.baseline is not None
                and not self.back_to_baseline(sample)

@@ -522,7 +522,9 @@ class ProxyFactory(object):
                              attributes)
         if handler_class.smtp_port == self.upstream.port:
             # Warm sessions of the proxies started before (closed with
-            # QUIT) would keep the probe from looking like the last one.
+            # QUIT) would keep the probe from looking like the last one;
+            # a session still ending would pool its own after the reset.
+            self.wait_idle()
             smtpproxy.upstream_pool.reset()
             handler_class.learn_upstream()
             forget = getattr(self.upstream, "forget_probe", None)
@@ -535,6 +537,13 @@ class ProxyFactory(object):
         thread.start()
         self.servers.append(server)
         return server.server_address[1]
+
+    def wait_idle(self):
+        """Wait until no session of these proxies is open: each session
+        thread has written its lines and let go of its upstream session
+        (closed it, or left it in the pool for the next client)."""
+        wait_until(lambda: not any(server.sessions for server in self.servers),
+                   what="the proxy's sessions to end")
 
     def stop(self):
         for server in self.servers:

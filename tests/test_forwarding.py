@@ -149,7 +149,8 @@ def test_rset_resets_the_upstream_transaction(proxy, upstream,
 
 
 def test_quit_ends_the_upstream_session(proxy, upstream, client_factory):
-    client = client_factory(proxy())
+    # With no pool (upstream_pool_size: tests/test_upstream_pool.py).
+    client = client_factory(proxy(upstream_pool_size=0))
     open_transaction(client, data=False)
     assert client.cmd("QUIT")[0] == 221
     wait_until(lambda: ("QUIT",) in upstream.handler.commands,

@@ -638,8 +638,10 @@ def test_per_ip_limit_counts_ipv4_networks_of_connection_ipv4_prefix(
 
 def test_connection_ipv4_prefix_from_the_configuration(proxy_process):
     """The prefix keys are the service's configuration keys."""
+    # One process: with workers, each has its share, rounded up.
     process = proxy_process(config="connection_ipv4_prefix = 24\n"
-                                   "max_connections_per_ip = 1\n")
+                                   "max_connections_per_ip = 1\n"
+                                   "workers = 1\n")
     # The fixture's own probe (from 127.0.0.1) may not have left yet.
     first = wait_until(lambda: greeted(RawClient(process.port,
                                                  source="127.0.0.2")),
@@ -896,7 +898,9 @@ def test_out_of_descriptors_is_survived_and_never_fails_open(
     proxy = ProxyProcess(tmp_path, upstream.port, files=files, handler=None,
                          config=GREYLISTING % (tmp_path / "g.db")
                          + "inactivity_timeout = 30\n"
-                         "greylist_fail_mode = accept\n")
+                         "greylist_fail_mode = accept\n"
+                         # One process: the one whose descriptors run out.
+                         "workers = 1\n")
     pid = proxy.process.pid
     idle, pending, replies = [], [], []
     number = [0]

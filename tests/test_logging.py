@@ -120,8 +120,7 @@ def test_accepted_transaction_line(proxy, upstream, transactions):
     after = time.time()
     assert len(upstream.messages) == 1
     # After QUIT and disconnect no second line is written.
-    wait_until(lambda: upstream.open_connections == 0,
-               what="the upstream session to end")
+    proxy.wait_idle()
     lines = transactions.messages()
     assert len(lines) == 1, lines
     stamp, helo, ip, sender, recipients, status, reply = fields_of(lines[0])
@@ -147,8 +146,7 @@ def test_deferred_transaction_line(proxy, upstream, client_factory,
     assert client.is_closed()
     wait_until(lambda: transactions.records, what="the transaction line")
     after = time.time()
-    wait_until(lambda: upstream.open_connections == 0,
-               what="the upstream session to end")
+    proxy.wait_idle()
     lines = transactions.messages()
     assert len(lines) == 1, lines
     stamp, helo, ip, sender, recipients, status, reply = fields_of(lines[0])
@@ -175,8 +173,7 @@ def test_transactions_ended_before_data_have_empty_status(
     wait_until(lambda: len(transactions.records) >= 2,
                what="two transaction lines")
     after = time.time()
-    wait_until(lambda: upstream.open_connections == 0,
-               what="the upstream session to end")
+    proxy.wait_idle()
     lines = transactions.messages()
     assert len(lines) == 2, lines
     first, second = [fields_of(line) for line in lines]
@@ -277,7 +274,9 @@ def test_transaction_log_file_of_command_line_proxy(proxy_process, upstream,
                                                     tmp_path, monkeypatch):
     # The subprocess inherits a local time zone far from UTC.
     monkeypatch.setenv("TZ", "NPT-5:45")
-    process = proxy_process()
+    # The upstream session's end tells that the session is over: none
+    # kept for the next client.
+    process = proxy_process(config="upstream_pool_size = 0\n")
     log_path = tmp_path / "greylist.log"
     before = time.time()
     with smtplib.SMTP("127.0.0.1", process.port, timeout=10,
@@ -339,8 +338,7 @@ def test_no_raw_client_byte_reaches_a_log_line(proxy, upstream,
     assert code == 250, (code, text)
     assert client.cmd("QUIT")[0] == 221
     assert client.is_closed()
-    wait_until(lambda: upstream.open_connections == 0,
-               what="the upstream session to end")
+    proxy.wait_idle()
 
     root, transactions, dialogue = all_logs
     messages = [m for handler in all_logs for m in handler.messages()]

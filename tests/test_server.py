@@ -188,6 +188,68 @@ def test_at_most_spare_threads_wait_and_idle_ones_end(upstream):
     server.server_close()
 
 
+def test_a_thread_reused_after_misbehaving_clients_serves_the_next_afresh(
+        upstream):
+    """One spare thread serves, one after the other: a client that
+    smuggles a second message behind a bare LF, one that sends a line too
+    long in its data, one that vanishes in the middle of its data, one
+    that goes silent until its deadline; then a well-behaved client on the
+    same thread gets its own session: its name, its sender, its message
+    alone, and nothing of the others reaches the upstream."""
+    server = pooled_server(upstream, spare_threads=1)
+    server.RequestHandlerClass.inactivity_timeout = 1
+    port = server.server_address[1]
+    before = set(session_threads())
+
+    def hostile(helo, sender, then):
+        client = RawClient(port)
+        assert client.cmd("EHLO %s" % helo)[0] == 250
+        assert client.cmd("MAIL FROM:<%s>" % sender)[0] == 250
+        assert client.cmd("RCPT TO:<bad@example.org>")[0] == 250
+        assert client.cmd("DATA")[0] == 354
+        then(client)
+        client.close()
+        wait_until(lambda: not server.sessions and
+                   server._session_threads.idle == 1,
+                   what="the thread to wait for the next client")
+
+    def smuggles(client):
+        client.send(b"Subject: one\r\n\r\nx\n.\r\nMAIL FROM:<s@evil>\r\n"
+                    b"RCPT TO:<bad@example.org>\r\nDATA\r\nhidden\r\n"
+                    b".\r\n")
+        assert client.reply()[0] == 550
+
+    def too_long(client):
+        client.send(b"Subject: two\r\n\r\n" + b"x" * 2000 + b"\r\n.\r\n")
+        assert client.reply()[0] == 552
+
+    def vanishes(client):
+        client.send(b"Subject: three\r\n\r\nhalf a mess")
+
+    def silent(client):
+        assert client.reply()[0] == 421     # its deadline
+
+    for number, then in enumerate((smuggles, too_long, vanishes, silent)):
+        hostile("evil%d.example" % number, "evil%d@example.net" % number,
+                then)
+    client = smtplib.SMTP("127.0.0.1", port, timeout=10,
+                          local_hostname="good.example")
+    client.sendmail("good@example.net", ["b@example.org"],
+                    b"Subject: good\r\n\r\nfine\r\n")
+    client.quit()
+    wait_until(lambda: not server.sessions, what="the session to end")
+    # One thread served them all.
+    assert len(set(session_threads()) - before) == 1
+    [message] = upstream.messages
+    assert (message.mail_from, message.rcpt_tos) == (
+        "good@example.net", ["b@example.org"])
+    assert message.content.endswith(b"Subject: good\r\n\r\nfine\r\n")
+    assert b"evil" not in message.content
+    assert b"hidden" not in message.content
+    server.shutdown()
+    server.server_close()
+
+
 def test_the_stop_ends_the_waiting_threads(upstream):
     server = pooled_server(upstream)
     before = set(session_threads())

@@ -1,9 +1,9 @@
 """The proxy as a service: connection limits, signals, stop without loss,
 reload, logs, pidfile, daemon, privileges (issue 4).
 
-Processes are run from the command line with ``proxy_process`` (conftest)
-or started here when a test needs its own options; each is polled until
-ready, never slept for.
+Processes are run from the command line with ``proxy_process`` (conftest,
+here as one process: workers = 1) or started here when a test needs its
+own options; each is polled until ready, never slept for.
 """
 
 import argparse
@@ -26,6 +26,19 @@ from conftest import (HERE, ROOT, RawClient, free_port, greeted,
                       open_transaction, read, wait_until)
 from plainproxy import AcceptAll
 import smtpproxy
+
+@pytest.fixture
+def proxy_process(proxy_process):
+    """conftest's, as one process (workers = 1) unless the test's
+    configuration names workers: what a serving process does on a signal,
+    with its limits and logs.  The master and its workers, which the
+    default (workers = auto) starts: tests/test_workers.py."""
+    def start(config="", **kwargs):
+        if "workers" not in config:
+            config += "\nworkers = 1\n"
+        return proxy_process(config=config, **kwargs)
+    return start
+
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="privilege drop needs root")

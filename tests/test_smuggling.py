@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+import smtpproxy
 from conftest import (ProxyFactory, RawUpstream, Upstream, open_transaction,
                       wait_until)
 
@@ -98,17 +99,26 @@ def strict_servers():
     server = Upstream()
     factory = ProxyFactory(server)
     port = factory()
-    yield server, port
+    yield server, port, factory
     factory.stop()
     server.stop()
+
+
+def fresh(server, factory):
+    """Wait until the previous test's sessions have ended, and close the
+    upstream sessions they left for the next client: each test starts
+    with none."""
+    factory.wait_idle()
+    smtpproxy.upstream_pool.reset()
+    wait_until(lambda: server.open_connections == 0,
+               what="the previous test's upstream sessions to end")
 
 
 @pytest.fixture
 def strict(strict_servers):
     """``(upstream, proxy port)``: aiosmtpd behind a default proxy."""
-    server, port = strict_servers
-    wait_until(lambda: server.open_connections == 0,
-               what="the previous test's upstream sessions to end")
+    server, port, factory = strict_servers
+    fresh(server, factory)
     del server.handler.messages[:]
     del server.handler.commands[:]
     return server, port

@@ -15,8 +15,8 @@ import socket
 
 import pytest
 
-from conftest import (RawClient, open_transaction, processes_where, read,
-                      wait_until)
+from conftest import (RawClient, free_port, open_transaction, processes_where,
+                      read, wait_until)
 from test_service import connection_refused, pid_alive, wait_for_log
 
 
@@ -261,3 +261,102 @@ def test_one_worker_is_a_single_process(proxy_process, workers):
         assert children(process.process.pid) == []
     else:
         assert len(workers_of(process, 2)) == 2
+
+
+# -- the defaults: workers = auto, glibc's thread caches off ------------------
+
+@pytest.mark.parametrize("cpus, workers", [(1, 2), (2, 3), (3, 4), (7, 8),
+                                           (8, 8), (64, 8)])
+def test_auto_is_one_more_worker_than_the_cpus_from_2_to_8(monkeypatch, cpus,
+                                                           workers):
+    import smtpproxy
+    monkeypatch.setattr(os, "sched_getaffinity",
+                        lambda pid: set(range(cpus)), raising=False)
+    assert smtpproxy.worker_count({}) == workers
+    assert smtpproxy.worker_count({"workers": "auto"}) == workers
+    assert smtpproxy.worker_count({"workers": 1}) == 1
+    assert smtpproxy.worker_count({"workers": 12}) == 12
+
+
+def test_workers_reads_auto_or_a_number():
+    from test_service import run
+    for text in ("auto", "AUTO", "3"):
+        result = run(["--check-config", "-o", "run_as_root=yes",
+                      "-o", "workers=%s" % text])
+        assert result.returncode == 0, (text, result.stderr)
+    for text in ("0", "-1", "automatic", "2.5"):
+        result = run(["--check-config", "-o", "workers=%s" % text])
+        assert result.returncode == 2 and "workers" in result.stderr, text
+
+
+def test_the_default_is_a_master_and_auto_workers_that_serve(proxy_process,
+                                                            upstream):
+    import smtpproxy
+    expected = smtpproxy.worker_count({})
+    assert expected >= 2
+    process = proxy_process()           # no workers key
+    pids = workers_of(process, expected)
+    for number in range(2 * expected):
+        send(process.port, number)
+    assert len(upstream.messages) == 2 * expected
+    assert sorted(children(process.process.pid)) == sorted(pids)
+
+
+def _glibc():
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc ")
+    except (ValueError, OSError):
+        return False
+
+
+GLIBC = pytest.mark.skipif(not _glibc(), reason="glibc's tunables: this "
+                           "system's C library is another")
+
+
+def environment(pid):
+    with open("/proc/%d/environ" % pid, "rb") as environ:
+        return dict(item.decode().partition("=")[::2]
+                    for item in environ.read().split(b"\0") if item)
+
+
+@GLIBC
+def test_the_service_runs_without_glibc_thread_caches(proxy_process):
+    # The command line started itself again (the same pid: exec, not a
+    # new process) with the caches off; its workers inherit it.
+    import smtpproxy
+    process = proxy_process()
+    pids = [process.process.pid] + workers_of(process,
+                                              smtpproxy.worker_count({}))
+    for pid in pids:
+        assert environment(pid).get("GLIBC_TUNABLES") == (
+            "glibc.malloc.tcache_count=0"), pid
+
+
+@GLIBC
+def test_an_admins_own_thread_cache_setting_is_kept(proxy_process,
+                                                    monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=7")
+    process = proxy_process(config="workers = 1\n")
+    assert environment(process.process.pid)["GLIBC_TUNABLES"] == (
+        "glibc.malloc.tcache_count=7")
+
+
+def test_a_daemon_stopped_as_soon_as_its_start_returned_stops_whole(
+        tmp_path, upstream):
+    """--daemon with workers: the start returns once the master is ready
+    (the workers hold neither the terminal nor the caller's pipe, so the
+    start's output ends), and a SIGTERM sent at once, while the workers
+    are still starting, stops the master and every worker."""
+    from test_service import run
+    for attempt in range(5):
+        pidfile = tmp_path / ("smtpproxy-%d.pid" % attempt)
+        result = run(["--daemon", "--pidfile", str(pidfile),
+                      "--listen", "127.0.0.1:%d" % free_port(),
+                      "--upstream", "127.0.0.1:%d" % upstream.port,
+                      "-o", "run_as_root=yes", "-o", "workers=3",
+                      "-o", "greylist_log=%s" % (tmp_path / "grey.log")])
+        assert result.returncode == 0, result.stderr
+        master = int(read(str(pidfile)).split()[0])
+        os.kill(master, signal.SIGTERM)
+        wait_until(lambda: not pid_alive(master) and not children(master),
+                   what="the master and its workers to stop")
