@@ -126,12 +126,15 @@ Signals:
     SIGUSR2          Reopen the logs, whatever the configuration (for
                      logrotate).
 
-With ``workers`` above 1, the process started is the master: it binds the
-port, writes the pidfile, forks that many workers (after the privilege
-drop), which serve the port and share its limits, starts again one that
-dies, and passes each signal on to them (SIGUSR1: each logs its own
-counters); it serves no client itself.  A worker whose master is gone
-stops by itself.
+With ``workers`` above 1 (the default, auto: one more than the CPUs, 2
+to 8), the process started is the master: it binds the port, writes the
+pidfile, forks that many workers (after the privilege drop), which serve
+the port and share its limits, starts again one that dies, and passes
+each signal on to them (SIGUSR1: each logs its own counters); it serves
+no client itself.  A worker whose master is gone stops by itself.  On
+glibc, the command line first starts itself again (the same pid) with
+GLIBC_TUNABLES=glibc.malloc.tcache_count=0: a thread kept for the next
+client (spare_threads) would otherwise pin memory in its cache for good.
 
 Exit status: 0 after a stop, 1 when the service could not start (port in
 use, already running, store not writable), 2 for a bad configuration.
@@ -166,6 +169,7 @@ import json
 import logging
 import logging.handlers
 import math
+import mmap
 import os
 import pwd
 import queue
@@ -6202,6 +6206,30 @@ COUNTERS = ("connections", "connections_refused", "rcpt_accepted",
             "messages_deferred", "messages_refused", "upstream_errors")
 
 
+class SessionCounts(object):
+    """The sessions open in each worker of a service (the workers key),
+    in memory the master maps before its forks and every worker shares:
+    each writes its own ``slot``, and reads the sum, so that
+    max_connections is the whole service's however unevenly the kernel
+    hands out connections (a worker may accept when another is full).
+    Two workers taking the last place at the same instant may pass the
+    limit by one each: at most workers - 1 sessions."""
+
+    def __init__(self, workers):
+        self.workers = workers
+        self._memory = mmap.mmap(-1, 8 * workers)      # MAP_SHARED
+        self.slot = None
+
+    def set(self, count, slot=None):
+        """This worker's sessions (or those of worker ``slot``, which the
+        master clears when it died) are ``count`` now."""
+        slot = self.slot if slot is None else slot
+        struct.pack_into("q", self._memory, 8 * slot, count)
+
+    def total(self):
+        return sum(struct.unpack_from("%dq" % self.workers, self._memory))
+
+
 def _ipv6_works():
     try:
         probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -6286,8 +6314,10 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     refusal_log_interval = 60
     spare_threads = 20
     thread_idle_time = 60
-    # The number of the worker process serving (the workers key), or None.
+    # The number of the worker process serving (the workers key), or None;
+    # with it, the service's SessionCounts.
     worker = None
+    service_sessions = None
 
     def __init__(self, server_address, RequestHandlerClass,
                  bind_and_activate=True):
@@ -6397,7 +6427,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
             self.counters["connections"] += 1
             per_ip = self.sessions_per_ip.get(key, 0)
             refused = (self.stopping
-                       or len(self.sessions) >= self.max_connections
+                       or self._sessions_open() >= self.max_connections
                        or 0 < self.max_connections_per_ip <= per_ip)
             if refused:
                 self.counters["connections_refused"] += 1
@@ -6405,7 +6435,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
                 self.sessions[request] = None
                 self.session_ips[request] = key
                 self.sessions_per_ip[key] = per_ip + 1
-                self._check_stress()
+                self._sessions_changed()
         if refused:
             self.refuse_connection(request, address)
             return
@@ -6495,8 +6525,22 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
             address = self.session_ips.pop(request, None)
             if address is not None:
                 self._uncount(address)
-            self._check_stress()
+            self._sessions_changed()
             self.sessions_changed.notify_all()
+
+    def _sessions_open(self):
+        """The sessions open in the service: this process's, or with
+        workers all of theirs (service_sessions)."""
+        if self.service_sessions is None:
+            return len(self.sessions)
+        return self.service_sessions.total()
+
+    def _sessions_changed(self):
+        """Tell the other workers; enter or leave stress.  With
+        sessions_changed held."""
+        if self.service_sessions is not None:
+            self.service_sessions.set(len(self.sessions))
+        self._check_stress()
 
     # -- stress ----------------------------------------------------------
 
@@ -6506,7 +6550,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         of that and twice stress_timeout has passed (so that shedding a
         few does not end it before the sessions idle since before it are
         shed, and the log does not flap); with sessions_changed held."""
-        open_now = len(self.sessions)
+        open_now = self._sessions_open()
         threshold = self.stress_threshold * self.max_connections
         if not self.stressed:
             stressed = bool(threshold) and open_now * 100 >= threshold
@@ -7674,9 +7718,10 @@ KEYS = [
         "alone", owner="service", default=True, restart=True),
     Key("workers", _workers, SERVICE,
         "processes serving SMTP clients on the one port, each with its "
-        "threads, its upstream sessions and its share of max_connections "
-        "and max_connections_per_ip; auto: one more than the CPUs this "
-        "process may use, 2 to 8; 1: a single process, no master",
+        "threads, its upstream sessions and its share of "
+        "max_connections_per_ip (max_connections is the service's); auto: "
+        "one more than the CPUs this process may use, 2 to 8; 1: a single "
+        "process, no master",
         owner="service", default="auto", restart=True, option=True,
         examples=("1", "4")),
     Key("spare_threads", _integer, SERVICE,
@@ -9873,6 +9918,8 @@ class Master(_SignalsNoted):
         # A worker that loses the race for a new connection must go back
         # to its loop, not wait in accept() for the next one.
         self.service.server.socket.setblocking(False)
+        self.service.server.service_sessions = SessionCounts(
+            worker_count(self.service.values))
         for number in range(worker_count(self.service.values)):
             self._fork_worker(number)
 
@@ -9936,7 +9983,11 @@ class Master(_SignalsNoted):
             if not pid:
                 return
             number, started = self.workers.pop(pid, (None, 0))
-            if number is None or self.stop_asked:
+            if number is None:
+                continue
+            # Its sessions died with it: their places are free.
+            self.service.server.service_sessions.set(0, slot=number)
+            if self.stop_asked:
                 continue
             if os.WIFSIGNALED(status):
                 how = "was killed by signal %d" % os.WTERMSIG(status)
@@ -9992,8 +10043,9 @@ class Master(_SignalsNoted):
 
 class Worker(Service):
     """A process forked by the Master: a single process (Service) that
-    serves the port its master bound, with its share of the connection
-    limits, and also watches its master: when the master is gone, it
+    serves the port its master bound, with its share of
+    max_connections_per_ip (max_connections is counted for the service:
+    SessionCounts), and also watches its master: when the master is gone, it
     stops as on SIGTERM.  Built in the child, from the master's
     ``service``, which hands over its server; the pidfile's lock stays the
     master's, the policy service is the first worker's (number 0)."""
@@ -10005,6 +10057,7 @@ class Worker(Service):
         self.worker = number
         self.master = os.getppid()
         self.server, service.server = service.server, None
+        self.server.service_sessions.slot = number
         if service.pidfile is not None:
             os.close(service.pidfile)       # the lock stays the master's
             service.pidfile = None
@@ -10047,10 +10100,11 @@ class Worker(Service):
         workers = worker_count(values)
         if workers > 1:
             self.server.worker = self.worker
-            for key in ("max_connections", "max_connections_per_ip"):
-                value = getattr(self.server, key)
-                if value:
-                    setattr(self.server, key, -(-value // workers))
+            # max_connections is the service's (SessionCounts); a client's
+            # connections are counted by the worker that took each.
+            value = self.server.max_connections_per_ip
+            if value:
+                self.server.max_connections_per_ip = -(-value // workers)
 
     def on_service(self):
         """Also watch the master: a worker whose master is gone stops."""

@@ -106,7 +106,7 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from helpers import free_port  # noqa: E402
+from helpers import child_pids, free_port  # noqa: E402
 
 PROXY_SCRIPT = os.path.join(os.path.dirname(HERE), "smtpproxy.py")
 sys.path.insert(0, os.path.dirname(HERE))
@@ -897,18 +897,8 @@ class ProxyProcess(object):
         return Sample(time.monotonic(), fds, threads, rss)
 
     def workers(self):
-        """The pids of its worker processes (none unless ``workers``)."""
-        found = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open("/proc/%s/stat" % name) as stat:
-                        fields = stat.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == self.pid and fields[0] != "Z":
-                    found.append(int(name))
-        return found
+        """The pids of its worker processes (none if workers = 1)."""
+        return child_pids(self.pid)
 
     def descriptors(self):
         """What its open descriptors point to (files, sockets, pipes)."""

@@ -95,6 +95,28 @@ def test_the_connection_limits_are_the_whole_services(proxy_process, limits,
         client.close()
 
 
+def test_max_connections_is_the_services_however_the_workers_get_them(
+        proxy_process):
+    """One worker stopped (SIGSTOP): the other takes every connection, and
+    serves up to the service's max_connections, not half of it."""
+    process = proxy_process(config="workers = 2\nmax_connections = 4\n"
+                                   "max_connections_per_ip = 0\n")
+    stopped = workers_of(process, 2)[0]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        def batch():
+            clients = [RawClient(process.port) for _ in range(5)]
+            codes = [client.greeting[0] for client in clients]
+            for client in clients:
+                client.close()
+            return codes == [220] * 4 + [421]
+        # Again if the readiness probe's session was not over yet.
+        wait_until(batch, what="4 sessions served by one worker, the "
+                               "fifth refused")
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+
+
 def test_a_worker_that_dies_is_replaced_and_nothing_is_lost(
         proxy_process, tmp_path, upstream):
     service_log = tmp_path / "service.log"
