@@ -1153,6 +1153,12 @@ list_files = ListFiles()           # whitelist_clients, _recipients
 tls_contexts = Cache()              # SSLContexts, of clients and upstream
 
 
+# The clients' names (ConcreteMailHandler.client_names()), kept for
+# client_name_cache_time: (handler class, address) -> (until, names); the
+# addresses are the clients', so the last 10000 at most.
+client_names = Cache(10000)
+
+
 _logged = Cache()
 
 
@@ -1194,12 +1200,12 @@ def log_every(key, interval, level, message, *args, now=None):
 
 def reset_registries():
     """Forget what the process shared: stores (closed), the networks' new
-    triplets, whitelist files,
+    triplets, whitelist files, clients' names,
     TLS contexts, upstream capabilities, pooled upstream sessions
     (closed), errors logged.  For tests."""
     for registry in (stores, new_triplets, list_files, dns_lists,
-                     tls_contexts, upstream_capabilities, upstream_pool,
-                     _logged, _log_times):
+                     client_names, tls_contexts, upstream_capabilities,
+                     upstream_pool, _logged, _log_times):
         registry.reset()
 
 
@@ -2942,6 +2948,7 @@ class ConcreteMailHandler(_TLSSession, _TransactionOutcomes, MailHandler):
     upstream_capabilities_ttl = 600
     xclient = False
     dns_timeout = 5
+    client_name_cache_time = 600
     # The reverse names whose forward lookup is tried, at most.
     max_forward_lookups = 3
 
@@ -3120,6 +3127,13 @@ class ConcreteMailHandler(_TLSSession, _TransactionOutcomes, MailHandler):
             return known[1]
         if self.peer == UNKNOWN_CLIENT:
             return None, None           # no address to look up
+        # Kept for the client's next sessions (by this class: a reload or
+        # another policy may look up otherwise).
+        cache_key = (type(self), self.peer)
+        cached = client_names.get(cache_key)
+        if cached is not None and cached[0] > time.monotonic():
+            self._client_names = (self.peer, cached[1])
+            return cached[1]
         why = []
         answered, reverse, confirmed = confirmed_names(
             self.peer, self.reverse_lookup, self.forward_lookup,
@@ -3138,6 +3152,10 @@ class ConcreteMailHandler(_TLSSession, _TransactionOutcomes, MailHandler):
         names = (reverse[0].lower().rstrip(".") if reverse else None,
                  confirmed)
         self._client_names = (self.peer, names)
+        if answered and self.client_name_cache_time:
+            client_names.put(cache_key, (time.monotonic()
+                                         + self.client_name_cache_time,
+                                         names))
         return names
 
     def reverse_lookup(self, address):
@@ -6195,8 +6213,9 @@ class PostgreSQLStore(StoreBase):
 # ===========================================================================
 #
 # Owns:  the listening socket, a thread per client (reused: spare_threads),
-#        the connection limits and stress, the counters, the graceful stop,
-#        and service_actions() (checkpoints, the pool's expiry).
+#        the connection limits and stress (with workers, counted for the
+#        service: SessionCounts), the counters, the graceful stop, and
+#        service_actions() (checkpoints, the pool's expiry).
 # Enter: SMTPProxyServer((host, port), handler_class).serve_forever().
 # Uses:  sections 3 to 9.
 
@@ -7661,6 +7680,10 @@ KEYS = [
     Key("dns_cache_time", _integer, GREYLISTING,
         "seconds the answers of the DNS lists are kept (the last 10000 "
         "asked at most)"),
+    Key("client_name_cache_time", _integer, GREYLISTING,
+        "seconds a client's names (reverse, and confirmed by the forward "
+        "lookup), once answered, are kept for its next sessions (the last "
+        "10000 clients at most); 0: looked up in every session"),
     Key("whitelist_recipients", _string, GREYLISTING,
         "a file of recipients never greylisted, in postgrey's format: "
         "user@domain, user@, a domain (and its subdomains), /regex/",
@@ -9408,7 +9431,8 @@ def administer_store(handler_class, args, identity=None):
 #
 # Owns:  the start in the order a daemon on port 25 needs, the signals and
 #        reloads, the graceful stop (Service), the pre-fork master (Master)
-#        and its workers (Worker), the signals of both roles (_SIGNALS).
+#        and its workers (Worker; how many: worker_count()), the signals of
+#        both roles (_SIGNALS).
 # Enter: Service(args, base, values, path, warnings).run().
 # Uses:  sections 11 to 15.
 
@@ -10120,7 +10144,8 @@ class Worker(Service):
 # == 17. The command line ==
 # ===========================================================================
 #
-# Owns:  --help (the module's docstring), the options, and main().
+# Owns:  --help (the module's docstring), the options, and main(), which
+#        starts itself again without glibc's thread caches before serving.
 # Enter: main(argv).
 # Uses:  sections 13 to 16.
 

@@ -952,9 +952,8 @@ def measure_service(proxy, args):
                 close_all(held)
                 raise BenchError(proxy.describe_failure(error))
             time.sleep(0.01)
-    # With workers each has its share of max_connections, rounded up, and
-    # the kernel hands each connection to one of them: more sessions until
-    # every worker refuses (20 refusals in a row).
+    # With workers, two may take the last place at the same instant: more
+    # sessions until the service refuses 20 in a row.
     in_a_row = 0
     while in_a_row < 20 and time.monotonic() < deadline:
         more, error = open_idle_sessions(proxy.port, 1)
@@ -1008,10 +1007,10 @@ def print_tls(figures):
 
 def print_service(figures, args):
     refused, elapsed, before, after = figures['flood']
-    print('Service: %d sessions held (max_connections %d: with workers, '
-          'each its share, rounded up), then %d connections, one after '
-          'the other:' % (figures['held'], args.idle_sessions,
-                          FLOOD_CONNECTIONS))
+    print('Service: %d sessions held (max_connections %d; with workers, '
+          'two taking the last place at once may each pass it by one), '
+          'then %d connections, one after the other:'
+          % (figures['held'], args.idle_sessions, FLOOD_CONNECTIONS))
     print('  refused with 421 4.7.0: %d (%.0f refusals/s)'
           % (refused, refused / elapsed))
     print('  threads %d before, %d after; peak RSS %.1f MiB before, '

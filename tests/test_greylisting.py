@@ -90,6 +90,35 @@ def test_a_pool_retrying_from_another_network_passes_keyed_by_name(
     assert b"(name:out.example.com)" in delivered.content.split(b"\r\n")[0]
 
 
+@pytest.mark.parametrize("cache_time, lookups", [(600, 1), (0, 3)])
+def test_a_clients_names_are_kept_for_its_next_sessions(proxy, tmp_path,
+                                                       cache_time, lookups):
+    """client_name_cache_time: the names answered for a client serve its
+    next sessions, by the same policy; 0 looks them up in each session."""
+    resolver = Resolver(reverse={"127.0.0.2": ["mx-a1.out.example.com"]},
+                        forward={"mx-a1.out.example.com": {"127.0.0.2"}})
+    reversed_ = []
+
+    def reverse_lookup(self, ip):
+        reversed_.append(ip)
+        return resolver.ptr(ip)
+    port = proxy(handler=smtpproxy.GreyListingPolicy,
+                 greylist_db=str(tmp_path / "names.db"),
+                 allowed_senders=[], allowed_domains=["example.org"],
+                 client_key="name", client_name_cache_time=cache_time,
+                 reverse_lookup=reverse_lookup,
+                 forward_lookup=lambda self, name: resolver.addresses(name))
+    for _ in range(3):
+        assert send(port, "127.0.0.2") == 451
+    assert reversed_ == ["127.0.0.2"] * lookups
+    assert resolver.asked == ["mx-a1.out.example.com"] * lookups
+    # Keyed by name in every session, cached or not.
+    store = smtpproxy.GreylistStore(str(tmp_path / "names.db"))
+    assert [entry[1].split()[0] for entry in store.entries()] == [
+        "out.example.com"]
+    store.close()
+
+
 def send(port, source):
     """A message to b@example.org from ``source``: the RCPT's code."""
     client = RawClient(port, source=source)
