@@ -194,10 +194,17 @@ def greylisted_session(port, source):
 def greylisted(arguments, directory):
     sink = Sink()
     proxy = Proxy(sink.port, directory)
-    # One session first: the store's connections (its file, -wal and
-    # -shm, and the checkpointer's) are opened by the first greylisted
-    # session and kept, whatever the load.  The baseline is after it.
-    greylisted_session(proxy.port, "127.0.0.2")
+    # Some sessions first, at once, so that every worker gets some: the
+    # store's connections (its file, -wal and -shm, and the
+    # checkpointer's) are opened by a worker's first greylisted session
+    # and kept, whatever the load.  The baseline is after them.
+    warm = [threading.Thread(target=greylisted_session,
+                             args=(proxy.port, "127.0.0.%d" % (2 + number)))
+            for number in range(2 * arguments.parallel)]
+    for thread in warm:
+        thread.start()
+    for thread in warm:
+        thread.join()
     time.sleep(1.0)
     baseline = proxy.descriptors(), proxy.threads()
     peak = list(baseline)
