@@ -231,8 +231,12 @@ import urllib.parse
 #  17. The command line
 #       (--help, main())
 #
-# Design.  SMTPProxyServer is a socketserver.ThreadingTCPServer: one thread
-# per client.  Each thread runs a handler, a StreamRequestHandler subclass:
+# Design.  The command line's service is a master and worker processes that
+# share the port (workers = auto: one more than the CPUs; 1: one process,
+# which is also what programmatic use below gets).  In each process,
+# SMTPProxyServer is a socketserver.ThreadingTCPServer: one thread per
+# client, kept for the next (spare_threads).  Each thread runs a handler, a
+# StreamRequestHandler subclass:
 #
 #     MailHandler          reads client lines with enforced limits and
 #                          dispatches each command to handleHelo(),
@@ -312,7 +316,7 @@ __all__ = [
     "redact_uri", "hide_secrets", "parse_dns_list",
     "SMTPProxyServer", "PolicyHandler", "PolicyServer", "UnixPolicyServer",
     "ConfigError", "load_config", "read_config_file", "parse_path",
-    "log_escape", "normalise_sender", "main",
+    "log_escape", "normalise_sender", "worker_count", "main",
 ]
 
 log = logging.getLogger("smtpproxy")
