@@ -340,10 +340,11 @@ def test_the_starts_store_check_runs_as_the_user_for_good(
             except (ValueError, IndexError):
                 return None             # the pid is not written yet
             checks = children(pid)
-            return checks and (pid, checks[0], ids(checks[0]))
-        service, check, check_ids = wait_until(checking,
-                                               what="the store's check")
-        assert check_ids == [nobody.pw_uid] * 4
+            # Root for the instant between its fork and its switch.
+            return (checks and ids(checks[0]) == [nobody.pw_uid] * 4
+                    and (pid, checks[0]))
+        service = wait_until(checking, what="the store's check, nobody "
+                             "in every uid")[0]
         assert ids(service) == [0] * 4
     finally:
         holder.execute("ROLLBACK")
