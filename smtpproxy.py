@@ -10195,6 +10195,8 @@ def _restart_without_thread_caches():
     env = dict(os.environ)
     env["GLIBC_TUNABLES"] = ":".join(
         part for part in (tunables, THREAD_CACHES_OFF) if part)
+    sys.stdout.flush()              # what is buffered would be lost
+    sys.stderr.flush()
     try:
         os.execve(sys.executable, argv, env)
     except OSError:
