@@ -7,6 +7,7 @@ smtpd module, get the throwaway server the README names for them.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,8 +54,9 @@ def trial_script(directory, python_dir, modern):
             "python3 -m aiosmtpd -n -l")
         assert "aiosmtpd -n -l" in script
     script = script.replace("/tmp/smtpproxy-trial", directory)
-    script = script.replace("2525", str(free_port()))
-    script = script.replace("8025", str(free_port()))
+    # Both at once: the first port chosen may hold "8025" (38025, say).
+    ports = {"2525": str(free_port()), "8025": str(free_port())}
+    script = re.sub("2525|8025", lambda match: ports[match.group()], script)
     # Unbuffered: the throwaway server prints to a pipe here, not to a
     # terminal, and is killed at the end.
     return ("export PATH=%s:$PATH PYTHONUNBUFFERED=1\ncd %s\n%s"
