@@ -5018,6 +5018,7 @@ class StoreBase(object):
             self.configure(settings)
         self._lock = threading.Lock()
         self._db = None             # the connection, opened at first use
+        self._deadline = None       # of the decision that has the turn
         # ("triplet", key) or ("client", network) -> when it was written
         # as passed (trusted); read and written without a lock (single
         # dict operations).
@@ -5041,15 +5042,26 @@ class StoreBase(object):
         """Run ``work`` in a transaction (_transact()), alone in this
         process; ``read_only``: a transaction that writes nothing.  Its
         failure is marked as part of an incident, its success ends one."""
-        # The threads of this process queue on a lock for the one
-        # connection (for sqlite, waiting for its write lock instead means
-        # its busy handler's sleeps of up to 100 ms).
-        if not self._lock.acquire(timeout=self.greylist_db_timeout):
+        # One deadline for the whole decision: the wait for a connection,
+        # the turn, the statements.  The threads of this process queue
+        # on a lock for the one connection (for sqlite, waiting for its
+        # write lock instead means its busy handler's sleeps of up to
+        # 100 ms); they wait for a connection being made before it, each
+        # on its own, so that none waits behind another's wait.
+        deadline = time.monotonic() + self.greylist_db_timeout
+        try:
+            self._await_connection(deadline)
+        except (sqlite3.Error, ResourceShortage) as error:
+            self._incident(error)
+            raise
+        if not self._lock.acquire(
+                timeout=max(0.0, deadline - time.monotonic())):
             raise self._incident(StoreError(
                 "no turn within greylist_db_timeout (%s s)"
                 % self.greylist_db_timeout))
         try:
             try:
+                self._deadline = deadline
                 result = self._transact(work, args,
                                         options.get("read_only", False))
             except (sqlite3.Error, ResourceShortage) as error:
@@ -5059,6 +5071,11 @@ class StoreBase(object):
         finally:
             self._lock.release()
         return result
+
+    def _await_connection(self, deadline):
+        """Before the turn: wait, until ``deadline`` at most, for a
+        connection being made (PostgreSQLStore's); sqlite's is opened at
+        once, in the turn."""
 
     def _transact(self, work, args, read_only):
         """Return ``work(transaction, *args)``, run in one transaction on
@@ -5700,6 +5717,18 @@ def postgresql_driver(name=None):
                name, "'psycopg[binary]'")))
 
 
+def _libpq_version(module):
+    """The version of the libpq the driver ``module`` uses, as libpq
+    writes it (150004 is 15.4); 0 if unknown."""
+    try:
+        if module.__name__ == "psycopg":
+            return module.pq.version()
+        return importlib.import_module(
+            module.__name__ + ".extensions").libpq_version()
+    except Exception:           # an old driver: assume an old libpq
+        return 0
+
+
 def _one_line(error):
     """A driver's message on one line (libpq's have several)."""
     return " ".join(str(error).split()) or error.__class__.__name__
@@ -5777,15 +5806,26 @@ class _Transaction(object):
     string (the drivers bind parameters on the client side).  A statement
     run ``alone`` is a transaction by itself."""
 
-    def __init__(self, cursor, several_results):
+    def __init__(self, cursor, several_results, deadline=None, timeout=0):
         self.cursor = cursor
         self._several = several_results     # psycopg 3: one per statement
         self.begun = self.ended = False
+        self._deadline = deadline           # of the decision
+        self._timeout = timeout             # the session's statement_timeout
 
     def execute(self, sql, params=(), last=False, alone=False):
+        prefix = ""
         if not (alone or self.begun):
-            sql = "BEGIN; " + sql
+            prefix = "BEGIN; "
             self.begun = True
+        if self.begun and not alone and self._deadline is not None:
+            # The decision waited (for a connection, its turn, the first
+            # statement): this statement may take only what is left.
+            left = self._deadline - time.monotonic()
+            if left < self._timeout - 0.05:
+                prefix += "SET LOCAL statement_timeout = %d; " % max(
+                    1, int(left * 1000))
+        sql = prefix + sql
         if last:
             sql += "; COMMIT"
             self.ended = True
@@ -5887,34 +5927,158 @@ class PostgreSQLStore(StoreBase):
         # No connection yet: the first use makes it, and says why not.
         self._module = postgresql_driver(self.driver)
         StoreBase.__init__(self, uri, settings)
+        # The connector's state, under _ready's lock (see _connect_loop).
+        self._ready = threading.Condition(threading.Lock())
+        self._fresh = None          # a connection made, not yet taken
+        self._wanted = False        # a decision asked for a connection
+        self._attempting = False    # the connector is connecting now
+        self._connector = None      # its thread, while it has work
+        self._generation = 0        # close() makes earlier ones stale
         self._retry_at = 0.0
         self._retry_delay = 0.0
-        self._last_error = None
+        self._last_error = None     # of the last attempt, if it failed
+        self._server = None         # where the last connection went
+        self._timelines = {}        # system identifier -> (timeline, where)
 
     def __str__(self):
         return redact_uri(self.path)
 
     # -- the connection -----------------------------------------------------
+    #
+    # Connections are made by a thread of the store's own, the connector,
+    # never by a decision: libpq's connect_timeout counts per host of the
+    # URI, so a connection may take that long times the hosts, and a
+    # decision may wait only greylist_db_timeout in all.  A decision that
+    # finds no connection asks the connector for one and waits for it
+    # until its deadline; all that wait are let go together, by the
+    # connection or by the attempt's failure.  Between failed attempts
+    # the connector pauses retry_min seconds, doubling up to retry_max,
+    # back to retry_min when the failure changes (the server answers
+    # something else: it is coming back); meanwhile decisions fail at once
+    # with the last failure.  It makes attempts only while decisions ask,
+    # and its thread ends when none does.
+
+    def _await_connection(self, deadline):
+        if self._db is None:        # a glance: _connection() makes sure
+            self._wait_for_connection(deadline, take=False)
 
     def _connection(self):
-        """The connection, opened (and the schema made or checked) if need
-        be, unless the last try failed less than the retry delay ago; with
-        ``_lock`` held.  StoreError if there is none."""
-        if self._db is not None:
-            return self._db
-        if time.monotonic() < self._retry_at:
-            last = self._last_error
-            again = type(last)(str(last))
-            again.sqlstate = last.sqlstate
-            raise again
+        """The connection, with ``_lock`` held: the one in use, or the one
+        the connector made; else wait for the connector until the
+        decision's deadline.  StoreError if there is none."""
+        if self._db is None:
+            self._wait_for_connection(
+                self._deadline or time.monotonic() + self.greylist_db_timeout,
+                take=True)
+        return self._db
+
+    def _wait_for_connection(self, deadline, take):
+        """Until ``deadline``: return when a connection is there (taken
+        into ``_db`` if ``take``: with ``_lock`` held); raise the last
+        attempt's failure if the connector is pausing after it, or a
+        StoreError at the deadline."""
+        with self._ready:
+            while self._db is None and self._fresh is None:
+                now = time.monotonic()
+                if self._last_error is not None and not self._attempting \
+                        and now < self._retry_at:
+                    self._wanted = True     # the connector tries again
+                    self._start_connector()
+                    raise self._again(self._last_error)
+                if now >= deadline:
+                    raise StoreError(
+                        "no connection within greylist_db_timeout (%s s): "
+                        "still connecting to %s" % (
+                            self.greylist_db_timeout, self))
+                self._wanted = True
+                self._start_connector()
+                self._ready.wait(deadline - now)
+            if take and self._db is None:
+                self._db, self._fresh = self._fresh, None
+
+    @staticmethod
+    def _again(error):
+        # The failure of the last attempt, raised once more for another
+        # decision: a copy, so that each has its own traceback and marks.
+        if isinstance(error, StoreError):
+            again = type(error)(str(error))
+            again.sqlstate = error.sqlstate
+            return again
+        return error
+
+    def _start_connector(self):
+        # With _ready's lock held.
+        if self._connector is None or not self._connector.is_alive():
+            self._connector = threading.Thread(
+                target=self._connect_loop, name="smtpproxy-store-connector")
+            self._connector.daemon = True
+            self._connector.start()
+        self._ready.notify_all()
+
+    def _connect_loop(self):
+        """The connector: an attempt whenever a decision asked for a
+        connection and the pause after the last failure is over; ends
+        when none asks (or a connection waits to be taken)."""
+        while True:
+            with self._ready:
+                while True:
+                    if self._connector is not threading.current_thread():
+                        return              # replaced (or a fork's copy)
+                    if not self._wanted or self._fresh is not None:
+                        self._connector = None
+                        return
+                    pause = self._retry_at - time.monotonic()
+                    if pause <= 0:
+                        break
+                    self._ready.wait(pause)
+                self._wanted = False
+                self._attempting = True
+                generation = self._generation
+            connection, error = None, None
+            try:
+                connection = self._open()
+            except BaseException as failure:    # handed to the decisions
+                error = failure
+            with self._ready:
+                self._attempting = False
+                if error is None and generation != self._generation:
+                    connection.close()      # closed meanwhile: stale
+                elif error is None:
+                    self._fresh = connection
+                    self._last_error = None
+                    self._retry_delay = 0.0
+                else:
+                    changed = (self._last_error is None
+                               or str(error) != str(self._last_error))
+                    self._retry_delay = self.retry_min if changed else min(
+                        self.retry_max, max(self.retry_min,
+                                            2 * self._retry_delay))
+                    self._retry_at = time.monotonic() + self._retry_delay
+                    self._last_error = error
+                self._ready.notify_all()
+
+    def _connect_options(self):
+        """What the connection is opened with, beside the URI: its
+        timeouts, its name, and a primary only (target_session_attrs
+        read-write, libpq 10 and later), unless the URI says otherwise."""
+        timeout = self.greylist_db_timeout
+        options = dict(
+            connect_timeout=max(2, int(math.ceil(timeout))),
+            application_name=self.application_name, keepalives=1,
+            keepalives_idle=max(1, int(timeout)),
+            keepalives_interval=1, keepalives_count=3)
+        if "target_session_attrs" not in self.path and \
+                _libpq_version(self._module) >= 100000:
+            options["target_session_attrs"] = "read-write"
+        return options
+
+    def _open(self):
+        """A new connection, ready for decisions (_prepare()), made by the
+        connector: a StoreError (or ResourceShortage) if it cannot be."""
         connection = None
         try:
-            timeout = self.greylist_db_timeout
             connection = self._module.connect(
-                self.path, connect_timeout=max(2, int(math.ceil(timeout))),
-                application_name=self.application_name, keepalives=1,
-                keepalives_idle=max(1, int(timeout)),
-                keepalives_interval=1, keepalives_count=3)
+                self.path, **self._connect_options())
             # Transactions are _Transaction's: BEGIN and COMMIT travel
             # with the statements, parameters bound by the driver.
             connection.autocommit = True
@@ -5924,23 +6088,15 @@ class PostgreSQLStore(StoreBase):
         except Exception as error:
             if connection is not None:
                 connection.close()
-            self._retry_delay = min(self.retry_max, max(
-                self.retry_min, 2 * self._retry_delay))
-            self._retry_at = time.monotonic() + self._retry_delay
             if out_of_descriptors():
                 raise ResourceShortage(
                     "greylisting store %s: %s (out of descriptors)"
                     % (self, hide_secrets(_one_line(error), self.path))) \
                     from None
-            if isinstance(error, StoreError):
-                self._last_error = error
+            if isinstance(error, StoreError) or \
+                    not isinstance(error, self._module.Error):
                 raise
-            if not isinstance(error, self._module.Error):
-                raise
-            self._last_error = self._failure(error, connection is None)
-            raise self._last_error from None
-        self._retry_delay = 0.0
-        self._db = connection
+            raise self._failure(error, connection is None) from None
         return connection
 
     def _failure(self, error, connecting=False):
@@ -5952,8 +6108,7 @@ class PostgreSQLStore(StoreBase):
         cannot read (its ProgrammingError)."""
         raw = str(error)
         text = hide_secrets(_one_line(error), self.path)
-        sqlstate = (getattr(error, "sqlstate", None)
-                    or getattr(error, "pgcode", None))
+        sqlstate = self._sqlstate(error)
         if sqlstate is None and connecting:
             sqlstate = _server_refusal(raw)
         configuration = (
@@ -5979,13 +6134,15 @@ class PostgreSQLStore(StoreBase):
         return failure
 
     def _prepare(self, connection):
-        """Bound each statement, and make the tables or check their
-        version, under the schema's advisory lock."""
+        """Bound each statement, refuse a server that is read-only, say
+        when the server changed (_arrived()), and make the tables or check
+        their version, under the schema's advisory lock."""
         cursor = connection.cursor()
         cursor.execute("SET statement_timeout = %d"
                        % max(1, int(self.greylist_db_timeout * 1000)))
         if not self.synchronous_commit:
             cursor.execute("SET synchronous_commit = off")
+        self._arrived(connection, cursor)
         cursor.execute("BEGIN")
         cursor.execute("SELECT pg_advisory_xact_lock(%d),"
                        " to_regclass('smtpproxy_schema') IS NOT NULL"
@@ -6021,6 +6178,63 @@ class PostgreSQLStore(StoreBase):
         cursor.execute("COMMIT")
         cursor.close()
 
+    def _arrived(self, connection, cursor):
+        """Where ``connection`` went: the host and port libpq chose, the
+        cluster's system identifier and the primary's timeline (a
+        promotion starts a new one).  A standby, read-only, is refused
+        (StoreError): the next attempt goes on to the next host (libpq's
+        target_session_attrs), or waits for a primary.  The first server
+        of the process is logged, and so is each change, so that two
+        primaries show in the log; a timeline older than one seen before
+        of the same cluster is a former primary that came back after a
+        failover: an error."""
+        cursor.execute("SELECT pg_is_in_recovery(), inet_server_addr(),"
+                       " inet_server_port()")
+        standby, address, port = cursor.fetchone()
+        info = getattr(connection, "info", None)   # psycopg2 2.8, psycopg
+        host = getattr(info, "host", None) or address or "local socket"
+        port = getattr(info, "port", None) or port
+        where = "%s:%s" % (host, port) if port else str(host)
+        if standby:
+            raise StoreError(
+                "the server at %s is a standby (read-only, in recovery): "
+                "greylist_db must lead to the primary (list the primary "
+                "and its standbys as hosts of the URI: the primary is "
+                "found among them)" % where)
+        system = timeline = None
+        try:
+            # PostgreSQL 10 and later; the timeline is that of the WAL
+            # written now (a checkpoint's may be older for a while).
+            cursor.execute(
+                "SELECT system_identifier::text, ('x' || substr("
+                "pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)"
+                "::int FROM pg_control_system()")
+            system, timeline = cursor.fetchone()
+        except self._module.Error:
+            pass                    # older, or not allowed: host alone
+        server = (where, system, timeline)
+        last, self._server = self._server, server
+        known = self._timelines.get(system)
+        if system is not None and (known is None or timeline > known[0]):
+            self._timelines[system] = (timeline, where)
+        text = "%s (system identifier %s, timeline %s)" % server
+        if known is not None and timeline < known[0]:
+            log.error(
+                "greylisting store %s: the server at %s is on timeline %s "
+                "of its cluster, but timeline %s was seen at %s: a former "
+                "primary that came back after a failover, whose greylist "
+                "is not the new primary's; stop it, or make it a standby "
+                "of the new primary (pg_rewind), and keep it out of "
+                "greylist_db until then" % (self, where, timeline,
+                                            known[0], known[1]))
+        elif last is None:
+            log.info("greylisting store %s: on the server at %s"
+                     % (self, text))
+        elif last != server:
+            log.warning("greylisting store %s: now on the server at %s; "
+                        "it was %s (system identifier %s, timeline %s)"
+                        % ((self, text) + last))
+
     def _migrate(self, cursor, version):
         """Bring the tables from schema ``version`` to
         ``schema_version``, in the transaction that holds the schema's
@@ -6031,9 +6245,10 @@ class PostgreSQLStore(StoreBase):
     def _transact(self, work, args, read_only):
         """Run ``work(transaction, *args)`` (a _Transaction: its work
         locks the rows it reads to write them, and ``read_only`` makes no
-        difference); a connection the server closed is replaced and the
-        work tried once more.  The database server checkpoints by
-        itself: checkpoint() is StoreBase's."""
+        difference); a connection the server closed, or to a server that
+        turned read-only (SQLSTATE 25006), is replaced and the work tried
+        once more, within the decision's deadline.  The database server
+        checkpoints by itself: checkpoint() is StoreBase's."""
         for attempt in (1, 2):
             fresh = self._db is None
             connection = self._connection()
@@ -6041,13 +6256,15 @@ class PostgreSQLStore(StoreBase):
                 cursor = connection.cursor()
                 transaction = _Transaction(
                     cursor, hasattr(cursor, "nextset") and
-                    self._module.__name__ == "psycopg")
+                    self._module.__name__ == "psycopg",
+                    self._deadline, self.greylist_db_timeout)
                 result = work(transaction, *args)
                 transaction.commit()
                 cursor.close()
             except self._module.Error as error:
-                if not self._discard(connection) and attempt == 1 \
-                        and not fresh:
+                read_only = self._sqlstate(error) == "25006"
+                if not self._discard(connection, read_only) and \
+                        attempt == 1 and (read_only or not fresh):
                     continue            # a stale connection: once more
                 raise self._failure(error) from None
             except BaseException:
@@ -6055,11 +6272,16 @@ class PostgreSQLStore(StoreBase):
                 raise
             return result
 
-    def _discard(self, connection):
-        """After an error: roll back, and close a connection that broke.
-        True if the connection is still good."""
+    @staticmethod
+    def _sqlstate(error):
+        return getattr(error, "sqlstate", None) or getattr(
+            error, "pgcode", None)
+
+    def _discard(self, connection, close=False):
+        """After an error: roll back, and close a connection that broke
+        (or if ``close``).  True if the connection is still good."""
         try:
-            if not connection.closed:
+            if not (close or connection.closed):
                 cursor = connection.cursor()
                 cursor.execute("ROLLBACK")
                 cursor.close()
@@ -6072,6 +6294,16 @@ class PostgreSQLStore(StoreBase):
             pass
         self._db = None
         return False
+
+    def _disconnect(self):
+        # With _lock held: the connection in use, one made and not yet
+        # taken, and one being made (closed when it is).
+        StoreBase._disconnect(self)
+        with self._ready:
+            self._generation += 1
+            fresh, self._fresh = self._fresh, None
+        if fresh is not None:
+            fresh.close()
 
     def _clock(self, now):
         # None: the database's clock (_PG_CLOCK).

@@ -16,9 +16,19 @@ it the next (quicker); ``socket_uri(NAME)`` is the same database through the soc
 ``login(PASSWORD)`` makes a role of its own with that password, and its
 database, and returns their URI.  ``sql(text)``
 runs statements as the superuser.  ``stop()`` and ``start()`` stop the
-server (a fast shutdown, as ``pg_ctl stop -m fast``: sessions end) and
-start it again on the same port and data; ``close()`` stops it and
-removes the directory.
+server (a fast shutdown, as ``pg_ctl stop -m fast``: sessions end;
+``stop("immediate")``, as ``-m immediate``: a crash, what a host that
+dies does) and start it again on the same port and data; ``close()``
+stops it and removes the directory.
+
+``standby()`` makes a hot standby of this cluster, a PostgreSQL of its
+own (its directory, port and socket) made with ``pg_basebackup -R``
+(streaming replication, as a site makes one), started and ready: it
+answers read-only queries.  ``promote()`` makes a standby the primary
+(``pg_ctl promote``, waited for); ``in_recovery()`` says what it is now.
+A primary stopped and started again after its standby was promoted is a
+stale primary: writable, on the old timeline, as a site's old primary
+is when it comes back by itself.
 
 initdb and postgres refuse to run as root: as root, they run as the
 unprivileged user ``nobody``, which owns the directory (made with
@@ -69,7 +79,7 @@ def binary(name):
 
 class PostgreSQL(object):
 
-    def __init__(self, settings=None):
+    def __init__(self, settings=None, primary=None):
         self.bindir = os.path.dirname(binary("initdb"))
         self.directory = tempfile.mkdtemp(prefix="smtpproxy-pg-")
         os.chmod(self.directory, 0o755)
@@ -85,6 +95,9 @@ class PostgreSQL(object):
             entry = pwd.getpwnam(USER)
             self.uid, self.gid = entry.pw_uid, entry.pw_gid
             os.chown(self.directory, self.uid, self.gid)
+        if primary is not None:
+            self._copy(primary)
+            return
         password_file = os.path.join(self.directory, "pw")
         with open(password_file, "w") as stream:
             stream.write("postgres\n")
@@ -97,6 +110,13 @@ class PostgreSQL(object):
              "--auth-host", "scram-sha-256", "--no-sync"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
             preexec_fn=self._become, cwd=self.directory)
+        self._configure(settings)
+        self.start()
+        self.sql("CREATE ROLE %s LOGIN PASSWORD '%s'" % (ROLE, PASSWORD))
+
+    def _configure(self, settings):
+        # Appended: for a standby, after its primary's copied lines (the
+        # last line of a setting is the one in force).
         with open(os.path.join(self.data, "postgresql.conf"), "a") as conf:
             conf.write("\n# tests/pg.py\n"
                        "listen_addresses = '127.0.0.1'\n"
@@ -109,8 +129,43 @@ class PostgreSQL(object):
                        % (self.port, self.socket_dir))
             for name, value in (settings or {}).items():
                 conf.write("%s = %s\n" % (name, value))
+
+    def _copy(self, primary):
+        # A hot standby of ``primary``: its base backup, with the
+        # connection to it and standby.signal (-R), over its socket (its
+        # pg_hba.conf trusts local replication, as initdb writes it).
+        subprocess.check_call(
+            [os.path.join(self.bindir, "pg_basebackup"), "-D", self.data,
+             "-h", primary.socket_dir, "-p", str(primary.port),
+             "-U", "postgres", "-R", "-X", "stream", "-c", "fast",
+             "--no-sync"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            preexec_fn=self._become, cwd=self.directory)
+        self._configure({"hot_standby": "on"})
+        self.made = set(primary.made)
+        self.count = primary.count + 1000       # names of its own
         self.start()
-        self.sql("CREATE ROLE %s LOGIN PASSWORD '%s'" % (ROLE, PASSWORD))
+
+    def standby(self):
+        """A hot standby of this cluster, started (see the docstring)."""
+        return PostgreSQL(primary=self)
+
+    def in_recovery(self):
+        return self.sql("SELECT pg_is_in_recovery()") == "t"
+
+    def promote(self):
+        """This standby becomes a primary (pg_ctl promote -w)."""
+        subprocess.check_call(
+            [os.path.join(self.bindir, "pg_ctl"), "promote", "-w",
+             "-t", str(int(START_TIMEOUT)), "-D", self.data],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            preexec_fn=self._become, cwd=self.directory)
+        deadline = time.monotonic() + START_TIMEOUT
+        while self.in_recovery():
+            if time.monotonic() > deadline:
+                raise RuntimeError("not promoted in %s s: %s"
+                                   % (START_TIMEOUT, self.log()))
+            time.sleep(0.05)        # polling, not waiting on a guess
 
     def _become(self, death_signal=None):
         # In the child, before exec: the unprivileged user, and a signal
@@ -148,11 +203,13 @@ class PostgreSQL(object):
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return result.returncode == 0
 
-    def stop(self):
-        """A fast shutdown: sessions are ended, as in an outage."""
+    def stop(self, mode="fast"):
+        """A fast shutdown: sessions are ended, as in an outage; mode
+        "immediate": no shutdown at all (SIGQUIT), as a host that dies."""
         if self.process is None:
             return
-        self.process.send_signal(signal.SIGINT)
+        self.process.send_signal(
+            signal.SIGQUIT if mode == "immediate" else signal.SIGINT)
         try:
             self.process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
