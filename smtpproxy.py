@@ -5703,18 +5703,62 @@ def _database_uri_problem(location):
 def postgresql_driver(name=None):
     """The PostgreSQL driver module, imported now: ``name`` ("psycopg",
     version 3, or "psycopg2"), or the first of them that is installed.
-    None installed: StoreError, saying what to install."""
+    None that can be imported: StoreError, saying whether one is installed
+    but cannot be imported (and why: a library it needs, files the user
+    cannot read), or what to install."""
+    broken = []
     for candidate in [name] if name else ["psycopg", "psycopg2"]:
         try:
             return importlib.import_module(candidate)
-        except ImportError:
-            continue
+        except ImportError as error:
+            if getattr(error, "name", None) == candidate:
+                continue                    # not installed
+            broken.append("%s cannot be imported (%s)"
+                          % (candidate, _one_line(error)))
+        except Exception as error:          # unreadable, or its own bug
+            broken.append("%s cannot be imported (%s: %s)" % (
+                candidate, error.__class__.__name__, _one_line(error)))
+    if broken:
+        raise StoreError(
+            "greylist_db is a PostgreSQL database, but its driver %s, for "
+            "%s: install it again, or make its files readable by the "
+            "serving user" % ("; ".join(broken), sys.executable))
     raise StoreError(
-        "greylist_db is a PostgreSQL database, but %s is not installed "
-        "for %s: pip install 'smtpproxy[postgresql]' (or pip install %s)"
-        % (name or "no PostgreSQL driver (psycopg or psycopg2)",
-           sys.executable, {"psycopg2": "psycopg2-binary"}.get(
-               name, "'psycopg[binary]'")))
+        "greylist_db is a PostgreSQL database, but %s for %s: %s" % (
+            "%s is not installed" % name if name else
+            "neither psycopg nor psycopg2 is installed", sys.executable,
+            _driver_advice(name)))
+
+
+def _driver_advice(name):
+    """How to install the driver ``name`` (None: either) for this
+    interpreter: Debian's package for Debian's own python3 (whose pip
+    refuses to install into it), else pip."""
+    package = name or "psycopg"
+    if sys.prefix == sys.base_prefix == "/usr" and os.path.exists(
+            "/etc/debian_version"):
+        return ("apt install python3-%s%s (or, in a venv: pip install "
+                "'smtpproxy[postgresql]')" % (
+                    package, "" if name else " (or python3-psycopg2)"))
+    return "pip install 'smtpproxy[postgresql]' (or pip install %s)" % {
+        "psycopg2": "psycopg2-binary"}.get(name, "'psycopg[binary]'")
+
+
+def _load_postgresql_driver(location):
+    """Before the switch to the serving user (as root): import the driver
+    of the PostgreSQL store ``location``, and what it imports only when
+    used, so that the store works for a user who cannot read the
+    interpreter's files (an interpreter under /root, a driver installed
+    for root alone).  Nothing for an sqlite store; a driver that cannot
+    be imported is left to the store's check to report."""
+    if not is_database_uri(location):
+        return
+    try:
+        module = postgresql_driver(PostgreSQLStore.driver)
+        _libpq_version(module)
+        _parse_database_uri(location, module)
+    except Exception:
+        pass
 
 
 def _libpq_version(module):
@@ -5885,21 +5929,38 @@ class PostgreSQLStore(StoreBase):
     no mail is lost, and no decision waits for an fsync.
 
     The process has one connection, used by one thread at a time, as the
-    sqlite store's.  ``greylist_db_timeout`` bounds every wait: the turn
-    in this process, connecting (connect_timeout, 2 s at least, libpq's
-    floor), each statement (statement_timeout, also row locks), and TCP
-    keepalives find a server that vanished.  An answer that says the
+    sqlite store's.  ``greylist_db_timeout`` bounds each decision in all:
+    the wait for a connection, the turn in this process, and its
+    statements (statement_timeout, also row locks, set to what is left);
+    TCP keepalives find a server that vanished.  Connections are made by
+    a thread of the store's own (the connector), never by a decision:
+    libpq tries the hosts of the URI one after the other, each for up to
+    connect_timeout (greylist_db_timeout, 2 s at least, libpq's floor),
+    and a decision waits for the connector until its deadline only (so
+    do all that arrive meanwhile, side by side).  A server that is read
+    only (a standby) is refused: target_session_attrs=read-write is added
+    to the URI unless it names one, so that libpq finds the primary among
+    the hosts, and a server that turns read-only (SQLSTATE 25006) is left
+    at once.  The server the store is on (host, port, the cluster's
+    system identifier, the primary's timeline) is logged, and each
+    change of it; a timeline older than one seen before is a former
+    primary come back after a failover, logged as an error.
+
+    An answer that says the
     configuration is wrong (``configuration_sqlstates``: the login or the
     database refused) is a StoreConfigError, which stops --check-config
     and the start; while serving, it is an outage as any other.  Every
     message is shown without the password (hide_secrets()).  While the
-    database cannot
-    be reached, decisions fail at once (StoreError) until the next try to
-    connect, ``retry_min`` seconds after a failure, doubling up to
-    ``retry_max``; each distinct error is marked ``first_of_incident``
-    once.  A connection the server closed (a restart, a fail-over, an
-    idle timeout) is opened again at once and the decision tried once
-    more.
+    database cannot be reached, decisions fail at once with the last
+    failure (StoreError) until the connector's next attempt,
+    ``retry_min`` seconds after a failure, doubling up to ``retry_max``
+    while the failure stays the same, and ``retry_min`` again when it
+    changes (the server answers again, starting up: it is coming back);
+    so decisions work again within about ``retry_max`` of the database
+    being usable.  The connector tries only while decisions ask; each
+    distinct error is marked ``first_of_incident`` once.  A connection
+    the server closed (a restart, a failover, an idle timeout) is opened
+    again at once and the decision tried once more.
 
     ``driver``: the driver module, "psycopg" (3) or "psycopg2"; None: the
     first installed, psycopg first.  It is imported by the constructor,
@@ -5916,8 +5977,8 @@ class PostgreSQLStore(StoreBase):
     configuration_sqlstates = ("28", "3D000", "3F000", "42501")
     database_clock = True
     synchronous_commit = False
-    retry_min = 0.5
-    retry_max = 30.0
+    retry_min = 0.25
+    retry_max = 1.0
     driver = None
     application_name = "smtpproxy"
     _SCHEMA_LOCK = 0x736d7470           # advisory lock keys: "smtp"
@@ -9353,6 +9414,7 @@ def check_configuration(handler_class, values, files=True, notes=None):
         warnings += check_files(values, identity)
     store = getattr(handler_class, "greylist_db", None)
     if store and is_database_uri(store):
+        _load_postgresql_driver(store)       # as root: see its docstring
         # As the user, as the service connects: libpq reads its files
         # (~/.pgpass, a passfile or key the URI names), never root's.
         def check():
@@ -9897,6 +9959,8 @@ class Service(_SignalsNoted):
         if self.pidfile is not None:
             write_pidfile(self.pidfile, self.values["pidfile"])
         store = getattr(handler_class, "greylist_db", None)
+        if store:
+            _load_postgresql_driver(store)   # while root: its docstring
         if identity is None:
             self.warnings += check_store(handler_class) or []
         elif store:

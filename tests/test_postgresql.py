@@ -478,8 +478,9 @@ BLOCK_DRIVERS = ("import sys; sys.modules['psycopg'] = None; "
 def run(tmp_path, uri, *args, **options):
     """smtpproxy's command line on ``uri`` (and ``args``): its exit
     status, standard output and error.  ``no_driver``: as if none were
-    installed; ``driver``: with that one only."""
-    blocked = ""
+    installed; ``driver``: with that one only; ``prelude``: code run
+    first."""
+    blocked = options.get("prelude", "")
     if options.get("no_driver"):
         blocked = BLOCK_DRIVERS
     elif options.get("driver"):
@@ -686,6 +687,50 @@ def test_without_a_driver_the_start_says_what_to_install(tmp_path, pg_uri):
         assert code == 1, (args, err)
         assert "pip install 'smtpproxy[postgresql]'" in err, args
         assert "secret" not in err
+
+
+def test_a_driver_that_cannot_be_imported_is_told_from_one_not_installed(
+        tmp_path, pg_uri):
+    # Installed, but its library is missing (or its files unreadable):
+    # the start says so, and why, not "not installed".
+    for name in ("psycopg", "psycopg2"):
+        package = tmp_path / "broken" / name
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(
+            "raise ImportError('libpq.so.5: cannot open shared object file:"
+            " No such file or directory')\n")
+    code, out, err = run(tmp_path, pg_uri, "--check-config", prelude=(
+        "import sys; sys.path.insert(0, %r); " % str(tmp_path / "broken")))
+    assert code == 1, err
+    assert ("its driver psycopg cannot be imported (libpq.so.5: cannot open "
+            "shared object file: No such file or directory); psycopg2 cannot "
+            "be imported (libpq.so.5: ") in err, err
+    assert "install it again, or make its files readable by the serving " \
+        "user" in err
+    assert "not installed" not in err
+
+
+def test_without_a_driver_debians_python_is_told_to_use_apt(monkeypatch):
+    # Debian's own python3 refuses pip (PEP 668): its package is the way.
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    monkeypatch.setattr(sys, "prefix", "/usr")
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    with pytest.raises(smtpproxy.StoreError) as caught:
+        smtpproxy.postgresql_driver()
+    text = str(caught.value)
+    if os.path.exists("/etc/debian_version"):
+        assert text.endswith(
+            "neither psycopg nor psycopg2 is installed for %s: apt install "
+            "python3-psycopg (or python3-psycopg2) (or, in a venv: pip "
+            "install 'smtpproxy[postgresql]')" % sys.executable), text
+    else:
+        assert "pip install 'smtpproxy[postgresql]'" in text, text
+    with pytest.raises(smtpproxy.StoreError) as caught:
+        smtpproxy.postgresql_driver("psycopg2")
+    assert "but psycopg2 is not installed for %s: apt install python3-" \
+        "psycopg2 (or," % sys.executable in str(caught.value) or \
+        not os.path.exists("/etc/debian_version")
 
 
 def test_the_module_needs_no_driver(tmp_path):

@@ -672,6 +672,70 @@ def test_a_fifo_for_a_passfile_ends_check_config_with_an_error(
         assert stopped in result.stderr
 
 
+def test_a_driver_only_root_can_read_is_imported_before_the_switch(
+        user_dir, root_dir, nobody, postgresql, upstream, started):
+    # The driver where only root can read it, as with an interpreter (and
+    # its site-packages) under /root: imported after the switch to the
+    # user, it is not found; imported before, the service works.
+    import psycopg2
+    private = tempfile.mkdtemp(prefix="smtpproxy-driver-")   # mode 0700
+    try:
+        origin = os.path.dirname(os.path.dirname(psycopg2.__file__))
+        for name in os.listdir(origin):
+            if name == "psycopg2" or name.startswith("psycopg2_binary"):
+                if os.path.isdir(os.path.join(origin, name)):
+                    shutil.copytree(os.path.join(origin, name),
+                                    os.path.join(private, name))
+        role, line = pg_login(postgresql)
+        passfile = os.path.join(user_dir, "pgpass")
+        with open(passfile, "w") as stream:
+            stream.write(line)
+        os.chmod(passfile, 0o600)
+        os.chown(passfile, nobody.pw_uid, nobody.pw_gid)
+        uri = "postgresql://%s@127.0.0.1:%d/%s?passfile=%s" % (
+            role, postgresql.port, role, passfile)
+        # The URI in a subclass, as a site's own handler may have it: no
+        # configuration key is read (whose check imports the driver too).
+        with open(os.path.join(private, "sitehandler.py"), "w") as stream:
+            stream.write("import smtpproxy\n\n\n"
+                         "class Policy(smtpproxy.GreyListingPolicy):\n"
+                         "    greylist_db = %r\n" % uri)
+        # No other copy of a driver on the path; no restart of the
+        # interpreter (it would lose this path): the tunable is set.
+        code = ("import os, sys; sys.path[:] = [p for p in sys.path if not "
+                "os.path.isdir(os.path.join(p, 'psycopg2'))]; "
+                "sys.path.insert(0, %r); sys.modules['psycopg'] = None; "
+                "sys.path.insert(0, %r); import smtpproxy; "
+                "sys.exit(smtpproxy.main(sys.argv[1:]))" % (private, ROOT))
+        env = dict(os.environ, PYTHONPATH=HERE,
+                   GLIBC_TUNABLES="glibc.malloc.tcache_count=0")
+        args = started.arguments(
+            user_dir, root_dir, "-o", "greylist_fail_mode=accept",
+            "-o", "workers=2", "--upstream", "127.0.0.1:%d" % upstream.port)
+        where = [arg.startswith("greylist_db=") for arg in args].index(True)
+        del args[where - 1:where + 1]           # -o greylist_db=...
+        args[args.index("smtpproxy.GreyListingPolicy")] = "sitehandler.Policy"
+        check = subprocess.run(
+            [sys.executable, "-c", code] + args[1:] + ["--check-config"],
+            env=env, cwd=user_dir, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        assert check.returncode == 0, check.stderr
+        assert ": usable (psycopg2" in check.stdout, check.stdout
+        result = subprocess.run(
+            [sys.executable, "-c", code] + args, env=env, cwd=user_dir,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        # Greylisted by the store (the fail mode would accept).
+        assert rcpt_code(started.port) == 451
+        assert rcpt_code(started.port, sender="c@example.net") == 451
+        started.stop()
+        assert "PostgreSQL" not in read(os.path.join(user_dir,
+                                                     "service.log"))
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
 # -- the switch to the user ---------------------------------------------------
 
 def test_a_check_as_the_user_is_that_user_for_good_and_returns_its_value(
