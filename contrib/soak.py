@@ -16,7 +16,14 @@ threads (20), ``--seed N`` (random by default; the report names it),
 ``workers``, the descriptors, threads and RSS are the master's and its
 workers' together),
 ``--keep`` keeps the temporary directory (configuration, store, the
-proxy's log), ``--verbose`` prints progress and every failure's details.
+proxy's log), ``--verbose`` prints progress and every failure's details,
+``--postgresql`` greylists in a private PostgreSQL cluster (tests/pg.py),
+and with it ``--failover [SECONDS]`` crashes that cluster's primary
+SECONDS into the load (half the duration if not given) and promotes its
+hot standby ``--promote-after SECONDS`` later (15, as a site's failover
+manager or admin would), and ``--stale-primary SECONDS`` starts the old
+primary again that long after the promotion (a stale primary; not by
+default): see "Failover" below.
 It needs nothing beyond the standard library, and sends nothing beyond
 the loopback interface.
 
@@ -78,7 +85,64 @@ What it checks, and fails on:
 - the proxy's standard error holds no Traceback, and it exits 0 on
   SIGTERM.
 
+Failover (``--failover``, with ``--postgresql``):
+
+- The private cluster gets a hot standby (pg_basebackup -R, streaming
+  replication, asynchronous), and the proxy's ``greylist_db`` lists both
+  hosts, the primary first
+  (``postgresql://greylist:secret@127.0.0.1:P1,127.0.0.1:P2/NAME``;
+  smtpproxy adds target_session_attrs=read-write, so that libpq takes
+  the writable one).  At SECONDS into the load the primary is stopped
+  with "immediate" (SIGQUIT: a crash, its sessions cut), and
+  ``--promote-after`` seconds after that the standby is promoted
+  (pg_ctl promote, waited for, and polled until it is out of
+  recovery); with ``--stale-primary``, the old primary is started again
+  later, writable on its old timeline (the report shows what the proxy
+  logged of it: a store that connects to it says so as an error, a
+  former primary; one that keeps its connection to the new primary
+  never sees it).  Clients keep sending all along:
+  with ``greylist_fail_mode = accept`` (the default) mail passes
+  ungreylisted meanwhile, with ``--set greylist_fail_mode=defer`` it is
+  deferred (451 4.7.1) and retried.
+- The proxy runs with ``debug = yes`` (its dialogue log,
+  greylist-debug.log in the run's directory, about 6 MB a minute: the
+  one place it notes each decision, and the rule "store-failed" of those
+  made in fail mode) and ``client_key = network`` (no reverse lookup: a
+  lookup the resolver leaves unanswered waits dns_timeout, 5 s, which
+  would hide the store's wait in a RCPT's reply time); --set overrides
+  both.  From the primary's stop until 60 seconds after the promotion
+  the upstream injects no delay (its other faults go on), so that a
+  RCPT's reply time is the proxy's decision.
+- The report's failover lines: when the primary stopped and when the
+  standby was ready as primary (promote() returned), in seconds into the
+  load; for each worker process, from the proxy's log: its store
+  failures (logged once per distinct error and incident), its "now on
+  the server at" (the store on the promoted standby) and its "usable
+  again" (its first decision made by the store again), the time from
+  the promotion to the latter (its recovery); the decisions made in
+  fail mode (the dialogue log's "store-failed" lines: their count, the
+  first and the last) of all the decisions in the outage (the primary's
+  stop to the last worker's recovery); what the clients saw then:
+  their RCPTs (timed in the smtplib sessions, one command at a time) and
+  the longest reply, and, with fail mode accept, the new triplets
+  (a fresh sender's first RCPT) that passed ungreylisted, and the
+  first greylisted again after the promotion.
+- It fails when the failover could not be made, when a worker whose
+  store failed does not log "usable again" after the promotion, or only
+  more than 5 seconds after it (decisions should work again within about
+  a second of the database being usable), and when a RCPT's reply during
+  the outage took more than greylist_db_timeout + 1 seconds (a decision
+  waits greylist_db_timeout at most in all); and on every check above,
+  which hold through the failover: the ledger (nothing lost, duplicated,
+  phantom or corrupted), the replies, the descriptors and threads back
+  to the baseline (each worker keeps its one connection to the store,
+  within the slack; the store's connector thread ends once no decision
+  asks for a connection), the RSS, no Traceback, exit 0.
+
 Exit status: 0 if every check passed, 1 otherwise.
+
+Last run of the failover (``--duration 3600 --postgresql --failover 1800
+--set workers=3``, fail mode accept): to be filled in.
 """
 
 import argparse
@@ -125,6 +189,7 @@ SENDERS = ["alice@sender-a.test", "bob+one@sender-b.test",
 # greylisting defers new triplets all through a long run, not only at the
 # start (and the store grows).
 FRESH_SENDER_CHANCE = 0.2
+FRESH_PREFIX = "someone@fresh-"
 HOSTILE_SENDER = "mallory@attacker.test"
 
 # The proxy's timings (configuration keys).
@@ -325,6 +390,10 @@ class Message(object):
         self.eight_bit = eight_bit
         self.status = dict.fromkeys(recipients, PENDING)
         self.attempts = 0
+        # A sender never seen before: each recipient's first RCPT is a
+        # new triplet (--failover notes those, in ``sighted``).
+        self.fresh = sender.startswith(FRESH_PREFIX)
+        self.sighted = None
 
     def pending(self):
         return [recipient for recipient in self.recipients
@@ -520,6 +589,7 @@ class FaultyUpstream(socketserver.ThreadingTCPServer):
         self.sessions = 0
         self.open_sessions = 0
         self.faults_on = True
+        self.delays_on = True       # --failover suspends them a while
         socketserver.ThreadingTCPServer.__init__(
             self, (LOOPBACK, 0), UpstreamSession)
         self.port = self.server_address[1]
@@ -619,7 +689,8 @@ class UpstreamSession(socketserver.StreamRequestHandler):
         return None
 
     def reply(self, line):
-        if self.server.faults_on and self.rng.random() < DELAY_CHANCE:
+        if self.server.faults_on and self.rng.random() < DELAY_CHANCE \
+                and self.server.delays_on:
             self.server.faults.add("delay")
             time.sleep(self.rng.uniform(0.05, MAX_DELAY))
         self.wfile.write(line.encode("ascii") + b"\r\n")
@@ -1100,7 +1171,7 @@ class Client(threading.Thread):
             return Transaction(*due)
         recipients = self.rng.sample(RECIPIENTS, self.rng.randint(1, 5))
         if self.rng.random() < FRESH_SENDER_CHANCE:
-            sender = "someone@fresh-%08x.test" % self.rng.getrandbits(32)
+            sender = FRESH_PREFIX + "%08x.test" % self.rng.getrandbits(32)
         else:
             sender = self.rng.choice(SENDERS)
         message_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
@@ -1170,9 +1241,12 @@ class Client(threading.Thread):
         self.check_reply("MAIL", code, text, 250)
         if code == 250:
             for recipient in transaction.recipients:
+                asked = time.time()
                 code, text = smtp.rcpt(recipient)
                 transaction.rcpt[recipient] = (code, self.text(text))
                 self.check_reply("RCPT", code, text)
+                self.soak.rcpt_replied(message, recipient, code,
+                                       self.text(text), asked)
         if not transaction.accepted_recipients():
             smtp.rset()
             return
@@ -1235,6 +1309,8 @@ class Client(threading.Thread):
         for recipient in transaction.recipients:
             transaction.rcpt[recipient] = client.reply()
             self.check_reply("RCPT", *transaction.rcpt[recipient])
+            self.soak.rcpt_replied(message, recipient,
+                                   *transaction.rcpt[recipient])
         code, text = client.reply()
         if code != 354:
             transaction.data = (code, text)
@@ -1398,6 +1474,356 @@ class Client(threading.Thread):
 
 
 # ---------------------------------------------------------------------------
+# The failover (--failover)
+# ---------------------------------------------------------------------------
+
+# A line of the proxy's own log, and a decision of its dialogue log (debug).
+SERVICE_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) "
+                          r"smtpproxy\[(\d+)\]: ([A-Z]+) (.*)\Z")
+DECISION_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ "
+                           r"(relay|accept|refuse|defer|unavailable) "
+                           r"\S+: (\S+)")
+
+
+def log_time(date, milliseconds):
+    """The time (seconds since the epoch) of a log line's stamp, written
+    by logging in local time."""
+    return (time.mktime(time.strptime(date, "%Y-%m-%d %H:%M:%S"))
+            + int(milliseconds) / 1000.0)
+
+
+def log_stamp(moment):
+    """The stamp logging writes for ``moment``: stamps compare as text."""
+    return "%s,%03d" % (time.strftime("%Y-%m-%d %H:%M:%S",
+                                      time.localtime(moment)),
+                        int((moment - int(moment)) * 1000))
+
+
+class Failover(threading.Thread):
+    """--failover: the cluster's primary crashes ``at`` seconds into the
+    load, its standby is promoted ``promote_after`` seconds later (and,
+    with ``stale_after``, the old primary starts again that long after
+    the promotion); see the module's docstring.
+
+    ``events``: when each step was taken (time.time()): "stop" (the
+    primary's SIGQUIT sent), "stopped", "promote" (pg_ctl promote run),
+    "promoted" (out of recovery), "stale primary".  ``replies``: the RCPT
+    replies heard from ``before`` seconds before the stop to
+    ``window_after`` seconds after the promotion (the upstream makes no
+    delay from the stop to then), each (time of the reply, seconds it
+    took or None when pipelined, greylisted (451 4.7.1), a first
+    sighting of a new triplet); ``longest_outside`` the longest timed
+    reply outside that window, (seconds, time)."""
+
+    before = 10.0
+    window_after = 60.0
+    recovery_limit = 5.0        # seconds from the promotion to "usable"
+    rcpt_slack = 1.0            # a RCPT's reply: greylist_db_timeout + this
+
+    def __init__(self, soak, primary, standby, at, promote_after,
+                 stale_after=None):
+        threading.Thread.__init__(self, name="failover")
+        self.daemon = True
+        self.soak = soak
+        self.primary = primary
+        self.standby = standby
+        self.at = at
+        self.promote_after = promote_after
+        self.stale_after = stale_after
+        self.events = {}
+        self.error = None
+        self.lock = threading.Lock()
+        self.recording = False
+        self.replies = []
+        self.longest_outside = (0.0, None)
+
+    # -- the steps -------------------------------------------------------
+
+    def wait_until(self, moment):
+        """Until ``moment`` (time.monotonic()); False if the load ended
+        first."""
+        return not self.soak.stopping.wait(max(0.0,
+                                               moment - time.monotonic()))
+
+    def note(self, event):
+        self.events[event] = time.time()
+        if self.soak.args.verbose:
+            print("failover: %s at %.1f s into the load"
+                  % (event, self.events[event] - self.soak.started_wall))
+            sys.stdout.flush()
+
+    def run(self):
+        try:
+            self.steps()
+        except Exception as error:      # the cluster's tools failed
+            self.error = "%s: %s" % (error.__class__.__name__, error)
+        finally:
+            with self.lock:
+                self.recording = False
+            self.soak.upstream.delays_on = True
+
+    def steps(self):
+        start = self.soak.started
+        if not self.wait_until(start + self.at - self.before):
+            return
+        with self.lock:
+            self.recording = True
+        if not self.wait_until(start + self.at):
+            return
+        self.soak.upstream.delays_on = False
+        stop = time.monotonic()
+        self.note("stop")
+        self.primary.stop("immediate")
+        self.note("stopped")
+        if not self.wait_until(stop + self.promote_after):
+            return
+        self.note("promote")
+        self.standby.promote()
+        self.note("promoted")
+        promoted = time.monotonic()
+        later = [(promoted + self.window_after, self.end_window)]
+        if self.stale_after is not None:
+            later.append((promoted + self.stale_after, self.start_stale))
+        for moment, step in sorted(later, key=lambda item: item[0]):
+            if not self.wait_until(moment):
+                return
+            step()
+
+    def end_window(self):
+        with self.lock:
+            self.recording = False
+        self.soak.upstream.delays_on = True
+
+    def start_stale(self):
+        self.primary.start()
+        self.note("stale primary")
+
+    def rcpt(self, message, recipient, code, text, asked=None):
+        """A client heard ``code`` ``text`` to the RCPT of ``recipient``
+        (asked at ``asked``, time.time(), if timed)."""
+        now = time.time()
+        first = False
+        if message.fresh:
+            if message.sighted is None:
+                message.sighted = set()
+            first = recipient not in message.sighted
+            message.sighted.add(recipient)
+        seconds = None if asked is None else now - asked
+        greylisted = code == 451 and text.startswith("4.7.1")
+        with self.lock:
+            if self.recording:
+                self.replies.append((now, seconds, greylisted, first))
+            elif seconds is not None and seconds > self.longest_outside[0]:
+                self.longest_outside = (seconds, now)
+
+    # -- what happened ---------------------------------------------------
+
+    def workers(self, log_text, master):
+        """From the proxy's log, per process (pid) but the master: what
+        its store logged from the stop on: "failures" [(time, error)],
+        "moved" [(time, server)], "usable" [time], "stale" [(time,
+        text)]; and "before", the store's failures logged before the
+        stop."""
+        stop = self.events["stop"]
+        uri = smtpproxy.redact_uri(self.soak.proxy.greylist_db)
+        prefix = "greylisting store %s: " % uri
+        workers = {}
+        for line in log_text.splitlines():
+            match = SERVICE_LINE.match(line)
+            if match is None or not match.group(5).startswith(prefix):
+                continue
+            pid = int(match.group(3))
+            if pid == master:
+                continue
+            when = log_time(match.group(1), match.group(2))
+            text = match.group(5)[len(prefix):]
+            worker = workers.setdefault(pid, dict(
+                failures=[], moved=[], usable=[], stale=[], before=0))
+            if text.endswith("; decisions fall back to accept") or \
+                    text.endswith("; decisions fall back to defer"):
+                if when < stop:
+                    worker["before"] += 1
+                else:
+                    worker["failures"].append(
+                        (when, text.rsplit("; decisions fall back", 1)[0]))
+            elif when < stop:
+                continue
+            elif text == "usable again":
+                worker["usable"].append(when)
+            elif text.startswith("now on the server at "):
+                worker["moved"].append(
+                    (when, text[len("now on the server at "):].split(
+                        "; it was")[0]))
+            elif "former primary" in text:
+                worker["stale"].append((when, text))
+        return workers
+
+    def decisions(self, path, start, end):
+        """From the dialogue log: the decisions made in fail mode (rule
+        store-failed), a Counter by verdict, the first's and the last's
+        time; and the count of all decisions from ``start`` to
+        ``end``."""
+        failed = collections.Counter()
+        first = last = None
+        during = 0
+        low, high = log_stamp(start), log_stamp(end)
+        with open(path, "r", errors="replace") as log:
+            for line in log:
+                inside = low <= line[:23] <= high
+                if not inside and "store-failed" not in line:
+                    continue
+                match = DECISION_LINE.match(line)
+                if match is None:
+                    continue
+                during += inside
+                if match.group(4) == "store-failed":
+                    failed[match.group(3)] += 1
+                    when = log_time(match.group(1), match.group(2))
+                    first = when if first is None else min(first, when)
+                    last = when if last is None else max(last, when)
+        return failed, first, last, during
+
+    def report(self, log_text, master, debug_log, problems):
+        """The report's lines on the failover; its failures noted in
+        ``problems``."""
+        zero = self.soak.started_wall
+
+        def at(moment):
+            return "%.1f s" % (moment - zero) if moment is not None else "-"
+
+        lines = []
+        if self.error is not None:
+            problems.note("failover", self.error)
+        if "promoted" not in self.events:
+            problems.note("failover", "not made: %s" % (
+                self.error or "the load ended first (steps taken: %s)"
+                % (", ".join(sorted(self.events)) or "none")))
+            return ["  failover      not made; steps taken: %s"
+                    % (", ".join("%s at %s" % (name, at(moment))
+                                 for name, moment in sorted(
+                                     self.events.items(),
+                                     key=lambda item: item[1]))
+                       or "none")]
+        stop, promoted = self.events["stop"], self.events["promoted"]
+        lines.append(
+            "  failover      primary stopped (immediate) at %s into the "
+            "load (down at %s); standby promoted at %s (pg_ctl promote "
+            "run at %s), %.1f s after the stop%s"
+            % (at(stop), at(self.events["stopped"]), at(promoted),
+               at(self.events["promote"]), promoted - stop,
+               "; stale primary started at %s"
+               % at(self.events["stale primary"])
+               if "stale primary" in self.events else ""))
+        workers = self.workers(log_text, master)
+        recovered = []
+        errors = collections.Counter()
+        for pid, worker in sorted(workers.items()):
+            usable = [when for when in worker["usable"]
+                      if when >= self.events["promote"]]
+            moved = [item for item in worker["moved"]
+                     if item[0] >= self.events["promote"]]
+            for _, text in worker["failures"]:
+                errors[text] += 1
+            parts = []
+            if worker["failures"]:
+                parts.append("failed from %s (%d errors logged)"
+                             % (at(worker["failures"][0][0]),
+                                len(worker["failures"])))
+            else:
+                parts.append("no failure logged")
+            if moved:
+                parts.append("now on %s at %s" % (moved[0][1],
+                                                  at(moved[0][0])))
+            if usable:
+                recovered.append(usable[0])
+                parts.append("usable again at %s: %.2f s after the "
+                             "promotion" % (at(usable[0]),
+                                            usable[0] - promoted))
+                if usable[0] - promoted > self.recovery_limit:
+                    problems.note("slow recovery", "worker %d: usable again "
+                                  "%.1f s after the promotion"
+                                  % (pid, usable[0] - promoted))
+            elif worker["failures"]:
+                parts.append("never usable again")
+                problems.note("no recovery", "worker %d: its store failed "
+                              "from %s, and never logged \"usable again\" "
+                              "after the promotion" % (
+                                  pid, at(worker["failures"][0][0])))
+            if worker["before"]:
+                parts.append("%d failures logged before the stop"
+                             % worker["before"])
+            for when, text in worker["stale"]:
+                parts.append("at %s: %s" % (at(when), text))
+            lines.append("  worker %-6d %s" % (pid, "; ".join(parts)))
+        for text, count in errors.most_common():
+            lines.append("    %d x %s" % (count, text if len(text) < 240
+                                           else text[:240] + "..."))
+        end = max(recovered) if recovered else promoted
+        lines.append("  outage        %.1f s: the stop to the last worker's "
+                     "recovery (%s)" % (end - stop, at(end)))
+        if debug_log is not None and os.path.exists(debug_log):
+            failed, first, last, during = self.decisions(debug_log, stop,
+                                                         end)
+            lines.append(
+                "  fail mode     %d decisions made in fail mode (%s), "
+                "from %s to %s; %d decisions in all during the outage"
+                % (sum(failed.values()),
+                   self.soak.format_counts(dict(failed)), at(first),
+                   at(last), during))
+        else:
+            lines.append("  fail mode     not counted: no dialogue log "
+                         "(debug = no)")
+        lines += self.client_lines(stop, end, promoted, at, problems)
+        return lines
+
+    def client_lines(self, stop, end, promoted, at, problems):
+        with self.lock:
+            replies = list(self.replies)
+            outside = self.longest_outside
+        timed = []
+        heard = greylisted = 0
+        passed = []             # first sightings not greylisted
+        regreylisted = None     # the first greylisted after the promotion
+        for when, seconds, deferred, first in replies:
+            asked = when - (seconds or 0)
+            if seconds is not None and asked <= end and when >= stop:
+                timed.append((seconds, when))
+            elif seconds is not None and seconds > outside[0]:
+                outside = (seconds, when)
+            if stop <= when <= end:
+                heard += 1
+                greylisted += deferred
+            if first and stop <= when <= end and not deferred:
+                passed.append(when)
+            if first and deferred and when >= promoted and (
+                    regreylisted is None or when < regreylisted):
+                regreylisted = when
+        longest = max(timed) if timed else (0.0, None)
+        limit = self.soak.setting(
+            "greylist_db_timeout",
+            smtpproxy.GreyListingPolicy.greylist_db_timeout)
+        if longest[0] > limit + self.rcpt_slack:
+            problems.note("slow RCPT in the outage", "%.1f s at %s "
+                          "(greylist_db_timeout %s s)"
+                          % (longest[0], at(longest[1]), limit))
+        lines = [
+            "  clients       %d RCPT replies in the outage, %d of them "
+            "451 4.7.1; the longest of %d timed %.2f s (at %s; "
+            "greylist_db_timeout %g s); the longest outside it %.2f s"
+            % (heard, greylisted, len(timed), longest[0], at(longest[1]),
+               limit, outside[0]),
+        ]
+        if self.soak.setting_text("greylist_fail_mode", "accept") == \
+                "accept":
+            lines.append(
+                "  new triplets  %d passed ungreylisted in the outage (the "
+                "last at %s); the first greylisted after the promotion at "
+                "%s" % (len(passed), at(max(passed) if passed else None),
+                        at(regreylisted)))
+        return lines
+
+
+# ---------------------------------------------------------------------------
 # The run, the checks and the report
 # ---------------------------------------------------------------------------
 
@@ -1408,8 +1834,11 @@ class Soak(object):
     thread_slack = 2
     rss_growth = 1.2
 
-    def __init__(self, args, directory):
+    def __init__(self, args, directory, primary=None, standby=None):
         self.args = args
+        self.primary = primary          # the cluster, with --failover
+        self.standby = standby
+        self.failover = None
         self.directory = directory
         self.seed = args.seed
         self.problems = Problems()
@@ -1425,6 +1854,7 @@ class Soak(object):
         self.samples = []
         self.baseline_descriptors = self.idle_descriptors = []
         self.started = time.monotonic()
+        self.started_wall = time.time()
         self.exit_status = None
         self.log = ""
 
@@ -1437,10 +1867,17 @@ class Soak(object):
     def run(self):
         self.upstream = FaultyUpstream(self.seed, self.problems)
         try:
+            settings = []
+            if self.args.failover is not None:
+                # What the failover's report needs (see the docstring);
+                # --set comes after: the last line of a key is in force.
+                settings = ["debug = yes",
+                            "greylist_debuglog = %s" % self.debug_log(),
+                            "client_key = network"]
             try:
                 self.proxy = ProxyProcess(
                     self.args.python, self.directory, self.upstream.port,
-                    self.args.greylist_db,
+                    self.args.greylist_db, settings +
                     [item.replace("=", " = ", 1) for item in self.args.set])
             except OSError as error:
                 print("FAIL: cannot run %s: %s" % (self.args.python, error))
@@ -1466,6 +1903,13 @@ class Soak(object):
         self.baseline = self.proxy.sample()
         self.baseline_descriptors = self.proxy.descriptors()
         self.started = time.monotonic()
+        self.started_wall = time.time()
+        if self.args.failover is not None:
+            self.failover = Failover(self, self.primary, self.standby,
+                                     self.args.failover,
+                                     self.args.promote_after,
+                                     self.args.stale_primary)
+            self.failover.start()
         monitor = Monitor(self.proxy,
                           int(self.args.duration / SAMPLE_INTERVAL) + 100,
                           self.progress if self.args.verbose else None)
@@ -1484,6 +1928,11 @@ class Soak(object):
             client.join(max(0.1, stop_by - time.monotonic()))
             if client.is_alive():
                 self.problems.note("client did not stop", client.name)
+        if self.failover is not None:
+            # A step under way (pg_ctl, a start) ends within its timeout.
+            self.failover.join(120)
+            if self.failover.is_alive():
+                self.problems.note("failover", "its thread did not end")
         self.load_time = time.monotonic() - self.started
         monitor.stop()
         self.samples = monitor.samples
@@ -1499,6 +1948,30 @@ class Soak(object):
         self.idle = self.wait_idle()
         self.idle_descriptors = self.proxy.descriptors()
         self.settle_time = time.monotonic() - self.started - self.load_time
+
+    def setting_text(self, name, default):
+        """The proxy's key ``name`` as --set gives it, as text."""
+        for item in reversed(self.args.set):
+            key, _, value = item.partition("=")
+            if key.strip() == name:
+                return value.strip()
+        return default
+
+    def debug_log(self):
+        """The proxy's dialogue log (--failover turns debug on), or None
+        when --set turns it off."""
+        if self.setting_text("debug", "yes" if self.args.failover is not None
+                             else "no").lower() not in ("yes", "true", "on",
+                                                        "1"):
+            return None
+        return self.setting_text("greylist_debuglog", os.path.join(
+            self.directory, "greylist-debug.log"))
+
+    def rcpt_replied(self, message, recipient, code, text, asked=None):
+        """A client heard ``code`` ``text`` to a RCPT (asked at
+        ``asked``, time.time(), if timed): --failover notes it."""
+        if self.failover is not None:
+            self.failover.rcpt(message, recipient, code, text, asked)
 
     def setting(self, name, default):
         """The proxy's key ``name`` (a number) as --set gives it."""
@@ -1631,6 +2104,10 @@ class Soak(object):
         counts = self.check_ledger()
         self.check_resources()
         tracebacks = self.check_proxy()
+        failover_lines = []
+        if self.failover is not None:
+            failover_lines = self.failover.report(
+                self.log, self.proxy.pid, self.debug_log(), self.problems)
         problems = self.problems
         failed = sum(problems.counts.values())
         tally = dict(self.tally.items())
@@ -1679,6 +2156,7 @@ class Soak(object):
         lines += self.resource_lines()
         lines.append("  proxy log     %d tracebacks; exit status %s"
                      % (tracebacks, self.exit_status))
+        lines += failover_lines
         if failed:
             lines.append("failures:")
             lines += problems.lines(self.args.verbose)
@@ -1732,6 +2210,16 @@ def parse_args(argv):
     parser.add_argument("--postgresql", action="store_true",
                         help="greylist in a private PostgreSQL cluster "
                         "(tests/pg.py), stopped at the end")
+    parser.add_argument("--failover", metavar="SECONDS", type=float,
+                        nargs="?", const=-1.0, default=None,
+                        help="with --postgresql: a hot standby, the primary "
+                        "crashed SECONDS into the load (half the duration)")
+    parser.add_argument("--promote-after", metavar="SECONDS", type=float,
+                        default=15.0, help="the standby promoted SECONDS "
+                        "after the primary's crash (15)")
+    parser.add_argument("--stale-primary", metavar="SECONDS", type=float,
+                        default=None, help="the old primary started again "
+                        "SECONDS after the promotion (not by default)")
     parser.add_argument("--set", metavar="KEY=VALUE", action="append",
                         default=[], help="a configuration key of the proxy "
                         "(repeatable), such as --set workers=2")
@@ -1744,20 +2232,40 @@ def parse_args(argv):
         args.seed = random.SystemRandom().randrange(10 ** 6)
     if args.duration <= 0 or args.clients < 1:
         parser.error("--duration and --clients must be positive")
+    if args.failover is not None:
+        if not args.postgresql:
+            parser.error("--failover needs --postgresql (its cluster)")
+        if args.failover < 0:
+            args.failover = args.duration / 2.0
+        if args.promote_after < 0 or args.failover < Failover.before or \
+                args.failover + args.promote_after >= args.duration:
+            parser.error("--failover and --promote-after: the promotion "
+                         "must come within the load, the crash %d s into "
+                         "it at least" % Failover.before)
+    elif args.stale_primary is not None:
+        parser.error("--stale-primary goes with --failover")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     directory = tempfile.mkdtemp(prefix="smtpproxy-soak-")
-    cluster = None
+    cluster = standby = None
     try:
         if args.postgresql:
             import pg
             cluster = pg.PostgreSQL()
             args.greylist_db = cluster.database()
-        return Soak(args, directory).run()
+            if args.failover is not None:
+                # The database is there already: the standby has it too.
+                standby = cluster.standby()
+                args.greylist_db = "postgresql://%s:%s@%s:%d,%s:%d/%s" % (
+                    pg.ROLE, pg.PASSWORD, LOOPBACK, cluster.port, LOOPBACK,
+                    standby.port, args.greylist_db.rsplit("/", 1)[1])
+        return Soak(args, directory, cluster, standby).run()
     finally:
+        if standby is not None:
+            standby.close()
         if cluster is not None:
             cluster.close()
         if args.keep:
