@@ -5556,9 +5556,12 @@ stores = Stores()                   # GreylistStore per file and timings
 # == 10. Greylisting: the PostgreSQL store ==
 # ===========================================================================
 #
-# Owns:  a store shared by several MX hosts (PostgreSQLStore), its URI (read
-#        as libpq reads it, never shown with its password: hide_secrets), the
-#        driver (imported only here), and what is a configuration error.
+# Owns:  a store shared by several MX hosts (PostgreSQLStore: its connector
+#        thread, the primary it finds among the URI's hosts, the server it
+#        says it is on), its URI (read as libpq reads it, never shown with
+#        its password: hide_secrets), the driver (imported only here; the
+#        start imports it as root: _load_postgresql_driver), and what is a
+#        configuration error.
 # Enter: PostgreSQLStore(location, settings), via open_store().
 # Uses:  section 9 (StoreBase).
 
