@@ -255,6 +255,42 @@ def test_a_decision_waits_at_most_greylist_db_timeout(pg_uri,
     store.close()
 
 
+def test_statements_after_a_wait_may_take_only_what_is_left(
+        pg_uri, postgresql, driver_connection):
+    class Quick(smtpproxy.PostgreSQLStore):
+        greylist_db_timeout = 1
+    store = Quick(pg_uri)
+    store.decide("locked", 0)
+    cursor = driver_connection.cursor()
+    cursor.execute("SELECT * FROM smtpproxy_triplets WHERE key = 'locked'"
+                   " FOR UPDATE")
+    failures = []
+
+    def decide():
+        try:
+            store.decide("locked", 0)
+        except smtpproxy.StoreError as error:
+            failures.append(str(error))
+    # The decision waits for its turn (another of this process holds it)
+    # a while, then for the row: its statement has the rest of its second.
+    store._lock.acquire()
+    thread = threading.Thread(target=decide)
+    thread.start()
+    time.sleep(0.3)                 # a part of its budget goes by
+    store._lock.release()
+    query = wait_until(lambda: postgresql.sql(
+        "SELECT query FROM pg_stat_activity WHERE application_name ="
+        " 'smtpproxy' AND wait_event_type = 'Lock'",
+        pg_uri.rsplit("/", 1)[1]), what="the decision to wait for the row")
+    thread.join()
+    driver_connection.rollback()
+    left = int(query.split("SET LOCAL statement_timeout = ")[1].split(";")[0])
+    assert 0 < left <= 700, query
+    assert len(failures) == 1 and "statement timeout" in failures[0], failures
+    assert store.decide("other", 0) is False
+    store.close()
+
+
 def test_an_outage_is_one_error_then_fails_fast_then_recovers(pg_uri,
                                                               postgresql):
     class Quick(smtpproxy.PostgreSQLStore):
