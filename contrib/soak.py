@@ -110,23 +110,30 @@ Failover (``--failover``, with ``--postgresql``):
   made in fail mode) and ``client_key = network`` (no reverse lookup: a
   lookup the resolver leaves unanswered waits dns_timeout, 5 s, which
   would hide the store's wait in a RCPT's reply time); --set overrides
-  both.  From the primary's stop until 60 seconds after the promotion
-  the upstream injects no delay (its other faults go on), so that a
-  RCPT's reply time is the proxy's decision.
-- The report's failover lines: when the primary stopped and when the
-  standby was ready as primary (promote() returned), in seconds into the
-  load; for each worker process, from the proxy's log: its store
-  failures (logged once per distinct error and incident), its "now on
-  the server at" (the store on the promoted standby) and its "usable
-  again" (its first decision made by the store again), the time from
-  the promotion to the latter (its recovery); the decisions made in
-  fail mode (the dialogue log's "store-failed" lines: their count, the
-  first and the last) of all the decisions in the outage (the primary's
-  stop to the last worker's recovery); what the clients saw then:
-  their RCPTs (timed in the smtplib sessions, one command at a time) and
-  the longest reply, and, with fail mode accept, the new triplets
-  (a fresh sender's first RCPT) that passed ungreylisted, and the
-  first greylisted again after the promotion.
+  both.  From 10 seconds before the primary's stop until 60 seconds
+  after the promotion the upstream injects no delay (its other faults go
+  on), so that a RCPT's reply time is the proxy's decision (and the
+  upstream's prompt reply).
+- The report's failover lines, in seconds into the load: when the
+  primary was stopped, when pg_ctl promote ran, and when the standby
+  was ready as primary (its log's "database system is ready to accept
+  connections" after "selected new timeline ID"; promote() returning,
+  which polls, is shown too); for each worker process, from the proxy's
+  log: its store failures (logged once per distinct error and
+  incident; libpq's text shown per host), its "now on the server at"
+  (the store on the promoted standby) and its "usable again" (its first
+  decision made by the store again), and the time from the standby's
+  readiness to the latter: the worker's recovery; the outage, from the
+  stop to the last worker's recovery; the decisions made in fail mode
+  (the dialogue log's "store-failed" lines: their count, the first and
+  the last) of all the decisions in the outage, and the longest of
+  these (the dialogue log's RCPT line to its decision's); what the
+  clients saw then: their RCPT replies, and the longest (timed in the
+  smtplib sessions, one command at a time, so that the reply is that
+  RCPT's own; relayed to the upstream when accepted), and, with fail
+  mode accept, the new triplets (a fresh sender's first RCPT) that
+  passed ungreylisted, and the first greylisted again after the
+  promotion.
 - It fails when the failover could not be made, when a worker whose
   store failed does not log "usable again" after the promotion, or only
   more than 5 seconds after it (decisions should work again within about
@@ -146,6 +153,7 @@ Last run of the failover (``--duration 3600 --postgresql --failover 1800
 """
 
 import argparse
+import calendar
 import collections
 import hashlib
 import heapq
@@ -523,6 +531,7 @@ class Ledger(object):
                                (due, self.sequence, message))
             elif not message.pending():
                 message.content = None
+                message.sighted = None
 
     @staticmethod
     def outcome(transaction, recipient):
@@ -1492,6 +1501,54 @@ def log_time(date, milliseconds):
             + int(milliseconds) / 1000.0)
 
 
+# A line of PostgreSQL's log (log_line_prefix '%m [%p] ', 15's default).
+POSTGRES_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3}) "
+                           r"(\S+) \[\d+\] \w+: +(.*)")
+
+
+def postgres_ready(log_text):
+    """When a promoted standby was ready as primary, by its log: its
+    "database system is ready to accept connections" after "selected new
+    timeline ID" (time.time()); None if its log does not say."""
+    promoted = False
+    for line in log_text.splitlines():
+        match = POSTGRES_LINE.match(line)
+        if match is None:
+            continue
+        if match.group(4).startswith("selected new timeline ID"):
+            promoted = True
+        elif promoted and match.group(4).startswith(
+                "database system is ready to accept connections"):
+            stamp = time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")
+            # log_timezone: initdb's, the system's (UTC here).
+            seconds = (calendar.timegm(stamp)
+                       if match.group(3) in ("UTC", "GMT")
+                       else time.mktime(stamp))
+            return seconds + int(match.group(2)) / 1000.0
+    return None
+
+
+# libpq's failure of a URI of several hosts, per host (psycopg 3's text).
+LIBPQ_HOST_FAILURE = re.compile(
+    r"- host: '([^']*)', port: '([^']*)'.*?, port \d+ failed: "
+    r"(.*?)(?= - host: |\Z)")
+
+
+def short_error(text):
+    """A store's error as the report shows it: libpq's failure of several
+    hosts as each host's reason, in one sentence each; else its first 240
+    characters."""
+    if "All failures were:" in text:
+        failures = LIBPQ_HOST_FAILURE.findall(text.split(
+            "All failures were:", 1)[1])
+        if failures:
+            return "; ".join(
+                "%s:%s %s" % (host, port, re.split(
+                    r"(?<=[a-z]) (?=[A-Z])", reason, 1)[0])
+                for host, port, reason in failures)
+    return text if len(text) < 240 else text[:240] + "..."
+
+
 def log_stamp(moment):
     """The stamp logging writes for ``moment``: stamps compare as text."""
     return "%s,%03d" % (time.strftime("%Y-%m-%d %H:%M:%S",
@@ -1510,7 +1567,7 @@ class Failover(threading.Thread):
     "promoted" (out of recovery), "stale primary".  ``replies``: the RCPT
     replies heard from ``before`` seconds before the stop to
     ``window_after`` seconds after the promotion (the upstream makes no
-    delay from the stop to then), each (time of the reply, seconds it
+    delay meanwhile), each (time of the reply, seconds it
     took or None when pipelined, greylisted (451 4.7.1), a first
     sighting of a new triplet); ``longest_outside`` the longest timed
     reply outside that window, (seconds, time)."""
@@ -1568,9 +1625,10 @@ class Failover(threading.Thread):
             return
         with self.lock:
             self.recording = True
+        # No upstream delay meanwhile: none is under way at the stop.
+        self.soak.upstream.delays_on = False
         if not self.wait_until(start + self.at):
             return
-        self.soak.upstream.delays_on = False
         stop = time.monotonic()
         self.note("stop")
         self.primary.stop("immediate")
@@ -1661,11 +1719,14 @@ class Failover(threading.Thread):
     def decisions(self, path, start, end):
         """From the dialogue log: the decisions made in fail mode (rule
         store-failed), a Counter by verdict, the first's and the last's
-        time; and the count of all decisions from ``start`` to
-        ``end``."""
+        time; the count of all decisions from ``start`` to ``end``, and
+        the longest of them, (seconds, time): from the RCPT's line to the
+        decision's, in the session (its client's address and port)."""
         failed = collections.Counter()
         first = last = None
         during = 0
+        longest = (0.0, None)
+        asked = {}
         low, high = log_stamp(start), log_stamp(end)
         with open(path, "r", errors="replace") as log:
             for line in log:
@@ -1674,14 +1735,23 @@ class Failover(threading.Thread):
                     continue
                 match = DECISION_LINE.match(line)
                 if match is None:
+                    words = line[24:].split(" ", 3)
+                    if inside and len(words) > 2 and words[1] == "<" and \
+                            words[2].upper() == "RCPT":
+                        asked[words[0]] = log_time(line[:19], line[20:23])
                     continue
-                during += inside
+                if inside:
+                    during += 1
+                    when = log_time(match.group(1), match.group(2))
+                    since = asked.pop(line[24:].split(" ", 1)[0], None)
+                    if since is not None and when - since > longest[0]:
+                        longest = (when - since, when)
                 if match.group(4) == "store-failed":
                     failed[match.group(3)] += 1
                     when = log_time(match.group(1), match.group(2))
                     first = when if first is None else min(first, when)
                     last = when if last is None else max(last, when)
-        return failed, first, last, during
+        return failed, first, last, during, longest
 
     def report(self, log_text, master, debug_log, problems):
         """The report's lines on the failover; its failures noted in
@@ -1704,13 +1774,21 @@ class Failover(threading.Thread):
                                      self.events.items(),
                                      key=lambda item: item[1]))
                        or "none")]
-        stop, promoted = self.events["stop"], self.events["promoted"]
+        stop = self.events["stop"]
+        # The standby's own log says when it was ready as primary; the
+        # poll (promote() returning) sees it up to a second later.
+        ready = postgres_ready(self.standby.log())
+        promoted = ready if ready is not None else self.events["promoted"]
         lines.append(
             "  failover      primary stopped (immediate) at %s into the "
-            "load (down at %s); standby promoted at %s (pg_ctl promote "
-            "run at %s), %.1f s after the stop%s"
-            % (at(stop), at(self.events["stopped"]), at(promoted),
-               at(self.events["promote"]), promoted - stop,
+            "load (down at %s); pg_ctl promote run at %s; the standby "
+            "ready as primary at %s (%s), %.1f s after the stop; "
+            "promote() returned at %s%s"
+            % (at(stop), at(self.events["stopped"]),
+               at(self.events["promote"]), at(promoted),
+               "its log" if ready is not None else "not in its log: "
+               "promote() returned", promoted - stop,
+               at(self.events["promoted"]),
                "; stale primary started at %s"
                % at(self.events["stale primary"])
                if "stale primary" in self.events else ""))
@@ -1755,21 +1833,24 @@ class Failover(threading.Thread):
             for when, text in worker["stale"]:
                 parts.append("at %s: %s" % (at(when), text))
             lines.append("  worker %-6d %s" % (pid, "; ".join(parts)))
-        for text, count in errors.most_common():
-            lines.append("    %d x %s" % (count, text if len(text) < 240
-                                           else text[:240] + "..."))
+        shown = collections.Counter()
+        for text, count in errors.items():
+            shown[short_error(text)] += count
+        for text, count in shown.most_common():
+            lines.append("    %d x %s" % (count, text))
         end = max(recovered) if recovered else promoted
         lines.append("  outage        %.1f s: the stop to the last worker's "
                      "recovery (%s)" % (end - stop, at(end)))
         if debug_log is not None and os.path.exists(debug_log):
-            failed, first, last, during = self.decisions(debug_log, stop,
-                                                         end)
+            failed, first, last, during, slowest = self.decisions(
+                debug_log, stop, end)
             lines.append(
                 "  fail mode     %d decisions made in fail mode (%s), "
-                "from %s to %s; %d decisions in all during the outage"
+                "from %s to %s; %d decisions in all during the outage, "
+                "the longest %.2f s (at %s; RCPT read to decision)"
                 % (sum(failed.values()),
                    self.soak.format_counts(dict(failed)), at(first),
-                   at(last), during))
+                   at(last), during, slowest[0], at(slowest[1])))
         else:
             lines.append("  fail mode     not counted: no dialogue log "
                          "(debug = no)")
