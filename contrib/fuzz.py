@@ -119,7 +119,6 @@ import random
 import re
 import shutil
 import socket
-import struct
 import sys
 import tempfile
 import threading
@@ -178,6 +177,8 @@ _REPLY_LINE = re.compile(br"([2-5][0-5][0-9])(?:([ -])([\t\x20-\x7e]*))?"
                          br"\r\n\Z")
 _LOOKS_ENHANCED = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+")
 _ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: |\Z)")
+# In a message: a NUL, a CR without its LF, a LF without its CR.
+_FORBIDDEN = re.compile(b"\x00|\r(?!\n)|(?<!\r)\n")
 _MESSAGE_ID = re.compile(br"^X-Soak-Id: ([0-9a-f-]+)\r$", re.M)
 # A path in angle brackets, a quoted string's ">" inside it, and the rest.
 _PATH = re.compile(br'<(?:"(?:[^"\\\r\n]|\\.)*"|[^<>"\r\n])*>')
@@ -230,17 +231,15 @@ def unstuff(message):
 
 def message_problem(message):
     """Why the proxy must refuse ``message`` (dot-stuffed, up to the final
-    dot), or None."""
-    if b"\x00" in message:
-        return "NUL"
-    line_ends = message.count(b"\r\n")
-    if message.count(b"\n") != line_ends:
-        return "bare LF"
-    if message.count(b"\r") != line_ends:
-        return "bare CR"
-    for line in message.split(b"\r\n"):
-        if len(line) - line.startswith(b".") + 2 > MAX_TEXT_LINE:
-            return "a line over %d octets" % MAX_TEXT_LINE
+    dot), or None: said otherwise than the proxy's DataScanner does."""
+    match = _FORBIDDEN.search(message)
+    if match:
+        return {b"\x00": "NUL", b"\r": "bare CR", b"\n": "bare LF"}[
+            match.group()]
+    longest = MAX_TEXT_LINE - 2
+    if any(len(line) > longest and len(line) - line.startswith(b".")
+           > longest for line in message.split(b"\r\n")):
+        return "a line over %d octets" % MAX_TEXT_LINE
     return None
 
 
@@ -489,7 +488,7 @@ class Plan(object):
             ("delete", 3), ("line end", 5), ("smuggle", 6),
             ("bad data octet", 4), ("long data line", 4), ("data octets", 4),
             ("early end", 2), ("unstuffed", 2), ("undeclared 8-bit", 2))
-        for _ in range(rng.choice((1, 1, 1, 2, 2, 3))):
+        for _ in range(rng.choice((1, 1, 1, 1, 2, 3))):
             name = soak.choose(rng, operations)
             if getattr(self, "mutate_" + name.replace(" ", "_").replace(
                     "-", "_"))():
@@ -603,40 +602,33 @@ class Plan(object):
             self.replace_line(index, line)
         return True
 
-    def command_octets(self):
-        """(index, line as a bytearray) of a random command, or None."""
+    def edit_command(self, edit):
+        """Apply ``edit`` to the octets (a bytearray) of a random command."""
         index = self.pick()
         if index is None:
-            return None, None
-        return index, bytearray(self.items[index].data)
+            return False
+        line = bytearray(self.items[index].data)
+        edit(line, self.rng)
+        self.items[index] = Item("command", bytes(line), self.items[index].verb)
+        return True
 
     def mutate_flip(self):
-        index, line = self.command_octets()
-        if index is None:
-            return False
-        position = self.rng.randrange(len(line))
-        line[position] ^= 1 << self.rng.randrange(8)
-        self.items[index] = Item("command", bytes(line), self.items[index].verb)
-        return True
+        def flip(line, rng):
+            line[rng.randrange(len(line))] ^= 1 << rng.randrange(8)
+        return self.edit_command(flip)
 
     def mutate_octet(self):
-        index, line = self.command_octets()
-        if index is None:
-            return False
-        position = self.rng.randrange(len(line) + 1)
-        octet = (self.rng.choice(SPECIAL_OCTETS) if self.rng.random() < 0.8
-                 else bytes((self.rng.randrange(256),)))
-        line[position:position] = octet
-        self.items[index] = Item("command", bytes(line), self.items[index].verb)
-        return True
+        def insert(line, rng):
+            position = rng.randrange(len(line) + 1)
+            line[position:position] = (
+                rng.choice(SPECIAL_OCTETS) if rng.random() < 0.8
+                else bytes((rng.randrange(256),)))
+        return self.edit_command(insert)
 
     def mutate_delete(self):
-        index, line = self.command_octets()
-        if index is None:
-            return False
-        del line[self.rng.randrange(len(line))]
-        self.items[index] = Item("command", bytes(line), self.items[index].verb)
-        return True
+        def delete(line, rng):
+            del line[rng.randrange(len(line))]
+        return self.edit_command(delete)
 
     def mutate_line_end(self):
         index = self.pick()
@@ -647,112 +639,99 @@ class Plan(object):
                                  + self.rng.choice(LINE_ENDS), item.verb)
         return True
 
-    def message_octets(self):
-        """(index, stuffed message, where its body begins) of a random
-        message, or Nones: mutations of the data leave its header block
-        alone, so that the message keeps its id."""
+    def edit_message(self, edit):
+        """Replace a random message by ``edit(data, body, rng)``: ``data``
+        its octets, dot-stuffed, to its final dot, ``body`` where its body
+        begins (the header block is left alone, so that the message keeps
+        its id); False if there is none, or ``edit`` returns None."""
         index = self.pick("message")
         if index is None:
-            return None, None, None
+            return False
         data = self.items[index].data
-        return index, data, data.find(b"\r\n\r\n") + 4
-
-    def body_position(self, data, start, line_start=False):
-        """A place in the body, before the final dot."""
-        if line_start:
-            starts = [start] + [match.end() for match in re.finditer(
-                b"\r\n", data[start:len(data) - 3])]
-            return self.rng.choice(starts) if starts else start
-        return self.rng.randint(start, len(data) - 3)
-
-    def set_message(self, index, data):
+        data = edit(data, data.find(b"\r\n\r\n") + 4, self.rng)
+        if data is None:
+            return False
         self.items[index] = Item("message", data)
+        return True
+
+    @staticmethod
+    def body_position(data, body, rng, line_start=False):
+        """A place in the body, before the final dot: anywhere, or where a
+        line begins."""
+        if not line_start:
+            return rng.randint(body, len(data) - 3)
+        return rng.choice([body] + [match.end() for match in re.finditer(
+            b"\r\n", data[body:len(data) - 3])])
 
     def mutate_smuggle(self):
-        index, data, start = self.message_octets()
-        if index is None:
-            return False
-        rng = self.rng
-        inner_id = "%x-%x-%x" % (self.seed, self.number, 100 + index)
-        inner = soak.dot_stuff(self.content(inner_id, False))
-        position = self.body_position(data, start, line_start=True)
-        smuggled = (rng.choice(SMUGGLED_ENDS)
-                    + b"MAIL FROM:<mallory@attacker.test>\r\n"
-                    b"RCPT TO:<user00@" + DOMAIN.encode() + b">\r\nDATA\r\n"
-                    + inner)
-        # The fake end in place of the CR LF that ends a line.
-        position = max(start, position - 2)
-        self.set_message(index, data[:position] + smuggled[:-3]
-                         + data[position:])
-        return True
+        """A second message behind a fake end, in place of a line's CR LF:
+        it ends at the real end."""
+        inner_id = "%x-%x-%x" % (self.seed, self.number, 100 + len(
+            self.mutations))
+        inner = soak.dot_stuff(self.content(inner_id, False))[:-3]
+
+        def smuggle(data, body, rng):
+            position = max(body, self.body_position(data, body, rng, True)
+                           - 2)
+            return (data[:position] + rng.choice(SMUGGLED_ENDS)
+                    + b"MAIL FROM:<mallory@attacker.test>\r\nRCPT TO:<user00@"
+                    + DOMAIN.encode() + b">\r\nDATA\r\n" + inner
+                    + data[position:])
+        return self.edit_message(smuggle)
 
     def mutate_bad_data_octet(self):
-        index, data, start = self.message_octets()
-        if index is None:
-            return False
-        position = self.body_position(data, start)
-        self.set_message(index, data[:position] + self.rng.choice(
-            (b"\x00", b"\r", b"\n", b"\r\r\n", b"\n\n")) + data[position:])
-        return True
+        def insert(data, body, rng):
+            position = self.body_position(data, body, rng)
+            return data[:position] + rng.choice(
+                (b"\x00", b"\r", b"\n", b"\r\r\n", b"\n\n")) + data[position:]
+        return self.edit_message(insert)
 
     def mutate_long_data_line(self):
-        index, data, start = self.message_octets()
-        if index is None:
-            return False
-        rng = self.rng
-        length = rng.choice(DATA_LINE_LENGTHS)
-        line = (rng.choice((b"x", b".")) * 2 + self.text.text(
-            rng, length)).replace(b"\r", b"x").replace(b"\n", b"x")[:length]
-        position = self.body_position(data, start, line_start=True)
-        self.set_message(index, data[:position] + line + b"\r\n"
-                         + data[position:])
-        return True
+        def insert(data, body, rng):
+            length = rng.choice(DATA_LINE_LENGTHS)
+            line = (rng.choice((b"x", b".")) * 2 + self.text.text(
+                rng, length)).replace(b"\r", b"x").replace(b"\n", b"x")
+            position = self.body_position(data, body, rng, True)
+            return data[:position] + line[:length] + b"\r\n" + data[position:]
+        return self.edit_message(insert)
 
     def mutate_data_octets(self):
-        index, data, start = self.message_octets()
-        if index is None:
-            return False
-        data = bytearray(data)
-        for _ in range(self.rng.randint(1, 4)):
-            position = self.body_position(bytes(data), start)
-            what = self.rng.randrange(3)
-            if what == 0 and position < len(data) - 3:
-                data[position] ^= 1 << self.rng.randrange(8)
-            elif what == 1:
-                data[position:position] = self.rng.choice(SPECIAL_OCTETS)
-            elif position < len(data) - 3:
-                del data[position]
-        self.set_message(index, bytes(data))
-        return True
+        def change(data, body, rng):
+            data = bytearray(data)
+            for _ in range(rng.randint(1, 4)):
+                position = self.body_position(data, body, rng)
+                what = rng.randrange(3)
+                if what == 1:
+                    data[position:position] = rng.choice(SPECIAL_OCTETS)
+                elif position < len(data) - 3 and what == 0:
+                    data[position] ^= 1 << rng.randrange(8)
+                elif position < len(data) - 3:
+                    del data[position]
+            return bytes(data)
+        return self.edit_message(change)
 
     def mutate_early_end(self):
-        index, data, start = self.message_octets()
-        if index is None:
-            return False
-        position = self.body_position(data, start, line_start=True)
-        self.set_message(index, data[:position] + b".\r\n" + data[position:])
-        return True
+        def end(data, body, rng):
+            position = self.body_position(data, body, rng, True)
+            return data[:position] + b".\r\n" + data[position:]
+        return self.edit_message(end)
 
     def mutate_unstuffed(self):
-        index, data, start = self.message_octets()
-        if index is None:
-            return False
-        stuffed = [match.start() + 2 for match in re.finditer(
-            b"\r\n\\.\\.", data[start - 2:])]
-        if not stuffed:
-            return False
-        position = start - 2 + self.rng.choice(stuffed)
-        self.set_message(index, data[:position] + data[position + 1:])
-        return True
+        def unstuff_one(data, body, rng):
+            stuffed = [match.start() + 2 for match in re.finditer(
+                b"\r\n[.][.]", data[body - 2:])]
+            if not stuffed:
+                return None
+            position = body - 2 + rng.choice(stuffed)
+            return data[:position] + data[position + 1:]
+        return self.edit_message(unstuff_one)
 
     def mutate_undeclared_8_bit(self):
-        index, data, start = self.message_octets()
-        if index is None:
-            return False
-        position = self.body_position(data, start)
-        self.set_message(index, data[:position] + "\u00e9t\u00e9".encode(
-            "utf-8") + data[position:])
-        return True
+        def insert(data, body, rng):
+            position = self.body_position(data, body, rng)
+            return (data[:position] + "\u00e9t\u00e9".encode("utf-8")
+                    + data[position:])
+        return self.edit_message(insert)
 
     # -- the writes -------------------------------------------------------
 
@@ -815,28 +794,27 @@ class NoReply(Exception):
 Reply = collections.namedtuple("Reply", "code lines time")
 
 
-class Connection(object):
-    """A client's socket to the proxy: raw writes, and replies read and
-    checked for their syntax."""
+class Connection(soak.RawClient):
+    """A client's socket to the proxy (soak.py's RawClient, for connecting
+    and closing): raw writes, and replies read and checked for their
+    syntax."""
 
     def __init__(self, port, source):
-        self.sock = socket.create_connection((LOOPBACK, port), CONNECT_WAIT,
-                                             source_address=(source, 0))
+        soak.RawClient.__init__(self, port, source, CONNECT_WAIT)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = b""
         self.ended = None           # "end" or "reset": the proxy's side
         self.write_failed = False
-        self.last_send = time.monotonic()
 
     def send(self, data):
+        """Write ``data``; False if the proxy closed or reset."""
         if self.write_failed:
             return False
         try:
             self.sock.sendall(data)
-        except OSError:             # the proxy closed, or reset
+        except OSError:
             self.write_failed = True
             return False
-        self.last_send = time.monotonic()
         return True
 
     def half_close(self):
@@ -844,15 +822,6 @@ class Connection(object):
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-
-    def close(self, reset=False):
-        if reset:
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                     struct.pack("ii", 1, 0))
-            except OSError:
-                pass
-        self.sock.close()
 
     def line(self, deadline):
         """The next line the proxy sent, with its LF; None at its end."""
@@ -977,10 +946,11 @@ class Dialogue(object):
     line are cut only once its reply says whether they are data.
     """
 
-    def __init__(self, plan, result, max_errors, trace=None):
+    def __init__(self, plan, result, settings, trace=None):
         self.plan = plan
         self.result = result
-        self.max_errors = max_errors
+        self.max_errors = settings.max_errors
+        self.inactivity_timeout = settings.inactivity_timeout
         self.trace = trace
         self.buffer = b""
         self.units = collections.deque()
@@ -1113,10 +1083,10 @@ class Dialogue(object):
                 self.violation("timeout with commands unanswered",
                                "%d unanswered, first %r"
                                % (len(self.units), self.units[0]))
-            elif silent < INACTIVITY_TIMEOUT - 0.5:
+            elif silent < self.inactivity_timeout - 0.5:
                 self.violation("timeout too soon", "421 after %.2f s of "
                                "silence (inactivity_timeout %s)"
-                               % (silent, INACTIVITY_TIMEOUT))
+                               % (silent, self.inactivity_timeout))
             return
         self.violation("unexpected 421", "%s, commands unanswered: %d"
                        % (text, len(self.units)))
@@ -1179,15 +1149,17 @@ class Dialogue(object):
         return codes(500), MUST, "unknown command"
 
     def utf8_command(self, text):
-        """MAIL and RCPT may hold UTF-8 once SMTPUTF8 was offered."""
-        if "SMTPUTF8" not in self.offered or text[:5].upper() not in (
-                b"MAIL ", b"RCPT "):
-            return None
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        return None if _UTF8_CONTROL.search(text) else text
+        """A MAIL or RCPT line in UTF-8 is a command once SMTPUTF8 was
+        offered (RFC 6531): its text then, else None."""
+        if "SMTPUTF8" in self.offered and text[:5].upper() in (b"MAIL ",
+                                                                b"RCPT "):
+            try:
+                decoded = text.decode("utf-8")
+            except UnicodeDecodeError:
+                decoded = ""
+            if decoded and not _UTF8_CONTROL.search(decoded):
+                return decoded
+        return None
 
     def answer_line(self, unit, reply):
         allowed, close, what = self.expect(unit)
@@ -1366,8 +1338,7 @@ class SessionRunner(object):
         self.plan = Plan(settings.seed, number, text)
         self.result = Result(number)
         self.trace = trace
-        self.model = Dialogue(self.plan, self.result, settings.max_errors,
-                              trace)
+        self.model = Dialogue(self.plan, self.result, settings, trace)
         self.connection = None
         self.sent = 0
         self.client = None          # "half-closed", "silent", "closed"
@@ -1397,7 +1368,7 @@ class SessionRunner(object):
         started = time.monotonic()
         try:
             self.connection = Connection(self.settings.port, plan.source)
-        except OSError as error:
+        except soak.ConnectionLost as error:
             self.result.violation("cannot connect", str(error))
             return self.result
         try:
@@ -1502,7 +1473,7 @@ class SessionRunner(object):
             return
         if ending == "silence" and not self.connection.ended:
             self.client = "silent"
-            wait = INACTIVITY_TIMEOUT + REPLY_WAIT
+            wait = self.settings.inactivity_timeout + REPLY_WAIT
         else:
             self.client = "half-closed"
             self.connection.half_close()
@@ -1530,6 +1501,8 @@ class ClientSettings(object):
         self.port = port
         self.max_errors = int(settings_value(
             args.set, "max_errors", smtpproxy.MailHandler.max_errors))
+        self.inactivity_timeout = settings_value(
+            args.set, "inactivity_timeout", INACTIVITY_TIMEOUT)
         self.rate = args.rate
         self.trace = bool(args.replay)
 
@@ -1631,8 +1604,9 @@ class Events(object):
         return items
 
     def note(self, kind, detail, group=None):
-        """soak.Problems' interface: a protocol error of the proxy's."""
-        self.add(("problem", kind, detail))
+        """soak.Problems' interface: a protocol error of the proxy's (by
+        its symptom)."""
+        self.add(("problem", group or kind, detail))
 
 
 class CheckedLines(object):
@@ -1664,6 +1638,9 @@ class UpstreamSession(soak.UpstreamSession):
 
     def setup(self):
         soak.UpstreamSession.setup(self)
+        # Replies to pipelined commands go out at once, not after the
+        # proxy's delayed ACK of the one before (Nagle).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile = CheckedLines(self, self.rfile)
         self.client = "?"
         self.reset()
@@ -2025,6 +2002,23 @@ class Proxy(soak.ProxyProcess):
             stderr=self.stderr, cwd=directory)
         self.pid = self.process.pid
 
+    def descriptor_names(self):
+        """What the descriptors of all its processes point to."""
+        names = collections.Counter()
+        for pid in [self.pid] + self.workers():
+            directory = "/proc/%d/fd" % pid
+            try:
+                fds = os.listdir(directory)
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    name = os.readlink(os.path.join(directory, fd))
+                except OSError:
+                    continue
+                names[re.sub(r"\[[0-9]+\]", "", name)] += 1
+        return names
+
     def cpu_seconds(self):
         """The CPU time its processes have used (they are alive)."""
         total = 0
@@ -2057,12 +2051,14 @@ class Fuzz(object):
         self.proxy = None
         self.samples = []
         self.baseline = self.idle = None
+        self.baseline_names = collections.Counter()
         self.start_workers = []
         self.load_time = 0.0
         self.load_started = None
         self.started = time.monotonic()
         self.last_sample = self.last_progress = 0.0
         self.channels = {}          # channel -> name
+        self.processes = []         # the fuzzer's: upstream, clients
         self.upstream_channel = None
         self.exit_status = None
         self.log = ""
@@ -2080,6 +2076,7 @@ class Fuzz(object):
         process.daemon = True
         process.start()
         theirs.close()
+        self.processes.append(process)
         self.upstream_channel = mine
         self.channels[mine] = "upstream"
         if not mine.poll(15):
@@ -2099,6 +2096,7 @@ class Fuzz(object):
             process.daemon = True
             process.start()
             theirs.close()
+            self.processes.append(process)
             self.channels[mine] = "clients %d" % index
 
     def collect(self, timeout):
@@ -2283,6 +2281,7 @@ class Fuzz(object):
         if args.idle_check:
             self.warm_up()
             self.baseline = self.settle()
+            self.baseline_names = self.proxy.descriptor_names()
         else:
             self.baseline = self.sample()
         self.load_started = time.monotonic()
@@ -2293,8 +2292,14 @@ class Fuzz(object):
             self.idle = self.settle(self.baseline)
             if self.idle is None or self.baseline is None or \
                     not self.back_to(self.idle, self.baseline):
+                opened = self.proxy.descriptor_names()
+                opened.subtract(self.baseline_names)
                 self.violations.add(None, "proxy not back to its baseline",
-                                    self.resource_text())
+                                    "%s; opened since: %s" % (
+                                        self.resource_text(), ", ".join(
+                                            "%s %d" % item for item in
+                                            sorted(opened.items())
+                                            if item[1] > 0)))
         else:
             self.idle = self.sample()
 
@@ -2308,6 +2313,8 @@ class Fuzz(object):
             return
         self.wait(30, lambda: channel not in self.channels)
         self.ledger.close()
+        for process in self.processes:
+            process.join(10)
 
     # -- the report -------------------------------------------------------
 
@@ -2393,15 +2400,23 @@ class Fuzz(object):
         sys.stdout.flush()
         return 0 if not failed else 1
 
+    def own_cpu(self):
+        """CPU seconds of this process and of its children but the proxy
+        (which proxy.stop() waited for too)."""
+        times = os.times()
+        return (times[0] + times[1] + times[2] + times[3]
+                - (self.cpu or 0.0))
+
     def resource_lines(self):
         if self.baseline is None or self.idle is None or not self.samples:
             return ["  proxy         not sampled"]
         samples = self.samples
         return [
-            "  proxy         master and %d workers; CPU %s" % (
-                len(self.start_workers), "%.0f s (%.2f ms a session)" % (
-                    self.cpu, 1000 * self.cpu / max(1, self.counts[
-                        "sessions"])) if self.cpu is not None else "?"),
+            "  CPU           proxy %s; the fuzzer (clients, upstream, this "
+            "process) %.0f s" % ("%.0f s (%.2f ms a session)" % (
+                self.cpu, 1000 * self.cpu / max(1, self.counts["sessions"]))
+                if self.cpu is not None else "?", self.own_cpu()),
+            "  proxy         master and %d workers" % len(self.start_workers),
             "  descriptors   baseline %d, peak %d, end %d" % (
                 self.baseline.fds, max(s.fds for s in samples),
                 self.idle.fds),
@@ -2461,12 +2476,14 @@ def main(argv=None):
     args = parse_args(argv)
     directory = tempfile.mkdtemp(prefix="smtpproxy-fuzz-")
     try:
-        return Fuzz(args, directory).run()
+        status = Fuzz(args, directory).run()
     finally:
-        if args.keep:
-            print("kept %s" % directory)
-        else:
+        if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
+    if args.keep:
+        print("the run's directory (configuration, store, the proxy's "
+              "log): %s" % directory)
+    return status
 
 
 if __name__ == "__main__":
