@@ -4513,20 +4513,21 @@ class Greylister(object):
                                                              key_rule)
         try:
             store = stores.get(settings)
-            # A listed client (or one whose dnsbl was not asked) is always
-            # greylisted, trusted or not; one whose address is unknown is
-            # never trusted, nor counted.
-            if (not blocked and not unknown
-                    and store.client_is_trusted(client_key, now)):
-                return Decision("accept", "auto-whitelist " + key_rule,
-                                client_key)
-            if suspicious and suspicion is None:
-                return Decision("accept", "not-suspicious " + key_rule)
-            network = self.flood_network(client)
-            bound = self.new_triplet_bound(network, now, session_added)
-            accepted, delay, new = store.step(
-                key, now, client=None if unknown else client_key,
-                add=bound is None)
+            with store._budget():       # one greylist_db_timeout for all
+                # A listed client (or one whose dnsbl was not asked) is
+                # always greylisted, trusted or not; one whose address is
+                # unknown is never trusted, nor counted.
+                if (not blocked and not unknown
+                        and store.client_is_trusted(client_key, now)):
+                    return Decision("accept", "auto-whitelist " + key_rule,
+                                    client_key)
+                if suspicious and suspicion is None:
+                    return Decision("accept", "not-suspicious " + key_rule)
+                network = self.flood_network(client)
+                bound = self.new_triplet_bound(network, now, session_added)
+                accepted, delay, new = store.step(
+                    key, now, client=None if unknown else client_key,
+                    add=bound is None)
         except ResourceShortage as error:
             # Not the fail mode: out of descriptors is no reason to let
             # mail through.
@@ -5019,6 +5020,7 @@ class StoreBase(object):
         self._lock = threading.Lock()
         self._db = None             # the connection, opened at first use
         self._deadline = None       # of the decision that has the turn
+        self._local = threading.local()     # a decision's deadline (_budget)
         # ("triplet", key) or ("client", network) -> when it was written
         # as passed (trusted); read and written without a lock (single
         # dict operations).
@@ -5048,7 +5050,8 @@ class StoreBase(object):
         # write lock instead means its busy handler's sleeps of up to
         # 100 ms); they wait for a connection being made before it, each
         # on its own, so that none waits behind another's wait.
-        deadline = time.monotonic() + self.greylist_db_timeout
+        deadline = getattr(self._local, "deadline", None) or (
+            time.monotonic() + self.greylist_db_timeout)
         try:
             self._await_connection(deadline)
         except (sqlite3.Error, ResourceShortage) as error:
@@ -5071,6 +5074,22 @@ class StoreBase(object):
         finally:
             self._lock.release()
         return result
+
+    @contextlib.contextmanager
+    def _budget(self):
+        """One deadline, greylist_db_timeout from now, for every use of
+        the store by this thread inside (a decision's: the auto-whitelist,
+        the purge that is due, the triplet), so that a store that cannot
+        be reached holds a decision that long in all, not once per use."""
+        outer = getattr(self._local, "deadline", None)
+        if outer is None:
+            self._local.deadline = (time.monotonic()
+                                    + self.greylist_db_timeout)
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._local.deadline = None
 
     def _await_connection(self, deadline):
         """Before the turn: wait, until ``deadline`` at most, for a
@@ -5127,11 +5146,12 @@ class StoreBase(object):
         (the bounds of new triplets, Greylister.new_triplet_bound)."""
         if self._cached(("triplet", key), now):
             return _ACCEPTED
-        if self.last_purge is None or now - self.last_purge > \
-                self.purge_interval:
-            self.last_purge = now
-            self._purge_when_due(now)
-        step = self._use(self._decide_and_count, key, now, client, add)
+        with self._budget():
+            if self.last_purge is None or now - self.last_purge > \
+                    self.purge_interval:
+                self.last_purge = now
+                self._purge_when_due(now)
+            step = self._use(self._decide_and_count, key, now, client, add)
         if step.accepted:
             self._remember(("triplet", key), now)
         return step

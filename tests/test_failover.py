@@ -225,6 +225,30 @@ def test_hosts_that_never_answer_hold_no_decision_longer_than_its_budget(
         host.close()
 
 
+def test_one_decision_waits_one_budget_for_all_its_uses_of_the_store(
+        engine, postgresql, pg_uri):
+    # A decision asks the store up to three times (the auto-whitelist,
+    # the purge that is due, the triplet): together they wait one
+    # greylist_db_timeout, not one each.  Two waits of 1.5 s (the purge's
+    # and the triplet's) would have outlasted libpq's 2 s on the silent
+    # host.
+    silent = Silent()
+    uri = pg_uri.replace("127.0.0.1:%d/" % postgresql.port,
+                         "127.0.0.1:%d,127.0.0.1:%d/" % (silent.port,
+                                                         postgresql.port))
+    grey = engine(greylist_db=uri, greylist_db_timeout=1.5,
+                  auto_whitelist_clients=0, greylist_fail_mode="defer",
+                  client_key="network")
+    decision = grey.decide("192.0.2.1", "a@example.net", "b@example.org",
+                           1000)
+    assert decision.rule == "store-failed", decision
+    assert "no connection within greylist_db_timeout (1.5 s)" in str(
+        decision.error)
+    assert silent.still_waited_for()
+    silent.close()
+    smtpproxy.stores.reset()
+
+
 # -- a failover -----------------------------------------------------------------
 
 def test_after_a_failover_decisions_go_to_the_promoted_standby(
