@@ -79,7 +79,9 @@ What it checks, and fails on:
 - the proxy's descriptors and threads, sampled every 5 seconds from /proc,
   are back to the idle baseline (+5, +2) once the load has stopped (the
   upstream sessions it keeps may wait ``upstream_pool_idle`` seconds, its
-  spare threads ``thread_idle_time``: then they must be gone), and
+  spare threads ``thread_idle_time``: then they must be gone; with a
+  PostgreSQL store, one descriptor more per process that decides: its
+  connection to the store, opened at its first decision and kept), and
   its RSS did not grow steadily (the mean of the last third of the load
   within 20% of the first third's);
 - the proxy's standard error holds no Traceback, and it exits 0 on
@@ -1932,6 +1934,7 @@ class Soak(object):
         self.load_time = 0.0
         self.settle_time = 0.0
         self.baseline = self.idle = None
+        self.store_connections = 0
         self.samples = []
         self.baseline_descriptors = self.idle_descriptors = []
         self.started = time.monotonic()
@@ -2068,6 +2071,10 @@ class Soak(object):
         than a spare session thread may wait for a client (spare_threads,
         thread_idle_time): those threads must end by then."""
         time.sleep(2)
+        # The connections to a PostgreSQL store that it keeps: one per
+        # process that decides (each worker, or the one process).
+        if smtpproxy.is_database_uri(self.args.greylist_db or ""):
+            self.store_connections = len(self.proxy.workers()) or 1
         deadline = time.monotonic() + 13 + self.setting(
             "thread_idle_time", smtpproxy.SMTPProxyServer.thread_idle_time)
         sample = self.proxy.sample()
@@ -2080,6 +2087,7 @@ class Soak(object):
 
     def back_to_baseline(self, sample):
         return (sample.fds <= self.baseline.fds + self.fd_slack
+                + self.store_connections
                 and sample.threads <= self.baseline.threads
                 + self.thread_slack)
 
