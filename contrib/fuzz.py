@@ -146,7 +146,13 @@ MAX_TEXT_LINE = soak.MAX_TEXT_LINE
 MAX_REPLY_LINE = 512
 MAX_REPLY_LINES = 100
 
-INACTIVITY_TIMEOUT = soak.INACTIVITY_TIMEOUT
+# The proxy's inactivity_timeout: a command or text line must be complete
+# within it from its first octet, and that deadline runs on while the
+# proxy itself waits for the upstream (which delays a reply by up to
+# soak.MAX_DELAY, 2 s): it must stay well above what the upstream's
+# delays add up to in a session, or the proxy would time out clients
+# that sent their lines in time.
+INACTIVITY_TIMEOUT = 15
 # How long a client waits for a reply, for the end of the session, for a
 # connection: past that the proxy hangs.
 REPLY_WAIT = 20.0
@@ -168,7 +174,9 @@ SLOW_PIECES_CHANCE = 0.05
 # them (but a pipelined DATA whose recipients all failed: 503).
 PROTOCOL_REFUSALS = frozenset((500, 501, 502, 503, 504, 552, 553, 555))
 
-MUST, MAY = "must", "may"       # whether the proxy closes after a reply
+# Whether the proxy closes after a reply: it must; it may (the reply
+# says).
+MUST, MAY = "must", "may"
 
 _NOT_PRINTABLE = re.compile(b"[^\x20-\x7e]")
 _UTF8_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -957,7 +965,7 @@ class Dialogue(object):
         self.blocked = False        # a DATA line waits for its reply
         self.in_data = False
         self.greeted = False
-        self.closing = None         # MUST or MAY, after the last reply
+        self.closing = None         # MUST after a closing reply
         self.expect_421 = False     # max_errors refusals: 421 comes next
         self.desync = False         # after a violation: syntax only
         self.timed_out = False
@@ -1185,12 +1193,17 @@ class Dialogue(object):
                            % (unit, code, reply.lines[0]))
             return
         self.update(unit, what, reply)
+        if close == MAY:
+            # A bad address is a protocol error (strict closes); a bad
+            # parameter is not: RFC 3463's X.1.x against X.5.4.
+            close = MUST if code == 501 and reply.lines[0].startswith(
+                "5.1.") else None
         if close == MUST:
             self.closing = MUST
             counts["outcome: closed after %s %d" % (
                 "QUIT" if code == 221 else "protocol error", code)] += 1
             return
-        self.closing = MAY if close == MAY and code == 501 else None
+        self.closing = None
         refusal = (400 <= code < 600 and code != 452
                    and not what.startswith("DATA"))
         if refusal:
@@ -1985,8 +1998,10 @@ class Proxy(soak.ProxyProcess):
         self.greylist_db = paths["greylist.db"]
         self.config_path = paths["smtpproxy.conf"]
         self.stderr_path = paths["proxy-stderr.txt"]
-        self.settings = ["allowed_sender_nets:", "    " + RELAY_NET] + [
-            item.replace("=", " = ", 1) for item in args.set]
+        self.settings = [
+            "inactivity_timeout = %d" % INACTIVITY_TIMEOUT,
+            "allowed_sender_nets:", "    " + RELAY_NET] + [
+                item.replace("=", " = ", 1) for item in args.set]
         self.port = soak.free_port()
         with open(self.config_path, "w") as config:
             config.write(self.configuration())
