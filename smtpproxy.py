@@ -668,8 +668,11 @@ class _LineReader(object):
 
     Every wait ends, with Expired, at the first of: ``idle`` seconds of
     silence (reason ``idle_reason``); ``line_timeout`` seconds after the
-    first byte of a line that is not complete yet (``line_started``, kept
-    across the chunks of an overlong line; reason "line"); ``deadline``,
+    reader began waiting for the rest of a line that is not complete yet
+    (``line_started``: at its first octet, unless the session was busy
+    then, with the upstream or its policy, whose time is not the
+    client's; kept across the chunks of an overlong line; reason "line");
+    ``deadline``,
     a time of time.monotonic() (reason ``deadline_reason``).  None is no
     limit.  A plain socket waits with the kernel's SO_RCVTIMEO, set only
     when the limit changes: the common wait costs no extra system call.
@@ -778,7 +781,9 @@ class _LineReader(object):
                 self.position = position + limit
                 return buffer[position:position + limit]
             if position < len(buffer) and self.line_started is None:
-                self.line_started = self.received_at
+                # Not received_at: a pipelined line's first octets may
+                # have waited here while the session was busy.
+                self.line_started = time.monotonic()
             data = self._receive()
             self.buffer, self.position = buffer[position:] + data, 0
             if not data:
@@ -3453,11 +3458,14 @@ class ConcreteMailHandler(_TLSSession, _TransactionOutcomes, MailHandler):
         try:
             while not scanner.ended:
                 # Each line must be complete within its deadline, counted
-                # from its first octet, an overlong one's too.
+                # from when the reading of it began (its first octet, unless
+                # forwarding the lines before it to the upstream took a
+                # while: the upstream's time is not the client's), an
+                # overlong one's too.
                 if not scanner.mid_line:
                     reader.line_started = None
                 elif scanner.new_line or reader.line_started is None:
-                    reader.line_started = reader.received_at
+                    reader.line_started = time.monotonic()
                 data = reader.read_available()
                 if not data:
                     raise ClientGone("closed during DATA")

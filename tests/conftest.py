@@ -306,6 +306,8 @@ class RawUpstream(socketserver.ThreadingTCPServer):
     same write: what a hostile server would inject).  ``data_reply``, if
     set, is its refusal of the DATA command; as Postfix, it then keeps the
     transaction open, and refuses a MAIL inside a transaction as nested.
+    ``read_pause``: seconds it waits after its 354 before it reads the
+    message (a server slow to read).
     """
 
     daemon_threads = True
@@ -320,6 +322,7 @@ class RawUpstream(socketserver.ThreadingTCPServer):
         self.tls_context = tls_context
         self.after_starttls = b""
         self.data_reply = None
+        self.read_pause = 0         # seconds after its 354, before reading
         self.tls_sessions = 0
         socketserver.ThreadingTCPServer.__init__(
             self, ("127.0.0.1", 0), self.Handler)
@@ -368,6 +371,7 @@ class RawUpstream(socketserver.ThreadingTCPServer):
                 elif verb == b"DATA":
                     in_data = True
                     self.wfile.write(b"354 go ahead\r\n")
+                    time.sleep(server.read_pause)   # a server slow to read
                 elif verb == b"MAIL" and in_transaction:
                     self.wfile.write(b"503 5.5.1 Error: nested MAIL "
                                      b"command\r\n")

@@ -209,6 +209,49 @@ def test_a_trickled_line_is_cut_at_its_deadline(proxy, upstream, logs,
     client.close()
 
 
+@pytest.mark.timeout(30)
+def test_the_upstreams_time_is_not_counted_against_a_pipelined_line(
+        proxy, upstream):
+    """A pipelined command line cut across two writes, whose first part
+    arrived while the proxy waited for a slow upstream (2 s, longer than
+    inactivity_timeout, within upstream_timeout) is read: its rest came at
+    once, and the wait was the proxy's (found by contrib/fuzz.py)."""
+    upstream.handler.delay["RCPT"] = 2
+    client = RawClient(proxy(inactivity_timeout=1), timeout=10)
+    assert client.cmd("EHLO client.example.net")[0] == 250
+    client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.send(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\n"
+                b"DA")
+    time.sleep(0.05)                # the rest of the line, a moment later
+    client.send(b"TA\r\n")
+    assert [client.reply()[0] for _ in range(3)] == [250, 250, 354]
+    client.send(b"Subject: s\r\n\r\nbody\r\n.\r\n")
+    assert client.reply()[0] == 250
+    client.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_upstream_slow_to_read_a_message_is_not_the_clients_time(
+        raw_proxy, raw_upstream):
+    """While the proxy waits to write a message to an upstream that reads
+    slowly (2 s after its 354), the client's lines are not timed: the
+    message goes through (found by contrib/fuzz.py)."""
+    raw_upstream.read_pause = 2
+    client = RawClient(raw_proxy(inactivity_timeout=1), timeout=30)
+    open_transaction(client)
+    # More than the kernel's socket buffers hold: the proxy's writes to
+    # the upstream block until it reads.
+    body = b"".join(b"line %06d " % n + b"x" * 89 + b"\r\n"
+                    for n in range(100000))
+    sender = threading.Thread(target=client.sock.sendall,
+                              args=(body + b".\r\n",))
+    sender.start()
+    assert client.reply()[0] == 250
+    sender.join()
+    assert len(raw_upstream.messages) == 1
+    client.close()
+
+
 # ---------------------------------------------------------------------------
 # Slowloris at scale
 # ---------------------------------------------------------------------------
