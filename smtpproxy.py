@@ -5099,6 +5099,11 @@ class StoreBase(object):
             if outer is None:
                 self._local.deadline = None
 
+    def _warm(self):
+        """At the start of a process that serves: open what the first
+        decision needs without waiting for it (PostgreSQLStore's
+        connector starts connecting)."""
+
     def _await_connection(self, deadline):
         """Before the turn: wait, until ``deadline`` at most, for a
         connection being made (PostgreSQLStore's); sqlite's is opened at
@@ -5775,6 +5780,20 @@ def _driver_advice(name):
         "psycopg2": "psycopg2-binary"}.get(name, "'psycopg[binary]'")
 
 
+def _warm_store(handler_class):
+    """In a process about to serve: a PostgreSQL store of
+    ``handler_class`` starts connecting now, in its connector's thread,
+    so that the first RCPT does not wait for the connection (nor, on a
+    busy host, fall back for want of it).  Its failure is the first
+    decision's to report."""
+    location = getattr(handler_class, "greylist_db", None)
+    if location and is_database_uri(location):
+        try:
+            stores.get(handler_class)._warm()
+        except (sqlite3.Error, ResourceShortage):
+            pass
+
+
 def _load_postgresql_driver(location):
     """Before the switch to the serving user (as root): import the driver
     of the PostgreSQL store ``location``, and what it imports only when
@@ -6049,6 +6068,12 @@ class PostgreSQLStore(StoreBase):
     # something else: it is coming back); meanwhile decisions fail at once
     # with the last failure.  It makes attempts only while decisions ask,
     # and its thread ends when none does.
+
+    def _warm(self):
+        with self._ready:
+            if self._db is None and self._fresh is None:
+                self._wanted = True
+                self._start_connector()
 
     def _await_connection(self, deadline):
         if self._db is None:        # a glance: _connection() makes sure
@@ -10012,6 +10037,7 @@ class Service(_SignalsNoted):
         The server runs on_service() (a service hook); the policy service
         alone has a thread that serves, this one handling the signals."""
         self._start_serving()
+        _warm_store(handler_class)
         self._started(handler_class)
         if self.server is not None:
             # Only the first worker says what the upstream offers.

@@ -24,11 +24,12 @@ SENDERS = ["%s@example.net" % name
 def config(uri, **keys):
     """A greylisting configuration on ``uri``: example.org's, no client
     allowed, keyed by network (no DNS), a one-second delay, no
-    auto-whitelist, fail mode defer, one second for the store."""
+    auto-whitelist, fail mode defer, two seconds for the store (for the
+    connection, on a busy CI machine)."""
     values = {"greylist_db": uri, "too_soon": 0, "min_defer_time": 1,
               "max_defer_time": 3600, "auto_whitelist_clients": 0,
               "client_key": "network", "greylist_fail_mode": "defer",
-              "greylist_db_timeout": 1}
+              "greylist_db_timeout": 2}
     values.update(keys)
     return ("allowed_senders:\nallowed_domains:\n    example.org\n"
             + "".join("%s = %s\n" % item for item in values.items()))
@@ -73,6 +74,16 @@ def test_deferred_by_one_host_accepted_by_the_other(proxies, pg_uri):
     time.sleep(1.1)                     # greylisting's delay, not a poll
     assert rcpt(second) == 250
     assert rcpt(first) == 250           # and the pass is known to both
+
+
+def test_each_worker_connects_to_the_store_at_its_start(proxies, pg_uri,
+                                                        postgresql):
+    # Before any mail: the first RCPT does not wait for the connection.
+    proxies(pg_uri, "mx1", workers=2)
+    wait_until(lambda: postgresql.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+        " 'smtpproxy' AND datname = '%s'" % pg_uri.rsplit("/", 1)[1]) == "2",
+        what="both workers to connect")
 
 
 def test_two_processes_fifty_sessions_give_serial_results(proxies, pg_uri):
