@@ -7954,15 +7954,18 @@ KEYS = [
         "shared by several MX hosts, as a libpq URI "
         "(postgresql://user:password@host:port/dbname, or "
         "postgresql:///dbname?host=/run/postgresql for a local socket; "
+        "a primary and its standbys as hosts, host1,host2: the primary "
+        "is found among them; "
         "the password best in a passfile, ?passfile=PATH, mode 0600, "
         "owned by the serving user; it is never shown; "
-        "needs pip install smtpproxy[postgresql])", path=True,
+        "needs pip install smtpproxy[postgresql], or on Debian's python3 "
+        "apt install python3-psycopg)", path=True,
         examples=("postgresql://greylist@db.example.org/greylist"
                   "?passfile=/etc/smtpproxy/pgpass",)),
     Key("greylist_db_timeout", _decimal, GREYLISTING,
-        "the longest a decision waits for the store (its turn in this "
-        "process; with PostgreSQL, connecting and each statement) before "
-        "greylist_fail_mode decides"),
+        "the longest a decision waits for the store, in all (its turn "
+        "in this process; with PostgreSQL, a connection being made and "
+        "its statements) before greylist_fail_mode decides"),
     Key("greylist_cache_time", _integer, GREYLISTING,
         "seconds a process accepts a triplet it saw pass, and a client it "
         "saw trusted, without asking the store again: the store's pass "
