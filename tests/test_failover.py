@@ -68,6 +68,17 @@ def caught_up(primary, standby):
         timeout=30, what="the standby to replay %s" % position)
 
 
+def read_only(cluster, value):
+    """Make every session of ``cluster`` read-only ("on") or not: a
+    reload, waited for until a new session sees it (the postmaster has
+    then told the sessions already running, which take it before their
+    next statement)."""
+    cluster.sql("ALTER SYSTEM SET default_transaction_read_only = %s" % value)
+    cluster.sql("SELECT pg_reload_conf()")
+    wait_until(lambda: cluster.sql("SHOW default_transaction_read_only")
+               == value, what="the reload")
+
+
 class Store(smtpproxy.PostgreSQLStore):
     greylist_db_timeout = 2
 
@@ -133,8 +144,7 @@ def test_a_server_that_turns_read_only_is_left_for_the_next_host(
     # Two primaries (the standby promoted while the primary runs on, as a
     # failover manager may do), then the first one turns read-only.
     standby.promote()
-    primary.sql("ALTER SYSTEM SET default_transaction_read_only = on")
-    primary.sql("SELECT pg_reload_conf()")
+    read_only(primary, "on")
     # The next decision meets SQLSTATE 25006, and goes on to the next
     # host at once: no failure, no fail mode.
     assert store.step(KEY, 0).new is False      # known there too
@@ -145,10 +155,8 @@ def test_a_server_that_turns_read_only_is_left_for_the_next_host(
                for line in store_log(logging.WARNING)), store_log()
     # Back to the old primary (the new one read-only, the old writable):
     # a timeline older than one seen before, logged as an error.
-    primary.sql("ALTER SYSTEM RESET default_transaction_read_only")
-    primary.sql("SELECT pg_reload_conf()")
-    standby.sql("ALTER SYSTEM SET default_transaction_read_only = on")
-    standby.sql("SELECT pg_reload_conf()")
+    read_only(primary, "off")
+    read_only(standby, "on")
     assert store.step("other " + KEY, 0).new is True
     errors = store_log(logging.ERROR)
     assert any("127.0.0.1:%d is on timeline 1" % primary.port in line
