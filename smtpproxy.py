@@ -10269,6 +10269,7 @@ def worker_count(values):
         cpus = os.cpu_count() or 1
     return max(2, min(cpus + 1, WORKERS_AUTO_MAX))
 
+
 class Master(_SignalsNoted):
     """``workers`` > 1: the process that started (its ``service``) forks
     that many Worker processes, which serve the port it bound (and, the

@@ -256,11 +256,13 @@ class Upstream(object):
     def messages(self):
         return self.handler.messages
 
-    def forget_probe(self):
-        """Once the session that asked for our extensions has ended,
+    def forget_probe(self, probes=1):
+        """Once the ``probes`` sessions that asked for our extensions (one
+        per serving process of a proxy: ProxyProcess.probes) have ended,
         count from zero again."""
-        wait_until(lambda: self.open_connections == 0,
-                   what="the probe session to end")
+        wait_until(lambda: self.connections >= probes
+                   and self.open_connections == 0,
+                   what="the probe sessions to end")
         self.connections = 0
         del self.handler.commands[:]
 
@@ -336,10 +338,12 @@ class RawUpstream(socketserver.ThreadingTCPServer):
         self.shutdown()
         self.server_close()
 
-    def forget_probe(self):
-        """The probe session (EHLO, QUIT) is not one of the test's."""
-        wait_until(lambda: self.commands[-1:] == [b"QUIT\r\n"],
-                   what="the probe session to end")
+    def forget_probe(self, probes=1):
+        """The probe sessions (EHLO, QUIT; one per serving process) are
+        not the test's."""
+        wait_until(lambda: self.commands[-1:] == [b"QUIT\r\n"] and
+                   self.commands.count(b"QUIT\r\n") >= probes,
+                   what="the probe sessions to end")
         del self.commands[:]
 
     class Handler(socketserver.StreamRequestHandler):
@@ -668,6 +672,17 @@ class ProxyProcess(object):
         most (its RLIMIT_NOFILE, set before smtpproxy.py runs).  It is
         ready when it answers SMTP, or when ``ready()`` is true."""
         self.port = free_port()
+        # Each serving process asks the upstream for its extensions as it
+        # starts (a worker of workers = auto, or N; the single process).
+        workers = re.findall(r"(?m)^\s*workers\s*=\s*(\S+)", config)
+        for flag, value in zip(args, list(args)[1:]):
+            if flag == "--workers":
+                workers.append(value)
+            elif flag == "-o" and value.startswith("workers="):
+                workers.append(value.split("=", 1)[1])
+        value = workers[-1] if workers else "auto"
+        self.probes = smtpproxy.worker_count(
+            {"workers": value if value == "auto" else int(value)})
         self.config_path = str(tmp_path / "smtpproxy.conf")
         with open(self.config_path, "w") as config_file:
             config_file.write("greylist_log = %s\n"
@@ -752,7 +767,7 @@ def proxy_process(tmp_path, upstream):
         processes.append(process)
         if kwargs["upstream_port"] == upstream.port:
             # It asked the upstream for its extensions as it started.
-            upstream.forget_probe()
+            upstream.forget_probe(process.probes)
         return process
     yield start
     for process in processes:

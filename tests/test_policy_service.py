@@ -749,7 +749,7 @@ def service(tmp_path, upstream):
         process.policy = port
         started.append(process)
         if smtp:
-            upstream.forget_probe()
+            upstream.forget_probe(process.probes)
         return process
     yield start
     for process in started:

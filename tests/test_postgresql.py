@@ -60,7 +60,7 @@ def proxies(tmp_path, upstream):
     def make(uri, name, handler=None, **keys):
         proxy = start(tmp_path, name, upstream, uri, handler, **keys)
         started.append(proxy)
-        upstream.forget_probe()
+        upstream.forget_probe(proxy.probes)
         return proxy
     yield make
     for proxy in started:
