@@ -256,10 +256,11 @@ class Upstream(object):
     def messages(self):
         return self.handler.messages
 
-    def forget_probe(self, probes=1):
-        """Once the ``probes`` sessions that asked for our extensions (one
-        per serving process of a proxy: ProxyProcess.probes) have ended,
-        count from zero again."""
+    def forget_probe(self, probes=0):
+        """Once the sessions that asked for our extensions have ended,
+        count from zero again: at least ``probes`` of them (one per
+        serving process of a proxy: ProxyProcess.probes; an in-process
+        proxy's may have failed before it was counted)."""
         wait_until(lambda: self.connections >= probes
                    and self.open_connections == 0,
                    what="the probe sessions to end")
