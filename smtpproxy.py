@@ -4442,7 +4442,7 @@ class Greylister(object):
 
     ``settings`` is anything whose attributes are the configuration keys:
     a GreyListingPolicy (class or instance), so that
-    ``class Ours(GreyListingPolicy): min_defer_time = 300`` configures
+    ``class Ours(GreyListingPolicy): min_defer_time = 3600`` configures
     this engine too.  The stores are shared by the process (``stores``).
     Methods that may be overridden: the rules, ``client_may_relay``,
     ``is_local_recipient``, ``recipient_is_whitelisted``,
@@ -4749,8 +4749,15 @@ class GreyListingPolicy(ConcreteMailHandler):
     whitelisted_triples = []
     whitelisted_nonstandard_triples = []
     greylist_db = "greylist.db"
+    # Kamaelia Grey's timings, but for min_defer_time (its 3600 s):
+    # every common MTA's first retry of a 4xx comes 5 minutes or more
+    # after the first try (Postfix's minimal_backoff_time 300 s; Exim's,
+    # Exchange's and Sendmail's queue runs every 15 minutes or more), so
+    # 300 s lets each pass at its first retry, as postgrey's --delay does;
+    # 3600 s held a Postfix sender back 60 to 80 minutes (README: "How
+    # long a new sender waits").
     too_soon = 180
-    min_defer_time = 3600
+    min_defer_time = 300
     max_defer_time = 25000
     max_grey = 3000000
     auto_whitelist_clients = 5
@@ -7975,7 +7982,8 @@ KEYS = [
         "a retry sooner than this many seconds after the first try "
         "restarts the clock"),
     Key("min_defer_time", _integer, GREYLISTING,
-        "a retry is accepted from this many seconds after the first try"),
+        "a retry is accepted from this many seconds after the first try "
+        "(Kamaelia Grey's: 3600)"),
     Key("max_defer_time", _integer, GREYLISTING,
         "a retry is accepted until this many seconds after the first "
         "try; later, the clock restarts"),

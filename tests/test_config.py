@@ -110,6 +110,39 @@ def test_reference_file_loads(tmp_path):
     assert warnings == []
 
 
+KAMAELIA_TIMINGS = (180, 3600, 25000, 3000000)
+
+
+def timings(cls):
+    return (cls.too_soon, cls.min_defer_time, cls.max_defer_time,
+            cls.max_grey)
+
+
+def test_kamaelia_timings_are_one_line_away_from_the_reference_file(
+        tmp_path):
+    # The reference file loads unchanged and gets the five-minute wait;
+    # one line more gives Kamaelia Grey's hour (README: "How long a new
+    # sender waits").
+    plain = smtpproxy.handler_class_for(
+        smtpproxy.GreyListingPolicy,
+        smtpproxy.load_config(write(tmp_path, REFERENCE_CONFIG))[0])
+    kamaelia = smtpproxy.handler_class_for(
+        smtpproxy.GreyListingPolicy, smtpproxy.load_config(write(
+            tmp_path, REFERENCE_CONFIG + "min_defer_time = 3600\n",
+            "kamaelia.conf"))[0])
+    assert timings(plain) == (180, 300, 25000, 3000000)
+    assert timings(kamaelia) == KAMAELIA_TIMINGS
+    # A Postfix sender's first retry, 300 to 600 s after its first try
+    # (minimal_backoff_time, queue_run_delay), passes by default only.
+    key, first = "192.0.2.0/24 a@example.net b@example.org", 1e9
+    for cls, verdicts in ((plain, [False, True]),
+                          (kamaelia, [False, False])):
+        store = smtpproxy.GreylistStore(":memory:", cls)
+        assert [store.decide(key, first + wait)
+                for wait in (0, 301)] == verdicts
+        store.close()
+
+
 def test_uncommented_triples_are_tuples_of_three_words(tmp_path):
     text = REFERENCE_CONFIG.replace("#whitelisted", "whitelisted").replace(
         "#     123", "     123").replace("#    mx-out", "    mx-out")
