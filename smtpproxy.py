@@ -5636,7 +5636,28 @@ class GreylistStore(StoreBase):
                 + connection.execute("DELETE FROM clients WHERE network = ?",
                                      (key,)).rowcount) > 0
 
+    def rekey(self, change):
+        """StoreBase.rekey(), and what it replaced is gone from the files:
+        the deleted rows are overwritten with zeros (secure_delete) and
+        the WAL, which holds the pages as they were, is emptied (a
+        checkpoint that truncates it).  A process reading the store
+        meanwhile keeps the WAL from being emptied: logged, for the
+        admin to run it again with the proxies stopped."""
+        changed = StoreBase.rekey(self, change)
+        busy = self._use(self._empty_wal, read_only=True)
+        if busy:
+            log.warning("greylisting store %s: its -wal file could not be "
+                        "emptied (another process was reading the store), "
+                        "and may hold the old keys until sqlite reuses it: "
+                        "run this again with the proxies stopped", self)
+        return changed
+
+    def _empty_wal(self, connection):
+        return connection.execute(
+            "PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+
     def _rekey(self, connection, change):
+        connection.execute("PRAGMA secure_delete = ON")
         changed = 0
         for row in connection.execute(
                 "SELECT key, first_seen, last_seen, passed, passes"
