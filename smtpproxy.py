@@ -9064,17 +9064,12 @@ def read_key_secret(path):
     at least."""
     what = "hash_keys %s" % path
     directory = os.path.dirname(os.path.join(os.getcwd(), path))
-    try:
-        if os.geteuid() == 0:
-            shared = _shared_directory(directory)
-        else:
-            info = os.stat(directory)
-            shared = (directory if info.st_uid not in (0, os.geteuid())
-                      or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-                      else None)
-    except OSError as error:
-        raise StartError("%s: %s: %s" % (what, error.filename or directory,
-                                         error.strerror), 2)
+    if os.geteuid() == 0:
+        shared = _shared_directory(directory)
+    else:
+        info = os.stat(directory)
+        shared = (directory if info.st_uid not in (0, os.geteuid())
+                  or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) else None)
     if shared is not None:
         raise StartError(
             "%s: %s can be changed by another user, who could swap the "
@@ -9432,7 +9427,9 @@ def check_hash_keys(handler_class):
     except OSError as error:
         secret = key_secrets.get(path)
         if not isinstance(error, PermissionError) or secret is None:
-            raise StartError("hash_keys %s: %s" % (path, error.strerror), 2)
+            raise StartError("hash_keys %s: %s%s" % (
+                path, error.filename + ": " if error.filename else "",
+                error.strerror), 2)
         warnings.append(
             "hash_keys %s is not readable by %s: the secret read at the "
             "start stays in force (a new one takes a restart, or a file the "
