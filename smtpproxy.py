@@ -91,15 +91,24 @@ Working on the greylisting store (greylist_db) of the configuration, also
 while the proxy runs; keys are "client-network sender recipient":
 
     --db-list        List entries: state (GREY, WHITE, CLIENT), key,
-                     first and last seen (UTC), passes.
+                     first and last seen (UTC), passes.  With
+                     hash_keys, a key shows the hashes of its sender
+                     and recipient (hmac:...): it cannot show the
+                     addresses.
     --db-stats       Count entries by state.
     --db-purge       Delete expired entries now.
     --db-pass KEY    Pass (whitelist) a triplet now: client address (or
                      network), sender, recipient, quoted or not, such as
                      --db-pass 192.0.2.7 a@example.net b@example.org.
     --db-delete KEY  Forget a triplet or a client network.
+    --db-hash-keys   With hash_keys: hash the store's clear keys in
+                     place, keeping their passes (run once, as the
+                     admin, when hash_keys is turned on; keys already
+                     hashed are left).
 Each names the store it opened on standard error; only --db-pass makes
-one where there is none.
+one where there is none.  With hash_keys, --db-pass and --db-delete take
+the addresses and act on the key the proxy makes of them (or take the
+hashed key as --db-list shows it).
 
 As a service: the pidfile is locked first (a running instance makes the
 start fail; a stale pidfile is replaced), then the logs are opened (never
@@ -157,12 +166,15 @@ smtpproxy.py; the README's "Writing a policy" shows one.
 """
 
 import argparse
+import base64
 import collections
 import contextlib
 import errno
 import fcntl
 import functools
 import grp
+import hashlib
+import hmac
 import importlib
 import ipaddress
 import json
@@ -313,7 +325,7 @@ __all__ = [
     "Greylister", "Decision", "triplet_step", "Step", "StoreBase",
     "GreylistStore",
     "PostgreSQLStore", "open_store", "StoreError", "StoreConfigError",
-    "redact_uri", "hide_secrets", "parse_dns_list",
+    "redact_uri", "hide_secrets", "parse_dns_list", "key_hash",
     "SMTPProxyServer", "PolicyHandler", "PolicyServer", "UnixPolicyServer",
     "ConfigError", "load_config", "read_config_file", "parse_path",
     "log_escape", "normalise_sender", "worker_count", "main",
@@ -1211,10 +1223,10 @@ def reset_registries():
     """Forget what the process shared: stores (closed), the networks' new
     triplets, whitelist files, clients' names,
     TLS contexts, upstream capabilities, pooled upstream sessions
-    (closed), errors logged.  For tests."""
+    (closed), errors logged, hash_keys' secrets.  For tests."""
     for registry in (stores, new_triplets, list_files, dns_lists,
                      client_names, tls_contexts, upstream_capabilities,
-                     upstream_pool, _logged, _log_times):
+                     upstream_pool, _logged, _log_times, key_secrets):
         registry.reset()
 
 
@@ -4148,10 +4160,12 @@ def name_key(name):
 #
 # Owns:  the rules in their order (Greylister, pure but for its store), the
 #        Decision, the one rule that says whether a domain is ours
-#        (_domain_key), the store's keys (network_key, normalise_sender), the
-#        bound on new triplets (NewTriplets), and GreyListingPolicy.
+#        (_domain_key), the store's keys (network_key, normalise_sender;
+#        hashed with hash_keys: key_hash, key_secret), the bound on new
+#        triplets (NewTriplets), and GreyListingPolicy.
 # Enter: Greylister(settings).decide(client, sender, recipient, now).
-# Uses:  sections 1, 3, 7; the stores of sections 9 and 10 (through stores).
+# Uses:  sections 1, 3, 7; the stores of sections 9 and 10 (through stores);
+#        section 14's read_key_secret (a policy used without the service).
 
 
 class Decision(object):
@@ -4254,9 +4268,10 @@ def parse_store_key(text, ipv4_prefix=24, ipv6_prefix=64, network=False):
     the form the proxy makes it: ``client sender recipient``, the client
     an address or network (made the network of ``ipv4_prefix`` or
     ``ipv6_prefix`` bits), the addresses with or without angle brackets
-    (``<>`` the null sender), the sender normalised; with ``network``, a
-    client network alone is a key too.  ValueError says what is wrong,
-    with an example."""
+    (``<>`` the null sender), the sender normalised, or either as the
+    key_hash() that --db-list shows (hash_keys: hash_store_key() hashes
+    the others); with ``network``, a client network alone is a key too.
+    ValueError says what is wrong, with an example."""
     example = ("such as '192.0.2.7 sender@example.net user@example.org' "
                "(an address becomes its network, 192.0.2.0/24)")
     words = text.split()
@@ -4287,7 +4302,8 @@ def parse_store_key(text, ipv4_prefix=24, ipv6_prefix=64, network=False):
             word = word[1:-1]
         if word and (word.count("@") < 1 or re.search(r"[\x00-\x20]",
                                                        word)):
-            if not (what == "recipient" and word.lower() == "postmaster"):
+            if not (what == "recipient" and word.lower() == "postmaster"
+                    or is_key_hash(word)):
                 raise ValueError("%r is no %s address: a key is %s"
                                  % (word, what, example))
         if what == "recipient" and not word:
@@ -4325,6 +4341,52 @@ def normalise_sender(sender):
     local = local.split("+", 1)[0]
     local = re.sub(r"[0-9]+", "#", local)
     return "%s@%s" % (local, domain)
+
+
+# A part of a triplet key that is a keyed hash (hash_keys), not an
+# address: no address is written so (a clear part holds "@", or is "" or
+# the bare Postmaster), and a hashed key is told from a clear one by it.
+KEY_HASH_PREFIX = "hmac:"
+
+
+_KEY_HASH_RE = re.compile(r"\Ahmac:[a-z2-7]{26}\Z")
+
+
+def key_hash(secret, text):
+    """The keyed hash that stands for ``text`` (a normalised sender, a
+    recipient key) in the store when ``hash_keys`` is set: HMAC-SHA256
+    with the site's ``secret`` (bytes), its first 128 bits in base32,
+    lower case, behind KEY_HASH_PREFIX ("hmac:" and 26 letters and
+    digits).  A hash without a secret (postgrey's --privacy, SHA1) is
+    undone by hashing a dictionary of common addresses; this one only by
+    whoever holds the secret.  Hosts with the same secret make the same
+    keys."""
+    digest = hmac.new(secret, text.encode("utf-8", "surrogatepass"),
+                      hashlib.sha256).digest()
+    return KEY_HASH_PREFIX + base64.b32encode(
+        digest[:16]).decode("ascii").rstrip("=").lower()
+
+
+def is_key_hash(text):
+    """True if ``text`` is a part of a key made by key_hash()."""
+    return bool(_KEY_HASH_RE.match(text))
+
+
+def hash_store_key(key, secret):
+    """The triplet ``key`` with its sender and recipient parts made
+    key_hash()es with ``secret``; parts already hashed are left, and so is
+    a key that is no triplet (a client network).  A clear key is
+    ``client sender recipient``: the client has no space, the recipient
+    is taken to have none (a recipient of ours; a quoted local-part with
+    a space would be hashed as two parts, and its pass lost), the sender
+    is what lies between (a quoted local-part may hold a space)."""
+    client, _, rest = key.partition(" ")
+    sender, space, recipient = rest.rpartition(" ")
+    if not space:
+        return key
+    parts = [part if is_key_hash(part) else key_hash(secret, part)
+             for part in (sender, recipient)]
+    return " ".join([client] + parts)
 
 
 class NewTriplets(object):
@@ -4408,6 +4470,31 @@ class NewTriplets(object):
 new_triplets = NewTriplets()        # per client network, for the store
 
 
+key_secrets = Cache()               # hash_keys' secrets read, by file
+
+
+def key_secret(settings):
+    """The secret of ``settings.hash_keys`` (bytes): the one
+    check_hash_keys() read for this configuration at the start or the
+    reload (as root, before the privilege drop), else the one read
+    before from that file, else read now (read_key_secret(): a policy
+    used without the service).  StoreConfigError if it cannot be read:
+    no key can be made, as when the store fails."""
+    secret = getattr(settings, "_key_secret", None)
+    if secret is not None:
+        return secret
+    path = settings.hash_keys
+    secret = key_secrets.get(path)
+    if secret is None:
+        try:
+            secret = read_key_secret(path)
+        except (OSError, StartError) as error:
+            raise StoreConfigError("hash_keys %s: %s" % (
+                path, getattr(error, "strerror", None) or error))
+        key_secrets.put(path, secret)
+    return secret
+
+
 def x_greylist(delay, servername, rule, now):
     """The X-Greylist: header line of a message that greylisting delayed
     ``delay`` seconds, by ``rule``, at ``now``."""
@@ -4448,7 +4535,9 @@ class Greylister(object):
     ``is_local_recipient``, ``recipient_is_whitelisted``,
     ``is_whitelisted``, ``client_is_whitelisted``, ``dns_listing``,
     ``client_identity``, ``suspicion``, ``client_network``,
-    ``triplet_key``, ``new_triplet_bound``, ``flood_network``.
+    ``triplet_key``, ``new_triplet_bound``, ``flood_network``;
+    ``hashed(text)`` is what the store holds for an address with
+    ``hash_keys`` (for whatever else keeps addresses in the store).
 
     ``recipient_rule``, if given, is a callable (recipient -> bool) that
     says which recipients are greylisted, in place of
@@ -4512,7 +4601,7 @@ class Greylister(object):
         client_key, key_rule = ((UNKNOWN_CLIENT, "unknown-client")
                                 if unknown
                                 else self.client_identity(client, name))
-        key = self.triplet_key(client_key, sender, recipient)
+        key = None
         suspicious = settings.greylist_clients == "suspicious"
         suspicion = (blocked if blocked
                      else self.suspicion(client, name) if suspicious
@@ -4520,6 +4609,7 @@ class Greylister(object):
         rule = key_rule if suspicion is None else "%s %s" % (suspicion,
                                                              key_rule)
         try:
+            key = self.triplet_key(client_key, sender, recipient)
             store = stores.get(settings)
             with store._budget():       # one greylist_db_timeout for all
                 # A listed client (or one whose dnsbl was not asked) is
@@ -4685,9 +4775,19 @@ class Greylister(object):
 
     def triplet_key(self, client, sender, recipient):
         """The store's key: ``client normalised-sender recipient``, the
-        client its network or name key (client_identity())."""
-        return " ".join([client, normalise_sender(sender),
-                         _recipient_key(recipient)])
+        client its network or name key (client_identity()); with
+        ``hash_keys``, the sender and the recipient are hashed()."""
+        sender, recipient = normalise_sender(sender), _recipient_key(
+            recipient)
+        if self.settings.hash_keys:
+            sender, recipient = self.hashed(sender), self.hashed(recipient)
+        return " ".join([client, sender, recipient])
+
+    def hashed(self, text):
+        """``text`` (a normalised sender, a recipient key) as the store
+        holds it with ``hash_keys``: key_hash() with the site's secret,
+        key_secret()."""
+        return key_hash(key_secret(self.settings), text)
 
 
 class GreyListingPolicy(ConcreteMailHandler):
@@ -4738,6 +4838,9 @@ class GreyListingPolicy(ConcreteMailHandler):
     ``shouldWeAcceptMail()`` is true once a recipient was accepted.  The
     sender is keyed without case, brackets, ``+extension``, BATV
     (``prvs=...=``), SRS and VERP-style numbers (``normalise_sender``).
+    With ``hash_keys`` (a file holding the site's secret), the store's
+    keys hold keyed hashes of the sender and the recipient, never the
+    addresses (Greylister.hashed(), key_hash()); the client part stays.
     With ``x_greylist_header``, mail that greylisting delayed gets an
     ``X-Greylist:`` header saying for how long, and by which rule.
     ``now()`` is the clock the policy reads; tests override it.
@@ -4783,6 +4886,10 @@ class GreyListingPolicy(ConcreteMailHandler):
     dnsbl = []
     dnswl = []
     dns_cache_time = 600
+    hash_keys = ""
+    # hash_keys' secret, set by check_hash_keys() on the configuration's
+    # class (read as root at the start, again at a reload).
+    _key_secret = None
     # The engine that decides; a subclass of Greylister changes how.
     greylister_class = Greylister
 
@@ -4949,6 +5056,16 @@ def triplet_step(first_seen, passed, now, timings):
     if waited < timings.min_defer_time:
         return _DEFERRED, None
     return Step(True, waited, False), PASS
+
+
+def _merged_triplets(one, other):
+    """Two rows ``(first_seen, last_seen, passed, passes)`` of one triplet
+    (rekey(): its clear and its hashed key) as one: the first sighting
+    that came first (the sender's retries count from it), the later last
+    sighting and pass (a pass of either stands), the passes added up."""
+    passes = [row[2] for row in (one, other) if row[2] is not None]
+    return (min(one[0], other[0]), max(one[1], other[1]),
+            max(passes) if passes else None, one[3] + other[3])
 
 
 class StoreBase(object):
@@ -5292,6 +5409,20 @@ class StoreBase(object):
     def _delete(self, transaction, key):
         raise NotImplementedError
 
+    def rekey(self, change):
+        """Give every triplet the key ``change(key)`` returns (its own:
+        left as it is; ``change`` must leave a key it made as it is),
+        keeping its first_seen, last_seen, passed and passes, all in one
+        transaction; a triplet whose new key is there already is merged
+        with it (_merged_triplets()).  Return how many keys changed.  The
+        clients are left.  What --db-hash-keys runs."""
+        changed = self._use(self._rekey, change)
+        self._known.clear()
+        return changed
+
+    def _rekey(self, transaction, change):
+        raise NotImplementedError
+
     def stats(self):
         """Counts: {"GREY": n, "WHITE": n, "CLIENT": n}."""
         grey, white, clients = self._use(self._stats, read_only=True)
@@ -5511,6 +5642,49 @@ class GreylistStore(StoreBase):
                                    (key,)).rowcount
                 + connection.execute("DELETE FROM clients WHERE network = ?",
                                      (key,)).rowcount) > 0
+
+    def rekey(self, change):
+        """StoreBase.rekey(), and what it replaced is gone from the files:
+        the deleted rows are overwritten with zeros (secure_delete) and
+        the WAL, which holds the pages as they were, is emptied (a
+        checkpoint that truncates it).  A process reading the store
+        meanwhile keeps the WAL from being emptied: logged, for the
+        admin to run it again with the proxies stopped."""
+        changed = StoreBase.rekey(self, change)
+        busy = self._use(self._empty_wal, read_only=True)
+        if busy:
+            log.warning("greylisting store %s: its -wal file could not be "
+                        "emptied (another process was reading the store), "
+                        "and may hold the old keys until sqlite reuses it: "
+                        "run this again with the proxies stopped", self)
+        return changed
+
+    def _empty_wal(self, connection):
+        return connection.execute(
+            "PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+
+    def _rekey(self, connection, change):
+        connection.execute("PRAGMA secure_delete = ON")
+        changed = 0
+        for row in connection.execute(
+                "SELECT key, first_seen, last_seen, passed, passes"
+                " FROM triplets").fetchall():
+            new = change(row[0])
+            if new == row[0]:
+                continue
+            connection.execute("DELETE FROM triplets WHERE key = ?",
+                               (row[0],))
+            there = connection.execute(
+                "SELECT first_seen, last_seen, passed, passes FROM triplets"
+                " WHERE key = ?", (new,)).fetchone()
+            values = tuple(row[1:]) if there is None else _merged_triplets(
+                tuple(row[1:]), tuple(there))
+            connection.execute(
+                "INSERT OR REPLACE INTO triplets (key, first_seen,"
+                " last_seen, passed, passes) VALUES (?, ?, ?, ?, ?)",
+                (new,) + values)
+            changed += 1
+        return changed
 
     def _stats(self, connection):
         return connection.execute(
@@ -6559,6 +6733,35 @@ class PostgreSQLStore(StoreBase):
         tx.execute("DELETE FROM smtpproxy_clients WHERE network = %s",
                        (key,))
         return deleted + tx.rowcount > 0
+
+    def _rekey(self, tx, change):
+        # Three statements, however many rows: the rows locked and read,
+        # those whose key changes deleted, and inserted again under their
+        # new keys, merged (as _merged_triplets()) with one that is there.
+        tx.execute("SELECT key, first_seen, last_seen, passed, passes"
+                   " FROM smtpproxy_triplets FOR UPDATE")
+        moved = []
+        for row in tx.fetchall():
+            new = change(row[0])
+            if new != row[0]:
+                moved.append((new,) + tuple(row))
+        if not moved:
+            return 0
+        tx.execute("DELETE FROM smtpproxy_triplets WHERE key = ANY(%s)",
+                   ([row[1] for row in moved],))
+        tx.execute(
+            "INSERT INTO smtpproxy_triplets AS t"
+            " (key, first_seen, last_seen, passed, passes)"
+            " SELECT * FROM unnest(%s::text[], %s::float8[], %s::float8[],"
+            " %s::float8[], %s::int[])"
+            " ON CONFLICT (key) DO UPDATE SET"
+            " first_seen = LEAST(t.first_seen, EXCLUDED.first_seen),"
+            " last_seen = GREATEST(t.last_seen, EXCLUDED.last_seen),"
+            " passed = GREATEST(t.passed, EXCLUDED.passed),"
+            " passes = t.passes + EXCLUDED.passes",
+            [[row[index] for row in moved] for index in (0, 2, 3, 4, 5)],
+            last=True)
+        return len(moved)
 
     def _stats(self, tx):
         tx.execute("SELECT count(*) FILTER (WHERE passed IS NULL),"
@@ -7978,6 +8181,16 @@ KEYS = [
         "saw trusted, without asking the store again: the store's pass "
         "counts and last-seen times lag by as much, and a --db-delete "
         "reaches a running proxy after as long; 0: ask every time"),
+    Key("hash_keys", _string, GREYLISTING,
+        "a file holding the site's secret (make it with head -c 32 "
+        "/dev/urandom | base64, mode 0600): the store's keys then hold "
+        "keyed hashes (HMAC-SHA256) of the sender and the recipient, "
+        "never the addresses; the client part stays; MX hosts sharing a "
+        "store share the file.  Read as root at the start and again at a "
+        "reload; refused through a link, in a directory others can "
+        "write, readable by others, or shorter than 32 octets.  A new "
+        "secret, or turning it off, loses every pass; --db-hash-keys "
+        "converts a store's clear keys; empty: keys in clear", path=True),
     Key("too_soon", _integer, GREYLISTING,
         "a retry sooner than this many seconds after the first try "
         "restarts the clock"),
@@ -8444,7 +8657,8 @@ def configure_server(server, values, keys=SERVER_SETTINGS):
 #
 # Owns:  what runs as root: the logs (configure_logging), the pidfile, files
 #        opened only where no other user can plant a link (open_service_file),
-#        the user to serve as and the switch (drop_privileges, check_as).
+#        the user to serve as and the switch (drop_privileges, check_as),
+#        hash_keys' secret (read_key_secret).
 # Enter: open_service_file(key, path, identity), configure_logging(values).
 # Uses:  section 13 (the values).
 
@@ -8827,6 +9041,91 @@ def configure_logging(values, identity=None, keep_failed=False):
     return errors
 
 
+# hash_keys: the fewest octets a secret may have (32 random octets in
+# base64 are 44), and the most that are read.
+MIN_KEY_SECRET = 32
+
+
+MAX_KEY_SECRET = 4096
+
+
+MAKE_KEY_SECRET = ("make one as root with: install -m 600 /dev/null FILE "
+                   "&& head -c 32 /dev/urandom | base64 > FILE (root's; "
+                   "for a reload to read it again as the serving user, "
+                   "chgrp GROUP FILE && chmod 640 FILE with the user's "
+                   "group), and copy it to every MX host sharing the store")
+
+
+def read_key_secret(path):
+    """The secret in the file ``path`` (hash_keys), as bytes without the
+    white space around it (a copy with or without its last newline is
+    the same secret); StartError (status 2) with what to do, or OSError
+    when it cannot be opened.
+
+    The secret keeps the store's addresses from whoever reads the store:
+    the file is never read through a link, nor in a directory another
+    user can change (started as root: every directory on the way is
+    root's alone, _shared_directory(); otherwise its own directory is
+    the user's or root's and writable by nobody else), and it must be a
+    regular file that no other user can read or change (a group may
+    read it: the serving user's, for a reload), of MIN_KEY_SECRET octets
+    at least."""
+    what = "hash_keys %s" % path
+    directory = os.path.dirname(os.path.join(os.getcwd(), path))
+    if os.geteuid() == 0:
+        shared = _shared_directory(directory)
+    else:
+        info = os.stat(directory)
+        shared = (directory if info.st_uid not in (0, os.geteuid())
+                  or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) else None)
+    if shared is not None:
+        raise StartError(
+            "%s: %s can be changed by another user, who could swap the "
+            "secret for one of his own: keep it in a directory only root "
+            "can write, such as /etc/smtpproxy" % (what, shared), 2)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise StartError("%s is a symbolic link: smtpproxy reads the "
+                             "secret through no link (another user may "
+                             "have planted it): name the file itself"
+                             % what, 2)
+        if error.errno == errno.ENOENT:
+            raise StartError("%s: no such file: %s" % (what, MAKE_KEY_SECRET),
+                             2)
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StartError("%s is not a regular file: name the file "
+                             "itself" % what, 2)
+        if info.st_mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
+            raise StartError(
+                "%s can be read or changed by other users (mode %04o), and "
+                "its secret is all that keeps the store's addresses from "
+                "a dictionary of common ones: chmod 600 %s (or 640, with "
+                "the serving user's group), and make a new secret if "
+                "others may have read it" % (
+                    what, stat.S_IMODE(info.st_mode), path), 2)
+        data = os.read(fd, MAX_KEY_SECRET + 1)
+    finally:
+        os.close(fd)
+    secret = data.strip()
+    if len(data) > MAX_KEY_SECRET:
+        raise StartError("%s is longer than %d octets: is it the right "
+                         "file? %s" % (what, MAX_KEY_SECRET,
+                                       MAKE_KEY_SECRET), 2)
+    if len(secret) < MIN_KEY_SECRET:
+        raise StartError("%s %s: at least %d octets are needed, which no "
+                         "dictionary of secrets can guess: %s" % (
+                             what, "is empty" if not secret else
+                             "holds %d octets" % len(secret),
+                             MIN_KEY_SECRET, MAKE_KEY_SECRET), 2)
+    return secret
+
+
 def lock_pidfile(path):
     """Open and lock the pidfile; return its descriptor.
 
@@ -9116,6 +9415,61 @@ def check_tls(handler_class, identity=None):
         raise StartError("tls_cert %s / tls_key %s: %s"
                          % (handler_class.tls_cert,
                             handler_class.tls_key or "(same file)", error), 2)
+
+
+def check_hash_keys(handler_class):
+    """Read hash_keys' secret now (read_key_secret(): as root at the
+    start, before the privilege drop, as the TLS key is) and keep it on
+    ``handler_class`` (its ``_key_secret``, which Greylister.hashed()
+    uses) and in ``key_secrets``.  A file that cannot be used is a
+    configuration error (StartError, status 2): the start, --check-config
+    and a reload refuse it alike.  Return the warnings: on a reload, as
+    the serving user, a file it may not read leaves the secret read
+    before from it in force."""
+    path = getattr(handler_class, "hash_keys", "")
+    if not path:
+        return []
+    warnings = []
+    try:
+        secret = read_key_secret(path)
+    except OSError as error:
+        secret = key_secrets.get(path)
+        if not isinstance(error, PermissionError) or secret is None:
+            raise StartError("hash_keys %s: %s%s" % (
+                path, error.filename + ": " if error.filename else "",
+                error.strerror), 2)
+        warnings.append(
+            "hash_keys %s is not readable by %s: the secret read at the "
+            "start stays in force (a new one takes a restart, or a file the "
+            "user's group may read, mode 0640)"
+            % (path, _user_name(os.geteuid())))
+    key_secrets.put(path, secret)
+    handler_class._key_secret = secret
+    return warnings
+
+
+def key_secret_change(before, after):
+    """What a reload from the configuration class ``before`` to ``after``
+    does to the store's keys, for a warning; None if nothing: a new
+    secret, or hash_keys turned on or off, makes every key new, and no
+    pass so far counts."""
+    old = getattr(before, "_key_secret", None) if getattr(
+        before, "hash_keys", "") else None
+    new = getattr(after, "_key_secret", None) if getattr(
+        after, "hash_keys", "") else None
+    if old == new:
+        return None
+    if old is None:
+        return ("hash_keys is on now: the store's clear keys are no longer "
+                "found, and their passes are lost unless they are "
+                "converted: smtpproxy --db-hash-keys (once, as the admin)")
+    if new is None:
+        return ("hash_keys is off now: hashed keys cannot be turned back "
+                "into addresses, so every pass so far is lost (every "
+                "triplet is greylisted again as new)")
+    return ("hash_keys holds a new secret: every key changes, so every "
+            "pass so far is lost (every triplet is greylisted again as "
+            "new)")
 
 
 @contextlib.contextmanager
@@ -9469,14 +9823,15 @@ def check_configuration(handler_class, values, files=True, notes=None):
     and a reload run them: the user and group (and root without one),
     the PROXY protocol's balancers, the TLS certificate and key, the
     greylisting store as the user serving (a PostgreSQL store: asked,
-    saying so in ``notes``), and with ``files`` the pidfile, the logs and
+    saying so in ``notes``), hash_keys' secret (check_hash_keys: kept on
+    ``handler_class``), and with ``files`` the pidfile, the logs and
     syslog.  Raise StartError; return the warnings."""
     identity = find_user(values)
     check_proxy_protocol(handler_class)
     check_tls(handler_class, identity)
+    warnings = check_hash_keys(handler_class)
     check_policy(handler_class, values)
     check_dns_lists(handler_class)
-    warnings = []
     if files:
         warnings += check_files(values, identity)
     store = getattr(handler_class, "greylist_db", None)
@@ -9706,6 +10061,11 @@ def open_policy_server(values, settings, identity=None):
     return server
 
 
+# The seconds --db-hash-keys may hold the store, at least: a store of a
+# million triplets is converted in well under a minute.
+REKEY_TIMEOUT = 300
+
+
 def administer_store(handler_class, args, identity=None):
     """The --db-* commands, on the greylisting store of the configuration,
     like OpenBSD's spamdb; return the exit status.
@@ -9716,7 +10076,13 @@ def administer_store(handler_class, args, identity=None):
     directory leads only where that user may go, what is made is the
     user's, and libpq reads the user's files (~/.pgpass, a passfile the
     URI names), not root's.  With no user, root works only on an sqlite
-    store in a directory no other user can change."""
+    store in a directory no other user can change.
+
+    With ``hash_keys``, its secret is read first, as the service reads it
+    (check_hash_keys(), as root): --db-pass and --db-delete hash the
+    addresses they are given into the key the proxy makes
+    (hash_store_key()), and --db-hash-keys converts the store's clear
+    keys (StoreBase.rekey())."""
     path = getattr(handler_class, "greylist_db", None)
     if not path:
         sys.stderr.write("smtpproxy: error: %s has no greylist_db\n"
@@ -9727,7 +10093,11 @@ def administer_store(handler_class, args, identity=None):
         # The service's name for it (Service._absolute_paths): not
         # abspath(), for ".." after a link is the link's target's parent.
         path = os.path.join(os.getcwd(), path)
+    hashing = bool(getattr(handler_class, "hash_keys", "")) and bool(
+        args.db_pass or args.db_delete or args.db_hash_keys)
     try:
+        if hashing:
+            check_hash_keys(handler_class)      # as root: the service's
         if identity is not None and os.geteuid() == 0:
             _become_user(identity)
         if not database:
@@ -9735,6 +10105,11 @@ def administer_store(handler_class, args, identity=None):
     except StartError as error:
         sys.stderr.write("smtpproxy: error: %s\n" % error)
         return error.status
+    if args.db_hash_keys and not hashing:
+        sys.stderr.write("smtpproxy: error: --db-hash-keys: hash_keys is not "
+                         "set: name the file of the site's secret (-o "
+                         "hash_keys=FILE, or in the configuration)\n")
+        return 2
     key = args.db_pass or args.db_delete
     if key:
         key = " ".join(key)     # quoted or not
@@ -9743,6 +10118,9 @@ def administer_store(handler_class, args, identity=None):
         try:
             key = parse_store_key(key, *prefixes,
                                   network=bool(args.db_delete))
+            if hashing:
+                # The key the proxy makes of these addresses.
+                key = hash_store_key(key, handler_class._key_secret)
         except ValueError as error:
             if args.db_pass:
                 sys.stderr.write("smtpproxy: error: --db-pass: %s\n"
@@ -9756,8 +10134,17 @@ def administer_store(handler_class, args, identity=None):
                          % path)
         return 1
     sys.stderr.write("smtpproxy: store %s\n" % redact_uri(path))
+    settings = handler_class
+    if args.db_hash_keys:
+        # One transaction for the whole store: more than a decision's
+        # greylist_db_timeout (running proxies' decisions wait meanwhile,
+        # up to theirs, then greylist_fail_mode decides).
+        settings = type(handler_class.__name__, (handler_class,), {
+            "greylist_db_timeout": max(REKEY_TIMEOUT, getattr(
+                handler_class, "greylist_db_timeout",
+                GreyListingPolicy.greylist_db_timeout))})
     try:
-        store = open_store(path, handler_class)
+        store = open_store(path, settings)
         now = time.time()
         if args.db_list:
             def stamp(moment):
@@ -9775,6 +10162,10 @@ def administer_store(handler_class, args, identity=None):
                 print("%-7s %d" % (state, count))
         elif args.db_purge:
             print("purged %d" % store.purge(now))
+        elif args.db_hash_keys:
+            secret = handler_class._key_secret
+            print("hashed %d" % store.rekey(
+                lambda key: hash_store_key(key, secret)))
         elif args.db_pass:
             store.pass_key(key, now)
             print("passed %s" % log_escape(key))
@@ -9975,12 +10366,14 @@ class Service(_SignalsNoted):
         self.warnings += _readable_by_others(_log_files(self.values))
 
     def _handler_class(self, identity):
-        """The handler class of the configuration, its TLS pair read while
-        it may still be readable (as check_tls() says, ``identity`` being
-        the serving user), its PROXY balancers checked."""
+        """The handler class of the configuration, its TLS pair and
+        hash_keys' secret read while they may still be readable (as
+        check_tls() and check_hash_keys() say, ``identity`` being the
+        serving user), its PROXY balancers checked."""
         handler_class = handler_class_for(self.base, self.values)
         check_proxy_protocol(handler_class)
         check_tls(handler_class, identity)
+        self.warnings += check_hash_keys(handler_class)
         check_policy(handler_class, self.values)
         return handler_class
 
@@ -10234,6 +10627,12 @@ class Service(_SignalsNoted):
                       "%s", error)
             return
         _reopen_log_files(values)
+        in_force = (self.server.RequestHandlerClass if self.server is not None
+                    else self.policy.settings if self.policy is not None
+                    else None)
+        change = key_secret_change(in_force, handler_class)
+        if change is not None:
+            warnings.append(change)
         for warning in warnings:
             log.warning("%s", warning)
         for key in RESTART_KEYS:
@@ -10647,6 +11046,7 @@ def main(argv=None):
     store_commands.add_argument("--db-purge", action="store_true")
     store_commands.add_argument("--db-pass", metavar="KEY", nargs="+")
     store_commands.add_argument("--db-delete", metavar="KEY", nargs="+")
+    store_commands.add_argument("--db-hash-keys", action="store_true")
     args = parser.parse_args(argv)
     if args.help:
         print(_usage())
@@ -10684,7 +11084,7 @@ def main(argv=None):
             print(format_config(handler_class, values))
         return 0
     if (args.db_list or args.db_stats or args.db_purge or args.db_pass
-            or args.db_delete):
+            or args.db_delete or args.db_hash_keys):
         identity = None
         if values.get("user") and os.geteuid() == 0:
             try:
