@@ -6969,7 +6969,7 @@ class Metrics(object):
                         lines.append(_sample(
                             name + "_bucket", labels + [(
                                 "le", "+Inf" if bound == float("inf")
-                                else _metric_number(bound))], total))
+                                else repr(float(bound)))], total))
                     lines.append(_sample(name + "_count", labels, total))
                     lines.append(_sample(
                         name + "_sum", labels,
