@@ -122,7 +122,9 @@ Signals:
                      reopened stays open as it was).
     SIGUSR1          Log the counters: connections, refused connections,
                      recipients and messages accepted, deferred, refused,
-                     upstream errors.
+                     upstream errors.  With metrics_listen, the same
+                     counts and more, for the whole service, are served
+                     to Prometheus (GET /metrics, to metrics_clients).
     SIGUSR2          Reopen the logs, whatever the configuration (for
                      logrotate).
 
@@ -131,7 +133,9 @@ to 8), the process started is the master: it binds the port, writes the
 pidfile, forks that many workers (after the privilege drop), which serve
 the port and share its limits, starts again one that dies, and passes
 each signal on to them (SIGUSR1: each logs its own counters); it serves
-no client itself.  A worker whose master is gone stops by itself.  On
+no client itself.  The metrics are the service's: each process counts
+into its own row of a table they share, a scrape sums the rows, and a
+worker started again goes on in its row, so no counter goes back.  A worker whose master is gone stops by itself.  On
 glibc, the command line first starts itself again (the same pid) with
 GLIBC_TUNABLES=glibc.malloc.tcache_count=0: a thread kept for the next
 client (spare_threads) would otherwise pin memory in its cache for good.
@@ -255,7 +259,9 @@ import urllib.parse
 #
 # With policy_listen, PolicyServer (or UnixPolicyServer) and PolicyHandler
 # answer Postfix's check_policy_service with the same greylisting, through
-# the same Greylister and store.
+# the same Greylister and store.  With metrics_listen, MetricsServer
+# serves ``metrics`` (Metrics): what the sections count, summed over the
+# service's processes.
 #
 # Hooks: what a subclass may override or call; everything else has a
 # leading underscore.  Kamaelia Grey's names keep their camelCase; every
@@ -290,6 +296,9 @@ import urllib.parse
 #             server_tls_context() (class methods, run at the start);
 #             SMTPProxyServer.service_hooks (callables its
 #             service_actions() runs after its own work)
+#   metrics   metrics.add(name, *labels), metrics.observe(name, value),
+#             metrics.set(name, value) on a series of METRIC_FAMILIES (a
+#             new series goes there); MetricsServer (metrics_listen)
 #   relay     client_attributes(command, announced),
 #             upstream_tls_context()
 #
@@ -318,6 +327,7 @@ __all__ = [
     "PostgreSQLStore", "open_store", "StoreError", "StoreConfigError",
     "redact_uri", "hide_secrets", "parse_dns_list",
     "SMTPProxyServer", "PolicyHandler", "PolicyServer", "UnixPolicyServer",
+    "Metrics", "MetricsServer", "METRIC_FAMILIES",
     "ConfigError", "load_config", "read_config_file", "parse_path",
     "log_escape", "normalise_sender", "worker_count", "main",
 ]
