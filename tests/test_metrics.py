@@ -202,11 +202,12 @@ def test_counters_only_grow_across_scrapes_under_traffic(
 
 def test_a_client_not_in_metrics_clients_is_closed_unread_and_logged_once(
         proxy_process, tmp_path):
+    """... and a reload applies a new metrics_clients."""
     port = free_port()
     service_log = tmp_path / "service.log"
-    proxy_process(config="workers = 2\nlog_file = %s\n%s"
-                  % (service_log, metrics_config(
-                      port, "metrics_clients:\n    127.0.0.1/32\n")))
+    process = proxy_process(config="workers = 2\nlog_file = %s\n%s" % (
+        service_log, metrics_config(port,
+                                    "metrics_clients:\n    127.0.0.1/32\n")))
     for _ in range(2):
         # Linux routes all of 127/8 to the loopback interface.
         sock = socket.create_connection(("127.0.0.1", port), 10,
@@ -224,6 +225,13 @@ def test_a_client_not_in_metrics_clients_is_closed_unread_and_logged_once(
     wait_for_log(service_log, "metrics: connection from 127.0.0.2 refused: "
                  "not in metrics_clients")
     assert read(service_log).count("connection from 127.0.0.2 refused") == 1
+    # A reload applies a new list (the master's line and each worker's).
+    with open(process.config_path, "a") as config:
+        config.write("metrics_clients:\n    127.0.0.2\n")
+    process.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: read(service_log).count("reloaded the configuration")
+               == 3, what="the reloads")
+    assert get(port, source="127.0.0.2")[0] == 200
 
 
 def test_only_get_metrics_is_answered_and_requests_are_bounded(
