@@ -133,10 +133,10 @@ to 8), the process started is the master: it binds the port, writes the
 pidfile, forks that many workers (after the privilege drop), which serve
 the port and share its limits, starts again one that dies, and passes
 each signal on to them (SIGUSR1: each logs its own counters); it serves
-no client itself.  The metrics are the service's: each process counts
-into its own row of a table they share, a scrape sums the rows, and a
-worker started again goes on in its row, so no counter goes back.  A worker whose master is gone stops by itself.  On
-glibc, the command line first starts itself again (the same pid) with
+no client itself.  A worker whose master is gone stops by itself.  The
+metrics are the service's: each process counts into its own row of a
+table they share, a scrape sums the rows, and a worker started again
+goes on in its row, so no counter goes back.  On glibc, the command line first starts itself again (the same pid) with
 GLIBC_TUNABLES=glibc.malloc.tcache_count=0: a thread kept for the next
 client (spare_threads) would otherwise pin memory in its cache for good.
 
