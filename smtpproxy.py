@@ -136,7 +136,8 @@ each signal on to them (SIGUSR1: each logs its own counters); it serves
 no client itself.  A worker whose master is gone stops by itself.  The
 metrics are the service's: each process counts into its own row of a
 table they share, a scrape sums the rows, and a worker started again
-goes on in its row, so no counter goes back.  On glibc, the command line first starts itself again (the same pid) with
+goes on in its row, so no counter goes back.  On glibc, the command
+line first starts itself again (the same pid) with
 GLIBC_TUNABLES=glibc.malloc.tcache_count=0: a thread kept for the next
 client (spare_threads) would otherwise pin memory in its cache for good.
 
