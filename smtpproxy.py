@@ -131,7 +131,9 @@ Signals:
                      reopened stays open as it was).
     SIGUSR1          Log the counters: connections, refused connections,
                      recipients and messages accepted, deferred, refused,
-                     upstream errors.
+                     upstream errors.  With metrics_listen, the same
+                     counts and more, for the whole service, are served
+                     to Prometheus (GET /metrics, to metrics_clients).
     SIGUSR2          Reopen the logs, whatever the configuration (for
                      logrotate).
 
@@ -140,8 +142,11 @@ to 8), the process started is the master: it binds the port, writes the
 pidfile, forks that many workers (after the privilege drop), which serve
 the port and share its limits, starts again one that dies, and passes
 each signal on to them (SIGUSR1: each logs its own counters); it serves
-no client itself.  A worker whose master is gone stops by itself.  On
-glibc, the command line first starts itself again (the same pid) with
+no client itself.  A worker whose master is gone stops by itself.  The
+metrics are the service's: each process counts into its own row of a
+table they share, a scrape sums the rows, and a worker started again
+goes on in its row, so no counter goes back.  On glibc, the command
+line first starts itself again (the same pid) with
 GLIBC_TUNABLES=glibc.malloc.tcache_count=0: a thread kept for the next
 client (spare_threads) would otherwise pin memory in its cache for good.
 
@@ -167,6 +172,7 @@ smtpproxy.py; the README's "Writing a policy" shows one.
 
 import argparse
 import base64
+import bisect
 import collections
 import contextlib
 import errno
@@ -175,7 +181,9 @@ import functools
 import grp
 import hashlib
 import hmac
+import http.server
 import importlib
+import io
 import ipaddress
 import json
 import logging
@@ -228,8 +236,8 @@ import urllib.parse
 #       (triplet_step, StoreBase, GreylistStore)
 #  10. Greylisting: the PostgreSQL store
 #       (PostgreSQLStore, its URI and password)
-#  11. The server: SMTPProxyServer
-#       (threads, limits, stress, counters, stop)
+#  11. The server: SMTPProxyServer, and the metrics
+#       (threads, limits, stress, counters, stop; Metrics, MetricsServer)
 #  12. Postfix's policy service (check_policy_service)
 #       (PolicyHandler, PolicyServer)
 #  13. Configuration: the keys and the file
@@ -264,7 +272,9 @@ import urllib.parse
 #
 # With policy_listen, PolicyServer (or UnixPolicyServer) and PolicyHandler
 # answer Postfix's check_policy_service with the same greylisting, through
-# the same Greylister and store.
+# the same Greylister and store.  With metrics_listen, MetricsServer
+# serves ``metrics`` (Metrics): what the sections count, summed over the
+# service's processes.
 #
 # Hooks: what a subclass may override or call; everything else has a
 # leading underscore.  Kamaelia Grey's names keep their camelCase; every
@@ -299,6 +309,9 @@ import urllib.parse
 #             server_tls_context() (class methods, run at the start);
 #             SMTPProxyServer.service_hooks (callables its
 #             service_actions() runs after its own work)
+#   metrics   metrics.add(name, *labels), metrics.observe(name, value),
+#             metrics.set(name, value) on a series of METRIC_FAMILIES (a
+#             new series goes there); MetricsServer (metrics_listen)
 #   relay     client_attributes(command, announced),
 #             upstream_tls_context()
 #
@@ -327,6 +340,7 @@ __all__ = [
     "PostgreSQLStore", "open_store", "StoreError", "StoreConfigError",
     "redact_uri", "hide_secrets", "parse_dns_list", "key_hash",
     "SMTPProxyServer", "PolicyHandler", "PolicyServer", "UnixPolicyServer",
+    "Metrics", "MetricsServer", "METRIC_FAMILIES",
     "ConfigError", "load_config", "read_config_file", "parse_path",
     "log_escape", "normalise_sender", "worker_count", "main",
 ]
@@ -1337,10 +1351,12 @@ class UpstreamSession(object):
             # it would mean a non-blocking socket.
             self.sock = socket.create_connection(address, timeout or None)
         except OSError as error:
+            metrics.add("smtpproxy_upstream_connect_failures_total")
             raise UpstreamError("cannot connect to %s:%s: %s"
                                 % (address[0], address[1], error),
                                 OUT_OF_RESOURCES if _exhaustion(error)
                                 else UNREACHABLE)
+        metrics.add("smtpproxy_upstream_connects_total")
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_timeout(self.sock, timeout)
         self.reader = self._reader()
@@ -1766,6 +1782,7 @@ class UpstreamRelay(object):
             session = self._from_pool()
             if session is not None:
                 return session
+            metrics.add("smtpproxy_upstream_pool_total", "miss")
         session = handler.upstream_class(
             (handler.smtp_ip, handler.smtp_port), handler.upstream_timeout)
         # TLS and XCLIENT need EHLO; with XCLIENT, the first name is ours
@@ -2710,6 +2727,13 @@ class _TransactionOutcomes(object):
         transaction_log.info("%s | ", " | ".join(
             log_escape(field).replace("|", "\\x7c") for field in fields))
 
+    def _count_transaction(self):
+        """Count the transaction's end in the metrics, by its status
+        (NONE: ended before any verdict), whatever logResult() does."""
+        if self.mail_from is not None:
+            metrics.add("smtpproxy_transactions_total",
+                        self._transaction_status()[0] or "NONE")
+
     def _note_outcome(self, reply, failed=False):
         """A recipient was not accepted with ``reply``: keep the most
         telling (``outcomes``) for the transaction's log line, should it
@@ -3025,6 +3049,7 @@ class ConcreteMailHandler(_TLSSession, _TransactionOutcomes, MailHandler):
     def _reset_transaction(self):
         """End the current transaction (RSET, HELO, after DATA): log it and
         reset the upstream's transaction too."""
+        self._count_transaction()
         self.logResult()
         self.relay.reset()
         self._start_transaction()
@@ -3047,6 +3072,7 @@ class ConcreteMailHandler(_TLSSession, _TransactionOutcomes, MailHandler):
 
     def handleDisconnect(self):
         """Log the open transaction, if any, and QUIT the upstream."""
+        self._count_transaction()
         self.logResult()
         self.mail_from = None
         self.relay.quit()
@@ -4026,6 +4052,12 @@ class DNSLists(object):
         listed = set()
         for entry, query in queries.items():
             found, refusal = dns_list_answer(entry, answers.get(query, ()))
+            if query in asking:
+                metrics.add("smtpproxy_dns_list_lookups_total",
+                            "unasked" if query in unasked
+                            else "timeout" if query not in results
+                            else "error" if refusal is not None
+                            else "listed" if found else "not_listed")
             if found:
                 listed.add(entry)
             if refusal is not None:
@@ -4608,6 +4640,7 @@ class Greylister(object):
                      else None)
         rule = key_rule if suspicion is None else "%s %s" % (suspicion,
                                                              key_rule)
+        asked = time.monotonic()
         try:
             key = self.triplet_key(client_key, sender, recipient)
             store = stores.get(settings)
@@ -4634,6 +4667,9 @@ class Greylister(object):
             verdict = ("accept" if settings.greylist_fail_mode
                        == "accept" else "defer")
             return Decision(verdict, "store-failed", key, error=error)
+        finally:
+            metrics.observe("smtpproxy_store_decision_seconds",
+                            time.monotonic() - asked)
         if new and bound is not None:
             if bound == "max_new_triplets_per_network":
                 new_triplets.refused(network, now,
@@ -4938,6 +4974,7 @@ class GreyListingPolicy(ConcreteMailHandler):
             self.peer, self.mail_from, recipient, self.now(),
             helo=self.helo_name, hostname=self.client_hostname,
             resolve=self.forward_lookup, session_added=self.triplets_added)
+        metrics.decision(decision)
         self.log_dialogue("%s %s: %s%s", decision.verdict, recipient,
                           decision.rule, " " + decision.key
                           if decision.key else "")
@@ -6772,15 +6809,19 @@ class PostgreSQLStore(StoreBase):
 
 
 # ===========================================================================
-# == 11. The server: SMTPProxyServer ==
+# == 11. The server: SMTPProxyServer, and the metrics ==
 # ===========================================================================
 #
 # Owns:  the listening socket, a thread per client (reused: spare_threads),
 #        the connection limits and stress (with workers, counted for the
 #        service: SessionCounts), the counters, the graceful stop, and
-#        service_actions() (checkpoints, the pool's expiry).
-# Enter: SMTPProxyServer((host, port), handler_class).serve_forever().
-# Uses:  sections 3 to 9.
+#        service_actions() (checkpoints, the pool's expiry); the metrics:
+#        their catalogue (METRIC_FAMILIES), the service's table (Metrics,
+#        ``metrics``, which sections 4 to 12 count into) and the
+#        Prometheus endpoint (MetricsServer, metrics_listen).
+# Enter: SMTPProxyServer((host, port), handler_class).serve_forever();
+#        metrics.add(name, *labels); MetricsServer((host, port)).
+# Uses:  sections 2 to 9.
 
 
 COUNTERS = ("connections", "connections_refused", "rcpt_accepted",
@@ -6810,6 +6851,363 @@ class SessionCounts(object):
 
     def total(self):
         return sum(struct.unpack_from("%dq" % self.workers, self._memory))
+
+
+# -- the metrics (metrics_listen) --------------------------------------------
+#
+# One catalogue, fixed at import, so that every process of a service (the
+# master and its workers) agrees on where each series lies in the table
+# they share (Metrics).  A series' labels take the values listed here
+# only: what a rule or a client could make up (a rule's network or zone)
+# is mapped to a kind first (rule_kind()), and a value not listed goes to
+# "other", so that the exposition stays bounded whatever happens.
+
+MetricFamily = collections.namedtuple(
+    "MetricFamily", "name type help labels series buckets per_process")
+
+
+def _family(name, type, help, labels=(), series=((),), buckets=(),
+            per_process=False):
+    return MetricFamily(name, type, help, tuple(labels),
+                        tuple(tuple(values) for values in series),
+                        tuple(buckets), per_process)
+
+
+def _one_label(*values):
+    return [(value,) for value in values]
+
+
+# The kinds of a Decision's rule (rule_kind()), by the verdicts each gives:
+# a rule another verdict comes with is counted under "other".
+DECISION_KINDS = {
+    "relay": ("allowed_senders",),
+    "refuse": ("not-local", "greytrap"),
+    "accept": ("whitelist_recipients", "whitelisted_triples",
+               "whitelist_clients", "dnswl", "auto-whitelist",
+               "not-suspicious", "network", "name", "unknown-client",
+               "dnsbl", "dnsbl-not-asked", "suspicious", "store-failed"),
+    "defer": ("network", "name", "unknown-client", "dnsbl",
+              "dnsbl-not-asked", "suspicious", "store-failed",
+              "max_new_triplets_per_session", "max_new_triplets_per_network",
+              "greytrap"),
+    "unavailable": ("store",),
+}
+
+
+# Histogram buckets: greylisting's delays from a minute (too_soon's
+# order) to two days (past max_defer_time); the store's decisions from a
+# millisecond (sqlite on a local disk) to greylist_db_timeout's range.
+GREYLIST_DELAY_BUCKETS = (60, 300, 600, 1800, 3600, 7200, 14400, 28800,
+                          43200, 86400, 172800)
+STORE_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                         0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+METRIC_FAMILIES = (
+    _family("smtpproxy_connections_total", "counter",
+            "SMTP connections accepted from clients, refused ones too"),
+    _family("smtpproxy_connections_refused_total", "counter",
+            "SMTP connections refused with 421 by reason: max_connections, "
+            "max_connections_per_ip (also after a PROXY header), stopping; "
+            "stress: idle sessions closed under stress",
+            ["reason"], _one_label("max_connections",
+                                   "max_connections_per_ip", "stopping",
+                                   "stress")),
+    _family("smtpproxy_sessions_open", "gauge",
+            "SMTP sessions open now in the whole service"),
+    _family("smtpproxy_transactions_total", "counter",
+            "SMTP transactions ended, by the status of their greylist_log "
+            "line (NONE: the client ended it before any verdict)",
+            ["status"], _one_label("ACCEPTED", "DEFERRED", "REFUSED",
+                                   "FAILED", "NONE")),
+    _family("smtpproxy_rcpt_replies_total", "counter",
+            "replies to RCPT, ours or the upstream's, by outcome",
+            ["outcome"], _one_label("accepted", "deferred", "refused")),
+    _family("smtpproxy_message_replies_total", "counter",
+            "replies to DATA and to messages, by outcome",
+            ["outcome"], _one_label("accepted", "deferred", "refused")),
+    _family("smtpproxy_decisions_total", "counter",
+            "the greylisting engine's decisions, one per recipient (SMTP "
+            "and policy service), by verdict and the kind of rule that "
+            "decided (a greylisting pass: accept by network, name, "
+            "unknown-client, dnsbl or suspicious)",
+            ["verdict", "rule"],
+            [(verdict, kind) for verdict in sorted(DECISION_KINDS)
+             for kind in DECISION_KINDS[verdict] + ("other",)]
+            + [("other", "other")]),
+    _family("smtpproxy_greylist_delay_seconds", "histogram",
+            "how long greylisting held a triplet back, at the try that "
+            "passed", buckets=GREYLIST_DELAY_BUCKETS),
+    _family("smtpproxy_store_decision_seconds", "histogram",
+            "time the greylisting store took for one decision",
+            buckets=STORE_SECONDS_BUCKETS),
+    _family("smtpproxy_store_failures_total", "counter",
+            "decisions the greylisting store failed (greylist_fail_mode "
+            "applied, or out of descriptors)"),
+    _family("smtpproxy_dns_list_lookups_total", "counter",
+            "DNS list queries (dnsbl, dnswl; cached answers not counted) "
+            "by outcome: listed, not_listed, error (an answer that is no "
+            "listing), timeout, unasked (no lookup thread free)",
+            ["outcome"], _one_label("listed", "not_listed", "error",
+                                    "timeout", "unasked")),
+    _family("smtpproxy_upstream_connects_total", "counter",
+            "connections opened to the upstream"),
+    _family("smtpproxy_upstream_connect_failures_total", "counter",
+            "connections to the upstream that failed"),
+    _family("smtpproxy_upstream_errors_total", "counter",
+            "upstream sessions that broke in a transaction"),
+    _family("smtpproxy_upstream_pool_total", "counter",
+            "upstream sessions asked of the pool: hit (a warm one reused) "
+            "or miss (a new connection)",
+            ["result"], _one_label("hit", "miss")),
+    _family("smtpproxy_upstream_retired_total", "counter",
+            "upstream sessions not pooled for what was counted against "
+            "them"),
+    _family("smtpproxy_tls_failures_total", "counter",
+            "TLS handshakes with clients that failed"),
+    _family("smtpproxy_policy_requests_total", "counter",
+            "policy service requests answered, by action",
+            ["action"], _one_label("DUNNO", "DEFER_IF_PERMIT", "PREPEND",
+                                   "OK", "REJECT", "DEFER", "other")),
+    _family("smtpproxy_policy_bad_requests_total", "counter",
+            "policy connections closed for a request that breaks the "
+            "protocol"),
+    _family("smtpproxy_policy_connections_refused_total", "counter",
+            "policy connections refused, by the key that refused them",
+            ["reason"], _one_label("policy_clients", "policy_max_connections",
+                                   "policy_max_connections_per_peer")),
+    _family("smtpproxy_process_threads", "gauge",
+            "threads of each process (worker: its number, or master)",
+            per_process=True),
+    _family("smtpproxy_process_open_fds", "gauge",
+            "open descriptors of each process", per_process=True),
+    _family("smtpproxy_process_resident_memory_bytes", "gauge",
+            "resident memory of each process", per_process=True),
+)
+
+
+# The counters SIGUSR1 logs (SMTPProxyServer.count(), _PolicyServing's)
+# and the series each also adds to: one count() feeds both.  policy_ACTION
+# is smtpproxy_policy_requests_total's ACTION.
+COUNTER_SERIES = {
+    "connections": ("smtpproxy_connections_total",),
+    "rcpt_accepted": ("smtpproxy_rcpt_replies_total", "accepted"),
+    "rcpt_deferred": ("smtpproxy_rcpt_replies_total", "deferred"),
+    "rcpt_refused": ("smtpproxy_rcpt_replies_total", "refused"),
+    "messages_accepted": ("smtpproxy_message_replies_total", "accepted"),
+    "messages_deferred": ("smtpproxy_message_replies_total", "deferred"),
+    "messages_refused": ("smtpproxy_message_replies_total", "refused"),
+    "upstream_errors": ("smtpproxy_upstream_errors_total",),
+    "upstream_reused": ("smtpproxy_upstream_pool_total", "hit"),
+    "upstream_retired": ("smtpproxy_upstream_retired_total",),
+    "tls_failures": ("smtpproxy_tls_failures_total",),
+    "policy_bad_requests": ("smtpproxy_policy_bad_requests_total",),
+}
+
+
+def rule_kind(rule):
+    """The kind of a Decision's rule, a label of bounded values: the word
+    before its first space or ':' ("network:192.0.2.0/24" is "network",
+    "auto-whitelist network:..." is "auto-whitelist", "dnswl:list.dnswl.org"
+    is "dnswl")."""
+    return re.split(r"[ :]", rule or "", 1)[0] or "other"
+
+
+def _metric_number(value):
+    if value == int(value) and abs(value) < 2 ** 53:
+        return "%d" % value
+    return repr(float(value))
+
+
+def _label_text(value):
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace(
+        '"', '\\"')
+
+
+class Metrics(object):
+    """The service's figures, for the metrics endpoint (metrics_listen):
+    a table of doubles, a slot (row) per process and a cell per series of
+    METRIC_FAMILIES (a histogram's buckets and sum are cells too).
+
+    A process adds only to its own ``slot``, under its own lock; the
+    exposition sums the slots, so that it shows the service's totals.  A
+    single process has one slot.  With workers, share() (the master,
+    before its forks) moves the table into memory every process maps, as
+    SessionCounts: worker N writes slot N, the master the last; a worker
+    killed and started again keeps adding to its number's slot, so that a
+    counter never goes back while the service runs.  The master zeroes a
+    dead worker's gauges (clear_gauges()).
+
+    add(name, *labels, amount=1), set(name, value, *labels) (a gauge: this
+    process's part, or with ``per_process``, this process's own figure),
+    observe(name, value, *labels) (a histogram), count(counter) (a
+    SIGUSR1 counter's series: COUNTER_SERIES), decision(decision) (a
+    Decision), exposition() (Prometheus' text format, version 0.0.4).
+    A label value not in the catalogue is counted as "other"; a name not
+    in it raises KeyError."""
+
+    def __init__(self, families=METRIC_FAMILIES):
+        self.families = families
+        self._families = dict((family.name, family) for family in families)
+        self._index = {}                # (name, label values): first cell
+        cells = 0
+        for family in families:
+            for values in family.series:
+                self._index[(family.name, values)] = cells
+                cells += (len(family.buckets) + 2
+                          if family.type == "histogram" else 1)
+        self.width = cells
+        self.workers = None             # shared: the workers' number
+        self.slot = 0
+        self._cells = memoryview(bytearray(8 * cells)).cast("d")
+        self._lock = threading.Lock()
+        self._sampled = None
+
+    def share(self, workers):
+        """Move the table into shared memory (MAP_SHARED), with a slot for
+        each of ``workers`` and one for this process, the master, which
+        keeps what it counted so far."""
+        width = self.width
+        cells = memoryview(mmap.mmap(-1, 8 * width * (workers + 1))).cast(
+            "d")
+        with self._lock:
+            start = self.slot * width
+            cells[workers * width:(workers + 1) * width] = \
+                self._cells[start:start + width]
+            self._cells, self.workers, self.slot = cells, workers, workers
+
+    def enter(self, slot):
+        """In a forked worker: count in ``slot`` from now on (a lock of
+        its own: no other thread of the master crossed the fork)."""
+        self._lock = threading.Lock()
+        self.slot = slot
+
+    def _cell(self, name, labels):
+        family = self._families[name]
+        for values in (labels, labels[:-1] + ("other",),
+                       ("other",) * len(labels)):
+            cell = self._index.get((name, values))
+            if cell is not None:
+                return family, self.slot * self.width + cell
+        return family, None
+
+    def add(self, name, *labels, amount=1):
+        """Add ``amount`` to this process's part of a series."""
+        _, cell = self._cell(name, labels)
+        if cell is not None:
+            with self._lock:
+                self._cells[cell] += amount
+
+    def set(self, name, value, *labels):
+        _, cell = self._cell(name, labels)
+        if cell is not None:
+            self._cells[cell] = value
+
+    def observe(self, name, value, *labels):
+        """Count ``value`` in a histogram."""
+        family, cell = self._cell(name, labels)
+        if cell is not None:
+            bucket = bisect.bisect_left(family.buckets, value)
+            with self._lock:
+                self._cells[cell + bucket] += 1
+                self._cells[cell + len(family.buckets) + 1] += value
+
+    def count(self, counter):
+        """Add one to the series of a SIGUSR1 counter (COUNTER_SERIES)."""
+        series = COUNTER_SERIES.get(counter)
+        if series is None and counter.startswith("policy_"):
+            series = ("smtpproxy_policy_requests_total", counter[7:].upper())
+        if series is not None:
+            self.add(*series)
+
+    def decision(self, decision):
+        """Count a Decision of the greylisting engine: its verdict and
+        rule's kind, a store failure, the delay of a pass."""
+        self.add("smtpproxy_decisions_total", decision.verdict
+                 if decision.verdict in DECISION_KINDS else "other",
+                 rule_kind(decision.rule))
+        if decision.error is not None:
+            self.add("smtpproxy_store_failures_total")
+        if decision.accepted and decision.delay is not None:
+            self.observe("smtpproxy_greylist_delay_seconds", decision.delay)
+
+    def clear_gauges(self, slot):
+        """Zero the gauges of ``slot`` (a worker that died)."""
+        for family in self.families:
+            if family.type == "gauge":
+                for values in family.series:
+                    self._cells[slot * self.width
+                                + self._index[(family.name, values)]] = 0
+
+    def sample_process(self, interval=1.0):
+        """Write this process's threads, descriptors and resident memory,
+        at most once per ``interval`` seconds (from the service's loop)."""
+        now = time.monotonic()
+        if self._sampled is not None and now - self._sampled < interval:
+            return
+        self._sampled = now
+        self.set("smtpproxy_process_threads", threading.active_count())
+        try:
+            # Less the one listdir() holds open.
+            self.set("smtpproxy_process_open_fds",
+                     len(os.listdir("/proc/self/fd")) - 1)
+            with open("/proc/self/statm") as statm:
+                self.set("smtpproxy_process_resident_memory_bytes",
+                         int(statm.read().split()[1]) * mmap.PAGESIZE)
+        except (OSError, ValueError, IndexError):
+            pass                        # no /proc: not Linux
+
+    def _slot_name(self, slot):
+        return "master" if slot == self.workers else str(slot)
+
+    def exposition(self):
+        """The text format (version 0.0.4) of every series: the service's
+        totals, and each process's own gauges."""
+        width = self.width
+        cells = self._cells.tolist()
+        slots = len(cells) // width
+        totals = [sum(cells[slot * width + cell] for slot in range(slots))
+                  for cell in range(width)]
+        lines = []
+        for family in self.families:
+            name = family.name
+            lines.append("# HELP %s %s" % (name, family.help.replace(
+                "\\", "\\\\").replace("\n", "\\n")))
+            lines.append("# TYPE %s %s" % (name, family.type))
+            for values in family.series:
+                cell = self._index[(name, values)]
+                labels = list(zip(family.labels, values))
+                if family.per_process:
+                    for slot in range(slots):
+                        lines.append(_sample(
+                            name, labels + [("worker", self._slot_name(slot))],
+                            cells[slot * width + cell]))
+                elif family.type == "histogram":
+                    total = 0
+                    for index, bound in enumerate(family.buckets
+                                                  + (float("inf"),)):
+                        total += totals[cell + index]
+                        lines.append(_sample(
+                            name + "_bucket", labels + [(
+                                "le", "+Inf" if bound == float("inf")
+                                else repr(float(bound)))], total))
+                    lines.append(_sample(name + "_count", labels, total))
+                    lines.append(_sample(
+                        name + "_sum", labels,
+                        totals[cell + len(family.buckets) + 1]))
+                else:
+                    lines.append(_sample(name, labels, totals[cell]))
+        return "\n".join(lines) + "\n"
+
+
+def _sample(name, labels, value):
+    if labels:
+        name += "{%s}" % ",".join('%s="%s"' % (label, _label_text(text))
+                                  for label, text in labels)
+    return "%s %s" % (name, _metric_number(value))
+
+
+metrics = Metrics()                 # this process's, or the service's
 
 
 def _ipv6_works():
@@ -6867,6 +7265,9 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     rcpt_accepted, rcpt_deferred, rcpt_refused (replies to RCPT, ours or
     the upstream's), messages_accepted, messages_deferred,
     messages_refused (replies to DATA and to the message), upstream_errors.
+    count() also adds to the process's ``metrics`` (COUNTER_SERIES), the
+    figures of the metrics endpoint (MetricsServer), which are the
+    service's: with workers, summed over them.
 
     ``stop()`` ends the service without losing mail: see there.
 
@@ -6987,9 +7388,11 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
     # -- counting sessions -----------------------------------------------
 
     def count(self, name):
-        """Add one to counter ``name``."""
+        """Add one to counter ``name``, and to its series of the metrics
+        (COUNTER_SERIES)."""
         with self.sessions_changed:
             self.counters[name] = self.counters.get(name, 0) + 1
+        metrics.count(name)
 
     def log_counters(self):
         """Log the counters and the number of open sessions."""
@@ -7008,9 +7411,12 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         with self.sessions_changed:
             self.counters["connections"] += 1
             per_ip = self.sessions_per_ip.get(key, 0)
-            refused = (self.stopping
-                       or self._sessions_open() >= self.max_connections
-                       or 0 < self.max_connections_per_ip <= per_ip)
+            refused = ("stopping" if self.stopping
+                       else "max_connections"
+                       if self._sessions_open() >= self.max_connections
+                       else "max_connections_per_ip"
+                       if 0 < self.max_connections_per_ip <= per_ip
+                       else None)
             if refused:
                 self.counters["connections_refused"] += 1
             else:
@@ -7018,7 +7424,9 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
                 self.session_ips[request] = key
                 self.sessions_per_ip[key] = per_ip + 1
                 self._sessions_changed()
+        metrics.add("smtpproxy_connections_total")
         if refused:
+            metrics.add("smtpproxy_connections_refused_total", refused)
             self.refuse_connection(request, address)
             return
         # The keys may change on reload: the threads read them after
@@ -7088,6 +7496,8 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
             if 0 < self.max_connections_per_ip <= self.sessions_per_ip.get(
                     key, 0):
                 self.counters["connections_refused"] += 1
+                metrics.add("smtpproxy_connections_refused_total",
+                            "max_connections_per_ip")
                 return False
             self._uncount(old)
             self.session_ips[handler.request] = key
@@ -7122,6 +7532,7 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
         sessions_changed held."""
         if self.service_sessions is not None:
             self.service_sessions.set(len(self.sessions))
+        metrics.set("smtpproxy_sessions_open", len(self.sessions))
         self._check_stress()
 
     # -- stress ----------------------------------------------------------
@@ -7184,6 +7595,8 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
                 since = handler.reader.waiting_since
                 if since is not None and now - since > self.stress_timeout:
                     handler.shed = Expired("stress", self.stress_timeout)
+                    metrics.add("smtpproxy_connections_refused_total",
+                                "stress")
                     if handler.connection is request:   # else TLS: polled
                         try:
                             request.shutdown(socket.SHUT_RD)
@@ -7252,6 +7665,169 @@ class SMTPProxyServer(socketserver.ThreadingTCPServer):
             while self.sessions and time.monotonic() < deadline:
                 self.sessions_changed.wait(deadline - time.monotonic())
             return len(self.sessions)
+
+
+# -- the metrics endpoint ----------------------------------------------------
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """One scrape: ``GET /metrics`` gets ``metrics.exposition()``; another
+    path 404, another method 405.  The request is read by this module's
+    reader, not the socket's file, so that it has the server's limits:
+    its head within ``max_request_size`` octets and ``request_timeout``
+    seconds from the connection, or the connection closes unanswered;
+    then the standard parser reads it, and the reply is written within
+    ``request_timeout`` too.  One request per connection (HTTP/1.0)."""
+
+    protocol_version = "HTTP/1.0"
+    server_version = "smtpproxy/" + __version__
+
+    def version_string(self):
+        return self.server_version
+
+    def setup(self):
+        self.rfile = io.BytesIO()       # the head, once read in time
+        self.wfile = io.BytesIO()       # the reply, sent in time
+
+    def handle(self):
+        head = self._read_head()
+        if head is None:
+            return
+        self.rfile = io.BytesIO(head)
+        self.close_connection = True
+        self.handle_one_request()
+        try:
+            send_within(self.request, self.wfile.getvalue(),
+                        self.server.request_timeout)
+        except (Expired, OSError):
+            pass                        # the scraper went away
+
+    def _read_head(self):
+        """The request line and headers, up to the empty line; None if
+        they are not all there within the limits."""
+        server = self.server
+        reader = _LineReader(self.request, idle=server.request_timeout)
+        reader.deadline = time.monotonic() + server.request_timeout
+        reader.deadline_reason = "request"
+        head = b""
+        try:
+            while len(head) < server.max_request_size:
+                line = reader.readline(server.max_request_size - len(head))
+                head += line
+                if not line.endswith(b"\n"):
+                    return None         # end of input, or over the size
+                if line in (b"\r\n", b"\n"):
+                    return head
+        except (Expired, OSError):
+            pass
+        return None
+
+    def do_GET(self):
+        if self.path.partition("?")[0] != "/metrics":
+            self.send_error(404)
+            return
+        body = metrics.exposition().encode("utf-8")
+        self.send_response(200)
+        self.send_header("Content-Type", METRICS_CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def __getattr__(self, name):
+        # Every other method (do_HEAD, do_POST, ...): 405, not 501.
+        if name.startswith("do_"):
+            return self._not_allowed
+        raise AttributeError(name)
+
+    def _not_allowed(self):
+        body = b"only GET /metrics\n"
+        self.send_response(405)
+        self.send_header("Allow", "GET")
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        log.debug("metrics: %s: %s", log_escape(self.client_address[0]),
+                  log_escape(format % args))
+
+
+class MetricsServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """The Prometheus endpoint (metrics_listen): ``MetricsServer((host,
+    port), clients)``, a thread per scrape (MetricsHandler).
+
+    ``clients`` (metrics_clients: addresses and networks, by default the
+    loopback ones) may connect; another is closed as it is accepted,
+    before anything is read, and logged once (per address, the last
+    ``refused_log_size`` remembered).  At most ``max_scrapes`` (4)
+    connections at once, each given ``request_timeout`` (5) seconds and
+    ``max_request_size`` (8192) octets of request: one more is closed at
+    once, so that slow clients never hold the endpoint.  Served by the
+    single process, or by worker 0, in a thread of its own; bound as
+    root at the start, as the SMTP port is."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+    clients = ["127.0.0.0/8", "::1"]
+    max_scrapes = 4
+    request_timeout = 5
+    max_request_size = 8192
+    refused_log_size = 1000
+
+    def __init__(self, address, clients=None):
+        self.address_family = (socket.AF_INET6 if ":" in address[0]
+                               else socket.AF_INET)
+        if clients is not None:
+            self.clients = clients
+        self.scrapes = set()
+        self.lock = threading.Lock()
+        self.refused = Cache(self.refused_log_size)
+        socketserver.TCPServer.__init__(self, address, MetricsHandler)
+
+    def verify_request(self, request, client_address):
+        address = unmapped(client_address[0])
+        if not any(_in_network(address, network)
+                   for network in self.clients):
+            if self.refused.get(address) is None:
+                self.refused.put(address, True)
+                log.warning("metrics: connection from %s refused: not in "
+                            "metrics_clients (logged once per address)",
+                            log_escape(address))
+            return False
+        with self.lock:
+            if len(self.scrapes) < self.max_scrapes:
+                self.scrapes.add(request)
+                return True
+        log_every(("metrics busy", self.server_address), 60,
+                  logging.WARNING, "metrics: connection from %s refused: "
+                  "%d scrapes open (logged at most once a minute)",
+                  log_escape(address), self.max_scrapes)
+        return False
+
+    def shutdown_request(self, request):
+        with self.lock:
+            self.scrapes.discard(request)
+        socketserver.TCPServer.shutdown_request(self, request)
+
+    def handle_error(self, request, client_address):
+        log.exception("metrics: unexpected error")
+
+
+def open_metrics_server(values):
+    """Bind the endpoint of ``values["metrics_listen"]`` (HOST:PORT; PORT
+    alone: 127.0.0.1) for ``metrics_clients``; StartError if it cannot."""
+    where = values["metrics_listen"]
+    host, port = _split_host_port(where)
+    try:
+        return MetricsServer((host or "127.0.0.1", port),
+                             values.get("metrics_clients"))
+    except OSError as error:
+        raise StartError("cannot listen for metrics on %s: %s"
+                         % (where, error))
 
 
 # ===========================================================================
@@ -7455,6 +8031,7 @@ class PolicyHandler(socketserver.BaseRequestHandler):
             client, sender, recipient, now,
             helo=request.get("helo_name") or None,
             hostname=None if name.lower() in ("", "unknown") else name)
+        metrics.decision(decision)
         if decision.error is not None:
             self.store_failed(decision.error)
         action = self._action(decision, request.get("instance"), now)
@@ -7522,6 +8099,7 @@ class _PolicyServing(object):
     def count(self, name):
         with self.lock:
             self.counters[name] = self.counters.get(name, 0) + 1
+        metrics.count(name)
 
     def counter_text(self):
         with self.lock:
@@ -7560,6 +8138,7 @@ class _PolicyServing(object):
                 return True
             self.counters["policy_connections_refused"] = \
                 self.counters.get("policy_connections_refused", 0) + 1
+        metrics.add("smtpproxy_policy_connections_refused_total", refused[0])
         # Once a minute per key, the peer's address as data: a port that
         # scanners reach costs a line a minute and no memory per address
         # (policy_connections_refused counts them all).
@@ -7907,6 +8486,12 @@ def _policy_listen(text):
         if not text[5:].startswith("/"):
             raise ValueError("expected unix:/ABSOLUTE/PATH, got %r" % text)
         return text
+    if text:
+        _split_host_port(text)
+    return text
+
+
+def _metrics_listen(text):
     if text:
         _split_host_port(text)
     return text
@@ -8384,6 +8969,16 @@ KEYS = [
         "the service's own log (starts, stops, errors) when syslog is "
         "off; empty: standard error", owner="service", default="",
         path=True),
+    Key("metrics_listen", _metrics_listen, SERVICE,
+        "serve Prometheus metrics (GET /metrics), the whole service's "
+        "figures, here: HOST:PORT (PORT alone: 127.0.0.1; an IPv6 "
+        "address in brackets), bound as root at the start; empty: none",
+        owner="service", default="", restart=True,
+        examples=("127.0.0.1:9025", "[::1]:9025")),
+    Key("metrics_clients", _network, SERVICE,
+        "who may scrape the metrics, addresses and networks; others are "
+        "closed as they connect, before anything is read",
+        kind="list", owner="service", default=["127.0.0.0/8", "::1"]),
 ]
 
 
@@ -10295,6 +10890,7 @@ class Service(_SignalsNoted):
         self.server = None
         self.pidfile = None
         self.policy = None          # the policy service's server
+        self.metrics = None         # the metrics endpoint (MetricsServer)
         self.stopped = threading.Event()    # the policy service alone
         self.worker = None          # in a worker process: its number
         self.master = None          # in a worker process: the master's pid
@@ -10392,6 +10988,8 @@ class Service(_SignalsNoted):
         if self.values.get("policy_listen"):
             self.policy = open_policy_server(self.values, handler_class,
                                              identity)
+        if self.values.get("metrics_listen"):
+            self.metrics = open_metrics_server(self.values)
 
     def _warn_of_relative_names(self):
         """A daemon started in / reads relative names from there."""
@@ -10459,13 +11057,18 @@ class Service(_SignalsNoted):
         return 0
 
     def _start_serving(self):
-        """The SMTP server's hook, and the policy service's thread."""
+        """The SMTP server's hook, and the threads of the policy service
+        and of the metrics endpoint."""
         if self.server is not None:
             self.server.service_hooks.append(self.on_service)
         if self.policy is not None:
             threading.Thread(target=self.policy.serve_forever,
                              kwargs={"poll_interval": 0.25},
                              name="policy service", daemon=True).start()
+        if self.metrics is not None:
+            threading.Thread(target=self.metrics.serve_forever,
+                             kwargs={"poll_interval": 0.25},
+                             name="metrics", daemon=True).start()
 
     def _started(self, handler_class, workers=0):
         """Tell the waiting parent, log the warnings and the start."""
@@ -10489,6 +11092,9 @@ class Service(_SignalsNoted):
         if self.policy is not None:
             log.info("smtpproxy %s answering policy requests on %s (%s)",
                      __version__, self.values["policy_listen"], details)
+        if self.metrics is not None:
+            log.info("smtpproxy %s serving metrics on %s", __version__,
+                     self.values["metrics_listen"])
 
     def _configure_server(self, values):
         """Set the server's keys, on a reload (and at a Worker's start)."""
@@ -10501,13 +11107,17 @@ class Service(_SignalsNoted):
         if self.policy is not None:
             self.policy.shutdown()
             self.policy.close_connections()
+        if self.server is not None:
+            log.info("stopping: waiting up to %s seconds for %d open "
+                     "session(s)", self.server.grace_period,
+                     len(self.server.sessions))
+            left = self.server.stop()
+        # Scraped until the sessions ended.
+        if self.metrics is not None:
+            self.metrics.shutdown()
         if self.server is None:
             log.info("stopped")
             return
-        log.info("stopping: waiting up to %s seconds for %d open "
-                 "session(s)", self.server.grace_period,
-                 len(self.server.sessions))
-        left = self.server.stop()
         log.info("stopped%s", " (%d session(s) did not end)" % left
                  if left else "")
 
@@ -10547,6 +11157,9 @@ class Service(_SignalsNoted):
     def close(self):
         if self.server is not None:
             self.server.server_close()
+        if self.metrics is not None:
+            self.metrics.server_close()
+            self.metrics = None
         if self.policy is not None:
             if (isinstance(self.policy, UnixPolicyServer)
                     and self.worker is None):
@@ -10575,6 +11188,7 @@ class Service(_SignalsNoted):
         service's main loop: act on the signals noted."""
         if self.server is None:
             stores.maintain()           # the policy service alone
+        metrics.sample_process()
         self._act_on_signals()
 
     def _act_on(self, signum, roles):
@@ -10647,6 +11261,9 @@ class Service(_SignalsNoted):
         if self.policy is not None:
             self.policy.settings = handler_class
             configure_server(self.policy, values, POLICY_SETTINGS)
+        if self.metrics is not None:
+            self.metrics.clients = values.get(
+                "metrics_clients", SERVICE_DEFAULTS["metrics_clients"])
         log.info("reloaded the configuration from %s", path or "nowhere")
 
 
@@ -10712,6 +11329,7 @@ class Master(_SignalsNoted):
         self.service.server.socket.setblocking(False)
         self.service.server.service_sessions = SessionCounts(
             worker_count(self.service.values))
+        metrics.share(worker_count(self.service.values))
         for number in range(worker_count(self.service.values)):
             self._fork_worker(number)
 
@@ -10720,6 +11338,7 @@ class Master(_SignalsNoted):
         service, return the exit status."""
         try:
             while self.workers or not self.stop_asked:
+                metrics.sample_process()
                 self._reap_workers()
                 self._act_on_signals()
                 self._restart_workers()
@@ -10779,6 +11398,7 @@ class Master(_SignalsNoted):
                 continue
             # Its sessions died with it: their places are free.
             self.service.server.service_sessions.set(0, slot=number)
+            metrics.clear_gauges(number)
             if self.stop_asked:
                 continue
             if os.WIFSIGNALED(status):
@@ -10840,7 +11460,9 @@ class Worker(Service):
     SessionCounts), and also watches its master: when the master is gone, it
     stops as on SIGTERM.  Built in the child, from the master's
     ``service``, which hands over its server; the pidfile's lock stays the
-    master's, the policy service is the first worker's (number 0)."""
+    master's, the policy service and the metrics endpoint are the first
+    worker's (number 0).  Each worker counts into its own slot of the
+    service's ``metrics`` (Metrics.enter())."""
 
     def __init__(self, service, number, handler_class):
         Service.__init__(self, service.args, service.base, service.values,
@@ -10850,14 +11472,17 @@ class Worker(Service):
         self.master = os.getppid()
         self.server, service.server = service.server, None
         self.server.service_sessions.slot = number
+        metrics.enter(number)
         if service.pidfile is not None:
             os.close(service.pidfile)       # the lock stays the master's
             service.pidfile = None
         if number == 0:
-            self.policy = service.policy
-        elif service.policy is not None:
-            service.policy.server_close()
-        service.policy = None
+            self.policy, self.metrics = service.policy, service.metrics
+        else:
+            for server in (service.policy, service.metrics):
+                if server is not None:
+                    server.server_close()
+        service.policy = service.metrics = None
 
     def run(self):
         """Serve as a single process does, until stopped; return the exit
