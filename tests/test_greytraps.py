@@ -321,3 +321,30 @@ def test_check_config_accepts_traps_of_our_domains(tmp_path, traps):
     assert code == 0, err
     assert "greytrap_recipients = %s" % traps in out.splitlines()
     assert "greytrap_time = 86400" in out.splitlines()
+
+
+def test_a_postgresql_store_of_schema_version_1_gets_its_traps_table(
+        pg_uri, postgresql):
+    """The tables as smtpproxy made them before greytraps: migrated to
+    version 2 at the first use, the triplets kept."""
+    name = pg_uri.rsplit("/", 1)[1]
+    postgresql.sql(
+        "SET ROLE greylist;"        # the store's user owns its tables
+        " CREATE TABLE smtpproxy_schema (version integer NOT NULL,"
+        " last_purge double precision);"
+        " CREATE TABLE smtpproxy_triplets (key text PRIMARY KEY,"
+        " first_seen double precision NOT NULL,"
+        " last_seen double precision NOT NULL, passed double precision,"
+        " passes integer NOT NULL DEFAULT 0);"
+        " CREATE TABLE smtpproxy_clients (network text PRIMARY KEY,"
+        " passes integer NOT NULL, last_seen double precision NOT NULL);"
+        " INSERT INTO smtpproxy_schema (version) VALUES (1);"
+        " INSERT INTO smtpproxy_triplets (key, first_seen, last_seen)"
+        " VALUES ('k', %d, %d)" % (T0, T0), name)
+    store = type("Store", (smtpproxy.PostgreSQLStore,),
+                 {"database_clock": False})(pg_uri)
+    store.spring_trap("192.0.2.0/24", T0, TRAP)
+    assert store.client_is_trapped("192.0.2.0/24", T0 + 1)
+    assert postgresql.sql("SELECT version FROM smtpproxy_schema", name) == "2"
+    assert [entry[1] for entry in store.entries()] == ["k"]
+    store.close()
