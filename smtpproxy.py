@@ -4168,12 +4168,12 @@ class Decision(object):
     "network:192.0.2.0/24", "store-failed", "greytrap:hit ..." (a RCPT
     to a greytrap) or "greytrap:trapped ..." (a trapped client).
     ``key``: the triplet's key, when the store was asked (the client's
-    key, for the auto-whitelist and greytraps); ``delay``: how long greylisting held
-    the triplet back, on the try that passed; ``error``: the store's
-    error, when it failed; ``added``: True when the triplet was new and
-    its row was added to the store (a deferral past a bound of new
-    triplets, rule "max_new_triplets_per_session" or
-    "max_new_triplets_per_network", added none).
+    key, for the auto-whitelist and greytraps); ``delay``: how long
+    greylisting held the triplet back, on the try that passed;
+    ``error``: the store's error, when it failed; ``added``: True when
+    the triplet was new and its row was added to the store (a deferral
+    past a bound of new triplets, rule "max_new_triplets_per_session"
+    or "max_new_triplets_per_network", added none).
     """
 
     __slots__ = ("verdict", "rule", "key", "delay", "error", "added")
@@ -5374,9 +5374,10 @@ class StoreBase(object):
     def _purge(self, transaction, now, when_due=False):
         """purge()'s deletions: the grey triplets first seen more than
         max_defer_time ago, the passed ones and the clients not seen
-        within max_grey, the greytraps that expired; how many went.  ``when_due``: the purge of a
-        decision, once every purge_interval (a store shared by several
-        processes skips it when another did it within that time)."""
+        within max_grey, the greytraps that expired; how many went.
+        ``when_due``: the purge of a decision, once every purge_interval
+        (a store shared by several processes skips it when another did
+        it within that time)."""
         raise NotImplementedError
 
     # -- administration (smtpproxy --db-...) ------------------------------

@@ -10,11 +10,13 @@ engine's ``now``, moved by the tests: no sleeps."""
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
 import smtpproxy
 from conftest import HERE, ROOT, RawClient, free_port
+from test_policy_service import DEFER, PolicyClient
 
 T0 = 1000000000.0
 TRAP = "spamtrap@example.org"
@@ -46,7 +48,7 @@ def decide(grey, now, recipient="b@example.org", client="192.0.2.7",
     return grey.decide(client, sender, recipient, now)
 
 
-# -- the engine ------------------------------------------------------------------
+# -- the engine ---------------------------------------------------------------
 
 def test_a_rcpt_to_a_trap_is_deferred_and_traps_the_clients_network(
         tmp_path, traps):
@@ -62,7 +64,7 @@ def test_a_rcpt_to_a_trap_is_deferred_and_traps_the_clients_network(
         "network:198.51.100.0/24"
 
 
-def test_a_trapped_clients_retry_after_the_window_is_deferred_until_the_trap_expires(  # noqa: E501
+def test_a_trapped_clients_retry_is_deferred_until_the_trap_expires(
         tmp_path, traps):
     grey = greylister(tmp_path, traps, greytrap_time=3600)
     assert decide(grey, T0).rule == "network:192.0.2.0/24"   # first seen
@@ -151,7 +153,7 @@ def test_expired_traps_are_purged_and_a_lifted_trap_frees_the_client(
     assert decide(grey, T0 + 4001).rule == "network:192.0.2.0/24"
 
 
-# -- real sessions -------------------------------------------------------------
+# -- real sessions ------------------------------------------------------------
 
 def rcpt(port, recipient, source="127.0.0.2"):
     """One session from ``source``: the reply to RCPT, (code, text)."""
@@ -165,7 +167,7 @@ def rcpt(port, recipient, source="127.0.0.2"):
         client.close()
 
 
-def test_a_trap_is_answered_exactly_as_greylisting_and_the_retry_after_the_window_too(  # noqa: E501
+def test_a_trap_and_the_trapped_retry_are_answered_as_greylisting(
         proxy, tmp_path, traps):
     clock = [T0]
     keys = dict(TIMINGS, greylist_db=str(tmp_path / "proxy.db"),
@@ -215,7 +217,6 @@ def test_a_trap_sprung_through_one_mx_defers_the_client_on_the_other(
 
 
 def test_the_policy_service_traps_too(tmp_path, traps):
-    from test_policy_service import DEFER, PolicyClient
     clock = [T0]
     settings = type("Settings", (smtpproxy.GreyListingPolicy,), dict(
         TIMINGS, greylist_db=str(tmp_path / "policy.db"),
@@ -223,7 +224,6 @@ def test_the_policy_service_traps_too(tmp_path, traps):
     handler = type("Clocked", (smtpproxy.PolicyHandler,),
                    {"now": lambda self: clock[0]})
     server = smtpproxy.PolicyServer(("127.0.0.1", 0), settings, handler)
-    import threading
     threading.Thread(target=server.serve_forever,
                      kwargs={"poll_interval": 0.05}, daemon=True).start()
     client = PolicyClient(server)
