@@ -91,7 +91,9 @@ Working on the greylisting store (greylist_db) of the configuration, also
 while the proxy runs; keys are "client-network sender recipient":
 
     --db-list        List entries: state (GREY, WHITE, CLIENT), key,
-                     first and last seen (UTC), passes.  With
+                     first and last seen (UTC), passes; then the
+                     greytraps: TRAPPED, the client's key, when it
+                     sprang the trap, until when, and the trap.  With
                      hash_keys, a key shows the hashes of its sender
                      and recipient (hmac:...): it cannot show the
                      addresses.
@@ -100,7 +102,8 @@ while the proxy runs; keys are "client-network sender recipient":
     --db-pass KEY    Pass (whitelist) a triplet now: client address (or
                      network), sender, recipient, quoted or not, such as
                      --db-pass 192.0.2.7 a@example.net b@example.org.
-    --db-delete KEY  Forget a triplet or a client network.
+    --db-delete KEY  Forget a triplet or a client network (or name key):
+                     its greytrap too, if it is trapped.
     --db-hash-keys   With hash_keys: hash the store's clear keys in
                      place, keeping their passes (run once, as the
                      admin, when hash_keys is turned on; keys already
@@ -1110,7 +1113,7 @@ class ListFiles(object):
             with open(path, "rb") as list_file:
                 lines = list_file.read().decode("utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as error:
-            log_once("%s %s: %s; nothing is whitelisted by it"
+            log_once("%s %s: %s; nothing is listed by it"
                      % (what, path, error))
             return ListFile([])
         listed = ListFile(lines, path)
@@ -4208,13 +4211,15 @@ class Decision(object):
     store could not be opened: out of descriptors).  ``rule``: what
     decided, such as "allowed_senders", "not-local",
     "whitelisted_triples", "whitelist_clients", "auto-whitelist",
-    "network:192.0.2.0/24", "store-failed".  ``key``: the triplet's
-    key, when the store was asked; ``delay``: how long greylisting held
-    the triplet back, on the try that passed; ``error``: the store's
-    error, when it failed; ``added``: True when the triplet was new and
-    its row was added to the store (a deferral past a bound of new
-    triplets, rule "max_new_triplets_per_session" or
-    "max_new_triplets_per_network", added none).
+    "network:192.0.2.0/24", "store-failed", "greytrap:hit ..." (a RCPT
+    to a greytrap) or "greytrap:trapped ..." (a trapped client).
+    ``key``: the triplet's key, when the store was asked (the client's
+    key, for the auto-whitelist and greytraps); ``delay``: how long
+    greylisting held the triplet back, on the try that passed;
+    ``error``: the store's error, when it failed; ``added``: True when
+    the triplet was new and its row was added to the store (a deferral
+    past a bound of new triplets, rule "max_new_triplets_per_session"
+    or "max_new_triplets_per_network", added none).
     """
 
     __slots__ = ("verdict", "rule", "key", "delay", "error", "added")
@@ -4556,8 +4561,9 @@ class Greylister(object):
     ``decide(client, sender, recipient, now)`` answers for one recipient,
     in the order GreyListingPolicy's docstring gives: allow-lists, our
     domains, the administrator's whitelists, DNSWL, the client's key
-    (name or network), DNSBL, the auto-whitelist, suspicious-only, the
-    store's timings, and the fail mode if the store fails.
+    (name or network), DNSBL, greytraps, the auto-whitelist,
+    suspicious-only, the store's timings, and the fail mode if the store
+    fails.
 
     ``settings`` is anything whose attributes are the configuration keys:
     a GreyListingPolicy (class or instance), so that
@@ -4565,6 +4571,7 @@ class Greylister(object):
     this engine too.  The stores are shared by the process (``stores``).
     Methods that may be overridden: the rules, ``client_may_relay``,
     ``is_local_recipient``, ``recipient_is_whitelisted``,
+    ``recipient_is_trap``, ``spring_trap``,
     ``is_whitelisted``, ``client_is_whitelisted``, ``dns_listing``,
     ``client_identity``, ``suspicion``, ``client_network``,
     ``triplet_key``, ``new_triplet_bound``, ``flood_network``;
@@ -4640,11 +4647,20 @@ class Greylister(object):
                      else None)
         rule = key_rule if suspicion is None else "%s %s" % (suspicion,
                                                              key_rule)
+        if self.recipient_is_trap(recipient):
+            return self.spring_trap(client, client_key, key_rule, recipient,
+                                    now)
         asked = time.monotonic()
         try:
             key = self.triplet_key(client_key, sender, recipient)
             store = stores.get(settings)
             with store._budget():       # one greylist_db_timeout for all
+                # Before any trust: a trapped client is never whitelisted,
+                # nor are its triplets that passed before accepted.
+                if settings.greytrap_recipients and \
+                        store.client_is_trapped(client_key, now):
+                    return Decision("defer", "greytrap:trapped " + key_rule,
+                                    client_key)
                 # A listed client (or one whose dnsbl was not asked) is
                 # always greylisted, trusted or not; one whose address is
                 # unknown is never trusted, nor counted.
@@ -4680,6 +4696,33 @@ class Greylister(object):
             new_triplets.added(network, now)
         return Decision("accept" if accepted else "defer", rule, key, delay,
                         added=new)
+
+    def spring_trap(self, client, client_key, key_rule, recipient, now):
+        """The Decision for ``recipient``, a greytrap, written to by the
+        client at address ``client``, keyed ``client_key`` (by the rule
+        ``key_rule``): deferred as greylisting defers (the client cannot
+        tell), rule "greytrap:hit ...", and the client key trapped in the
+        store for greytrap_time.  Deferred also if the store fails,
+        whatever greylist_fail_mode says: a trap is no mailbox."""
+        rule = "greytrap:hit " + key_rule
+        try:
+            stores.get(self.settings).spring_trap(
+                client_key, now, self.trap_name(recipient))
+        except ResourceShortage as error:
+            return Decision("unavailable", "store", client_key, error=error)
+        except sqlite3.Error as error:
+            return Decision("defer", rule, client_key, error=error)
+        log.info("greytrap <%s> sprung by client %s (%s): trapped for %d s",
+                 log_escape(recipient), log_escape(client),
+                 log_escape(key_rule), self.settings.greytrap_time)
+        return Decision("defer", rule, client_key)
+
+    def trap_name(self, recipient):
+        """The trap ``recipient`` as the store's traps table holds it: its
+        recipient key, hashed() with ``hash_keys``, as the triplets'
+        recipients are (no address in the store)."""
+        name = _recipient_key(recipient)
+        return self.hashed(name) if self.settings.hash_keys else name
 
     def new_triplet_bound(self, network, now, session_added):
         """None if a new triplet of the client ``network`` (its session
@@ -4749,6 +4792,13 @@ class Greylister(object):
         path = self.settings.whitelist_recipients
         return bool(path) and list_files.get(
             path, "whitelist_recipients").has_recipient(recipient)
+
+    def recipient_is_trap(self, recipient):
+        """True if ``recipient`` is in the ``greytrap_recipients`` file
+        (postgrey's format, as whitelist_recipients)."""
+        path = self.settings.greytrap_recipients
+        return bool(path) and list_files.get(
+            path, "greytrap_recipients").has_recipient(recipient)
 
     def client_may_relay(self, client):
         """True if ``client`` is in allowed_senders or
@@ -4851,7 +4901,19 @@ class GreyListingPolicy(ConcreteMailHandler):
        listed on a ``dnswl`` zone is accepted;
     4. the client is keyed (``client_key``) by its forward-confirmed,
        non-generic name minus its first label, or by its network of
-       ``ipv4_prefix`` (24) or ``ipv6_prefix`` (64) bits; a client that
+       ``ipv4_prefix`` (24) or ``ipv6_prefix`` (64) bits (an unknown
+       address: UNKNOWN_CLIENT).  Greytraps (spamd's), after the
+       administrator's choices above, before any trust below: a recipient
+       of the ``greytrap_recipients`` file gets ``defer_reply``, as
+       greylisting gives it, and its client's key is trapped in the store
+       for ``greytrap_time`` (rule "greytrap:hit ..."); a trapped client
+       gets ``defer_reply`` for every recipient, however long its
+       triplets waited or whether they passed before (rule
+       "greytrap:trapped ...").  Traps are rows of the store: the MX
+       hosts sharing it know them at once, but for what a process keeps
+       in memory (greylist_cache_time at most: client_is_trapped()).  A
+       RCPT to a trap is deferred even when the store fails.  Then a
+       client that
        passed greylisting ``auto_whitelist_clients`` times (0: never;
        each triplet once, the client at most once an hour) is accepted,
        but not one listed on a ``dnsbl`` zone, nor one whose ``dnsbl``
@@ -4917,6 +4979,8 @@ class GreyListingPolicy(ConcreteMailHandler):
     x_greylist_header = False
     whitelist_clients = ""
     whitelist_recipients = ""
+    greytrap_recipients = ""
+    greytrap_time = 86400       # spamd's: a day
     client_key = "name"
     greylist_clients = "all"
     dnsbl = []
@@ -5134,6 +5198,10 @@ class StoreBase(object):
     Every ``purge_interval`` seconds a decision also purges what has
     expired (``purge``): it would be decided as never seen anyway.
 
+    Greytraps: ``spring_trap`` traps a client key for ``greytrap_time``
+    seconds, ``client_is_trapped`` asks (both answers kept in memory for
+    greylist_cache_time), ``traps`` lists them, delete() lifts one.
+
     The process has one connection to the store (``_db``), opened at the
     first use and used by one thread at a time (the decisions of a
     process are serial anyway): its descriptors do not grow with the
@@ -5162,7 +5230,8 @@ class StoreBase(object):
     NotImplementedError here: ``_transact`` (its connection, opened as it
     needs, and its transactions) and the works run in a transaction, its
     SQL (``_decide_and_count``, ``_client_is_trusted``, ``_purge``,
-    ``_entries``, ``_pass_key``, ``_delete``, ``_stats``); it may extend
+    ``_entries``, ``_pass_key``, ``_delete``, ``_stats``,
+    ``_spring_trap``, ``_trap_left``, ``_traps``); it may extend
     checkpoint() and ``_disconnect()`` (with ``_lock`` held: close()).
     """
 
@@ -5173,6 +5242,7 @@ class StoreBase(object):
     auto_whitelist_clients = GreyListingPolicy.auto_whitelist_clients
     greylist_db_timeout = GreyListingPolicy.greylist_db_timeout
     greylist_cache_time = GreyListingPolicy.greylist_cache_time
+    greytrap_time = GreyListingPolicy.greytrap_time
     cache_size = 10000
     purge_interval = 3600
     client_pass_interval = 3600
@@ -5180,7 +5250,7 @@ class StoreBase(object):
     # The attributes a policy sets on its store (configure()).
     settings = ("too_soon", "min_defer_time", "max_defer_time", "max_grey",
                 "auto_whitelist_clients", "greylist_db_timeout",
-                "greylist_cache_time")
+                "greylist_cache_time", "greytrap_time")
 
     def __init__(self, path, settings=None):
         self.path = path
@@ -5194,6 +5264,9 @@ class StoreBase(object):
         # as passed (trusted); read and written without a lock (single
         # dict operations).
         self._known = {}
+        # client -> (when the store said it is trapped, until when): the
+        # greytraps this process sprang or read (client_is_trapped()).
+        self._trapped = {}
         self.failing = None     # texts of the errors of an incident
         self.last_purge = None
         self.checkpoints = 0    # made by this store (sqlite's WAL)
@@ -5352,12 +5425,25 @@ class StoreBase(object):
             self._known[entry] = now
 
     def forget(self):
-        """Forget every pass and trust kept in memory."""
+        """Forget every pass, trust and trap kept in memory."""
         self._known.clear()
+        self._trapped.clear()
 
     def _forget_old(self):
         """Drop what is kept longer than greylist_cache_time (by the
-        clock of the decisions: the newest time written)."""
+        clock of the decisions: the newest time written); the traps
+        too."""
+        trapped = self._trapped
+        try:
+            if trapped:
+                newest = max(checked for checked, _ in trapped.values())
+                for client in [client for client, (checked, _)
+                               in list(trapped.items())
+                               if newest - checked >=
+                               self.greylist_cache_time]:
+                    trapped.pop(client, None)
+        except RuntimeError:            # changed meanwhile: next time
+            pass
         known = self._known
         if not known:
             return
@@ -5388,6 +5474,58 @@ class StoreBase(object):
         last_seen renewed."""
         raise NotImplementedError
 
+    # -- greytraps --------------------------------------------------------
+
+    def spring_trap(self, client, now, recipient):
+        """The client ``client`` (a network or name key) wrote to the
+        greytrap ``recipient`` at ``now``: it is trapped until
+        ``greytrap_time`` seconds from now (again from now, if it was
+        already), for every process and host that shares the store; this
+        process knows it at once."""
+        self._use(self._spring_trap, client, now, recipient)
+        self._known.pop(("untrapped", client), None)
+        self._known.pop(("client", client), None)
+        self._note_trap(client, now, now + self.greytrap_time)
+
+    def _spring_trap(self, transaction, client, now, recipient):
+        """spring_trap()'s row: the client's trap, sprung now by
+        ``recipient``, expiring greytrap_time from now."""
+        raise NotImplementedError
+
+    def client_is_trapped(self, client, now):
+        """True if ``client`` sprang a greytrap that has not expired (nor
+        been lifted: delete()).  Either answer the store gives is kept in
+        memory for greylist_cache_time, as passes are, so that a client's
+        decisions do not each ask the store: a trap sprung through this
+        store object (this process) counts at once, one sprung by
+        another process or host after greylist_cache_time at most, and so
+        does a trap lifted by another process (--db-delete)."""
+        known = self._trapped.get(client)
+        if known is not None:
+            checked, until = known
+            if 0 <= now - checked < self.greylist_cache_time and now < until:
+                return True
+            self._trapped.pop(client, None)
+        if self._cached(("untrapped", client), now):
+            return False
+        left = self._use(self._trap_left, client, now, read_only=True)
+        if left is None:
+            self._remember(("untrapped", client), now)
+            return False
+        self._note_trap(client, now, now + left)
+        return True
+
+    def _trap_left(self, transaction, client, now):
+        """The seconds the trap of ``client`` has left at ``now``; None if
+        it has none (or it expired)."""
+        raise NotImplementedError
+
+    def _note_trap(self, client, now, until):
+        if self.greylist_cache_time > 0:
+            if len(self._trapped) >= self.cache_size:
+                self._trapped.clear()
+            self._trapped[client] = (now, until)
+
     def _purge_when_due(self, now):
         # Once every purge_interval, in the decision that comes then; a
         # failure is logged, and is no reason to fail that decision.
@@ -5404,9 +5542,10 @@ class StoreBase(object):
     def _purge(self, transaction, now, when_due=False):
         """purge()'s deletions: the grey triplets first seen more than
         max_defer_time ago, the passed ones and the clients not seen
-        within max_grey; how many went.  ``when_due``: the purge of a
-        decision, once every purge_interval (a store shared by several
-        processes skips it when another did it within that time)."""
+        within max_grey, the greytraps that expired; how many went.
+        ``when_due``: the purge of a decision, once every purge_interval
+        (a store shared by several processes skips it when another did
+        it within that time)."""
         raise NotImplementedError
 
     # -- administration (smtpproxy --db-...) ------------------------------
@@ -5428,6 +5567,16 @@ class StoreBase(object):
         list in the order of its key."""
         raise NotImplementedError
 
+    def traps(self):
+        """The greytraps sprung, expired or not (the purge removes those
+        that expired), as tuples ``(client, sprung, until, recipient)``
+        in the order of the client key: when the client last wrote to
+        the trap ``recipient``, and when its trap expires."""
+        return self._use(self._traps, read_only=True)
+
+    def _traps(self, transaction):
+        raise NotImplementedError
+
     def pass_key(self, key, now):
         """Mark the triplet ``key`` as passed now (whitelist it)."""
         self._use(self._pass_key, key, now)
@@ -5437,27 +5586,30 @@ class StoreBase(object):
         raise NotImplementedError
 
     def delete(self, key):
-        """Forget the triplet or client network ``key``; True if it was
-        there."""
+        """Forget the triplet or client network ``key`` (a client's
+        greytrap too: it is lifted); True if it was there."""
         self._known.pop(("triplet", key), None)
         self._known.pop(("client", key), None)
+        self._trapped.pop(key, None)
         return self._use(self._delete, key)
 
     def _delete(self, transaction, key):
         raise NotImplementedError
 
-    def rekey(self, change):
+    def rekey(self, change, address=None):
         """Give every triplet the key ``change(key)`` returns (its own:
         left as it is; ``change`` must leave a key it made as it is),
         keeping its first_seen, last_seen, passed and passes, all in one
         transaction; a triplet whose new key is there already is merged
-        with it (_merged_triplets()).  Return how many keys changed.  The
-        clients are left.  What --db-hash-keys runs."""
-        changed = self._use(self._rekey, change)
+        with it (_merged_triplets()).  With ``address``, each greytrap's
+        recipient becomes ``address(recipient)`` too (the same rule).
+        Return how many keys changed.  The clients are left.  What
+        --db-hash-keys runs."""
+        changed = self._use(self._rekey, change, address)
         self._known.clear()
         return changed
 
-    def _rekey(self, transaction, change):
+    def _rekey(self, transaction, change, address):
         raise NotImplementedError
 
     def stats(self):
@@ -5553,6 +5705,12 @@ class GreylistStore(StoreBase):
                     " network TEXT PRIMARY KEY,"
                     " passes INTEGER NOT NULL,"
                     " last_seen REAL NOT NULL)")
+                connection.execute(
+                    "CREATE TABLE IF NOT EXISTS traps ("
+                    " client TEXT PRIMARY KEY,"   # a network or name key
+                    " sprung REAL NOT NULL,"      # the last write to a trap
+                    " expires REAL NOT NULL,"
+                    " recipient TEXT NOT NULL)")  # the trap that sprang
             except BaseException:
                 connection.close()
                 raise
@@ -5654,7 +5812,20 @@ class GreylistStore(StoreBase):
         deleted += connection.execute(
             "DELETE FROM clients WHERE last_seen < ?",
             (now - self.max_grey,)).rowcount
+        deleted += connection.execute(
+            "DELETE FROM traps WHERE expires <= ?", (now,)).rowcount
         return deleted
+
+    def _spring_trap(self, connection, client, now, recipient):
+        connection.execute(
+            "INSERT OR REPLACE INTO traps (client, sprung, expires,"
+            " recipient) VALUES (?, ?, ?, ?)",
+            (client, now, now + self.greytrap_time, recipient))
+
+    def _trap_left(self, connection, client, now):
+        row = connection.execute("SELECT expires FROM traps WHERE client = ?",
+                                 (client,)).fetchone()
+        return row[0] - now if row is not None and row[0] > now else None
 
     # -- administration (smtpproxy --db-...) ------------------------------
 
@@ -5678,16 +5849,18 @@ class GreylistStore(StoreBase):
         return (connection.execute("DELETE FROM triplets WHERE key = ?",
                                    (key,)).rowcount
                 + connection.execute("DELETE FROM clients WHERE network = ?",
+                                     (key,)).rowcount
+                + connection.execute("DELETE FROM traps WHERE client = ?",
                                      (key,)).rowcount) > 0
 
-    def rekey(self, change):
+    def rekey(self, change, address=None):
         """StoreBase.rekey(), and what it replaced is gone from the files:
         the deleted rows are overwritten with zeros (secure_delete) and
         the WAL, which holds the pages as they were, is emptied (a
         checkpoint that truncates it).  A process reading the store
         meanwhile keeps the WAL from being emptied: logged, for the
         admin to run it again with the proxies stopped."""
-        changed = StoreBase.rekey(self, change)
+        changed = StoreBase.rekey(self, change, address)
         busy = self._use(self._empty_wal, read_only=True)
         if busy:
             log.warning("greylisting store %s: its -wal file could not be "
@@ -5700,9 +5873,16 @@ class GreylistStore(StoreBase):
         return connection.execute(
             "PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
 
-    def _rekey(self, connection, change):
+    def _rekey(self, connection, change, address):
         connection.execute("PRAGMA secure_delete = ON")
         changed = 0
+        for client, recipient in (connection.execute(
+                "SELECT client, recipient FROM traps").fetchall()
+                                  if address is not None else ()):
+            if address(recipient) != recipient:
+                connection.execute(
+                    "UPDATE traps SET recipient = ? WHERE client = ?",
+                    (address(recipient), client))
         for row in connection.execute(
                 "SELECT key, first_seen, last_seen, passed, passes"
                 " FROM triplets").fetchall():
@@ -5722,6 +5902,11 @@ class GreylistStore(StoreBase):
                 (new,) + values)
             changed += 1
         return changed
+
+    def _traps(self, connection):
+        return connection.execute(
+            "SELECT client, sprung, expires, recipient FROM traps"
+            " ORDER BY client").fetchall()
 
     def _stats(self, connection):
         return connection.execute(
@@ -6181,10 +6366,11 @@ class PostgreSQLStore(StoreBase):
       lock), once per ``purge_interval`` for all instances together (the
       last purge's time is in the database); an error of that purge is
       logged and decides nothing;
-    - the tables (smtpproxy_triplets, smtpproxy_clients) are made at the
-      first use, under an advisory lock, with the schema's version in
-      smtpproxy_schema, so that a later version can migrate them
-      (``_migrate``); a schema newer than ``schema_version`` is refused.
+    - the tables (smtpproxy_triplets, smtpproxy_clients, smtpproxy_traps)
+      are made at the first use, under an advisory lock, with the
+      schema's version in smtpproxy_schema, so that a later version can
+      migrate them (``_migrate``; version 2 added smtpproxy_traps); a
+      schema newer than ``schema_version`` is refused.
       Made by the database's administrator, they need no CREATE right.
 
     A decision takes two round trips: BEGIN with the triplet's row
@@ -6236,7 +6422,15 @@ class PostgreSQLStore(StoreBase):
     nothing outside the standard library.
     """
 
-    schema_version = 1
+    schema_version = 2
+    # Version 2 adds the greytraps: made with the other tables, or by
+    # _migrate() from version 1.
+    _SCHEMA_2_TRAPS = (
+        "CREATE TABLE smtpproxy_traps ("
+        " client text PRIMARY KEY,"
+        " sprung double precision NOT NULL,"
+        " expires double precision NOT NULL,"
+        " recipient text NOT NULL)",)
     # The SQLSTATEs (or their classes, two characters) that say the
     # configuration is wrong (StoreConfigError): the login refused (class
     # 28: a wrong password, no such role, no pg_hba.conf entry), no such
@@ -6498,6 +6692,8 @@ class PostgreSQLStore(StoreBase):
                     " passes integer NOT NULL,"
                     " last_seen double precision NOT NULL)"):
                 cursor.execute(statement)
+            for statement in self._SCHEMA_2_TRAPS:
+                cursor.execute(statement)
             cursor.execute("INSERT INTO smtpproxy_schema (version)"
                            " VALUES (%d)" % self.schema_version)
         else:
@@ -6573,7 +6769,11 @@ class PostgreSQLStore(StoreBase):
     def _migrate(self, cursor, version):
         """Bring the tables from schema ``version`` to
         ``schema_version``, in the transaction that holds the schema's
-        lock.  Version 1 is the first: nothing to do yet."""
+        lock.  Version 1 is the first; 2 adds smtpproxy_traps."""
+        if version < 2:
+            # Version 2: the greytraps.
+            for statement in self._SCHEMA_2_TRAPS:
+                cursor.execute(statement)
         cursor.execute("UPDATE smtpproxy_schema SET version = %d"
                        % self.schema_version)
 
@@ -6739,9 +6939,30 @@ class PostgreSQLStore(StoreBase):
         tx.execute("DELETE FROM smtpproxy_clients WHERE last_seen < %s",
                        (now - self.max_grey,))
         deleted += tx.rowcount
+        tx.execute("DELETE FROM smtpproxy_traps WHERE expires <= %s",
+                   (now,))
+        deleted += tx.rowcount
         tx.execute("UPDATE smtpproxy_schema SET last_purge = %s",
                        (now,))
         return deleted
+
+    def _spring_trap(self, tx, client, now, recipient):
+        tx.execute(
+            "INSERT INTO smtpproxy_traps (client, sprung, expires, recipient)"
+            " SELECT %s, t, t + %s, %s FROM (SELECT " + _PG_CLOCK + " AS t)"
+            " AS c ON CONFLICT (client) DO UPDATE SET"
+            " sprung = EXCLUDED.sprung, expires = EXCLUDED.expires,"
+            " recipient = EXCLUDED.recipient",
+            (client, self.greytrap_time, recipient, self._clock(now)),
+            alone=True)
+
+    def _trap_left(self, tx, client, now):
+        tx.execute(
+            "SELECT expires - c.t FROM smtpproxy_traps, (SELECT "
+            + _PG_CLOCK + " AS t) AS c WHERE client = %s AND expires > c.t",
+            (self._clock(now), client), alone=True)
+        row = tx.fetchone()
+        return None if row is None else row[0]
 
     # -- administration -----------------------------------------------------
 
@@ -6769,9 +6990,20 @@ class PostgreSQLStore(StoreBase):
         deleted = tx.rowcount
         tx.execute("DELETE FROM smtpproxy_clients WHERE network = %s",
                        (key,))
+        deleted += tx.rowcount
+        tx.execute("DELETE FROM smtpproxy_traps WHERE client = %s", (key,))
         return deleted + tx.rowcount > 0
 
-    def _rekey(self, tx, change):
+    def _rekey(self, tx, change, address):
+        # The traps' recipients (few: one row per trapped client).
+        if address is not None:
+            tx.execute("SELECT client, recipient FROM smtpproxy_traps"
+                       " FOR UPDATE")
+            for client, recipient in tx.fetchall():
+                if address(recipient) != recipient:
+                    tx.execute("UPDATE smtpproxy_traps SET recipient = %s"
+                               " WHERE client = %s",
+                               (address(recipient), client))
         # Three statements, however many rows: the rows locked and read,
         # those whose key changes deleted, and inserted again under their
         # new keys, merged (as _merged_triplets()) with one that is there.
@@ -6799,6 +7031,11 @@ class PostgreSQLStore(StoreBase):
             [[row[index] for row in moved] for index in (0, 2, 3, 4, 5)],
             last=True)
         return len(moved)
+
+    def _traps(self, tx):
+        tx.execute("SELECT client, sprung, expires, recipient"
+                   " FROM smtpproxy_traps ORDER BY client")
+        return tx.fetchall()
 
     def _stats(self, tx):
         tx.execute("SELECT count(*) FILTER (WHERE passed IS NULL),"
@@ -8859,6 +9096,15 @@ KEYS = [
         "/regex/ a line; a name counts only if the client's reverse name "
         "resolves back to it (contrib/whitelist_clients: sender pools)",
         path=True),
+    Key("greytrap_recipients", _string, GREYLISTING,
+        "a file of trap addresses (spamd's greytraps), in postgrey's "
+        "format as whitelist_recipients: addresses that never receive "
+        "mail; a client that writes to one is deferred as if greylisted "
+        "and trapped for greytrap_time: none of its mail passes meanwhile; "
+        "empty: no traps", path=True),
+    Key("greytrap_time", _positive, GREYLISTING,
+        "seconds a client that wrote to a greytrap stays trapped, in the "
+        "store, for every MX host sharing it"),
     Key("defer_reply", _defer_reply, GREYLISTING,
         "the reply to a recipient greylisting defers"),
     Key("greylist_fail_mode", _fail_mode, GREYLISTING,
@@ -10388,6 +10634,81 @@ def check_dns_lists(handler_class):
                 raise StartError("%s: %s" % (key, error), 2)
 
 
+def _read_list(key, path):
+    """The lines of the list file ``path`` of ``key``, its regular
+    expressions compiled: StartError (status 2) if it cannot be read."""
+    try:
+        with open(path, "rb") as list_file:
+            lines = list_file.read().decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise StartError("%s %s: %s" % (key, path, error), 2)
+    for number, line in enumerate(lines, 1):
+        entry = line.split("#", 1)[0].strip()
+        if len(entry) > 1 and entry.startswith("/") and entry.endswith("/"):
+            try:
+                re.compile(entry[1:-1])
+            except re.error as error:
+                raise StartError("%s %s:%d: bad regular expression: %s"
+                                 % (key, path, number, error), 2)
+    return lines
+
+
+def check_greytraps(handler_class):
+    """``greytrap_recipients``, if set, can be read, and none of its traps
+    is a real recipient: a trap that is also a recipient of
+    ``whitelist_recipients`` or of a whitelisted triple would never
+    spring, or would trap the clients that write to a real address; one
+    outside ``allowed_domains`` (when set) never reaches greylisting; the
+    Postmaster is a real recipient by RFC 5321 section 4.5.1.
+    StartError (status 2) says which and what to do."""
+    path = getattr(handler_class, "greytrap_recipients", "")
+    if not path:
+        return
+    traps = ListFile(_read_list("greytrap_recipients", path), path)
+
+    def refuse(trap, why, advice="remove it from one of the two"):
+        raise StartError(
+            "greytrap_recipients %s: %s %s: a trap must be an address that "
+            "never receives mail; %s" % (path, trap, why, advice), 2)
+    for trap in sorted(traps.addresses):
+        if trap.split("@")[0] == "postmaster":
+            refuse(trap, "is the Postmaster, a real recipient (RFC 5321 "
+                   "section 4.5.1)", "remove it from the traps")
+    whitelist = getattr(handler_class, "whitelist_recipients", "")
+    if whitelist and os.path.exists(whitelist):
+        # (One that cannot be read is logged at its first use.)
+        listed = ListFile(_read_list("whitelist_recipients", whitelist),
+                          whitelist)
+        for trap in sorted(traps.addresses):
+            if listed.has_recipient(trap):
+                refuse(trap, "is also in whitelist_recipients %s"
+                       % whitelist)
+        for address in sorted(listed.addresses):
+            if traps.has_recipient(address):
+                refuse(address, "is in whitelist_recipients %s and a trap"
+                       % whitelist)
+    for key in ("whitelisted_triples", "whitelisted_nonstandard_triples"):
+        for triple in getattr(handler_class, key, None) or ():
+            recipient = triple[-1].strip("<>")
+            if traps.has_recipient(recipient):
+                refuse(recipient, "is also the recipient of %s %s"
+                       % (key, " ".join(triple)))
+    domains = _domain_keys(tuple(getattr(handler_class, "allowed_domains",
+                                         None) or ()))
+    if domains:
+        # A trap elsewhere is refused as relaying: it never springs.
+        for trap in sorted(traps.addresses):
+            if _domain_key(trap.rpartition("@")[2]) not in domains:
+                refuse(trap, "is not in allowed_domains, so it never "
+                       "springs", "write traps of our own domains")
+        for name in traps.names:
+            if not any(domain == name or domain.endswith("." + name)
+                       for domain in domains):
+                refuse(name, "(a domain of traps) is not in "
+                       "allowed_domains, so it never springs",
+                       "write traps of our own domains")
+
+
 def check_policy(handler_class, values):
     """What the policy service needs: a greylisting class to apply, a
     group that exists, something to serve, and, started as root, a UNIX
@@ -10427,6 +10748,7 @@ def check_configuration(handler_class, values, files=True, notes=None):
     warnings = check_hash_keys(handler_class)
     check_policy(handler_class, values)
     check_dns_lists(handler_class)
+    check_greytraps(handler_class)
     if files:
         warnings += check_files(values, identity)
     store = getattr(handler_class, "greylist_db", None)
@@ -10752,6 +11074,12 @@ def administer_store(handler_class, args, identity=None):
                 print("%-7s %s | %s | %s | %d" % (state, log_escape(key),
                                                  stamp(first), stamp(last),
                                                  count))
+            # Greytraps last, in the same columns: the client key, when
+            # it sprang the trap, until when, and the trap.
+            for client, sprung, until, recipient in store.traps():
+                print("%-7s %s | %s | %s | <%s>" % (
+                    "TRAPPED", log_escape(client), stamp(sprung),
+                    stamp(until), log_escape(recipient)))
         elif args.db_stats:
             for state, count in sorted(store.stats().items()):
                 print("%-7s %d" % (state, count))
@@ -10760,7 +11088,9 @@ def administer_store(handler_class, args, identity=None):
         elif args.db_hash_keys:
             secret = handler_class._key_secret
             print("hashed %d" % store.rekey(
-                lambda key: hash_store_key(key, secret)))
+                lambda key: hash_store_key(key, secret),
+                lambda text: text if is_key_hash(text)
+                else key_hash(secret, text)))
         elif args.db_pass:
             store.pass_key(key, now)
             print("passed %s" % log_escape(key))
@@ -10971,6 +11301,7 @@ class Service(_SignalsNoted):
         check_tls(handler_class, identity)
         self.warnings += check_hash_keys(handler_class)
         check_policy(handler_class, self.values)
+        check_greytraps(handler_class)
         return handler_class
 
     def _listen(self, handler_class, identity):
