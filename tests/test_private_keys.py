@@ -474,3 +474,45 @@ def test_a_reload_reads_a_new_secret_and_says_the_passes_are_lost(
         assert send(proxy.port, data=False) == 451   # a new key
     finally:
         proxy.stop()
+
+
+# -- greytraps hold no address either ------------------------------------------
+
+TRAP = "trap.harvested@example.org"
+
+
+def test_a_greytrap_sprung_with_hash_keys_leaves_no_address_in_the_store(
+        tmp_path):
+    store = str(tmp_path / "greylist.db")
+    secret = make_secret(tmp_path / "secret")
+    traps = tmp_path / "traps"
+    traps.write_text(TRAP + "\n")
+    engine = smtpproxy.Greylister(settings(
+        store, secret, greytrap_recipients=str(traps)))
+    decision = engine.decide("192.0.2.7", SENDER, TRAP, time.time())
+    assert decision.rule.startswith("greytrap:hit")
+    [trap] = smtpproxy.stores.get(engine.settings).traps()
+    assert trap[0] == "192.0.2.0/24"
+    assert trap[3] == engine.hashed(TRAP) and smtpproxy.is_key_hash(trap[3])
+    smtpproxy.reset_registries()
+    assert_no_address(store_bytes(store))
+    assert "trap.harvested" not in store_bytes(store).decode("latin-1")
+
+
+def test_db_hash_keys_hashes_the_recipients_of_greytraps(tmp_path):
+    store = str(tmp_path / "admin.db")
+    traps = tmp_path / "traps"
+    traps.write_text(TRAP + "\n")
+    clear = smtpproxy.Greylister(settings(store, "",
+                                          greytrap_recipients=str(traps)))
+    clear.decide("192.0.2.7", SENDER, TRAP, time.time())
+    assert smtpproxy.stores.get(clear.settings).traps()[0][3] == TRAP
+    smtpproxy.reset_registries()
+    secret = make_secret(tmp_path / "secret")
+    (tmp_path / "admin.conf").write_text(config(store, secret))
+    assert run(tmp_path, "--db-hash-keys")[0] == 0
+    assert "trap.harvested" not in store_bytes(store).decode("latin-1")
+    code, out, _ = run(tmp_path, "--db-list")
+    [line] = [line for line in out.splitlines()
+              if line.startswith("TRAPPED")]
+    assert "192.0.2.0/24" in line and "<hmac:" in line
