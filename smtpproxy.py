@@ -10653,17 +10653,20 @@ def _read_list(key, path):
     return lines
 
 
-def check_greytraps(handler_class):
+def check_greytraps(handler_class, upstream=False):
     """``greytrap_recipients``, if set, can be read, and none of its traps
     is a real recipient: a trap that is also a recipient of
     ``whitelist_recipients`` or of a whitelisted triple would never
     spring, or would trap the clients that write to a real address; one
     outside ``allowed_domains`` (when set) never reaches greylisting; the
-    Postmaster is a real recipient by RFC 5321 section 4.5.1.
-    StartError (status 2) says which and what to do."""
+    Postmaster is a real recipient by RFC 5321 section 4.5.1; with
+    ``upstream`` (the proxy forwards to one), the real server does not
+    take a trap address as a mailbox (_traps_the_upstream_takes()).
+    StartError (status 2) says which and what to do; return the
+    warnings."""
     path = getattr(handler_class, "greytrap_recipients", "")
     if not path:
-        return
+        return []
     traps = ListFile(_read_list("greytrap_recipients", path), path)
 
     def refuse(trap, why, advice="remove it from one of the two"):
@@ -10707,6 +10710,61 @@ def check_greytraps(handler_class):
                 refuse(name, "(a domain of traps) is not in "
                        "allowed_domains, so it never springs",
                        "write traps of our own domains")
+    if not (upstream and traps.addresses):
+        return []
+    try:
+        taken, catch_all = _traps_the_upstream_takes(handler_class,
+                                                     traps.addresses)
+    except UpstreamError as error:
+        return ["greytrap_recipients %s: the real server %s:%s could not "
+                "be asked whether a trap is a mailbox: %s" % (
+                    path, handler_class.smtp_ip, handler_class.smtp_port,
+                    error)]
+    for trap in taken:
+        refuse(trap, "is a mailbox: the real server %s:%s accepts it"
+               % (handler_class.smtp_ip, handler_class.smtp_port),
+               "remove it from the traps (a trap must be an address the "
+               "real server refuses as unknown)")
+    return ["greytrap_recipients %s: the real server %s:%s accepts any "
+            "recipient of %s (a catch-all), so it cannot say whether a "
+            "trap there is a mailbox: make sure none is" % (
+                path, handler_class.smtp_ip, handler_class.smtp_port,
+                domain) for domain in catch_all]
+
+
+def _traps_the_upstream_takes(handler_class, addresses, limit=100):
+    """``(taken, catch_all)``: the trap ``addresses`` (the first ``limit``)
+    that the upstream accepts as recipients (RCPT 250 or 251: mailboxes),
+    and the domains where it also accepts an address nobody has (made of
+    random letters: a catch-all, whose acceptance says nothing; its traps
+    are not in ``taken``).  One session, MAIL FROM:<> and a RCPT each, no
+    DATA: nothing is sent; each reply within upstream_timeout (10 s at
+    most).  UpstreamError if it cannot be asked."""
+    session = handler_class.upstream_class(
+        (handler_class.smtp_ip, handler_class.smtp_port),
+        min(handler_class.upstream_timeout, 10))
+    try:
+        session.greet(handler_class.servername, esmtp=True)
+        code, lines = session.command("MAIL FROM:<>")
+        if code != 250:
+            raise UpstreamError("MAIL FROM:<> was answered %d %s"
+                                % (code, " ".join(lines)))
+        taken = [address for address in sorted(addresses)[:limit]
+                 if session.command("RCPT TO:<%s>" % address)[0]
+                 in (250, 251)]
+        catch_all = []
+        for domain in sorted(set(address.rpartition("@")[2]
+                                 for address in taken)):
+            nobody = "smtpproxy-probe-%s@%s" % (
+                os.urandom(8).hex(), domain)
+            if session.command("RCPT TO:<%s>" % nobody)[0] in (250, 251):
+                catch_all.append(domain)
+        session.command("RSET")
+        session.quit()
+    finally:
+        session.abort()
+    return ([address for address in taken
+             if address.rpartition("@")[2] not in catch_all], catch_all)
 
 
 def check_policy(handler_class, values):
@@ -10748,7 +10806,8 @@ def check_configuration(handler_class, values, files=True, notes=None):
     warnings = check_hash_keys(handler_class)
     check_policy(handler_class, values)
     check_dns_lists(handler_class)
-    check_greytraps(handler_class)
+    warnings += check_greytraps(handler_class,
+                                upstream=values.get("smtp_proxy", True))
     if files:
         warnings += check_files(values, identity)
     store = getattr(handler_class, "greylist_db", None)
@@ -11301,7 +11360,8 @@ class Service(_SignalsNoted):
         check_tls(handler_class, identity)
         self.warnings += check_hash_keys(handler_class)
         check_policy(handler_class, self.values)
-        check_greytraps(handler_class)
+        self.warnings += check_greytraps(
+            handler_class, upstream=self.values.get("smtp_proxy", True))
         return handler_class
 
     def _listen(self, handler_class, identity):

@@ -15,7 +15,8 @@ import threading
 import pytest
 
 import smtpproxy
-from conftest import HERE, ROOT, RawClient, free_port
+from conftest import HERE, ROOT, RawClient, RecordingHandler, \
+    Upstream, free_port
 from test_policy_service import DEFER, PolicyClient
 
 T0 = 1000000000.0
@@ -301,6 +302,77 @@ def test_the_start_and_check_config_refuse_a_trap_that_is_a_real_recipient(
         assert TRAP in err.lower() and "greytrap_recipients" in err, err
         for word in words:
             assert word in err, err
+
+
+class MailboxesOnly(RecordingHandler):
+    """A real server that takes only its ``mailboxes`` as recipients (550
+    5.1.1 for the others), or every recipient (a catch-all)."""
+
+    def __init__(self, mailboxes, catch_all=False):
+        RecordingHandler.__init__(self)
+        self.mailboxes, self.catch_all = mailboxes, catch_all
+
+    async def handle_RCPT(self, server, session, envelope, address,
+                          rcpt_options):
+        self.commands.append(("RCPT", address))
+        if self.catch_all or address.lower() in self.mailboxes:
+            return "250 2.1.5 Ok"
+        return "550 5.1.1 <%s>: Recipient address rejected" % address
+
+
+def start_args():
+    return ["--listen", "127.0.0.1:%d" % free_port(), "-o",
+            "run_as_root=yes", "-o", "greylist_log=", "-o", "pidfile="]
+
+
+def test_the_start_and_check_config_refuse_a_trap_the_real_server_takes(
+        tmp_path, traps):
+    upstream = Upstream(MailboxesOnly({TRAP, "bob@example.org"}))
+    try:
+        config = config_with(traps, "smtp_port = %d" % upstream.port)
+        for args in (["--check-config", "-o", "run_as_root=yes"],
+                     start_args()):
+            code, _, err = run(tmp_path, config, *args)
+            assert code == 2, (args, err)
+            assert ("greytrap_recipients %s: %s is a mailbox: the real "
+                    "server 127.0.0.1:%d accepts it" % (
+                        traps, TRAP, upstream.port)) in err, err
+        # Asked without a message: MAIL FROM:<>, a RCPT, no DATA.
+        assert ("RCPT", TRAP) in upstream.handler.commands
+        assert not upstream.handler.messages
+    finally:
+        upstream.stop()
+
+
+def test_a_catch_all_real_server_cannot_say_and_is_a_warning(tmp_path,
+                                                             traps):
+    upstream = Upstream(MailboxesOnly(set(), catch_all=True))
+    try:
+        config = config_with(traps, "smtp_port = %d" % upstream.port)
+        code, _, err = run(tmp_path, config, "--check-config", "-o",
+                           "run_as_root=yes")
+        assert code == 0, err
+        assert ("accepts any recipient of example.org (a catch-all), so "
+                "it cannot say whether a trap there is a mailbox") in err
+        # It was asked for an address nobody has, besides the trap.
+        probes = [command[1] for command in upstream.handler.commands
+                  if command[0] == "RCPT"]
+        assert probes[0] == TRAP and len(probes) == 2
+        assert probes[1].startswith("smtpproxy-probe-")
+    finally:
+        upstream.stop()
+
+
+def test_traps_the_real_server_refuses_are_accepted(tmp_path, traps):
+    upstream = Upstream(MailboxesOnly({"bob@example.org"}))
+    try:
+        config = config_with(traps, "smtp_port = %d" % upstream.port)
+        code, _, err = run(tmp_path, config, "--check-config", "-o",
+                           "run_as_root=yes")
+        assert code == 0 and "greytrap" not in err, err
+        assert ("RCPT", TRAP) in upstream.handler.commands
+    finally:
+        upstream.stop()
 
 
 def test_a_missing_greytrap_file_stops_the_start(tmp_path):
