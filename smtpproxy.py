@@ -7626,6 +7626,59 @@ def _decimal(text):
     return float(text) if "." in text else int(text)
 
 
+# The units of parse_duration(), in seconds, largest first.
+DURATION_UNITS = collections.OrderedDict(
+    [("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1)])
+
+
+_DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([a-z]?)")
+
+
+def parse_duration(text):
+    """The number of seconds that ``text`` writes: a number of seconds
+    (``3600``, ``0.5``), or numbers each followed by a unit, ``s``
+    (seconds), ``m`` (minutes), ``h`` (hours), ``d`` (days) or ``w``
+    (weeks: 7 days), largest first, each unit once, with or without
+    spaces between them: ``90m``, ``24h``, ``7d``, ``2w``, ``1h30m``,
+    ``1.5h``.  Units in any case; no sign (a duration is 0 or more).
+    An int when the seconds are whole, else a float.  ValueError says
+    what is wrong, with examples."""
+    compact = re.sub(r"\s+", "", str(text)).lower()
+    problem = None
+    seconds = 0
+    if not compact:
+        problem = "it is empty"
+    elif compact[0] in "+-":
+        problem = "a duration has no sign"
+    elif re.match(r"\A[0-9]+(?:\.[0-9]+)?\Z", compact):
+        seconds = float(compact)            # seconds, no unit
+    else:
+        parts = []
+        position = 0
+        while position < len(compact) and problem is None:
+            match = _DURATION_PART_RE.match(compact, position)
+            if match is None or not match.group(2):
+                problem = "each number needs a unit, or the whole is seconds"
+            elif match.group(2) not in DURATION_UNITS:
+                problem = "%r is no unit" % match.group(2)
+            else:
+                parts.append(match.groups())
+                position = match.end()
+        units = [unit for _, unit in parts]
+        order = list(DURATION_UNITS)
+        if problem is None and units != sorted(set(units), key=order.index):
+            problem = "each unit once, the largest first"
+        if problem is None:
+            seconds = sum(float(number) * DURATION_UNITS[unit]
+                          for number, unit in parts)
+    if problem is not None:
+        raise ValueError(
+            "expected a duration such as 7d, 24h, 90m, 2w, 1h30m or 3600 "
+            "(seconds), the units s, m, h, d, w; got %r: %s"
+            % (text, problem))
+    return int(seconds) if seconds == int(seconds) else seconds
+
+
 def _zone(item):
     """A DNS list's zone, such as zen.spamhaus.org, with the answers that
     list if written: zen.spamhaus.org=127.0.0.[2..11] (parse_dns_list)."""
