@@ -5484,14 +5484,7 @@ class GreylistStore(StoreBase):
         """The connection, opened (and the tables made) if need be; with
         ``_lock`` held."""
         if self._db is None and self.read_only:
-            # No WAL mode, no tables, no migration, no checkpointer: what
-            # a report may not do; it reads the file as the service left
-            # it (WAL or not; sqlite reads the WAL of a running service).
-            self._db = sqlite3.connect(
-                "file:%s?mode=ro" % urllib.parse.quote(
-                    os.path.abspath(self.path)),
-                uri=True, timeout=self.busy_timeout, isolation_level=None,
-                check_same_thread=False)
+            self._db = self._reader()
         if self._db is None:
             if self.path not in ("", ":memory:"):
                 # Made here, not by sqlite (0644): who reads it reads every
@@ -5545,6 +5538,28 @@ class GreylistStore(StoreBase):
                     pass                # checkpoint() tries again
         return self._db
 
+    def _reader(self):
+        """A read-only connection (``read_only``): no WAL mode, no
+        tables, no migration, no checkpointer; the file as the service
+        left it.  sqlite reads the WAL of a service that runs (its -shm
+        and -wal are there); with no service, a reader that may not
+        make the -shm file in the directory reads the file as immutable
+        (no -wal: nothing else to read), else it could not open it."""
+        uri = "file:%s?mode=ro" % urllib.parse.quote(
+            os.path.abspath(self.path))
+        for attempt in ("", "&immutable=1"):
+            connection = sqlite3.connect(
+                uri + attempt, uri=True, timeout=self.busy_timeout,
+                isolation_level=None, check_same_thread=False)
+            try:
+                connection.execute("SELECT count(*) FROM sqlite_master")
+                return connection
+            except sqlite3.OperationalError:
+                connection.close()
+                if attempt or os.path.exists(self.path + "-wal"):
+                    raise
+        return None     # not reached
+
     @staticmethod
     def _add_delay(connection):
         # A file of an earlier version: its triplets get their delay
@@ -5552,7 +5567,8 @@ class GreylistStore(StoreBase):
         connection.execute("BEGIN IMMEDIATE")
         try:
             if "delay" not in _sqlite_columns(connection, "triplets"):
-                connection.execute("ALTER TABLE triplets ADD COLUMN delay REAL")
+                connection.execute(
+                    "ALTER TABLE triplets ADD COLUMN delay REAL")
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
@@ -6668,10 +6684,11 @@ class PostgreSQLStore(StoreBase):
     def _transact(self, work, args, read_only):
         """Run ``work(transaction, *args)`` (a _Transaction: its work
         locks the rows it reads to write them; ``read_only``: one
-        snapshot, READ ONLY); a connection the server closed, or to a server that
-        turned read-only (SQLSTATE 25006), is replaced and the work tried
-        once more, within the decision's deadline.  The database server
-        checkpoints by itself: checkpoint() is StoreBase's."""
+        snapshot, READ ONLY); a connection the server closed, or to a
+        server that turned read-only (SQLSTATE 25006), is replaced and
+        the work tried once more, within the decision's deadline.  The
+        database server checkpoints by itself: checkpoint() is
+        StoreBase's."""
         for attempt in (1, 2):
             fresh = self._db is None
             connection = self._connection()
@@ -10254,11 +10271,13 @@ def administer_store(handler_class, args, identity=None):
     period = None
     if getattr(args, "db_report", False):
         try:
-            period = parse_duration(args.since or "7d")
+            period = parse_duration(
+                "7d" if args.since is None else args.since)
         except ValueError as error:
             sys.stderr.write("smtpproxy: error: --since: %s\n" % error)
             return 2
-    elif getattr(args, "since", None) or getattr(args, "json", False):
+    elif getattr(args, "since", None) is not None or getattr(
+            args, "json", False):
         sys.stderr.write("smtpproxy: error: --since and --json go with "
                          "--db-report\n")
         return 2
@@ -11240,7 +11259,8 @@ def main(argv=None):
             print(format_config(handler_class, values))
         return 0
     if (args.db_list or args.db_stats or args.db_purge or args.db_pass
-            or args.db_delete or args.db_report or args.since or args.json):
+            or args.db_delete or args.db_report or args.json
+            or args.since is not None):
         identity = None
         if values.get("user") and os.geteuid() == 0:
             try:

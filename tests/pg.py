@@ -256,7 +256,8 @@ class PostgreSQL(object):
             self.sql("CREATE DATABASE %s OWNER %s" % (name, ROLE))
         else:
             self.sql("DROP TABLE IF EXISTS smtpproxy_schema, "
-                     "smtpproxy_triplets, smtpproxy_clients", name)
+                     "smtpproxy_triplets, smtpproxy_clients, "
+                     "smtpproxy_expired", name)
         return self.uri(name)
 
     def uri(self, name, role=ROLE, password=PASSWORD):

@@ -382,12 +382,12 @@ def test_the_schema_is_made_once_and_versioned(pg_uri, postgresql):
     for thread in threads:
         thread.join(20)
     assert [store.failing for store in stores] == [None] * 8
-    assert postgresql.sql("SELECT version FROM smtpproxy_schema", name) == "1"
-    postgresql.sql("UPDATE smtpproxy_schema SET version = 2", name)
+    assert postgresql.sql("SELECT version FROM smtpproxy_schema", name) == "2"
+    postgresql.sql("UPDATE smtpproxy_schema SET version = 3", name)
     later = smtpproxy.PostgreSQLStore(pg_uri)
     with pytest.raises(smtpproxy.StoreError) as caught:
         later.decide("k", 0)
-    assert "schema version 2, newer than this smtpproxy's (1)" in str(
+    assert "schema version 3, newer than this smtpproxy's (2)" in str(
         caught.value)
     for store in stores + [later]:
         store.close()
@@ -399,7 +399,8 @@ def test_tables_made_by_the_administrator_need_no_create_right(pg_uri,
     smtpproxy.PostgreSQLStore(pg_uri).stats()       # makes the tables
     postgresql.sql("CREATE ROLE mx2 LOGIN PASSWORD 'mx2'; GRANT SELECT, "
                    "INSERT, UPDATE, DELETE ON smtpproxy_schema, "
-                   "smtpproxy_triplets, smtpproxy_clients TO mx2", name)
+                   "smtpproxy_triplets, smtpproxy_clients, "
+                   "smtpproxy_expired TO mx2", name)
     try:
         store = smtpproxy.PostgreSQLStore(
             pg_uri.replace("greylist:secret@", "mx2:mx2@"))
