@@ -327,6 +327,7 @@ __all__ = [
     "redact_uri", "hide_secrets", "parse_dns_list",
     "SMTPProxyServer", "PolicyHandler", "PolicyServer", "UnixPolicyServer",
     "ConfigError", "load_config", "read_config_file", "parse_path",
+    "parse_duration",
     "log_escape", "normalise_sender", "worker_count", "main",
 ]
 
@@ -9518,7 +9519,8 @@ def check_as(identity, check, timeout=None, what="the check"):
 #
 # Owns:  what --check-config and a start check (each check_*), the warnings
 #        of a configuration that says what it does not mean, the policy
-#        service's socket, and the --db-* commands (administer_store).
+#        service's socket, and the --db-* commands (administer_store;
+#        --db-report's text, format_report, and its JSON's REPORT_FIELDS).
 # Enter: check_configuration(handler_class, values), administer_store().
 # Uses:  sections 9, 10, 12 to 14.
 
