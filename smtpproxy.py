@@ -10193,68 +10193,74 @@ def _human_duration(seconds):
 
 def format_report(report):
     """The text of --db-report: StoreBase.report()'s ``report``, aligned,
-    for a postmaster (keys escaped as the logs escape them)."""
+    for a postmaster (keys escaped as the logs escape them): the
+    triplets, the waits, the auto-whitelist, then the top client keys of
+    each kind."""
     def stamp(moment):
         return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(moment))
+
+    triplets, wait, top = (report["triplets"], report["wait"],
+                           report["top_clients"])
+    # One column of figures for all: after the longest client key.
+    width = max([30] + [len(log_escape(entry["client"]))
+                        for kind in top for entry in top[kind]])
+
+    def line(indent, label, figure, rest=""):
+        return "%s%-*s %9s  %s" % (" " * indent, width + 2 - indent, label,
+                                   figure, rest)
 
     def share(count):
         seen = triplets["seen"]
         return "%5.1f %%" % (100.0 * count / seen) if seen else ""
-    triplets, wait = report["triplets"], report["wait"]
     lines = [
         "Greylisting in the %s before %s (since %s)" % (
             _human_duration(report["period"]), stamp(report["now"]),
             stamp(report["since"])),
         "Store: %s" % log_escape(report["store"]),
         "",
-        "%-32s %9d" % ("Triplets first seen", triplets["seen"]),
-        "  %-30s %9d  %s" % ("passed", triplets["passed"],
-                             share(triplets["passed"])),
-        "  %-30s %9d  %s   (no pass within max_defer_time, %d s)" % (
-            "never retried", triplets["never_retried"],
-            share(triplets["never_retried"]), report["max_defer_time"]),
-        "  %-30s %9d  %s" % ("still waiting", triplets["waiting"],
-                             share(triplets["waiting"])),
+        line(0, "Triplets first seen", triplets["seen"]),
+        line(2, "passed", triplets["passed"], share(triplets["passed"])),
+        line(2, "never retried", triplets["never_retried"],
+             share(triplets["never_retried"])
+             + "  (no pass within max_defer_time, %d s)"
+             % report["max_defer_time"]),
+        line(2, "still waiting", triplets["waiting"],
+             share(triplets["waiting"])),
         "",
-        "Waits of the %d greylisting passes%s" % (
-            wait["passes"], "" if triplets["passed"] <= wait["passes"] else
-            " (%d passed with no wait known: by --db-pass, or before "
-            "the store kept waits)" % (triplets["passed"] - wait["passes"])),
+        "Waits of the %d greylisting passes" % wait["passes"],
     ]
+    if triplets["passed"] > wait["passes"]:
+        lines.append("  (%d passed with no wait known: by --db-pass, or "
+                     "before the store kept waits)"
+                     % (triplets["passed"] - wait["passes"]))
     for name, field in (("median", "median"), ("90th percentile", "p90"),
                         ("maximum", "max")):
         value = wait[field]
-        lines.append("  %-30s %9s  %s" % (
-            name, "-" if value is None else "%d s" % value,
-            "" if value is None else _human_duration(value)))
+        lines.append(line(2, name, "-" if value is None else "%d s" % value,
+                          "" if value is None else _human_duration(value)))
     lines += [
         "",
-        "%-32s %9d   (%s)" % (
-            "Clients auto-whitelisted", report["auto_whitelisted_clients"],
-            "%d passes or more, seen in the period"
-            % report["auto_whitelist_clients"]
-            if report["auto_whitelist_clients"] else "auto-whitelist off"),
+        line(0, "Clients auto-whitelisted",
+             report["auto_whitelisted_clients"],
+             "(%d passes or more, seen in the period)"
+             % report["auto_whitelist_clients"]
+             if report["auto_whitelist_clients"] else "(auto-whitelist off)"),
+        "",
+        "Top client keys, by triplets first seen in the period (those "
+        "still in the store)",
     ]
-    titles = collections.OrderedDict([
-        ("ipv4", "IPv4 networks"), ("ipv6", "IPv6 networks"),
-        ("name", "Names (client_key = name)"),
-        ("unknown", "The unknown client")])
-    titles = collections.OrderedDict(
-        (kind, "%s, by triplets seen" % title)
-        for kind, title in titles.items())
-    top = report["top_clients"]
-    width = max([32] + [len(title) for title in titles.values()] + [
-        len(log_escape(entry["client"])) + 2
-        for kind in top for entry in top[kind]])
-    for kind, title in titles.items():
-        lines += ["", "%-*s %9s %9s" % (width, title, "seen", "passed")]
+    titles = (("ipv4", "IPv4 networks"), ("ipv6", "IPv6 networks"),
+              ("name", "Names (client_key = name)"),
+              ("unknown", "The unknown client"))
+    for kind, title in titles:
+        lines += ["", "%-*s %9s %9s" % (width + 2, title, "seen", "passed")]
         for entry in top[kind]:
             lines.append("  %-*s %9d %9d" % (
-                width - 2, log_escape(entry["client"]), entry["seen"],
+                width, log_escape(entry["client"]), entry["seen"],
                 entry["passed"]))
         if not top[kind]:
             lines.append("  (none)")
-    return "\n".join(line.rstrip() for line in lines) + "\n"
+    return "\n".join(text.rstrip() for text in lines) + "\n"
 
 
 def administer_store(handler_class, args, identity=None):
