@@ -502,3 +502,32 @@ def test_a_read_only_store_cannot_write(make):
     assert "read-only" in str(caught.value) or "readonly" in str(
         caught.value)
     assert make().report(WEEK, NOW)["triplets"] == EXPECTED_TRIPLETS
+
+
+def test_the_readme_shows_what_the_command_prints():
+    with open(os.path.join(ROOT, "README.md")) as stream:
+        readme = stream.read()
+    section = readme.split("### What greylisting did: --db-report")[1]
+    shown = section.split("```\n")[1].splitlines()
+    entries = {"ipv4": [], "ipv6": [], "name": [], "unknown": []}
+    kinds = iter(["ipv4", "ipv6", "name", "unknown"])
+    for line in shown[shown.index("IPv4 networks                         "
+                                  "seen    passed"):]:
+        if line.endswith("seen    passed"):
+            kind = next(kinds)
+        elif line.startswith("  ") and line.strip() != "...":
+            client, seen, passed = line.split()
+            entries[kind].append({"client": client, "seen": int(seen),
+                                  "passed": int(passed)})
+    report = {
+        "store": "/var/lib/smtpproxy/greylist.db", "now": 1741586400,
+        "since": 1741586400 - WEEK, "period": WEEK,
+        "max_defer_time": 25000, "auto_whitelist_clients": 5,
+        "triplets": {"seen": 48213, "passed": 6120,
+                     "never_retried": 41377, "waiting": 716},
+        "wait": {"passes": 6044, "median": 3906, "p90": 7513,
+                 "max": 24310},
+        "auto_whitelisted_clients": 311, "top_by": "seen",
+        "top_clients": entries}
+    printed = smtpproxy.format_report(report).splitlines()
+    assert [line for line in shown if line.strip() != "..."] == printed
