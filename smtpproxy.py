@@ -5045,8 +5045,9 @@ class StoreBase(object):
     NotImplementedError here: ``_transact`` (its connection, opened as it
     needs, and its transactions) and the works run in a transaction, its
     SQL (``_decide_and_count``, ``_client_is_trusted``, ``_purge``,
-    ``_entries``, ``_pass_key``, ``_delete``, ``_stats``); it may extend
-    checkpoint() and ``_disconnect()`` (with ``_lock`` held: close()).
+    ``_entries``, ``_pass_key``, ``_delete``, ``_stats``, ``_report``);
+    it may extend checkpoint() and ``_disconnect()`` (with ``_lock``
+    held: close()).
 
     A store made ``read_only`` (open_store(..., read_only=True): the
     report) makes, migrates and writes nothing, and reads in one

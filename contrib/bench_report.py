@@ -171,7 +171,7 @@ def command(location, *args):
         stderr=subprocess.DEVNULL)
 
 
-def measure(name, location, runs, results, kind):
+def measure(name, location, runs, results):
     def report(period):
         store = smtpproxy.open_store(location, Settings, read_only=True)
         try:
@@ -257,13 +257,12 @@ def main(argv=None):
                 location, data)
             print("%s filled in %.1f s" % (name,
                                            time.perf_counter() - start))
-            figures = measure(name, location, args.runs, results, name)
+            figures = measure(name, location, args.runs, results)
             print("%s, --since 7d: %s" % (name, json.dumps(
                 [figures["triplets"], figures["wait"]])))
             if args.index:
                 index(location)
-                measure(name + " +index", location, args.runs, results,
-                        name)
+                measure(name + " +index", location, args.runs, results)
             purge(name, location, results)
     finally:
         if cluster is not None:
