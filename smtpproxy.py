@@ -108,6 +108,16 @@ while the proxy runs; keys are "client-network sender recipient":
                      place, keeping their passes (run once, as the
                      admin, when hash_keys is turned on; keys already
                      hashed are left).
+    --db-report [--since DURATION] [--json]
+                     What greylisting did in the last DURATION (7d by
+                     default; 24h, 90m, 2w, 1h30m, 3600 seconds: units
+                     s m h d w): triplets first seen, passed, never
+                     retried, still waiting; the median, 90th percentile
+                     and longest wait of the passes; the clients
+                     auto-whitelisted; the top client keys of each kind
+                     (IPv4, IPv6, names, unknown) by triplets seen.
+                     --json: one JSON object (fields: README).  Writes
+                     nothing (the store is opened read-only).
 Each names the store it opened on standard error; only --db-pass makes
 one where there is none.  With hash_keys, --db-pass and --db-delete take
 the addresses and act on the key the proxy makes of them (or take the
@@ -183,6 +193,7 @@ import fcntl
 import functools
 import grp
 import hashlib
+import heapq
 import hmac
 import http.server
 import importlib
@@ -345,6 +356,7 @@ __all__ = [
     "SMTPProxyServer", "PolicyHandler", "PolicyServer", "UnixPolicyServer",
     "Metrics", "MetricsServer", "METRIC_FAMILIES",
     "ConfigError", "load_config", "read_config_file", "parse_path",
+    "parse_duration",
     "log_escape", "normalise_sender", "worker_count", "main",
 ]
 
@@ -5126,6 +5138,38 @@ _DEFERRED = Step(False, None, False)
 _FIRST_SIGHTING = Step(False, None, True)
 
 
+# The kinds of a key's client part, as report() groups them.
+CLIENT_KINDS = ("ipv4", "ipv6", "name", "unknown")
+
+
+def client_kind(client):
+    """The kind of ``client``, the client part of a triplet key: "ipv4"
+    or "ipv6" for a network (192.0.2.0/24, 2001:db8::/64), "unknown" for
+    UNKNOWN_CLIENT, "name" for a name key (out.example.com, client_key =
+    name) and anything else."""
+    if client == UNKNOWN_CLIENT:
+        return "unknown"
+    if ":" in client:
+        return "ipv6"
+    if "/" in client:
+        return "ipv4"
+    return "name"
+
+
+def _whole(seconds):
+    """``seconds`` rounded to a whole number (None stays None)."""
+    return None if seconds is None else int(round(seconds))
+
+
+def _nearest_rank(ordered, tenths):
+    """The percentile ``tenths``/10 of the sorted list ``ordered`` by
+    nearest rank (PostgreSQL's percentile_disc): the smallest value that
+    at least that share of the values do not exceed; None if empty."""
+    if not ordered:
+        return None
+    return ordered[max(1, -(-len(ordered) * tenths // 10)) - 1]
+
+
 def triplet_step(first_seen, passed, now, timings):
     """One decision of Kamaelia Grey's timing table, with no store: the
     triplet was first seen at ``first_seen`` (None: never) and last passed
@@ -5231,8 +5275,17 @@ class StoreBase(object):
     needs, and its transactions) and the works run in a transaction, its
     SQL (``_decide_and_count``, ``_client_is_trusted``, ``_purge``,
     ``_entries``, ``_pass_key``, ``_delete``, ``_stats``,
-    ``_spring_trap``, ``_trap_left``, ``_traps``); it may extend
-    checkpoint() and ``_disconnect()`` (with ``_lock`` held: close()).
+    ``_spring_trap``, ``_trap_left``, ``_traps``, ``_report``,
+    ``_rekey``); it may extend checkpoint() and ``_disconnect()`` (with
+    ``_lock`` held: close()).
+
+    A store made ``read_only`` (open_store(..., read_only=True): the
+    report) makes, migrates and writes nothing, and reads in one
+    snapshot; it is only for report(), entries() and stats().  The wait
+    of each greylisting pass is kept with its triplet (``delay``), and
+    the purge tallies the grey triplets it deletes, per hour of their
+    first sighting (``tally_interval``), kept for max_grey, so that
+    report() can tell what greylisting did.
     """
 
     too_soon = GreyListingPolicy.too_soon
@@ -5246,14 +5299,19 @@ class StoreBase(object):
     cache_size = 10000
     purge_interval = 3600
     client_pass_interval = 3600
+    # The expired triplets are tallied per hour of their first sighting:
+    # report() is exact to that, and the tallies stay few (max_grey /
+    # 3600 rows at most).
+    tally_interval = 3600
 
     # The attributes a policy sets on its store (configure()).
     settings = ("too_soon", "min_defer_time", "max_defer_time", "max_grey",
                 "auto_whitelist_clients", "greylist_db_timeout",
                 "greylist_cache_time", "greytrap_time")
 
-    def __init__(self, path, settings=None):
+    def __init__(self, path, settings=None, read_only=False):
         self.path = path
+        self.read_only = read_only      # see report()
         if settings is not None:
             self.configure(settings)
         self._lock = threading.Lock()
@@ -5621,6 +5679,78 @@ class StoreBase(object):
         """How many grey and passed triplets and clients there are."""
         raise NotImplementedError
 
+    def report(self, period, now=None, top=10):
+        """What greylisting did in the last ``period`` seconds before
+        ``now`` (the store's clock if None: the system's, or the
+        database's), for --db-report: a dict of plain values, the JSON
+        object that ``--db-report --json`` prints (REPORT_FIELDS says
+        what each field is).  Read only: one snapshot, nothing written.
+
+        The triplets counted are those first seen in the period: seen,
+        passed (greylisting's pass, or --db-pass), never retried (grey,
+        their retry window, max_defer_time, closed without a pass: those
+        still in the store and those the purge tallied before deleting
+        them, per hour, so that the hour that holds the period's start
+        counts whole), and still waiting (grey, window open); seen =
+        passed + never_retried + waiting.  The waits of the greylisting
+        passes among them: their number, median and 90th percentile
+        (nearest rank: the smallest wait that at least that share of
+        the passes did not exceed) and maximum, whole seconds (None
+        without a pass; a pass by hand, or written before the store kept
+        waits, has none).  The clients auto-whitelisted: with
+        auto_whitelist_clients passes or more, and seen in the period.
+        The ``top`` client keys of each kind (client_kind(): ipv4, ipv6,
+        name, unknown) by triplets seen, then passed.  A period longer
+        than max_grey reaches only what the store still holds."""
+        figures = self._use(self._report, period, now, read_only=True)
+        clients = {kind: [] for kind in CLIENT_KINDS}
+        for client, seen, passed in figures["clients"]:
+            clients[client_kind(client)].append((-seen, -passed, client))
+        waits = figures["waits"]
+        return collections.OrderedDict([
+            ("store", str(self)),
+            ("now", _whole(figures["now"])),
+            ("since", _whole(figures["now"] - period)),
+            ("period", _whole(period)),
+            ("max_defer_time", self.max_defer_time),
+            ("auto_whitelist_clients", self.auto_whitelist_clients),
+            ("triplets", collections.OrderedDict([
+                ("seen", figures["seen"]), ("passed", figures["passed"]),
+                ("never_retried", figures["never_retried"]),
+                ("waiting", figures["waiting"])])),
+            ("wait", collections.OrderedDict([
+                ("passes", waits[0]), ("median", _whole(waits[1])),
+                ("p90", _whole(waits[2])), ("max", _whole(waits[3]))])),
+            ("auto_whitelisted_clients", figures["auto_whitelisted"]),
+            ("top_by", "seen"),
+            ("top_clients", collections.OrderedDict(
+                (kind, [collections.OrderedDict([
+                    ("client", client), ("seen", -seen),
+                    ("passed", -passed)])
+                    for seen, passed, client in heapq.nsmallest(
+                        top, clients[kind])])
+                for kind in CLIENT_KINDS)),
+        ])
+
+    def _report(self, transaction, period, now):
+        """report()'s figures, read in one snapshot: a dict of ``now``
+        (the clock used), ``seen``, ``passed``, ``never_retried``,
+        ``waiting``, ``waits`` (passes, median, p90, max: percentiles
+        by nearest rank, None without a pass), ``auto_whitelisted``, and
+        ``clients``, (client key, seen, passed) for every client key of
+        the triplets first seen in the period."""
+        raise NotImplementedError
+
+    def _window_closed(self, first_seen, passed, now):
+        """True if a triplet of that row is grey and its retry window is
+        over: a try now starts again, the earlier sighting never passed
+        (tallied as expired)."""
+        return (first_seen is not None and passed is None
+                and now - first_seen > self.max_defer_time)
+
+    def _tally_hour(self, first_seen):
+        return int(first_seen // self.tally_interval * self.tally_interval)
+
     # -- upkeep -----------------------------------------------------------
 
     def checkpoint(self):
@@ -5653,7 +5783,13 @@ class GreylistStore(StoreBase):
     to ``checkpoint_pages`` without one (a store used without a server).
     The tables are made by the constructor; after an error the connection
     is opened again at the next use.  A decision waits for sqlite's lock
-    at most ``busy_timeout`` seconds.
+    at most ``busy_timeout`` seconds.  A file made before the triplets
+    had a ``delay`` gets the column at its first connection (ALTER
+    TABLE, NULL in the rows there), and the table ``expired`` (the
+    purge's tallies).  Made ``read_only``, the store opens the file
+    read-only (a ``mode=ro`` URI): it makes, changes and checkpoints
+    nothing, works on a file it may only read, and reads a file of an
+    older version as it is.
     """
 
     busy_timeout = 10.0
@@ -5661,10 +5797,12 @@ class GreylistStore(StoreBase):
     # wal_autocheckpoint): only if checkpoint() was not called meanwhile.
     checkpoint_pages = 10000
 
-    def __init__(self, path, settings=None):
-        StoreBase.__init__(self, path, settings)
+    def __init__(self, path, settings=None, read_only=False):
+        StoreBase.__init__(self, path, settings, read_only)
         self._checkpointer = None   # checkpoint()'s own connection
         self.written = False        # by a decision since the checkpoint
+        if read_only:
+            return                  # nothing made: the first use opens
         try:
             with self._lock:
                 self._connection()          # the tables, made at once
@@ -5674,6 +5812,8 @@ class GreylistStore(StoreBase):
     def _connection(self):
         """The connection, opened (and the tables made) if need be; with
         ``_lock`` held."""
+        if self._db is None and self.read_only:
+            self._db = self._reader()
         if self._db is None:
             if self.path not in ("", ":memory:"):
                 # Made here, not by sqlite (0644): who reads it reads every
@@ -5699,7 +5839,8 @@ class GreylistStore(StoreBase):
                     " first_seen REAL NOT NULL,"  # starts the retry clock
                     " last_seen REAL NOT NULL,"   # last change, for listings
                     " passed REAL,"               # last pass, NULL while grey
-                    " passes INTEGER NOT NULL DEFAULT 0)")
+                    " passes INTEGER NOT NULL DEFAULT 0,"
+                    " delay REAL)")       # the wait of greylisting's pass
                 connection.execute(
                     "CREATE TABLE IF NOT EXISTS clients ("
                     " network TEXT PRIMARY KEY,"
@@ -5711,6 +5852,14 @@ class GreylistStore(StoreBase):
                     " sprung REAL NOT NULL,"      # the last write to a trap
                     " expires REAL NOT NULL,"
                     " recipient TEXT NOT NULL)")  # the trap that sprang
+                # The grey triplets deleted after their window closed,
+                # per hour (tally_interval) of their first sighting.
+                connection.execute(
+                    "CREATE TABLE IF NOT EXISTS expired ("
+                    " hour INTEGER PRIMARY KEY,"
+                    " triplets INTEGER NOT NULL)")
+                if "delay" not in _sqlite_columns(connection, "triplets"):
+                    self._add_delay(connection)
             except BaseException:
                 connection.close()
                 raise
@@ -5723,6 +5872,43 @@ class GreylistStore(StoreBase):
                 except sqlite3.Error:
                     pass                # checkpoint() tries again
         return self._db
+
+    def _reader(self):
+        """A read-only connection (``read_only``): no WAL mode, no
+        tables, no migration, no checkpointer; the file as the service
+        left it.  sqlite reads the WAL of a service that runs (its -shm
+        and -wal are there); with no service, a reader that may not
+        make the -shm file in the directory reads the file as immutable
+        (no -wal: nothing else to read), else it could not open it."""
+        uri = "file:%s?mode=ro" % urllib.parse.quote(
+            os.path.abspath(self.path))
+        for attempt in ("", "&immutable=1"):
+            connection = sqlite3.connect(
+                uri + attempt, uri=True, timeout=self.busy_timeout,
+                isolation_level=None, check_same_thread=False)
+            try:
+                connection.execute("SELECT count(*) FROM sqlite_master")
+                return connection
+            except sqlite3.OperationalError:
+                connection.close()
+                if attempt or os.path.exists(self.path + "-wal"):
+                    raise
+        return None     # not reached
+
+    @staticmethod
+    def _add_delay(connection):
+        # A file of an earlier version: its triplets get their delay
+        # (NULL: not known), once, whichever process comes first.
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            if "delay" not in _sqlite_columns(connection, "triplets"):
+                connection.execute(
+                    "ALTER TABLE triplets ADD COLUMN delay REAL")
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
 
     def _transact(self, work, args, read_only):
         """Run ``work(connection, *args)`` in a transaction that writes at
@@ -5784,14 +5970,34 @@ class GreylistStore(StoreBase):
         first_seen, passed = row or (None, None)
         step, change = triplet_step(first_seen, passed, now, self)
         if change == RESTART:
+            if self._window_closed(first_seen, passed, now):
+                # Retried too late: the sighting that expired is
+                # tallied, as the purge would have.
+                self._tally(connection,
+                            [(self._tally_hour(first_seen), 1)])
             connection.execute(
                 "INSERT OR REPLACE INTO triplets (key, first_seen, last_seen)"
                 " VALUES (?, ?, ?)", (key, now, now))
+        elif change == PASS and step.delay is not None:
+            connection.execute(
+                "UPDATE triplets SET passed = ?, last_seen = ?,"
+                " passes = passes + 1, delay = ? WHERE key = ?",
+                (now, now, step.delay, key))
         elif change == PASS:
             connection.execute(
                 "UPDATE triplets SET passed = ?, last_seen = ?,"
                 " passes = passes + 1 WHERE key = ?", (now, now, key))
         return step
+
+    @staticmethod
+    def _tally(connection, counts):
+        # (hour, triplets) added to the expired tallies (no upsert: the
+        # sqlite of older systems has none).
+        for hour, count in counts:
+            connection.execute("INSERT OR IGNORE INTO expired"
+                               " (hour, triplets) VALUES (?, 0)", (hour,))
+            connection.execute("UPDATE expired SET triplets = triplets + ?"
+                               " WHERE hour = ?", (count, hour))
 
     def _client_is_trusted(self, connection, client, now):
         row = connection.execute(
@@ -5805,6 +6011,14 @@ class GreylistStore(StoreBase):
         return True
 
     def _purge(self, connection, now, when_due=False):
+        # The grey triplets about to go are tallied first (report()).
+        self._tally(connection, connection.execute(
+            "SELECT CAST(first_seen / ?1 AS INTEGER) * ?1, count(*)"
+            " FROM triplets WHERE passed IS NULL AND first_seen < ?2"
+            " GROUP BY 1", (self.tally_interval,
+                            now - self.max_defer_time)).fetchall())
+        connection.execute("DELETE FROM expired WHERE hour < ?",
+                           (now - self.max_grey,))
         deleted = connection.execute(
             "DELETE FROM triplets WHERE (passed IS NULL AND first_seen < ?)"
             " OR passed < ?", (now - self.max_defer_time,
@@ -5913,6 +6127,59 @@ class GreylistStore(StoreBase):
             "SELECT count(*) - count(passed), count(passed),"
             " (SELECT count(*) FROM clients) FROM triplets").fetchone()
 
+    def _report(self, connection, period, now):
+        # One read transaction: one snapshot of the file for every query.
+        # A file of an earlier version (read-only: not migrated) has no
+        # delays and no tallies.
+        now = time.time() if now is None else now
+        since, closed = now - period, now - self.max_defer_time
+        triplets = _sqlite_columns(connection, "triplets")
+        figures = dict(now=now, seen=0, passed=0, never_retried=0,
+                       waiting=0, waits=(0, None, None, None),
+                       auto_whitelisted=0, clients=[])
+        if not triplets:
+            return figures                  # an empty file
+        connection.execute("BEGIN")
+        try:
+            seen, passed, never, waiting = connection.execute(
+                "SELECT count(*), count(passed),"
+                " coalesce(sum(passed IS NULL AND first_seen < ?), 0),"
+                " coalesce(sum(passed IS NULL AND first_seen >= ?), 0)"
+                " FROM triplets WHERE first_seen >= ?",
+                (closed, closed, since)).fetchone()
+            delays = []
+            if "delay" in triplets:
+                # Only the waits of the period, each a float: the
+                # percentiles need them in order.
+                delays = sorted(row[0] for row in connection.execute(
+                    "SELECT delay FROM triplets WHERE first_seen >= ?"
+                    " AND delay IS NOT NULL", (since,)))
+            tallied = 0
+            if _sqlite_columns(connection, "expired"):
+                tallied = connection.execute(
+                    "SELECT coalesce(sum(triplets), 0) FROM expired"
+                    " WHERE hour >= ?", (self._tally_hour(since),)
+                ).fetchone()[0]
+            trusted = 0
+            if self.auto_whitelist_clients:
+                trusted = connection.execute(
+                    "SELECT count(*) FROM clients WHERE passes >= ?"
+                    " AND last_seen >= ?",
+                    (self.auto_whitelist_clients, since)).fetchone()[0]
+            clients = connection.execute(
+                "SELECT CASE instr(key, ' ') WHEN 0 THEN key"
+                " ELSE substr(key, 1, instr(key, ' ') - 1) END AS client,"
+                " count(*), count(passed) FROM triplets"
+                " WHERE first_seen >= ? GROUP BY client", (since,)).fetchall()
+        finally:
+            connection.execute("COMMIT")
+        figures.update(
+            seen=seen + tallied, passed=passed, never_retried=never + tallied,
+            waiting=waiting, auto_whitelisted=trusted, clients=clients,
+            waits=(len(delays), _nearest_rank(delays, 5),
+                   _nearest_rank(delays, 9), delays[-1] if delays else None))
+        return figures
+
     # -- upkeep -----------------------------------------------------------
 
     def checkpoint(self):
@@ -5942,13 +6209,21 @@ class GreylistStore(StoreBase):
             self._checkpointer = None
 
 
-def open_store(location, settings=None):
+def _sqlite_columns(connection, table):
+    """The column names of ``table`` in an sqlite database (none: no
+    such table)."""
+    return set(row[1] for row in connection.execute(
+        "PRAGMA table_info(%s)" % table))
+
+
+def open_store(location, settings=None, read_only=False):
     """The greylisting store at ``location`` (greylist_db), with the
     timings of ``settings``: a PostgreSQLStore for a postgresql:// URI,
-    else a GreylistStore (an sqlite3 file)."""
+    else a GreylistStore (an sqlite3 file); ``read_only``: one that
+    writes nothing, for a report."""
     if is_database_uri(location):
-        return PostgreSQLStore(location, settings)
-    return GreylistStore(location, settings)
+        return PostgreSQLStore(location, settings, read_only)
+    return GreylistStore(location, settings, read_only)
 
 
 class Stores(object):
@@ -6303,8 +6578,12 @@ class _Transaction(object):
     string (the drivers bind parameters on the client side).  A statement
     run ``alone`` is a transaction by itself."""
 
-    def __init__(self, cursor, several_results, deadline=None, timeout=0):
+    def __init__(self, cursor, several_results, deadline=None, timeout=0,
+                 read_only=False):
         self.cursor = cursor
+        # A reader's statements see one snapshot, and may write nothing.
+        self._begin = ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; "
+                       if read_only else "BEGIN; ")
         self._several = several_results     # psycopg 3: one per statement
         self.begun = self.ended = False
         self._deadline = deadline           # of the decision
@@ -6313,7 +6592,7 @@ class _Transaction(object):
     def execute(self, sql, params=(), last=False, alone=False):
         prefix = ""
         if not (alone or self.begun):
-            prefix = "BEGIN; "
+            prefix = self._begin
             self.begun = True
         if self.begun and not alone and self._deadline is not None:
             # The decision waited (for a connection, its turn, the first
@@ -6372,6 +6651,12 @@ class PostgreSQLStore(StoreBase):
       migrate them (``_migrate``; version 2 added smtpproxy_traps); a
       schema newer than ``schema_version`` is refused.
       Made by the database's administrator, they need no CREATE right.
+      Version 2 added the triplets' ``delay`` and smtpproxy_expired (the
+      purge's tallies, for report());
+    - made ``read_only`` (the report), its sessions are read only
+      (default_transaction_read_only), each use one REPEATABLE READ
+      snapshot, and it makes and migrates no table: it reads tables of
+      an earlier version as they are.
 
     A decision takes two round trips: BEGIN with the triplet's row
     (inserted, or read and locked, in one statement), then its change
@@ -6431,6 +6716,15 @@ class PostgreSQLStore(StoreBase):
         " sprung double precision NOT NULL,"
         " expires double precision NOT NULL,"
         " recipient text NOT NULL)",)
+    # And --db-report's part (run after the traps' by _migrate from
+    # version 1; a new database gets the same from the CREATE TABLEs).
+    _SCHEMA_2_REPORT = (
+        "ALTER TABLE smtpproxy_triplets"
+        " ADD COLUMN IF NOT EXISTS delay double precision",
+        "CREATE TABLE IF NOT EXISTS smtpproxy_expired ("
+        " hour bigint PRIMARY KEY,"
+        " triplets bigint NOT NULL)",
+    )
     # The SQLSTATEs (or their classes, two characters) that say the
     # configuration is wrong (StoreConfigError): the login refused (class
     # 28: a wrong password, no such role, no pg_hba.conf entry), no such
@@ -6446,10 +6740,11 @@ class PostgreSQLStore(StoreBase):
     _SCHEMA_LOCK = 0x736d7470           # advisory lock keys: "smtp"
     _PURGE_LOCK = 0x736d7471            # and one more
 
-    def __init__(self, uri, settings=None):
+    def __init__(self, uri, settings=None, read_only=False):
         # No connection yet: the first use makes it, and says why not.
         self._module = postgresql_driver(self.driver)
-        StoreBase.__init__(self, uri, settings)
+        StoreBase.__init__(self, uri, settings, read_only)
+        self._version = None        # of the tables found (read_only)
         # The connector's state, under _ready's lock (see _connect_loop).
         self._ready = threading.Condition(threading.Lock())
         self._fresh = None          # a connection made, not yet taken
@@ -6672,6 +6967,11 @@ class PostgreSQLStore(StoreBase):
         if not self.synchronous_commit:
             cursor.execute("SET synchronous_commit = off")
         self._arrived(connection, cursor)
+        if self.read_only:
+            cursor.execute("SET default_transaction_read_only = on")
+            self._check_version(cursor)
+            cursor.close()
+            return
         cursor.execute("BEGIN")
         cursor.execute("SELECT pg_advisory_xact_lock(%d),"
                        " to_regclass('smtpproxy_schema') IS NOT NULL"
@@ -6686,11 +6986,15 @@ class PostgreSQLStore(StoreBase):
                     " first_seen double precision NOT NULL,"
                     " last_seen double precision NOT NULL,"
                     " passed double precision,"
-                    " passes integer NOT NULL DEFAULT 0)",
+                    " passes integer NOT NULL DEFAULT 0,"
+                    " delay double precision)",
                     "CREATE TABLE smtpproxy_clients ("
                     " network text PRIMARY KEY,"
                     " passes integer NOT NULL,"
-                    " last_seen double precision NOT NULL)"):
+                    " last_seen double precision NOT NULL)",
+                    "CREATE TABLE smtpproxy_expired ("
+                    " hour bigint PRIMARY KEY,"
+                    " triplets bigint NOT NULL)"):
                 cursor.execute(statement)
             for statement in self._SCHEMA_2_TRAPS:
                 cursor.execute(statement)
@@ -6766,24 +7070,42 @@ class PostgreSQLStore(StoreBase):
                         "it was %s (system identifier %s, timeline %s)"
                         % ((self, text) + last))
 
+    def _check_version(self, cursor):
+        """For a read_only store: the version of the tables there, in
+        ``_version`` (None: no tables yet); a newer one than this
+        smtpproxy's is refused as _prepare() refuses it.  Nothing is
+        made or migrated."""
+        cursor.execute("SELECT to_regclass('smtpproxy_schema') IS NOT NULL")
+        self._version = None
+        if cursor.fetchone()[0]:
+            cursor.execute("SELECT version FROM smtpproxy_schema")
+            self._version = cursor.fetchone()[0]
+            if self._version > self.schema_version:
+                raise StoreConfigError(
+                    "the tables are of schema version %d, newer than this "
+                    "smtpproxy's (%d): upgrade smtpproxy on this host too"
+                    % (self._version, self.schema_version))
+
     def _migrate(self, cursor, version):
         """Bring the tables from schema ``version`` to
         ``schema_version``, in the transaction that holds the schema's
-        lock.  Version 1 is the first; 2 adds smtpproxy_traps."""
+        lock.  Version 1 is the first; 2 adds the greytraps
+        (smtpproxy_traps) and what --db-report reads (the wait of each
+        pass, the tallies of smtpproxy_expired)."""
         if version < 2:
-            # Version 2: the greytraps.
-            for statement in self._SCHEMA_2_TRAPS:
+            for statement in self._SCHEMA_2_TRAPS + self._SCHEMA_2_REPORT:
                 cursor.execute(statement)
         cursor.execute("UPDATE smtpproxy_schema SET version = %d"
                        % self.schema_version)
 
     def _transact(self, work, args, read_only):
         """Run ``work(transaction, *args)`` (a _Transaction: its work
-        locks the rows it reads to write them, and ``read_only`` makes no
-        difference); a connection the server closed, or to a server that
-        turned read-only (SQLSTATE 25006), is replaced and the work tried
-        once more, within the decision's deadline.  The database server
-        checkpoints by itself: checkpoint() is StoreBase's."""
+        locks the rows it reads to write them; ``read_only``: one
+        snapshot, READ ONLY); a connection the server closed, or to a
+        server that turned read-only (SQLSTATE 25006), is replaced and
+        the work tried once more, within the decision's deadline.  The
+        database server checkpoints by itself: checkpoint() is
+        StoreBase's."""
         for attempt in (1, 2):
             fresh = self._db is None
             connection = self._connection()
@@ -6792,7 +7114,7 @@ class PostgreSQLStore(StoreBase):
                 transaction = _Transaction(
                     cursor, hasattr(cursor, "nextset") and
                     self._module.__name__ == "psycopg",
-                    self._deadline, self.greylist_db_timeout)
+                    self._deadline, self.greylist_db_timeout, read_only)
                 result = work(transaction, *args)
                 transaction.commit()
                 cursor.close()
@@ -6888,15 +7210,25 @@ class PostgreSQLStore(StoreBase):
         step, change = triplet_step(first_seen, passed, now, self)
         statements, params = [], []
         if change == RESTART:
+            if self._window_closed(first_seen, passed, now):
+                # Retried too late: the sighting that expired is
+                # tallied, as the purge would have.
+                statements.append(
+                    "INSERT INTO smtpproxy_expired (hour, triplets)"
+                    " VALUES (%s, 1) ON CONFLICT (hour) DO UPDATE"
+                    " SET triplets = smtpproxy_expired.triplets + 1")
+                params.append(self._tally_hour(first_seen))
             statements.append(
                 "UPDATE smtpproxy_triplets SET first_seen = %s,"
-                " last_seen = %s, passed = NULL, passes = 0 WHERE key = %s")
+                " last_seen = %s, passed = NULL, passes = 0, delay = NULL"
+                " WHERE key = %s")
             params += [now, now, key]
         elif change == PASS:
             statements.append(
                 "UPDATE smtpproxy_triplets SET passed = %s, last_seen = %s,"
-                " passes = passes + 1 WHERE key = %s")
-            params += [now, now, key]
+                " passes = passes + 1, delay = coalesce(%s, delay)"
+                " WHERE key = %s")
+            params += [now, now, step.delay, key]
         if step.delay is not None and client is not None:
             # A greylisting pass: counted as the sqlite store counts it.
             statements.append(
@@ -6931,11 +7263,22 @@ class PostgreSQLStore(StoreBase):
         if locked is False or when_due and last is not None and (
                 now - last < self.purge_interval):
             return 0                    # another instance purges, or did
+        # The grey triplets deleted are tallied (report()), in the same
+        # statement: one scan.
         tx.execute(
-            "DELETE FROM smtpproxy_triplets WHERE (passed IS NULL AND"
-            " first_seen < %s) OR passed < %s",
-            (now - self.max_defer_time, now - self.max_grey))
-        deleted = tx.rowcount
+            "WITH gone AS (DELETE FROM smtpproxy_triplets WHERE"
+            " (passed IS NULL AND first_seen < %s) OR passed < %s"
+            " RETURNING first_seen, passed),"
+            " tally AS (INSERT INTO smtpproxy_expired (hour, triplets)"
+            " SELECT floor(first_seen / %s) * %s, count(*) FROM gone"
+            " WHERE passed IS NULL GROUP BY 1 ON CONFLICT (hour) DO UPDATE"
+            " SET triplets = smtpproxy_expired.triplets + EXCLUDED.triplets)"
+            " SELECT count(*) FROM gone",
+            (now - self.max_defer_time, now - self.max_grey,
+             self.tally_interval, self.tally_interval))
+        deleted = tx.fetchone()[0]
+        tx.execute("DELETE FROM smtpproxy_expired WHERE hour < %s",
+                   (now - self.max_grey,))
         tx.execute("DELETE FROM smtpproxy_clients WHERE last_seen < %s",
                        (now - self.max_grey,))
         deleted += tx.rowcount
@@ -7043,6 +7386,53 @@ class PostgreSQLStore(StoreBase):
                        " (SELECT count(*) FROM smtpproxy_clients)"
                        " FROM smtpproxy_triplets")
         return tx.fetchone()
+
+    def _report(self, tx, period, now):
+        # In one READ ONLY snapshot (read_only).  Tables of version 1
+        # (read by a read_only store, not migrated) have no delays and
+        # no tallies; no tables at all, nothing.
+        version = self._version if self.read_only else self.schema_version
+        tx.execute("SELECT " + _PG_CLOCK, (self._clock(now),))
+        now = tx.fetchone()[0]
+        since, closed = now - period, now - self.max_defer_time
+        figures = dict(now=now, seen=0, passed=0, never_retried=0,
+                       waiting=0, waits=(0, None, None, None),
+                       auto_whitelisted=0, clients=[])
+        if version is None:
+            return figures
+        waits = "0, NULL::float8, NULL::float8, NULL::float8"
+        if version >= 2:
+            waits = ("count(delay), percentile_disc(0.5) WITHIN GROUP"
+                     " (ORDER BY delay), percentile_disc(0.9) WITHIN GROUP"
+                     " (ORDER BY delay), max(delay)")
+        tx.execute(
+            "SELECT count(*), count(passed),"
+            " count(*) FILTER (WHERE passed IS NULL AND first_seen < %s),"
+            " count(*) FILTER (WHERE passed IS NULL AND first_seen >= %s), "
+            + waits + " FROM smtpproxy_triplets WHERE first_seen >= %s",
+            (closed, closed, since))
+        row = tx.fetchone()
+        tallied = 0
+        if version >= 2:
+            tx.execute("SELECT coalesce(sum(triplets), 0)"
+                       " FROM smtpproxy_expired WHERE hour >= %s",
+                       (self._tally_hour(since),))
+            tallied = int(tx.fetchone()[0])
+        trusted = 0
+        if self.auto_whitelist_clients:
+            tx.execute("SELECT count(*) FROM smtpproxy_clients"
+                       " WHERE passes >= %s AND last_seen >= %s",
+                       (self.auto_whitelist_clients, since))
+            trusted = tx.fetchone()[0]
+        tx.execute("SELECT split_part(key, ' ', 1) AS client, count(*),"
+                   " count(passed) FROM smtpproxy_triplets"
+                   " WHERE first_seen >= %s GROUP BY client", (since,))
+        figures.update(
+            seen=row[0] + tallied, passed=row[1],
+            never_retried=row[2] + tallied, waiting=row[3],
+            waits=tuple(row[4:8]), auto_whitelisted=trusted,
+            clients=tx.fetchall())
+        return figures
 
 
 # ===========================================================================
@@ -8652,6 +9042,59 @@ def _decimal(text):
     return float(text) if "." in text else int(text)
 
 
+# The units of parse_duration(), in seconds, largest first.
+DURATION_UNITS = collections.OrderedDict(
+    [("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1)])
+
+
+_DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([a-z]?)")
+
+
+def parse_duration(text):
+    """The number of seconds that ``text`` writes: a number of seconds
+    (``3600``, ``0.5``), or numbers each followed by a unit, ``s``
+    (seconds), ``m`` (minutes), ``h`` (hours), ``d`` (days) or ``w``
+    (weeks: 7 days), largest first, each unit once, with or without
+    spaces between them: ``90m``, ``24h``, ``7d``, ``2w``, ``1h30m``,
+    ``1.5h``.  Units in any case; no sign (a duration is 0 or more).
+    An int when the seconds are whole, else a float.  ValueError says
+    what is wrong, with examples."""
+    compact = re.sub(r"\s+", "", str(text)).lower()
+    problem = None
+    seconds = 0
+    if not compact:
+        problem = "it is empty"
+    elif compact[0] in "+-":
+        problem = "a duration has no sign"
+    elif re.match(r"\A[0-9]+(?:\.[0-9]+)?\Z", compact):
+        seconds = float(compact)            # seconds, no unit
+    else:
+        parts = []
+        position = 0
+        while position < len(compact) and problem is None:
+            match = _DURATION_PART_RE.match(compact, position)
+            if match is None or not match.group(2):
+                problem = "each number needs a unit, or the whole is seconds"
+            elif match.group(2) not in DURATION_UNITS:
+                problem = "%r is no unit" % match.group(2)
+            else:
+                parts.append(match.groups())
+                position = match.end()
+        units = [unit for _, unit in parts]
+        order = list(DURATION_UNITS)
+        if problem is None and units != sorted(set(units), key=order.index):
+            problem = "each unit once, the largest first"
+        if problem is None:
+            seconds = sum(float(number) * DURATION_UNITS[unit]
+                          for number, unit in parts)
+    if problem is not None:
+        raise ValueError(
+            "expected a duration such as 7d, 24h, 90m, 2w, 1h30m or 3600 "
+            "(seconds), the units s, m, h, d, w; got %r: %s"
+            % (text, problem))
+    return int(seconds) if seconds == int(seconds) else seconds
+
+
 def _zone(item):
     """A DNS list's zone, such as zen.spamhaus.org, with the answers that
     list if written: zen.spamhaus.org=127.0.0.[2..11] (parse_dns_list)."""
@@ -10222,7 +10665,8 @@ def check_as(identity, check, timeout=None, what="the check"):
 #
 # Owns:  what --check-config and a start check (each check_*), the warnings
 #        of a configuration that says what it does not mean, the policy
-#        service's socket, and the --db-* commands (administer_store).
+#        service's socket, and the --db-* commands (administer_store;
+#        --db-report's text, format_report, and its JSON's REPORT_FIELDS).
 # Enter: check_configuration(handler_class, values), administer_store().
 # Uses:  sections 9, 10, 12 to 14.
 
@@ -11042,6 +11486,125 @@ def open_policy_server(values, settings, identity=None):
 REKEY_TIMEOUT = 300
 
 
+# The fields of --db-report --json (StoreBase.report()), a stable
+# interface: fields may be added, none renamed or removed.
+REPORT_FIELDS = collections.OrderedDict([
+    ("store", "the store, as the other --db- commands name it (a URI "
+              "without its password)"),
+    ("now", "the end of the period: seconds since the epoch (UTC), by "
+            "the store's clock"),
+    ("since", "the start of the period (now - period)"),
+    ("period", "its length, in seconds (--since)"),
+    ("max_defer_time", "the retry window of the configuration, seconds"),
+    ("auto_whitelist_clients", "the passes that trust a client (0: never)"),
+    ("triplets.seen", "triplets first seen in the period"),
+    ("triplets.passed", "of those, passed (greylisting, or --db-pass)"),
+    ("triplets.never_retried", "of those, grey with their retry window "
+                               "closed without a pass"),
+    ("triplets.waiting", "of those, grey, their window still open"),
+    ("wait.passes", "of those passed, the greylisting passes whose wait "
+                    "is known"),
+    ("wait.median", "their median wait, seconds (null: no pass)"),
+    ("wait.p90", "their 90th percentile wait (nearest rank), seconds"),
+    ("wait.max", "their longest wait, seconds"),
+    ("auto_whitelisted_clients", "clients with auto_whitelist_clients "
+                                 "passes or more, seen in the period"),
+    ("top_by", "what the top lists are ordered by: seen (then passed)"),
+    ("top_clients.KIND", "for ipv4, ipv6, name and unknown: up to 10 "
+                         "objects, the client key (client), its triplets "
+                         "first seen in the period still in the store "
+                         "(seen) and of those passed (passed)"),
+])
+
+
+def _human_duration(seconds):
+    """``seconds`` as a postmaster reads it: its largest unit and the
+    next one, whole (45 s, 10 min 12 s, 4 h, 1 d 2 h; 1 h 0 min 5 s is
+    1 h)."""
+    seconds = int(round(seconds))
+    units = (("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
+    first = next((index for index, (_, size) in enumerate(units)
+                  if seconds >= size), len(units) - 1)
+    parts = []
+    for name, size in units[first:first + 2]:
+        count, seconds = divmod(seconds, size)
+        if count or not parts:
+            parts.append("%d %s" % (count, name))
+    return " ".join(parts)
+
+
+def format_report(report):
+    """The text of --db-report: StoreBase.report()'s ``report``, aligned,
+    for a postmaster (keys escaped as the logs escape them): the
+    triplets, the waits, the auto-whitelist, then the top client keys of
+    each kind."""
+    def stamp(moment):
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(moment))
+
+    triplets, wait, top = (report["triplets"], report["wait"],
+                           report["top_clients"])
+    # One column of figures for all: after the longest client key.
+    width = max([30] + [len(log_escape(entry["client"]))
+                        for kind in top for entry in top[kind]])
+
+    def line(indent, label, figure, rest=""):
+        return "%s%-*s %9s  %s" % (" " * indent, width + 2 - indent, label,
+                                   figure, rest)
+
+    def share(count):
+        seen = triplets["seen"]
+        return "%5.1f %%" % (100.0 * count / seen) if seen else ""
+    lines = [
+        "Greylisting in the %s before %s (since %s)" % (
+            _human_duration(report["period"]), stamp(report["now"]),
+            stamp(report["since"])),
+        "Store: %s" % log_escape(report["store"]),
+        "",
+        line(0, "Triplets first seen", triplets["seen"]),
+        line(2, "passed", triplets["passed"], share(triplets["passed"])),
+        line(2, "never retried", triplets["never_retried"],
+             share(triplets["never_retried"])
+             + "  (no pass within max_defer_time, %d s)"
+             % report["max_defer_time"]),
+        line(2, "still waiting", triplets["waiting"],
+             share(triplets["waiting"])),
+        "",
+        "Waits of the %d greylisting passes" % wait["passes"],
+    ]
+    if triplets["passed"] > wait["passes"]:
+        lines.append("  (%d passed with no wait known: by --db-pass, or "
+                     "before the store kept waits)"
+                     % (triplets["passed"] - wait["passes"]))
+    for name, field in (("median", "median"), ("90th percentile", "p90"),
+                        ("maximum", "max")):
+        value = wait[field]
+        lines.append(line(2, name, "-" if value is None else "%d s" % value,
+                          "" if value is None else _human_duration(value)))
+    lines += [
+        "",
+        line(0, "Clients auto-whitelisted",
+             report["auto_whitelisted_clients"],
+             "(%d passes or more, seen in the period)"
+             % report["auto_whitelist_clients"]
+             if report["auto_whitelist_clients"] else "(auto-whitelist off)"),
+        "",
+        "Top client keys, by triplets first seen in the period (those "
+        "still in the store)",
+    ]
+    titles = (("ipv4", "IPv4 networks"), ("ipv6", "IPv6 networks"),
+              ("name", "Names (client_key = name)"),
+              ("unknown", "The unknown client"))
+    for kind, title in titles:
+        lines += ["", "%-*s %9s %9s" % (width + 2, title, "seen", "passed")]
+        for entry in top[kind]:
+            lines.append("  %-*s %9d %9d" % (
+                width, log_escape(entry["client"]), entry["seen"],
+                entry["passed"]))
+        if not top[kind]:
+            lines.append("  (none)")
+    return "\n".join(text.rstrip() for text in lines) + "\n"
+
+
 def administer_store(handler_class, args, identity=None):
     """The --db-* commands, on the greylisting store of the configuration,
     like OpenBSD's spamdb; return the exit status.
@@ -11052,13 +11615,28 @@ def administer_store(handler_class, args, identity=None):
     directory leads only where that user may go, what is made is the
     user's, and libpq reads the user's files (~/.pgpass, a passfile the
     URI names), not root's.  With no user, root works only on an sqlite
-    store in a directory no other user can change.
+    store in a directory no other user can change.  --db-report opens
+    the store read-only (open_store(..., read_only=True)): it writes
+    nothing, also while the service runs.
 
     With ``hash_keys``, its secret is read first, as the service reads it
     (check_hash_keys(), as root): --db-pass and --db-delete hash the
     addresses they are given into the key the proxy makes
     (hash_store_key()), and --db-hash-keys converts the store's clear
     keys (StoreBase.rekey())."""
+    period = None
+    if getattr(args, "db_report", False):
+        try:
+            period = parse_duration(
+                "7d" if args.since is None else args.since)
+        except ValueError as error:
+            sys.stderr.write("smtpproxy: error: --since: %s\n" % error)
+            return 2
+    elif getattr(args, "since", None) is not None or getattr(
+            args, "json", False):
+        sys.stderr.write("smtpproxy: error: --since and --json go with "
+                         "--db-report\n")
+        return 2
     path = getattr(handler_class, "greylist_db", None)
     if not path:
         sys.stderr.write("smtpproxy: error: %s has no greylist_db\n"
@@ -11120,9 +11698,16 @@ def administer_store(handler_class, args, identity=None):
                 handler_class, "greylist_db_timeout",
                 GreyListingPolicy.greylist_db_timeout))})
     try:
-        store = open_store(path, settings)
+        store = open_store(path, settings, read_only=period is not None)
         now = time.time()
-        if args.db_list:
+        if period is not None:
+            report = store.report(period)
+            store.close()
+            if args.json:
+                print(json.dumps(report, indent=2))
+            else:
+                sys.stdout.write(format_report(report))
+        elif args.db_list:
             def stamp(moment):
                 if moment is None:
                     return "-"
@@ -12063,6 +12648,9 @@ def main(argv=None):
     store_commands.add_argument("--db-pass", metavar="KEY", nargs="+")
     store_commands.add_argument("--db-delete", metavar="KEY", nargs="+")
     store_commands.add_argument("--db-hash-keys", action="store_true")
+    store_commands.add_argument("--db-report", action="store_true")
+    parser.add_argument("--since", metavar="DURATION")
+    parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.help:
         print(_usage())
@@ -12100,7 +12688,8 @@ def main(argv=None):
             print(format_config(handler_class, values))
         return 0
     if (args.db_list or args.db_stats or args.db_purge or args.db_pass
-            or args.db_delete or args.db_hash_keys):
+            or args.db_delete or args.db_hash_keys or args.db_report
+            or args.json or args.since is not None):
         identity = None
         if values.get("user") and os.geteuid() == 0:
             try:

@@ -257,7 +257,7 @@ class PostgreSQL(object):
         else:
             self.sql("DROP TABLE IF EXISTS smtpproxy_schema, "
                      "smtpproxy_triplets, smtpproxy_clients, "
-                     "smtpproxy_traps", name)
+                     "smtpproxy_traps, smtpproxy_expired", name)
         return self.uri(name)
 
     def uri(self, name, role=ROLE, password=PASSWORD):

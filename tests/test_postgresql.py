@@ -399,8 +399,8 @@ def test_tables_made_by_the_administrator_need_no_create_right(pg_uri,
     smtpproxy.PostgreSQLStore(pg_uri).stats()       # makes the tables
     postgresql.sql("CREATE ROLE mx2 LOGIN PASSWORD 'mx2'; GRANT SELECT, "
                    "INSERT, UPDATE, DELETE ON smtpproxy_schema, "
-                   "smtpproxy_triplets, smtpproxy_clients, smtpproxy_traps"
-                   " TO mx2", name)
+                   "smtpproxy_triplets, smtpproxy_clients, smtpproxy_traps,"
+                   " smtpproxy_expired TO mx2", name)
     try:
         store = smtpproxy.PostgreSQLStore(
             pg_uri.replace("greylist:secret@", "mx2:mx2@"))
