@@ -5204,13 +5204,15 @@ def triplet_step(first_seen, passed, now, timings):
 
 
 def _merged_triplets(one, other):
-    """Two rows ``(first_seen, last_seen, passed, passes)`` of one triplet
-    (rekey(): its clear and its hashed key) as one: the first sighting
-    that came first (the sender's retries count from it), the later last
-    sighting and pass (a pass of either stands), the passes added up."""
+    """Two rows ``(first_seen, last_seen, passed, passes, delay)`` of one
+    triplet (rekey(): its clear and its hashed key) as one: the first
+    sighting that came first (the sender's retries count from it), the
+    later last sighting and pass (a pass of either stands), the passes
+    added up, the wait of a greylisting pass of either (--db-report)."""
     passes = [row[2] for row in (one, other) if row[2] is not None]
     return (min(one[0], other[0]), max(one[1], other[1]),
-            max(passes) if passes else None, one[3] + other[3])
+            max(passes) if passes else None, one[3] + other[3],
+            one[4] if one[4] is not None else other[4])
 
 
 class StoreBase(object):
@@ -6098,7 +6100,7 @@ class GreylistStore(StoreBase):
                     "UPDATE traps SET recipient = ? WHERE client = ?",
                     (address(recipient), client))
         for row in connection.execute(
-                "SELECT key, first_seen, last_seen, passed, passes"
+                "SELECT key, first_seen, last_seen, passed, passes, delay"
                 " FROM triplets").fetchall():
             new = change(row[0])
             if new == row[0]:
@@ -6106,13 +6108,14 @@ class GreylistStore(StoreBase):
             connection.execute("DELETE FROM triplets WHERE key = ?",
                                (row[0],))
             there = connection.execute(
-                "SELECT first_seen, last_seen, passed, passes FROM triplets"
-                " WHERE key = ?", (new,)).fetchone()
+                "SELECT first_seen, last_seen, passed, passes, delay"
+                " FROM triplets WHERE key = ?", (new,)).fetchone()
             values = tuple(row[1:]) if there is None else _merged_triplets(
                 tuple(row[1:]), tuple(there))
             connection.execute(
                 "INSERT OR REPLACE INTO triplets (key, first_seen,"
-                " last_seen, passed, passes) VALUES (?, ?, ?, ?, ?)",
+                " last_seen, passed, passes, delay)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
                 (new,) + values)
             changed += 1
         return changed
@@ -7350,8 +7353,8 @@ class PostgreSQLStore(StoreBase):
         # Three statements, however many rows: the rows locked and read,
         # those whose key changes deleted, and inserted again under their
         # new keys, merged (as _merged_triplets()) with one that is there.
-        tx.execute("SELECT key, first_seen, last_seen, passed, passes"
-                   " FROM smtpproxy_triplets FOR UPDATE")
+        tx.execute("SELECT key, first_seen, last_seen, passed, passes,"
+                   " delay FROM smtpproxy_triplets FOR UPDATE")
         moved = []
         for row in tx.fetchall():
             new = change(row[0])
@@ -7363,15 +7366,17 @@ class PostgreSQLStore(StoreBase):
                    ([row[1] for row in moved],))
         tx.execute(
             "INSERT INTO smtpproxy_triplets AS t"
-            " (key, first_seen, last_seen, passed, passes)"
+            " (key, first_seen, last_seen, passed, passes, delay)"
             " SELECT * FROM unnest(%s::text[], %s::float8[], %s::float8[],"
-            " %s::float8[], %s::int[])"
+            " %s::float8[], %s::int[], %s::float8[])"
             " ON CONFLICT (key) DO UPDATE SET"
             " first_seen = LEAST(t.first_seen, EXCLUDED.first_seen),"
             " last_seen = GREATEST(t.last_seen, EXCLUDED.last_seen),"
             " passed = GREATEST(t.passed, EXCLUDED.passed),"
-            " passes = t.passes + EXCLUDED.passes",
-            [[row[index] for row in moved] for index in (0, 2, 3, 4, 5)],
+            " passes = t.passes + EXCLUDED.passes,"
+            " delay = COALESCE(t.delay, EXCLUDED.delay)",
+            [[row[index] for row in moved]
+             for index in (0, 2, 3, 4, 5, 6)],
             last=True)
         return len(moved)
 

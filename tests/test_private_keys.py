@@ -307,6 +307,11 @@ def test_db_hash_keys_converts_a_clear_store_keeping_its_passes(tmp_path):
         for state, name, *rest in before)
     assert ("CLIENT", "192.0.2.0/24") in [entry[:2]
                                           for entry in entries(store)]
+    # The wait of the pass, which --db-report reads, is kept too.
+    with smtpproxy.sqlite3.connect(store) as connection:
+        assert connection.execute(
+            "SELECT delay FROM triplets WHERE passed IS NOT NULL"
+        ).fetchall() == [(100.0,)]
     # The passed triplet stays passed, the grey one keeps its first try.
     engine = smtpproxy.Greylister(settings(store, secret,
                                            min_defer_time=60))
@@ -347,12 +352,13 @@ def test_db_hash_keys_on_postgresql(tmp_path, pg_uri, postgresql):
     (tmp_path / "admin.conf").write_text(config(pg_uri, secret))
     code, out, err = run(tmp_path, "--db-hash-keys")
     assert (code, out) == (0, "hashed 2\n"), err
-    dump = postgresql.sql("SELECT key, passes, passed IS NOT NULL FROM"
-                          " smtpproxy_triplets ORDER BY passes",
+    dump = postgresql.sql("SELECT key, passes, passed IS NOT NULL, delay"
+                          " FROM smtpproxy_triplets ORDER BY passes",
                           pg_uri.rsplit("/", 1)[1])
     assert_no_address(dump)
+    # The passes, and the wait of the pass (--db-report), are kept.
     assert [line.split("|")[1:] for line in dump.splitlines()] == [
-        ["0", "f"], ["1", "t"]]
+        ["0", "f", ""], ["1", "t", "100"]]
     engine = smtpproxy.Greylister(settings(pg_uri, secret))
     assert engine.decide("192.0.2.7", SENDER, RECIPIENT,
                          time.time()).verdict == "accept"
