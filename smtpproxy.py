@@ -7122,9 +7122,10 @@ class PostgreSQLStore(StoreBase):
                 transaction.commit()
                 cursor.close()
             except self._module.Error as error:
-                read_only = self._sqlstate(error) == "25006"
-                if not self._discard(connection, read_only) and \
-                        attempt == 1 and (read_only or not fresh):
+                # (Not ``read_only``, the kind of work: that stays.)
+                turned = self._sqlstate(error) == "25006"
+                if not self._discard(connection, turned) and \
+                        attempt == 1 and (turned or not fresh):
                     continue            # a stale connection: once more
                 raise self._failure(error) from None
             except BaseException:
