@@ -246,23 +246,25 @@ import urllib.parse
 #       (FCrDNS, generic names, DNSLists, LookupThreads)
 #   8. Greylisting: the engine and its handler
 #       (Greylister, Decision, GreyListingPolicy)
-#   9. Greylisting: the store's rules, and sqlite
-#       (triplet_step, StoreBase, GreylistStore)
-#  10. Greylisting: the PostgreSQL store
+#   9. Greylisting: the store's rules
+#       (triplet_step, StoreBase: passes, traps, the report; Stores)
+#  10. Greylisting: the sqlite store
+#       (GreylistStore)
+#  11. Greylisting: the PostgreSQL store
 #       (PostgreSQLStore, its URI and password)
-#  11. The server: SMTPProxyServer, and the metrics
+#  12. The server: SMTPProxyServer, and the metrics
 #       (threads, limits, stress, counters, stop; Metrics, MetricsServer)
-#  12. Postfix's policy service (check_policy_service)
+#  13. Postfix's policy service (check_policy_service)
 #       (PolicyHandler, PolicyServer)
-#  13. Configuration: the keys and the file
+#  14. Configuration: the keys and the file
 #       (Key, KEYS, the file, the sample)
-#  14. The service's files and privileges, as root
+#  15. The service's files and privileges, as root
 #       (logs, pidfile, links, the user)
-#  15. Checks and the admin commands
+#  16. Checks and the admin commands
 #       (check_*, warnings, --db-*)
-#  16. The service: start, signals, reloads, workers
+#  17. The service: start, signals, reloads, workers
 #       (Service, the master and its workers)
-#  17. The command line
+#  18. The command line
 #       (--help, main())
 #
 # Design.  The command line's service is a master and worker processes that
@@ -4211,8 +4213,8 @@ def name_key(name):
 #        hashed with hash_keys: key_hash, key_secret), the bound on new
 #        triplets (NewTriplets), and GreyListingPolicy.
 # Enter: Greylister(settings).decide(client, sender, recipient, now).
-# Uses:  sections 1, 3, 7; the stores of sections 9 and 10 (through stores);
-#        section 14's read_key_secret (a policy used without the service).
+# Uses:  sections 1, 3, 7; the stores of sections 9 to 11 (through stores);
+#        section 15's read_key_secret (a policy used without the service).
 
 
 class Decision(object):
@@ -5077,14 +5079,16 @@ class GreyListingPolicy(ConcreteMailHandler):
 
 
 # ===========================================================================
-# == 9. Greylisting: the store's rules, and sqlite ==
+# == 9. Greylisting: the store's rules ==
 # ===========================================================================
 #
 # Owns:  the timing table (triplet_step, pure), what every store does
-#        (StoreBase: the passes in memory, the incidents, the fail flow), the
-#        sqlite store (GreylistStore) and the process's stores (Stores).
+#        (StoreBase: the passes in memory, the incidents, the fail flow, the
+#        traps, the report's figures), which store a location names
+#        (open_store) and the process's stores (Stores).
 # Enter: open_store(location, settings); stores.get(settings).
-# Uses:  sections 2 and 3; section 10 for a PostgreSQL location.
+# Uses:  sections 2 and 3; section 10 for an sqlite file, 11 for a
+#        PostgreSQL location.
 
 
 class StoreError(sqlite3.Error):
@@ -5772,6 +5776,64 @@ class StoreBase(object):
             self._db = None
 
 
+def open_store(location, settings=None, read_only=False):
+    """The greylisting store at ``location`` (greylist_db), with the
+    timings of ``settings``: a PostgreSQLStore for a postgresql:// URI,
+    else a GreylistStore (an sqlite3 file); ``read_only``: one that
+    writes nothing, for a report."""
+    if is_database_uri(location):
+        return PostgreSQLStore(location, settings, read_only)
+    return GreylistStore(location, settings, read_only)
+
+
+class Stores(object):
+    """The greylisting stores of the process, one per file and timings,
+    shared by every session and engine."""
+
+    def __init__(self):
+        self._cache = Cache()
+        self._maintained = 0.0
+
+    def get(self, settings):
+        """The store of ``settings.greylist_db``, with its timings."""
+        key = (settings.greylist_db,) + tuple(
+            getattr(settings, name) for name in StoreBase.settings)
+
+        def make():
+            return open_store(settings.greylist_db, settings)
+        return self._cache.get(key, make)
+
+    def reset(self):
+        for store in self._cache.reset():
+            store.close()
+
+    def maintain(self):
+        """What the stores do between decisions (a server's
+        service_actions() calls it, at most once a second): their
+        checkpoints."""
+        now = time.monotonic()
+        if now - self._maintained < 1:
+            return
+        self._maintained = now
+        for store in self._cache.items():
+            store.checkpoint()
+
+
+# The registries (module-level, each with its lock).
+stores = Stores()                   # GreylistStore per file and timings
+
+
+# ===========================================================================
+# == 10. Greylisting: the sqlite store ==
+# ===========================================================================
+#
+# Owns:  the store of one host's processes, an sqlite3 file (GreylistStore:
+#        WAL mode, its checkpoints kept off the decisions, its tables and
+#        their columns added in place, a reader that writes nothing).
+# Enter: GreylistStore(path, settings), via open_store().
+# Uses:  sections 2 and 9 (StoreBase).
+
+
 class GreylistStore(StoreBase):
     """The greylisting triplets, in the sqlite3 database file ``path``:
     a StoreBase for the processes of one host.
@@ -6219,55 +6281,8 @@ def _sqlite_columns(connection, table):
         "PRAGMA table_info(%s)" % table))
 
 
-def open_store(location, settings=None, read_only=False):
-    """The greylisting store at ``location`` (greylist_db), with the
-    timings of ``settings``: a PostgreSQLStore for a postgresql:// URI,
-    else a GreylistStore (an sqlite3 file); ``read_only``: one that
-    writes nothing, for a report."""
-    if is_database_uri(location):
-        return PostgreSQLStore(location, settings, read_only)
-    return GreylistStore(location, settings, read_only)
-
-
-class Stores(object):
-    """The greylisting stores of the process, one per file and timings,
-    shared by every session and engine."""
-
-    def __init__(self):
-        self._cache = Cache()
-        self._maintained = 0.0
-
-    def get(self, settings):
-        """The store of ``settings.greylist_db``, with its timings."""
-        key = (settings.greylist_db,) + tuple(
-            getattr(settings, name) for name in StoreBase.settings)
-
-        def make():
-            return open_store(settings.greylist_db, settings)
-        return self._cache.get(key, make)
-
-    def reset(self):
-        for store in self._cache.reset():
-            store.close()
-
-    def maintain(self):
-        """What the stores do between decisions (a server's
-        service_actions() calls it, at most once a second): their
-        checkpoints."""
-        now = time.monotonic()
-        if now - self._maintained < 1:
-            return
-        self._maintained = now
-        for store in self._cache.items():
-            store.checkpoint()
-
-
-# The registries (module-level, each with its lock).
-stores = Stores()                   # GreylistStore per file and timings
-
-
 # ===========================================================================
-# == 10. Greylisting: the PostgreSQL store ==
+# == 11. Greylisting: the PostgreSQL store ==
 # ===========================================================================
 #
 # Owns:  a store shared by several MX hosts (PostgreSQLStore: its connector
@@ -7442,7 +7457,7 @@ class PostgreSQLStore(StoreBase):
 
 
 # ===========================================================================
-# == 11. The server: SMTPProxyServer, and the metrics ==
+# == 12. The server: SMTPProxyServer, and the metrics ==
 # ===========================================================================
 #
 # Owns:  the listening socket, a thread per client (reused: spare_threads),
@@ -7450,11 +7465,11 @@ class PostgreSQLStore(StoreBase):
 #        service: SessionCounts), the counters, the graceful stop, and
 #        service_actions() (checkpoints, the pool's expiry); the metrics:
 #        their catalogue (METRIC_FAMILIES), the service's table (Metrics,
-#        ``metrics``, which sections 4 to 12 count into) and the
+#        ``metrics``, which sections 4 to 13 count into) and the
 #        Prometheus endpoint (MetricsServer, metrics_listen).
 # Enter: SMTPProxyServer((host, port), handler_class).serve_forever();
 #        metrics.add(name, *labels); MetricsServer((host, port)).
-# Uses:  sections 2 to 9.
+# Uses:  sections 2 to 10.
 
 
 COUNTERS = ("connections", "connections_refused", "rcpt_accepted",
@@ -8464,7 +8479,7 @@ def open_metrics_server(values):
 
 
 # ===========================================================================
-# == 12. Postfix's policy service (check_policy_service) ==
+# == 13. Postfix's policy service (check_policy_service) ==
 # ===========================================================================
 #
 # Owns:  PolicyHandler (one connection's requests, answered by the engine),
@@ -8869,7 +8884,7 @@ class UnixPolicyServer(_PolicyServing,
 
 
 # ===========================================================================
-# == 13. Configuration: the keys and the file ==
+# == 14. Configuration: the keys and the file ==
 # ===========================================================================
 #
 # Owns:  one record per key (Key, KEYS) of the classes above, each value's
@@ -8877,7 +8892,7 @@ class UnixPolicyServer(_PolicyServing,
 #        configuration, and turning values into a handler class.
 # Enter: load_config(path), read_settings(args),
 #        handler_class_for(base, values).
-# Uses:  the classes whose keys these are (sections 5 to 12).
+# Uses:  the classes whose keys these are (sections 5 to 13).
 
 
 CONFIG_SEARCH_PATH = [
@@ -9942,7 +9957,7 @@ def configure_server(server, values, keys=SERVER_SETTINGS):
 
 
 # ===========================================================================
-# == 14. The service's files and privileges, as root ==
+# == 15. The service's files and privileges, as root ==
 # ===========================================================================
 #
 # Owns:  what runs as root: the logs (configure_logging), the pidfile, files
@@ -9950,7 +9965,7 @@ def configure_server(server, values, keys=SERVER_SETTINGS):
 #        the user to serve as and the switch (drop_privileges, check_as),
 #        hash_keys' secret (read_key_secret).
 # Enter: open_service_file(key, path, identity), configure_logging(values).
-# Uses:  section 13 (the values).
+# Uses:  section 14 (the values).
 
 
 class StartError(Exception):
@@ -10666,7 +10681,7 @@ def check_as(identity, check, timeout=None, what="the check"):
 
 
 # ===========================================================================
-# == 15. Checks and the admin commands ==
+# == 16. Checks and the admin commands ==
 # ===========================================================================
 #
 # Owns:  what --check-config and a start check (each check_*), the warnings
@@ -10674,7 +10689,7 @@ def check_as(identity, check, timeout=None, what="the check"):
 #        service's socket, and the --db-* commands (administer_store;
 #        --db-report's text, format_report, and its JSON's REPORT_FIELDS).
 # Enter: check_configuration(handler_class, values), administer_store().
-# Uses:  sections 9, 10, 12 to 14.
+# Uses:  sections 9 to 11, 13 to 15.
 
 
 def check_proxy_protocol(handler_class):
@@ -11757,7 +11772,7 @@ def administer_store(handler_class, args, identity=None):
 
 
 # ===========================================================================
-# == 16. The service: start, signals, reloads, workers ==
+# == 17. The service: start, signals, reloads, workers ==
 # ===========================================================================
 #
 # Owns:  the start in the order a daemon on port 25 needs, the signals and
@@ -11765,7 +11780,7 @@ def administer_store(handler_class, args, identity=None):
 #        and its workers (Worker; how many: worker_count()), the signals of
 #        both roles (_SIGNALS).
 # Enter: Service(args, base, values, path, warnings).run().
-# Uses:  sections 11 to 15.
+# Uses:  sections 12 to 16.
 
 
 def _reopen_log_files(values):
@@ -12516,13 +12531,13 @@ class Worker(Service):
 
 
 # ===========================================================================
-# == 17. The command line ==
+# == 18. The command line ==
 # ===========================================================================
 #
 # Owns:  --help (the module's docstring), the options, and main(), which
 #        starts itself again without glibc's thread caches before serving.
 # Enter: main(argv).
-# Uses:  sections 13 to 16.
+# Uses:  sections 14 to 17.
 
 
 DEFAULT_CLASS = "smtpproxy.GreyListingPolicy"
