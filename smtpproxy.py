@@ -114,10 +114,12 @@ while the proxy runs; keys are "client-network sender recipient":
                      s m h d w): triplets first seen, passed, never
                      retried, still waiting; the median, 90th percentile
                      and longest wait of the passes; the clients
-                     auto-whitelisted; the top client keys of each kind
-                     (IPv4, IPv6, names, unknown) by triplets seen.
-                     --json: one JSON object (fields: README).  Writes
-                     nothing (the store is opened read-only).
+                     auto-whitelisted; the clients that sprang a
+                     greytrap, those trapped now, the latest ten; the
+                     top client keys of each kind (IPv4, IPv6, names,
+                     unknown) by triplets seen.  --json: one JSON
+                     object (fields: README).  Writes nothing (the
+                     store is opened read-only).
 Each names the store it opened on standard error; only --db-pass makes
 one where there is none.  With hash_keys, --db-pass and --db-delete take
 the addresses and act on the key the proxy makes of them (or take the
@@ -5707,7 +5709,18 @@ class StoreBase(object):
         auto_whitelist_clients passes or more, and seen in the period.
         The ``top`` client keys of each kind (client_kind(): ipv4, ipv6,
         name, unknown) by triplets seen, then passed.  A period longer
-        than max_grey reaches only what the store still holds."""
+        than max_grey reaches only what the store still holds.
+
+        The greytraps (``traps``): the client keys that sprang one in the
+        period (``sprung``: a trap's time is the client's last write to a
+        trap, so a client that sprang traps several times counts once, if
+        its last write was in the period), those trapped at ``now``
+        (``trapped_now``), and the ``top`` of the client keys trapped now
+        or sprung in the period, the latest sprung first, with when and
+        until when (``top``); never the trap's address (with hash_keys a
+        hash: the report is about clients).  The purge deletes the traps
+        that expired: these count what the store holds.  A store of the
+        earlier version, read as it is, has no traps: 0, 0 and []."""
         figures = self._use(self._report, period, now, read_only=True)
         clients = {kind: [] for kind in CLIENT_KINDS}
         for client, seen, passed in figures["clients"]:
@@ -5736,15 +5749,37 @@ class StoreBase(object):
                     for seen, passed, client in heapq.nsmallest(
                         top, clients[kind])])
                 for kind in CLIENT_KINDS)),
+            ("traps", self._report_traps(figures, period, top)),
+        ])
+
+    def _report_traps(self, figures, period, top):
+        """report()'s ``traps``, from the rows ``(client, sprung,
+        expires)`` of the traps sprung in the period or not expired."""
+        now = figures["now"]
+        since = now - period
+        traps = figures["traps"]
+        latest = heapq.nsmallest(top, ((-sprung, client, expires)
+                                       for client, sprung, expires in traps))
+        return collections.OrderedDict([
+            ("sprung", sum(1 for _, sprung, _ in traps if sprung >= since)),
+            ("trapped_now", sum(1 for _, _, expires in traps
+                                if expires > now)),
+            ("top", [collections.OrderedDict([
+                ("client", client), ("sprung", _whole(-sprung)),
+                ("until", _whole(expires))])
+                for sprung, client, expires in latest]),
         ])
 
     def _report(self, transaction, period, now):
         """report()'s figures, read in one snapshot: a dict of ``now``
         (the clock used), ``seen``, ``passed``, ``never_retried``,
         ``waiting``, ``waits`` (passes, median, p90, max: percentiles
-        by nearest rank, None without a pass), ``auto_whitelisted``, and
+        by nearest rank, None without a pass), ``auto_whitelisted``,
         ``clients``, (client key, seen, passed) for every client key of
-        the triplets first seen in the period."""
+        the triplets first seen in the period, and ``traps``, (client
+        key, sprung, expires) for every trap sprung in the period or
+        not expired at ``now`` (none in a store of the earlier
+        version)."""
         raise NotImplementedError
 
     def _window_closed(self, first_seen, passed, now):
@@ -6195,13 +6230,13 @@ class GreylistStore(StoreBase):
     def _report(self, connection, period, now):
         # One read transaction: one snapshot of the file for every query.
         # A file of an earlier version (read-only: not migrated) has no
-        # delays and no tallies.
+        # delays, no tallies and no traps.
         now = time.time() if now is None else now
         since, closed = now - period, now - self.max_defer_time
         triplets = _sqlite_columns(connection, "triplets")
         figures = dict(now=now, seen=0, passed=0, never_retried=0,
                        waiting=0, waits=(0, None, None, None),
-                       auto_whitelisted=0, clients=[])
+                       auto_whitelisted=0, clients=[], traps=[])
         if not triplets:
             return figures                  # an empty file
         connection.execute("BEGIN")
@@ -6236,11 +6271,18 @@ class GreylistStore(StoreBase):
                 " ELSE substr(key, 1, instr(key, ' ') - 1) END AS client,"
                 " count(*), count(passed) FROM triplets"
                 " WHERE first_seen >= ? GROUP BY client", (since,)).fetchall()
+            traps = []
+            if _sqlite_columns(connection, "traps"):
+                traps = connection.execute(
+                    "SELECT client, sprung, expires FROM traps"
+                    " WHERE sprung >= ? OR expires > ?",
+                    (since, now)).fetchall()
         finally:
             connection.execute("COMMIT")
         figures.update(
             seen=seen + tallied, passed=passed, never_retried=never + tallied,
             waiting=waiting, auto_whitelisted=trusted, clients=clients,
+            traps=traps,
             waits=(len(delays), _nearest_rank(delays, 5),
                    _nearest_rank(delays, 9), delays[-1] if delays else None))
         return figures
@@ -7410,15 +7452,15 @@ class PostgreSQLStore(StoreBase):
 
     def _report(self, tx, period, now):
         # In one READ ONLY snapshot (read_only).  Tables of version 1
-        # (read by a read_only store, not migrated) have no delays and
-        # no tallies; no tables at all, nothing.
+        # (read by a read_only store, not migrated) have no delays, no
+        # tallies and no traps; no tables at all, nothing.
         version = self._version if self.read_only else self.schema_version
         tx.execute("SELECT " + _PG_CLOCK, (self._clock(now),))
         now = tx.fetchone()[0]
         since, closed = now - period, now - self.max_defer_time
         figures = dict(now=now, seen=0, passed=0, never_retried=0,
                        waiting=0, waits=(0, None, None, None),
-                       auto_whitelisted=0, clients=[])
+                       auto_whitelisted=0, clients=[], traps=[])
         if version is None:
             return figures
         waits = "0, NULL::float8, NULL::float8, NULL::float8"
@@ -7448,11 +7490,17 @@ class PostgreSQLStore(StoreBase):
         tx.execute("SELECT split_part(key, ' ', 1) AS client, count(*),"
                    " count(passed) FROM smtpproxy_triplets"
                    " WHERE first_seen >= %s GROUP BY client", (since,))
+        clients = tx.fetchall()
+        traps = []
+        if version >= 2:
+            tx.execute("SELECT client, sprung, expires FROM smtpproxy_traps"
+                       " WHERE sprung >= %s OR expires > %s", (since, now))
+            traps = tx.fetchall()
         figures.update(
             seen=row[0] + tallied, passed=row[1],
             never_retried=row[2] + tallied, waiting=row[3],
             waits=tuple(row[4:8]), auto_whitelisted=trusted,
-            clients=tx.fetchall())
+            clients=clients, traps=traps)
         return figures
 
 
@@ -11535,6 +11583,15 @@ REPORT_FIELDS = collections.OrderedDict([
                          "objects, the client key (client), its triplets "
                          "first seen in the period still in the store "
                          "(seen) and of those passed (passed)"),
+    ("traps.sprung", "client keys that sprang a greytrap in the period "
+                     "(once each, at their last write to a trap; those "
+                     "still in the store)"),
+    ("traps.trapped_now", "client keys trapped at now"),
+    ("traps.top", "up to 10 objects, the client keys trapped now or "
+                  "sprung in the period, latest first: the key (client), "
+                  "its last write to a trap (sprung) and when its trap "
+                  "expires (until), seconds since the epoch; no trap "
+                  "address"),
 ])
 
 
@@ -11557,16 +11614,20 @@ def _human_duration(seconds):
 def format_report(report):
     """The text of --db-report: StoreBase.report()'s ``report``, aligned,
     for a postmaster (keys escaped as the logs escape them): the
-    triplets, the waits, the auto-whitelist, then the top client keys of
-    each kind."""
+    triplets, the waits, the auto-whitelist, the greytraps (their
+    counts, then the client keys of ``traps.top`` with when they sprang
+    a trap and until when, never a trap's address), then the top client
+    keys of each kind."""
     def stamp(moment):
         return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(moment))
 
-    triplets, wait, top = (report["triplets"], report["wait"],
-                           report["top_clients"])
+    triplets, wait, top, traps = (report["triplets"], report["wait"],
+                                  report["top_clients"], report["traps"])
     # One column of figures for all: after the longest client key.
     width = max([30] + [len(log_escape(entry["client"]))
-                        for kind in top for entry in top[kind]])
+                        for kind in top for entry in top[kind]]
+                + [len(log_escape(entry["client"]))
+                   for entry in traps["top"]])
 
     def line(indent, label, figure, rest=""):
         return "%s%-*s %9s  %s" % (" " * indent, width + 2 - indent, label,
@@ -11608,6 +11669,21 @@ def format_report(report):
              "(%d passes or more, seen in the period)"
              % report["auto_whitelist_clients"]
              if report["auto_whitelist_clients"] else "(auto-whitelist off)"),
+        "",
+        line(0, "Clients that sprang a greytrap", traps["sprung"],
+             "(in the period: each once, at its last write to a trap)"),
+        line(2, "trapped now", traps["trapped_now"]),
+        "",
+        "%-*s %-19s  %s" % (width + 2, "Trapped now or in the period",
+                            "last sprung (UTC)", "until (UTC)"),
+    ]
+    for entry in traps["top"]:
+        lines.append("  %-*s %s  %s" % (
+            width, log_escape(entry["client"]),
+            stamp(entry["sprung"])[:-4], stamp(entry["until"])[:-4]))
+    if not traps["top"]:
+        lines.append("  (none)")
+    lines += [
         "",
         "Top client keys, by triplets first seen in the period (those "
         "still in the store)",

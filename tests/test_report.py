@@ -4,6 +4,7 @@ and on PostgreSQL (a private cluster, tests/pg.py): the figures, the text
 and the JSON, the report writing nothing, --since, and stores of the
 earlier schema (no delay, no tallies) migrated."""
 
+import calendar
 import json
 import os
 import re
@@ -134,6 +135,70 @@ def test_a_store_of_known_contents_gives_known_figures(make):
         "seen": 4, "passed": 0, "never_retried": 0, "waiting": 4}
 
 
+# -- greytraps ---------------------------------------------------------------
+
+TRAP = "trap@example.org"
+
+
+def spring(store, now=NOW):
+    """Traps sprung through the store's API, relative to ``now``, with
+    greytrap_time 6 h (make(greytrap_time=6 * HOUR))."""
+    for client, moment in [
+            ("198.18.0.0/24", now - 2 * DAY),       # before, expired
+            ("192.0.2.0/24", now - 20 * HOUR),      # in, expired
+            ("out.example.com", now - 10 * HOUR),   # in, twice: the last
+            ("out.example.com", now - 2 * HOUR),    #  write counts
+            ("2001:db8::/64", now - 1800)]:         # in, trapped
+        store.spring_trap(client, moment, TRAP)
+    return store
+
+
+def trapped(client, sprung, until):
+    return {"client": client, "sprung": int(sprung), "until": int(until)}
+
+
+EXPECTED_TRAPPED = [trapped("2001:db8::/64", NOW - 1800,
+                            NOW - 1800 + 6 * HOUR),
+                    trapped("out.example.com", NOW - 2 * HOUR,
+                            NOW + 4 * HOUR)]
+
+
+def test_the_traps_count_clients_sprung_in_the_period_and_trapped_now(make):
+    store = spring(make(greytrap_time=6 * HOUR))
+    # A client that sprang traps twice counts once, at its last write.
+    report = store.report(DAY, NOW)
+    assert report["traps"] == {
+        "sprung": 3, "trapped_now": 2,
+        "top": EXPECTED_TRAPPED + [trapped("192.0.2.0/24", NOW - 20 * HOUR,
+                                           NOW - 14 * HOUR)]}
+    # Trapped now though sprung before the period: listed, not counted.
+    report = store.report(HOUR, NOW)
+    assert report["traps"] == {"sprung": 1, "trapped_now": 2,
+                               "top": EXPECTED_TRAPPED}
+    assert store.report(DAY, NOW, top=1)["traps"]["top"] == \
+        EXPECTED_TRAPPED[:1]
+    # The purge deletes the expired traps: the report counts what is left.
+    store.purge(NOW)
+    report = make(read_only=True).report(DAY, NOW)
+    assert report["traps"] == {"sprung": 2, "trapped_now": 2,
+                               "top": EXPECTED_TRAPPED}
+
+
+def test_the_report_never_shows_a_traps_address(make):
+    report = spring(make(greytrap_time=6 * HOUR)).report(DAY, NOW)
+    assert [sorted(entry) for entry in report["traps"]["top"]] == [
+        ["client", "sprung", "until"]] * 3
+    assert TRAP not in json.dumps(report)
+    text = smtpproxy.format_report(report)
+    assert "\n  out.example.com  " in text
+    assert TRAP not in text
+
+
+def test_a_store_without_traps_reports_none(make):
+    report = fill(make()).report(WEEK, NOW)
+    assert report["traps"] == {"sprung": 0, "trapped_now": 0, "top": []}
+
+
 def test_the_top_lists_keep_the_first_by_seen(make):
     report = fill(make()).report(WEEK, NOW, top=1)
     assert report["top_clients"]["ipv4"] == EXPECTED_TOP["ipv4"][:1]
@@ -204,7 +269,8 @@ def run(location, *args, **keys):
 
 def test_the_command_prints_the_json_object_and_the_text(make):
     now = float(int(time.time()))
-    fill(make(), base=now - 8 * DAY, now=now)
+    spring(fill(make(greytrap_time=6 * HOUR), base=now - 8 * DAY, now=now),
+           now)
     code, out, err = run(make.location, "--db-report", "--json")
     assert code == 0, err
     assert err == "smtpproxy: store %s\n" % smtpproxy.redact_uri(
@@ -219,6 +285,12 @@ def test_the_command_prints_the_json_object_and_the_text(make):
     assert report["wait"] == EXPECTED_WAIT
     assert report["auto_whitelisted_clients"] == 1
     assert report["top_clients"] == EXPECTED_TOP
+    # A week: the trap sprung two days ago counts too.
+    assert report["traps"]["sprung"] == 4
+    assert report["traps"]["trapped_now"] == 2
+    assert [entry["client"] for entry in report["traps"]["top"]] == [
+        "2001:db8::/64", "out.example.com", "192.0.2.0/24", "198.18.0.0/24"]
+    assert TRAP not in out
 
     code, out, err = run(make.location, "--db-report", "--since", "2h")
     assert code == 0, err
@@ -238,7 +310,13 @@ def test_the_command_prints_the_json_object_and_the_text(make):
     lines = out.splitlines()
     assert re.match(r"Greylisting in the 7 d before (\S+ \S+ UTC) \(since "
                     r"\S+ \S+ UTC\)\Z", lines[0]), lines[0]
-    assert lines[2:] == TEXT.splitlines()
+    def stamp(moment):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(moment))
+    assert lines[2:] == TEXT.format(*[stamp(moment) for moment in [
+        now - 1800, now - 1800 + 6 * HOUR, now - 2 * HOUR, now + 4 * HOUR,
+        now - 20 * HOUR, now - 14 * HOUR, now - 2 * DAY,
+        now - 2 * DAY + 6 * HOUR]]).splitlines()
+    assert TRAP not in out
 
 
 TEXT = """
@@ -255,6 +333,16 @@ Waits of the 3 greylisting passes
 
 Clients auto-whitelisted                 1  (2 passes or more, seen in \
 the period)
+
+Clients that sprang a greytrap           4  (in the period: each once, \
+at its last write to a trap)
+  trapped now                            2
+
+Trapped now or in the period     last sprung (UTC)    until (UTC)
+  2001:db8::/64                  {0}  {1}
+  out.example.com                {2}  {3}
+  192.0.2.0/24                   {4}  {5}
+  198.18.0.0/24                  {6}  {7}
 
 Top client keys, by triplets first seen in the period (those still in \
 the store)
@@ -410,7 +498,9 @@ def test_an_sqlite_file_of_the_earlier_schema_is_reported_as_it_is(
     assert report["triplets"] == {"seen": 2, "passed": 1,
                                   "never_retried": 1, "waiting": 0}
     assert report["wait"]["passes"] == 0        # not known
+    assert report["traps"] == {"sprung": 0, "trapped_now": 0, "top": []}
     assert "delay" not in sqlite_columns(path, "triplets")   # unchanged
+    assert sqlite_columns(path, "traps") == []
 
 
 def test_an_sqlite_file_of_the_earlier_schema_is_migrated(tmp_path):
@@ -471,6 +561,9 @@ def test_postgresql_tables_of_version_1_are_reported_by_a_reader_as_they_are(
         assert report["triplets"] == {"seen": 2, "passed": 1,
                                       "never_retried": 1, "waiting": 0}
         assert report["wait"]["passes"] == 0
+        # No table of traps in version 1: none, and no error.
+        assert report["traps"] == {"sprung": 0, "trapped_now": 0,
+                                   "top": []}
         assert postgresql.sql("SELECT version FROM smtpproxy_schema",
                               name) == "1"
     finally:
@@ -504,6 +597,11 @@ def test_a_read_only_store_cannot_write(make):
     assert make().report(WEEK, NOW)["triplets"] == EXPECTED_TRIPLETS
 
 
+def epoch(day, hour):
+    return calendar.timegm(time.strptime(day + " " + hour,
+                                         "%Y-%m-%d %H:%M:%S"))
+
+
 def test_the_readme_shows_what_the_command_prints():
     with open(os.path.join(ROOT, "README.md")) as stream:
         readme = stream.read()
@@ -519,6 +617,15 @@ def test_the_readme_shows_what_the_command_prints():
             client, seen, passed = line.split()
             entries[kind].append({"client": client, "seen": int(seen),
                                   "passed": int(passed)})
+    trapped = []
+    for line in shown[shown.index("Trapped now or in the period     "
+                                  "last sprung (UTC)    until (UTC)") + 1:]:
+        if not line:
+            break
+        if line.strip() != "...":
+            client, day, hour, until_day, until_hour = line.split()
+            trapped.append({"client": client, "sprung": epoch(day, hour),
+                            "until": epoch(until_day, until_hour)})
     report = {
         "store": "/var/lib/smtpproxy/greylist.db", "now": 1741586400,
         "since": 1741586400 - WEEK, "period": WEEK,
@@ -528,6 +635,8 @@ def test_the_readme_shows_what_the_command_prints():
         "wait": {"passes": 6044, "median": 3906, "p90": 7513,
                  "max": 24310},
         "auto_whitelisted_clients": 311, "top_by": "seen",
-        "top_clients": entries}
+        "top_clients": entries,
+        "traps": {"sprung": 14, "trapped_now": 3, "top": trapped}}
+    assert len(trapped) == 4
     printed = smtpproxy.format_report(report).splitlines()
     assert [line for line in shown if line.strip() != "..."] == printed
