@@ -9798,7 +9798,8 @@ def sample_config():
     lines = ["# smtpproxy configuration (Kamaelia Grey's greylist.conf "
              "format).", "#"]
     lines.extend(textwrap.wrap(
-        "'#' starts a comment line; 'key = value' sets a value; 'key:' "
+        "'#' starts a comment, at the start of a line or after a blank; "
+        "'key = value' sets a value; 'key:' "
         "starts a list whose items are the following indented lines.  The "
         "values below are the defaults.  Made by 'smtpproxy "
         "--sample-config'; 'smtpproxy --config FILE --check-config' checks "
@@ -9858,6 +9859,10 @@ def format_config(handler_class, values):
     return "\n".join(lines)
 
 
+# Whitespace then "#": the rest of the line is a comment.
+_INLINE_COMMENT_RE = re.compile(r"\s+#.*\Z", re.DOTALL)
+
+
 def read_config_file(path):
     """Read a Kamaelia Grey style configuration file.
 
@@ -9868,7 +9873,9 @@ def read_config_file(path):
 
     The format: ``#`` starts a comment line; ``key = value`` sets a scalar;
     a line ``key:`` starts a list whose items are the following indented
-    lines; an item with spaces in it is a tuple of its words.
+    lines; an item with spaces in it is a tuple of its words.  On any
+    line, whitespace then ``#`` starts a comment to its end (a ``#``
+    with no blank before it is part of the value).
     """
     try:
         with open(path, "rb") as config_file:
@@ -9883,6 +9890,10 @@ def read_config_file(path):
     entries = []            # (key, line number, raw value or list of items)
     current_list = None
     for number, line in enumerate(text.splitlines(), 1):
+        # An inline comment is the admin's note, never part of a value:
+        # "workers = 3   # processes" must read 3, and "servername = mx
+        # # our MX" must not put the note in the greeting.
+        line = _INLINE_COMMENT_RE.sub("", line)
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue

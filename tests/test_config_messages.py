@@ -1,0 +1,89 @@
+"""Configuration a postgrey user writes without surprises (inline
+comments, times with units), and messages that point at the right fix
+(unknown keys, IPv6 addresses with a port, privileged ports, the listen
+address and the real server checked by --check-config)."""
+
+import os
+import sys
+
+import pytest
+
+import smtpproxy
+from conftest import ROOT
+
+README = os.path.join(ROOT, "README.md")
+
+
+def write(tmp_path, text, name="greylist.conf"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def readme_block(fragment):
+    """The README's indented block (a configuration or shell block) that
+    holds ``fragment``, unindented."""
+    with open(README) as readme:
+        text = readme.read()
+    for block in text.split("\n\n"):
+        lines = block.split("\n")
+        if (fragment in block
+                and all(line.startswith("    ") for line in lines if line)):
+            return "\n".join(line[4:] for line in lines) + "\n"
+    raise AssertionError("no block of the README holds %r" % fragment)
+
+
+# ---------------------------------------------------------------------------
+# Inline comments
+# ---------------------------------------------------------------------------
+
+def test_an_inline_comment_is_not_part_of_a_text_value(tmp_path):
+    path = write(tmp_path, "servername = mx.example.org   # our MX\n")
+    values, warnings = smtpproxy.read_config_file(path)
+    assert values == {"servername": "mx.example.org"}
+    assert warnings == []
+
+
+def test_an_inline_comment_after_a_number_parses(tmp_path):
+    path = write(tmp_path, "workers = 3\t# processes\nport = 2525 #\n")
+    values, _ = smtpproxy.read_config_file(path)
+    assert values == {"workers": 3, "port": 2525}
+
+
+def test_inline_comments_on_a_list_and_its_items(tmp_path):
+    path = write(tmp_path, "allowed_domains:   # ours\n"
+                           "    example.org    # the main one\n"
+                           "    # example.com  (gone)\n"
+                           "    example.net\n"
+                           "whitelisted_triples:\n"
+                           "    192.0.2.7 <a@example.net> <b@example.org>"
+                           "  # a partner\n")
+    values, _ = smtpproxy.read_config_file(path)
+    assert values == {
+        "allowed_domains": ["example.org", "example.net"],
+        "whitelisted_triples": [
+            ("192.0.2.7", "<a@example.net>", "<b@example.org>")]}
+
+
+def test_a_hash_without_a_blank_before_it_stays_in_the_value(tmp_path):
+    path = write(tmp_path, "servername = mx#1.example.org\n"
+                           "defer_reply = 451 4.7.1 Greylisted,#try later\n")
+    values, _ = smtpproxy.read_config_file(path)
+    assert values["servername"] == "mx#1.example.org"
+    assert values["defer_reply"] == "451 4.7.1 Greylisted,#try later"
+
+
+@pytest.mark.parametrize("fragment, expected", [
+    ("spare_threads = 20", {"workers": "auto", "spare_threads": 20,
+                            "upstream_pool_size": 10}),
+    ("servername = mx.example.org", {
+        "servername": "mx.example.org", "smtp_port": 8025, "strict": True,
+        "allowed_domains": ["example.org"]}),
+])
+def test_the_readmes_blocks_with_inline_comments_parse(tmp_path, fragment,
+                                                       expected):
+    block = readme_block(fragment)
+    assert " # " in block.replace("\t", " ")        # it has some
+    values, warnings = smtpproxy.read_config_file(write(tmp_path, block))
+    assert values == expected
+    assert warnings == []
