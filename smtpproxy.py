@@ -60,7 +60,9 @@ Options:
         Log the SMTP dialogue to greylist_debuglog (key debug).
     -o KEY=VALUE
         Set any configuration key, over the file (list items separated by
-        commas).  These set the key of their name too, such as
+        commas); an unknown KEY is an error naming the keys nearest to it
+        (postgrey's delay: min_defer_time).  These set the key of their
+        name too, such as
         --user nobody:
 %(key_options)s
     --daemon
@@ -190,6 +192,7 @@ import base64
 import bisect
 import collections
 import contextlib
+import difflib
 import errno
 import fcntl
 import functools
@@ -9919,7 +9922,8 @@ def read_config_file(path):
     for key, number, value in entries:
         where = "%s:%d" % (path, number)
         if key not in CONFIG_KEYS:
-            warnings.append("%s: unknown key %r ignored" % (where, key))
+            warnings.append("%s: unknown key %r ignored%s"
+                            % (where, key, _key_hint(key)))
             continue
         convert, kind, _ = CONFIG_KEYS[key]
         if kind == "list" and not isinstance(value, list):
@@ -9958,11 +9962,56 @@ def load_config(path=None):
     return values, path, warnings
 
 
+# postgrey's options (1.37), by the name of the key that does their
+# work here: a postgrey user's --delay or max-age gets the key to write.
+POSTGREY_OPTIONS = {
+    "delay": "min_defer_time",
+    "max_age": "max_grey",
+    "retry_window": "max_defer_time",
+    "greylist_text": "defer_reply",
+    "auto_whitelist_clients": "auto_whitelist_clients",
+    "whitelist_clients": "whitelist_clients",
+    "whitelist_recipients": "whitelist_recipients",
+    "lookup_by_subnet": "client_key",
+    "lookup_by_host": "client_key",
+    "ipv4cidr": "ipv4_prefix",
+    "ipv6cidr": "ipv6_prefix",
+    "inet": "policy_listen",
+    "unix": "policy_listen",
+    "dbdir": "greylist_db",
+    "privacy": "hash_keys",
+    "hostname": "servername",
+    "syslog_facility": "syslog",
+    "x_greylist_header": "x_greylist_header",
+}
+
+
+def _key_hint(name):
+    """What to say of ``name``, a key that does not exist: "; did you
+    mean K?", K the key doing the work of a postgrey option of that name
+    (or of one of its words: greylist_delay has postgrey's delay), and
+    the nearest names of KEYS (difflib); "" if none is near."""
+    known = name.strip().lstrip("-").lower().replace("-", "_")
+    words = [known] + known.split("_")
+    found = ["%s (postgrey's --%s)" % (POSTGREY_OPTIONS[word],
+                                       word.replace("_", "-"))
+             for word in words if word in POSTGREY_OPTIONS][:1]
+    found += [key for key in difflib.get_close_matches(known, CONFIG_KEYS, 2)
+              if not found or not found[0].startswith(key + " ")]
+    found = found[:2]
+    if not found:
+        return ""
+    return "; did you mean %s?" % " or ".join(found)
+
+
 def _option_value(text):
     """Read -o KEY=VALUE as the file would; list items split at commas."""
     key, equals, value = text.partition("=")
     key = key.strip()
-    if not equals or key not in CONFIG_KEYS:
+    if key and key not in CONFIG_KEYS:
+        raise ValueError("-o %s: unknown key %s%s" % (
+            log_escape(text), log_escape(key), _key_hint(key)))
+    if not equals or not key:
         raise ValueError("-o %s: expected KEY=VALUE with a configuration "
                          "key" % log_escape(text))
     convert, kind, _ = CONFIG_KEYS[key]

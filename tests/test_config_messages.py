@@ -87,3 +87,67 @@ def test_the_readmes_blocks_with_inline_comments_parse(tmp_path, fragment,
     values, warnings = smtpproxy.read_config_file(write(tmp_path, block))
     assert values == expected
     assert warnings == []
+
+
+# ---------------------------------------------------------------------------
+# Unknown keys: "did you mean"
+# ---------------------------------------------------------------------------
+
+def cli_error(capsys, *argv):
+    """main()'s status and standard error for a command line that stops
+    at reading the settings."""
+    status = smtpproxy.main(list(argv) + ["--check-config"])
+    return status, capsys.readouterr().err
+
+
+def test_an_unknown_option_key_is_named_with_the_nearest_keys(capsys):
+    status, error = cli_error(capsys, "-o", "greylist_delay=60")
+    assert status == 2
+    assert "unknown key greylist_delay" in error
+    assert "expected KEY=VALUE" not in error
+    assert "did you mean min_defer_time (postgrey's --delay)" in error
+    assert "greylist_db?" in error
+
+
+def test_a_mistyped_option_key_gets_the_key_meant(capsys):
+    status, error = cli_error(capsys, "-o", "servrname=mx.example.org")
+    assert status == 2
+    assert error.strip().endswith(
+        "unknown key servrname; did you mean servername?")
+
+
+@pytest.mark.parametrize("postgrey, key", [
+    ("delay", "min_defer_time"),
+    ("max-age", "max_grey"),
+    ("retry-window", "max_defer_time"),
+    ("greylist-text", "defer_reply"),
+    ("auto-whitelist-clients", "auto_whitelist_clients"),
+    ("whitelist-clients", "whitelist_clients"),
+    ("whitelist-recipients", "whitelist_recipients"),
+    ("dbdir", "greylist_db"),
+    ("privacy", "hash_keys"),
+])
+def test_a_postgrey_option_name_gets_the_key_that_does_its_work(
+        capsys, postgrey, key):
+    status, error = cli_error(capsys, "-o", "%s=1" % postgrey)
+    assert status == 2
+    assert ("unknown key %s; did you mean %s (postgrey's --%s)"
+            % (postgrey, key, postgrey)) in error
+
+
+def test_an_option_without_equals_still_asks_for_key_equals_value(capsys):
+    status, error = cli_error(capsys, "-o", "servername")
+    assert status == 2
+    assert "expected KEY=VALUE" in error
+
+
+def test_an_unknown_key_in_the_file_warns_with_the_key_meant(tmp_path):
+    path = write(tmp_path, "servername = mx.example.org\n"
+                           "max-age = 35d\nmin_defer_tme = 300\n")
+    values, warnings = smtpproxy.read_config_file(path)
+    assert values == {"servername": "mx.example.org"}
+    assert warnings == [
+        "%s:2: unknown key 'max-age' ignored; did you mean max_grey "
+        "(postgrey's --max-age) or max_message_size?" % path,
+        "%s:3: unknown key 'min_defer_tme' ignored; did you mean "
+        "min_defer_time or max_defer_time?" % path]
