@@ -47,7 +47,8 @@ Options:
         Address to listen on (keys listen_ip and port).  IPv6 addresses go
         in brackets: [::1]:25.
     --upstream HOST[:PORT], -u HOST[:PORT]
-        The real mail server (keys smtp_ip and smtp_port).
+        The real mail server (keys smtp_ip and smtp_port); an IPv6
+        address with a port in brackets too: [::1]:8025.
     --class DOTTED.NAME
         The handler class to run, such as mymodule.MyPolicy (the module is
         imported from PYTHONPATH).  Defaults to %(default_class)s:
@@ -9265,6 +9266,7 @@ def _split_host_port(text, default_port=None):
         host, port = "", text
     else:
         host = text
+        _bare_ipv6_with_port(text, default_port)
     if port is None:
         if default_port is None:
             raise ValueError("no port in %r" % text)
@@ -9272,6 +9274,38 @@ def _split_host_port(text, default_port=None):
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError("bad port in %r" % text)
     return host, int(port)
+
+
+def _bare_ipv6_with_port(text, default_port):
+    """Refuse ``text``, with more than one colon and no brackets, when it
+    may be an IPv6 address and a port (::1:12901): the address's colons
+    would take the port in, so RFC 3986 writes it [::1]:12901.  Without
+    a ``default_port`` (a listening address) a port is needed, so such a
+    text is always refused; with one, an address alone (::1,
+    2001:db8::7) is the host, and one that could also be an address and
+    a port (::1:8025) is refused as ambiguous."""
+    address, _, port = text.rpartition(":")
+    whole = _is_ipv6(text)
+    if _is_ipv6(address) and port.isdigit():
+        if whole and default_port is not None:
+            raise ValueError(
+                "%s is ambiguous: write [%s]:%s for port %s of %s, or [%s] "
+                "for the address %s" % (text, address, port, port, address,
+                                        text, text))
+        raise ValueError("an IPv6 address with a port is written in "
+                         "brackets: [%s]:%s, not %s" % (address, port, text))
+    if default_port is None:
+        raise ValueError(
+            "no port in %r: an IPv6 address with its port is written in "
+            "brackets, [%s]:PORT" % (text, text if whole else "2001:db8::1"))
+
+
+def _is_ipv6(text):
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _octal_mode(text):
@@ -10030,11 +10064,17 @@ def read_settings(args):
     """The configuration file and the command line's keys over it: return
     ``(values, path, warnings)``; raise ConfigError or ValueError."""
     values, path, warnings = load_config(args.config)
-    if args.listen:
-        values["listen_ip"], values["port"] = _split_host_port(args.listen)
-    if args.upstream:
-        values["smtp_ip"], values["smtp_port"] = _split_host_port(
-            args.upstream, values.get("smtp_port", 8025))
+    for option, keys, default in (
+            ("listen", ("listen_ip", "port"), None),
+            ("upstream", ("smtp_ip", "smtp_port"),
+             values.get("smtp_port", 8025))):
+        text = getattr(args, option)
+        if text:
+            try:
+                values.update(zip(keys, _split_host_port(text, default)))
+            except ValueError as error:
+                raise ValueError("--%s %s: %s"
+                                 % (option, log_escape(text), error))
     if args.debug is not None:
         values["debug"] = args.debug
     for key in KEY_OPTIONS:

@@ -151,3 +151,53 @@ def test_an_unknown_key_in_the_file_warns_with_the_key_meant(tmp_path):
         "(postgrey's --max-age) or max_message_size?" % path,
         "%s:3: unknown key 'min_defer_tme' ignored; did you mean "
         "min_defer_time or max_defer_time?" % path]
+
+
+# ---------------------------------------------------------------------------
+# IPv6 addresses with a port
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, said", [
+    (["--listen", "::1:12901"], "--listen ::1:12901: an IPv6 address with "
+                                "a port is written in brackets: [::1]:12901"),
+    (["--upstream", "2001:db8::7:12901"],
+     "--upstream 2001:db8::7:12901: an IPv6 address with a port is written "
+     "in brackets: [2001:db8::7]:12901"),
+    (["--policy-listen", "::1:10023"], "[::1]:10023"),
+    (["-o", "metrics_listen=::1:9025"], "[::1]:9025"),
+    (["--listen", "::1"], "no port in '::1': an IPv6 address with its port "
+                          "is written in brackets, [::1]:PORT"),
+])
+def test_an_ipv6_address_with_a_port_is_told_to_take_brackets(
+        capsys, argv, said):
+    status, error = cli_error(capsys, *argv)
+    assert status == 2
+    assert said in error
+
+
+def test_an_upstream_that_reads_both_ways_is_refused_with_both_forms(capsys):
+    # ::1:8025 is an address too (its last group is hex): which is meant?
+    status, error = cli_error(capsys, "--upstream", "::1:8025")
+    assert status == 2
+    assert ("::1:8025 is ambiguous: write [::1]:8025 for port 8025 of ::1, "
+            "or [::1:8025] for the address ::1:8025") in error
+
+
+def test_a_policy_listen_in_the_file_is_told_to_take_brackets(tmp_path):
+    path = write(tmp_path, "policy_listen = ::1:10023   # for Postfix\n")
+    with pytest.raises(smtpproxy.ConfigError) as caught:
+        smtpproxy.read_config_file(path)
+    assert str(caught.value) == (
+        "%s:1: policy_listen: an IPv6 address with a port is written in "
+        "brackets: [::1]:10023, not ::1:10023" % path)
+
+
+@pytest.mark.parametrize("text, default, expected", [
+    ("[::1]:12901", None, ("::1", 12901)),
+    ("::1", 8025, ("::1", 8025)),
+    ("2001:db8::7", 25, ("2001:db8::7", 25)),
+    ("[::1:8025]", 25, ("::1:8025", 25)),
+])
+def test_ipv6_addresses_written_as_they_should_still_read(text, default,
+                                                          expected):
+    assert smtpproxy._split_host_port(text, default) == expected
