@@ -173,7 +173,8 @@ use, already running, store not writable), 2 for a bad configuration.
 
 Configuration keys, by section, with their defaults (class attributes of
 the handler, or of SMTPProxyServer for the limits; set in the file, by
-subclassing, or on the command line, which overrides the file).  Each
+subclassing, or on the command line, which overrides the file).  A time
+is in seconds, or with units s m h d w: 300, 5m, 2d, 1h30m.  Each
 key's help: --sample-config, the commented file of every key.
 
 %(config_keys)s
@@ -9109,10 +9110,32 @@ def _choice(*choices):
 
 
 def _decimal(text):
-    if not re.match(r"\A[0-9]+(?:\.[0-9]+)?\Z", text) or not float(text):
-        raise ValueError("expected a number of seconds above 0, got %r"
+    """A time above 0, in seconds or with units (parse_duration()): a
+    fraction of a second is kept (0.5, 1.5s)."""
+    value = parse_duration(text)
+    if not value:
+        raise ValueError("expected a time above 0 (seconds, or with a "
+                         "unit: 0.5, 2s, 1m), got %r" % text)
+    return value
+
+
+def _seconds(text):
+    """A time in whole seconds, 0 or more, as seconds or with units
+    (parse_duration()): 300, 5m, 2d, 1h30m, 1.5h."""
+    value = parse_duration(text)
+    if value != int(value):
+        raise ValueError("expected whole seconds (300, 5m, 2d, 1h30m), got "
+                         "%r" % text)
+    return int(value)
+
+
+def _positive_seconds(text):
+    """As _seconds(), 1 or more."""
+    value = _seconds(text)
+    if value < 1:
+        raise ValueError("expected 1 second or more (30, 5m), got %r"
                          % text)
-    return float(text) if "." in text else int(text)
+    return value
 
 
 # The units of parse_duration(), in seconds, largest first.
@@ -9439,17 +9462,17 @@ KEYS = [
         shown="smtpproxy VERSION", sample="smtpproxy"),
     Key("smtp_ip", _string, UPSTREAM, "the real mail server's address"),
     Key("smtp_port", _port, UPSTREAM, "the real mail server's port"),
-    Key("upstream_timeout", _integer, UPSTREAM,
+    Key("upstream_timeout", _seconds, UPSTREAM,
         "seconds to wait for the real server to connect or answer; then "
         "the client gets 451"),
     Key("upstream_pool_size", _integer, UPSTREAM,
         "upstream sessions kept open when their client has gone, for the "
         "next clients (a new EHLO, no new connection); never one that "
         "failed, in a transaction, with TLS or XCLIENT; 0: none"),
-    Key("upstream_pool_idle", _positive, UPSTREAM,
+    Key("upstream_pool_idle", _positive_seconds, UPSTREAM,
         "seconds an upstream session may wait in the pool: less than the "
         "upstream's own idle timeout (Postfix: 300)"),
-    Key("upstream_capabilities_ttl", _integer, UPSTREAM,
+    Key("upstream_capabilities_ttl", _seconds, UPSTREAM,
         "seconds its EHLO keywords (SIZE, 8BITMIME, SMTPUTF8, DSN) are "
         "trusted before a client's EHLO asks again; every session with it "
         "renews them"),
@@ -9479,15 +9502,15 @@ KEYS = [
         "close the connection after a protocol error (unknown command, "
         "command out of order, malformed MAIL or RCPT), as Kamaelia Grey "
         "did; no: follow RFC 5321 and go on"),
-    Key("inactivity_timeout", _integer, DIALOGUE,
+    Key("inactivity_timeout", _seconds, DIALOGUE,
         "seconds a client may stay silent before 421; also the deadline "
         "of each line from its first octet (a client trickling a byte at "
         "a time holds no slot), of the PROXY header, of the TLS "
         "handshake, and of a write to a client that does not read"),
-    Key("max_session_time", _integer, DIALOGUE,
+    Key("max_session_time", _seconds, DIALOGUE,
         "seconds a whole session may last, from the connection; 0: no "
         "limit"),
-    Key("greet_pause", _integer, DIALOGUE,
+    Key("greet_pause", _seconds, DIALOGUE,
         "seconds to wait before the greeting; a client that talks first "
         "gets 554"),
     Key("max_errors", _integer, DIALOGUE,
@@ -9547,7 +9570,7 @@ KEYS = [
         "the longest a decision waits for the store, in all (its turn "
         "in this process; with PostgreSQL, a connection being made and "
         "its statements) before greylist_fail_mode decides"),
-    Key("greylist_cache_time", _integer, GREYLISTING,
+    Key("greylist_cache_time", _seconds, GREYLISTING,
         "seconds a process accepts a triplet it saw pass, and a client it "
         "saw trusted, without asking the store again: the store's pass "
         "counts and last-seen times lag by as much, and a --db-delete "
@@ -9562,17 +9585,18 @@ KEYS = [
         "write, readable by others, or shorter than 32 octets.  A new "
         "secret, or turning it off, loses every pass; --db-hash-keys "
         "converts a store's clear keys; empty: keys in clear", path=True),
-    Key("too_soon", _integer, GREYLISTING,
+    Key("too_soon", _seconds, GREYLISTING,
         "a retry sooner than this many seconds after the first try "
         "restarts the clock"),
-    Key("min_defer_time", _integer, GREYLISTING,
+    Key("min_defer_time", _seconds, GREYLISTING,
         "a retry is accepted from this many seconds after the first try "
-        "(Kamaelia Grey's: 3600)"),
-    Key("max_defer_time", _integer, GREYLISTING,
+        "(Kamaelia Grey's: 3600; postgrey's --delay: 300, or 5m)"),
+    Key("max_defer_time", _seconds, GREYLISTING,
         "a retry is accepted until this many seconds after the first "
-        "try; later, the clock restarts"),
-    Key("max_grey", _integer, GREYLISTING,
-        "a passed triplet unseen this many seconds is forgotten"),
+        "try; later, the clock restarts (postgrey's --retry-window: 2d)"),
+    Key("max_grey", _seconds, GREYLISTING,
+        "a passed triplet unseen this many seconds is forgotten "
+        "(postgrey's --max-age: 35d)"),
     Key("ipv4_prefix", _integer, GREYLISTING,
         "bits of an IPv4 client's address in the key, so that a sender's "
         "pool passes once per network; 32: the exact address, as "
@@ -9625,10 +9649,10 @@ KEYS = [
         "seconds one DNS lookup may take (reverse and forward names, DNS "
         "lists, asked at once); one that takes longer counts as no "
         "answer: no name, not listed"),
-    Key("dns_cache_time", _integer, GREYLISTING,
+    Key("dns_cache_time", _seconds, GREYLISTING,
         "seconds the answers of the DNS lists are kept (the last 10000 "
         "asked at most)"),
-    Key("client_name_cache_time", _integer, GREYLISTING,
+    Key("client_name_cache_time", _seconds, GREYLISTING,
         "seconds a client's names (reverse, and confirmed by the forward "
         "lookup), once answered, are kept for its next sessions (the last "
         "10000 clients at most); 0: looked up in every session"),
@@ -9651,7 +9675,7 @@ KEYS = [
         "mail; a client that writes to one is deferred as if greylisted "
         "and trapped for greytrap_time: none of its mail passes meanwhile; "
         "empty: no traps", path=True),
-    Key("greytrap_time", _positive, GREYLISTING,
+    Key("greytrap_time", _positive_seconds, GREYLISTING,
         "seconds a client that wrote to a greytrap stays trapped, in the "
         "store, for every MX host sharing it"),
     Key("defer_reply", _defer_reply, GREYLISTING,
@@ -9671,11 +9695,11 @@ KEYS = [
         "who may ask the policy service on TCP, addresses and networks; "
         "others are closed at once, for it believes what it is told",
         kind="list", owner="policy"),
-    Key("policy_first_idle", _positive, POLICY,
+    Key("policy_first_idle", _positive_seconds, POLICY,
         "seconds a new policy connection may wait before its first "
         "request (Postfix sends it as it connects); then policy_max_idle",
         owner="policy"),
-    Key("policy_max_idle", _positive, POLICY,
+    Key("policy_max_idle", _positive_seconds, POLICY,
         "seconds a policy connection may stay idle between requests "
         "(Postfix's own max_idle is 300)", owner="policy"),
     Key("policy_max_connections", _positive, POLICY,
@@ -9709,7 +9733,7 @@ KEYS = [
         "for the next one instead of ending: a new connection then costs "
         "no thread start; 0: a new thread for every client",
         owner="server"),
-    Key("thread_idle_time", _positive, SERVICE,
+    Key("thread_idle_time", _positive_seconds, SERVICE,
         "seconds a spare session thread waits for a client before it "
         "ends", owner="server"),
     Key("max_connections", _positive, SERVICE,
@@ -9733,9 +9757,9 @@ KEYS = [
         "longer are closed, a client sending its message is not; stress "
         "ends below three quarters of it, after twice stress_timeout at "
         "least; 0: never", owner="server"),
-    Key("stress_timeout", _positive, SERVICE,
+    Key("stress_timeout", _positive_seconds, SERVICE,
         "seconds a client may stay silent under stress", owner="server"),
-    Key("grace_period", _integer, SERVICE,
+    Key("grace_period", _seconds, SERVICE,
         "seconds a stopping server lets open transactions finish before "
         "421 4.3.2", owner="server", option=True),
     Key("pidfile", _string, SERVICE,
@@ -9837,7 +9861,9 @@ def sample_config():
     lines.extend(textwrap.wrap(
         "'#' starts a comment, at the start of a line or after a blank; "
         "'key = value' sets a value; 'key:' "
-        "starts a list whose items are the following indented lines.  The "
+        "starts a list whose items are the following indented lines.  A "
+        "time is in seconds, or with units s, m, h, d, w (300, 5m, 2d, "
+        "1h30m); it is shown in seconds.  The "
         "values below are the defaults.  Made by 'smtpproxy "
         "--sample-config'; 'smtpproxy --config FILE --check-config' checks "
         "a file and prints the values in force.", 74, initial_indent="# ",

@@ -4,20 +4,35 @@ comments, times with units), and messages that point at the right fix
 address and the real server checked by --check-config)."""
 
 import os
+import subprocess
 import sys
 
 import pytest
 
 import smtpproxy
-from conftest import ROOT
+from conftest import HERE, ROOT
 
 README = os.path.join(ROOT, "README.md")
+SCRIPT = os.path.join(ROOT, "smtpproxy.py")
 
 
 def write(tmp_path, text, name="greylist.conf"):
     path = tmp_path / name
     path.write_text(text)
     return str(path)
+
+
+def run_cli(args, cwd):
+    """Run smtpproxy.py as the command line does (in ``cwd``, where its
+    relative files go; as root, serving as root: the tests run as root)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([HERE, ROOT])
+    if os.geteuid() == 0:
+        args = ["-o", "run_as_root=yes"] + list(args)
+    return subprocess.run(
+        [sys.executable, SCRIPT] + list(args), env=env, cwd=str(cwd),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=30)
 
 
 def readme_block(fragment):
@@ -201,3 +216,85 @@ def test_a_policy_listen_in_the_file_is_told_to_take_brackets(tmp_path):
 def test_ipv6_addresses_written_as_they_should_still_read(text, default,
                                                           expected):
     assert smtpproxy._split_host_port(text, default) == expected
+
+
+# ---------------------------------------------------------------------------
+# Times with units
+# ---------------------------------------------------------------------------
+
+# Every key that is a time; those in whole seconds are ints for the code.
+WHOLE_SECOND_KEYS = (
+    "upstream_timeout", "upstream_pool_idle", "upstream_capabilities_ttl",
+    "inactivity_timeout", "max_session_time", "greet_pause",
+    "greylist_cache_time", "too_soon", "min_defer_time", "max_defer_time",
+    "max_grey", "dns_cache_time", "client_name_cache_time", "greytrap_time",
+    "policy_first_idle", "policy_max_idle", "thread_idle_time",
+    "stress_timeout", "grace_period")
+DECIMAL_SECOND_KEYS = ("greylist_db_timeout", "dns_timeout")
+
+
+def test_every_key_in_seconds_is_a_time_key():
+    # Their help names seconds, and they are no time.
+    not_times = ("x_greylist_header", "stress_threshold")
+    in_seconds = set(key.name for key in smtpproxy.KEYS
+                     if "second" in key.help and key.name not in not_times)
+    assert in_seconds <= set(WHOLE_SECOND_KEYS + DECIMAL_SECOND_KEYS)
+
+
+@pytest.mark.parametrize("key", WHOLE_SECOND_KEYS + DECIMAL_SECOND_KEYS)
+def test_every_time_key_takes_units_in_the_file(tmp_path, key):
+    path = write(tmp_path, "%s = 1h30m\n" % key)
+    values, _ = smtpproxy.read_config_file(path)
+    assert values == {key: 5400}
+    assert type(values[key]) is int
+
+
+@pytest.mark.parametrize("key", WHOLE_SECOND_KEYS + DECIMAL_SECOND_KEYS)
+def test_every_time_key_takes_units_with_o(key):
+    assert smtpproxy._option_value("%s=2d" % key) == (key, 172800)
+
+
+def test_a_postgrey_users_times_read_as_seconds(tmp_path):
+    path = write(tmp_path, "too_soon = 0\n"
+                           "min_defer_time = 5m     # postgrey's --delay\n"
+                           "max_defer_time = 2d\n"
+                           "max_grey = 35d\n"
+                           "greytrap_time = 1w\n"
+                           "inactivity_timeout = 1m30s\n"
+                           "dns_timeout = 1.5s\n"
+                           "greylist_db_timeout = 0.5\n")
+    values, warnings = smtpproxy.read_config_file(path)
+    assert values == {"too_soon": 0, "min_defer_time": 300,
+                      "max_defer_time": 172800, "max_grey": 3024000,
+                      "greytrap_time": 604800, "inactivity_timeout": 90,
+                      "dns_timeout": 1.5, "greylist_db_timeout": 0.5}
+    assert warnings == []
+
+
+def test_check_config_shows_times_set_with_units_in_seconds(tmp_path):
+    path = write(tmp_path, "max_defer_time = 2d\nmax_grey = 35d\n")
+    result = run_cli(["--config", path, "-o", "min_defer_time=5m",
+                      "--grace-period", "1m", "--check-config"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    for line in ("min_defer_time = 300", "max_defer_time = 172800",
+                 "max_grey = 3024000", "grace_period = 60"):
+        assert line in out
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("too_soon = 0.5\n", "expected whole seconds"),
+    ("max_grey = 1.5s\n", "expected whole seconds"),
+    ("greytrap_time = 0\n", "1 second or more"),
+    ("dns_timeout = 0s\n", "a time above 0"),
+    ("min_defer_time = 5 minutes\n", "the units s, m, h, d, w"),
+    ("min_defer_time = 30m1h\n", "largest first"),
+    ("max_defer_time = -2d\n", "no sign"),
+])
+def test_a_time_that_cannot_be_is_an_error_naming_the_form(tmp_path, text,
+                                                           expected):
+    path = write(tmp_path, text)
+    with pytest.raises(smtpproxy.ConfigError) as caught:
+        smtpproxy.read_config_file(path)
+    assert str(caught.value).startswith("%s:1: " % path)
+    assert expected in str(caught.value)
