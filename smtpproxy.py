@@ -78,8 +78,9 @@ Options:
         Check the configuration as a start would (values, user and group,
         root without a user, TLS certificate and key, the PROXY protocol's
         balancers, the greylisting store as the serving user, the pidfile
-        and logs), print every key's effective value and exit: 0 if the
-        service would start, else the status of its failure, with why.
+        and logs; a port below 1024 run by a user who may not bind it),
+        print every key's effective value and exit: 0 if the service
+        would start, else the status of its failure, with why.
     --quiet, -q
         With --check-config: print only warnings and errors.
     --sample-config
@@ -8527,8 +8528,7 @@ def open_metrics_server(values):
         return MetricsServer((host or "127.0.0.1", port),
                              values.get("metrics_clients"))
     except OSError as error:
-        raise StartError("cannot listen for metrics on %s: %s"
-                         % (where, error))
+        raise _listen_error(" for metrics", where, port, error)
 
 
 # ===========================================================================
@@ -10137,7 +10137,8 @@ def configure_server(server, values, keys=SERVER_SETTINGS):
 # Owns:  what runs as root: the logs (configure_logging), the pidfile, files
 #        opened only where no other user can plant a link (open_service_file),
 #        the user to serve as and the switch (drop_privileges, check_as),
-#        hash_keys' secret (read_key_secret).
+#        hash_keys' secret (read_key_secret), who may bind a port below
+#        1024 (privileged_port_advice).
 # Enter: open_service_file(key, path, identity), configure_logging(values).
 # Uses:  section 14 (the values).
 
@@ -10148,6 +10149,66 @@ class StartError(Exception):
     def __init__(self, message, status=1):
         Exception.__init__(self, message)
         self.status = status
+
+
+# CAP_NET_BIND_SERVICE (linux/capability.h): binding a port below
+# net.ipv4.ip_unprivileged_port_start without being root.
+CAP_NET_BIND_SERVICE = 10
+
+
+def unprivileged_port_start():
+    """The lowest port any user may bind: Linux's
+    net.ipv4.ip_unprivileged_port_start (4.11), else 1024 (RFC 6335's
+    System Ports, 0 to 1023, are root's on Unix)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as value:
+            return int(value.read())
+    except (OSError, ValueError):
+        return 1024
+
+
+def may_bind_privileged_ports():
+    """Whether this process may bind a port below
+    unprivileged_port_start(): as root, or with CAP_NET_BIND_SERVICE in
+    its effective set (/proc/self/status: setcap on the interpreter, or
+    systemd's AmbientCapabilities)."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16)
+                                >> CAP_NET_BIND_SERVICE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def privileged_port_advice(port):
+    """What to do when ``port`` cannot be bound for want of privilege:
+    "" if any user may bind it, or this process may."""
+    start = unprivileged_port_start()
+    if port >= start or may_bind_privileged_ports():
+        return ""
+    return ("port %d is below %d: only root, or a process with "
+            "CAP_NET_BIND_SERVICE, may listen on it.  Start smtpproxy as "
+            "root (it binds the port, then serves as 'user'), or give the "
+            "interpreter the capability (setcap cap_net_bind_service=+ep "
+            "%s), or listen on a port above %d and redirect port %d to it "
+            "(nft or iptables REDIRECT)"
+            % (port, start, os.path.realpath(sys.executable) or "python3",
+               start - 1, port))
+
+
+def _listen_error(what, where, port, error):
+    """The StartError of a failed bind of ``what`` on ``where``: with
+    what to do when the port is a privileged one (EACCES)."""
+    advice = ""
+    if getattr(error, "errno", None) in (errno.EACCES, errno.EPERM):
+        advice = privileged_port_advice(port)
+    return StartError("cannot listen%s on %s: %s%s" % (
+        what, where, error, "; " + advice if advice else ""))
 
 
 _installed_log_handlers = []      # (role, logger, handler) set up by us
@@ -11406,6 +11467,35 @@ def _traps_the_upstream_takes(handler_class, addresses, limit=100):
              if address.rpartition("@")[2] not in catch_all], catch_all)
 
 
+def listening_addresses(values):
+    """What the service would listen on over TCP: (what, where, host,
+    port) of the SMTP port (with smtp_proxy), the policy service (not on
+    a UNIX socket) and the metrics."""
+    found = []
+    if values.get("smtp_proxy", True):
+        host, port = values.get("listen_ip", ""), values.get("port", 25)
+        found.append(("", "[%s]:%s" % (host, port), host, port))
+    for key, what in (("policy_listen", " for policy requests"),
+                      ("metrics_listen", " for metrics")):
+        where = values.get(key)
+        if where and not where.startswith("unix:"):
+            host, port = _split_host_port(where)
+            found.append((what, where, host or "127.0.0.1", port))
+    return found
+
+
+def check_listening(values):
+    """--check-config's checks of the addresses the start would bind
+    (never at a reload, which binds nothing: the service, serving as its
+    user, holds them): a port below 1024 that this process may not bind
+    is refused as the start would refuse it, with what to do."""
+    for what, where, host, port in listening_addresses(values):
+        advice = privileged_port_advice(port)
+        if advice:
+            raise StartError("cannot listen%s on %s: %s"
+                             % (what, where, advice))
+
+
 def check_policy(handler_class, values):
     """What the policy service needs: a greylisting class to apply, a
     group that exists, something to serve, and, started as root, a UNIX
@@ -11670,8 +11760,11 @@ def open_policy_server(values, settings, identity=None):
             host, port = _split_host_port(where)
             server = PolicyServer((host or "127.0.0.1", port), settings)
     except OSError as error:
-        raise StartError("cannot listen for policy requests on %s: %s"
-                         % (where, error))
+        if where.startswith("unix:"):
+            raise StartError("cannot listen for policy requests on %s: %s"
+                             % (where, error))
+        raise _listen_error(" for policy requests", where,
+                            _split_host_port(where)[1], error)
     configure_server(server, values, POLICY_SETTINGS)
     return server
 
@@ -12181,8 +12274,8 @@ class Service(_SignalsNoted):
             try:
                 self.server = SMTPProxyServer(address, handler_class)
             except OSError as error:
-                raise StartError("cannot listen on [%s]:%s: %s"
-                                 % (address[0], address[1], error))
+                raise _listen_error("", "[%s]:%s" % address, address[1],
+                                    error)
             configure_server(self.server, self.values)
         if self.values.get("policy_listen"):
             self.policy = open_policy_server(self.values, handler_class,
@@ -12898,6 +12991,7 @@ def main(argv=None):
         try:
             warnings += check_configuration(handler_class, values,
                                             notes=notes)
+            check_listening(values)
         except StartError as error:
             sys.stderr.write("smtpproxy: error: %s\n" % error)
             return error.status

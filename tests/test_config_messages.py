@@ -4,8 +4,10 @@ comments, times with units), and messages that point at the right fix
 address and the real server checked by --check-config)."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -298,3 +300,98 @@ def test_a_time_that_cannot_be_is_an_error_naming_the_form(tmp_path, text,
         smtpproxy.read_config_file(path)
     assert str(caught.value).startswith("%s:1: " % path)
     assert expected in str(caught.value)
+
+
+# ---------------------------------------------------------------------------
+# A port below 1024 as a normal user
+# ---------------------------------------------------------------------------
+
+# The command line as an ordinary user (nobody): a test run as root
+# imports the module (and what it imports, and the codec socket imports
+# when first asked: the interpreter may be under root's home) before it
+# gives root up for good.
+AS_NOBODY = """\
+import encodings.idna, os, sys
+sys.path.insert(0, %r)
+import smtpproxy
+if os.geteuid() == 0:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+sys.exit(smtpproxy.main(sys.argv[1:]))
+""" % ROOT
+
+
+@pytest.fixture
+def nobodys_directory():
+    """A directory of nobody's, for the logs and store of a start as
+    nobody (pytest's are root's, closed to others)."""
+    base = tempfile.mkdtemp(prefix="smtpproxy-messages-", dir="/tmp")
+    os.chmod(base, 0o755)
+    if os.geteuid() == 0:
+        os.chown(base, 65534, 65534)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def run_as_nobody(args, cwd):
+    return subprocess.run(
+        [sys.executable, "-c", AS_NOBODY] + list(args), cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=30)
+
+
+needs_a_privileged_port = pytest.mark.skipif(
+    smtpproxy.unprivileged_port_start() <= 25,
+    reason="any user may bind port 25 here")
+
+PRIVILEGED_ADVICE = (
+    "port 25 is below 1024: only root, or a process with "
+    "CAP_NET_BIND_SERVICE, may listen on it.  Start smtpproxy as root (it "
+    "binds the port, then serves as 'user'), or give the interpreter the "
+    "capability (setcap cap_net_bind_service=+ep ")
+
+
+@needs_a_privileged_port
+def test_port_25_as_a_normal_user_says_what_to_do(nobodys_directory):
+    result = run_as_nobody(["--listen", "127.0.0.1:25", "-o", "workers=1",
+                            "-o", "allowed_domains=example.org"],
+                           nobodys_directory)
+    assert result.returncode == 1
+    assert ("smtpproxy: error: cannot listen on [127.0.0.1]:25: [Errno 13] "
+            "Permission denied; " + PRIVILEGED_ADVICE) in result.stderr
+    assert "or listen on a port above 1023 and redirect port 25 to it" in \
+        result.stderr
+
+
+@needs_a_privileged_port
+def test_a_policy_port_below_1024_as_a_normal_user_says_what_to_do(
+        nobodys_directory):
+    result = run_as_nobody(["-o", "smtp_proxy=no", "--policy-listen",
+                            "127.0.0.1:25", "-o", "workers=1"],
+                           nobodys_directory)
+    assert result.returncode == 1
+    assert ("cannot listen for policy requests on 127.0.0.1:25: [Errno 13] "
+            "Permission denied; " + PRIVILEGED_ADVICE) in result.stderr
+
+
+@needs_a_privileged_port
+def test_check_config_as_a_normal_user_refuses_port_25_as_the_start_would(
+        nobodys_directory):
+    result = run_as_nobody(["--listen", "127.0.0.1:25", "--check-config",
+                            "-q", "-o", "allowed_domains=example.org"],
+                           nobodys_directory)
+    assert result.returncode == 1
+    assert ("smtpproxy: error: cannot listen on [127.0.0.1]:25: "
+            + PRIVILEGED_ADVICE) in result.stderr
+    # A port any user may bind passes.
+    result = run_as_nobody(["--listen", "127.0.0.1:2525", "--check-config",
+                            "-q", "-o", "allowed_domains=example.org"],
+                           nobodys_directory)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root binds port 25")
+def test_check_config_as_root_takes_port_25():
+    assert smtpproxy.privileged_port_advice(25) == ""
+    smtpproxy.check_listening({"port": 25, "listen_ip": "127.0.0.1"})
