@@ -78,9 +78,11 @@ Options:
         Check the configuration as a start would (values, user and group,
         root without a user, TLS certificate and key, the PROXY protocol's
         balancers, the greylisting store as the serving user, the pidfile
-        and logs; a port below 1024 run by a user who may not bind it),
-        print every key's effective value and exit: 0 if the service
-        would start, else the status of its failure, with why.
+        and logs; a port below 1024 run by a user who may not bind it,
+        a listening address that is none of this host's; a warning if the
+        real server does not answer EHLO within upstream_timeout), print
+        every key's effective value and exit: 0 if the service would
+        start, else the status of its failure, with why.
     --quiet, -q
         With --check-config: print only warnings and errors.
     --sample-config
@@ -11488,12 +11490,57 @@ def check_listening(values):
     """--check-config's checks of the addresses the start would bind
     (never at a reload, which binds nothing: the service, serving as its
     user, holds them): a port below 1024 that this process may not bind
-    is refused as the start would refuse it, with what to do."""
+    is refused as the start would refuse it, with what to do, and so is
+    an address that is none of this host's."""
     for what, where, host, port in listening_addresses(values):
         advice = privileged_port_advice(port)
         if advice:
             raise StartError("cannot listen%s on %s: %s"
                              % (what, where, advice))
+        if host:
+            problem = _not_an_address_here(host)
+            if problem:
+                raise StartError("cannot listen%s on %s: %s is not an "
+                                 "address of this host (%s)"
+                                 % (what, where, host, problem))
+
+
+def _not_an_address_here(host):
+    """Why ``host`` cannot be listened on here, or None: bound to port 0,
+    so that the check never takes, nor needs, the service's own port
+    (a --check-config before a reload runs beside the service)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, 0, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
+        probe = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as error:
+        return str(error)
+    try:
+        probe.bind(address)
+    except OSError as error:
+        return error.strerror or str(error)
+    finally:
+        probe.close()
+    return None
+
+
+def check_upstream(handler_class, values):
+    """--check-config's probe of the real server, when the service
+    forwards to one (smtp_proxy): a session of EHLO and QUIT within
+    upstream_timeout.  Return the warnings: one that does not answer is
+    no error, for it may be started after the proxy."""
+    upstream_class = getattr(handler_class, "upstream_class", None)
+    if not values.get("smtp_proxy", True) or upstream_class is None:
+        return []
+    address = (handler_class.smtp_ip, handler_class.smtp_port)
+    try:
+        session = upstream_class(address, handler_class.upstream_timeout)
+        session.greet(handler_class.servername, esmtp=True)
+        session.quit()
+    except (UpstreamError, OSError) as error:
+        return ["the real server at %s:%s does not answer: %s"
+                % (address[0], address[1], error)]
+    return []
 
 
 def check_policy(handler_class, values):
@@ -12992,6 +13039,7 @@ def main(argv=None):
             warnings += check_configuration(handler_class, values,
                                             notes=notes)
             check_listening(values)
+            warnings += check_upstream(handler_class, values)
         except StartError as error:
             sys.stderr.write("smtpproxy: error: %s\n" % error)
             return error.status

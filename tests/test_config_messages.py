@@ -5,6 +5,7 @@ address and the real server checked by --check-config)."""
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -12,7 +13,7 @@ import tempfile
 import pytest
 
 import smtpproxy
-from conftest import HERE, ROOT
+from conftest import HERE, ROOT, free_port, wait_until
 
 README = os.path.join(ROOT, "README.md")
 SCRIPT = os.path.join(ROOT, "smtpproxy.py")
@@ -395,3 +396,76 @@ def test_check_config_as_a_normal_user_refuses_port_25_as_the_start_would(
 def test_check_config_as_root_takes_port_25():
     assert smtpproxy.privileged_port_advice(25) == ""
     smtpproxy.check_listening({"port": 25, "listen_ip": "127.0.0.1"})
+
+
+# ---------------------------------------------------------------------------
+# --check-config: the listening address and the real server
+# ---------------------------------------------------------------------------
+
+def test_check_config_refuses_an_address_this_host_lacks(tmp_path):
+    # 192.0.2.1 (TEST-NET-1, RFC 5737) is no address of a test machine.
+    result = run_cli(["--listen", "192.0.2.1:2525", "--check-config", "-q"],
+                     tmp_path)
+    assert result.returncode == 1
+    assert ("smtpproxy: error: cannot listen on [192.0.2.1]:2525: 192.0.2.1 "
+            "is not an address of this host") in result.stderr
+
+
+def test_check_config_refuses_a_policy_address_this_host_lacks(tmp_path):
+    result = run_cli(["--policy-listen", "192.0.2.1:10023",
+                      "--check-config", "-q"], tmp_path)
+    assert result.returncode == 1
+    assert ("cannot listen for policy requests on 192.0.2.1:10023: "
+            "192.0.2.1 is not an address of this host") in result.stderr
+
+
+def test_check_config_passes_beside_a_service_holding_the_port(
+        tmp_path, upstream):
+    # Before a reload, the service holds its port: the check binds port 0.
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    try:
+        result = run_cli(["--listen", "127.0.0.1:%d" % held.getsockname()[1],
+                          "--upstream", "127.0.0.1:%d" % upstream.port,
+                          "-o", "allowed_domains=example.org",
+                          "--check-config", "-q"], tmp_path)
+    finally:
+        held.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_check_config_warns_of_a_real_server_that_does_not_answer(tmp_path):
+    port = free_port()
+    result = run_cli(["--listen", "127.0.0.1:%d" % free_port(),
+                      "--upstream", "127.0.0.1:%d" % port,
+                      "-o", "allowed_domains=example.org",
+                      "--check-config", "-q"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ("smtpproxy: warning: the real server at 127.0.0.1:%d does not "
+            "answer: cannot connect to 127.0.0.1:%d" % (port, port)) in \
+        result.stderr
+
+
+def test_check_config_asks_the_real_server_for_its_ehlo(tmp_path,
+                                                         raw_upstream):
+    result = run_cli(["--listen", "127.0.0.1:%d" % free_port(),
+                      "--upstream", "127.0.0.1:%d" % raw_upstream.port,
+                      "-o", "allowed_domains=example.org",
+                      "--check-config", "-q"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "does not answer" not in result.stderr
+    wait_until(lambda: [command.split()[0] for command in
+                        raw_upstream.commands] == [b"EHLO", b"QUIT"],
+               what="the probe's EHLO and QUIT")
+
+
+def test_check_config_of_the_policy_service_alone_asks_no_real_server(
+        tmp_path):
+    result = run_cli(["-o", "smtp_proxy=no", "--policy-listen",
+                      "127.0.0.1:%d" % free_port(),
+                      "--upstream", "127.0.0.1:%d" % free_port(),
+                      "--check-config", "-q"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "real server" not in result.stderr
