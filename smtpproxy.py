@@ -1192,10 +1192,19 @@ class ListFile(object):
 
     def has_recipient(self, recipient):
         """``user@domain``, ``user@``, the domain (or a parent), or a
-        pattern."""
+        pattern.  As postgrey's (1.37, which follows Postfix's access(5)):
+        ``user@domain`` and ``user@`` also match ``user+extension@...``
+        (the extension anything up to the "@"), the delimiter always
+        "+" whatever Postfix's recipient_delimiter; so ``a+b@`` matches
+        ``a+b+c@...`` too.  Patterns see the whole recipient."""
         recipient = _recipient_key(recipient)
         local, _, domain = recipient.rpartition("@")
-        return (recipient in self.addresses or local in self.locals
+        # The local-part, then each of it that ends before a "+": every
+        # user an entry may name (postgrey: ^user(\+[^@]+)?@).
+        users = [local] + [local[:at] for at, char in enumerate(local)
+                           if char == "+"]
+        return (any(user + "@" + domain in self.addresses
+                    or user in self.locals for user in users)
                 or (domain and self.has_name(domain, _domain_key))
                 or any(pattern.search(recipient)
                        for pattern in self.patterns))
