@@ -1200,10 +1200,19 @@ class ListFile(object):
 
     def has_recipient(self, recipient):
         """``user@domain``, ``user@``, the domain (or a parent), or a
-        pattern."""
+        pattern.  As postgrey's (1.37, which follows Postfix's access(5)):
+        ``user@domain`` and ``user@`` also match ``user+extension@...``
+        (the extension anything up to the "@"), the delimiter always
+        "+" whatever Postfix's recipient_delimiter; so ``a+b@`` matches
+        ``a+b+c@...`` too.  Patterns see the whole recipient."""
         recipient = _recipient_key(recipient)
         local, _, domain = recipient.rpartition("@")
-        return (recipient in self.addresses or local in self.locals
+        # The local-part, then each of it that ends before a "+": every
+        # user an entry may name (postgrey: ^user(\+[^@]+)?@).
+        users = [local] + [local[:at] for at, char in enumerate(local)
+                           if char == "+"]
+        return (any(user + "@" + domain in self.addresses
+                    or user in self.locals for user in users)
                 or (domain and self.has_name(domain, _domain_key))
                 or any(pattern.search(recipient)
                        for pattern in self.patterns))
@@ -4380,15 +4389,39 @@ def parse_store_key(text, ipv4_prefix=24, ipv6_prefix=64, network=False):
 _BATV_RE = re.compile(r"\Aprvs=[0-9a-z]+=(.+)\Z", re.I)
 
 
+# A BATV tag-val (RFC draft-levine-smtp-batv: K DDD SSSSSS, ten
+# characters), as postgrey 1.37 tells it from a local-part.
+_BATV_TAG_RE = re.compile(r"\A[0-9a-z]{10}")
+
+
+def _batv_user(local):
+    """The local-part of a BATV ``prvs=`` sender without its tag, as
+    postgrey 1.37 finds it: ``prvs=TAG=user`` is the standard, but some
+    senders write ``prvs=user=TAG``; of the two, the one that does not
+    begin with ten letters or digits is the user (both or neither: the
+    standard's).  ``local`` is in lower case."""
+    parts = local.split("=")
+    if len(parts) == 3:
+        if _BATV_TAG_RE.match(parts[2]) and \
+                not _BATV_TAG_RE.match(parts[1]):
+            return parts[1]
+        return parts[2]
+    match = _BATV_RE.match(local)
+    return match.group(1) if match else local
+
+
 # SRS0=HHH=TT=domain=local@forwarder, SRS1=HHH=fwd==HHH=TT=domain=local@...
 _SRS_RE = re.compile(r"\Asrs[01][=+-].*=([^=]+)=([^=@]+)@", re.I)
 
 
 def normalise_sender(sender):
     """The sender as a greylisting key: one sender counts as one sender
-    whatever its tags.  Lower case; BATV ``prvs=TAG=``, SRS
+    whatever its tags.  Lower case; BATV ``prvs=TAG=`` (and
+    ``prvs=user=TAG``, as postgrey: _batv_user()), SRS
     (``SRS0=HH=TT=domain=local@forwarder`` is ``local@domain``), the
-    ``+extension`` and VERP-style runs of digits removed."""
+    ``+extension`` removed and runs of digits made "#" (postgrey, every
+    run that is a word of its own: two senders postgrey keys as one are
+    one here too)."""
     sender = sender.lower()
     match = _SRS_RE.match(sender)
     if match:
@@ -4396,9 +4429,8 @@ def normalise_sender(sender):
     local, at, domain = sender.rpartition("@")
     if not at:
         return sender
-    match = _BATV_RE.match(local)
-    if match:
-        local = match.group(1)
+    if local.startswith("prvs="):
+        local = _batv_user(local)
     local = local.split("+", 1)[0]
     local = re.sub(r"[0-9]+", "#", local)
     return "%s@%s" % (local, domain)

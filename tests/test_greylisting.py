@@ -525,6 +525,26 @@ def test_whitelisted_recipients_are_never_greylisted(engine, tmp_path):
                   recipient="abuse@example.org").verdict == "defer"
 
 
+def test_whitelisted_users_match_with_their_plus_extension_as_postgrey(
+        engine, tmp_path):
+    # postgrey 1.37: user@domain is ^user(\+[^@]+)?@domain$, user@ is
+    # ^user(\+[^@]+)?@ (any domain); the delimiter is always "+".
+    path = tmp_path / "recipients"
+    path.write_text("postmaster@\nabuse@example.org\nlists+x@example.org\n")
+    grey = engine(whitelist_recipients=str(path),
+                  allowed_domains=["example.org", "example.com"])
+    for recipient in ("postmaster+x@example.org", "Postmaster+a+b@example.com",
+                      "abuse+spam@Example.org", "lists+x+y@example.org"):
+        decision = decide(grey, "192.0.2.7", recipient=recipient)
+        assert (decision.verdict, decision.rule) == (
+            "accept", "whitelist_recipients"), recipient
+    for recipient in ("postmasterx@example.org", "abuse+x@example.com",
+                      "abuse-x@example.org", "lists@example.org",
+                      "lists+xy@example.org", "x+abuse@example.org"):
+        assert decide(grey, "192.0.2.7",
+                      recipient=recipient).verdict == "defer", recipient
+
+
 def test_the_shipped_whitelist_of_sender_pools_loads(engine):
     path = os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "contrib", "whitelist_clients")

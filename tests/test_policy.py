@@ -184,6 +184,22 @@ def test_normalise_sender():
     assert normalise("") == ""
 
 
+def test_reversed_batv_sender_keeps_one_key_across_tags_as_postgrey():
+    # postgrey 1.37's do_sender_substitutions: prvs=A=B, the user is the
+    # one of A and B that does not begin with ten letters or digits (a
+    # tag-val), B when both or neither do.
+    normalise = smtpproxy.normalise_sender
+    for tag in ("0123456789", "1abcdef234", "0999fedcba"):
+        assert normalise("prvs=alice=%s@example.net" % tag) == \
+            "alice@example.net"
+        assert normalise("prvs=%s=alice@example.net" % tag) == \
+            "alice@example.net"
+    # Both look like tags (or neither): the standard's order.
+    assert normalise("prvs=alicesmith=0123456789@example.net") == \
+        "#@example.net"
+    assert normalise("prvs=bob=carol@example.net") == "carol@example.net"
+
+
 @pytest.mark.parametrize("mode,code", [("accept", 250), ("defer", 451)])
 def test_store_failure_falls_back_and_is_logged_once(grey, tmp_path, mode,
                                                      code, caplog):
