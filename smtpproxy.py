@@ -166,7 +166,9 @@ GLIBC_TUNABLES=glibc.malloc.tcache_count=0: a thread kept for the next
 client (spare_threads) would otherwise pin memory in its cache for good.
 
 Exit status: 0 after a stop, 1 when the service could not start (port in
-use, already running, store not writable), 2 for a bad configuration.
+use, already running, store not writable), 2 for a bad configuration;
+an admin command whose reader stopped reading (--db-list | head) ends
+quietly with 141, as a tool that SIGPIPE ends.
 
 Configuration keys, by section, with their defaults (class attributes of
 the handler, or of SMTPProxyServer for the limits; set in the file, by
@@ -12818,6 +12820,24 @@ def find_class(dotted_name):
     return handler
 
 
+def _until_the_reader_stops(command, *args):
+    """Run ``command`` (an admin command printing to stdout) and return
+    its status; when the reader stops reading (--db-list | head), end
+    quietly, as other Unix tools do when SIGPIPE kills them: status 141
+    (128 + SIGPIPE, as a shell reports it), no traceback, and stdout
+    pointed at /dev/null, where Python's flush at exit cannot fail.
+    What the command wrote to the store before is done."""
+    try:
+        status = command(*args)
+        sys.stdout.flush()          # the last lines: their pipe too
+        return status
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
 def main(argv=None):
     """Run the proxy from the command line; return the exit status."""
     # A --class module that imports smtpproxy must get this very module,
@@ -12901,7 +12921,8 @@ def main(argv=None):
             except StartError as error:
                 sys.stderr.write("smtpproxy: error: %s\n" % error)
                 return error.status
-        return administer_store(handler_class, args, identity)
+        return _until_the_reader_stops(administer_store, handler_class,
+                                       args, identity)
     if argv is None:
         _restart_without_thread_caches()
     return Service(args, base, values, path, warnings).run()
