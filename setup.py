@@ -4,8 +4,10 @@ smtpproxy has no runtime dependency outside the standard library; copying
 smtpproxy.py onto a host works as well as installing it.  The one option:
 a greylisting store in PostgreSQL, shared by several MX hosts, needs a
 driver, `pip install .[postgresql]` (psycopg 3; psycopg2 on Python 3.6).  `pip install .`
-also puts the example configuration, the init script, its defaults file
-and the systemd unit under PREFIX/share/smtpproxy/.
+also puts the example configuration, the sender pools' whitelist_clients,
+the init script, its defaults file and the systemd unit under
+PREFIX/share/smtpproxy/.  pyproject.toml names the build (setuptools, PEP
+517): pip builds a wheel, with no legacy `setup.py install`.
 """
 
 import re
@@ -33,7 +35,8 @@ setup(
     # Under the installation prefix (/usr/local with pip as root): to be
     # copied to /etc by the administrator, never overwritten by pip.
     data_files=[
-        ("share/smtpproxy", ["contrib/greylist.conf.dist"]),
+        ("share/smtpproxy", ["contrib/greylist.conf.dist",
+                             "contrib/whitelist_clients"]),
         ("share/smtpproxy/init.d", ["contrib/init.d/smtpproxy"]),
         ("share/smtpproxy/default", ["contrib/default/smtpproxy"]),
         ("share/smtpproxy/systemd", ["contrib/systemd/smtpproxy.service"]),

@@ -172,7 +172,9 @@ GLIBC_TUNABLES=glibc.malloc.tcache_count=0: a thread kept for the next
 client (spare_threads) would otherwise pin memory in its cache for good.
 
 Exit status: 0 after a stop, 1 when the service could not start (port in
-use, already running, store not writable), 2 for a bad configuration.
+use, already running, store not writable), 2 for a bad configuration;
+an admin command whose reader stopped reading (--db-list | head) ends
+quietly with 141, as a tool that SIGPIPE ends.
 
 Configuration keys, by section, with their defaults (class attributes of
 the handler, or of SMTPProxyServer for the limits; set in the file, by
@@ -10172,7 +10174,9 @@ def configure_server(server, values, keys=SERVER_SETTINGS):
 #        opened only where no other user can plant a link (open_service_file),
 #        the user to serve as and the switch (drop_privileges, check_as),
 #        hash_keys' secret (read_key_secret), who may bind a port below
-#        1024 (privileged_port_advice).
+#        1024 (privileged_port_advice), what to tell the admin to run so
+#        that the user may write a file (_hand_over, a store's directory:
+#        _store_directory_advice).
 # Enter: open_service_file(key, path, identity), configure_logging(values).
 # Uses:  section 14 (the values).
 
@@ -10399,6 +10403,87 @@ def _hand_over(user, *paths):
                     "link to root's files: name a path whose directories "
                     "are root's, the last one %s's" % (shared, user))
     return "give it to %s: chown -h %s %s" % (user, user, " ".join(names))
+
+
+# Directories never to give to the serving user, whatever it lacks: the
+# system's own (a chown of /var/lib hands every package's state to it),
+# beside the users' homes (pwd) and any directory holding other files.
+_SYSTEM_DIRECTORIES = frozenset((
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32",
+    "/lib64", "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin",
+    "/srv", "/sys", "/tmp", "/usr", "/usr/bin", "/usr/lib", "/usr/local",
+    "/usr/local/bin", "/usr/local/lib", "/usr/local/share", "/usr/sbin",
+    "/usr/share", "/var", "/var/backups", "/var/cache", "/var/lib",
+    "/var/local", "/var/lock", "/var/log", "/var/mail", "/var/opt",
+    "/var/run", "/var/spool", "/var/tmp"))
+
+# Where the README makes the serving user's directory (install -d).
+_STORE_HOME = "/var/lib/smtpproxy"
+
+
+def _not_to_give(directory, user, store):
+    """Why ``directory`` (there) must not be given to ``user`` by a
+    chown: a system directory, a user's home (not ``user``'s own), or
+    one holding other files than the sqlite store ``store``'s; or None.
+    A directory the user cannot list is judged by its name alone."""
+    if directory in _SYSTEM_DIRECTORIES:
+        return "a system directory"
+    try:
+        homes = set(os.path.normpath(entry.pw_dir) for entry in pwd.getpwall()
+                    if entry.pw_name != user and entry.pw_dir)
+    except OSError:
+        homes = set()
+    if directory in homes:
+        return "a user's home directory"
+    mine = set(os.path.basename(store + suffix)
+               for suffix in ("", "-wal", "-shm", "-journal"))
+    try:
+        others = set(os.listdir(directory)) - mine
+    except OSError:
+        others = set()
+    if others:
+        return "a directory holding other files (%s)" % ", ".join(
+            sorted(log_escape(name) for name in others)[:3])
+    return None
+
+
+def _store_directory_advice(path, user):
+    """What to do so that ``user`` may make the sqlite store ``path`` and
+    its -wal and -shm files, for an error message: never a chown of a
+    system directory, a home or a shared one (_not_to_give), nor of one
+    whose way another user can change (_shared_directory): a directory
+    of the store's own then, made by install -d (which makes the missing
+    ones on the way root's, and the last one the user's)."""
+    directory = os.path.dirname(os.path.join(os.getcwd(), path))
+    directory = os.path.normpath(directory)
+    name = os.path.basename(path)
+    make = "install -d -o %s -m 750 %%s" % user
+    if not os.path.isdir(directory):
+        return ("its directory %s does not exist: make it, the user's: %s"
+                % (directory, make % directory))
+    why = _not_to_give(directory, user, path)
+    if why is None:
+        try:
+            shared = _shared_directory(os.path.dirname(directory))
+        except OSError:
+            shared = directory
+        if shared is None:
+            return ("its directory %s must be writable by %s, who makes "
+                    "its -wal and -shm files there: chown %s %s"
+                    % (directory, user, user, directory))
+        why = ("on a way %s, which a user other than root can change"
+               % shared)
+    try:
+        shared = _shared_directory(directory)
+    except OSError:
+        shared = directory
+    own = os.path.join(directory, "smtpproxy")
+    if (directory in _SYSTEM_DIRECTORIES or shared is not None
+            or not os.access(directory, os.X_OK)):
+        own = _STORE_HOME       # as the README makes it
+    return ("its directory %s is %s, not one to give to %s: give the "
+            "store a directory of its own: %s, and set greylist_db = %s"
+            % (directory, why, user, make % own, os.path.join(own, name)))
 
 
 def open_service_file(key, path, identity=None, create=True):
@@ -11141,6 +11226,14 @@ def _readable_by_others(paths):
     return warnings
 
 
+def _not_a_database(error):
+    """Whether the sqlite ``error`` says the file is no sqlite database
+    (SQLITE_NOTADB) or a damaged one (SQLITE_CORRUPT), which the sqlite3
+    module raises as DatabaseError itself, not as the OperationalError of
+    a file it cannot open or write."""
+    return type(error) is sqlite3.DatabaseError
+
+
 def check_store(handler_class, create=True):
     """Open the greylisting store once, as the user serving: one it cannot
     write stops the start rather than every decision later.  Without
@@ -11155,7 +11248,11 @@ def check_store(handler_class, create=True):
     if is_database_uri(path):
         return check_database(handler_class, write=not create)
     user = _user_name(os.geteuid())
-    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        # postgrey's --dbdir habit: the directory, where a file is meant.
+        raise StartError("greylisting store %s: greylist_db is a "
+                         "directory: name a file in it, such as %s"
+                         % (path, os.path.join(path, "greylist.db")), 2)
     check_root_store(path)
     # Files of the store that are there but not the user's (made by root:
     # an earlier version, an admin command) would fail every decision.
@@ -11179,13 +11276,12 @@ def check_store(handler_class, create=True):
             raise StartError("greylisting store %s: %s: %s"
                              % (path, name, error.strerror))
     warnings = _readable_by_others((path, path + "-wal", path + "-shm"))
+    directory = os.path.dirname(os.path.abspath(path))
     if not create and not os.path.exists(path):
         if not os.access(directory, os.W_OK | os.X_OK):
             raise StartError("greylisting store %s: user %s cannot create "
-                             "it: its directory %s must be writable by %s "
-                             "(chown %s %s), or set greylist_db elsewhere"
-                             % (path, user, directory, user, user,
-                                directory))
+                             "it: %s" % (path, user, _store_directory_advice(
+                                 path, user)))
         return warnings
     try:
         store = GreylistStore(path, handler_class)
@@ -11194,11 +11290,24 @@ def check_store(handler_class, create=True):
             store.pass_key("smtpproxy-check", 0)    # can it write?
             store.delete("smtpproxy-check")
         store.close()
-    except (sqlite3.Error, ResourceShortage) as error:
+    except sqlite3.Error as error:
+        if _not_a_database(error):
+            raise StartError("greylisting store %s: %s: it is no sqlite "
+                             "database smtpproxy can use (not a permission "
+                             "problem): name a file that is not there yet "
+                             "(smtpproxy makes it), or move this one away"
+                             % (path, error), 2)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise StartError("greylisting store %s: %s: user %s cannot "
+                             "make it there: %s"
+                             % (path, error, user, _store_directory_advice(
+                                 path, user)))
         raise StartError("greylisting store %s: %s: user %s must be able to "
                          "write the file and its directory %s, where sqlite "
-                         "makes its -wal and -shm files (chown %s %s)"
-                         % (path, error, user, directory, user, directory))
+                         "makes its -wal and -shm files" % (
+                             path, error, user, directory))
+    except ResourceShortage as error:
+        raise StartError("greylisting store %s: %s" % (path, error))
     return warnings
 
 
@@ -13009,6 +13118,24 @@ def find_class(dotted_name):
     return handler
 
 
+def _until_the_reader_stops(command, *args):
+    """Run ``command`` (an admin command printing to stdout) and return
+    its status; when the reader stops reading (--db-list | head), end
+    quietly, as other Unix tools do when SIGPIPE kills them: status 141
+    (128 + SIGPIPE, as a shell reports it), no traceback, and stdout
+    pointed at /dev/null, where Python's flush at exit cannot fail.
+    What the command wrote to the store before is done."""
+    try:
+        status = command(*args)
+        sys.stdout.flush()          # the last lines: their pipe too
+        return status
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
 def main(argv=None):
     """Run the proxy from the command line; return the exit status."""
     # A --class module that imports smtpproxy must get this very module,
@@ -13094,7 +13221,8 @@ def main(argv=None):
             except StartError as error:
                 sys.stderr.write("smtpproxy: error: %s\n" % error)
                 return error.status
-        return administer_store(handler_class, args, identity)
+        return _until_the_reader_stops(administer_store, handler_class,
+                                       args, identity)
     if argv is None:
         _restart_without_thread_caches()
     return Service(args, base, values, path, warnings).run()

@@ -184,3 +184,34 @@ def test_a_db_delete_reaches_a_running_proxy_within_the_cache_time(
     # error.
     wait_until(lambda: rcpt() == 451, what="the delete to be seen")
     assert passes == [2]            # the --db-pass and the RCPT's
+
+
+@pytest.mark.parametrize("command", [
+    ["--db-list"], ["--db-stats"], ["--db-purge"], ["--db-report"],
+    ["--db-report", "--json"],
+    ["--db-pass", "192.0.2.0/24 x@example.net y@example.org"]])
+def test_a_reader_that_stops_reading_ends_a_command_quietly(tmp_path,
+                                                            command):
+    # smtpproxy --db-list | head: the pipe is closed before the command
+    # writes; it ends as a tool SIGPIPE ends, with no traceback.
+    store = smtpproxy.GreylistStore(str(tmp_path / "admin.db"))
+    for number in range(2000):
+        store.pass_key("192.0.2.0/24 s%d@example.net r@example.org"
+                       % number, time.time())
+    store.close()
+    (tmp_path / "admin.conf").write_text(
+        "greylist_db = %s\n" % (tmp_path / "admin.db"))
+    read_end, write_end = os.pipe()
+    os.close(read_end)                      # the reader is gone
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, ROOT]))
+    try:
+        process = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "smtpproxy.py"), "--config",
+             str(tmp_path / "admin.conf")] + command,
+            stdout=write_end, stderr=subprocess.PIPE, env=env,
+            cwd=str(tmp_path), timeout=60)
+    finally:
+        os.close(write_end)
+    assert process.stderr.decode() == "smtpproxy: store %s\n" % (
+        tmp_path / "admin.db")
+    assert process.returncode == 128 + 13      # SIGPIPE's, as a shell says

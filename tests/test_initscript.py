@@ -765,7 +765,7 @@ def test_daemon_drops_to_its_user(make_service):
         code, output = service.run("start")
         assert code == 1, output
         assert ("greylist.db: unable to open database file: user nobody "
-                "must be able to write the file and its directory") in output
+                "cannot make it there: its directory ") in output
         assert not os.path.exists(service.pidfile)
         code, _ = service.run("status")
         assert code == 3

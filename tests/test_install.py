@@ -8,26 +8,41 @@ import sys
 from conftest import ROOT
 import smtpproxy
 
-DATA_FILES = ["greylist.conf.dist", "init.d/smtpproxy", "default/smtpproxy",
-              "systemd/smtpproxy.service"]
+DATA_FILES = ["greylist.conf.dist", "whitelist_clients", "init.d/smtpproxy",
+              "default/smtpproxy", "systemd/smtpproxy.service"]
 
 
 def source_copy(tmp_path):
     """The files setup.py needs, copied: pip builds in the source tree."""
     source = tmp_path / "source"
     source.mkdir()
-    for name in ("setup.py", "smtpproxy.py", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "smtpproxy.py", "README.md"):
         shutil.copy(os.path.join(ROOT, name), str(source))
     shutil.copytree(os.path.join(ROOT, "contrib"), str(source / "contrib"))
     return source
 
 
+def pip_version():
+    output = subprocess.check_output([sys.executable, "-m", "pip",
+                                      "--version"], universal_newlines=True)
+    return tuple(int(part) for part in output.split()[1].split(".")[:2])
+
+
 def test_pip_install_gives_the_command_and_the_service_files(tmp_path):
     prefix = tmp_path / "prefix"
-    subprocess.check_call(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-index",
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-index",
          "--no-deps", "--no-build-isolation", "--prefix", str(prefix),
-         str(source_copy(tmp_path))])
+         str(source_copy(tmp_path))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        universal_newlines=True)
+    assert pip.returncode == 0, pip.stdout
+    # Built the standard way (pyproject.toml, PEP 517), not by the legacy
+    # setup.py that pip warns of (or will); pip before 19 knows only that.
+    assert "DEPRECATION" not in pip.stdout
+    if pip_version() >= (19,):
+        assert "(setup.py)" not in pip.stdout
+        assert "setup.py install" not in pip.stdout
     script = prefix / "bin" / "smtpproxy"
     assert os.access(str(script), os.X_OK)
     site = [os.path.join(path, name) for path, dirs, _ in os.walk(str(prefix))

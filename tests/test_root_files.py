@@ -250,6 +250,126 @@ def test_no_chown_is_suggested_where_another_user_can_change_the_way(
             .format(store)) in result.stderr
 
 
+# -- what a store's error says to do (issue 26) -------------------------------
+
+BOTH_CHECKS = pytest.mark.parametrize("check", [(), ("--check-config",)],
+                                      ids=["start", "check-config"])
+
+
+def store_at(started, user_dir, root_dir, store, check):
+    """Start (or --check-config) as root serving as nobody, with the
+    store at ``store``."""
+    return started.start(user_dir, root_dir, "-o", "greylist_db=%s" % store,
+                         *check)
+
+
+def a_users_home():
+    """The home directory of a user other than root and nobody, if one
+    is there (a system's users, such as /home/alice)."""
+    for entry in pwd.getpwall():
+        if (entry.pw_uid >= 1000 and entry.pw_name != "nobody"
+                and os.path.isdir(entry.pw_dir)
+                and entry.pw_dir.startswith("/home/")):
+            return entry.pw_dir
+    return None
+
+
+@BOTH_CHECKS
+def test_a_directory_as_greylist_db_says_to_name_a_file_in_it(
+        started, user_dir, root_dir, check):
+    # postgrey's --dbdir habit: the directory the store should go in.
+    result = store_at(started, user_dir, root_dir, "/var/lib", check)
+    assert result.returncode == 2, result.stderr
+    assert ("greylisting store /var/lib: greylist_db is a directory: name a "
+            "file in it, such as /var/lib/greylist.db\n") in result.stderr
+
+
+@BOTH_CHECKS
+def test_a_missing_store_directory_is_to_be_made_the_users_own(
+        started, user_dir, root_dir, check):
+    directory = os.path.join(root_dir, "state", "smtpproxy")
+    store = os.path.join(directory, "grey.db")
+    result = store_at(started, user_dir, root_dir, store, check)
+    assert result.returncode == 1, result.stderr
+    advice = ("its directory %s does not exist: make it, the user's: "
+              "install -d -o nobody -m 750 %s\n" % (directory, directory))
+    assert advice in result.stderr
+    assert "chown" not in result.stderr
+    # What it says works: install makes the way root's, the last one
+    # the user's, and the store is made there.
+    subprocess.check_call(advice.split(": ")[-1].split())
+    assert os.stat(os.path.dirname(directory)).st_uid == 0
+    result = store_at(started, user_dir, root_dir, store, ("--check-config",))
+    assert result.returncode == 0, result.stderr
+
+
+SYSTEM_STORES = ["/grey.db", "/var/lib/grey.db", "/root/grey.db",
+                 "/etc/grey.db", "/home/grey.db"]
+
+
+@pytest.mark.parametrize("store", SYSTEM_STORES + ["a user's home"])
+@BOTH_CHECKS
+def test_no_chown_of_a_system_directory_or_a_home_is_ever_suggested(
+        started, user_dir, root_dir, store, check):
+    if store == "a user's home":
+        home = a_users_home()
+        if home is None:
+            pytest.skip("no user with a home directory here")
+        store = os.path.join(home, "grey.db")
+    result = store_at(started, user_dir, root_dir, store, check)
+    assert result.returncode == 1, result.stderr
+    assert "chown" not in result.stderr
+    directory = os.path.dirname(store)
+    assert ("its directory %s is a " % directory) in result.stderr
+    assert (", not one to give to nobody: give the store a directory of its "
+            "own: install -d -o nobody -m 750 ") in result.stderr
+    if store in SYSTEM_STORES:
+        assert ("install -d -o nobody -m 750 /var/lib/smtpproxy, and set "
+                "greylist_db = /var/lib/smtpproxy/grey.db\n") in result.stderr
+    assert not os.path.exists(store)
+
+
+@BOTH_CHECKS
+def test_a_directory_holding_other_files_is_not_given_away(
+        started, user_dir, root_dir, check):
+    # root_dir holds other files of root's: the store gets a directory
+    # of its own there.
+    open(os.path.join(root_dir, "other.conf"), "w").close()
+    store = os.path.join(root_dir, "grey.db")
+    result = store_at(started, user_dir, root_dir, store, check)
+    assert result.returncode == 1, result.stderr
+    own = os.path.join(root_dir, "smtpproxy")
+    files = "other.conf, p.pid" if not check else "other.conf"  # (its pid)
+    assert ("its directory %s is a directory holding other files (%s)"
+            % (root_dir, files)) in result.stderr
+    advice = ("not one to give to nobody: give the store a directory of its "
+              "own: install -d -o nobody -m 750 %s, and set greylist_db = "
+              "%s/grey.db\n" % (own, own))
+    assert advice in result.stderr
+    assert "chown nobody" not in result.stderr
+    subprocess.check_call(advice.split(": ")[-1].split(",")[0].split())
+    result = store_at(started, user_dir, root_dir, os.path.join(
+        own, "grey.db"), ("--check-config",))
+    assert result.returncode == 0, result.stderr
+
+
+@BOTH_CHECKS
+def test_a_file_that_is_no_database_is_said_to_be_so_not_a_permission(
+        started, home_dir, root_dir, nobody, check):
+    store = os.path.join(home_dir, "grey.db")
+    with open(store, "w") as text:
+        text.write("not a database, but the user's own\n" * 200)
+    os.chown(store, nobody.pw_uid, nobody.pw_gid)
+    result = store_at(started, home_dir, root_dir, store, check)
+    assert result.returncode == 2, result.stderr
+    assert ("greylisting store %s: file is not a database: it is no sqlite "
+            "database smtpproxy can use (not a permission problem): name a "
+            "file that is not there yet (smtpproxy makes it), or move this "
+            "one away\n" % store) in result.stderr
+    assert "chown" not in result.stderr
+    assert "must be able to write" not in result.stderr
+
+
 def test_serving_as_root_refuses_a_store_another_user_can_reach(
         started, user_dir, root_dir, nobody):
     # run_as_root: root itself opens the store, and sqlite follows links:
