@@ -272,11 +272,13 @@ import urllib.parse
 #       (Key, KEYS, the file, the sample)
 #  15. The service's files and privileges, as root
 #       (logs, pidfile, links, the user)
-#  16. Checks and the admin commands
-#       (check_*, warnings, --db-*)
-#  17. The service: start, signals, reloads, workers
+#  16. Checks
+#       (check_*, warnings, the policy service's socket)
+#  17. The admin commands: the store's --db-*
+#       (administer_store, format_report)
+#  18. The service: start, signals, reloads, workers
 #       (Service, the master and its workers)
-#  18. The command line
+#  19. The command line
 #       (--help, main())
 #
 # Design.  The command line's service is a master and worker processes that
@@ -11035,14 +11037,13 @@ def check_as(identity, check, timeout=None, what="the check"):
 
 
 # ===========================================================================
-# == 16. Checks and the admin commands ==
+# == 16. Checks ==
 # ===========================================================================
 #
 # Owns:  what --check-config and a start check (each check_*), the warnings
-#        of a configuration that says what it does not mean, the policy
-#        service's socket, and the --db-* commands (administer_store;
-#        --db-report's text, format_report, and its JSON's REPORT_FIELDS).
-# Enter: check_configuration(handler_class, values), administer_store().
+#        of a configuration that says what it does not mean, and the policy
+#        service's socket.
+# Enter: check_configuration(handler_class, values).
 # Uses:  sections 9 to 11, 13 to 15.
 
 
@@ -11957,6 +11958,18 @@ def open_policy_server(values, settings, identity=None):
     return server
 
 
+# ===========================================================================
+# == 17. The admin commands: the store's --db-* ==
+# ===========================================================================
+#
+# Owns:  the --db-* commands, as OpenBSD's spamdb (administer_store), and
+#        --db-report's text (format_report) and its JSON's fields
+#        (REPORT_FIELDS).
+# Enter: administer_store(handler_class, args, identity).
+# Uses:  sections 8 to 11 (the keys, the stores), 15 (the user) and 16
+#        (check_hash_keys).
+
+
 # The seconds --db-hash-keys may hold the store, at least: a store of a
 # million triplets is converted in well under a minute.
 REKEY_TIMEOUT = 300
@@ -12255,7 +12268,7 @@ def administer_store(handler_class, args, identity=None):
 
 
 # ===========================================================================
-# == 17. The service: start, signals, reloads, workers ==
+# == 18. The service: start, signals, reloads, workers ==
 # ===========================================================================
 #
 # Owns:  the start in the order a daemon on port 25 needs, the signals and
@@ -12263,7 +12276,7 @@ def administer_store(handler_class, args, identity=None):
 #        and its workers (Worker; how many: worker_count()), the signals of
 #        both roles (_SIGNALS).
 # Enter: Service(args, base, values, path, warnings).run().
-# Uses:  sections 12 to 16.
+# Uses:  sections 12 to 17.
 
 
 def _reopen_log_files(values):
@@ -13014,13 +13027,13 @@ class Worker(Service):
 
 
 # ===========================================================================
-# == 18. The command line ==
+# == 19. The command line ==
 # ===========================================================================
 #
 # Owns:  --help (the module's docstring), the options, and main(), which
 #        starts itself again without glibc's thread caches before serving.
 # Enter: main(argv).
-# Uses:  sections 14 to 17.
+# Uses:  sections 14 to 18.
 
 
 DEFAULT_CLASS = "smtpproxy.GreyListingPolicy"
