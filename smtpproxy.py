@@ -8771,8 +8771,11 @@ class _PolicyServing(object):
     """What the policy servers (TCP and UNIX) share: who may connect
     (``policy_clients``, on TCP; the socket's mode and group on UNIX), at
     most ``policy_max_connections`` at once and
-    ``policy_max_connections_per_peer`` of one peer, the counters, and a
-    stop that closes every connection.  A peer is a TCP client's address,
+    ``policy_max_connections_per_peer`` of one peer (each serving
+    process's: with workers, each worker's), the listen backlog
+    ``policy_backlog`` (given to the constructor, ``backlog``: listen()
+    comes before configure_server()), the counters, and a stop that
+    closes every connection.  A peer is a TCP client's address,
     or on a UNIX socket the user id of the process that connected
     (SO_PEERCRED, where the system tells it): one local user holding
     connections leaves the others theirs."""
@@ -8783,11 +8786,26 @@ class _PolicyServing(object):
     policy_clients = ["127.0.0.1", "::1"]
     policy_first_idle = 5
     policy_max_idle = 300
-    policy_max_connections = 200
-    policy_max_connections_per_peer = 100
+    # Postfix's smtpd processes each keep a connection: up to
+    # default_process_limit (100) of them, more where a site raised it.
+    # A thread per connection, about 30 kB of memory each when idle.
+    policy_max_connections = 1000
+    policy_max_connections_per_peer = 500
+    # The listen backlog, as the SMTP listener's: 100 smtpd processes
+    # connecting at once must not wait for SYN retransmissions (1 s,
+    # then 3 s ...), as behind socketserver's 5.  Linux caps it at
+    # net.core.somaxconn.
+    policy_backlog = 1024
 
-    def _init_policy(self, settings):
+    @property
+    def request_queue_size(self):
+        """What socketserver's server_activate() passes to listen()."""
+        return self.policy_backlog
+
+    def _init_policy(self, settings, backlog):
         self.settings = settings
+        if backlog is not None:
+            self.policy_backlog = backlog   # before listen()
         self.connections = {}           # socket: its peer
         self.counters = {}
         self.lock = threading.Lock()
@@ -8885,11 +8903,12 @@ class PolicyServer(_PolicyServing, socketserver.ThreadingTCPServer):
     ``settings`` the GreyListingPolicy class whose keys it applies; a
     thread per connection, as SMTPProxyServer."""
 
-    def __init__(self, address, settings, handler_class=PolicyHandler):
+    def __init__(self, address, settings, handler_class=PolicyHandler,
+                 backlog=None):
         host = address[0]
         self.address_family = (socket.AF_INET6 if ":" in host
                                else socket.AF_INET)
-        self._init_policy(settings)
+        self._init_policy(settings, backlog)
         socketserver.ThreadingTCPServer.__init__(self, address,
                                                  handler_class)
 
@@ -8903,8 +8922,9 @@ class UnixPolicyServer(_PolicyServing,
     # directory, its name there, its (st_dev, st_ino)).
     _socket = None
 
-    def __init__(self, path, settings, handler_class=PolicyHandler):
-        self._init_policy(settings)
+    def __init__(self, path, settings, handler_class=PolicyHandler,
+                 backlog=None):
+        self._init_policy(settings, backlog)
         socketserver.ThreadingUnixStreamServer.__init__(self, path,
                                                         handler_class)
 
@@ -9642,12 +9662,22 @@ KEYS = [
         "seconds a policy connection may stay idle between requests "
         "(Postfix's own max_idle is 300)", owner="policy"),
     Key("policy_max_connections", _positive, POLICY,
-        "policy connections at once; Postfix opens one per smtpd process",
+        "policy connections at once, a thread each (about 30 kB idle); "
+        "Postfix keeps one per smtpd process, up to its "
+        "default_process_limit (100); with workers, each worker's",
         owner="policy"),
     Key("policy_max_connections_per_peer", _positive, POLICY,
         "policy connections at once of one peer: a TCP client's address, "
-        "or on a UNIX socket the user id that connected (100: Postfix's "
-        "default_process_limit)", owner="policy"),
+        "or on a UNIX socket the user id that connected; one Postfix is "
+        "one peer: raise it (and policy_max_connections) above its "
+        "default_process_limit and smtpd process_limit",
+        owner="policy"),
+    Key("policy_backlog", _positive, POLICY,
+        "connections the system queues for the policy service before it "
+        "accepts them (listen's backlog, capped by the system's "
+        "net.core.somaxconn), as the SMTP listener's: Postfix's smtpd "
+        "processes connecting at once are not kept waiting",
+        owner="policy", restart=True),
     Key("policy_socket_mode", _octal_mode, POLICY,
         "mode of the policy service's UNIX socket", owner="service",
         default="0660", restart=True),
@@ -11478,7 +11508,7 @@ def _in_directory(directory, name):
     return "/proc/self/fd/%d/%s" % (directory, name)
 
 
-def _bind_policy_socket(path, settings, mode, gid):
+def _bind_policy_socket(path, settings, mode, gid, backlog=None):
     """A UnixPolicyServer on ``path``, its socket made with ``mode`` and
     the group ``gid`` (-1: this process's) as bind() makes it: the umask
     and the effective group of the moment, not a chmod or chown by name
@@ -11499,7 +11529,7 @@ def _bind_policy_socket(path, settings, mode, gid):
                 except PermissionError:
                     pass        # not root: only a chown can (below)
             server = UnixPolicyServer(_in_directory(directory, name),
-                                      settings)
+                                      settings, backlog=backlog)
         finally:
             if switched:
                 os.setegid(egid)
@@ -11534,15 +11564,17 @@ def open_policy_server(values, settings, identity=None):
     ``policy_socket_mode`` and the group ``policy_socket_group`` (else
     the serving user's, of ``identity``).  StartError if it cannot."""
     where = values["policy_listen"]
+    backlog = values.get("policy_backlog")
     try:
         if where.startswith("unix:"):
             server = _bind_policy_socket(
                 where[5:], settings,
                 int(values.get("policy_socket_mode", "0660"), 8),
-                _policy_socket_gid(values, identity))
+                _policy_socket_gid(values, identity), backlog)
         else:
             host, port = _split_host_port(where)
-            server = PolicyServer((host or "127.0.0.1", port), settings)
+            server = PolicyServer((host or "127.0.0.1", port), settings,
+                                  backlog=backlog)
     except OSError as error:
         raise StartError("cannot listen for policy requests on %s: %s"
                          % (where, error))

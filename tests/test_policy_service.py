@@ -10,6 +10,7 @@ import os
 import signal
 import smtplib
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -551,10 +552,69 @@ def test_a_new_connection_must_ask_within_policy_first_idle(policy):
 
 def test_policy_first_idle_and_the_shares_by_default():
     assert smtpproxy.PolicyServer.policy_first_idle == 5
-    # One peer may have as many as Postfix's default_process_limit of
-    # smtpd processes, each with its connection; another as many again.
-    assert smtpproxy.PolicyServer.policy_max_connections_per_peer == 100
-    assert smtpproxy.PolicyServer.policy_max_connections == 200
+    # One peer (one Postfix) may have five times Postfix's
+    # default_process_limit of smtpd processes, each with its
+    # connection; another as many again.
+    assert smtpproxy.PolicyServer.policy_max_connections_per_peer == 500
+    assert smtpproxy.PolicyServer.policy_max_connections == 1000
+    assert smtpproxy.PolicyServer.policy_backlog == 1024
+
+
+def test_five_hundred_connections_of_one_postfix_are_all_answered(policy):
+    # A busy Postfix, its smtpd processes each keeping a connection, all
+    # from one address: every one is answered, none closed.
+    server = policy()
+    clients = []
+    try:
+        for _ in range(500):
+            client = PolicyClient(server)
+            clients.append(client)
+            assert client.ask(protocol_state="DATA") == "DUNNO"
+        assert len(server.connections) == 500
+        assert server.counters.get("policy_connections_refused", 0) == 0
+    finally:
+        for client in clients:
+            client.close()
+
+
+def listen_backlog(sock):
+    """The backlog a listening TCP socket was given, as Linux tells it:
+    tcp_info's tcpi_sacked is sk_max_ack_backlog for a listener."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("I", info, 28)[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="tcp_info of a listener: Linux")
+def test_the_listen_backlog_is_policy_backlog(tmp_path):
+    # Not socketserver's 5: Postfix's smtpd processes connecting at the
+    # same instant would wait for SYN retransmissions (1 s, 3 s ...).
+    with open("/proc/sys/net/core/somaxconn") as stream:
+        somaxconn = int(stream.read())
+    server = smtpproxy.PolicyServer(("127.0.0.1", 0),
+                                    settings_class(tmp_path))
+    try:
+        assert listen_backlog(server.socket) == min(1024, somaxconn)
+    finally:
+        server.server_close()
+    port = free_port()
+    values = {"policy_listen": "127.0.0.1:%d" % port, "policy_backlog": 77}
+    server = smtpproxy.open_policy_server(values, settings_class(tmp_path))
+    try:
+        assert listen_backlog(server.socket) == 77
+        assert server.policy_backlog == 77
+    finally:
+        server.server_close()
+
+
+def test_a_unix_policy_server_takes_policy_backlog(tmp_path):
+    server = smtpproxy.UnixPolicyServer(str(tmp_path / "policy"),
+                                        settings_class(tmp_path),
+                                        backlog=33)
+    try:
+        assert server.request_queue_size == 33
+    finally:
+        server.server_close()
 
 
 def test_a_tcp_peer_beyond_its_share_is_closed_others_are_served(
