@@ -11976,7 +11976,9 @@ class Service(_SignalsNoted):
     This object is the single process.  With ``workers`` > 1 the process
     that started becomes a Master instead of serving, and each process it
     forks serves as a Worker: a single process that also watches its
-    master.
+    master.  That is so for the policy service alone (``smtp_proxy =
+    no``) too: the workers share its listening socket as they share the
+    SMTP port.
     """
 
     def __init__(self, args, base, values, path, warnings, start_dir=None):
@@ -12034,7 +12036,7 @@ class Service(_SignalsNoted):
                 report_start(self.report, error.status)
             self.close()
             return error.status
-        if self.server is not None and worker_count(self.values) > 1:
+        if worker_count(self.values) > 1:
             # The master's signals first: from the parent's return on, a
             # SIGTERM is a stop.  Then started (the parent told, the
             # standard streams sent to /dev/null) before the forks: no
@@ -12401,8 +12403,10 @@ def worker_count(values):
 
 class Master(_SignalsNoted):
     """``workers`` > 1: the process that started (its ``service``) forks
-    that many Worker processes, which serve the port it bound (and, the
-    first of them, the policy service), and watches them until stopped.
+    that many Worker processes, which all serve the port it bound and
+    the policy service's socket (each worker accepts on the shared
+    listening sockets; the metrics endpoint is the first worker's), and
+    watches them until stopped.
 
     It serves no client and starts no thread, so that a fork never copies
     a lock held by another thread.  A worker that ends when it should not
@@ -12431,9 +12435,12 @@ class Master(_SignalsNoted):
         stores.reset()          # no store connection crosses a fork
         # A worker that loses the race for a new connection must go back
         # to its loop, not wait in accept() for the next one.
-        self.service.server.socket.setblocking(False)
-        self.service.server.service_sessions = SessionCounts(
-            worker_count(self.service.values))
+        for server in (self.service.server, self.service.policy):
+            if server is not None:
+                server.socket.setblocking(False)
+        if self.service.server is not None:
+            self.service.server.service_sessions = SessionCounts(
+                worker_count(self.service.values))
         metrics.share(worker_count(self.service.values))
         for number in range(worker_count(self.service.values)):
             self._fork_worker(number)
@@ -12502,7 +12509,8 @@ class Master(_SignalsNoted):
             if number is None:
                 continue
             # Its sessions died with it: their places are free.
-            self.service.server.service_sessions.set(0, slot=number)
+            if self.service.server is not None:
+                self.service.server.service_sessions.set(0, slot=number)
             metrics.clear_gauges(number)
             if self.stop_asked:
                 continue
@@ -12543,8 +12551,11 @@ class Master(_SignalsNoted):
         log.info("signal %d: stopping %d workers", signum,
                  len(self.workers))
         # The port closes at once, as a single process's does (the
-        # workers close their copies as they stop).
-        self.service.server.socket.close()
+        # workers close their copies as they stop); the policy socket's
+        # name is removed by close(), when the last worker has ended.
+        for server in (self.service.server, self.service.policy):
+            if server is not None:
+                server.socket.close()
         self._restarts.clear()
 
     def _reload(self, signum):
@@ -12564,10 +12575,11 @@ class Worker(Service):
     max_connections_per_ip (max_connections is counted for the service:
     SessionCounts), and also watches its master: when the master is gone, it
     stops as on SIGTERM.  Built in the child, from the master's
-    ``service``, which hands over its server; the pidfile's lock stays the
-    master's, the policy service and the metrics endpoint are the first
-    worker's (number 0).  Each worker counts into its own slot of the
-    service's ``metrics`` (Metrics.enter())."""
+    ``service``, which hands over its servers; the pidfile's lock stays the
+    master's, the policy service is every worker's (its connection limits
+    each worker's), the metrics endpoint the first worker's (number 0).
+    Each worker counts into its own slot of the service's ``metrics``
+    (Metrics.enter())."""
 
     def __init__(self, service, number, handler_class):
         Service.__init__(self, service.args, service.base, service.values,
@@ -12576,17 +12588,17 @@ class Worker(Service):
         self.worker = number
         self.master = os.getppid()
         self.server, service.server = service.server, None
-        self.server.service_sessions.slot = number
+        if self.server is not None:
+            self.server.service_sessions.slot = number
         metrics.enter(number)
         if service.pidfile is not None:
             os.close(service.pidfile)       # the lock stays the master's
             service.pidfile = None
+        self.policy = service.policy
         if number == 0:
-            self.policy, self.metrics = service.policy, service.metrics
-        else:
-            for server in (service.policy, service.metrics):
-                if server is not None:
-                    server.server_close()
+            self.metrics = service.metrics
+        elif service.metrics is not None:
+            service.metrics.server_close()
         service.policy = service.metrics = None
 
     def run(self):
@@ -12618,6 +12630,8 @@ class Worker(Service):
     def _configure_server(self, values):
         """Set the server's keys; a worker's connection limits are its
         share of the service's."""
+        if self.server is None:
+            return                      # the policy service alone
         Service._configure_server(self, values)
         workers = worker_count(values)
         if workers > 1:
