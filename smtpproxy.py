@@ -8583,6 +8583,9 @@ class PolicyHandler(socketserver.BaseRequestHandler):
     closes it without an answer: Postfix retries, then applies its
     default_action.
 
+    Each RCPT decision is a line of greylist_log, as postgrey logs it
+    (_log_transaction()), and the answer a line of the service's log.
+
     Hooks: ``answer(request)`` -> the action; ``now()`` -> the clock;
     ``store_failed(error)``; ``greylister()`` -> the engine;
     ``greylisted_recipient(recipient)``.
@@ -8740,9 +8743,53 @@ class PolicyHandler(socketserver.BaseRequestHandler):
                  else "unanswered", log_escape(rule),
                  log_escape(decision.key or "-"), log_escape(client),
                  log_escape(sender), log_escape(recipient))
+        self._log_transaction(request, decision, now)
         if action is None:
             raise decision.error
         return action
+
+    # The engine's rules that pass a triplet without greylisting it,
+    # named in greylist_log as they are (postgrey says "client
+    # whitelist" and so on).
+    _passed_unseen = ("allowed_senders", "whitelist_", "whitelisted_",
+                      "dnswl:", "auto-whitelist", "not-suspicious",
+                      "store-failed")
+
+    def _log_transaction(self, request, decision, now):
+        """The decision's line in greylist_log, close to postgrey's:
+        "TIME [QUEUE_ID: ]action=greylist, reason=new, client_name=...,
+        client_address=..., sender=..., recipient=...", the fields that
+        are empty left out; "action=pass, reason=triplet found,
+        delay=N" on the try that passed after waiting N seconds."""
+        info = []
+        if decision.verdict == "defer":
+            info.append("action=greylist")
+            info.append("reason=" + (
+                "new" if decision.added
+                else decision.rule if decision.rule.startswith((
+                    "greytrap:", "max_new_triplets", "store-failed"))
+                else "early-retry"))
+        elif decision.verdict == "unavailable":
+            info += ["action=unanswered", "reason=store"]
+        else:
+            info.append("action=pass")
+            info.append("reason=" + (
+                "outside allowed_domains" if decision.verdict == "refuse"
+                else decision.rule if decision.rule.startswith(
+                    self._passed_unseen)
+                else "triplet found"))
+            if decision.delay is not None:
+                info.append("delay=%d" % decision.delay)
+        for name in ("client_name", "client_address", "sender",
+                     "recipient"):
+            if request.get(name):
+                info.append("%s=%s" % (name, request[name]))
+        queue_id = request.get("queue_id")
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+        transaction_log.info("%s.%03d %s", stamp,
+                             int((now - int(now)) * 1000), log_escape(
+                                 ("%s: " % queue_id if queue_id else "")
+                                 + ", ".join(info)))
 
     def _action(self, decision, instance, now):
         """The action answering ``decision``; None: no answer."""
@@ -9485,7 +9532,8 @@ KEYS = [
         "the session"),
     Key("max_recipients", _integer, DIALOGUE, "recipients per message"),
     Key("greylist_log", _string, LOGS,
-        "transaction log, one line per transaction; empty: none",
+        "transaction log, one line per transaction (the policy service: "
+        "one per decision, as postgrey logs it); empty: none",
         owner="service", default="greylist.log", path=True),
     Key("greylist_debuglog", _string, LOGS,
         "the SMTP dialogue, written when debug is on",

@@ -7,6 +7,7 @@ store; and postgrey's files, loaded as they are."""
 
 import logging
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -274,6 +275,59 @@ def test_the_log_says_the_action_answered(policy, caplog):
         "alice@example.net user@example.org)"]
 
 
+class Lines(logging.Handler):
+    def __init__(self):
+        logging.Handler.__init__(self)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def greylist_log():
+    """The lines written to greylist_log (the transaction log)."""
+    handler = Lines()
+    logger = smtpproxy.transaction_log
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_each_decision_is_a_line_of_greylist_log_as_postgrey_writes_it(
+        policy, clock, greylist_log):
+    client = PolicyClient(policy(handler_class=clock,
+                                 allowed_senders=["198.51.100.7"]))
+    assert client.ask(queue_id="4XyZ") == DEFER
+    assert client.ask(queue_id="") == DEFER
+    clock.offset = 7                    # past min_defer_time (1)
+    assert client.ask(queue_id="") == "DUNNO"
+    assert client.ask(queue_id="") == "DUNNO"
+    assert client.ask(client_address="198.51.100.7", queue_id="") == "DUNNO"
+    assert client.ask(client_name="mx\u00e9.example.net", queue_id="",
+                      sender="") == DEFER
+    assert client.ask(protocol_state="DATA") == "DUNNO"   # no line
+    client.close()
+    triplet = ("client_name=unknown, client_address=192.0.2.7, "
+               "sender=alice@example.net, recipient=user@example.org")
+    assert [line.split(" ", 1)[1] for line in greylist_log] == [
+        "4XyZ: action=greylist, reason=new, " + triplet,
+        "action=greylist, reason=early-retry, " + triplet,
+        "action=pass, reason=triplet found, delay=7, " + triplet,
+        "action=pass, reason=triplet found, " + triplet,
+        "action=pass, reason=allowed_senders, client_name=unknown, "
+        "client_address=198.51.100.7, sender=alice@example.net, "
+        "recipient=user@example.org",
+        # Escaped; an empty sender left out, as postgrey does.
+        "action=greylist, reason=new, client_name=mx\\xe9.example.net, "
+        "client_address=192.0.2.7, recipient=user@example.org"]
+    assert all(re.match(r"[0-9]{14}\.[0-9]{3} ", line)
+               for line in greylist_log)
+
+
 def test_postfix_client_name_is_the_clients_name(policy, clock):
     # Keyed by name: client_name (Postfix's forward-confirmed name) groups
     # the pool; "unknown" is no name.
@@ -438,7 +492,9 @@ def test_octets_that_are_not_utf8_or_c1_controls_are_data_logged_escaped(
     assert all(0x20 <= octet <= 0x7e or octet == 0x0a for octet in data), \
         data
     assert b"Traceback" not in data
-    lines = data.decode().splitlines()
+    # The service's lines (greylist_log's, escaped too, come with them).
+    lines = [line for line in data.decode().splitlines()
+             if line.startswith("policy ")]
     assert [line.split(":")[0] for line in lines] == [
         "policy defer_if_permit", "policy dunno"], lines
     assert logged in lines[0], lines[0]
