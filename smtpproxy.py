@@ -8626,6 +8626,9 @@ class PolicyHandler(socketserver.BaseRequestHandler):
     closes it without an answer: Postfix retries, then applies its
     default_action.
 
+    Each RCPT decision is a line of greylist_log, as postgrey logs it
+    (_log_transaction()), and the answer a line of the service's log.
+
     Hooks: ``answer(request)`` -> the action; ``now()`` -> the clock;
     ``store_failed(error)``; ``greylister()`` -> the engine;
     ``greylisted_recipient(recipient)``.
@@ -8783,9 +8786,53 @@ class PolicyHandler(socketserver.BaseRequestHandler):
                  else "unanswered", log_escape(rule),
                  log_escape(decision.key or "-"), log_escape(client),
                  log_escape(sender), log_escape(recipient))
+        self._log_transaction(request, decision, now)
         if action is None:
             raise decision.error
         return action
+
+    # The engine's rules that pass a triplet without greylisting it,
+    # named in greylist_log as they are (postgrey says "client
+    # whitelist" and so on).
+    _passed_unseen = ("allowed_senders", "whitelist_", "whitelisted_",
+                      "dnswl:", "auto-whitelist", "not-suspicious",
+                      "store-failed")
+
+    def _log_transaction(self, request, decision, now):
+        """The decision's line in greylist_log, close to postgrey's:
+        "TIME [QUEUE_ID: ]action=greylist, reason=new, client_name=...,
+        client_address=..., sender=..., recipient=...", the fields that
+        are empty left out; "action=pass, reason=triplet found,
+        delay=N" on the try that passed after waiting N seconds."""
+        info = []
+        if decision.verdict == "defer":
+            info.append("action=greylist")
+            info.append("reason=" + (
+                "new" if decision.added
+                else decision.rule if decision.rule.startswith((
+                    "greytrap:", "max_new_triplets", "store-failed"))
+                else "early-retry"))
+        elif decision.verdict == "unavailable":
+            info += ["action=unanswered", "reason=store"]
+        else:
+            info.append("action=pass")
+            info.append("reason=" + (
+                "outside allowed_domains" if decision.verdict == "refuse"
+                else decision.rule if decision.rule.startswith(
+                    self._passed_unseen)
+                else "triplet found"))
+            if decision.delay is not None:
+                info.append("delay=%d" % decision.delay)
+        for name in ("client_name", "client_address", "sender",
+                     "recipient"):
+            if request.get(name):
+                info.append("%s=%s" % (name, request[name]))
+        queue_id = request.get("queue_id")
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+        transaction_log.info("%s.%03d %s", stamp,
+                             int((now - int(now)) * 1000), log_escape(
+                                 ("%s: " % queue_id if queue_id else "")
+                                 + ", ".join(info)))
 
     def _action(self, decision, instance, now):
         """The action answering ``decision``; None: no answer."""
@@ -8814,8 +8861,11 @@ class _PolicyServing(object):
     """What the policy servers (TCP and UNIX) share: who may connect
     (``policy_clients``, on TCP; the socket's mode and group on UNIX), at
     most ``policy_max_connections`` at once and
-    ``policy_max_connections_per_peer`` of one peer, the counters, and a
-    stop that closes every connection.  A peer is a TCP client's address,
+    ``policy_max_connections_per_peer`` of one peer (each serving
+    process's: with workers, each worker's), the listen backlog
+    ``policy_backlog`` (given to the constructor, ``backlog``: listen()
+    comes before configure_server()), the counters, and a stop that
+    closes every connection.  A peer is a TCP client's address,
     or on a UNIX socket the user id of the process that connected
     (SO_PEERCRED, where the system tells it): one local user holding
     connections leaves the others theirs."""
@@ -8826,11 +8876,26 @@ class _PolicyServing(object):
     policy_clients = ["127.0.0.1", "::1"]
     policy_first_idle = 5
     policy_max_idle = 300
-    policy_max_connections = 200
-    policy_max_connections_per_peer = 100
+    # Postfix's smtpd processes each keep a connection: up to
+    # default_process_limit (100) of them, more where a site raised it.
+    # A thread per connection, about 30 kB of memory each when idle.
+    policy_max_connections = 1000
+    policy_max_connections_per_peer = 500
+    # The listen backlog, as the SMTP listener's: 100 smtpd processes
+    # connecting at once must not wait for SYN retransmissions (1 s,
+    # then 3 s ...), as behind socketserver's 5.  Linux caps it at
+    # net.core.somaxconn.
+    policy_backlog = 1024
 
-    def _init_policy(self, settings):
+    @property
+    def request_queue_size(self):
+        """What socketserver's server_activate() passes to listen()."""
+        return self.policy_backlog
+
+    def _init_policy(self, settings, backlog):
         self.settings = settings
+        if backlog is not None:
+            self.policy_backlog = backlog   # before listen()
         self.connections = {}           # socket: its peer
         self.counters = {}
         self.lock = threading.Lock()
@@ -8928,11 +8993,12 @@ class PolicyServer(_PolicyServing, socketserver.ThreadingTCPServer):
     ``settings`` the GreyListingPolicy class whose keys it applies; a
     thread per connection, as SMTPProxyServer."""
 
-    def __init__(self, address, settings, handler_class=PolicyHandler):
+    def __init__(self, address, settings, handler_class=PolicyHandler,
+                 backlog=None):
         host = address[0]
         self.address_family = (socket.AF_INET6 if ":" in host
                                else socket.AF_INET)
-        self._init_policy(settings)
+        self._init_policy(settings, backlog)
         socketserver.ThreadingTCPServer.__init__(self, address,
                                                  handler_class)
 
@@ -8946,8 +9012,9 @@ class UnixPolicyServer(_PolicyServing,
     # directory, its name there, its (st_dev, st_ino)).
     _socket = None
 
-    def __init__(self, path, settings, handler_class=PolicyHandler):
-        self._init_policy(settings)
+    def __init__(self, path, settings, handler_class=PolicyHandler,
+                 backlog=None):
+        self._init_policy(settings, backlog)
         socketserver.ThreadingUnixStreamServer.__init__(self, path,
                                                         handler_class)
 
@@ -9563,7 +9630,8 @@ KEYS = [
         "the session"),
     Key("max_recipients", _integer, DIALOGUE, "recipients per message"),
     Key("greylist_log", _string, LOGS,
-        "transaction log, one line per transaction; empty: none",
+        "transaction log, one line per transaction (the policy service: "
+        "one per decision, as postgrey logs it); empty: none",
         owner="service", default="greylist.log", path=True),
     Key("greylist_debuglog", _string, LOGS,
         "the SMTP dialogue, written when debug is on",
@@ -9741,12 +9809,22 @@ KEYS = [
         "seconds a policy connection may stay idle between requests "
         "(Postfix's own max_idle is 300)", owner="policy"),
     Key("policy_max_connections", _positive, POLICY,
-        "policy connections at once; Postfix opens one per smtpd process",
+        "policy connections at once, a thread each (about 30 kB idle); "
+        "Postfix keeps one per smtpd process, up to its "
+        "default_process_limit (100); with workers, each worker's",
         owner="policy"),
     Key("policy_max_connections_per_peer", _positive, POLICY,
         "policy connections at once of one peer: a TCP client's address, "
-        "or on a UNIX socket the user id that connected (100: Postfix's "
-        "default_process_limit)", owner="policy"),
+        "or on a UNIX socket the user id that connected; one Postfix is "
+        "one peer: raise it (and policy_max_connections) above its "
+        "default_process_limit and smtpd process_limit",
+        owner="policy"),
+    Key("policy_backlog", _positive, POLICY,
+        "connections the system queues for the policy service before it "
+        "accepts them (listen's backlog, capped by the system's "
+        "net.core.somaxconn), as the SMTP listener's: Postfix's smtpd "
+        "processes connecting at once are not kept waiting",
+        owner="policy", restart=True),
     Key("policy_socket_mode", _octal_mode, POLICY,
         "mode of the policy service's UNIX socket", owner="service",
         default="0660", restart=True),
@@ -11883,7 +11961,7 @@ def _in_directory(directory, name):
     return "/proc/self/fd/%d/%s" % (directory, name)
 
 
-def _bind_policy_socket(path, settings, mode, gid):
+def _bind_policy_socket(path, settings, mode, gid, backlog=None):
     """A UnixPolicyServer on ``path``, its socket made with ``mode`` and
     the group ``gid`` (-1: this process's) as bind() makes it: the umask
     and the effective group of the moment, not a chmod or chown by name
@@ -11904,7 +11982,7 @@ def _bind_policy_socket(path, settings, mode, gid):
                 except PermissionError:
                     pass        # not root: only a chown can (below)
             server = UnixPolicyServer(_in_directory(directory, name),
-                                      settings)
+                                      settings, backlog=backlog)
         finally:
             if switched:
                 os.setegid(egid)
@@ -11939,15 +12017,17 @@ def open_policy_server(values, settings, identity=None):
     ``policy_socket_mode`` and the group ``policy_socket_group`` (else
     the serving user's, of ``identity``).  StartError if it cannot."""
     where = values["policy_listen"]
+    backlog = values.get("policy_backlog")
     try:
         if where.startswith("unix:"):
             server = _bind_policy_socket(
                 where[5:], settings,
                 int(values.get("policy_socket_mode", "0660"), 8),
-                _policy_socket_gid(values, identity))
+                _policy_socket_gid(values, identity), backlog)
         else:
             host, port = _split_host_port(where)
-            server = PolicyServer((host or "127.0.0.1", port), settings)
+            server = PolicyServer((host or "127.0.0.1", port), settings,
+                                  backlog=backlog)
     except OSError as error:
         if where.startswith("unix:"):
             raise StartError("cannot listen for policy requests on %s: %s"
@@ -12364,7 +12444,9 @@ class Service(_SignalsNoted):
     This object is the single process.  With ``workers`` > 1 the process
     that started becomes a Master instead of serving, and each process it
     forks serves as a Worker: a single process that also watches its
-    master.
+    master.  That is so for the policy service alone (``smtp_proxy =
+    no``) too: the workers share its listening socket as they share the
+    SMTP port.
     """
 
     def __init__(self, args, base, values, path, warnings, start_dir=None):
@@ -12422,7 +12504,7 @@ class Service(_SignalsNoted):
                 report_start(self.report, error.status)
             self.close()
             return error.status
-        if self.server is not None and worker_count(self.values) > 1:
+        if worker_count(self.values) > 1:
             # The master's signals first: from the parent's return on, a
             # SIGTERM is a stop.  Then started (the parent told, the
             # standard streams sent to /dev/null) before the forks: no
@@ -12789,8 +12871,10 @@ def worker_count(values):
 
 class Master(_SignalsNoted):
     """``workers`` > 1: the process that started (its ``service``) forks
-    that many Worker processes, which serve the port it bound (and, the
-    first of them, the policy service), and watches them until stopped.
+    that many Worker processes, which all serve the port it bound and
+    the policy service's socket (each worker accepts on the shared
+    listening sockets; the metrics endpoint is the first worker's), and
+    watches them until stopped.
 
     It serves no client and starts no thread, so that a fork never copies
     a lock held by another thread.  A worker that ends when it should not
@@ -12819,9 +12903,12 @@ class Master(_SignalsNoted):
         stores.reset()          # no store connection crosses a fork
         # A worker that loses the race for a new connection must go back
         # to its loop, not wait in accept() for the next one.
-        self.service.server.socket.setblocking(False)
-        self.service.server.service_sessions = SessionCounts(
-            worker_count(self.service.values))
+        for server in (self.service.server, self.service.policy):
+            if server is not None:
+                server.socket.setblocking(False)
+        if self.service.server is not None:
+            self.service.server.service_sessions = SessionCounts(
+                worker_count(self.service.values))
         metrics.share(worker_count(self.service.values))
         for number in range(worker_count(self.service.values)):
             self._fork_worker(number)
@@ -12890,7 +12977,8 @@ class Master(_SignalsNoted):
             if number is None:
                 continue
             # Its sessions died with it: their places are free.
-            self.service.server.service_sessions.set(0, slot=number)
+            if self.service.server is not None:
+                self.service.server.service_sessions.set(0, slot=number)
             metrics.clear_gauges(number)
             if self.stop_asked:
                 continue
@@ -12931,8 +13019,11 @@ class Master(_SignalsNoted):
         log.info("signal %d: stopping %d workers", signum,
                  len(self.workers))
         # The port closes at once, as a single process's does (the
-        # workers close their copies as they stop).
-        self.service.server.socket.close()
+        # workers close their copies as they stop); the policy socket's
+        # name is removed by close(), when the last worker has ended.
+        for server in (self.service.server, self.service.policy):
+            if server is not None:
+                server.socket.close()
         self._restarts.clear()
 
     def _reload(self, signum):
@@ -12952,10 +13043,11 @@ class Worker(Service):
     max_connections_per_ip (max_connections is counted for the service:
     SessionCounts), and also watches its master: when the master is gone, it
     stops as on SIGTERM.  Built in the child, from the master's
-    ``service``, which hands over its server; the pidfile's lock stays the
-    master's, the policy service and the metrics endpoint are the first
-    worker's (number 0).  Each worker counts into its own slot of the
-    service's ``metrics`` (Metrics.enter())."""
+    ``service``, which hands over its servers; the pidfile's lock stays the
+    master's, the policy service is every worker's (its connection limits
+    each worker's), the metrics endpoint the first worker's (number 0).
+    Each worker counts into its own slot of the service's ``metrics``
+    (Metrics.enter())."""
 
     def __init__(self, service, number, handler_class):
         Service.__init__(self, service.args, service.base, service.values,
@@ -12964,17 +13056,17 @@ class Worker(Service):
         self.worker = number
         self.master = os.getppid()
         self.server, service.server = service.server, None
-        self.server.service_sessions.slot = number
+        if self.server is not None:
+            self.server.service_sessions.slot = number
         metrics.enter(number)
         if service.pidfile is not None:
             os.close(service.pidfile)       # the lock stays the master's
             service.pidfile = None
+        self.policy = service.policy
         if number == 0:
-            self.policy, self.metrics = service.policy, service.metrics
-        else:
-            for server in (service.policy, service.metrics):
-                if server is not None:
-                    server.server_close()
+            self.metrics = service.metrics
+        elif service.metrics is not None:
+            service.metrics.server_close()
         service.policy = service.metrics = None
 
     def run(self):
@@ -13006,6 +13098,8 @@ class Worker(Service):
     def _configure_server(self, values):
         """Set the server's keys; a worker's connection limits are its
         share of the service's."""
+        if self.server is None:
+            return                      # the policy service alone
         Service._configure_server(self, values)
         workers = worker_count(values)
         if workers > 1:

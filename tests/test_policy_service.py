@@ -7,9 +7,11 @@ store; and postgrey's files, loaded as they are."""
 
 import logging
 import os
+import re
 import signal
 import smtplib
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -273,6 +275,59 @@ def test_the_log_says_the_action_answered(policy, caplog):
         "alice@example.net user@example.org)"]
 
 
+class Lines(logging.Handler):
+    def __init__(self):
+        logging.Handler.__init__(self)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def greylist_log():
+    """The lines written to greylist_log (the transaction log)."""
+    handler = Lines()
+    logger = smtpproxy.transaction_log
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_each_decision_is_a_line_of_greylist_log_as_postgrey_writes_it(
+        policy, clock, greylist_log):
+    client = PolicyClient(policy(handler_class=clock,
+                                 allowed_senders=["198.51.100.7"]))
+    assert client.ask(queue_id="4XyZ") == DEFER
+    assert client.ask(queue_id="") == DEFER
+    clock.offset = 7                    # past min_defer_time (1)
+    assert client.ask(queue_id="") == "DUNNO"
+    assert client.ask(queue_id="") == "DUNNO"
+    assert client.ask(client_address="198.51.100.7", queue_id="") == "DUNNO"
+    assert client.ask(client_name="mx\u00e9.example.net", queue_id="",
+                      sender="") == DEFER
+    assert client.ask(protocol_state="DATA") == "DUNNO"   # no line
+    client.close()
+    triplet = ("client_name=unknown, client_address=192.0.2.7, "
+               "sender=alice@example.net, recipient=user@example.org")
+    assert [line.split(" ", 1)[1] for line in greylist_log] == [
+        "4XyZ: action=greylist, reason=new, " + triplet,
+        "action=greylist, reason=early-retry, " + triplet,
+        "action=pass, reason=triplet found, delay=7, " + triplet,
+        "action=pass, reason=triplet found, " + triplet,
+        "action=pass, reason=allowed_senders, client_name=unknown, "
+        "client_address=198.51.100.7, sender=alice@example.net, "
+        "recipient=user@example.org",
+        # Escaped; an empty sender left out, as postgrey does.
+        "action=greylist, reason=new, client_name=mx\\xe9.example.net, "
+        "client_address=192.0.2.7, recipient=user@example.org"]
+    assert all(re.match(r"[0-9]{14}\.[0-9]{3} ", line)
+               for line in greylist_log)
+
+
 def test_postfix_client_name_is_the_clients_name(policy, clock):
     # Keyed by name: client_name (Postfix's forward-confirmed name) groups
     # the pool; "unknown" is no name.
@@ -437,7 +492,9 @@ def test_octets_that_are_not_utf8_or_c1_controls_are_data_logged_escaped(
     assert all(0x20 <= octet <= 0x7e or octet == 0x0a for octet in data), \
         data
     assert b"Traceback" not in data
-    lines = data.decode().splitlines()
+    # The service's lines (greylist_log's, escaped too, come with them).
+    lines = [line for line in data.decode().splitlines()
+             if line.startswith("policy ")]
     assert [line.split(":")[0] for line in lines] == [
         "policy defer_if_permit", "policy dunno"], lines
     assert logged in lines[0], lines[0]
@@ -551,10 +608,69 @@ def test_a_new_connection_must_ask_within_policy_first_idle(policy):
 
 def test_policy_first_idle_and_the_shares_by_default():
     assert smtpproxy.PolicyServer.policy_first_idle == 5
-    # One peer may have as many as Postfix's default_process_limit of
-    # smtpd processes, each with its connection; another as many again.
-    assert smtpproxy.PolicyServer.policy_max_connections_per_peer == 100
-    assert smtpproxy.PolicyServer.policy_max_connections == 200
+    # One peer (one Postfix) may have five times Postfix's
+    # default_process_limit of smtpd processes, each with its
+    # connection; another as many again.
+    assert smtpproxy.PolicyServer.policy_max_connections_per_peer == 500
+    assert smtpproxy.PolicyServer.policy_max_connections == 1000
+    assert smtpproxy.PolicyServer.policy_backlog == 1024
+
+
+def test_five_hundred_connections_of_one_postfix_are_all_answered(policy):
+    # A busy Postfix, its smtpd processes each keeping a connection, all
+    # from one address: every one is answered, none closed.
+    server = policy()
+    clients = []
+    try:
+        for _ in range(500):
+            client = PolicyClient(server)
+            clients.append(client)
+            assert client.ask(protocol_state="DATA") == "DUNNO"
+        assert len(server.connections) == 500
+        assert server.counters.get("policy_connections_refused", 0) == 0
+    finally:
+        for client in clients:
+            client.close()
+
+
+def listen_backlog(sock):
+    """The backlog a listening TCP socket was given, as Linux tells it:
+    tcp_info's tcpi_sacked is sk_max_ack_backlog for a listener."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("I", info, 28)[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="tcp_info of a listener: Linux")
+def test_the_listen_backlog_is_policy_backlog(tmp_path):
+    # Not socketserver's 5: Postfix's smtpd processes connecting at the
+    # same instant would wait for SYN retransmissions (1 s, 3 s ...).
+    with open("/proc/sys/net/core/somaxconn") as stream:
+        somaxconn = int(stream.read())
+    server = smtpproxy.PolicyServer(("127.0.0.1", 0),
+                                    settings_class(tmp_path))
+    try:
+        assert listen_backlog(server.socket) == min(1024, somaxconn)
+    finally:
+        server.server_close()
+    port = free_port()
+    values = {"policy_listen": "127.0.0.1:%d" % port, "policy_backlog": 77}
+    server = smtpproxy.open_policy_server(values, settings_class(tmp_path))
+    try:
+        assert listen_backlog(server.socket) == 77
+        assert server.policy_backlog == 77
+    finally:
+        server.server_close()
+
+
+def test_a_unix_policy_server_takes_policy_backlog(tmp_path):
+    server = smtpproxy.UnixPolicyServer(str(tmp_path / "policy"),
+                                        settings_class(tmp_path),
+                                        backlog=33)
+    try:
+        assert server.request_queue_size == 33
+    finally:
+        server.server_close()
 
 
 def test_a_tcp_peer_beyond_its_share_is_closed_others_are_served(
@@ -915,14 +1031,16 @@ def test_reload_counters_and_stop(service, upstream, tmp_path):
     with open(process.config_path, "a") as config:
         config.write("defer_reply = 450 4.7.1 Come back later\n")
     process.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: "reloaded the configuration" in
-               process.stderr_text(), what="the reload")
+    # workers = auto: the master, then each worker it passes SIGHUP on to.
+    processes = 1 + process.probes if process.probes > 1 else 1
+    wait_until(lambda: process.stderr_text().count(
+        "reloaded the configuration") == processes, what="the reloads")
     assert ask("b@example.net") == \
         b"action=DEFER_IF_PERMIT 4.7.1 Come back later\n\n"
     process.process.send_signal(signal.SIGUSR1)
-    wait_until(lambda: "policy counters:" in process.stderr_text(),
+    # The worker that holds the connection counted both.
+    wait_until(lambda: "policy_defer_if_permit=2" in process.stderr_text(),
                what="the counters")
-    assert "policy_defer_if_permit=2" in process.stderr_text()
     process.process.send_signal(signal.SIGTERM)
     # Closed at once: not after policy_max_idle (300 s), which would
     # have been the client's timeout (10 s) instead.

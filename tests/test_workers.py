@@ -15,8 +15,8 @@ import socket
 
 import pytest
 
-from conftest import (RawClient, free_port, open_transaction, processes_where,
-                      read, wait_until)
+from conftest import (ProxyProcess, RawClient, free_port, open_transaction,
+                      processes_where, read, wait_until)
 from test_service import connection_refused, pid_alive, wait_for_log
 
 
@@ -227,8 +227,8 @@ def test_sighup_reaches_every_worker(proxy_process, tmp_path):
     assert all(greeting().startswith("two.example ") for _ in range(20))
 
 
-def test_the_first_worker_answers_the_policy_service(proxy_process,
-                                                     tmp_path):
+def test_the_workers_answer_the_policy_service_the_master_removes_it(
+        proxy_process, tmp_path):
     path = tmp_path / "policy.sock"
     process = proxy_process(
         config="workers = 2\npolicy_listen = unix:%s\n"
@@ -257,6 +257,57 @@ def test_the_first_worker_answers_the_policy_service(proxy_process,
     process.process.send_signal(signal.SIGTERM)
     assert process.process.wait(10) == 0
     assert not path.exists()
+
+
+def ask_policy(port):
+    """One RCPT request to the policy service on ``port``: the answer."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall(b"request=smtpd_access_policy\nprotocol_state=RCPT\n"
+                     b"client_address=192.0.2.7\nclient_name=unknown\n"
+                     b"sender=a@example.net\nrecipient=b@example.org\n\n")
+        answer = b""
+        while not answer.endswith(b"\n\n"):
+            data = sock.recv(4096)
+            assert data, "closed without an answer"
+            answer += data
+        return answer
+    finally:
+        sock.close()
+
+
+def test_every_worker_answers_the_policy_service_alone(tmp_path, upstream):
+    # smtp_proxy = no with workers = 2: both workers accept on the policy
+    # service's listening socket, as they share the SMTP port; each
+    # logs the answers it gave under its own pid.
+    port = free_port()
+
+    def listening():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+    process = ProxyProcess(
+        tmp_path, upstream.port, handler=None, ready=listening,
+        config="workers = 2\nsmtp_proxy = no\npolicy_listen = 127.0.0.1:%d"
+               "\ngreylist_db = %s\nallowed_domains:\n    example.org\n"
+               % (port, tmp_path / "greylist.db"))
+    try:
+        pids = workers_of(process, 2)
+
+        def both_answered():
+            assert ask_policy(port).startswith(b"action=DEFER_IF_PERMIT ")
+            answered = set(int(pid) for pid in re.findall(
+                r"smtpproxy\[(\d+)\]: INFO policy ",
+                process.stderr_text()))
+            return answered == set(pids)
+        wait_until(both_answered, what="an answer from each worker")
+        process.process.send_signal(signal.SIGTERM)
+        assert process.process.wait(10) == 0
+        assert connection_refused(port)
+    finally:
+        process.stop()
 
 
 def test_workers_is_a_positive_number_and_takes_a_restart(proxy_process,
