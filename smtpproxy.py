@@ -268,17 +268,19 @@ import urllib.parse
 #       (threads, limits, stress, counters, stop; Metrics, MetricsServer)
 #  13. Postfix's policy service (check_policy_service)
 #       (PolicyHandler, PolicyServer)
-#  14. Configuration: the keys and the file
+#  14. Configuration: what a value may be
+#       (the parsers, parse_duration)
+#  15. Configuration: the keys and the file
 #       (Key, KEYS, the file, the sample)
-#  15. The service's files and privileges, as root
+#  16. The service's files and privileges, as root
 #       (logs, pidfile, links, the user)
-#  16. Checks
+#  17. Checks
 #       (check_*, warnings, the policy service's socket)
-#  17. The admin commands: the store's --db-*
+#  18. The admin commands: the store's --db-*
 #       (administer_store, format_report)
-#  18. The service: start, signals, reloads, workers
+#  19. The service: start, signals, reloads, workers
 #       (Service, the master and its workers)
-#  19. The command line
+#  20. The command line
 #       (--help, main())
 #
 # Design.  The command line's service is a master and worker processes that
@@ -4237,7 +4239,7 @@ def name_key(name):
 #        triplets (NewTriplets), and GreyListingPolicy.
 # Enter: Greylister(settings).decide(client, sender, recipient, now).
 # Uses:  sections 1, 3, 7; the stores of sections 9 to 11 (through stores);
-#        section 15's read_key_secret (a policy used without the service).
+#        section 16's read_key_secret (a policy used without the service).
 
 
 class Decision(object):
@@ -9042,29 +9044,15 @@ class UnixPolicyServer(_PolicyServing,
 
 
 # ===========================================================================
-# == 14. Configuration: the keys and the file ==
+# == 14. Configuration: what a value may be ==
 # ===========================================================================
 #
-# Owns:  one record per key (Key, KEYS) of the classes above, each value's
-#        parser, the file format (read_config_file, load_config), the sample
-#        configuration, and turning values into a handler class.
-# Enter: load_config(path), read_settings(args),
-#        handler_class_for(base, values).
-# Uses:  the classes whose keys these are (sections 5 to 13).
-
-
-CONFIG_SEARCH_PATH = [
-    "/etc/smtpproxy.conf",
-    "/usr/local/etc/smtpproxy.conf",
-    "/usr/local/etc/Kamaelia/greylist.conf",
-    "/usr/local/etc/greylist.conf",
-    "/etc/Kamaelia/greylist.conf",
-    "/etc/greylist.conf",
-    "./greylist.conf",
-]
-
-
-CONFIG_SEARCH_PATH += [name + ".dist" for name in CONFIG_SEARCH_PATH]
+# Owns:  the parser of each kind of value (_integer, _seconds and
+#        parse_duration, addresses and networks, host and port, triples,
+#        ...): text in, the value or ValueError saying what is wrong.
+# Enter: the parsers, named by the keys of section 15; parse_duration().
+# Uses:  section 7 (DNS list entries: parse_dns_list), section 11 (a
+#        store's URI: is_database_uri, redact_uri).
 
 
 class ConfigError(Exception):
@@ -9479,6 +9467,19 @@ def _helo_triple(item):
     _network(prefix)
     _bracketed(recipient, "recipient")
     return (helo, prefix, recipient)
+
+
+# ===========================================================================
+# == 15. Configuration: the keys and the file ==
+# ===========================================================================
+#
+# Owns:  one record per key (Key, KEYS) of the classes above, the file
+#        format (read_config_file, load_config, where it is looked for), the
+#        sample configuration, and turning values into a handler class.
+# Enter: load_config(path), read_settings(args),
+#        handler_class_for(base, values).
+# Uses:  the classes whose keys these are (sections 5 to 13), the parsers
+#        of section 14.
 
 
 class Key(object):
@@ -10039,6 +10040,20 @@ def format_config(handler_class, values):
 
 
 # Whitespace then "#": the rest of the line is a comment.
+CONFIG_SEARCH_PATH = [
+    "/etc/smtpproxy.conf",
+    "/usr/local/etc/smtpproxy.conf",
+    "/usr/local/etc/Kamaelia/greylist.conf",
+    "/usr/local/etc/greylist.conf",
+    "/etc/Kamaelia/greylist.conf",
+    "/etc/greylist.conf",
+    "./greylist.conf",
+]
+
+
+CONFIG_SEARCH_PATH += [name + ".dist" for name in CONFIG_SEARCH_PATH]
+
+
 _INLINE_COMMENT_RE = re.compile(r"\s+#.*\Z", re.DOTALL)
 
 
@@ -10247,7 +10262,7 @@ def configure_server(server, values, keys=SERVER_SETTINGS):
 
 
 # ===========================================================================
-# == 15. The service's files and privileges, as root ==
+# == 16. The service's files and privileges, as root ==
 # ===========================================================================
 #
 # Owns:  what runs as root: the logs (configure_logging), the pidfile, files
@@ -10258,7 +10273,7 @@ def configure_server(server, values, keys=SERVER_SETTINGS):
 #        that the user may write a file (_hand_over, a store's directory:
 #        _store_directory_advice).
 # Enter: open_service_file(key, path, identity), configure_logging(values).
-# Uses:  section 14 (the values).
+# Uses:  section 15 (the values).
 
 
 class StartError(Exception):
@@ -11115,14 +11130,14 @@ def check_as(identity, check, timeout=None, what="the check"):
 
 
 # ===========================================================================
-# == 16. Checks ==
+# == 17. Checks ==
 # ===========================================================================
 #
 # Owns:  what --check-config and a start check (each check_*), the warnings
 #        of a configuration that says what it does not mean, and the policy
 #        service's socket.
 # Enter: check_configuration(handler_class, values).
-# Uses:  sections 9 to 11, 13 to 15.
+# Uses:  sections 9 to 11, 13 to 16.
 
 
 def check_proxy_protocol(handler_class):
@@ -12039,14 +12054,14 @@ def open_policy_server(values, settings, identity=None):
 
 
 # ===========================================================================
-# == 17. The admin commands: the store's --db-* ==
+# == 18. The admin commands: the store's --db-* ==
 # ===========================================================================
 #
 # Owns:  the --db-* commands, as OpenBSD's spamdb (administer_store), and
 #        --db-report's text (format_report) and its JSON's fields
 #        (REPORT_FIELDS).
 # Enter: administer_store(handler_class, args, identity).
-# Uses:  sections 8 to 11 (the keys, the stores), 15 (the user) and 16
+# Uses:  sections 8 to 11 (the keys, the stores), 16 (the user) and 17
 #        (check_hash_keys).
 
 
@@ -12348,7 +12363,7 @@ def administer_store(handler_class, args, identity=None):
 
 
 # ===========================================================================
-# == 18. The service: start, signals, reloads, workers ==
+# == 19. The service: start, signals, reloads, workers ==
 # ===========================================================================
 #
 # Owns:  the start in the order a daemon on port 25 needs, the signals and
@@ -12356,7 +12371,7 @@ def administer_store(handler_class, args, identity=None):
 #        and its workers (Worker; how many: worker_count()), the signals of
 #        both roles (_SIGNALS).
 # Enter: Service(args, base, values, path, warnings).run().
-# Uses:  sections 12 to 17.
+# Uses:  sections 12 to 18.
 
 
 def _reopen_log_files(values):
@@ -13121,13 +13136,13 @@ class Worker(Service):
 
 
 # ===========================================================================
-# == 19. The command line ==
+# == 20. The command line ==
 # ===========================================================================
 #
 # Owns:  --help (the module's docstring), the options, and main(), which
 #        starts itself again without glibc's thread caches before serving.
 # Enter: main(argv).
-# Uses:  sections 14 to 18.
+# Uses:  sections 14 to 19.
 
 
 DEFAULT_CLASS = "smtpproxy.GreyListingPolicy"
