@@ -6529,7 +6529,18 @@ def postgresql_driver(name=None):
     broken = []
     for candidate in [name] if name else ["psycopg", "psycopg2"]:
         try:
-            return importlib.import_module(candidate)
+            module = importlib.import_module(candidate)
+            if getattr(module, "__file__", None) is not None:
+                return module
+            # A namespace package: the driver's directory, whose
+            # __init__.py this user cannot reach (else what an uninstall
+            # left behind: not installed).
+            del sys.modules[candidate]
+            hidden = [path for path in module.__path__
+                      if not os.access(path, os.R_OK | os.X_OK)]
+            if hidden:
+                broken.append("%s cannot be imported (%s: this user cannot "
+                              "read it)" % (candidate, ", ".join(hidden)))
         except ImportError as error:
             if getattr(error, "name", None) == candidate:
                 continue                    # not installed

@@ -527,7 +527,7 @@ def run(tmp_path, uri, *args, **options):
     """smtpproxy's command line on ``uri`` (and ``args``): its exit
     status, standard output and error.  ``no_driver``: as if none were
     installed; ``driver``: with that one only; ``prelude``: code run
-    first."""
+    first; ``python``: the interpreter, if not this one."""
     blocked = options.get("prelude", "")
     if options.get("no_driver"):
         blocked = BLOCK_DRIVERS
@@ -540,7 +540,7 @@ def run(tmp_path, uri, *args, **options):
     (tmp_path / "pg.conf").write_text(config(uri) + "run_as_root = yes\n")
     try:
         result = subprocess.run(
-            [sys.executable, "-c", code, "--config",
+            [options.get("python", sys.executable), "-c", code, "--config",
              str(tmp_path / "pg.conf")] + list(args),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             universal_newlines=True, cwd=str(tmp_path), timeout=30)
@@ -737,25 +737,75 @@ def test_without_a_driver_the_start_says_what_to_install(tmp_path, pg_uri):
         assert "secret" not in err
 
 
+def error_lines(text):
+    return [line for line in text.splitlines()
+            if line.startswith("smtpproxy: error: ")]
+
+
+def check_and_start(tmp_path, uri, **options):
+    """The error lines of --check-config and of a start on ``uri``, run
+    as run() does with ``options``; both must have failed."""
+    said = []
+    for args in (["--check-config"],
+                 ["--listen", "127.0.0.1:%d" % free_port(),
+                  "--upstream", "127.0.0.1:9"]):
+        code, out, err = run(tmp_path, uri, *args, **options)
+        assert code == 1, (args, code, err)
+        said.append(error_lines(err))
+    return said
+
+
 def test_a_driver_that_cannot_be_imported_is_told_from_one_not_installed(
         tmp_path, pg_uri):
     # Installed, but its library is missing (or its files unreadable):
-    # the start says so, and why, not "not installed".
+    # --check-config and the start say so alike, and why, not "not
+    # installed".
     for name in ("psycopg", "psycopg2"):
         package = tmp_path / "broken" / name
         package.mkdir(parents=True)
         (package / "__init__.py").write_text(
             "raise ImportError('libpq.so.5: cannot open shared object file:"
             " No such file or directory')\n")
-    code, out, err = run(tmp_path, pg_uri, "--check-config", prelude=(
+    check, start = check_and_start(tmp_path, pg_uri, prelude=(
         "import sys; sys.path.insert(0, %r); " % str(tmp_path / "broken")))
-    assert code == 1, err
+    assert check == start and len(check) == 1, (check, start)
+    err = check[0]
     assert ("its driver psycopg cannot be imported (libpq.so.5: cannot open "
             "shared object file: No such file or directory); psycopg2 cannot "
             "be imported (libpq.so.5: ") in err, err
     assert "install it again, or make its files readable by the serving " \
         "user" in err
-    assert "not installed" not in err
+    assert "not installed" not in err and "secret" not in err
+
+
+DEBIAN_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.parametrize("python", [sys.executable, DEBIAN_PYTHON])
+def test_without_a_driver_check_config_and_the_start_say_what_to_install(
+        tmp_path, pg_uri, python):
+    # Both drivers named, once, without a double negative; pip's form for
+    # a venv, and apt's for Debian's own python3, whose pip refuses to
+    # install into it (PEP 668).  --check-config says what the start says.
+    if python == DEBIAN_PYTHON:
+        assert os.path.exists("/etc/debian_version") and os.path.exists(
+            python), "Debian's python3, as CI has"
+    check, start = check_and_start(tmp_path, pg_uri, python=python,
+                                   no_driver=True)
+    assert check == start and len(check) == 1, (check, start)
+    err = check[0]
+    assert err.startswith("smtpproxy: error: greylisting store "
+                          "postgresql://greylist:***@"), err
+    assert ("greylist_db is a PostgreSQL database, but neither psycopg nor "
+            "psycopg2 is installed for %s: " % python) in err, err
+    if python == DEBIAN_PYTHON:
+        assert err.endswith(": apt install python3-psycopg (or "
+                            "python3-psycopg2) (or, in a venv: pip install "
+                            "'smtpproxy[postgresql]')"), err
+    else:
+        assert err.endswith(": pip install 'smtpproxy[postgresql]' (or pip "
+                            "install 'psycopg[binary]')"), err
+    assert "no PostgreSQL driver" not in err and "secret" not in err
 
 
 def test_without_a_driver_debians_python_is_told_to_use_apt(monkeypatch):
@@ -784,7 +834,9 @@ def test_without_a_driver_debians_python_is_told_to_use_apt(monkeypatch):
 def test_the_module_needs_no_driver(tmp_path):
     code, out, err = run(tmp_path, str(tmp_path / "grey.db"),
                          "--check-config", "-q", no_driver=True)
-    assert (code, err) == (0, "")
+    # (Its only warning: no real server answers at the default upstream.)
+    assert code == 0 and not error_lines(err), err
+    assert "psycopg" not in err and "PostgreSQL" not in err, err
 
 
 def test_db_commands_on_postgresql(tmp_path, pg_uri):

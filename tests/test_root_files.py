@@ -856,6 +856,58 @@ def test_a_driver_only_root_can_read_is_imported_before_the_switch(
         shutil.rmtree(private, ignore_errors=True)
 
 
+@pytest.mark.parametrize("unreadable", ["directory", "file"])
+def test_a_driver_the_user_cannot_read_is_not_said_to_be_missing(
+        user_dir, root_dir, nobody, unreadable):
+    # Started by an ordinary user (no switch, nothing imported as root),
+    # with a driver only root can read: its directory (which Python
+    # then takes for an empty namespace package) or its __init__.py.
+    # --check-config and the start say alike that it cannot be imported,
+    # and why, never that it is not installed (nor that libpq cannot read
+    # the URI).  Debian's python3: nobody cannot reach root's pyenv.
+    python = "/usr/bin/python3"
+    assert os.path.exists(python), "Debian's python3, as CI has"
+    package = os.path.join(root_dir, "site", "psycopg2")
+    os.makedirs(package)
+    with open(os.path.join(package, "__init__.py"), "w") as stream:
+        stream.write("connect = None\n")
+    os.chmod(os.path.join(root_dir, "site"), 0o755)
+    os.chmod(root_dir, 0o755)
+    if unreadable == "directory":
+        os.chmod(package, 0o700)
+        why = "(%s: this user cannot read it)" % package
+    else:
+        os.chmod(os.path.join(package, "__init__.py"), 0o600)
+        why = "(PermissionError: [Errno 13] Permission denied: '%s" % package
+    code = ("import sys; sys.path[:0] = [%r, %r]; "
+            "sys.modules['psycopg'] = None; import smtpproxy; "
+            "sys.exit(smtpproxy.main(sys.argv[1:]))"
+            % (os.path.join(root_dir, "site"), ROOT))
+    said = []
+    for args in (["--check-config"],
+                 ["--listen", "127.0.0.1:%d" % free_port(),
+                  "--upstream", "127.0.0.1:9", "--pidfile", ""]):
+        result = subprocess.run(
+            [shutil.which("runuser") or "/sbin/runuser", "-u", "nobody",
+             "--", python, "-c", code,
+             "-o", "greylist_db=postgresql://greylist@127.0.0.1:9/greylist",
+             "-o", "greylist_log=%s/greylist.log" % user_dir,
+             "-o", "allowed_domains=example.org",
+             "-o", "allowed_senders="] + args,
+            cwd=user_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, timeout=60)
+        assert result.returncode == 1, (args, result.stderr)
+        said.append([line for line in result.stderr.splitlines()
+                     if line.startswith("smtpproxy: error: ")])
+    assert said[0] == said[1] and len(said[0]) == 1, said
+    assert ("greylist_db is a PostgreSQL database, but its driver psycopg2 "
+            "cannot be imported %s" % why) in said[0][0], said
+    assert said[0][0].endswith(", for %s: install it again, or make its "
+                               "files readable by the serving user"
+                               % python), said
+    assert "not installed" not in said[0][0]
+
+
 # -- the switch to the user ---------------------------------------------------
 
 def test_a_check_as_the_user_is_that_user_for_good_and_returns_its_value(
