@@ -94,7 +94,7 @@ def test_a_hash_without_a_blank_before_it_stays_in_the_value(tmp_path):
 @pytest.mark.parametrize("fragment, expected", [
     ("spare_threads = 20", {"workers": "auto", "spare_threads": 20,
                             "upstream_pool_size": 10}),
-    ("servername = mx.example.org", {
+    ("# our MX, in the greeting", {
         "servername": "mx.example.org", "smtp_port": 8025, "strict": True,
         "allowed_domains": ["example.org"]}),
 ])
