@@ -395,6 +395,16 @@ def check_the_transaction_line(block, tmp_path):
     assert fields[5] in ("ACCEPTED", "DEFERRED", "REFUSED", "FAILED", "")
 
 
+def check_the_policy_log_lines(block, tmp_path):
+    # The policy service's greylist_log lines (PolicyHandler's
+    # _log_transaction writes them; test_policy_service checks real ones).
+    for line in block.text.splitlines():
+        assert re.match(
+            r"\d{14}\.\d{3} (\w+: )?action=(greylist|pass|unanswered), "
+            r"reason=[^,]+(, delay=\d+)?(, (client_name|client_address|"
+            r"sender|recipient)=[^,]*)+\Z", line), line
+
+
 def smtpproxy_shell(tmp_path, text):
     """A block's `smtpproxy --config /etc/smtpproxy.conf` run on a store
     in tmp_path."""
@@ -519,6 +529,9 @@ RULES = {
     "Greylisting in the 7 d before 2025-03-10 06:00:00 UTC (since "
     "2025-03-03 06:00:00 UTC)": check_the_report_sample,
     "scrape_configs:": check_the_prometheus_scrape,
+    "20261125093012.345 action=greylist, reason=new, client_name=unknown, "
+    "client_address=192.0.2.7, sender=a@example.net, "
+    "recipient=b@example.org": check_the_policy_log_lines,
     "TRAPPED 192.0.2.0/24 | 2024-05-02T10:11:12Z | 2024-05-03T10:11:12Z | "
     "<trap@example.org>": check_the_trapped_line,
     "apt-get install postgresql": check_statically,
