@@ -9058,7 +9058,7 @@ class UnixPolicyServer(_PolicyServing,
 # == 14. Configuration: what a value may be ==
 # ===========================================================================
 #
-# Owns:  the parser of each kind of value (_integer, _seconds and
+# Owns:  the parser of each kind of value (_integer, _whole_seconds and
 #        parse_duration, addresses and networks, host and port, triples,
 #        ...): text in, the value or ValueError saying what is wrong.
 # Enter: the parsers, named by the keys of section 15; parse_duration().
@@ -9223,7 +9223,7 @@ def _decimal(text):
     return value
 
 
-def _seconds(text):
+def _whole_seconds(text):
     """A time in whole seconds, 0 or more, as seconds or with units
     (parse_duration()): 300, 5m, 2d, 1h30m, 1.5h."""
     value = parse_duration(text)
@@ -9234,8 +9234,8 @@ def _seconds(text):
 
 
 def _positive_seconds(text):
-    """As _seconds(), 1 or more."""
-    value = _seconds(text)
+    """As _whole_seconds(), 1 or more."""
+    value = _whole_seconds(text)
     if value < 1:
         raise ValueError("expected 1 second or more (30, 5m), got %r"
                          % text)
@@ -9579,7 +9579,7 @@ KEYS = [
         shown="smtpproxy VERSION", sample="smtpproxy"),
     Key("smtp_ip", _string, UPSTREAM, "the real mail server's address"),
     Key("smtp_port", _port, UPSTREAM, "the real mail server's port"),
-    Key("upstream_timeout", _seconds, UPSTREAM,
+    Key("upstream_timeout", _whole_seconds, UPSTREAM,
         "seconds to wait for the real server to connect or answer; then "
         "the client gets 451"),
     Key("upstream_pool_size", _integer, UPSTREAM,
@@ -9589,7 +9589,7 @@ KEYS = [
     Key("upstream_pool_idle", _positive_seconds, UPSTREAM,
         "seconds an upstream session may wait in the pool: less than the "
         "upstream's own idle timeout (Postfix: 300)"),
-    Key("upstream_capabilities_ttl", _seconds, UPSTREAM,
+    Key("upstream_capabilities_ttl", _whole_seconds, UPSTREAM,
         "seconds its EHLO keywords (SIZE, 8BITMIME, SMTPUTF8, DSN) are "
         "trusted before a client's EHLO asks again; every session with it "
         "renews them"),
@@ -9619,15 +9619,15 @@ KEYS = [
         "close the connection after a protocol error (unknown command, "
         "command out of order, malformed MAIL or RCPT), as Kamaelia Grey "
         "did; no: follow RFC 5321 and go on"),
-    Key("inactivity_timeout", _seconds, DIALOGUE,
+    Key("inactivity_timeout", _whole_seconds, DIALOGUE,
         "seconds a client may stay silent before 421; also the deadline "
         "of each line from its first octet (a client trickling a byte at "
         "a time holds no slot), of the PROXY header, of the TLS "
         "handshake, and of a write to a client that does not read"),
-    Key("max_session_time", _seconds, DIALOGUE,
+    Key("max_session_time", _whole_seconds, DIALOGUE,
         "seconds a whole session may last, from the connection; 0: no "
         "limit"),
-    Key("greet_pause", _seconds, DIALOGUE,
+    Key("greet_pause", _whole_seconds, DIALOGUE,
         "seconds to wait before the greeting; a client that talks first "
         "gets 554"),
     Key("max_errors", _integer, DIALOGUE,
@@ -9688,7 +9688,7 @@ KEYS = [
         "the longest a decision waits for the store, in all (its turn "
         "in this process; with PostgreSQL, a connection being made and "
         "its statements) before greylist_fail_mode decides"),
-    Key("greylist_cache_time", _seconds, GREYLISTING,
+    Key("greylist_cache_time", _whole_seconds, GREYLISTING,
         "seconds a process accepts a triplet it saw pass, and a client it "
         "saw trusted, without asking the store again: the store's pass "
         "counts and last-seen times lag by as much, and a --db-delete "
@@ -9703,16 +9703,16 @@ KEYS = [
         "write, readable by others, or shorter than 32 octets.  A new "
         "secret, or turning it off, loses every pass; --db-hash-keys "
         "converts a store's clear keys; empty: keys in clear", path=True),
-    Key("too_soon", _seconds, GREYLISTING,
+    Key("too_soon", _whole_seconds, GREYLISTING,
         "a retry sooner than this many seconds after the first try "
         "restarts the clock"),
-    Key("min_defer_time", _seconds, GREYLISTING,
+    Key("min_defer_time", _whole_seconds, GREYLISTING,
         "a retry is accepted from this many seconds after the first try "
         "(Kamaelia Grey's: 3600; postgrey's --delay: 300, or 5m)"),
-    Key("max_defer_time", _seconds, GREYLISTING,
+    Key("max_defer_time", _whole_seconds, GREYLISTING,
         "a retry is accepted until this many seconds after the first "
         "try; later, the clock restarts (postgrey's --retry-window: 2d)"),
-    Key("max_grey", _seconds, GREYLISTING,
+    Key("max_grey", _whole_seconds, GREYLISTING,
         "a passed triplet unseen this many seconds is forgotten "
         "(postgrey's --max-age: 35d)"),
     Key("ipv4_prefix", _integer, GREYLISTING,
@@ -9767,10 +9767,10 @@ KEYS = [
         "seconds one DNS lookup may take (reverse and forward names, DNS "
         "lists, asked at once); one that takes longer counts as no "
         "answer: no name, not listed"),
-    Key("dns_cache_time", _seconds, GREYLISTING,
+    Key("dns_cache_time", _whole_seconds, GREYLISTING,
         "seconds the answers of the DNS lists are kept (the last 10000 "
         "asked at most)"),
-    Key("client_name_cache_time", _seconds, GREYLISTING,
+    Key("client_name_cache_time", _whole_seconds, GREYLISTING,
         "seconds a client's names (reverse, and confirmed by the forward "
         "lookup), once answered, are kept for its next sessions (the last "
         "10000 clients at most); 0: looked up in every session"),
@@ -9887,7 +9887,7 @@ KEYS = [
         "least; 0: never", owner="server"),
     Key("stress_timeout", _positive_seconds, SERVICE,
         "seconds a client may stay silent under stress", owner="server"),
-    Key("grace_period", _seconds, SERVICE,
+    Key("grace_period", _whole_seconds, SERVICE,
         "seconds a stopping server lets open transactions finish before "
         "421 4.3.2", owner="server", option=True),
     Key("pidfile", _string, SERVICE,

@@ -73,3 +73,16 @@ def test_no_section_is_over_its_budget():
     ends = [index for index, _, _ in found[1:]] + [len(lines)]
     for (index, number, title), end in zip(found, ends):
         assert end - index <= SECTION_BUDGET, (number, title, end - index)
+
+
+def test_no_name_is_defined_twice_at_the_top_level():
+    # A second ``def _seconds`` (a configuration parser) once replaced the
+    # first (the log's formatter of seconds) for the whole module: every
+    # deadline's message then raised.
+    import ast
+    with open(SOURCE) as source:
+        tree = ast.parse(source.read())
+    names = [node.name for node in tree.body
+             if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    assert sorted(name for name in set(names)
+                  if names.count(name) > 1) == []
