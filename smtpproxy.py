@@ -1132,7 +1132,19 @@ class ListFiles(object):
     def __init__(self):
         self._cache = Cache()
 
-    def get(self, path, what="whitelist"):
+    def lists(self, files, what="whitelist"):
+        """The ListFiles of a list key's value, ``files`` (list_paths()):
+        each file's, then its ``.local``'s if there is one (postgrey's
+        /etc/postgrey/whitelist_clients.local)."""
+        found = []
+        for path in list_paths(files):
+            found.append(self.get(path, what))
+            found.append(self.get(path + ".local", what, optional=True))
+        return found
+
+    def get(self, path, what="whitelist", optional=False):
+        """The ListFile of ``path``; an empty one if it cannot be read
+        (logged once), or silently if ``optional`` and missing."""
         try:
             mtime = os.stat(path).st_mtime
             cached = self._cache.get(path)
@@ -1141,8 +1153,9 @@ class ListFiles(object):
             with open(path, "rb") as list_file:
                 lines = list_file.read().decode("utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as error:
-            log_once("%s %s: %s; nothing is listed by it"
-                     % (what, path, error))
+            if not (optional and isinstance(error, FileNotFoundError)):
+                log_once("%s %s: %s; nothing is listed by it"
+                         % (what, path, error))
             return ListFile([])
         listed = ListFile(lines, path)
         self._cache.put(path, (mtime, listed))
@@ -1222,7 +1235,20 @@ class ListFile(object):
                        for pattern in self.patterns))
 
 
-list_files = ListFiles()           # whitelist_clients, _recipients
+def list_paths(files):
+    """The file names of a list key's value (whitelist_clients,
+    whitelist_recipients, greytrap_recipients): a list of names, or one
+    name as a string (a handler's attribute, the configuration's
+    ``key = FILE``); "", empty or None (a handler without the key):
+    none."""
+    if not files:
+        return []
+    if isinstance(files, str):
+        return [files]
+    return [path for path in files if path]
+
+
+list_files = ListFiles()    # whitelist_clients, _recipients, greytraps
 
 
 tls_contexts = Cache()              # SSLContexts, of clients and upstream
@@ -4849,16 +4875,18 @@ class Greylister(object):
     def recipient_is_whitelisted(self, recipient):
         """True if ``recipient`` is in the ``whitelist_recipients`` file
         (postgrey's format: user@domain, user@, a domain, /regex/)."""
-        path = self.settings.whitelist_recipients
-        return bool(path) and list_files.get(
-            path, "whitelist_recipients").has_recipient(recipient)
+        return any(listed.has_recipient(recipient)
+                   for listed in list_files.lists(
+                       self.settings.whitelist_recipients,
+                       "whitelist_recipients"))
 
     def recipient_is_trap(self, recipient):
         """True if ``recipient`` is in the ``greytrap_recipients`` file
         (postgrey's format, as whitelist_recipients)."""
-        path = self.settings.greytrap_recipients
-        return bool(path) and list_files.get(
-            path, "greytrap_recipients").has_recipient(recipient)
+        return any(listed.has_recipient(recipient)
+                   for listed in list_files.lists(
+                       self.settings.greytrap_recipients,
+                       "greytrap_recipients"))
 
     def client_may_relay(self, client):
         """True if ``client`` is in allowed_senders or
@@ -4909,10 +4937,20 @@ class Greylister(object):
         addresses, networks (CIDR or whole-octet prefixes) and host-name
         suffixes, one a line, '#' comments.  A name matches only the
         client's forward-confirmed name (``hostname``), so that nobody
-        whitelists himself with a PTR record."""
-        path = self.settings.whitelist_clients
-        return bool(path) and list_files.get(
-            path, "whitelist_clients").has_client(client, hostname)
+        whitelists himself with a PTR record.  The files (and their
+        ``.local``) of a list key are one list: ``hostname()`` is asked
+        once for them all."""
+        if callable(hostname):
+            ask, known = hostname, []
+
+            def hostname():
+                if not known:
+                    known.append(ask())
+                return known[0]
+        return any(listed.has_client(client, hostname)
+                   for listed in list_files.lists(
+                       self.settings.whitelist_clients,
+                       "whitelist_clients"))
 
     def client_network(self, client):
         """The client's network, the key's first part."""
@@ -4958,7 +4996,9 @@ class GreyListingPolicy(ConcreteMailHandler):
        ``whitelisted_triples`` (ip sender recipient) or of
        ``whitelisted_nonstandard_triples`` (HELO name, IP prefix,
        recipient), a client of the ``whitelist_clients`` file, or a client
-       listed on a ``dnswl`` zone is accepted;
+       listed on a ``dnswl`` zone is accepted (each list key is a file
+       name or a list of them, ``FILE.local`` read beside each that has
+       one: list_paths(), ListFiles.lists());
     4. the client is keyed (``client_key``) by its forward-confirmed,
        non-generic name minus its first label, or by its network of
        ``ipv4_prefix`` (24) or ``ipv6_prefix`` (64) bits (an unknown
@@ -5037,9 +5077,9 @@ class GreyListingPolicy(ConcreteMailHandler):
     greylist_db_timeout = 5
     greylist_cache_time = 60
     x_greylist_header = False
-    whitelist_clients = ""
-    whitelist_recipients = ""
-    greytrap_recipients = ""
+    whitelist_clients = []          # files; one may be a string
+    whitelist_recipients = []
+    greytrap_recipients = []
     greytrap_time = 86400       # spamd's: a day
     client_key = "name"
     greylist_clients = "all"
@@ -9416,7 +9456,8 @@ def _helo_triple(item):
 
 class Key(object):
     """One configuration key, the one place that knows it: its name, how
-    a value is read (``parse``, of each item for a list), who owns it
+    a value is read (``parse``, of each item for a list; ``kind``
+    "files": a list, or one item as ``key = FILE``), who owns it
     ("handler": a class attribute of the handler, whose class holds the
     default; "server": of SMTPProxyServer; "service": main()'s, with
     ``default`` here), its section of the sample configuration, its help
@@ -9694,25 +9735,26 @@ KEYS = [
         "seconds a client's names (reverse, and confirmed by the forward "
         "lookup), once answered, are kept for its next sessions (the last "
         "10000 clients at most); 0: looked up in every session"),
-    Key("whitelist_recipients", _string, GREYLISTING,
-        "a file of recipients never greylisted, in postgrey's format: "
-        "user@domain, user@, a domain (and its subdomains), /regex/",
-        path=True),
+    Key("whitelist_recipients", _word, GREYLISTING,
+        "files (one, or a list) of recipients never greylisted, and "
+        "FILE.local beside each if it exists, in postgrey's format: "
+        "user@domain, user@, a domain (and subdomains), /regex/",
+        kind="files", path=True),
     Key("x_greylist_header", _boolean, GREYLISTING,
         "add 'X-Greylist: delayed N seconds ...' to mail greylisting "
         "delayed"),
-    Key("whitelist_clients", _string, GREYLISTING,
-        "a file of clients never greylisted (but never allowed to relay), "
-        "in postgrey's format: one address, network, host-name suffix or "
-        "/regex/ a line; a name counts only if the client's reverse name "
-        "resolves back to it (contrib/whitelist_clients: sender pools)",
-        path=True),
-    Key("greytrap_recipients", _string, GREYLISTING,
-        "a file of trap addresses (spamd's greytraps), in postgrey's "
-        "format as whitelist_recipients: addresses that never receive "
-        "mail; a client that writes to one is deferred as if greylisted "
-        "and trapped for greytrap_time: none of its mail passes meanwhile; "
-        "empty: no traps", path=True),
+    Key("whitelist_clients", _word, GREYLISTING,
+        "files of clients never greylisted (but never allowed to relay), "
+        "and FILE.local beside each, in postgrey's format: one address, "
+        "network, host-name suffix or /regex/ a line; a name counts only "
+        "if the client's reverse name resolves back to it "
+        "(contrib/whitelist_clients: sender pools)", kind="files", path=True),
+    Key("greytrap_recipients", _word, GREYLISTING,
+        "files of trap addresses (spamd's greytraps), in postgrey's "
+        "format as whitelist_recipients (FILE.local too): addresses that "
+        "never receive mail; a client that writes to one is deferred as "
+        "if greylisted and trapped for greytrap_time: none of its mail "
+        "passes meanwhile; empty: no traps", kind="files", path=True),
     Key("greytrap_time", _positive_seconds, GREYLISTING,
         "seconds a client that wrote to a greytrap stays trapped, in the "
         "store, for every MX host sharing it"),
@@ -9949,14 +9991,15 @@ def format_config(handler_class, values):
             continue
         if key == "greylist_db":
             value = redact_uri(value)
-        if kind == "list":
+        if kind == "list" or (kind == "files"       # one: key = FILE
+                              and len(list_paths(value)) > 1):
             lines.append("%s:" % key)
             lines.extend("    %s" % (item if isinstance(item, str)
                                      else " ".join(item)) for item in value)
         elif isinstance(value, bool):
             lines.append("%s = %s" % (key, "yes" if value else "no"))
         else:
-            lines.append("%s = %s" % (key, value))
+            lines.append("%s = %s" % (key, _format_value(value)))
     return "\n".join(lines)
 
 
@@ -10030,8 +10073,10 @@ def read_config_file(path):
         if kind == "scalar" and isinstance(value, list):
             raise ConfigError("%s: %s takes a value: write '%s = value'"
                               % (where, key, key))
+        if kind == "files" and not isinstance(value, list):   # key = FILE
+            value = [(number, value)] if value else []
         try:
-            if kind == "list":
+            if kind != "scalar":
                 items = []
                 for number, item in value:
                     where = "%s:%d" % (path, number)
@@ -10114,7 +10159,7 @@ def _option_value(text):
                          "key" % log_escape(text))
     convert, kind, _ = CONFIG_KEYS[key]
     try:
-        if kind == "list":
+        if kind != "scalar":
             items = [item.split() for item in value.split(",")
                      if item.strip()]
             return key, [convert(item[0] if len(item) == 1 else tuple(item))
@@ -11478,14 +11523,24 @@ def check_dns_lists(handler_class):
                 raise StartError("%s: %s" % (key, error), 2)
 
 
-def _read_list(key, path):
+def _read_list(key, path, optional=False):
     """The lines of the list file ``path`` of ``key``, its regular
-    expressions compiled: StartError (status 2) if it cannot be read."""
+    expressions compiled: StartError (status 2) if it cannot be read,
+    saying what to do; none if ``optional`` (a ``.local``) and
+    missing."""
     try:
         with open(path, "rb") as list_file:
             lines = list_file.read().decode("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise StartError("%s %s: %s" % (key, path, error), 2)
+    except OSError as error:
+        if optional and isinstance(error, FileNotFoundError):
+            return []
+        raise StartError(
+            "%s %s: cannot read it: %s; correct the name, make the file "
+            "(it may be empty) readable, or remove it from %s"
+            % (key, path, error.strerror or error, key), 2)
+    except UnicodeDecodeError as error:
+        raise StartError("%s %s: not UTF-8 text (byte %d); write it in "
+                         "UTF-8" % (key, path, error.start), 2)
     for number, line in enumerate(lines, 1):
         entry = line.split("#", 1)[0].strip()
         if len(entry) > 1 and entry.startswith("/") and entry.endswith("/"):
@@ -11495,6 +11550,37 @@ def _read_list(key, path):
                 raise StartError("%s %s:%d: bad regular expression: %s"
                                  % (key, path, number, error), 2)
     return lines
+
+
+# The keys whose values are list files (postgrey's format): ListFiles.
+LIST_KEYS = ("whitelist_clients", "whitelist_recipients",
+             "greytrap_recipients")
+
+
+def read_list_files(handler_class, key):
+    """``(files, listed)``: the files of list key ``key`` of
+    ``handler_class`` (list_paths(); with ``FILE.local`` beside each if it
+    exists, as postgrey reads /etc/postgrey/whitelist_clients.local) and
+    one ListFile of all their lines.  StartError (status 2), naming the
+    key and the file, if a file cannot be read (a missing ``.local`` is
+    no error) or has a bad regular expression."""
+    files, lines = [], []
+    for path in list_paths(getattr(handler_class, key, "")):
+        for name, optional in ((path, False), (path + ".local", True)):
+            if optional and not os.path.lexists(name):
+                continue
+            lines += _read_list(key, name, optional)
+            files.append(name)
+    return files, ListFile(lines, key)
+
+
+def check_list_files(handler_class):
+    """Every file of whitelist_clients, whitelist_recipients and
+    greytrap_recipients (and each ``.local`` there is) can be read, and
+    its regular expressions compile: at the start, by --check-config and
+    on a reload, not at the first RCPT.  StartError (status 2)."""
+    for key in LIST_KEYS:
+        read_list_files(handler_class, key)
 
 
 def check_greytraps(handler_class, upstream=False):
@@ -11508,10 +11594,10 @@ def check_greytraps(handler_class, upstream=False):
     take a trap address as a mailbox (_traps_the_upstream_takes()).
     StartError (status 2) says which and what to do; return the
     warnings."""
-    path = getattr(handler_class, "greytrap_recipients", "")
-    if not path:
+    files, traps = read_list_files(handler_class, "greytrap_recipients")
+    if not files:
         return []
-    traps = ListFile(_read_list("greytrap_recipients", path), path)
+    path = ", ".join(files)
 
     def refuse(trap, why, advice="remove it from one of the two"):
         raise StartError(
@@ -11521,11 +11607,9 @@ def check_greytraps(handler_class, upstream=False):
         if trap.split("@")[0] == "postmaster":
             refuse(trap, "is the Postmaster, a real recipient (RFC 5321 "
                    "section 4.5.1)", "remove it from the traps")
-    whitelist = getattr(handler_class, "whitelist_recipients", "")
-    if whitelist and os.path.exists(whitelist):
-        # (One that cannot be read is logged at its first use.)
-        listed = ListFile(_read_list("whitelist_recipients", whitelist),
-                          whitelist)
+    files, listed = read_list_files(handler_class, "whitelist_recipients")
+    if files:
+        whitelist = ", ".join(files)
         for trap in sorted(traps.addresses):
             if listed.has_recipient(trap):
                 refuse(trap, "is also in whitelist_recipients %s"
@@ -11724,6 +11808,7 @@ def check_configuration(handler_class, values, files=True, notes=None):
     warnings = check_hash_keys(handler_class)
     check_policy(handler_class, values)
     check_dns_lists(handler_class)
+    check_list_files(handler_class)
     warnings += check_greytraps(handler_class,
                                 upstream=values.get("smtp_proxy", True))
     if files:
@@ -12397,8 +12482,14 @@ class Service(_SignalsNoted):
             else:
                 value = SERVICE_DEFAULTS.get(key,
                                              getattr(self.base, key, None))
-            if value and not (key == "greylist_db"
-                              and is_database_uri(value)):
+            if CONFIG_KEYS[key][1] == "files":
+                value = list_paths(value)
+                if not all(os.path.isabs(path) for path in value):
+                    self.relative.append(key)
+                values[key] = [os.path.join(self.start_dir, path)
+                               for path in value]
+            elif value and not (key == "greylist_db"
+                                and is_database_uri(value)):
                 if not os.path.isabs(value):
                     self.relative.append(key)
                 values[key] = os.path.join(self.start_dir, value)
@@ -12462,6 +12553,7 @@ class Service(_SignalsNoted):
         check_tls(handler_class, identity)
         self.warnings += check_hash_keys(handler_class)
         check_policy(handler_class, self.values)
+        check_list_files(handler_class)
         self.warnings += check_greytraps(
             handler_class, upstream=self.values.get("smtp_proxy", True))
         return handler_class
@@ -12492,7 +12584,8 @@ class Service(_SignalsNoted):
             if key == "greylist_debuglog" and not self.values.get("debug"):
                 continue
             sys.stderr.write("smtpproxy: warning: %s is a relative name, "
-                             "read from /: %s\n" % (key, self.values[key]))
+                             "read from /: %s\n"
+                             % (key, _format_value(self.values[key])))
 
     def _detach(self):
         """With --daemon: fork away; the parent waits for report_start()."""

@@ -545,6 +545,34 @@ def test_whitelisted_users_match_with_their_plus_extension_as_postgrey(
                       recipient=recipient).verdict == "defer", recipient
 
 
+def test_a_list_key_reads_several_files_and_the_local_beside_each(
+        engine, tmp_path):
+    # postgrey: --whitelist-recipients given more than once, and
+    # /etc/postgrey/whitelist_recipients.local read when it exists.
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_text("abuse@example.org\n")
+    (tmp_path / "first.local").write_text("sales@example.org\n")
+    second.write_text("otp.example.org\n")
+    clients = tmp_path / "clients"
+    clients.write_text("198.51.100\n")
+    (tmp_path / "clients.local").write_text("mail.pool.example\n")
+    grey = engine(whitelist_recipients=[str(first), str(second)],
+                  whitelist_clients=[str(clients)],
+                  allowed_domains=["example.org", "otp.example.org"])
+    for recipient in ("abuse@example.org", "sales@example.org",
+                      "x@otp.example.org"):
+        assert decide(grey, "192.0.2.7", recipient=recipient).rule == \
+            "whitelist_recipients", recipient
+    assert decide(grey, "198.51.100.9").rule == "whitelist_clients"
+    assert decide(grey, "192.0.2.8",
+                  "out.mail.pool.example").rule == "whitelist_clients"
+    assert decide(grey, "192.0.2.9",
+                  "mail.pool.example.net").verdict == "defer"
+    # A .local made later is read at once, as a changed file is.
+    (tmp_path / "second.local").write_text("b@example.org\n")
+    assert decide(grey, "192.0.2.7").rule == "whitelist_recipients"
+
+
 def test_the_shipped_whitelist_of_sender_pools_loads(engine):
     path = os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "contrib", "whitelist_clients")
