@@ -4282,19 +4282,23 @@ class Decision(object):
     ``error``: the store's error, when it failed; ``added``: True when
     the triplet was new and its row was added to the store (a deferral
     past a bound of new triplets, rule "max_new_triplets_per_session"
-    or "max_new_triplets_per_network", added none).
+    or "max_new_triplets_per_network", added none); ``wait``: for a
+    triplet deferred on an early retry, the seconds left until a retry
+    can pass (None: min_defer_time, the clock starting now).
     """
 
-    __slots__ = ("verdict", "rule", "key", "delay", "error", "added")
+    __slots__ = ("verdict", "rule", "key", "delay", "error", "added",
+                 "wait")
 
     def __init__(self, verdict, rule, key=None, delay=None, error=None,
-                 added=False):
+                 added=False, wait=None):
         self.verdict = verdict
         self.rule = rule
         self.key = key
         self.delay = delay
         self.error = error
         self.added = added
+        self.wait = wait
 
     @property
     def accepted(self):
@@ -4618,6 +4622,24 @@ def key_secret(settings):
     return secret
 
 
+def defer_text(reply, wait, recipient):
+    """``reply`` (defer_reply) with postgrey's --greylist-text
+    placeholders, as postgrey 1.37 replaces them: the first ``%s`` by
+    ``wait``, the seconds left until a retry can pass (whole, rounded
+    up), then the first ``%r`` by the recipient's domain (what follows
+    its last "@"; all of it without one).  Nothing else: a second
+    ``%s``, ``%%`` or any other "%" stays as written.  A domain with
+    other than printable ASCII is written in A-labels (xn--): a reply's
+    text is ASCII (RFC 5321 section 4.2)."""
+    reply = reply.replace("%s", str(int(math.ceil(wait))), 1)
+    if "%r" not in reply:
+        return reply
+    domain = recipient.rpartition("@")[2]
+    if re.search(r"[^\x21-\x7e]", domain):
+        domain = _a_labels(domain)
+    return reply.replace("%r", domain, 1)
+
+
 def x_greylist(delay, servername, rule, now):
     """The X-Greylist: header line of a message that greylisting delayed
     ``delay`` seconds, by ``rule``, at ``now``."""
@@ -4758,9 +4780,10 @@ class Greylister(object):
                     return Decision("accept", "not-suspicious " + key_rule)
                 network = self.flood_network(client)
                 bound = self.new_triplet_bound(network, now, session_added)
-                accepted, delay, new = store.step(
+                step = store.step(
                     key, now, client=None if unknown else client_key,
                     add=bound is None)
+                accepted, delay, new = step
         except ResourceShortage as error:
             # Not the fail mode: out of descriptors is no reason to let
             # mail through.
@@ -4781,7 +4804,7 @@ class Greylister(object):
         if new and settings.max_new_triplets_per_network:
             new_triplets.added(network, now)
         return Decision("accept" if accepted else "defer", rule, key, delay,
-                        added=new)
+                        added=new, wait=step.wait)
 
     def spring_trap(self, client, client_key, key_rule, recipient, now):
         """The Decision for ``recipient``, a greytrap, written to by the
@@ -5132,7 +5155,8 @@ class GreyListingPolicy(ConcreteMailHandler):
     def shouldWeAcceptRecipient(self, recipient):
         """The engine's decision (greylister_class, configured by this
         handler's attributes) as a reply: True, relay_reply, False
-        (defer_reply), or 421 4.3.2 when the process is out of
+        (defer_reply; with placeholders, its text for this deferral:
+        defer_text()), or 421 4.3.2 when the process is out of
         descriptors."""
         decision = self.greylister_class(self).decide(
             self.peer, self.mail_from, recipient, self.now(),
@@ -5161,6 +5185,12 @@ class GreyListingPolicy(ConcreteMailHandler):
             return self.relay_reply
         if decision.verdict == "unavailable":
             return OUT_OF_RESOURCES
+        if decision.verdict == "defer":
+            # With placeholders (%s, %r): this deferral's text.
+            reply = defer_text(self.defer_reply, self.min_defer_time
+                               if decision.wait is None else decision.wait,
+                               recipient)
+            return False if reply == self.defer_reply else reply
         return decision.accepted
 
 
@@ -5214,9 +5244,12 @@ class Step(collections.namedtuple("Step", "accepted delay new")):
     ``delay`` the seconds the triplet was held back when this try is the
     one that passed greylisting, else None; ``new`` True when the triplet
     was unknown (a first sighting, deferred).  A tuple: ``accepted,
-    delay, new = store.step(...)`` reads it too."""
+    delay, new = store.step(...)`` reads it too.  Not of the tuple (it
+    compares as one of three): ``wait``, for a retry deferred as too
+    early, the seconds left until one can pass; else None (for a
+    deferral: the clock starts now, min_defer_time)."""
 
-    __slots__ = ()
+    wait = None
 
 
 _ACCEPTED = Step(True, None, False)
@@ -5274,7 +5307,7 @@ def triplet_step(first_seen, passed, now, timings):
     | passed more than max_grey ago           | deferred | RESTART (as new)  |
     | never seen                              | new      | RESTART           |
     | seen less than too_soon ago             | deferred | RESTART           |
-    | seen less than min_defer_time ago       | deferred | none              |
+    | seen less than min_defer_time ago       | deferred | none (wait)       |
     | seen more than max_defer_time ago       | deferred | RESTART           |
     | otherwise (retried inside the window)   | waited   | PASS              |
     """
@@ -5289,7 +5322,9 @@ def triplet_step(first_seen, passed, now, timings):
         # Too hasty, or too late: the retry clock starts again.
         return _DEFERRED, RESTART
     if waited < timings.min_defer_time:
-        return _DEFERRED, None
+        step = Step(False, None, False)
+        step.wait = timings.min_defer_time - waited
+        return step, None
     return Step(True, waited, False), PASS
 
 
@@ -8813,7 +8848,8 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         metrics.decision(decision)
         if decision.error is not None:
             self.store_failed(decision.error)
-        action = self._action(decision, request.get("instance"), now)
+        action = self._action(decision, request.get("instance"), now,
+                              recipient)
         # "refuse" is the engine's word for a recipient it does not
         # greylist: here Postfix decides, and the answer is DUNNO.
         rule = ("outside allowed_domains" if decision.verdict == "refuse"
@@ -8827,13 +8863,15 @@ class PolicyHandler(socketserver.BaseRequestHandler):
             raise decision.error
         return action
 
-    def _action(self, decision, instance, now):
+    def _action(self, decision, instance, now, recipient=""):
         """The action answering ``decision``; None: no answer."""
         settings = self.server.settings
         if decision.verdict == "unavailable":
             return None
         if decision.verdict == "defer":
-            return "DEFER_IF_PERMIT " + _reply_text(settings.defer_reply)
+            return "DEFER_IF_PERMIT " + _reply_text(defer_text(
+                settings.defer_reply, settings.min_defer_time
+                if decision.wait is None else decision.wait, recipient))
         if (decision.verdict == "accept" and decision.delay is not None
                 and settings.x_greylist_header
                 and (instance is None or instance != self.prepended)):
@@ -9736,10 +9774,9 @@ KEYS = [
         "lookup), once answered, are kept for its next sessions (the last "
         "10000 clients at most); 0: looked up in every session"),
     Key("whitelist_recipients", _word, GREYLISTING,
-        "files (one, or a list) of recipients never greylisted, and "
-        "FILE.local beside each if it exists, in postgrey's format: "
-        "user@domain, user@, a domain (and subdomains), /regex/",
-        kind="files", path=True),
+        "files of recipients never greylisted, and FILE.local beside each "
+        "if it exists, in postgrey's format: user@domain, user@, a domain "
+        "(and subdomains), /regex/", kind="files", path=True),
     Key("x_greylist_header", _boolean, GREYLISTING,
         "add 'X-Greylist: delayed N seconds ...' to mail greylisting "
         "delayed"),
@@ -9759,7 +9796,9 @@ KEYS = [
         "seconds a client that wrote to a greytrap stays trapped, in the "
         "store, for every MX host sharing it"),
     Key("defer_reply", _defer_reply, GREYLISTING,
-        "the reply to a recipient greylisting defers"),
+        "the reply to a recipient greylisting defers; its first %s: the "
+        "seconds left until a retry can pass, then its first %r: the "
+        "recipient's domain (postgrey's --greylist-text; other % stay)"),
     Key("greylist_fail_mode", _fail_mode, GREYLISTING,
         "when the store cannot be used (file gone, disk full, locked too "
         "long): accept (as Kamaelia Grey) or defer; a process out of "

@@ -588,6 +588,77 @@ def test_the_shipped_whitelist_of_sender_pools_loads(engine):
                   "mail-wr1-f51.google.com").rule == "whitelist_clients"
 
 
+# -- defer_reply's placeholders (postgrey's --greylist-text) -----------------
+
+PLACEHOLDERS = "451 4.7.1 Greylisted for %s seconds (see http://x/%r)"
+
+
+def rcpt_reply(port, recipient):
+    """One session from 127.0.0.2: the reply to RCPT, (code, text)."""
+    client = RawClient(port, source="127.0.0.2")
+    try:
+        client.cmd("EHLO client.example.net")
+        client.cmd("MAIL FROM:<a@example.net>")
+        return client.cmd("RCPT TO:<%s>" % recipient)
+    finally:
+        client.cmd("QUIT")
+        client.close()
+
+
+def test_defer_reply_says_the_seconds_left_and_the_recipients_domain(
+        proxy, tmp_path):
+    clock = [T0]
+    port = proxy(handler=smtpproxy.GreyListingPolicy,
+                 greylist_db=str(tmp_path / "grey.db"), allowed_senders=[],
+                 allowed_domains=["example.org", "Example.COM"],
+                 client_key="network", too_soon=0, min_defer_time=300,
+                 defer_reply=PLACEHOLDERS, now=lambda self: clock[0])
+    assert rcpt_reply(port, "b@example.org") == (
+        451, "4.7.1 Greylisted for 300 seconds (see http://x/example.org)")
+    clock[0] = T0 + 100.5                   # whole seconds, rounded up
+    assert rcpt_reply(port, "b@example.org") == (
+        451, "4.7.1 Greylisted for 200 seconds (see http://x/example.org)")
+    assert rcpt_reply(port, "c@Example.COM") == (
+        451, "4.7.1 Greylisted for 300 seconds (see http://x/Example.COM)")
+    clock[0] = T0 + 300
+    assert rcpt_reply(port, "b@example.org")[0] == 250
+
+
+@pytest.mark.parametrize("reply, text", [
+    # As postgrey: the first %s, then the first %r; nothing else.
+    ("451 4.7.1 %s %s %r %r", "4.7.1 300 %s example.org %r"),
+    ("451 4.7.1 100%% sure, %d%, %(x)s, %", "4.7.1 100%% sure, %d%, %(x)s, %"),
+    ("451 4.7.1 %%s", "4.7.1 %300"),
+    ("451 4.7.1 Greylisted, please try again later",
+     "4.7.1 Greylisted, please try again later"),
+])
+def test_other_percent_signs_of_defer_reply_stay_as_written(
+        proxy, tmp_path, reply, text):
+    port = proxy(handler=smtpproxy.GreyListingPolicy,
+                 greylist_db=str(tmp_path / "grey.db"), allowed_senders=[],
+                 allowed_domains=["example.org"], min_defer_time=300,
+                 defer_reply=reply, now=lambda self: T0)
+    assert rcpt_reply(port, "b@example.org") == (451, text)
+
+
+def test_the_default_defer_reply_is_still_the_hooks_false(engine, tmp_path):
+    class Session(smtpproxy.GreyListingPolicy):
+        peer, mail_from, helo_name, triplets_added = (
+            "192.0.2.7", "a@example.net", "client.example.net", 0)
+        allowed_senders, allowed_domains = [], ["example.org"]
+        greylist_db = str(tmp_path / "grey.db")
+
+        def __init__(self):
+            pass
+
+        def client_hostname(self):
+            return None
+    assert Session().shouldWeAcceptRecipient("b@example.org") is False
+    Session.defer_reply = PLACEHOLDERS
+    assert Session().shouldWeAcceptRecipient("b@example.org").startswith(
+        "451 4.7.1 Greylisted for ")
+
+
 # -- lookup threads ------------------------------------------------------------
 
 def test_lookups_reuse_their_threads():

@@ -28,7 +28,9 @@ from conftest import ROOT, free_port, wait_until
 
 POSTGREY = "/usr/sbin/postgrey"
 
-TEXT = "4.7.1 Greylisted, please try again later"
+# postgrey's --greylist-text, defer_reply's text: the seconds left and the
+# recipient's domain.
+TEXT = "4.7.1 Greylisted for %s seconds, see http://x/%r.html"
 
 CLIENTS = """\
 # postgrey's format
@@ -315,8 +317,9 @@ def test_postgrey_and_the_policy_service_answer_a_stream_alike(both):
     assert differ == []
     # The stream means what it says: each class is met, with the text.
     kinds = [answer[-1] for answer in answers]
-    assert kinds[:5] == ["DEFER_IF_PERMIT " + TEXT] * 3 + [
-        "PREPEND", "DUNNO"]
+    assert kinds[:5] == ["DEFER_IF_PERMIT 4.7.1 Greylisted for %d seconds, "
+                         "see http://x/example.org.html" % left
+                         for left in (300, 200, 1)] + ["PREPEND", "DUNNO"]
     assert kinds[-1] == "DUNNO"                 # auto-whitelisted
     assert [answer[-1] for answer in answers
             if answer[2] == "mx.local-pool.example"
