@@ -1134,7 +1134,19 @@ class ListFiles(object):
     def __init__(self):
         self._cache = Cache()
 
-    def get(self, path, what="whitelist"):
+    def lists(self, files, what="whitelist"):
+        """The ListFiles of a list key's value, ``files`` (list_paths()):
+        each file's, then its ``.local``'s if there is one (postgrey's
+        /etc/postgrey/whitelist_clients.local)."""
+        found = []
+        for path in list_paths(files):
+            found.append(self.get(path, what))
+            found.append(self.get(path + ".local", what, optional=True))
+        return found
+
+    def get(self, path, what="whitelist", optional=False):
+        """The ListFile of ``path``; an empty one if it cannot be read
+        (logged once), or silently if ``optional`` and missing."""
         try:
             mtime = os.stat(path).st_mtime
             cached = self._cache.get(path)
@@ -1143,8 +1155,9 @@ class ListFiles(object):
             with open(path, "rb") as list_file:
                 lines = list_file.read().decode("utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as error:
-            log_once("%s %s: %s; nothing is listed by it"
-                     % (what, path, error))
+            if not (optional and isinstance(error, FileNotFoundError)):
+                log_once("%s %s: %s; nothing is listed by it"
+                         % (what, path, error))
             return ListFile([])
         listed = ListFile(lines, path)
         self._cache.put(path, (mtime, listed))
@@ -1224,7 +1237,20 @@ class ListFile(object):
                        for pattern in self.patterns))
 
 
-list_files = ListFiles()           # whitelist_clients, _recipients
+def list_paths(files):
+    """The file names of a list key's value (whitelist_clients,
+    whitelist_recipients, greytrap_recipients): a list of names, or one
+    name as a string (a handler's attribute, the configuration's
+    ``key = FILE``); "", empty or None (a handler without the key):
+    none."""
+    if not files:
+        return []
+    if isinstance(files, str):
+        return [files]
+    return [path for path in files if path]
+
+
+list_files = ListFiles()    # whitelist_clients, _recipients, greytraps
 
 
 tls_contexts = Cache()              # SSLContexts, of clients and upstream
@@ -4258,19 +4284,23 @@ class Decision(object):
     ``error``: the store's error, when it failed; ``added``: True when
     the triplet was new and its row was added to the store (a deferral
     past a bound of new triplets, rule "max_new_triplets_per_session"
-    or "max_new_triplets_per_network", added none).
+    or "max_new_triplets_per_network", added none); ``wait``: for a
+    triplet deferred on an early retry, the seconds left until a retry
+    can pass (None: min_defer_time, the clock starting now).
     """
 
-    __slots__ = ("verdict", "rule", "key", "delay", "error", "added")
+    __slots__ = ("verdict", "rule", "key", "delay", "error", "added",
+                 "wait")
 
     def __init__(self, verdict, rule, key=None, delay=None, error=None,
-                 added=False):
+                 added=False, wait=None):
         self.verdict = verdict
         self.rule = rule
         self.key = key
         self.delay = delay
         self.error = error
         self.added = added
+        self.wait = wait
 
     @property
     def accepted(self):
@@ -4594,6 +4624,24 @@ def key_secret(settings):
     return secret
 
 
+def defer_text(reply, wait, recipient):
+    """``reply`` (defer_reply) with postgrey's --greylist-text
+    placeholders, as postgrey 1.37 replaces them: the first ``%s`` by
+    ``wait``, the seconds left until a retry can pass (whole, rounded
+    up), then the first ``%r`` by the recipient's domain (what follows
+    its last "@"; all of it without one).  Nothing else: a second
+    ``%s``, ``%%`` or any other "%" stays as written.  A domain with
+    other than printable ASCII is written in A-labels (xn--): a reply's
+    text is ASCII (RFC 5321 section 4.2)."""
+    reply = reply.replace("%s", str(int(math.ceil(wait))), 1)
+    if "%r" not in reply:
+        return reply
+    domain = recipient.rpartition("@")[2]
+    if re.search(r"[^\x21-\x7e]", domain):
+        domain = _a_labels(domain)
+    return reply.replace("%r", domain, 1)
+
+
 def x_greylist(delay, servername, rule, now):
     """The X-Greylist: header line of a message that greylisting delayed
     ``delay`` seconds, by ``rule``, at ``now``."""
@@ -4734,9 +4782,10 @@ class Greylister(object):
                     return Decision("accept", "not-suspicious " + key_rule)
                 network = self.flood_network(client)
                 bound = self.new_triplet_bound(network, now, session_added)
-                accepted, delay, new = store.step(
+                step = store.step(
                     key, now, client=None if unknown else client_key,
                     add=bound is None)
+                accepted, delay, new = step
         except ResourceShortage as error:
             # Not the fail mode: out of descriptors is no reason to let
             # mail through.
@@ -4757,7 +4806,7 @@ class Greylister(object):
         if new and settings.max_new_triplets_per_network:
             new_triplets.added(network, now)
         return Decision("accept" if accepted else "defer", rule, key, delay,
-                        added=new)
+                        added=new, wait=step.wait)
 
     def spring_trap(self, client, client_key, key_rule, recipient, now):
         """The Decision for ``recipient``, a greytrap, written to by the
@@ -4851,16 +4900,18 @@ class Greylister(object):
     def recipient_is_whitelisted(self, recipient):
         """True if ``recipient`` is in the ``whitelist_recipients`` file
         (postgrey's format: user@domain, user@, a domain, /regex/)."""
-        path = self.settings.whitelist_recipients
-        return bool(path) and list_files.get(
-            path, "whitelist_recipients").has_recipient(recipient)
+        return any(listed.has_recipient(recipient)
+                   for listed in list_files.lists(
+                       self.settings.whitelist_recipients,
+                       "whitelist_recipients"))
 
     def recipient_is_trap(self, recipient):
         """True if ``recipient`` is in the ``greytrap_recipients`` file
         (postgrey's format, as whitelist_recipients)."""
-        path = self.settings.greytrap_recipients
-        return bool(path) and list_files.get(
-            path, "greytrap_recipients").has_recipient(recipient)
+        return any(listed.has_recipient(recipient)
+                   for listed in list_files.lists(
+                       self.settings.greytrap_recipients,
+                       "greytrap_recipients"))
 
     def client_may_relay(self, client):
         """True if ``client`` is in allowed_senders or
@@ -4911,10 +4962,20 @@ class Greylister(object):
         addresses, networks (CIDR or whole-octet prefixes) and host-name
         suffixes, one a line, '#' comments.  A name matches only the
         client's forward-confirmed name (``hostname``), so that nobody
-        whitelists himself with a PTR record."""
-        path = self.settings.whitelist_clients
-        return bool(path) and list_files.get(
-            path, "whitelist_clients").has_client(client, hostname)
+        whitelists himself with a PTR record.  The files (and their
+        ``.local``) of a list key are one list: ``hostname()`` is asked
+        once for them all."""
+        if callable(hostname):
+            ask, known = hostname, []
+
+            def hostname():
+                if not known:
+                    known.append(ask())
+                return known[0]
+        return any(listed.has_client(client, hostname)
+                   for listed in list_files.lists(
+                       self.settings.whitelist_clients,
+                       "whitelist_clients"))
 
     def client_network(self, client):
         """The client's network, the key's first part."""
@@ -4960,7 +5021,9 @@ class GreyListingPolicy(ConcreteMailHandler):
        ``whitelisted_triples`` (ip sender recipient) or of
        ``whitelisted_nonstandard_triples`` (HELO name, IP prefix,
        recipient), a client of the ``whitelist_clients`` file, or a client
-       listed on a ``dnswl`` zone is accepted;
+       listed on a ``dnswl`` zone is accepted (each list key is a file
+       name or a list of them, ``FILE.local`` read beside each that has
+       one: list_paths(), ListFiles.lists());
     4. the client is keyed (``client_key``) by its forward-confirmed,
        non-generic name minus its first label, or by its network of
        ``ipv4_prefix`` (24) or ``ipv6_prefix`` (64) bits (an unknown
@@ -5039,9 +5102,9 @@ class GreyListingPolicy(ConcreteMailHandler):
     greylist_db_timeout = 5
     greylist_cache_time = 60
     x_greylist_header = False
-    whitelist_clients = ""
-    whitelist_recipients = ""
-    greytrap_recipients = ""
+    whitelist_clients = []          # files; one may be a string
+    whitelist_recipients = []
+    greytrap_recipients = []
     greytrap_time = 86400       # spamd's: a day
     client_key = "name"
     greylist_clients = "all"
@@ -5094,7 +5157,8 @@ class GreyListingPolicy(ConcreteMailHandler):
     def shouldWeAcceptRecipient(self, recipient):
         """The engine's decision (greylister_class, configured by this
         handler's attributes) as a reply: True, relay_reply, False
-        (defer_reply), or 421 4.3.2 when the process is out of
+        (defer_reply; with placeholders, its text for this deferral:
+        defer_text()), or 421 4.3.2 when the process is out of
         descriptors."""
         decision = self.greylister_class(self).decide(
             self.peer, self.mail_from, recipient, self.now(),
@@ -5123,6 +5187,12 @@ class GreyListingPolicy(ConcreteMailHandler):
             return self.relay_reply
         if decision.verdict == "unavailable":
             return OUT_OF_RESOURCES
+        if decision.verdict == "defer":
+            # With placeholders (%s, %r): this deferral's text.
+            reply = defer_text(self.defer_reply, self.min_defer_time
+                               if decision.wait is None else decision.wait,
+                               recipient)
+            return False if reply == self.defer_reply else reply
         return decision.accepted
 
 
@@ -5176,9 +5246,12 @@ class Step(collections.namedtuple("Step", "accepted delay new")):
     ``delay`` the seconds the triplet was held back when this try is the
     one that passed greylisting, else None; ``new`` True when the triplet
     was unknown (a first sighting, deferred).  A tuple: ``accepted,
-    delay, new = store.step(...)`` reads it too."""
+    delay, new = store.step(...)`` reads it too.  Not of the tuple (it
+    compares as one of three): ``wait``, for a retry deferred as too
+    early, the seconds left until one can pass; else None (for a
+    deferral: the clock starts now, min_defer_time)."""
 
-    __slots__ = ()
+    wait = None
 
 
 _ACCEPTED = Step(True, None, False)
@@ -5236,7 +5309,7 @@ def triplet_step(first_seen, passed, now, timings):
     | passed more than max_grey ago           | deferred | RESTART (as new)  |
     | never seen                              | new      | RESTART           |
     | seen less than too_soon ago             | deferred | RESTART           |
-    | seen less than min_defer_time ago       | deferred | none              |
+    | seen less than min_defer_time ago       | deferred | none (wait)       |
     | seen more than max_defer_time ago       | deferred | RESTART           |
     | otherwise (retried inside the window)   | waited   | PASS              |
     """
@@ -5251,7 +5324,9 @@ def triplet_step(first_seen, passed, now, timings):
         # Too hasty, or too late: the retry clock starts again.
         return _DEFERRED, RESTART
     if waited < timings.min_defer_time:
-        return _DEFERRED, None
+        step = Step(False, None, False)
+        step.wait = timings.min_defer_time - waited
+        return step, None
     return Step(True, waited, False), PASS
 
 
@@ -8789,7 +8864,8 @@ class PolicyHandler(socketserver.BaseRequestHandler):
         metrics.decision(decision)
         if decision.error is not None:
             self.store_failed(decision.error)
-        action = self._action(decision, request.get("instance"), now)
+        action = self._action(decision, request.get("instance"), now,
+                              recipient)
         # "refuse" is the engine's word for a recipient it does not
         # greylist: here Postfix decides, and the answer is DUNNO.
         rule = ("outside allowed_domains" if decision.verdict == "refuse"
@@ -8847,13 +8923,15 @@ class PolicyHandler(socketserver.BaseRequestHandler):
                                  ("%s: " % queue_id if queue_id else "")
                                  + ", ".join(info)))
 
-    def _action(self, decision, instance, now):
+    def _action(self, decision, instance, now, recipient=""):
         """The action answering ``decision``; None: no answer."""
         settings = self.server.settings
         if decision.verdict == "unavailable":
             return None
         if decision.verdict == "defer":
-            return "DEFER_IF_PERMIT " + _reply_text(settings.defer_reply)
+            return "DEFER_IF_PERMIT " + _reply_text(defer_text(
+                settings.defer_reply, settings.min_defer_time
+                if decision.wait is None else decision.wait, recipient))
         if (decision.verdict == "accept" and decision.delay is not None
                 and settings.x_greylist_header
                 and (instance is None or instance != self.prepended)):
@@ -9495,7 +9573,8 @@ def _helo_triple(item):
 
 class Key(object):
     """One configuration key, the one place that knows it: its name, how
-    a value is read (``parse``, of each item for a list), who owns it
+    a value is read (``parse``, of each item for a list; ``kind``
+    "files": a list, or one item as ``key = FILE``), who owns it
     ("handler": a class attribute of the handler, whose class holds the
     default; "server": of SMTPProxyServer; "service": main()'s, with
     ``default`` here), its section of the sample configuration, its help
@@ -9774,30 +9853,32 @@ KEYS = [
         "seconds a client's names (reverse, and confirmed by the forward "
         "lookup), once answered, are kept for its next sessions (the last "
         "10000 clients at most); 0: looked up in every session"),
-    Key("whitelist_recipients", _string, GREYLISTING,
-        "a file of recipients never greylisted, in postgrey's format: "
-        "user@domain, user@, a domain (and its subdomains), /regex/",
-        path=True),
+    Key("whitelist_recipients", _word, GREYLISTING,
+        "files of recipients never greylisted, and FILE.local beside each "
+        "if it exists, in postgrey's format: user@domain, user@, a domain "
+        "(and subdomains), /regex/", kind="files", path=True),
     Key("x_greylist_header", _boolean, GREYLISTING,
         "add 'X-Greylist: delayed N seconds ...' to mail greylisting "
         "delayed"),
-    Key("whitelist_clients", _string, GREYLISTING,
-        "a file of clients never greylisted (but never allowed to relay), "
-        "in postgrey's format: one address, network, host-name suffix or "
-        "/regex/ a line; a name counts only if the client's reverse name "
-        "resolves back to it (contrib/whitelist_clients: sender pools)",
-        path=True),
-    Key("greytrap_recipients", _string, GREYLISTING,
-        "a file of trap addresses (spamd's greytraps), in postgrey's "
-        "format as whitelist_recipients: addresses that never receive "
-        "mail; a client that writes to one is deferred as if greylisted "
-        "and trapped for greytrap_time: none of its mail passes meanwhile; "
-        "empty: no traps", path=True),
+    Key("whitelist_clients", _word, GREYLISTING,
+        "files of clients never greylisted (but never allowed to relay), "
+        "and FILE.local beside each, in postgrey's format: one address, "
+        "network, host-name suffix or /regex/ a line; a name counts only "
+        "if the client's reverse name resolves back to it "
+        "(contrib/whitelist_clients: sender pools)", kind="files", path=True),
+    Key("greytrap_recipients", _word, GREYLISTING,
+        "files of trap addresses (spamd's greytraps), in postgrey's "
+        "format as whitelist_recipients (FILE.local too): addresses that "
+        "never receive mail; a client that writes to one is deferred as "
+        "if greylisted and trapped for greytrap_time: none of its mail "
+        "passes meanwhile; empty: no traps", kind="files", path=True),
     Key("greytrap_time", _positive_seconds, GREYLISTING,
         "seconds a client that wrote to a greytrap stays trapped, in the "
         "store, for every MX host sharing it"),
     Key("defer_reply", _defer_reply, GREYLISTING,
-        "the reply to a recipient greylisting defers"),
+        "the reply to a recipient greylisting defers; its first %s: the "
+        "seconds left until a retry can pass, then its first %r: the "
+        "recipient's domain (postgrey's --greylist-text; other % stay)"),
     Key("greylist_fail_mode", _fail_mode, GREYLISTING,
         "when the store cannot be used (file gone, disk full, locked too "
         "long): accept (as Kamaelia Grey) or defer; a process out of "
@@ -10039,14 +10120,15 @@ def format_config(handler_class, values):
             continue
         if key == "greylist_db":
             value = redact_uri(value)
-        if kind == "list":
+        if kind == "list" or (kind == "files"       # one: key = FILE
+                              and len(list_paths(value)) > 1):
             lines.append("%s:" % key)
             lines.extend("    %s" % (item if isinstance(item, str)
                                      else " ".join(item)) for item in value)
         elif isinstance(value, bool):
             lines.append("%s = %s" % (key, "yes" if value else "no"))
         else:
-            lines.append("%s = %s" % (key, value))
+            lines.append("%s = %s" % (key, _format_value(value)))
     return "\n".join(lines)
 
 
@@ -10134,8 +10216,10 @@ def read_config_file(path):
         if kind == "scalar" and isinstance(value, list):
             raise ConfigError("%s: %s takes a value: write '%s = value'"
                               % (where, key, key))
+        if kind == "files" and not isinstance(value, list):   # key = FILE
+            value = [(number, value)] if value else []
         try:
-            if kind == "list":
+            if kind != "scalar":
                 items = []
                 for number, item in value:
                     where = "%s:%d" % (path, number)
@@ -10218,7 +10302,7 @@ def _option_value(text):
                          "key" % log_escape(text))
     convert, kind, _ = CONFIG_KEYS[key]
     try:
-        if kind == "list":
+        if kind != "scalar":
             items = [item.split() for item in value.split(",")
                      if item.strip()]
             return key, [convert(item[0] if len(item) == 1 else tuple(item))
@@ -11582,14 +11666,24 @@ def check_dns_lists(handler_class):
                 raise StartError("%s: %s" % (key, error), 2)
 
 
-def _read_list(key, path):
+def _read_list(key, path, optional=False):
     """The lines of the list file ``path`` of ``key``, its regular
-    expressions compiled: StartError (status 2) if it cannot be read."""
+    expressions compiled: StartError (status 2) if it cannot be read,
+    saying what to do; none if ``optional`` (a ``.local``) and
+    missing."""
     try:
         with open(path, "rb") as list_file:
             lines = list_file.read().decode("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise StartError("%s %s: %s" % (key, path, error), 2)
+    except OSError as error:
+        if optional and isinstance(error, FileNotFoundError):
+            return []
+        raise StartError(
+            "%s %s: cannot read it: %s; correct the name, make the file "
+            "(it may be empty) readable, or remove it from %s"
+            % (key, path, error.strerror or error, key), 2)
+    except UnicodeDecodeError as error:
+        raise StartError("%s %s: not UTF-8 text (byte %d); write it in "
+                         "UTF-8" % (key, path, error.start), 2)
     for number, line in enumerate(lines, 1):
         entry = line.split("#", 1)[0].strip()
         if len(entry) > 1 and entry.startswith("/") and entry.endswith("/"):
@@ -11599,6 +11693,37 @@ def _read_list(key, path):
                 raise StartError("%s %s:%d: bad regular expression: %s"
                                  % (key, path, number, error), 2)
     return lines
+
+
+# The keys whose values are list files (postgrey's format): ListFiles.
+LIST_KEYS = ("whitelist_clients", "whitelist_recipients",
+             "greytrap_recipients")
+
+
+def read_list_files(handler_class, key):
+    """``(files, listed)``: the files of list key ``key`` of
+    ``handler_class`` (list_paths(); with ``FILE.local`` beside each if it
+    exists, as postgrey reads /etc/postgrey/whitelist_clients.local) and
+    one ListFile of all their lines.  StartError (status 2), naming the
+    key and the file, if a file cannot be read (a missing ``.local`` is
+    no error) or has a bad regular expression."""
+    files, lines = [], []
+    for path in list_paths(getattr(handler_class, key, "")):
+        for name, optional in ((path, False), (path + ".local", True)):
+            if optional and not os.path.lexists(name):
+                continue
+            lines += _read_list(key, name, optional)
+            files.append(name)
+    return files, ListFile(lines, key)
+
+
+def check_list_files(handler_class):
+    """Every file of whitelist_clients, whitelist_recipients and
+    greytrap_recipients (and each ``.local`` there is) can be read, and
+    its regular expressions compile: at the start, by --check-config and
+    on a reload, not at the first RCPT.  StartError (status 2)."""
+    for key in LIST_KEYS:
+        read_list_files(handler_class, key)
 
 
 def check_greytraps(handler_class, upstream=False):
@@ -11612,10 +11737,10 @@ def check_greytraps(handler_class, upstream=False):
     take a trap address as a mailbox (_traps_the_upstream_takes()).
     StartError (status 2) says which and what to do; return the
     warnings."""
-    path = getattr(handler_class, "greytrap_recipients", "")
-    if not path:
+    files, traps = read_list_files(handler_class, "greytrap_recipients")
+    if not files:
         return []
-    traps = ListFile(_read_list("greytrap_recipients", path), path)
+    path = ", ".join(files)
 
     def refuse(trap, why, advice="remove it from one of the two"):
         raise StartError(
@@ -11625,11 +11750,9 @@ def check_greytraps(handler_class, upstream=False):
         if trap.split("@")[0] == "postmaster":
             refuse(trap, "is the Postmaster, a real recipient (RFC 5321 "
                    "section 4.5.1)", "remove it from the traps")
-    whitelist = getattr(handler_class, "whitelist_recipients", "")
-    if whitelist and os.path.exists(whitelist):
-        # (One that cannot be read is logged at its first use.)
-        listed = ListFile(_read_list("whitelist_recipients", whitelist),
-                          whitelist)
+    files, listed = read_list_files(handler_class, "whitelist_recipients")
+    if files:
+        whitelist = ", ".join(files)
         for trap in sorted(traps.addresses):
             if listed.has_recipient(trap):
                 refuse(trap, "is also in whitelist_recipients %s"
@@ -11828,6 +11951,7 @@ def check_configuration(handler_class, values, files=True, notes=None):
     warnings = check_hash_keys(handler_class)
     check_policy(handler_class, values)
     check_dns_lists(handler_class)
+    check_list_files(handler_class)
     warnings += check_greytraps(handler_class,
                                 upstream=values.get("smtp_proxy", True))
     if files:
@@ -12505,8 +12629,14 @@ class Service(_SignalsNoted):
             else:
                 value = SERVICE_DEFAULTS.get(key,
                                              getattr(self.base, key, None))
-            if value and not (key == "greylist_db"
-                              and is_database_uri(value)):
+            if CONFIG_KEYS[key][1] == "files":
+                value = list_paths(value)
+                if not all(os.path.isabs(path) for path in value):
+                    self.relative.append(key)
+                values[key] = [os.path.join(self.start_dir, path)
+                               for path in value]
+            elif value and not (key == "greylist_db"
+                                and is_database_uri(value)):
                 if not os.path.isabs(value):
                     self.relative.append(key)
                 values[key] = os.path.join(self.start_dir, value)
@@ -12570,6 +12700,7 @@ class Service(_SignalsNoted):
         check_tls(handler_class, identity)
         self.warnings += check_hash_keys(handler_class)
         check_policy(handler_class, self.values)
+        check_list_files(handler_class)
         self.warnings += check_greytraps(
             handler_class, upstream=self.values.get("smtp_proxy", True))
         return handler_class
@@ -12600,7 +12731,8 @@ class Service(_SignalsNoted):
             if key == "greylist_debuglog" and not self.values.get("debug"):
                 continue
             sys.stderr.write("smtpproxy: warning: %s is a relative name, "
-                             "read from /: %s\n" % (key, self.values[key]))
+                             "read from /: %s\n"
+                             % (key, _format_value(self.values[key])))
 
     def _detach(self):
         """With --daemon: fork away; the parent waits for report_start()."""

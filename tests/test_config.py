@@ -1,6 +1,7 @@
 """Configuration file (Kamaelia Grey's greylist.conf format), its search
 path, and the command line."""
 
+import argparse
 import os
 import pathlib
 import pwd
@@ -670,3 +671,110 @@ def test_every_key_has_one_record_whose_default_its_owner_holds():
     for key in smtpproxy.KEYS:
         assert "(%s)" % smtpproxy.shown_default(key) in " ".join(
             help_text.split()), key.name
+
+
+# ---------------------------------------------------------------------------
+# List files: several per key, the .local beside each, checked at the start
+# ---------------------------------------------------------------------------
+
+LIST_KEYS = ("whitelist_clients", "whitelist_recipients",
+             "greytrap_recipients")
+
+
+def test_a_list_key_takes_one_file_as_before_or_a_list_of_files(tmp_path):
+    path = write(tmp_path, "whitelist_clients = /etc/postgrey/whitelist_"
+                 "clients\nwhitelist_recipients:\n    /etc/a\n    /etc/b\n"
+                 "greytrap_recipients =\n")
+    values, warnings = smtpproxy.read_config_file(path)
+    assert warnings == []
+    assert values["whitelist_clients"] == [
+        "/etc/postgrey/whitelist_clients"]
+    assert values["whitelist_recipients"] == ["/etc/a", "/etc/b"]
+    assert values["greytrap_recipients"] == []
+    assert smtpproxy._option_value("whitelist_clients=/a, /b") == (
+        "whitelist_clients", ["/a", "/b"])
+    # The effective configuration writes one file as it was written.
+    shown = smtpproxy.format_config(smtpproxy.GreyListingPolicy,
+                                    values).splitlines()
+    assert "whitelist_clients = /etc/postgrey/whitelist_clients" in shown
+    assert "whitelist_recipients:" in shown and "    /etc/b" in shown
+    assert "greytrap_recipients = " in shown
+    # A handler's own attribute may still be one name.
+    assert smtpproxy.list_paths("/etc/x") == ["/etc/x"]
+    assert smtpproxy.list_paths("") == []
+
+
+def test_relative_list_files_are_read_from_the_directory_of_the_start():
+    service = smtpproxy.Service(
+        argparse.Namespace(config=None), smtpproxy.GreyListingPolicy,
+        {"whitelist_clients": ["clients", "/etc/more"],
+         "whitelist_recipients": "recipients"}, None, [], "/srv/mx")
+    assert service.values["whitelist_clients"] == [
+        "/srv/mx/clients", "/etc/more"]
+    assert service.values["whitelist_recipients"] == ["/srv/mx/recipients"]
+    assert service.values["greytrap_recipients"] == []
+    assert {"whitelist_clients", "whitelist_recipients"} <= set(
+        service.relative)
+    assert "greytrap_recipients" not in service.relative
+
+
+def list_config(tmp_path, key, files):
+    """A configuration that sets list key ``key`` to ``files``."""
+    return write(tmp_path, "allowed_domains:\n    example.org\n%s:\n%s"
+                 % (key, "".join("    %s\n" % name for name in files)))
+
+
+@pytest.mark.parametrize("key", LIST_KEYS)
+def test_check_config_refuses_a_missing_list_file_naming_key_and_path(
+        tmp_path, key):
+    there = tmp_path / "listed"
+    there.write_text("other@example.org\n")
+    missing = tmp_path / "mistyped"
+    config = list_config(tmp_path, key, [there, missing])
+    result = run_cli(["--config", config, "-o", "run_as_root=yes",
+                      "--check-config", "-q"], tmp_path)
+    assert result.returncode == 2
+    assert ("%s %s: cannot read it: No such file or directory; correct the "
+            "name, make the file (it may be empty) readable, or remove it "
+            "from %s" % (key, missing, key)) in result.stderr
+
+
+def test_a_missing_whitelist_file_stops_the_start_not_the_first_rcpt(
+        tmp_path):
+    config = list_config(tmp_path, "whitelist_clients",
+                         [tmp_path / "mistyped"])
+    result = run_cli(["--config", config, "-o", "run_as_root=yes",
+                      "-o", "greylist_log=", "-o", "pidfile="]
+                     + safe_listen(), tmp_path)
+    assert result.returncode == 2
+    assert "whitelist_clients %s: cannot read it" % (
+        tmp_path / "mistyped") in result.stderr
+
+
+def test_a_missing_local_file_is_fine_one_that_cannot_be_read_is_not(
+        tmp_path):
+    listed = tmp_path / "whitelist_recipients"
+    listed.write_text("abuse@example.org\n")
+    config = list_config(tmp_path, "whitelist_recipients", [listed])
+    result = run_cli(["--config", config, "-o", "run_as_root=yes",
+                      "--check-config", "-q"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    (tmp_path / "whitelist_recipients.local").mkdir()
+    result = run_cli(["--config", config, "-o", "run_as_root=yes",
+                      "--check-config", "-q"], tmp_path)
+    assert result.returncode == 2
+    assert "whitelist_recipients %s.local: cannot read it: Is a directory" \
+        % listed in result.stderr
+
+
+def test_a_bad_regular_expression_of_a_local_file_stops_the_check(
+        tmp_path):
+    listed = tmp_path / "whitelist_clients"
+    listed.write_text("192.0.2.7\n")
+    (tmp_path / "whitelist_clients.local").write_text("/mx[0-9/\n")
+    handler = type("Lists", (smtpproxy.GreyListingPolicy,),
+                   {"whitelist_clients": str(listed)})
+    with pytest.raises(smtpproxy.StartError) as caught:
+        smtpproxy.check_list_files(handler)
+    assert "whitelist_clients %s.local:1: bad regular expression" % listed \
+        in str(caught.value)

@@ -545,6 +545,34 @@ def test_whitelisted_users_match_with_their_plus_extension_as_postgrey(
                       recipient=recipient).verdict == "defer", recipient
 
 
+def test_a_list_key_reads_several_files_and_the_local_beside_each(
+        engine, tmp_path):
+    # postgrey: --whitelist-recipients given more than once, and
+    # /etc/postgrey/whitelist_recipients.local read when it exists.
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_text("abuse@example.org\n")
+    (tmp_path / "first.local").write_text("sales@example.org\n")
+    second.write_text("otp.example.org\n")
+    clients = tmp_path / "clients"
+    clients.write_text("198.51.100\n")
+    (tmp_path / "clients.local").write_text("mail.pool.example\n")
+    grey = engine(whitelist_recipients=[str(first), str(second)],
+                  whitelist_clients=[str(clients)],
+                  allowed_domains=["example.org", "otp.example.org"])
+    for recipient in ("abuse@example.org", "sales@example.org",
+                      "x@otp.example.org"):
+        assert decide(grey, "192.0.2.7", recipient=recipient).rule == \
+            "whitelist_recipients", recipient
+    assert decide(grey, "198.51.100.9").rule == "whitelist_clients"
+    assert decide(grey, "192.0.2.8",
+                  "out.mail.pool.example").rule == "whitelist_clients"
+    assert decide(grey, "192.0.2.9",
+                  "mail.pool.example.net").verdict == "defer"
+    # A .local made later is read at once, as a changed file is.
+    (tmp_path / "second.local").write_text("b@example.org\n")
+    assert decide(grey, "192.0.2.7").rule == "whitelist_recipients"
+
+
 def test_the_shipped_whitelist_of_sender_pools_loads(engine):
     path = os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "contrib", "whitelist_clients")
@@ -558,6 +586,77 @@ def test_the_shipped_whitelist_of_sender_pools_loads(engine):
     assert decide(grey, "192.0.2.7", None).verdict == "defer"
     assert decide(grey, "192.0.2.7",
                   "mail-wr1-f51.google.com").rule == "whitelist_clients"
+
+
+# -- defer_reply's placeholders (postgrey's --greylist-text) -----------------
+
+PLACEHOLDERS = "451 4.7.1 Greylisted for %s seconds (see http://x/%r)"
+
+
+def rcpt_reply(port, recipient):
+    """One session from 127.0.0.2: the reply to RCPT, (code, text)."""
+    client = RawClient(port, source="127.0.0.2")
+    try:
+        client.cmd("EHLO client.example.net")
+        client.cmd("MAIL FROM:<a@example.net>")
+        return client.cmd("RCPT TO:<%s>" % recipient)
+    finally:
+        client.cmd("QUIT")
+        client.close()
+
+
+def test_defer_reply_says_the_seconds_left_and_the_recipients_domain(
+        proxy, tmp_path):
+    clock = [T0]
+    port = proxy(handler=smtpproxy.GreyListingPolicy,
+                 greylist_db=str(tmp_path / "grey.db"), allowed_senders=[],
+                 allowed_domains=["example.org", "Example.COM"],
+                 client_key="network", too_soon=0, min_defer_time=300,
+                 defer_reply=PLACEHOLDERS, now=lambda self: clock[0])
+    assert rcpt_reply(port, "b@example.org") == (
+        451, "4.7.1 Greylisted for 300 seconds (see http://x/example.org)")
+    clock[0] = T0 + 100.5                   # whole seconds, rounded up
+    assert rcpt_reply(port, "b@example.org") == (
+        451, "4.7.1 Greylisted for 200 seconds (see http://x/example.org)")
+    assert rcpt_reply(port, "c@Example.COM") == (
+        451, "4.7.1 Greylisted for 300 seconds (see http://x/Example.COM)")
+    clock[0] = T0 + 300
+    assert rcpt_reply(port, "b@example.org")[0] == 250
+
+
+@pytest.mark.parametrize("reply, text", [
+    # As postgrey: the first %s, then the first %r; nothing else.
+    ("451 4.7.1 %s %s %r %r", "4.7.1 300 %s example.org %r"),
+    ("451 4.7.1 100%% sure, %d%, %(x)s, %", "4.7.1 100%% sure, %d%, %(x)s, %"),
+    ("451 4.7.1 %%s", "4.7.1 %300"),
+    ("451 4.7.1 Greylisted, please try again later",
+     "4.7.1 Greylisted, please try again later"),
+])
+def test_other_percent_signs_of_defer_reply_stay_as_written(
+        proxy, tmp_path, reply, text):
+    port = proxy(handler=smtpproxy.GreyListingPolicy,
+                 greylist_db=str(tmp_path / "grey.db"), allowed_senders=[],
+                 allowed_domains=["example.org"], min_defer_time=300,
+                 defer_reply=reply, now=lambda self: T0)
+    assert rcpt_reply(port, "b@example.org") == (451, text)
+
+
+def test_the_default_defer_reply_is_still_the_hooks_false(engine, tmp_path):
+    class Session(smtpproxy.GreyListingPolicy):
+        peer, mail_from, helo_name, triplets_added = (
+            "192.0.2.7", "a@example.net", "client.example.net", 0)
+        allowed_senders, allowed_domains = [], ["example.org"]
+        greylist_db = str(tmp_path / "grey.db")
+
+        def __init__(self):
+            pass
+
+        def client_hostname(self):
+            return None
+    assert Session().shouldWeAcceptRecipient("b@example.org") is False
+    Session.defer_reply = PLACEHOLDERS
+    assert Session().shouldWeAcceptRecipient("b@example.org").startswith(
+        "451 4.7.1 Greylisted for ")
 
 
 # -- lookup threads ------------------------------------------------------------

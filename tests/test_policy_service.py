@@ -174,6 +174,25 @@ def test_the_defer_text_is_defer_reply_without_its_code(policy):
     client.close()
 
 
+def test_the_defer_text_says_the_seconds_left_and_the_recipients_domain(
+        policy, clock):
+    client = PolicyClient(policy(
+        handler_class=clock, min_defer_time=300,
+        defer_reply="451 4.7.1 Greylisted for %s seconds (see http://x/%r)"))
+    assert client.ask() == ("DEFER_IF_PERMIT 4.7.1 Greylisted for 300 "
+                            "seconds (see http://x/example.org)")
+    clock.offset = 120
+    answer = client.ask()
+    # The service's clock is the wall clock's, plus the offset: a second
+    # may have passed since the first try.
+    assert answer in ["DEFER_IF_PERMIT 4.7.1 Greylisted for %d seconds "
+                      "(see http://x/example.org)" % left
+                      for left in (180, 179)], answer
+    clock.offset = 300
+    assert client.ask() == "DUNNO"
+    client.close()
+
+
 def test_x_greylist_is_prepended_once_per_message(policy, clock):
     client = PolicyClient(policy(handler_class=clock, x_greylist_header=True))
     assert client.ask() == DEFER

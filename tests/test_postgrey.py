@@ -28,7 +28,9 @@ from conftest import ROOT, free_port, wait_until
 
 POSTGREY = "/usr/sbin/postgrey"
 
-TEXT = "4.7.1 Greylisted, please try again later"
+# postgrey's --greylist-text, defer_reply's text: the seconds left and the
+# recipient's domain.
+TEXT = "4.7.1 Greylisted for %s seconds, see http://x/%r.html"
 
 CLIENTS = """\
 # postgrey's format
@@ -44,6 +46,11 @@ abuse@example.org
 whitelisted.example
 /^login-[0-9]+@example\\.org$/
 """
+
+# The .local files beside them (postgrey's /etc/postgrey/*.local).
+CLIENTS_LOCAL = "mx.local-pool.example\n"
+
+RECIPIENTS_LOCAL = "sales@example.org\n"
 
 
 def readme_preset():
@@ -73,8 +80,13 @@ class Postgrey(object):
         self.process = subprocess.Popen(
             [POSTGREY, "--inet=127.0.0.1:%d" % self.port,
              "--dbdir=" + directory, "--user=" + user.pw_name,
-             "--group=" + group, "--whitelist-clients=" + clients,
+             "--group=" + group,
+             # Named, its files are these only: the .local beside each
+             # is read by default only (smtpproxy reads it always).
+             "--whitelist-clients=" + clients,
+             "--whitelist-clients=" + clients + ".local",
              "--whitelist-recipients=" + recipients,
+             "--whitelist-recipients=" + recipients + ".local",
              "--greylist-text=" + text],
             stdout=self.log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL)
@@ -145,8 +157,10 @@ def both(tmp_path):
     the same greylisting text."""
     clients = tmp_path / "whitelist_clients"
     clients.write_text(CLIENTS)
+    (tmp_path / "whitelist_clients.local").write_text(CLIENTS_LOCAL)
     recipients = tmp_path / "whitelist_recipients"
     recipients.write_text(RECIPIENTS)
+    (tmp_path / "whitelist_recipients.local").write_text(RECIPIENTS_LOCAL)
     # postgrey opens its database as nobody: not under pytest's 0700
     # directories.
     directory = tempfile.mkdtemp(prefix="postgrey-")
@@ -216,6 +230,9 @@ STREAM = [
      "u@example.org"),
     (506, "203.0.113.13", "mx12.regex.example.net", "a@example.net",
      "u@example.org"),
+    # ... and of the .local file.
+    (507, "203.0.113.14", "mx.local-pool.example", "a@example.net",
+     "u@example.org"),
     # Whitelisted recipients, with +extensions; lookalikes.
     (600, "192.0.2.7", "unknown", "a@example.net", "postmaster+x@example.org"),
     (600, "192.0.2.7", "unknown", "a@example.net", "Postmaster@example.com"),
@@ -225,6 +242,7 @@ STREAM = [
     (604, "192.0.2.7", "unknown", "a@example.net", "x@mx.whitelisted.example"),
     (605, "192.0.2.7", "unknown", "a@example.net", "login-42@example.org"),
     (606, "192.0.2.7", "unknown", "a@example.net", "login-x@example.org"),
+    (607, "192.0.2.7", "unknown", "a@example.net", "sales+x@example.org"),
     # Senders that keep one key across their tags: BATV, reversed BATV,
     # +extension, VERP digits; the null sender.
     (1000, "192.0.2.7", "unknown", "prvs=0123456789=bob@example.net",
@@ -299,7 +317,11 @@ def test_postgrey_and_the_policy_service_answer_a_stream_alike(both):
     assert differ == []
     # The stream means what it says: each class is met, with the text.
     kinds = [answer[-1] for answer in answers]
-    assert kinds[:5] == ["DEFER_IF_PERMIT " + TEXT] * 3 + [
-        "PREPEND", "DUNNO"]
+    assert kinds[:5] == ["DEFER_IF_PERMIT 4.7.1 Greylisted for %d seconds, "
+                         "see http://x/example.org.html" % left
+                         for left in (300, 200, 1)] + ["PREPEND", "DUNNO"]
     assert kinds[-1] == "DUNNO"                 # auto-whitelisted
+    assert [answer[-1] for answer in answers
+            if answer[2] == "mx.local-pool.example"
+            or answer[4] == "sales+x@example.org"] == ["DUNNO", "DUNNO"]
     assert kinds.count("DUNNO") > 10 and kinds.count("PREPEND") > 8

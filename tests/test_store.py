@@ -288,6 +288,12 @@ def test_a_new_triplet_is_not_added_when_the_decision_may_not_add(store):
     assert [row[0] for row in rows(store)] == ["known"]
 
 
+def test_an_early_retry_says_the_seconds_left(store):
+    assert store.step("k", T0).wait is None         # the clock starts
+    assert store.step("k", T0 + 200).wait == MIN_DEFER - 200
+    assert store.step("k", T0 + MIN_DEFER).accepted
+
+
 def test_auto_whitelist_off(make):
     store = make(auto_whitelist_clients=0)
     passes(store, "192.0.2.0/24", 6)
@@ -480,6 +486,11 @@ def test_the_decision_table_is_one_pure_function():
     assert step(None, None, 0, Timings) == (new, R)
     assert step(0, None, 9, Timings) == (deferred, R)
     assert step(0, None, 10, Timings) == (deferred, None)
+    # Deferred as too early, with the seconds left (not of the tuple).
+    assert step(0, None, 10, Timings)[0].wait == 90
+    assert step(0, None, 99.5, Timings)[0].wait == 0.5
+    assert step(None, None, 0, Timings)[0].wait is None
+    assert step(0, None, 1001, Timings)[0].wait is None
     assert step(0, None, 100, Timings) == (waited(100), P)
     assert step(0, None, 1000, Timings) == (waited(1000), P)
     assert step(0, None, 1001, Timings) == (deferred, R)
