@@ -541,7 +541,7 @@ RULES = {
     "install -m 600 /dev/null /etc/smtpproxy/hash.key":
         check_the_hash_key_commands,
     "# mypolicy.py": check_the_policy_example,
-    "bash .ci/run            # every CPython 3.6 to 3.13: about 20 "
+    "bash .ci/run            # every CPython 3.6 to 3.13: about 25 "
     "minutes": check_statically,
     "python3 contrib/soak.py --duration 600": check_statically,
     "python3 contrib/soak.py --duration 3600": check_statically,
