@@ -11438,7 +11438,17 @@ def check_store(handler_class, create=True):
         return check_database(handler_class, write=not create)
     user = _user_name(os.geteuid())
     if os.path.isdir(path):
-        # postgrey's --dbdir habit: the directory, where a file is meant.
+        # postgrey's --dbdir habit: the directory, where a file is meant;
+        # a system directory (postgrey's /var/lib/postgrey is its own) is
+        # no place for it: a directory of the store's own there.
+        directory = os.path.normpath(os.path.join(os.getcwd(), path))
+        if directory in _SYSTEM_DIRECTORIES:
+            own = os.path.join(directory, "smtpproxy")
+            raise StartError(
+                "greylisting store %s: greylist_db is a directory, and a "
+                "system one: give the store a directory of its own: "
+                "install -d -o %s -m 750 %s, and set greylist_db = %s"
+                % (path, user, own, os.path.join(own, "greylist.db")), 2)
         raise StartError("greylisting store %s: greylist_db is a "
                          "directory: name a file in it, such as %s"
                          % (path, os.path.join(path, "greylist.db")), 2)

@@ -278,10 +278,18 @@ def a_users_home():
 def test_a_directory_as_greylist_db_says_to_name_a_file_in_it(
         started, user_dir, root_dir, check):
     # postgrey's --dbdir habit: the directory the store should go in.
+    result = store_at(started, user_dir, root_dir, user_dir, check)
+    assert result.returncode == 2, result.stderr
+    assert ("greylisting store %s: greylist_db is a directory: name a file "
+            "in it, such as %s/greylist.db\n" % (user_dir, user_dir)
+            ) in result.stderr
+    # A system directory is not where the file goes: one of its own there.
     result = store_at(started, user_dir, root_dir, "/var/lib", check)
     assert result.returncode == 2, result.stderr
-    assert ("greylisting store /var/lib: greylist_db is a directory: name a "
-            "file in it, such as /var/lib/greylist.db\n") in result.stderr
+    assert ("greylisting store /var/lib: greylist_db is a directory, and a "
+            "system one: give the store a directory of its own: install -d "
+            "-o nobody -m 750 /var/lib/smtpproxy, and set greylist_db = "
+            "/var/lib/smtpproxy/greylist.db\n") in result.stderr
 
 
 @BOTH_CHECKS
