@@ -11736,6 +11736,26 @@ def check_list_files(handler_class):
         read_list_files(handler_class, key)
 
 
+# The longest the check of the list files and greytraps may take, as the
+# serving user: reading the files, and the real server's answers about
+# the traps (each within upstream_timeout, 10 s at most).
+_LIST_CHECK_TIMEOUT = 120
+
+
+def check_lists_as(identity, handler_class, upstream=False):
+    """check_list_files() and check_greytraps() run as the serving user
+    ``identity`` (check_as(): in a child process that is the user, when
+    started as root): root reads no list file, which may lie in a
+    directory another user can write (a planted link, or a FILE.local
+    beside it), and a file the user cannot read is found now, not at the
+    first RCPT.  StartError as they raise it; return the warnings."""
+    def check():
+        check_list_files(handler_class)
+        return check_greytraps(handler_class, upstream=upstream)
+    return check_as(identity, check, _LIST_CHECK_TIMEOUT,
+                    "the check of the list files") or []
+
+
 def check_greytraps(handler_class, upstream=False):
     """``greytrap_recipients``, if set, can be read, and none of its traps
     is a real recipient: a trap that is also a recipient of
@@ -11961,9 +11981,8 @@ def check_configuration(handler_class, values, files=True, notes=None):
     warnings = check_hash_keys(handler_class)
     check_policy(handler_class, values)
     check_dns_lists(handler_class)
-    check_list_files(handler_class)
-    warnings += check_greytraps(handler_class,
-                                upstream=values.get("smtp_proxy", True))
+    warnings += check_lists_as(identity, handler_class,
+                               upstream=values.get("smtp_proxy", True))
     if files:
         warnings += check_files(values, identity)
     store = getattr(handler_class, "greylist_db", None)
@@ -12710,9 +12729,9 @@ class Service(_SignalsNoted):
         check_tls(handler_class, identity)
         self.warnings += check_hash_keys(handler_class)
         check_policy(handler_class, self.values)
-        check_list_files(handler_class)
-        self.warnings += check_greytraps(
-            handler_class, upstream=self.values.get("smtp_proxy", True))
+        self.warnings += check_lists_as(
+            identity, handler_class,
+            upstream=self.values.get("smtp_proxy", True))
         return handler_class
 
     def _listen(self, handler_class, identity):

@@ -1242,3 +1242,36 @@ def test_a_store_and_a_log_readable_by_everyone_are_warned_about(
     for path in (store, log):
         assert ("WARNING %s is readable by every user (mode 0644)" % path) \
             in read(log)
+
+
+# -- the list files are read as the serving user ------------------------------
+
+@pytest.mark.parametrize("check", [["--check-config"], ["--listen", "-"]])
+def test_list_files_are_read_as_the_serving_user_never_as_root(
+        tmp_path, user_dir, check):
+    # A whitelist in a directory the serving user can write: it plants
+    # FILE.local there, a link to a file only root may read.  Root never
+    # reads it: the check runs as the user, who cannot, and says so.
+    secret = tmp_path / "only-root"
+    secret.write_text(SECRET)
+    os.chmod(str(secret), 0o600)
+    listed = os.path.join(user_dir, "whitelist_clients")
+    with open(listed, "w") as whitelist:
+        whitelist.write("192.0.2.7\n")
+    os.chmod(listed, 0o644)
+    os.symlink(str(secret), listed + ".local")
+    config = tmp_path / "smtpproxy.conf"
+    config.write_text("user = nobody\nwhitelist_clients = %s\n"
+                      "greylist_db = %s/greylist.db\ngreylist_log =\n"
+                      "pidfile =\n" % (listed, user_dir))
+    if check[0] == "--listen":
+        check = ["--listen", "127.0.0.1:%d" % free_port()]
+    result = run(["--config", str(config)] + check, str(tmp_path))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert ("whitelist_clients %s.local: cannot read it: Permission denied"
+            % listed) in result.stderr, result.stderr
+    assert "secret-hash" not in result.stdout + result.stderr
+    # The same file, the user's to read: the start's check passes it.
+    os.unlink(listed + ".local")
+    result = run(["--config", str(config), "--check-config"], str(tmp_path))
+    assert result.returncode == 0, result.stderr
