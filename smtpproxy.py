@@ -6233,9 +6233,9 @@ class GreylistStore(StoreBase):
     def _purge(self, connection, now, when_due=False):
         # The grey triplets about to go are tallied first (report()).
         self._tally(connection, connection.execute(
-            "SELECT CAST(first_seen / ?1 AS INTEGER) * ?1, count(*)"
-            " FROM triplets WHERE passed IS NULL AND first_seen < ?2"
-            " GROUP BY 1", (self.tally_interval,
+            "SELECT CAST(first_seen / ? AS INTEGER) * ?, count(*)"
+            " FROM triplets WHERE passed IS NULL AND first_seen < ?"
+            " GROUP BY 1", (self.tally_interval, self.tally_interval,
                             now - self.max_defer_time)).fetchall())
         connection.execute("DELETE FROM expired WHERE hour < ?",
                            (now - self.max_grey,))

@@ -312,7 +312,7 @@ def test_a_time_that_cannot_be_is_an_error_naming_the_form(tmp_path, text,
 # when first asked: the interpreter may be under root's home) before it
 # gives root up for good.
 AS_NOBODY = """\
-import encodings.idna, os, sys
+import encodings.idna, gettext, locale, os, sys
 sys.path.insert(0, %r)
 import smtpproxy
 if os.geteuid() == 0:
